@@ -1,0 +1,212 @@
+"""The run folder: run.json, metrics.csv and the final adapter. No Flower here.
+
+``run.json`` is rewritten atomically (write, then rename) after every round, so a
+reader never sees half a file; its ``status`` is ``running`` until the last round and
+the adapter are written, then ``complete`` (or ``failed`` with the reason).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import secrets
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedhf.config import FedHFConfig
+
+log = logging.getLogger("fedhf")
+
+PACKAGES = ("fedhf", "flwr", "flwr-datasets", "torch", "transformers", "peft", "opacus", "datasets", "huggingface-hub")
+CSV_FIELDS = ("round", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "local_eval_loss", "local_eval_accuracy",
+              "bytes_up", "bytes_down", "wall_seconds", "clients_trained", "clients_failed")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    src = Path(__file__).resolve().parent.parent
+    if not (src / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+def new_run_id(cfg: FedHFConfig) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def config_hash(flat: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Collects what a run did, round by round, and writes it to the run folder."""
+
+    def __init__(self, cfg: FedHFConfig, run_dir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.run_id = new_run_id(cfg)
+        self.dir = run_dir or Path(cfg.output_dir).expanduser() / self.run_id
+        if (self.dir / "run.json").exists():
+            raise FileExistsError(
+                f"run folder '{self.dir}' already holds a run; choose another run-name or output-dir."
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        flat = cfg.to_flat()
+        self.data: dict[str, Any] = {
+            "run_id": self.run_id,
+            "status": "running",
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "finished": None,
+            "config": flat,
+            "config_sha256": config_hash(flat),
+            "seeds": {"seed": cfg.seed, "partition": cfg.seed, "model_init": cfg.seed,
+                      "client_shuffle": "seed * 100003 + round * 1009 + partition-id"},
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "python": platform.python_version(),
+            "dataset": {},
+            "model": {},
+            "partitions": [],
+            "rounds": [],
+        }
+        self._round: dict[str, Any] | None = None
+        self._round_start = 0.0
+        self.write()
+
+    # ------------------------------------------------------------------ facts set at start
+    def set_dataset(self, info: dict[str, Any]) -> None:
+        self.data["dataset"] = info
+        self.write()
+
+    def set_model(self, info: dict[str, Any]) -> None:
+        self.data["model"] = info
+        self.write()
+
+    def set_partitions(self, stats: list[dict[str, Any]]) -> None:
+        self.data["partitions"] = stats
+        self.write()
+
+    # ------------------------------------------------------------------ per round
+    def start_round(self, server_round: int, bytes_down: int, num_sampled: int) -> None:
+        self._round_start = time.perf_counter()
+        self._round = {
+            "round": server_round,
+            "train_loss": None,
+            "eval_loss": None,
+            "eval_accuracy": None,
+            "eval_f1": None,
+            "local_eval_loss": None,
+            "local_eval_accuracy": None,
+            "bytes_up": None,
+            "bytes_down": bytes_down,
+            "wall_seconds": None,
+            "central_eval_seconds": None,
+            "clients_sampled": num_sampled,
+            "client_train_seconds": {},
+            "clients": [],
+            "failures": [],
+        }
+
+    def train_replies(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+        r = self._require_round()
+        r["clients"] = clients
+        r["failures"] = failures
+        r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in clients}
+        n = sum(c["num-examples"] for c in clients)
+        if n:
+            r["train_loss"] = sum(c["train-loss"] * c["num-examples"] for c in clients) / n
+        r["bytes_up"] = max((c["bytes-up"] for c in clients), default=None)
+        known = {s["partition-id"] for s in self.data["partitions"]}
+        new = [{"partition-id": c["partition-id"], "train-examples": c["num-examples"],
+                "label-histogram": c["label-histogram"]} for c in clients if c["partition-id"] not in known]
+        if new:  # clients report what they hold; keep it when the server could not compute it
+            self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition-id"])
+
+    def local_eval(self, loss: float | None, accuracy: float | None) -> None:
+        r = self._require_round()
+        r["local_eval_loss"], r["local_eval_accuracy"] = loss, accuracy
+
+    def end_round(self, server_round: int, central: dict[str, float], eval_seconds: float) -> dict[str, Any]:
+        if server_round == 0:
+            row = {"round": 0, "eval_loss": central["loss"], "eval_accuracy": central["accuracy"],
+                   "eval_f1": central["f1"], "central_eval_seconds": round(eval_seconds, 3)}
+        else:
+            row = self._require_round()
+            row.update(eval_loss=central["loss"], eval_accuracy=central["accuracy"], eval_f1=central["f1"],
+                       central_eval_seconds=round(eval_seconds, 3),
+                       wall_seconds=round(time.perf_counter() - self._round_start, 3))
+            self._round = None
+        self.data["rounds"].append(row)
+        self.write()
+        self.write_csv()
+        return row
+
+    def _require_round(self) -> dict[str, Any]:
+        if self._round is None:
+            raise RuntimeError("no round in progress")  # a bug in the call order, not user input
+        return self._round
+
+    # ------------------------------------------------------------------ end
+    def finish(self, extra: dict[str, Any] | None = None) -> None:
+        if extra:
+            self.data.update(extra)
+        self.data["status"] = "complete"
+        self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.write()
+
+    def fail(self, reason: str) -> None:
+        self.data["status"] = "failed"
+        self.data["error"] = reason
+        self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.write()
+
+    def write(self) -> None:
+        write_json_atomic(self.dir / "run.json", self.data)
+
+    def write_csv(self) -> None:
+        tmp = self.dir / "metrics.csv.tmp"
+        with tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            for r in self.data["rounds"]:
+                row = {k: r.get(k) for k in CSV_FIELDS}
+                row["clients_trained"] = len(r.get("clients", [])) if r["round"] else None
+                row["clients_failed"] = len(r.get("failures", [])) if r["round"] else None
+                w.writerow(row)
+        os.replace(tmp, self.dir / "metrics.csv")
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
+    return json.loads(path.read_text())

@@ -1,0 +1,152 @@
+"""The ``fedhf`` command.
+
+Every user error (config, data, model) is printed as one line, ``error: ...``, with
+exit code 2; a run that fails after starting exits 1 and its run.json says ``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedhf.config import FedHFConfig, describe, load_config_file, parse_config, parse_set_args
+from fedhf.errors import FedHFConfigError, FedHFError
+
+app = typer.Typer(
+    help="fedhf: federated LoRA fine-tuning of Hugging Face models with Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of run-config keys (e.g. experiments/<name>.toml).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: --set KEY=VALUE (repeatable). 'fedhf config' lists the keys.")]
+ClientsOpt = Annotated[int, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes), one partition each.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("fedhf")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s fedhf: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def resolve_cli_config(config_file: Path | None, sets: list[str] | None) -> FedHFConfig:
+    flat: dict[str, Any] = {}
+    if config_file is not None:
+        flat.update(load_config_file(config_file))
+    flat.update(parse_set_args(sets or []))
+    return parse_config(flat)
+
+
+def _check_clients(cfg: FedHFConfig, num_clients: int) -> None:
+    if num_clients < 1:
+        raise FedHFConfigError(f"--num-clients: got {num_clients}; num-partitions must be >= 1.")
+    s = cfg.strategy
+    for key, value in (("strategy.min-available-nodes", s.min_available_nodes),
+                       ("strategy.min-train-nodes", s.min_train_nodes),
+                       ("strategy.min-evaluate-nodes", s.min_evaluate_nodes if s.fraction_evaluate > 0 else 0)):
+        if value > num_clients:
+            raise FedHFConfigError(
+                f"config key '{key}': got {value}, more than --num-clients {num_clients}; the run would wait forever. "
+                f"Lower it (--set {key}={num_clients}) or add clients."
+            )
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    num_clients: ClientsOpt = 3,
+    cpus_per_client: Annotated[int, typer.Option(help="CPU cores Ray reserves per simulated client (whole number).")] = 1,
+) -> None:
+    """Run a federated LoRA fine-tune in Flower's simulation engine and write outputs/<run-id>/."""
+    _setup_logging()
+    try:
+        cfg = resolve_cli_config(config, set_)
+        _check_clients(cfg, num_clients)
+        if cpus_per_client < 1:
+            raise FedHFConfigError(f"--cpus-per-client: got {cpus_per_client}; it must be a whole number >= 1.")
+        _preflight(cfg, num_clients)
+    except FedHFError as exc:
+        _fail(str(exc))
+    from fedhf.simulation import run_simulation  # imports Flower's simulation stack
+
+    try:
+        run_dir = run_simulation(cfg, num_clients, cpus_per_client)
+    except Exception as exc:  # the server's exception, re-raised by the simulation runtime
+        cause = exc.__cause__ or exc
+        _fail(f"run failed: {type(cause).__name__}: {cause}", code=1)
+    from fedhf.artifacts import load_run
+
+    summary = load_run(run_dir)
+    final = summary.get("final", {})
+    typer.echo(f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
+               f"macro-F1 {final.get('eval_f1', float('nan')):.4f}")
+
+
+def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
+    """Everything that can be checked before Ray starts: data, partitions, model id."""
+    from fedhf.data import format_stats, load_data, make_partitions
+    from fedhf.model import resolve_model
+
+    data = load_data(cfg.data)
+    parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
+    typer.echo(format_stats(parts.stats(), data.label_names), err=True)
+    resolve_model(cfg.model.name)
+
+
+@app.command()
+def partitions(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    num_clients: ClientsOpt = 3,
+) -> None:
+    """Print the per-client statistics (size, label histogram) of a config, without training."""
+    _setup_logging()
+    from fedhf.data import format_stats, load_data, make_partitions
+
+    try:
+        cfg = resolve_cli_config(config, set_)
+        data = load_data(cfg.data)
+        parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
+    except FedHFError as exc:
+        _fail(str(exc))
+    typer.echo(f"dataset {cfg.data.dataset}: {len(data.train)} training rows, labels {data.label_names}; "
+               f"partitioner {cfg.data.partitioner}, {num_clients} clients, seed {cfg.seed}")
+    typer.echo(format_stats(parts.stats(), data.label_names))
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print every run-config key with its value (defaults, then --config and --set applied)."""
+    try:
+        cfg = resolve_cli_config(config, set_)
+    except FedHFError as exc:
+        _fail(str(exc))
+    flat = cfg.to_flat()
+    for key, _default, help_text in describe():
+        typer.echo(f"{key} = {flat[key]!r}    # {help_text}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

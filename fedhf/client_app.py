@@ -1,0 +1,81 @@
+"""Flower ClientApp: records in, local training/evaluation, records out.
+
+The run config comes from the server inside each message (the server parsed it once
+from its run_config); the node config says which partition this node holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedhf.config import SPEC_BY_KEY, FedHFConfig, parse_config
+from fedhf.data import load_partition
+from fedhf.errors import FedHFConfigError
+from fedhf.model import adapter_nbytes, build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.train import evaluate, make_loader, train_local
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[FedHFConfig, int, int, int]:
+    config = msg.content["config"]
+    cfg = parse_config({k: v for k, v in config.items() if k in SPEC_BY_KEY})
+    torch.set_num_threads(cfg.train.num_threads)
+    node = context.node_config
+    try:
+        pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    except (KeyError, ValueError, TypeError):
+        raise FedHFConfigError(
+            f"node config needs integer 'partition-id' and 'num-partitions' (got {dict(node)}); "
+            "start the SuperNode with --node-config \"partition-id=0 num-partitions=2\"."
+        ) from None
+    return cfg, pid, n, int(config["server-round"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, pid, num_partitions, server_round = _setup(msg, context)
+    train_ds, _, label_names = load_partition(cfg.data, cfg.seed, pid, num_partitions)
+    tokenizer = load_tokenizer(cfg.model.name)
+    model = build_model(cfg, label_names)
+    set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+    loader = make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
+                         seed=cfg.seed * 100_003 + server_round * 1_009 + pid)
+    mu = float(msg.content["config"].get("proximal-mu", 0.0)) if cfg.strategy.name == "fedprox" else 0.0
+    result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                         weight_decay=cfg.train.weight_decay, proximal_mu=mu)
+    state = get_adapter_state(model)
+    metrics = MetricRecord({
+        "train-loss": result.loss,
+        "num-examples": result.num_examples,
+    })
+    info = ConfigRecord({
+        "partition-id": pid,
+        "train-seconds": result.seconds,
+        "train-steps": result.steps,
+        "train-tokens": result.tokens,
+        "bytes-up": adapter_nbytes(state),
+        "label-histogram": [int((torch.tensor(train_ds["label"]) == i).sum()) for i in range(len(label_names))],
+    })
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, "client-info": info})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    cfg, pid, num_partitions, _ = _setup(msg, context)
+    _, eval_ds, label_names = load_partition(cfg.data, cfg.seed, pid, num_partitions)
+    if eval_ds is None or len(eval_ds) == 0:
+        metrics = MetricRecord({"eval-loss": 0.0, "eval-accuracy": 0.0, "eval-f1": 0.0, "num-examples": 0})
+    else:
+        tokenizer = load_tokenizer(cfg.model.name)
+        model = build_model(cfg, label_names)
+        set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+        loader = make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
+        res = evaluate(model, loader, len(label_names))
+        metrics = MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1,
+                                "num-examples": res.num_examples})
+    content = RecordDict({"metrics": metrics, "client-info": ConfigRecord({"partition-id": pid})})
+    return Message(content=content, reply_to=msg)

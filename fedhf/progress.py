@@ -1,0 +1,37 @@
+"""Console progress for a run: a bar over rounds and one summary line per round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def round_line(row: dict[str, Any], total: int) -> str:
+    if row["round"] == 0:
+        return f"[fedhf] round 0/{total}  central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f} (initial adapter)"
+    return (
+        f"[fedhf] round {row['round']}/{total}  train loss {_fmt(row['train_loss'], '.4f')}  "
+        f"central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f}  "
+        f"clients {len(row['clients'])}/{row['clients_sampled']}  up {_fmt(row['bytes_up'], ',d')} B/client  "
+        f"{row['wall_seconds']:.1f}s"
+    )
+
+
+class RoundProgress:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = tqdm(total=total, desc="fedhf rounds", unit="round", dynamic_ncols=True)
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        tqdm.write(round_line(row, self.total))
+        if row["round"] > 0:
+            self.bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

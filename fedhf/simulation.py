@@ -1,0 +1,41 @@
+"""Run a fedhf federation in Flower's Simulation Engine, in this process.
+
+``flwr run .`` does the same through a local SuperLink (see the README); this path
+runs the apps directly so that ``fedhf run`` needs no SuperLink and leaves no
+process behind. It uses Flower's simulation runtime entry point (pinned flwr 1.42),
+handing the ServerApp the already parsed config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.telemetry import EventType
+
+from fedhf.client_app import app as client_app
+from fedhf.config import FedHFConfig
+from fedhf.server_app import make_server_app
+
+log = logging.getLogger("fedhf")
+
+
+def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1) -> Path:
+    """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder."""
+    result: dict = {}
+    backend_config = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(os.cpu_count() or 1, cpus_per_client)},
+    }
+    _run_simulation(
+        num_supernodes=num_clients,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=make_server_app(cfg, num_clients, result),
+        backend_name="ray",
+        backend_config=backend_config,
+    )
+    return Path(result["run_dir"])
+
