@@ -132,6 +132,8 @@ class RunRecorder:
             "central_eval_seconds": None,
             "clients_sampled": num_sampled,
             "client_train_seconds": {},
+            "client_handler_seconds": {},
+            "client_eval_seconds": [],
             "clients": [],
             "failures": [],
         }
@@ -141,6 +143,7 @@ class RunRecorder:
         r["clients"] = clients
         r["failures"] = failures
         r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in clients}
+        r["client_handler_seconds"] = {str(c["partition-id"]): round(c["handler-seconds"], 3) for c in clients}
         n = sum(c["num-examples"] for c in clients)
         if n:
             r["train_loss"] = sum(c["train-loss"] * c["num-examples"] for c in clients) / n
@@ -151,9 +154,10 @@ class RunRecorder:
         if new:  # clients report what they hold; keep it when the server could not compute it
             self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition-id"])
 
-    def local_eval(self, loss: float | None, accuracy: float | None) -> None:
+    def local_eval(self, loss: float | None, accuracy: float | None, client_seconds: list[float]) -> None:
         r = self._require_round()
         r["local_eval_loss"], r["local_eval_accuracy"] = loss, accuracy
+        r["client_eval_seconds"] = [round(s, 3) for s in client_seconds]
 
     def end_round(self, server_round: int, central: dict[str, float], eval_seconds: float) -> dict[str, Any]:
         if server_round == 0:

@@ -6,6 +6,8 @@ from its run_config); the node config says which partition this node holds.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,6 +38,7 @@ def _setup(msg: Message, context: Context) -> tuple[FedHFConfig, int, int, int]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     cfg, pid, num_partitions, server_round = _setup(msg, context)
     train_ds, _, label_names = load_partition(cfg.data, cfg.seed, pid, num_partitions)
     tokenizer = load_tokenizer(cfg.model.name)
@@ -54,6 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     info = ConfigRecord({
         "partition-id": pid,
         "train-seconds": result.seconds,
+        "handler-seconds": time.perf_counter() - t0,  # data, model build and (de)serialisation included
         "train-steps": result.steps,
         "train-tokens": result.tokens,
         "bytes-up": adapter_nbytes(state),
@@ -65,6 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     cfg, pid, num_partitions, _ = _setup(msg, context)
     _, eval_ds, label_names = load_partition(cfg.data, cfg.seed, pid, num_partitions)
     if eval_ds is None or len(eval_ds) == 0:
@@ -77,5 +82,6 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         res = evaluate(model, loader, len(label_names))
         metrics = MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1,
                                 "num-examples": res.num_examples})
-    content = RecordDict({"metrics": metrics, "client-info": ConfigRecord({"partition-id": pid})})
+    info = ConfigRecord({"partition-id": pid, "handler-seconds": time.perf_counter() - t0})
+    content = RecordDict({"metrics": metrics, "client-info": info})
     return Message(content=content, reply_to=msg)

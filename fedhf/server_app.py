@@ -147,7 +147,7 @@ def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list
     local_base = peft_config.base_model_name_or_path
     peft_config.base_model_name_or_path = cfg.model.name
     try:
-        model.save_pretrained(path)
+        model.save_pretrained(path, save_embedding_layers=False)
     finally:
         peft_config.base_model_name_or_path = local_base
     tokenizer.save_pretrained(path)

@@ -71,6 +71,7 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                     "num-examples": int(metrics["num-examples"]),
                     "train-loss": float(metrics["train-loss"]),
                     "train-seconds": float(info["train-seconds"]),
+                    "handler-seconds": float(info["handler-seconds"]),
                     "train-steps": int(info["train-steps"]),
                     "train-tokens": int(info["train-tokens"]),
                     "bytes-up": _payload_bytes(msg.content["arrays"]),
@@ -84,9 +85,13 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
             return super().aggregate_train(server_round, replies)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            agg = super().aggregate_evaluate(server_round, list(replies))
+            replies = list(replies)
+            agg = super().aggregate_evaluate(server_round, replies)
+            seconds = [float(m.content["client-info"]["handler-seconds"]) for m in replies if not m.has_error()]
             if agg is not None and int(agg["num-examples"]) > 0:
-                self.recorder.local_eval(float(agg["eval-loss"]), float(agg["eval-accuracy"]))
+                self.recorder.local_eval(float(agg["eval-loss"]), float(agg["eval-accuracy"]), seconds)
+            else:
+                self.recorder.local_eval(None, None, seconds)
             return agg
 
     Recording.__name__ = base.__name__

@@ -1,0 +1,109 @@
+"""Bad input through the real CLI: one clear line on stderr, a non-zero exit, nothing marked complete."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedhf.cli import app
+
+from .conftest import synthetic_rows, write_jsonl
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, args, out_dir):
+    result = runner.invoke(app, [*args, "--set", f"output-dir={out_dir}"])
+    return result
+
+
+def assert_clean_error(result, needle, out_dir: Path):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0], lines[0]
+    for run_json in out_dir.glob("*/run.json"):
+        assert json.loads(run_json.read_text())["status"] != "complete"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "num-server-round=2"], "unknown config key 'num-server-round'. Did you mean 'num-server-rounds'?"),
+        (["--set", "train.batch-size=big"], "config key 'train.batch-size': got 'big'"),
+        (["--set", "strategy.name=fedsgd"], "config key 'strategy.name': got 'fedsgd'; allowed"),
+        (["--set", "data.partitioner=random"], "config key 'data.partitioner': got 'random'; allowed"),
+        (["--set", "data.partitioner=dirichlet", "--set", "data.dirichlet-alpha=0"], "'data.dirichlet-alpha': got 0.0; it must be > 0"),
+        (["--num-clients", "0"], "num-partitions must be >= 1"),
+        (["--num-clients", "1"], "config key 'strategy.min-available-nodes': got 2, more than --num-clients 1"),
+        (["--set", "data.dataset=./missing/train.csv"], "does not exist"),
+        (["--set", "data.dataset=nobody/no-such-dataset"], "cannot reach the Hugging Face Hub for dataset 'nobody/no-such-dataset'"),
+    ],
+)
+def test_bad_config_and_sources(runner, tmp_path, args, needle):
+    assert_clean_error(invoke(runner, ["run", *args], tmp_path / "out"), needle, tmp_path / "out")
+
+
+def test_missing_columns_and_empty_partitions(runner, tmp_path):
+    f = write_jsonl(tmp_path / "d" / "train.jsonl", synthetic_rows(4))
+    out = tmp_path / "out"
+    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={f}", "--set", "data.text-column=review"], out),
+                       "column 'review' not found", out)
+    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={f}", "--set", "data.label-column=stars"], out),
+                       "column 'stars' not found", out)
+    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={f}", "--num-clients", "6",
+                                       "--set", "strategy.min-available-nodes=2"], out),
+                       "4 training rows cannot fill 6 partitions", out)
+
+
+def test_unreachable_model_id(runner, tmp_path, synthetic_dir):
+    out = tmp_path / "out"
+    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={synthetic_dir}", "--set", "model.name=nobody/no-such-model"], out),
+                       "model.name: cannot load 'nobody/no-such-model'", out)
+
+
+def test_config_file_errors(runner, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(invoke(runner, ["run", "--config", str(tmp_path / "none.toml")], out), "no such file", out)
+    exp = tmp_path / "exp.toml"
+    exp.write_text("[train]\nlearning-rate = 0.1\n")
+    assert_clean_error(invoke(runner, ["run", "--config", str(exp)], out), "unknown config key 'train.learning-rate'", out)
+
+
+def test_partitions_command_prints_statistics(runner, synthetic_dir):
+    result = runner.invoke(app, ["partitions", "--num-clients", "4", "--set", f"data.dataset={synthetic_dir}",
+                                 "--set", "data.partitioner=dirichlet", "--set", "data.dirichlet-alpha=0.3",
+                                 "--set", "data.min-partition-size=5"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "200 training rows" in lines[0] and "dirichlet, 4 clients" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+    assert sum(int(r[1]) + int(r[2]) for r in rows) == 200
+    assert all(int(r[3]) + int(r[4]) == int(r[1]) for r in rows)
+
+
+def test_config_command_lists_every_key(runner):
+    result = runner.invoke(app, ["config", "--set", "model.lora.r=4"])
+    assert result.exit_code == 0
+    assert "model.lora.r = 4" in result.stdout and "strategy.name = 'fedavg'" in result.stdout
+
+
+def test_help_on_every_command(runner):
+    for cmd in ([], ["run"], ["partitions"], ["config"]):
+        result = runner.invoke(app, [*cmd, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_real_process_exit_code(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "fedhf.cli", "run", "--set", "seed=-1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: config key 'seed': got -1; it must be >= 0."

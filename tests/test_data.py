@@ -1,0 +1,199 @@
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedhf.config import parse_config
+from fedhf.data import central_eval_set, load_data, load_partition, make_partitions
+from fedhf.errors import FedHFDataError
+
+from .conftest import synthetic_rows, write_jsonl, write_tsv
+
+
+def data_cfg(**flat):
+    return parse_config({f"data.{k}": v for k, v in flat.items()}).data
+
+
+def all_texts(parts):
+    out = []
+    for train, local_eval in parts.parts:
+        out.append(list(train["text"]) + (list(local_eval["text"]) if local_eval is not None else []))
+    return out
+
+
+def test_tsv_with_quotes_loads_intact(tmp_path):
+    rows = [{"sentence": 'he said "great" and left', "label": 1},
+            {"sentence": "it's a \"so-so\" film, 'really'", "label": 0},
+            {"sentence": '"quoted at the start', "label": 1}]
+    f = write_tsv(tmp_path / "train.tsv", rows, ["sentence", "label"])
+    data = load_data(data_cfg(dataset=str(f)))
+    assert list(data.train["text"]) == [r["sentence"] for r in rows]
+    assert data.source["text_column"] == "sentence" and data.source["label_column"] == "label"
+
+
+def test_folder_with_splits_string_labels_and_provenance(synthetic_dir):
+    data = load_data(data_cfg(dataset=str(synthetic_dir)))
+    assert data.label_names == ["negative", "positive"]  # sorted, fixed order
+    assert len(data.train) == 200 and len(data.eval) == 60
+    assert set(data.train["label"]) == {0, 1}
+    truth = {r["text"]: r["label"] for r in synthetic_rows(200, seed=1)}
+    assert all(data.label_names[label] == truth[text] for text, label in zip(data.train["text"], data.train["label"]))
+    files = data.source["files"]
+    assert [f["name"] for f in files["train"]] == ["train.tsv"] and len(files["train"][0]["sha256"]) == 64
+
+
+def test_label_mapping_does_not_depend_on_row_order(tmp_path):
+    rows = synthetic_rows(20)
+    a = load_data(data_cfg(dataset=str(write_jsonl(tmp_path / "a" / "train.jsonl", rows))))
+    b = load_data(data_cfg(dataset=str(write_jsonl(tmp_path / "b" / "train.jsonl", rows[::-1]))))
+    assert a.label_names == b.label_names == ["negative", "positive"]
+    ma = dict(zip(a.train["text"], a.train["label"]))
+    mb = dict(zip(b.train["text"], b.train["label"]))
+    assert ma == mb
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_formats_and_explicit_columns(tmp_path, fmt):
+    df = pd.DataFrame({"body": [f"text {i}" for i in range(12)], "y": [i % 3 for i in range(12)]})
+    f = tmp_path / f"data.{fmt}"
+    {"csv": lambda: df.to_csv(f, index=False), "json": lambda: df.to_json(f, orient="records", lines=True),
+     "parquet": lambda: df.to_parquet(f)}[fmt]()
+    with pytest.raises(FedHFDataError, match="no text column found .*set data.text-column"):
+        load_data(data_cfg(dataset=str(f)))
+    data = load_data(data_cfg(dataset=str(f), **{"text-column": "body", "label-column": "y"}))
+    assert data.label_names == ["0", "1", "2"] and len(data.train) == 12
+
+
+def test_missing_columns_and_paths(tmp_path, synthetic_dir):
+    with pytest.raises(FedHFDataError, match="column 'review' not found .*columns: text, label.*data.text-column"):
+        load_data(data_cfg(dataset=str(synthetic_dir), **{"text-column": "review"}))
+    with pytest.raises(FedHFDataError, match="column 'stars' not found"):
+        load_data(data_cfg(dataset=str(synthetic_dir), **{"label-column": "stars"}))
+    with pytest.raises(FedHFDataError, match="does not exist"):
+        load_data(data_cfg(dataset=str(tmp_path / "nope" / "train.csv")))
+    with pytest.raises(FedHFDataError, match="does not exist"):
+        load_data(data_cfg(dataset="./no/such/folder"))
+
+
+def test_unreachable_hub_id_without_local_copy():
+    with pytest.raises(FedHFDataError, match="cannot reach the Hugging Face Hub for dataset 'nobody/no-such-dataset'.*FEDHF_DATA_DIR"):
+        load_data(data_cfg(dataset="nobody/no-such-dataset"), data_dir=None)
+
+
+def test_eval_labels_must_be_known(tmp_path):
+    write_tsv(tmp_path / "d" / "train.tsv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], ["text", "label"])
+    write_tsv(tmp_path / "d" / "test.tsv", [{"text": "c", "label": "z"}], ["text", "label"])
+    with pytest.raises(FedHFDataError, match="labels \\['z'\\] that the training split does not have"):
+        load_data(data_cfg(dataset=str(tmp_path / "d")))
+
+
+def test_iid_partitions_are_disjoint_covering_and_seeded(synthetic_dir):
+    cfg = data_cfg(dataset=str(synthetic_dir), **{"max-train-examples": 150})
+    data = load_data(cfg)
+    p1 = make_partitions(data, cfg, seed=7, num_partitions=4)
+    texts = all_texts(p1)
+    flat = [t for part in texts for t in part]
+    assert len(flat) == len(set(flat)) == 150  # disjoint and covering the sampled rows
+    assert set(flat) <= set(data.train["text"])
+    assert [len(t) for t in texts] == [38, 38, 37, 37]
+    assert all_texts(make_partitions(data, cfg, seed=7, num_partitions=4)) == texts  # deterministic
+    assert all_texts(make_partitions(data, cfg, seed=8, num_partitions=4)) != texts  # the seed matters
+    stats = p1.stats()
+    for row, (train, local_eval) in zip(stats, p1.parts):
+        assert sum(row["label-histogram"]) == row["train-examples"] == len(train)
+        assert row["eval-examples"] == len(local_eval) == round((len(train) + len(local_eval)) * 0.1)
+
+
+def test_dirichlet_skews_labels_and_respects_min_size(synthetic_dir):
+    cfg = data_cfg(dataset=str(synthetic_dir), partitioner="dirichlet", **{"dirichlet-alpha": 0.1, "min-partition-size": 5,
+                                                                            "local-eval-fraction": 0.0})
+    parts = make_partitions(load_data(cfg), cfg, seed=0, num_partitions=4)
+    sizes = [len(t) for t, _ in parts.parts]
+    assert sum(sizes) == 200 and min(sizes) >= 5
+    majority = [max(r["label-histogram"]) / r["train-examples"] for r in parts.stats()]
+    assert max(majority) > 0.8  # alpha=0.1: at least one client is dominated by one label
+    assert all_texts(make_partitions(load_data(cfg), cfg, seed=0, num_partitions=4)) == all_texts(parts)
+
+
+def test_pathological_gives_each_client_its_classes(tmp_path):
+    rows = [{"text": f"row {i}", "label": f"c{i % 4}"} for i in range(200)]
+    f = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = data_cfg(dataset=str(f), partitioner="pathological", **{"classes-per-client": 1, "local-eval-fraction": 0.0})
+    parts = make_partitions(load_data(cfg), cfg, seed=0, num_partitions=4)
+    for row in parts.stats():
+        assert sum(1 for c in row["label-histogram"] if c) == 1
+    with pytest.raises(FedHFDataError, match="data.classes-per-client.*has 4 labels"):
+        make_partitions(load_data(cfg), data_cfg(dataset=str(f), partitioner="pathological", **{"classes-per-client": 5}), 0, 4)
+
+
+def test_natural_partition_by_language_column(tmp_path):
+    rows = synthetic_rows(90, languages=("hau", "yor", "ibo"))
+    f = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = data_cfg(dataset=str(f), partitioner="natural", **{"partition-column": "language", "local-eval-fraction": 0.0})
+    data = load_data(cfg)
+    parts = make_partitions(data, cfg, seed=0, num_partitions=3)
+    assert parts.natural_ids == ["hau", "ibo", "yor"]
+    by_lang = Counter(r["language"] for r in rows)
+    for (train, _), lang in zip(parts.parts, parts.natural_ids):
+        assert set(train["language"]) == {lang} and len(train) == by_lang[lang]
+    with pytest.raises(FedHFDataError, match="gives 3 clients, but the run has 2.*--num-clients 3"):
+        make_partitions(data, cfg, seed=0, num_partitions=2)
+    no_col = data_cfg(dataset=str(f), partitioner="natural")
+    with pytest.raises(FedHFDataError, match="set data.partition-column"):
+        make_partitions(load_data(no_col), no_col, seed=0, num_partitions=3)
+
+
+def test_more_clients_than_rows_and_bad_counts(tmp_path):
+    f = write_jsonl(tmp_path / "train.jsonl", synthetic_rows(5))
+    cfg = data_cfg(dataset=str(f))
+    with pytest.raises(FedHFDataError, match="5 training rows cannot fill 8 partitions"):
+        make_partitions(load_data(cfg), cfg, seed=0, num_partitions=8)
+    with pytest.raises(FedHFDataError, match="num-partitions must be >= 1"):
+        make_partitions(load_data(cfg), cfg, seed=0, num_partitions=0)
+    with pytest.raises(FedHFDataError, match="partition-id 3 is outside 0..2"):
+        load_partition(cfg, 0, 3, 3)
+
+
+def test_load_partition_matches_make_partitions(synthetic_dir):
+    cfg = data_cfg(dataset=str(synthetic_dir))
+    parts = make_partitions(load_data(cfg), cfg, seed=3, num_partitions=2)
+    train, local_eval, names = load_partition(cfg, 3, 1, 2)
+    assert list(train["text"]) == list(parts.parts[1][0]["text"])
+    assert list(local_eval["text"]) == list(parts.parts[1][1]["text"])
+    assert names == ["negative", "positive"]
+
+
+def test_central_eval_cap(synthetic_dir):
+    cfg = data_cfg(dataset=str(synthetic_dir), **{"max-eval-examples": 25})
+    ev = central_eval_set(load_data(cfg), cfg, seed=0)
+    assert len(ev) == 25 and set(ev["text"]) <= set(load_data(cfg).eval["text"])
+
+
+# ---------------------------------------------------------------- presets on the real data (FEDHF_DATA_DIR)
+
+
+def test_sst2_preset(shared_data_dir: Path):
+    data = load_data(data_cfg(dataset="sst2"), data_dir=str(shared_data_dir))
+    assert data.label_names == ["negative", "positive"]
+    assert len(data.train) == 60614 and len(data.eval) == 872
+    assert data.source["hub_id"] == "stanfordnlp/sst2"
+
+
+def test_ag_news_preset_headerless_with_label_names(shared_data_dir: Path):
+    data = load_data(data_cfg(dataset="ag_news"), data_dir=str(shared_data_dir))
+    assert data.label_names == ["World", "Sports", "Business", "Sci/Tech"]
+    assert len(data.eval) == 7600
+    assert sorted(Counter(data.eval["label"]).values()) == [1900] * 4
+
+
+def test_afrisenti_natural_split_one_client_per_language(shared_data_dir: Path):
+    cfg = data_cfg(dataset="afrisenti", partitioner="natural", languages="pcm,swa,tso", **{"max-train-examples": 0})
+    data = load_data(cfg, data_dir=str(shared_data_dir))
+    assert data.label_names == ["negative", "neutral", "positive"]
+    parts = make_partitions(data, cfg, seed=0, num_partitions=3)
+    assert parts.natural_ids == ["pcm", "swa", "tso"]
+    sizes = {r["natural-id"]: r["train-examples"] + r["eval-examples"] for r in parts.stats()}
+    assert sizes == {"pcm": 5121, "swa": 1810, "tso": 804}
+    with pytest.raises(FedHFDataError, match="unknown AfriSenti language"):
+        load_data(data_cfg(dataset="afrisenti", languages="xx"), data_dir=str(shared_data_dir))

@@ -1,0 +1,140 @@
+"""End to end: real simulations on real SST-2 rows (slow; needs FEDHF_DATA_DIR)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--set", "num-server-rounds=2", "--set", "data.max-train-examples=450", "--set", "train.local-epochs=2",
+         "--set", "train.lr=0.002", "--set", "data.max-length=48"]
+
+
+def _env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, FEDHF_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+               RAY_USAGE_STATS_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.update(extra)
+    return env
+
+
+def _ray_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "raylet" in cmd or "gcs_server" in cmd or "ClientAppActor" in cmd or "ray::" in cmd:
+            pids.add(p.info["pid"])
+    return pids
+
+
+def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
+    before = _ray_pids()
+    out = tmp_path / "outputs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", *SMALL, "--set", "data.dataset=sst2",
+         "--set", f"output-dir={out}", "--set", "run-name=e2e"],
+        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = out / "e2e"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "complete"
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
+    r0, r2 = run["rounds"][0], run["rounds"][-1]
+    assert r2["eval_accuracy"] > r0["eval_accuracy"], (r0, r2)
+    for r in run["rounds"][1:]:
+        assert r["train_loss"] is not None and r["wall_seconds"] > 0
+        assert r["bytes_up"] == r["bytes_down"] > 0
+        assert sorted(r["client_train_seconds"]) == ["0", "1", "2"]
+        assert r["failures"] == []
+        assert sum(c["num-examples"] for c in r["clients"]) == 405  # rows, not batches
+    assert run["rounds"][2]["train_loss"] < run["rounds"][1]["train_loss"]
+    assert [p["train-examples"] for p in run["partitions"]] == [135, 135, 135]
+    assert run["config"]["num-server-rounds"] == 2 and run["versions"]["flwr"].startswith("1.42")
+    assert run["model"]["adapter_bytes"] < 0.005 * run["model"]["model_bytes"]
+    with (run_dir / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    assert abs(float(rows[-1]["eval_accuracy"]) - r2["eval_accuracy"]) < 1e-12
+    assert "run complete" in proc.stdout
+
+    # The saved adapter loads with PEFT on the base model and reproduces the final central accuracy.
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedhf.config import parse_config
+    from fedhf.data import central_eval_set, load_data
+    from fedhf.model import resolve_model
+    from fedhf.train import evaluate, make_loader
+
+    cfg = parse_config(run["config"])
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.model.name), num_labels=2)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    data = load_data(cfg.data, data_dir=str(shared_data_dir))
+    loader = make_loader(central_eval_set(data, cfg.data, cfg.seed), AutoTokenizer.from_pretrained(run_dir / "adapter"),
+                         cfg.data.max_length, 64, shuffle=False)
+    torch.set_num_threads(2)
+    res = evaluate(model, loader, 2)
+    assert abs(res.accuracy - r2["eval_accuracy"]) < 1e-6
+
+    leftover = _ray_pids() - before
+    assert not leftover, f"Ray processes left running: {leftover}"
+
+
+def _processes_with_env(key: str, value: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get(key) == value:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
+    """`flwr run .` with a run-config override file: Flower's own path to the same app."""
+    flwr_home = tmp_path / "flwr-home"
+    out = tmp_path / "flwr-outputs"
+    override = tmp_path / "override.toml"
+    override.write_text(f'num-server-rounds = 1\noutput-dir = "{out}"\nrun-name = "flwr"\n'
+                        '[data]\nmax-train-examples = 200\nmax-eval-examples = 200\n[strategy]\nfraction-evaluate = 0.0\n')
+    env = _env(shared_data_dir, FLWR_HOME=str(flwr_home))
+    try:
+        proc = subprocess.run(
+            [str(Path(sys.executable).with_name("flwr")), "run", ".", "--run-config", str(override),
+             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1", "--stream"],
+            capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run_json = out / "flwr" / "run.json"
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run_json.is_file() and json.loads(run_json.read_text())["status"] == "complete"):
+            time.sleep(1)
+        run = json.loads(run_json.read_text())
+        assert run["status"] == "complete"
+        assert run["config"]["num-server-rounds"] == 1 and run["config"]["data.max-train-examples"] == 200
+        assert [p["train-examples"] for p in run["partitions"]] == [90, 90]  # reported by the clients (10% held out)
+        assert (out / "flwr" / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        # `flwr run` leaves its local SuperLink running: stop everything it started, by PID.
+        for p in _processes_with_env("FLWR_HOME", str(flwr_home)):
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        gone, alive = psutil.wait_procs(_processes_with_env("FLWR_HOME", str(flwr_home)), timeout=15)
+        for p in alive:
+            p.kill()

@@ -1,0 +1,94 @@
+"""Strategy construction and the recording hooks, with hand-made reply messages."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+
+from fedhf.artifacts import RunRecorder
+from fedhf.config import parse_config
+from fedhf.errors import FedHFRunError
+from fedhf.strategy import build_strategy, train_metrics_aggr
+
+
+def _meta(node: int) -> Metadata:
+    return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+
+
+def train_reply(node: int, pid: int, value: float, n: int, loss: float) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": torch.full((2, 2), value)}),
+        "metrics": MetricRecord({"train-loss": loss, "num-examples": n}),
+        "client-info": ConfigRecord({"partition-id": pid, "train-seconds": 1.5, "handler-seconds": 2.0, "train-steps": 3,
+                                     "train-tokens": 40, "label-histogram": [n // 2, n - n // 2]}),
+    })
+    return Message(content=content, metadata=_meta(node))
+
+
+def error_reply(node: int, reason: str) -> Message:
+    return Message(error=Error(code=1, reason=reason), metadata=_meta(node))
+
+
+@pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)])
+def test_build_strategy_from_config(tmp_path, name, cls):
+    cfg = parse_config({"strategy.name": name, "output-dir": str(tmp_path), "strategy.fraction-train": 0.5,
+                        "strategy.proximal-mu": 0.3, "strategy.server-lr": 0.05, "strategy.min-available-nodes": 3})
+    s = build_strategy(cfg, RunRecorder(cfg))
+    assert isinstance(s, cls) and s.fraction_train == 0.5 and s.min_available_nodes == 3
+    if name == "fedprox":
+        assert s.proximal_mu == 0.3
+    if name in ("fedadam", "fedyogi"):
+        assert s.eta == 0.05 and s.beta_1 == 0.9 and s.tau == 0.001
+
+
+def test_fedavg_weights_by_examples_and_records_clients(tmp_path):
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r"})
+    rec = RunRecorder(cfg)
+    s = build_strategy(cfg, rec)
+    rec.start_round(1, 16, 3)
+    replies = [train_reply(11, 0, 1.0, 30, 0.5), train_reply(12, 1, 4.0, 10, 0.9), error_reply(13, "client crashed")]
+    arrays, metrics = s.aggregate_train(1, replies)
+    w = arrays.to_torch_state_dict()["w"]
+    assert torch.allclose(w, torch.full((2, 2), (1.0 * 30 + 4.0 * 10) / 40))
+    assert metrics["num-examples"] == 40 and abs(metrics["train-loss"] - (0.5 * 30 + 0.9 * 10) / 40) < 1e-12
+    row = rec.end_round(1, {"loss": 0.4, "accuracy": 0.8, "f1": 0.79}, 0.1)
+    assert [c["partition-id"] for c in row["clients"]] == [0, 1]
+    assert row["failures"] == [{"node-id": 13, "reason": "client crashed"}]
+    assert row["client_train_seconds"] == {"0": 1.5, "1": 1.5}
+    wire = len(ArrayRecord({"w": torch.zeros(2, 2)})["w"].data)  # serialised bytes: 16 B of data + the array header
+    assert abs(row["train_loss"] - 0.6) < 1e-12 and row["bytes_up"] == wire
+
+
+def test_round_with_no_update_fails_the_run(tmp_path):
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r"})
+    rec = RunRecorder(cfg)
+    s = build_strategy(cfg, rec)
+    rec.start_round(1, 16, 2)
+    with pytest.raises(FedHFRunError, match="round 1: no client returned an update \\(out of memory; disk full\\)"):
+        s.aggregate_train(1, [error_reply(1, "Traceback...\nout of memory"), error_reply(2, "disk full")])
+
+
+def test_train_metrics_aggregation_ignores_bookkeeping():
+    records = [RecordDict({"m": MetricRecord({"train-loss": 1.0, "num-examples": 1})}),
+               RecordDict({"m": MetricRecord({"train-loss": 2.0, "num-examples": 3})})]
+    agg = train_metrics_aggr(records, "num-examples")
+    assert dict(agg) == {"train-loss": 1.75, "num-examples": 4}
+    assert np.isclose(agg["train-loss"], 1.75)
+
+
+def test_run_json_status_and_atomic_rewrites(tmp_path):
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r"})
+    rec = RunRecorder(cfg)
+    import json
+
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "running"
+    rec.fail("RuntimeError: boom")
+    data = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert data["status"] == "failed" and data["error"] == "RuntimeError: boom"
+    assert not list((tmp_path / "r").glob("*.tmp"))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        RunRecorder(cfg)
