@@ -89,7 +89,7 @@ class RunRecorder:
             "config": flat,
             "config_sha256": config_hash(flat),
             "seeds": {"seed": cfg.seed, "partition": cfg.seed, "model_init": cfg.seed,
-                      "client_shuffle": "seed * 100003 + round * 1009 + partition-id"},
+                      "client_shuffle_and_dropout": "seed * 100003 + round * 1009 + partition-id"},
             "versions": package_versions(),
             "git_commit": git_commit(),
             "python": platform.python_version(),

@@ -7,6 +7,7 @@ from its run_config); the node config says which partition this node holds.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -36,6 +37,11 @@ def _setup(msg: Message, context: Context) -> tuple[FedHFConfig, int, int, int]:
     return cfg, pid, n, int(config["server-round"])
 
 
+def label_histogram(labels: list[int], num_labels: int) -> list[int]:
+    counts = Counter(labels)
+    return [counts.get(i, 0) for i in range(num_labels)]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
@@ -47,8 +53,12 @@ def train(msg: Message, context: Context) -> Message:
     loader = make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
                          seed=cfg.seed * 100_003 + server_round * 1_009 + pid)
     mu = float(msg.content["config"].get("proximal-mu", 0.0)) if cfg.strategy.name == "fedprox" else 0.0
-    result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
-                         weight_decay=cfg.train.weight_decay, proximal_mu=mu)
+    # Dropout draws from torch's RNG: seed it per (run seed, round, partition) for reproducible
+    # non-private training, inside a forked RNG so the process's own stream is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + pid)
+        result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                             weight_decay=cfg.train.weight_decay, proximal_mu=mu)
     state = get_adapter_state(model)
     metrics = MetricRecord({
         "train-loss": result.loss,
@@ -61,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": result.steps,
         "train-tokens": result.tokens,
         "bytes-up": adapter_nbytes(state),
-        "label-histogram": [int((torch.tensor(train_ds["label"]) == i).sum()) for i in range(len(label_names))],
+        "label-histogram": label_histogram(train_ds["label"], len(label_names)),
     })
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, "client-info": info})
     return Message(content=content, reply_to=msg)

@@ -27,6 +27,7 @@ from flwr_datasets.partitioner import (
 
 from fedhf.config import DataConfig
 from fedhf.errors import FedHFDataError
+from fedhf.hub import hub_offline
 
 log = logging.getLogger("fedhf")
 
@@ -113,7 +114,7 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
     if preset is not None:
         raw_train, raw_eval, source = _load_preset(preset, cfg, data_dir)
     elif _looks_like_path(name):
-        raw_train, raw_eval, source = _load_local(Path(name).expanduser())
+        raw_train, raw_eval, source = _load_local(name)
     else:
         raw_train, raw_eval, source = _load_hub(name, None)
     text_col = cfg.text_column or (preset.text_column if preset else "") or _detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
@@ -177,10 +178,11 @@ def _file_source(kind: str, files: dict[str, list[str]], base: Path, **extra: An
     }
 
 
-def _load_local(path: Path) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+def _load_local(name: str) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+    path = Path(name).expanduser()
     if not path.exists():
         raise FedHFDataError(
-            f"data.dataset: path '{path}' does not exist; give an existing file or folder "
+            f"data.dataset: path '{name}' does not exist; give an existing file or folder "
             f"({', '.join(sorted(FILE_FORMATS))}), a preset ({', '.join(PRESETS)}) or a Hub id."
         )
     if path.is_file():
@@ -280,7 +282,7 @@ def _hub_unreachable(repo: str, exc: Exception) -> FedHFDataError:
 
 def _hub_revision(repo: str) -> str | None:
     """Resolve the dataset's commit on the Hub (fast failure when offline, for provenance)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub_offline():
         return None
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError

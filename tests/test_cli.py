@@ -66,7 +66,7 @@ def test_missing_columns_and_empty_partitions(runner, tmp_path):
 def test_unreachable_model_id(runner, tmp_path, synthetic_dir):
     out = tmp_path / "out"
     assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={synthetic_dir}", "--set", "model.name=nobody/no-such-model"], out),
-                       "model.name: cannot load 'nobody/no-such-model'", out)
+                       "model.name: cannot load 'nobody/no-such-model': the Hub is unreachable", out)
 
 
 def test_config_file_errors(runner, tmp_path):

@@ -1,0 +1,10 @@
+"""Hugging Face Hub helpers shared by data and model loading."""
+
+from __future__ import annotations
+
+import os
+
+
+def hub_offline() -> bool:
+    """Whether the user asked huggingface_hub to stay offline (HF_HUB_OFFLINE), read at call time."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
