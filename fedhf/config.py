@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,12 @@ class FedHFConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
-        """The flat kebab-case mapping (the inverse of ``parse_config``)."""
-        return {spec.key: _get(self, spec.path) for spec in SPECS}
+        """The flat kebab-case mapping (the inverse of ``parse_config``); unset optional values are ""."""
+        flat = {}
+        for spec in SPECS:
+            value = _get(self, spec.path)
+            flat[spec.key] = "" if value is None else value
+        return flat
 
     @property
     def target_modules(self) -> list[str]:
@@ -124,8 +129,9 @@ class Spec:
     key: str
     path: tuple[str, ...]
     type: type
-    default: Any
+    default: Any  # as written in the flat config ("" for an unset optional value)
     meta: Mapping[str, Any]
+    optional: bool = False  # "" in the flat config <-> None in the tree
 
 
 def _collect(cls: type, prefix: tuple[str, ...] = ()) -> list[Spec]:
@@ -135,8 +141,12 @@ def _collect(cls: type, prefix: tuple[str, ...] = ()) -> list[Spec]:
         ftype = f.type if isinstance(f.type, type) else eval(f.type)  # noqa: S307 (own annotations)
         if dataclasses.is_dataclass(ftype):
             specs.extend(_collect(ftype, path))
+            continue
+        key = ".".join(p.replace("_", "-") for p in path)
+        if isinstance(ftype, types.UnionType):  # `float | None`: optional, "" when unset
+            (base,) = [a for a in ftype.__args__ if a is not type(None)]
+            specs.append(Spec(key, path, base, "" if f.default is None else f.default, f.metadata, optional=True))
         else:
-            key = ".".join(p.replace("_", "-") for p in path)
             specs.append(Spec(key, path, ftype, f.default, f.metadata))
     return specs
 
@@ -162,9 +172,11 @@ def _type_name(t: type) -> str:
 def _coerce(spec: Spec, value: Any) -> Any:
     """Check a value's type against the spec; accept only lossless conversions."""
     t = spec.type
+    if spec.optional and (value is None or (isinstance(value, str) and not value.strip())):
+        return None
     bad = FedHFConfigError(
         f"config key '{spec.key}': got {value!r} ({type(value).__name__}); expected {_type_name(t)}"
-        f" (default {spec.default!r})."
+        f"{' or empty (unset)' if spec.optional else ''} (default {spec.default!r})."
     )
     if t is bool:
         if isinstance(value, bool):
@@ -206,6 +218,8 @@ def _coerce(spec: Spec, value: Any) -> Any:
 
 
 def _check_range(spec: Spec, value: Any) -> None:
+    if value is None:
+        return
     m = spec.meta
     if m.get("choices") and value not in m["choices"]:
         close = difflib.get_close_matches(str(value), m["choices"], n=1)
@@ -234,7 +248,7 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
     Missing keys take their defaults. Unknown keys raise unless ``ignore_unknown``
     (used for Flower's run_config, which may carry keys of other components).
     """
-    values: dict[tuple[str, ...], Any] = {s.path: s.default for s in SPECS}
+    values: dict[tuple[str, ...], Any] = {s.path: None if s.optional and s.default == "" else s.default for s in SPECS}
     for key, raw in (flat or {}).items():
         spec = SPEC_BY_KEY.get(key)
         if spec is None:
