@@ -140,19 +140,53 @@ class RunRecorder:
 
     def train_replies(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
         r = self._require_round()
+        trained = [c for c in clients if c["status"] == "trained"]
         r["clients"] = clients
         r["failures"] = failures
-        r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in clients}
-        r["client_handler_seconds"] = {str(c["partition-id"]): round(c["handler-seconds"], 3) for c in clients}
-        n = sum(c["num-examples"] for c in clients)
+        r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in trained}
+        r["client_handler_seconds"] = {str(c["partition-id"]): round(c["handler-seconds"], 3) for c in trained}
+        n = sum(c["num-examples"] for c in trained)
         if n:
-            r["train_loss"] = sum(c["train-loss"] * c["num-examples"] for c in clients) / n
-        r["bytes_up"] = max((c["bytes-up"] for c in clients), default=None)
+            r["train_loss"] = sum(c["train-loss"] * c["num-examples"] for c in trained) / n
+        r["bytes_up"] = max((c["bytes-up"] for c in trained), default=None)
         known = {s["partition-id"] for s in self.data["partitions"]}
-        new = [{"partition-id": c["partition-id"], "train-examples": c["num-examples"],
+        new = [{"partition-id": c["partition-id"], "train-examples": sum(c["label-histogram"]),
                 "label-histogram": c["label-histogram"]} for c in clients if c["partition-id"] not in known]
         if new:  # clients report what they hold; keep it when the server could not compute it
             self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition-id"])
+        if "privacy" in self.data:
+            self._privacy_round(r, clients)
+
+    # ------------------------------------------------------------------ privacy ledger
+    def set_privacy(self, info: dict[str, Any]) -> None:
+        self.data["privacy"] = {**info, "clients": {}}
+        self.write()
+
+    def _privacy_round(self, r: dict[str, Any], clients: list[dict[str, Any]]) -> None:
+        ledger = self.data["privacy"]["clients"]
+        for c in clients:
+            p = c.get("privacy")
+            if p is None:
+                continue
+            entry = ledger.setdefault(str(c["partition-id"]), {
+                "delta": p["delta"], "noise_multiplier": p["noise-multiplier"], "max_grad_norm": p["max-grad-norm"],
+                "sample_rate": p["sample-rate"], "accountant": p["accountant"],
+                "max_epsilon": p["max-epsilon"] or None, "rounds": [],
+            })
+            entry["rounds"].append({"round": r["round"], "epsilon": p["epsilon"], "steps": p["steps"], "status": c["status"],
+                                    **({"projected_epsilon": p["projected-epsilon"]} if "projected-epsilon" in p else {})})
+            entry["epsilon"] = p["epsilon"]
+            entry["steps"] = p["steps"]
+            if c["status"] != "trained":
+                entry["stopped"] = {"round": r["round"], "reason": c["status"],
+                                    "projected_epsilon": p.get("projected-epsilon")}
+        current = {pid: e["epsilon"] for pid, e in ledger.items()}
+        r["privacy"] = {
+            "sample_level_epsilon": current,
+            "sample_level_epsilon_max": max(current.values(), default=0.0),
+            "sample_level_epsilon_mean": sum(current.values()) / len(current) if current else 0.0,
+            "exhausted": sorted(int(pid) for pid, e in ledger.items() if "stopped" in e),
+        }
 
     def local_eval(self, loss: float | None, accuracy: float | None, client_seconds: list[float]) -> None:
         r = self._require_round()
@@ -173,6 +207,10 @@ class RunRecorder:
         self.write()
         self.write_csv()
         return row
+
+    def abandon_round(self) -> None:
+        """Drop a round that was configured but will not be completed (the run is ending early)."""
+        self._round = None
 
     def _require_round(self) -> dict[str, Any]:
         if self._round is None:

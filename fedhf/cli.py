@@ -106,6 +106,18 @@ def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
     parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
     typer.echo(format_stats(parts.stats(), data.label_names), err=True)
     resolve_model(cfg.model.name)
+    p = cfg.privacy
+    if p.mode == "sample" and p.target_epsilon is not None:
+        # Each client plans its own sigma in round 1; check now that every client can meet the target.
+        from fedhf.privacy import default_delta, plan_noise_multiplier, sampling
+
+        for row in parts.stats():
+            n = row["train-examples"]
+            q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
+            delta = p.delta if p.delta is not None else default_delta(n)
+            sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
+            typer.echo(f"privacy plan: client {row['partition-id']}: sigma {sigma:.4f} for target epsilon "
+                       f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)", err=True)
 
 
 @app.command()
@@ -142,6 +154,61 @@ def show_config(
     flat = cfg.to_flat()
     for key, _default, help_text in describe():
         typer.echo(f"{key} = {flat[key]!r}    # {help_text}")
+
+
+privacy_app = typer.Typer(help="Plan differential privacy and read a run's privacy ledger.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("plan")
+def privacy_plan(
+    target_epsilon: Annotated[float, typer.Option(help="Target epsilon after the last round.")],
+    num_examples: Annotated[int, typer.Option(help="The client's training rows.")],
+    rounds: Annotated[int, typer.Option(help="Rounds the client trains (num-server-rounds).")] = 3,
+    local_epochs: Annotated[int, typer.Option(help="train.local-epochs.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="train.batch-size (expected Poisson batch).")] = 16,
+    delta: Annotated[float | None, typer.Option(help="Delta; default 0.1 / num-examples.")] = None,
+    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+) -> None:
+    """Print the noise multiplier for a target epsilon and the projected epsilon after each round."""
+    from fedhf.privacy import FedHFPrivacyError, default_delta, epsilon_of, plan_noise_multiplier, sampling
+
+    try:
+        for name, value in (("--num-examples", num_examples), ("--rounds", rounds), ("--local-epochs", local_epochs),
+                            ("--batch-size", batch_size)):
+            if value < 1:
+                raise FedHFConfigError(f"{name}: got {value}; it must be >= 1.")
+        if not target_epsilon > 0:
+            raise FedHFConfigError(f"--target-epsilon: got {target_epsilon}; it must be > 0.")
+        if delta is not None and not 0 < delta < 1:
+            raise FedHFConfigError(f"--delta: got {delta}; it must be in (0, 1).")
+        if accountant not in ("rdp", "prv"):
+            raise FedHFConfigError(f"--accountant: got {accountant!r}; allowed: rdp, prv.")
+        d = delta if delta is not None else default_delta(num_examples)
+        q, steps = sampling(num_examples, batch_size, local_epochs)
+        sigma = plan_noise_multiplier(target_epsilon, d, q, steps * rounds, accountant)
+    except (FedHFError, FedHFPrivacyError) as exc:
+        _fail(str(exc))
+    typer.echo(f"noise multiplier sigma = {sigma:.4f} for target epsilon {target_epsilon:g} at delta {d:.3g} "
+               f"({accountant}; sampling rate q = {q:.4f}, {steps} steps per round, {rounds} rounds)")
+    typer.echo(f"{'round':>5}  {'steps':>6}  {'epsilon':>8}")
+    for r in range(1, rounds + 1):
+        typer.echo(f"{r:>5}  {steps * r:>6}  {epsilon_of(accountant, [(sigma, q, steps * r)], d):>8.4f}")
+
+
+@privacy_app.command("ledger")
+def privacy_ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (outputs/<run-id>).")]) -> None:
+    """Print the privacy ledger of a run: each client's epsilon after every round, and why any stopped."""
+    from fedhf.artifacts import load_run
+    from fedhf.ledger import ledger_table
+
+    try:
+        run = load_run(run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if run.get("status") != "complete":
+        typer.echo(f"warning: run status is {run.get('status')!r}, not complete", err=True)
+    typer.echo(ledger_table(run))
 
 
 def main() -> None:

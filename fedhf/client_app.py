@@ -13,13 +13,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedhf.config import SPEC_BY_KEY, FedHFConfig, parse_config
+from fedhf.config import SPEC_BY_KEY, FedHFConfig, parse_config, parse_node_budgets
 from fedhf.data import load_partition
 from fedhf.errors import FedHFConfigError
 from fedhf.model import adapter_nbytes, build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.privacy import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
 from fedhf.train import evaluate, make_loader, train_local
 
 app = ClientApp()
+
+PRIVACY_STATE = "fedhf.privacy"  # this node's accountant history, kept in context.state across rounds
 
 
 def _setup(msg: Message, context: Context) -> tuple[FedHFConfig, int, int, int]:
@@ -47,34 +50,101 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     cfg, pid, num_partitions, server_round = _setup(msg, context)
     train_ds, _, label_names = load_partition(cfg.data, cfg.seed, pid, num_partitions)
+    info: dict = {"partition-id": pid, "label-histogram": label_histogram(train_ds["label"], len(label_names))}
+
+    account = None
+    if cfg.privacy.mode == "sample":
+        account, sample_rate, steps = _sample_account(cfg, context, len(train_ds))
+        budget = node_budget(cfg, context, pid)
+        projected = account.epsilon_after(sample_rate, steps)
+        info.update(_privacy_info(account, sample_rate, budget))
+        if budget is not None and projected > budget:
+            # Training this round would exceed the owner's budget: no update, a clear status.
+            info.update({"status": "budget-exhausted", "projected-epsilon": projected,
+                         "handler-seconds": time.perf_counter() - t0})
+            content = RecordDict({"metrics": MetricRecord({"train-loss": 0.0, "num-examples": 0}),
+                                  "client-info": ConfigRecord(info)})
+            return Message(content=content, reply_to=msg)
+
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_model(cfg, label_names)
     set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     loader = make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
                          seed=cfg.seed * 100_003 + server_round * 1_009 + pid)
-    mu = float(msg.content["config"].get("proximal-mu", 0.0)) if cfg.strategy.name == "fedprox" else 0.0
-    # Dropout draws from torch's RNG: seed it per (run seed, round, partition) for reproducible
-    # non-private training, inside a forked RNG so the process's own stream is left alone.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + pid)
-        result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
-                             weight_decay=cfg.train.weight_decay, proximal_mu=mu)
+    if account is not None:
+        # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
+        private = private_train(model, loader, account, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                                weight_decay=cfg.train.weight_decay, grad_sample_mode=cfg.privacy.grad_sample_mode)
+        result = private.train
+        context.state[PRIVACY_STATE] = ConfigRecord(private.account.to_state())
+        info.update(_privacy_info(private.account, private.account.history[-1][1], budget))
+        info["empty-batches"] = private.empty_batches
+    else:
+        mu = float(msg.content["config"].get("proximal-mu", 0.0)) if cfg.strategy.name == "fedprox" else 0.0
+        # Dropout draws from torch's RNG: seed it per (run seed, round, partition) for reproducible
+        # non-private training, inside a forked RNG so the process's own stream is left alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + pid)
+            result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay, proximal_mu=mu)
     state = get_adapter_state(model)
     metrics = MetricRecord({
         "train-loss": result.loss,
         "num-examples": result.num_examples,
     })
-    info = ConfigRecord({
-        "partition-id": pid,
+    info.update({
+        "status": "trained",
         "train-seconds": result.seconds,
         "handler-seconds": time.perf_counter() - t0,  # data, model build and (de)serialisation included
         "train-steps": result.steps,
         "train-tokens": result.tokens,
         "bytes-up": adapter_nbytes(state),
-        "label-histogram": label_histogram(train_ds["label"], len(label_names)),
     })
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, "client-info": info})
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, "client-info": ConfigRecord(info)})
     return Message(content=content, reply_to=msg)
+
+
+def _sample_account(cfg: FedHFConfig, context: Context, num_examples: int) -> tuple[SampleAccount, float, int]:
+    """This client's accountant for the whole run: restored from context.state, or created (sigma planned) in its first round."""
+    sample_rate, steps = sampling(num_examples, cfg.train.batch_size, cfg.train.local_epochs)
+    if PRIVACY_STATE in context.state:
+        return SampleAccount.from_state(dict(context.state[PRIVACY_STATE])), sample_rate, steps
+    p = cfg.privacy
+    delta = p.delta if p.delta is not None else default_delta(num_examples)
+    sigma = p.noise_multiplier
+    if p.target_epsilon is not None:
+        sigma = plan_noise_multiplier(p.target_epsilon, delta, sample_rate, steps * cfg.num_server_rounds, p.accountant)
+    account = SampleAccount(p.accountant, delta, sigma, p.max_grad_norm)
+    context.state[PRIVACY_STATE] = ConfigRecord(account.to_state())
+    return account, sample_rate, steps
+
+
+def node_budget(cfg: FedHFConfig, context: Context, pid: int) -> float | None:
+    """The data owner's budget: node config 'max-epsilon', else privacy.node-max-epsilon, else privacy.max-epsilon."""
+    raw = context.node_config.get("max-epsilon")
+    if raw is not None and raw != "":
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise FedHFConfigError(f"node config 'max-epsilon': got {raw!r}; give a positive number, e.g. max-epsilon=4.0.")
+        return value
+    per_node = parse_node_budgets(cfg.privacy.node_max_epsilon)
+    return per_node.get(pid, cfg.privacy.max_epsilon)
+
+
+def _privacy_info(account: SampleAccount, sample_rate: float, budget: float | None) -> dict:
+    return {
+        "epsilon": account.epsilon,
+        "delta": account.delta,
+        "noise-multiplier": account.noise_multiplier,
+        "max-grad-norm": account.max_grad_norm,
+        "sample-rate": sample_rate,
+        "steps": account.steps,
+        "accountant": account.accountant,
+        "max-epsilon": budget if budget is not None else 0.0,
+    }
 
 
 @app.evaluate()

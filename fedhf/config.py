@@ -26,6 +26,9 @@ from fedhf.errors import FedHFConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+PRIVACY_MODES = ("none", "sample")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -95,6 +98,19 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    mode: str = _opt("none", "Differential privacy: none, or sample (DP-SGD with Opacus in every client: a per-example guarantee).", choices=PRIVACY_MODES)
+    noise_multiplier: float = _opt(1.0, "Sample-level DP: noise multiplier sigma (ignored when privacy.target-epsilon is set).", min=0.0)
+    max_grad_norm: float = _opt(1.0, "Sample-level DP: per-example gradient clipping norm C.", min=0.0, min_exclusive=True)
+    target_epsilon: float | None = _opt(None, "Sample-level DP: plan sigma before round 1 so that each client's epsilon after the last round is at most this; empty = use privacy.noise-multiplier.", min=0.0, min_exclusive=True)
+    delta: float | None = _opt(None, "Sample-level DP: delta; empty = 0.1 / (the client's training rows), below 1/n as it must be.", min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    accountant: str = _opt("rdp", "Privacy accountant (Opacus): rdp or prv.", choices=ACCOUNTANTS)
+    max_epsilon: float | None = _opt(None, "Per-client budget: a client stops training before a round that would take its epsilon above this; a node's 'max-epsilon' node config overrides it; empty = no budget.", min=0.0, min_exclusive=True)
+    node_max_epsilon: str = _opt("", "Simulation stand-in for per-node budgets: 'partition-id:epsilon' pairs, e.g. '0:2.5,3:1.0' (a node's 'max-epsilon' node config wins).")
+    grad_sample_mode: str = _opt("hooks", "Opacus per-sample gradient mode: hooks (fastest for LoRA on CPU), functorch or ghost (ghost clipping).", choices=GRAD_SAMPLE_MODES)
+
+
+@dataclass(frozen=True)
 class FedHFConfig:
     num_server_rounds: int = _opt(3, "Federated rounds.", min=1)
     seed: int = _opt(42, "Seed for sampling, partitions and model initialisation.", min=0)
@@ -104,6 +120,7 @@ class FedHFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """The flat kebab-case mapping (the inverse of ``parse_config``); unset optional values are ""."""
@@ -285,8 +302,33 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
             f"config key 'strategy.min-train-nodes': got {s.min_train_nodes}, more than "
             f"strategy.min-available-nodes={s.min_available_nodes}; raise min-available-nodes or lower min-train-nodes."
         )
+    if cfg.privacy.mode != "none" and cfg.strategy.name == "fedprox":
+        raise FedHFConfigError(
+            "config key 'strategy.name': fedprox cannot be combined with privacy.mode='sample' (the proximal term's "
+            "gradient is not clipped per example, so it would leak); use fedavg, fedadam or fedyogi with DP."
+        )
+    parse_node_budgets(cfg.privacy.node_max_epsilon)
     if cfg.run_name and ("/" in cfg.run_name or cfg.run_name in (".", "..")):
         raise FedHFConfigError(f"config key 'run-name': got {cfg.run_name!r}; use a plain folder name without '/'.")
+
+
+def parse_node_budgets(text: str) -> dict[int, float]:
+    """'0:2.5,3:1.0' -> {0: 2.5, 3: 1.0}; every budget must be a positive number."""
+    out: dict[int, float] = {}
+    for item in _split_list(text):
+        pid, sep, eps = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            key, value = int(pid), float(eps)
+        except ValueError:
+            raise FedHFConfigError(
+                f"config key 'privacy.node-max-epsilon': got {item!r}; write partition-id:epsilon pairs, e.g. '0:2.5,3:1.0'."
+            ) from None
+        if not value > 0 or value != value:
+            raise FedHFConfigError(f"config key 'privacy.node-max-epsilon': budget {eps!r} for partition {key} must be a positive number.")
+        out[key] = value
+    return out
 
 
 def default_flat() -> dict[str, Any]:

@@ -6,6 +6,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedhf.ledger import privacy_line
+
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
@@ -17,7 +19,7 @@ def round_line(row: dict[str, Any], total: int) -> str:
     return (
         f"[fedhf] round {row['round']}/{total}  train loss {_fmt(row['train_loss'], '.4f')}  "
         f"central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f}  "
-        f"clients {len(row['clients'])}/{row['clients_sampled']}  up {_fmt(row['bytes_up'], ',d')} B/client  "
+        f"clients {sum(c['status'] == 'trained' for c in row['clients'])}/{row['clients_sampled']}  up {_fmt(row['bytes_up'], ',d')} B/client  "
         f"{row['wall_seconds']:.1f}s"
     )
 
@@ -29,6 +31,9 @@ class RoundProgress:
 
     def round_done(self, row: dict[str, Any]) -> None:
         tqdm.write(round_line(row, self.total))
+        line = privacy_line(row)
+        if line:
+            tqdm.write(line)
         if row["round"] > 0:
             self.bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}")
             self.bar.update(1)

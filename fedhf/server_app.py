@@ -37,7 +37,9 @@ from fedhf.model import (
     set_adapter_state,
 )
 from fedhf.progress import RoundProgress
-from fedhf.strategy import build_strategy
+from fedhf.ledger import ledger_table
+from fedhf.privacy import RNG_NOTE, SAMPLE_LEVEL
+from fedhf.strategy import RunStopped, build_strategy
 from fedhf.train import evaluate, make_loader
 
 log = logging.getLogger("fedhf")
@@ -129,25 +131,41 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
         progress.round_done(row)
         return MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1})
 
-    train_config = ConfigRecord(cfg.to_flat())
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.strategy.round_timeout,
-        train_config=train_config,
-        evaluate_config=ConfigRecord(cfg.to_flat()),
-        evaluate_fn=central_evaluate,
-    )
-    done = [r["round"] for r in recorder.data["rounds"]]
-    if done[-1:] != [cfg.num_server_rounds]:
-        raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")
+    if cfg.privacy.mode != "none":
+        recorder.set_privacy({"mode": cfg.privacy.mode, "label": SAMPLE_LEVEL, "accountant": cfg.privacy.accountant,
+                              "target_epsilon": cfg.privacy.target_epsilon, "rng": RNG_NOTE,
+                              "secure_rng": False, "grad_sample_mode": cfg.privacy.grad_sample_mode})
+    stopped = None
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.strategy.round_timeout,
+            train_config=ConfigRecord(cfg.to_flat()),
+            evaluate_config=ConfigRecord(cfg.to_flat()),
+            evaluate_fn=central_evaluate,
+        )
+        final_arrays = result.arrays
+        done = [r["round"] for r in recorder.data["rounds"]]
+        if done[-1:] != [cfg.num_server_rounds]:
+            raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")
+    except RunStopped as exc:
+        stopped = str(exc)
+        log.warning("Ending the run early: %s. The last global adapter is kept.", stopped)
+        recorder.abandon_round()
+        final_arrays = strategy.latest_arrays
 
     # 5. artifacts
-    set_adapter_state(model, result.arrays.to_torch_state_dict())
+    set_adapter_state(model, final_arrays.to_torch_state_dict())
     save_adapter(model, tokenizer, cfg, data.label_names, recorder.dir / "adapter")
     final = recorder.data["rounds"][-1]
-    recorder.finish({"final": {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}})
+    extra: dict[str, Any] = {"final": {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}}
+    if stopped:
+        extra["stopped_early"] = {"after_round": final["round"], "reason": stopped}
+    recorder.finish(extra)
+    if cfg.privacy.mode != "none":
+        log.info("\n%s", ledger_table(recorder.data))
     log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
 
 

@@ -46,43 +46,82 @@ def _payload_bytes(arrays: ArrayRecord) -> int:
     return sum(len(a.data) for a in arrays.values())
 
 
+class RunStopped(Exception):
+    """Too few clients can still train (e.g. privacy budgets exhausted): end the run cleanly."""
+
+
+def _client_record(msg: Message) -> dict[str, Any]:
+    info = msg.content["client-info"]
+    metrics = msg.content["metrics"]
+    rec: dict[str, Any] = {
+        "node-id": msg.metadata.src_node_id,
+        "partition-id": int(info["partition-id"]),
+        "status": str(info.get("status", "trained")),
+        "num-examples": int(metrics["num-examples"]),
+        "train-loss": float(metrics["train-loss"]),
+        "label-histogram": list(info["label-histogram"]),
+        "handler-seconds": float(info["handler-seconds"]),
+    }
+    if rec["status"] == "trained":
+        rec.update({
+            "train-seconds": float(info["train-seconds"]),
+            "train-steps": int(info["train-steps"]),
+            "train-tokens": int(info["train-tokens"]),
+            "bytes-up": _payload_bytes(msg.content["arrays"]),
+        })
+    if "epsilon" in info:
+        rec["privacy"] = {k: info[k] for k in ("epsilon", "delta", "noise-multiplier", "max-grad-norm", "sample-rate",
+                                               "steps", "accountant", "max-epsilon") if k in info}
+        if "projected-epsilon" in info:
+            rec["privacy"]["projected-epsilon"] = float(info["projected-epsilon"])
+    return rec
+
+
 def _recording(base: type[FedAvg]) -> type[FedAvg]:
     class Recording(base):  # type: ignore[valid-type, misc]
         recorder: RunRecorder
+        exhausted: set[int]
+        latest_arrays: ArrayRecord | None = None
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
+            self.latest_arrays = arrays
+            able = [n for n in grid.get_node_ids() if n not in self.exhausted]
+            if self.exhausted and len(able) < self.min_train_nodes:
+                raise RunStopped(
+                    f"before round {server_round}: only {len(able)} client(s) can still train within their privacy "
+                    f"budget; strategy.min-train-nodes={self.min_train_nodes}"
+                )
+            messages = [m for m in super().configure_train(server_round, arrays, config, grid)
+                        if m.metadata.dst_node_id not in self.exhausted]
             self.recorder.start_round(server_round, _payload_bytes(arrays), len(messages))
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
-            clients, failures = [], []
+            records, failures, trained = [], [], []
             for msg in replies:
                 if msg.has_error():
                     failures.append({"node-id": msg.metadata.src_node_id, "reason": msg.error.reason})
                     continue
-                info = msg.content["client-info"]
-                metrics = msg.content["metrics"]
-                clients.append({
-                    "node-id": msg.metadata.src_node_id,
-                    "partition-id": int(info["partition-id"]),
-                    "num-examples": int(metrics["num-examples"]),
-                    "train-loss": float(metrics["train-loss"]),
-                    "train-seconds": float(info["train-seconds"]),
-                    "handler-seconds": float(info["handler-seconds"]),
-                    "train-steps": int(info["train-steps"]),
-                    "train-tokens": int(info["train-tokens"]),
-                    "bytes-up": _payload_bytes(msg.content["arrays"]),
-                    "label-histogram": list(info["label-histogram"]),
-                })
-            clients.sort(key=lambda c: c["partition-id"])
-            self.recorder.train_replies(clients, failures)
-            if not clients:
+                rec = _client_record(msg)
+                records.append(rec)
+                if rec["status"] == "trained":
+                    trained.append(msg)
+                else:
+                    self.exhausted.add(msg.metadata.src_node_id)
+                    log.warning("round %d: client %d (node %d) did not train: %s (epsilon %.3f, projected %.3f > budget %.3f)",
+                                server_round, rec["partition-id"], rec["node-id"], rec["status"],
+                                rec["privacy"]["epsilon"], rec["privacy"].get("projected-epsilon", float("nan")),
+                                rec["privacy"]["max-epsilon"])
+            records.sort(key=lambda c: c["partition-id"])
+            self.recorder.train_replies(records, failures)
+            if not trained:
+                if records and not failures:
+                    raise RunStopped(f"round {server_round}: every sampled client has exhausted its privacy budget")
                 reasons = "; ".join(f["reason"].strip().splitlines()[-1] for f in failures if f["reason"]) or "no replies"
                 raise FedHFRunError(f"round {server_round}: no client returned an update ({reasons[:500]}).")
-            return super().aggregate_train(server_round, replies)
+            return super().aggregate_train(server_round, trained)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             replies = list(replies)
@@ -116,4 +155,5 @@ def build_strategy(cfg: FedHFConfig, recorder: RunRecorder) -> Strategy:
         common.update(eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
     strategy = _recording(BASES[s.name])(**common)
     strategy.recorder = recorder
+    strategy.exhausted = set()
     return strategy

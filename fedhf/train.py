@@ -7,6 +7,7 @@ own ``outputs.loss``), so a privacy engine can swap in its own criterion.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -57,34 +58,49 @@ def make_loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_le
 
 
 def train_local(model: torch.nn.Module, loader: DataLoader, *, epochs: int, lr: float, weight_decay: float = 0.0,
-                proximal_mu: float = 0.0, criterion: torch.nn.Module | None = None) -> TrainResult:
-    """Train the trainable parameters with AdamW; optional FedProx term mu/2 ||w - w_start||^2."""
+                proximal_mu: float = 0.0, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                optimizer: torch.optim.Optimizer | None = None, before_step: Callable[[], None] | None = None,
+                after_step: Callable[[], None] | None = None, empty_batch: Callable[[], None] | None = None) -> TrainResult:
+    """Train the trainable parameters (AdamW unless an optimizer is given); optional FedProx term.
+
+    The hooks let a privacy engine check each step (``before_step``/``after_step``) and handle
+    a batch with no example (``empty_batch``: the step still happens, e.g. noise only). Without
+    ``empty_batch`` an empty batch is skipped.
+    """
     criterion = criterion or torch.nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters")  # a bug, not user input
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     model.train()
     total_loss, seen, steps, tokens = 0.0, 0, 0, 0
     start = time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
-            labels = batch.pop("labels")
             optimizer.zero_grad(set_to_none=True)
-            logits = model(**batch).logits
-            loss = criterion(logits, labels)
-            if anchors is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                (loss + proximal_mu / 2 * prox).backward()
+            if not batch or batch["labels"].shape[0] == 0:
+                if empty_batch is None:
+                    continue
+                empty_batch()
             else:
+                labels = batch.pop("labels")
+                logits = model(**batch).logits
+                loss = criterion(logits, labels)
+                n = labels.shape[0]
+                total_loss += loss.item() * n  # the data loss (without the proximal term)
+                if anchors is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                    loss = loss + proximal_mu / 2 * prox
                 loss.backward()
+                seen += n
+                tokens += int(batch["attention_mask"].sum())
+            if before_step:
+                before_step()
             optimizer.step()
-            n = labels.shape[0]
-            total_loss += loss.item() * n
-            seen += n
+            if after_step:
+                after_step()
             steps += 1
-            tokens += int(batch["attention_mask"].sum())
     return TrainResult(
         loss=total_loss / max(seen, 1),
         num_examples=len(loader.dataset),

@@ -45,6 +45,15 @@ def assert_clean_error(result, needle, out_dir: Path):
         (["--num-clients", "1"], "config key 'strategy.min-available-nodes': got 2, more than --num-clients 1"),
         (["--set", "data.dataset=./missing/train.csv"], "does not exist"),
         (["--set", "data.dataset=nobody/no-such-dataset"], "cannot reach the Hugging Face Hub for dataset 'nobody/no-such-dataset'"),
+        (["--set", "privacy.mode=sample", "--set", "privacy.noise-multiplier=-0.5"], "'privacy.noise-multiplier': got -0.5; it must be >= 0"),
+        (["--set", "privacy.max-grad-norm=0"], "'privacy.max-grad-norm': got 0.0; it must be > 0"),
+        (["--set", "privacy.delta=1"], "'privacy.delta': got 1.0; it must be < 1"),
+        (["--set", "privacy.target-epsilon=0"], "'privacy.target-epsilon': got 0.0; it must be > 0"),
+        (["--set", "privacy.accountant=gdp"], "'privacy.accountant': got 'gdp'; allowed: rdp, prv"),
+        (["--set", "privacy.mode=local"], "'privacy.mode': got 'local'; allowed"),
+        (["--set", "privacy.node-max-epsilon=0:-2"], "budget '-2' for partition 0 must be a positive number"),
+        (["--set", "privacy.node-max-epsilon=zero"], "write partition-id:epsilon pairs"),
+        (["--set", "privacy.mode=sample", "--set", "strategy.name=fedprox"], "fedprox cannot be combined with privacy.mode='sample'"),
     ],
 )
 def test_bad_config_and_sources(runner, tmp_path, args, needle):
@@ -107,3 +116,22 @@ def test_real_process_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedhf.cli", "run", "--set", "seed=-1"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: config key 'seed': got -1; it must be >= 0."
+
+
+def test_unreachable_target_epsilon_fails_before_training(runner, tmp_path, synthetic_dir):
+    out = tmp_path / "out"
+    result = invoke(runner, ["run", "--set", f"data.dataset={synthetic_dir}", "--set", "privacy.mode=sample",
+                             "--set", "privacy.target-epsilon=0.0001", "--set", "num-server-rounds=50"], out)
+    assert_clean_error(result, "privacy.target-epsilon=0.0001 is unreachable", out)
+    assert not list(out.glob("*/run.json"))  # nothing started
+
+
+def test_privacy_plan_command(runner):
+    result = runner.invoke(app, ["privacy", "plan", "--target-epsilon", "8", "--num-examples", "400", "--rounds", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    sigma = float(lines[0].split("sigma = ")[1].split()[0])
+    eps = [float(line.split()[-1]) for line in lines[2:]]
+    assert len(eps) == 3 and eps[0] < eps[1] < eps[2] <= 8.0 and eps[2] >= 7.2 and 0.3 < sigma < 3
+    bad = runner.invoke(app, ["privacy", "plan", "--target-epsilon", "-1", "--num-examples", "400"])
+    assert bad.exit_code == 2 and "--target-epsilon: got -1.0" in bad.stderr

@@ -138,3 +138,40 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
         gone, alive = psutil.wait_procs(_processes_with_env("FLWR_HOME", str(flwr_home)), timeout=15)
         for p in alive:
             p.kill()
+
+
+def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_dir, tmp_path):
+    """Sample-level DP, 3 clients x 3 rounds; client 1's budget allows one round only."""
+    out = tmp_path / "outputs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", "--set", "num-server-rounds=3",
+         "--set", "data.max-train-examples=300", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
+         "--set", "privacy.node-max-epsilon=1:3.0", "--set", "strategy.fraction-evaluate=0",
+         "--set", f"output-dir={out}", "--set", "run-name=dp"],
+        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "dp" / "run.json").read_text())
+    assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1, 2, 3]
+    ledger = run["privacy"]["clients"]
+    assert run["privacy"]["label"] == "sample-level (per example)" and "not a cryptographically secure" in run["privacy"]["rng"]
+    from opacus.accountants import RDPAccountant
+
+    for pid in ("0", "2"):
+        e = ledger[pid]
+        eps = [r["epsilon"] for r in e["rounds"]]
+        assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
+        acc = RDPAccountant()
+        acc.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"])]
+        assert eps[-1] == pytest.approx(acc.get_epsilon(delta=e["delta"]), rel=1e-6)
+        assert e["steps"] == 3 * round(1 / e["sample_rate"])
+        assert e["delta"] < 1 / 90
+    one = ledger["1"]
+    assert [r["status"] for r in one["rounds"]] == ["trained", "budget-exhausted"]
+    assert one["epsilon"] <= 3.0 < one["stopped"]["projected_epsilon"]
+    assert one["stopped"]["round"] == 2 and one["max_epsilon"] == 3.0
+    assert [sorted(r["client_train_seconds"]) for r in run["rounds"][1:]] == [["0", "1", "2"], ["0", "2"], ["0", "2"]]
+    assert run["rounds"][3]["privacy"]["exhausted"] == [1]
+    ledger_out = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(out / "dp")],
+                                capture_output=True, text=True, env=_env(shared_data_dir), timeout=120)
+    assert ledger_out.returncode == 0 and "stopped before round 2: budget" in ledger_out.stdout

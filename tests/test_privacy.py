@@ -1,0 +1,171 @@
+"""Sample-level DP: accounting across rounds, planning, clipping, fresh noise, fail-closed guards."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedhf.config import parse_config
+from fedhf.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.privacy import (
+    FedHFPrivacyError,
+    SampleAccount,
+    _Guard,
+    check_opacus_compatible,
+    default_delta,
+    epsilon_of,
+    plan_noise_multiplier,
+    private_train,
+    sampling,
+)
+from fedhf.train import make_loader, train_local
+
+from .conftest import synthetic_rows
+
+LABELS = ["negative", "positive"]
+
+
+def rows(n, seed=0):
+    r = synthetic_rows(n, seed=seed)
+    return datasets.Dataset.from_dict({"text": [x["text"] for x in r], "label": [int(x["label"] == "positive") for x in r]})
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    cfg = parse_config({"model.name": str(tiny_model_dir)})
+    return cfg, load_tokenizer(cfg.model.name)
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_history_epsilon_equals_opacus_in_one_go(kind):
+    acc = SampleAccount(kind, 1e-5, 1.0, 1.0)
+    history = []
+    eps = []
+    for _ in range(3):  # three rounds of 25 steps, composed across rounds
+        history.append((1.0, 0.04, 25))
+        acc = SampleAccount(kind, 1e-5, 1.0, 1.0, [(1.0, 0.04, sum(h[2] for h in history))])
+        eps.append(acc.epsilon)
+    assert eps[0] < eps[1] < eps[2]
+    ref = (RDPAccountant() if kind == "rdp" else PRVAccountant())
+    ref.history = [(1.0, 0.04, 75)]
+    assert eps[2] == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-6)
+    assert SampleAccount.from_state(acc.to_state()) == acc
+
+
+def test_epsilon_after_projects_one_more_round():
+    acc = SampleAccount("rdp", 1e-5, 1.0, 1.0, [(1.0, 0.04, 25)])
+    assert acc.epsilon_after(0.04, 25) == pytest.approx(epsilon_of("rdp", [(1.0, 0.04, 50)], 1e-5), rel=1e-9)
+    assert acc.epsilon_after(0.04, 25) > acc.epsilon
+
+
+@pytest.mark.parametrize(("target", "kind"), [(8.0, "rdp"), (4.0, "rdp"), (1.0, "rdp"), (8.0, "prv")])
+def test_planned_sigma_meets_the_target_within_ten_percent(target, kind):
+    q, steps = sampling(400, 16, 2)
+    delta = default_delta(400)
+    sigma = plan_noise_multiplier(target, delta, q, steps * 3, kind)
+    achieved = epsilon_of(kind, [(sigma, q, steps * 3)], delta)
+    assert 0.9 * target <= achieved <= target
+
+
+def test_unreachable_target_names_the_knobs():
+    with pytest.raises(FedHFPrivacyError, match="unreachable.*raise privacy.target-epsilon.*num-server-rounds.*train.batch-size"):
+        plan_noise_multiplier(0.001, 0.01, 1.0, 60, "rdp")
+
+
+def test_default_delta_is_below_one_over_n():
+    assert default_delta(400) < 1 / 400
+
+
+def test_clipping_bounds_the_per_example_gradient(tiny, monkeypatch):
+    """One example, q = 1, sigma = 0: the gradient the optimizer applies is that example's clipped gradient."""
+    cfg, tok = tiny
+    norms = []
+    original = _Guard.after_step
+
+    def record(self):
+        norms.append(torch.sqrt(sum((p.grad ** 2).sum() for _, p in self.trainable)).item())
+        original(self)
+
+    monkeypatch.setattr(_Guard, "after_step", record)
+    for clip in (1e-3, 1e3):
+        model = build_model(cfg, LABELS)
+        loader = make_loader(rows(1), tok, 32, 4, shuffle=False)
+        private_train(model, loader, SampleAccount("rdp", 1e-3, 0.0, clip), epochs=3, lr=1e-3)
+    small, large = norms[:3], norms[3:]
+    assert all(n <= 1e-3 * (1 + 1e-4) for n in small) and max(small) > 0.99e-3  # clipped to C
+    assert all(1e-3 < n < 1e3 for n in large)  # below a large C: not clipped
+
+
+def test_dp_update_differs_from_plain_and_noise_is_fresh(tiny):
+    cfg, tok = tiny
+    start = get_adapter_state(build_model(cfg, LABELS))
+
+    def update(private: bool):
+        torch.manual_seed(0)
+        model = build_model(cfg, LABELS)
+        set_adapter_state(model, start)
+        loader = make_loader(rows(8), tok, 32, 8, shuffle=False)
+        if private:
+            private_train(model, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), epochs=1, lr=1e-2)
+        else:
+            train_local(model, loader, epochs=1, lr=1e-2)
+        return torch.cat([v.flatten() for v in get_adapter_state(model).values()])
+
+    plain, dp1, dp2 = update(False), update(True), update(True)
+    assert not torch.allclose(plain, dp1)
+    assert not torch.allclose(dp1, dp2)  # same seed, different noise
+
+
+def test_empty_poisson_batches_are_noise_only_steps(tiny):
+    cfg, tok = tiny
+    model = build_model(cfg, LABELS)
+    loader = make_loader(rows(40), tok, 32, 1, shuffle=False)  # q = 1/40: about a third of batches are empty
+    res = private_train(model, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), epochs=1, lr=1e-3)
+    assert res.train.steps == 40 and res.account.steps == 40
+    assert res.empty_batches > 0
+    assert res.account.history == [(1.0, 1 / 40, 40)]
+
+
+def test_ghost_clipping_really_clips(tiny):
+    """q = 1 and sigma = 0 make the batch and noise fixed: ghost and hooks give the same clipped update, plain differs."""
+    cfg, tok = tiny
+    start = get_adapter_state(build_model(cfg, LABELS))
+
+    def update(mode):
+        model = build_model(cfg, LABELS)
+        set_adapter_state(model, start)
+        torch.manual_seed(1)  # the same dropout masks in every variant
+        loader = make_loader(rows(4), tok, 32, 4, shuffle=False)
+        if mode == "plain":
+            train_local(model, loader, epochs=1, lr=1e-2)
+        else:
+            private_train(model, loader, SampleAccount("rdp", 1e-3, 0.0, 1e-4), epochs=1, lr=1e-2, grad_sample_mode=mode)
+        return torch.cat([v.flatten() for v in get_adapter_state(model).values()])
+
+    hooks, ghost, plain = update("hooks"), update("ghost"), update("plain")
+    assert torch.allclose(hooks, ghost, atol=1e-6)
+    assert not torch.allclose(hooks, plain, atol=1e-6)
+
+
+def test_fail_closed_on_a_layer_opacus_cannot_handle():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    with pytest.raises(FedHFPrivacyError, match="BatchNorm"):
+        check_opacus_compatible(model)
+
+    class Wrapped(torch.nn.Module):  # behaves like an HF model for train_local
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": self.net(input_ids.float()[:, :4])})()
+
+    data = [{"input_ids": [1, 2, 3, 4], "attention_mask": [1, 1, 1, 1], "labels": 0}] * 4
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    w = Wrapped()
+    before = [p.detach().clone() for p in w.parameters()]
+    with pytest.raises(FedHFPrivacyError):
+        private_train(w, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), epochs=1, lr=1e-2)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, w.parameters()))  # nothing trained
