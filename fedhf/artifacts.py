@@ -162,6 +162,20 @@ class RunRecorder:
         self.data["privacy"] = {**info, "clients": {}}
         self.write()
 
+    def set_client_level(self, info: dict[str, Any]) -> None:
+        self.data["privacy"]["client_level"] = {**info, "rounds": []}
+        self.write()
+
+    def client_level_round(self, info: dict[str, Any]) -> None:
+        r = self._require_round()
+        cl = self.data["privacy"]["client_level"]
+        cl["rounds"].append({"round": r["round"], **info})
+        cl["epsilon"] = info["epsilon"]
+        cl["epsilon_no_amplification"] = info["epsilon_no_amplification"]
+        r.setdefault("privacy", {})
+        r["privacy"]["client_level_epsilon"] = info["epsilon"]
+        r["privacy"]["client_level_epsilon_no_amplification"] = info["epsilon_no_amplification"]
+
     def _privacy_round(self, r: dict[str, Any], clients: list[dict[str, Any]]) -> None:
         ledger = self.data["privacy"]["clients"]
         for c in clients:
@@ -180,13 +194,15 @@ class RunRecorder:
             if c["status"] != "trained":
                 entry["stopped"] = {"round": r["round"], "reason": c["status"],
                                     "projected_epsilon": p.get("projected-epsilon")}
+        if not ledger:
+            return  # no sample-level DP in this run
         current = {pid: e["epsilon"] for pid, e in ledger.items()}
-        r["privacy"] = {
+        r.setdefault("privacy", {}).update({
             "sample_level_epsilon": current,
             "sample_level_epsilon_max": max(current.values(), default=0.0),
             "sample_level_epsilon_mean": sum(current.values()) / len(current) if current else 0.0,
             "exhausted": sorted(int(pid) for pid, e in ledger.items() if "stopped" in e),
-        }
+        })
 
     def local_eval(self, loss: float | None, accuracy: float | None, client_seconds: list[float]) -> None:
         r = self._require_round()

@@ -107,7 +107,7 @@ def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
     typer.echo(format_stats(parts.stats(), data.label_names), err=True)
     resolve_model(cfg.model.name)
     p = cfg.privacy
-    if p.mode == "sample" and p.target_epsilon is not None:
+    if p.sample_level and p.target_epsilon is not None:
         # Each client plans its own sigma in round 1; check now that every client can meet the target.
         from fedhf.privacy import default_delta, plan_noise_multiplier, sampling
 

@@ -53,7 +53,7 @@ def train(msg: Message, context: Context) -> Message:
     info: dict = {"partition-id": pid, "label-histogram": label_histogram(train_ds["label"], len(label_names))}
 
     account = None
-    if cfg.privacy.mode == "sample":
+    if cfg.privacy.sample_level:
         account, sample_rate, steps = _sample_account(cfg, context, len(train_ds))
         budget = node_budget(cfg, context, pid)
         projected = account.epsilon_after(sample_rate, steps)
@@ -62,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
             # Training this round would exceed the owner's budget: no update, a clear status.
             info.update({"status": "budget-exhausted", "projected-epsilon": projected,
                          "handler-seconds": time.perf_counter() - t0})
-            content = RecordDict({"metrics": MetricRecord({"train-loss": 0.0, "num-examples": 0}),
+            content = RecordDict({"metrics": MetricRecord({"train-loss": 0.0, "num-examples": 0, "uniform-weight": 0.0}),
                                   "client-info": ConfigRecord(info)})
             return Message(content=content, reply_to=msg)
 
@@ -91,6 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({
         "train-loss": result.loss,
         "num-examples": result.num_examples,
+        "uniform-weight": 1.0,  # client-level DP averages updates with equal weights
     })
     info.update({
         "status": "trained",
@@ -153,7 +154,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, pid, num_partitions, _ = _setup(msg, context)
     _, eval_ds, label_names = load_partition(cfg.data, cfg.seed, pid, num_partitions)
     if eval_ds is None or len(eval_ds) == 0:
-        metrics = MetricRecord({"eval-loss": 0.0, "eval-accuracy": 0.0, "eval-f1": 0.0, "num-examples": 0})
+        metrics = MetricRecord({"eval-loss": 0.0, "eval-accuracy": 0.0, "eval-f1": 0.0, "num-examples": 0,
+                                "uniform-weight": 1.0})
     else:
         tokenizer = load_tokenizer(cfg.model.name)
         model = build_model(cfg, label_names)
@@ -161,7 +163,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         loader = make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
         res = evaluate(model, loader, len(label_names))
         metrics = MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1,
-                                "num-examples": res.num_examples})
+                                "num-examples": res.num_examples, "uniform-weight": 1.0})
     info = ConfigRecord({"partition-id": pid, "handler-seconds": time.perf_counter() - t0})
     content = RecordDict({"metrics": metrics, "client-info": info})
     return Message(content=content, reply_to=msg)

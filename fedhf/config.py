@@ -26,7 +26,8 @@ from fedhf.errors import FedHFConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
-PRIVACY_MODES = ("none", "sample")
+PRIVACY_MODES = ("none", "sample", "client", "both")
+CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
@@ -99,7 +100,7 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    mode: str = _opt("none", "Differential privacy: none, or sample (DP-SGD with Opacus in every client: a per-example guarantee).", choices=PRIVACY_MODES)
+    mode: str = _opt("none", "Differential privacy: none; sample (DP-SGD with Opacus in every client: per example); client (Flower's central DP wrapper: per participant); both.", choices=PRIVACY_MODES)
     noise_multiplier: float = _opt(1.0, "Sample-level DP: noise multiplier sigma (ignored when privacy.target-epsilon is set).", min=0.0)
     max_grad_norm: float = _opt(1.0, "Sample-level DP: per-example gradient clipping norm C.", min=0.0, min_exclusive=True)
     target_epsilon: float | None = _opt(None, "Sample-level DP: plan sigma before round 1 so that each client's epsilon after the last round is at most this; empty = use privacy.noise-multiplier.", min=0.0, min_exclusive=True)
@@ -108,6 +109,19 @@ class PrivacyConfig:
     max_epsilon: float | None = _opt(None, "Per-client budget: a client stops training before a round that would take its epsilon above this; a node's 'max-epsilon' node config overrides it; empty = no budget.", min=0.0, min_exclusive=True)
     node_max_epsilon: str = _opt("", "Simulation stand-in for per-node budgets: 'partition-id:epsilon' pairs, e.g. '0:2.5,3:1.0' (a node's 'max-epsilon' node config wins).")
     grad_sample_mode: str = _opt("hooks", "Opacus per-sample gradient mode: hooks (fastest for LoRA on CPU), functorch or ghost (ghost clipping).", choices=GRAD_SAMPLE_MODES)
+    client_noise_multiplier: float = _opt(1.0, "Client-level DP: noise multiplier on the clipped updates (noise std sigma * C / clients aggregated).", min=0.0, min_exclusive=True)
+    client_clipping_norm: float = _opt(0.5, "Client-level DP: L2 bound C on each client's adapter update (the initial bound with adaptive clipping).", min=0.0, min_exclusive=True)
+    client_clipping: str = _opt("server-fixed", "Client-level DP: Flower wrapper, server-fixed or server-adaptive clipping.", choices=CLIENT_CLIPPING)
+    client_clipped_count_stddev: float | None = _opt(None, "Adaptive clipping: noise std on the clipped-update count; empty = clients per round / 20 (Flower's default). It costs privacy: accounted.", min=0.0, min_exclusive=True)
+    client_delta: float | None = _opt(None, "Client-level DP: delta; empty = 0.1 / (number of clients).", min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+
+    @property
+    def sample_level(self) -> bool:
+        return self.mode in ("sample", "both")
+
+    @property
+    def client_level(self) -> bool:
+        return self.mode in ("client", "both")
 
 
 @dataclass(frozen=True)
@@ -302,7 +316,12 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
             f"config key 'strategy.min-train-nodes': got {s.min_train_nodes}, more than "
             f"strategy.min-available-nodes={s.min_available_nodes}; raise min-available-nodes or lower min-train-nodes."
         )
-    if cfg.privacy.mode != "none" and cfg.strategy.name == "fedprox":
+    if cfg.privacy.mode in ("client", "both") and cfg.strategy.name != "fedavg":
+        raise FedHFConfigError(
+            f"config key 'strategy.name': got '{cfg.strategy.name}'; client-level DP (privacy.mode='{cfg.privacy.mode}') "
+            "needs fedavg: a server optimizer would keep state computed from the un-noised aggregate."
+        )
+    if cfg.privacy.sample_level and cfg.strategy.name == "fedprox":
         raise FedHFConfigError(
             "config key 'strategy.name': fedprox cannot be combined with privacy.mode='sample' (the proximal term's "
             "gradient is not clipped per example, so it would leak); use fedavg, fedadam or fedyogi with DP."

@@ -27,6 +27,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
@@ -34,9 +35,12 @@ from fedhf.errors import FedHFError
 from fedhf.train import TrainResult, train_local
 
 SAMPLE_LEVEL = "sample-level (per example)"
+CLIENT_LEVEL = "client-level (per participant)"
 RNG_NOTE = ("DP noise and Poisson sampling draw from torch generators seeded from OS randomness (secrets), never "
             "from the run's seed; torch's generator is not a cryptographically secure RNG (Opacus' secure_mode needs "
             "torchcsprng, which is not installed).")
+CLIENT_RNG_NOTE = ("Client-level noise is added by Flower's DP strategy wrapper with numpy's global generator, "
+                   "which is not a cryptographically secure RNG.")
 MAX_SIGMA = 100.0
 
 
@@ -174,13 +178,19 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=weight_decay)
     engine = PrivacyEngine(accountant=account.accountant, secure_mode=False)
     engine.accountant.history = [tuple(h) for h in account.history]
-    # A loader with a fresh generator: Poisson sampling must not follow the run's seed.
-    fresh_loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn,
-                              generator=fresh_generator())
+    # Poisson sampling (each example joins each batch with probability q) from a fresh generator: it
+    # must not follow the run's seed. Built here rather than by Opacus so that an empty batch, even the
+    # first one, reaches the training loop as an empty batch (Opacus' own empty-batch collate cannot
+    # rebuild dict batches when the first batch is empty).
+    num_examples = len(loader.dataset)
+    sample_rate, _ = sampling(num_examples, loader.batch_size, 1)
+    poisson = DataLoader(loader.dataset, collate_fn=_empty_safe(loader.collate_fn),
+                         batch_sampler=UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate,
+                                                                     generator=fresh_generator()))
     try:
         made = engine.make_private(
-            module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), data_loader=fresh_loader,
-            noise_multiplier=account.noise_multiplier, max_grad_norm=account.max_grad_norm, poisson_sampling=True,
+            module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), data_loader=poisson,
+            noise_multiplier=account.noise_multiplier, max_grad_norm=account.max_grad_norm, poisson_sampling=False,
             noise_generator=fresh_generator(), grad_sample_mode=grad_sample_mode,
         )
     except FedHFPrivacyError:
@@ -204,6 +214,13 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
         raise FedHFPrivacyError(f"the accountant counted {new_account.steps - account.steps} steps but {guard.steps} were taken.")
     _unwrap_hooks(dp_model)
     return PrivateResult(result, new_account, guard.empty)
+
+
+def _empty_safe(collate: Any) -> Any:
+    def wrapped(batch: list[Any]) -> Any:
+        return {} if len(batch) == 0 else collate(batch)
+
+    return wrapped
 
 
 def _unwrap_hooks(dp_model: torch.nn.Module) -> None:
@@ -250,3 +267,45 @@ class _Guard:
         for _, p in self.trainable:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         self.empty += 1
+
+
+# ----------------------------------------------------------------------------- client level
+
+
+def effective_client_sigma(noise_multiplier: float, clipped_count_stddev: float | None) -> float:
+    """Noise multiplier of one round's release as a single Gaussian mechanism.
+
+    Fixed clipping releases the noisy average only: sigma itself. Adaptive clipping also
+    releases a noisy count of clipped updates (sensitivity 1, noise std ``clipped_count_stddev``);
+    composing the two Gaussian mechanisms gives (sigma^-2 + std^-2)^(-1/2). This bound holds
+    whatever the count's exact sensitivity is (<= 1), so it never under-reports.
+    """
+    if clipped_count_stddev is None:
+        return noise_multiplier
+    return (noise_multiplier ** -2 + clipped_count_stddev ** -2) ** -0.5
+
+
+@dataclass
+class ClientLevelAccount:
+    """The federation's client-level (per participant) privacy spend, one release per round."""
+
+    noise_multiplier: float  # effective, per round
+    delta: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q = sampled / population, rounds)
+
+    def add_round(self, sample_rate: float) -> None:
+        self.history = _merge(self.history, (self.noise_multiplier, sample_rate, 1))
+
+    @property
+    def rounds(self) -> int:
+        return sum(int(h[2]) for h in self.history)
+
+    @property
+    def epsilon(self) -> float:
+        """Subsampled Gaussian (RDP) with q = clients sampled / clients in the federation."""
+        return epsilon_of("rdp", self.history, self.delta)
+
+    @property
+    def epsilon_no_amplification(self) -> float:
+        """The same releases without amplification by sampling (q = 1): holds for any way of picking clients."""
+        return epsilon_of("rdp", [(self.noise_multiplier, 1.0, self.rounds)], self.delta) if self.history else 0.0

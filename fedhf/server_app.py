@@ -38,7 +38,7 @@ from fedhf.model import (
 )
 from fedhf.progress import RoundProgress
 from fedhf.ledger import ledger_table
-from fedhf.privacy import RNG_NOTE, SAMPLE_LEVEL
+from fedhf.privacy import CLIENT_RNG_NOTE, RNG_NOTE, SAMPLE_LEVEL
 from fedhf.strategy import RunStopped, build_strategy
 from fedhf.train import evaluate, make_loader
 
@@ -120,7 +120,16 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     num_labels = len(data.label_names)
 
     # 4. federated rounds
-    strategy = build_strategy(cfg, recorder)
+    p = cfg.privacy
+    if p.mode != "none":
+        info: dict[str, Any] = {"mode": p.mode, "secure_rng": False, "rng": RNG_NOTE if p.sample_level else CLIENT_RNG_NOTE}
+        if p.sample_level:
+            info.update({"label": SAMPLE_LEVEL, "accountant": p.accountant, "target_epsilon": p.target_epsilon,
+                         "grad_sample_mode": p.grad_sample_mode})
+            if p.client_level:
+                info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
+        recorder.set_privacy(info)
+    strategy = build_strategy(cfg, recorder, num_partitions)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         t0 = time.perf_counter()
@@ -131,10 +140,6 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
         progress.round_done(row)
         return MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1})
 
-    if cfg.privacy.mode != "none":
-        recorder.set_privacy({"mode": cfg.privacy.mode, "label": SAMPLE_LEVEL, "accountant": cfg.privacy.accountant,
-                              "target_epsilon": cfg.privacy.target_epsilon, "rng": RNG_NOTE,
-                              "secure_rng": False, "grad_sample_mode": cfg.privacy.grad_sample_mode})
     stopped = None
     try:
         result = strategy.start(
@@ -164,7 +169,7 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     if stopped:
         extra["stopped_early"] = {"after_round": final["round"], "reason": stopped}
     recorder.finish(extra)
-    if cfg.privacy.mode != "none":
+    if p.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
     log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
 

@@ -13,11 +13,21 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 
 from fedhf.artifacts import RunRecorder
 from fedhf.config import FedHFConfig
+from fedhf.errors import FedHFConfigError
 from fedhf.errors import FedHFRunError
+from fedhf.privacy import CLIENT_LEVEL, ClientLevelAccount, effective_client_sigma
 
 log = logging.getLogger("fedhf")
 
@@ -25,20 +35,20 @@ BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam
 
 
 def train_metrics_aggr(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean train loss, and the total number of examples."""
+    """Example-weighted mean train loss, and the total number of examples (whatever weights the arrays)."""
     metrics = [next(iter(r.metric_records.values())) for r in records]
-    total = sum(float(m[weight_key]) for m in metrics)
-    loss = sum(float(m["train-loss"]) * float(m[weight_key]) for m in metrics) / total if total else 0.0
+    total = sum(float(m["num-examples"]) for m in metrics)
+    loss = sum(float(m["train-loss"]) * float(m["num-examples"]) for m in metrics) / total if total else 0.0
     return MetricRecord({"train-loss": loss, "num-examples": int(total)})
 
 
 def eval_metrics_aggr(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted means of local eval metrics; clients without a local split weigh zero."""
     metrics = [next(iter(r.metric_records.values())) for r in records]
-    total = sum(float(m[weight_key]) for m in metrics)
+    total = sum(float(m["num-examples"]) for m in metrics)
     out: dict[str, Any] = {"num-examples": int(total)}
     for key in ("eval-loss", "eval-accuracy", "eval-f1"):
-        out[key] = sum(float(m[key]) * float(m[weight_key]) for m in metrics) / total if total else 0.0
+        out[key] = sum(float(m[key]) * float(m["num-examples"]) for m in metrics) / total if total else 0.0
     return MetricRecord(out)
 
 
@@ -82,11 +92,15 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
         recorder: RunRecorder
         exhausted: set[int]
         latest_arrays: ArrayRecord | None = None
+        recorded_round: int = -1
+        population: int = 0
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
             self.latest_arrays = arrays
-            able = [n for n in grid.get_node_ids() if n not in self.exhausted]
+            nodes = list(grid.get_node_ids())
+            self.population = len(nodes)
+            able = [n for n in nodes if n not in self.exhausted]
             if self.exhausted and len(able) < self.min_train_nodes:
                 raise RunStopped(
                     f"before round {server_round}: only {len(able)} client(s) can still train within their privacy "
@@ -99,6 +113,13 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
+            if self.recorded_round != server_round:  # a client-level DP wrapper may have recorded them already
+                replies = self.record_replies(server_round, replies)
+            return super().aggregate_train(server_round, replies)
+
+        def record_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+            """Record every reply of a round; return those that carry an update. Raises when none does."""
+            self.recorded_round = server_round
             records, failures, trained = [], [], []
             for msg in replies:
                 if msg.has_error():
@@ -121,7 +142,7 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                     raise RunStopped(f"round {server_round}: every sampled client has exhausted its privacy budget")
                 reasons = "; ".join(f["reason"].strip().splitlines()[-1] for f in failures if f["reason"]) or "no replies"
                 raise FedHFRunError(f"round {server_round}: no client returned an update ({reasons[:500]}).")
-            return super().aggregate_train(server_round, trained)
+            return trained
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             replies = list(replies)
@@ -138,7 +159,38 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
     return Recording
 
 
-def build_strategy(cfg: FedHFConfig, recorder: RunRecorder) -> Strategy:
+def _client_level(base: type[Strategy]) -> type[Strategy]:
+    """Flower's central-DP wrapper, accounting each round as one release of the clients that sent an update.
+
+    The noise on the uniform average is sigma * C / m with m the number of updates actually
+    aggregated (a client out of budget sends none), so the sensitivity C/m always matches.
+    """
+
+    class ClientLevel(base):  # type: ignore[valid-type, misc]
+        account: ClientLevelAccount
+        recorder: RunRecorder
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            trained = self.strategy.record_replies(server_round, list(replies))
+            self.num_sampled_clients = len(trained)
+            arrays, metrics = super().aggregate_train(server_round, trained)
+            if arrays is None:  # Flower skipped the release: nothing is accounted, and nothing changes
+                raise FedHFRunError(f"round {server_round}: the client-level DP wrapper did not aggregate the updates")
+            population = max(self.strategy.population, len(trained))
+            self.account.add_round(len(trained) / population)
+            self.recorder.client_level_round({
+                "clients_aggregated": len(trained), "population": population,
+                "sample_rate": len(trained) / population, "epsilon": self.account.epsilon,
+                "epsilon_no_amplification": self.account.epsilon_no_amplification,
+                "clipping_norm": float(getattr(self, "clipping_norm", 0.0)),
+            })
+            return arrays, metrics
+
+    ClientLevel.__name__ = base.__name__
+    return ClientLevel
+
+
+def build_strategy(cfg: FedHFConfig, recorder: RunRecorder, population: int | None = None) -> Strategy:
     s = cfg.strategy
     common: dict[str, Any] = dict(
         fraction_train=s.fraction_train,
@@ -153,7 +205,51 @@ def build_strategy(cfg: FedHFConfig, recorder: RunRecorder) -> Strategy:
         common["proximal_mu"] = s.proximal_mu
     elif s.name in ("fedadam", "fedyogi"):
         common.update(eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
+    p = cfg.privacy
+    if p.client_level:
+        common["weighted_by_key"] = "uniform-weight"  # DP-FedAvg averages the clipped updates with equal weights
     strategy = _recording(BASES[s.name])(**common)
     strategy.recorder = recorder
     strategy.exhausted = set()
-    return strategy
+    if not p.client_level:
+        return strategy
+    m = max(1, min_sampled(cfg, population))
+    if p.client_clipping == "server-fixed":
+        wrapper = _client_level(DifferentialPrivacyServerSideFixedClipping)(
+            strategy, noise_multiplier=p.client_noise_multiplier, clipping_norm=p.client_clipping_norm, num_sampled_clients=m)
+        count_std = None
+    else:
+        count_std = p.client_clipped_count_stddev if p.client_clipped_count_stddev is not None else m / 20
+        if p.client_noise_multiplier >= 2 * count_std:
+            raise FedHFConfigError(
+                f"config key 'privacy.client-clipped-count-stddev': {count_std:g} is too small for "
+                f"privacy.client-noise-multiplier={p.client_noise_multiplier:g} with adaptive clipping; set it above "
+                f"{p.client_noise_multiplier / 2:g} (the count noise must be at least half the update noise) or use server-fixed."
+            )
+        wrapper = _client_level(DifferentialPrivacyServerSideAdaptiveClipping)(
+            strategy, noise_multiplier=p.client_noise_multiplier, num_sampled_clients=m,
+            initial_clipping_norm=p.client_clipping_norm, clipped_count_stddev=count_std)
+    # Flower raises the update noise under adaptive clipping (wrapper.noise_multiplier); the noisy
+    # clipped count is a second Gaussian release, composed conservatively (sensitivity 1).
+    sigma_eff = effective_client_sigma(wrapper.noise_multiplier, count_std)
+    delta = p.client_delta if p.client_delta is not None else 0.1 / max(population or m, 1)
+    wrapper.account = ClientLevelAccount(sigma_eff, delta)
+    wrapper.recorder = recorder
+    recorder.set_client_level({
+        "label": CLIENT_LEVEL, "clipping": p.client_clipping, "noise_multiplier": p.client_noise_multiplier,
+        "clipped_count_stddev": count_std, "effective_noise_multiplier": sigma_eff, "delta": delta,
+        "accountant": "rdp",
+        "sampling": ("q = clients aggregated / clients in the federation, accounted as Poisson subsampling (Flower "
+                     "samples a fixed number of clients: an approximation); epsilon_no_amplification (q = 1) holds "
+                     "for any way of picking clients"),
+        "aggregation": "uniform average of updates clipped to C (L2), Gaussian noise sigma * C / clients aggregated",
+    })
+    return wrapper
+
+
+def min_sampled(cfg: FedHFConfig, population: int | None) -> int:
+    """Clients sampled per round, as FedAvg computes it (for the wrapper's initial noise scale)."""
+    s = cfg.strategy
+    if population is None:
+        return s.min_train_nodes
+    return max(int(population * s.fraction_train), s.min_train_nodes)

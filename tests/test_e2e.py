@@ -175,3 +175,39 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
     ledger_out = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(out / "dp")],
                                 capture_output=True, text=True, env=_env(shared_data_dir), timeout=120)
     assert ledger_out.returncode == 0 and "stopped before round 2: budget" in ledger_out.stdout
+
+
+def test_both_guarantees_reported_side_by_side(shared_data_dir, tmp_path):
+    """privacy.mode=both: sample-level per client and client-level per round, labelled, never combined."""
+    out = tmp_path / "outputs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", "--set", "num-server-rounds=2",
+         "--set", "data.max-train-examples=240", "--set", "train.local-epochs=1", "--set", "privacy.mode=both",
+         "--set", "privacy.client-noise-multiplier=0.8", "--set", "strategy.fraction-evaluate=0",
+         "--set", f"output-dir={out}", "--set", "run-name=both"],
+        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "both" / "run.json").read_text())
+    assert run["status"] == "complete"
+    privacy = run["privacy"]
+    assert privacy["label"] == "sample-level (per example)"
+    cl = privacy["client_level"]
+    assert cl["label"] == "client-level (per participant)" and cl["clipping"] == "server-fixed"
+    assert [r["round"] for r in cl["rounds"]] == [1, 2]
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    for r in cl["rounds"]:
+        assert r["clients_aggregated"] == r["population"] == 3 and r["sample_rate"] == 1.0
+        rdp = compute_rdp(q=1.0, noise_multiplier=0.8, steps=r["round"], orders=orders)
+        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=cl["delta"])
+        assert r["epsilon"] == pytest.approx(eps, rel=1e-6) == pytest.approx(r["epsilon_no_amplification"], rel=1e-9)
+    assert cl["rounds"][0]["epsilon"] < cl["rounds"][1]["epsilon"]
+    assert cl["delta"] == pytest.approx(0.1 / 3)
+    assert len(privacy["clients"]) == 3 and all(len(e["rounds"]) == 2 for e in privacy["clients"].values())
+    row = run["rounds"][2]["privacy"]
+    assert row["client_level_epsilon"] == cl["epsilon"] and row["sample_level_epsilon_max"] > 0
+    ledger = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(out / "both")],
+                            capture_output=True, text=True, env=_env(shared_data_dir), timeout=120).stdout
+    assert "sample-level (per example)" in ledger and "client-level (per participant)" in ledger

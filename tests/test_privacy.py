@@ -169,3 +169,14 @@ def test_fail_closed_on_a_layer_opacus_cannot_handle():
     with pytest.raises(FedHFPrivacyError):
         private_train(w, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), epochs=1, lr=1e-2)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, w.parameters()))  # nothing trained
+
+
+def test_first_batch_empty_is_still_a_step(tiny, monkeypatch):
+    """Opacus' own empty-batch collate cannot rebuild dict batches when the very first batch is empty."""
+    cfg, tok = tiny
+    seed = next(s for s in range(1000) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 1 / 20).any())
+    monkeypatch.setattr("fedhf.privacy.fresh_generator", lambda: torch.Generator().manual_seed(seed))
+    model = build_model(cfg, LABELS)
+    res = private_train(model, make_loader(rows(20), tok, 32, 1, shuffle=False), SampleAccount("rdp", 1e-3, 1.0, 1.0),
+                        epochs=1, lr=1e-3)
+    assert res.empty_batches >= 1 and res.account.steps == 20

@@ -92,3 +92,65 @@ def test_run_json_status_and_atomic_rewrites(tmp_path):
     assert not list((tmp_path / "r").glob("*.tmp"))
     with pytest.raises(FileExistsError, match="already holds a run"):
         RunRecorder(cfg)
+
+
+def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedhf.privacy import ClientLevelAccount
+
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "cl", "privacy.mode": "client",
+                        "privacy.client-noise-multiplier": 1e-6, "privacy.client-clipping-norm": 100.0})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "client"})
+    s = build_strategy(cfg, rec, population=4)
+    s.current_arrays = ArrayRecord({"w": torch.zeros(2, 2)})
+    s.strategy.population = 4
+    rec.start_round(1, 16, 3)
+    replies = [train_reply(11, 0, 1.0, 30, 0.5), train_reply(12, 1, 4.0, 10, 0.9), error_reply(13, "lost")]
+    for r in replies[:2]:
+        r.content["metrics"]["uniform-weight"] = 1.0
+    arrays, _ = s.aggregate_train(1, replies)
+    w = arrays.to_torch_state_dict()["w"]
+    assert torch.allclose(w, torch.full((2, 2), 2.5), atol=1e-3)  # (1 + 4) / 2: equal weights, not 30:10
+    assert s.num_sampled_clients == 2  # noise scaled to the updates actually averaged
+    cl = rec.data["privacy"]["client_level"]
+    assert cl["rounds"][0]["sample_rate"] == 0.5 and cl["rounds"][0]["clients_aggregated"] == 2
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    eps, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=0.5, noise_multiplier=1e-6, steps=1, orders=orders),
+                               delta=cl["delta"])
+    assert cl["epsilon"] == pytest.approx(eps, rel=1e-6)
+    acc = ClientLevelAccount(1.0, 1e-3)
+    acc.add_round(0.5)
+    acc.add_round(0.5)
+    acc.add_round(1.0)
+    rdp = compute_rdp(q=0.5, noise_multiplier=1.0, steps=2, orders=orders) + compute_rdp(q=1.0, noise_multiplier=1.0, steps=1, orders=orders)
+    assert acc.epsilon == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3)[0], rel=1e-6)
+    assert acc.epsilon < acc.epsilon_no_amplification
+
+
+def test_client_level_dp_needs_fedavg_and_a_sane_count_noise(tmp_path):
+    from fedhf.errors import FedHFConfigError
+
+    with pytest.raises(FedHFConfigError, match="client-level DP .* needs fedavg"):
+        parse_config({"privacy.mode": "client", "strategy.name": "fedadam"})
+    cfg = parse_config({"output-dir": str(tmp_path), "privacy.mode": "client", "privacy.client-clipping": "server-adaptive"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "client"})
+    with pytest.raises(FedHFConfigError, match="client-clipped-count-stddev.*too small"):
+        build_strategy(cfg, rec, population=3)
+
+
+def test_adaptive_clipping_accounts_the_count_release(tmp_path):
+    from fedhf.privacy import effective_client_sigma
+
+    cfg = parse_config({"output-dir": str(tmp_path), "privacy.mode": "client", "privacy.client-clipping": "server-adaptive",
+                        "privacy.client-clipped-count-stddev": 2.0})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "client"})
+    s = build_strategy(cfg, rec, population=3)
+    cl = rec.data["privacy"]["client_level"]
+    # Flower raises the update noise; the count is a second Gaussian release (sensitivity 1).
+    assert s.noise_multiplier > 1.0
+    assert cl["effective_noise_multiplier"] == pytest.approx((s.noise_multiplier ** -2 + 2.0 ** -2) ** -0.5)
+    assert cl["effective_noise_multiplier"] < 1.0 == effective_client_sigma(1.0, None)
