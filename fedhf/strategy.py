@@ -94,6 +94,7 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
         latest_arrays: ArrayRecord | None = None
         recorded_round: int = -1
         population: int = 0
+        announced: set[int]
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
@@ -127,6 +128,13 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                     continue
                 rec = _client_record(msg)
                 records.append(rec)
+                if "privacy" in rec and rec["partition-id"] not in self.announced:
+                    self.announced.add(rec["partition-id"])
+                    p, n = rec["privacy"], sum(rec["label-histogram"])
+                    log.info("client %d: sample-level DP with sigma %.4f, C %g, sampling rate %.4f, delta %.3g "
+                             "(below 1/n = %.3g for its %d training rows), %s accountant, budget %s",
+                             rec["partition-id"], p["noise-multiplier"], p["max-grad-norm"], p["sample-rate"], p["delta"],
+                             1 / max(n, 1), n, p["accountant"], p["max-epsilon"] or "none")
                 if rec["status"] == "trained":
                     trained.append(msg)
                 else:
@@ -211,6 +219,7 @@ def build_strategy(cfg: FedHFConfig, recorder: RunRecorder, population: int | No
     strategy = _recording(BASES[s.name])(**common)
     strategy.recorder = recorder
     strategy.exhausted = set()
+    strategy.announced = set()
     if not p.client_level:
         return strategy
     m = max(1, min_sampled(cfg, population))

@@ -211,3 +211,29 @@ def test_both_guarantees_reported_side_by_side(shared_data_dir, tmp_path):
     ledger = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(out / "both")],
                             capture_output=True, text=True, env=_env(shared_data_dir), timeout=120).stdout
     assert "sample-level (per example)" in ledger and "client-level (per participant)" in ledger
+
+
+def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tmp_path):
+    """Every client's budget allows one round: round 2 gets no update, the run ends complete with round 1's adapter."""
+    from fedhf.privacy import default_delta, epsilon_of, sampling
+
+    n = 54  # 120 rows over 2 clients, 10% held out for local evaluation
+    q, steps = sampling(n, 16, 1)
+    one, two = (epsilon_of("rdp", [(1.0, q, steps * k)], default_delta(n)) for k in (1, 2))
+    budget = (one + two) / 2
+    out = tmp_path / "outputs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "2", "--set", "num-server-rounds=3",
+         "--set", "data.max-train-examples=120", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
+         "--set", f"privacy.max-epsilon={budget}", "--set", "strategy.fraction-evaluate=0",
+         "--set", f"output-dir={out}", "--set", "run-name=stop"],
+        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "stop" / "run.json").read_text())
+    assert run["status"] == "complete"
+    assert run["stopped_early"]["after_round"] == 1 and "exhausted its privacy budget" in run["stopped_early"]["reason"]
+    assert [r["round"] for r in run["rounds"]] == [0, 1]
+    for e in run["privacy"]["clients"].values():
+        assert e["epsilon"] == pytest.approx(one, rel=1e-6) and e["epsilon"] <= budget < e["stopped"]["projected_epsilon"]
+    assert (out / "stop" / "adapter" / "adapter_model.safetensors").is_file()

@@ -154,3 +154,35 @@ def test_adaptive_clipping_accounts_the_count_release(tmp_path):
     assert s.noise_multiplier > 1.0
     assert cl["effective_noise_multiplier"] == pytest.approx((s.noise_multiplier ** -2 + 2.0 ** -2) ** -0.5)
     assert cl["effective_noise_multiplier"] < 1.0 == effective_client_sigma(1.0, None)
+
+
+def exhausted_reply(node: int, pid: int, eps: float, projected: float, budget: float) -> Message:
+    content = RecordDict({
+        "metrics": MetricRecord({"train-loss": 0.0, "num-examples": 0, "uniform-weight": 0.0}),
+        "client-info": ConfigRecord({"partition-id": pid, "status": "budget-exhausted", "handler-seconds": 0.1,
+                                     "label-histogram": [5, 5], "epsilon": eps, "projected-epsilon": projected,
+                                     "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0, "sample-rate": 0.1,
+                                     "steps": 10, "accountant": "rdp", "max-epsilon": budget}),
+    })
+    return Message(content=content, metadata=_meta(node))
+
+
+def test_budget_exhausted_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
+    from fedhf.strategy import RunStopped
+
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "b", "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
+    s = build_strategy(cfg, rec)
+    rec.start_round(2, 16, 3)
+    arrays, _ = s.aggregate_train(2, [train_reply(11, 0, 1.0, 10, 0.5), train_reply(12, 1, 3.0, 10, 0.5),
+                                      exhausted_reply(13, 2, 2.9, 3.4, 3.0)])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # the exhausted client is not averaged
+    assert s.exhausted == {13}
+    row = rec.end_round(2, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
+    assert row["privacy"]["exhausted"] == [2]
+    entry = rec.data["privacy"]["clients"]["2"]
+    assert entry["stopped"] == {"round": 2, "reason": "budget-exhausted", "projected_epsilon": 3.4}
+    rec.start_round(3, 16, 2)
+    with pytest.raises(RunStopped, match="every sampled client has exhausted its privacy budget"):
+        s.aggregate_train(3, [exhausted_reply(11, 0, 2.9, 3.5, 3.0), exhausted_reply(12, 1, 2.9, 3.5, 3.0)])
