@@ -211,6 +211,60 @@ def privacy_ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (o
     typer.echo(ledger_table(run))
 
 
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (outputs/<run-id>).")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repo, namespace/name.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if absent).")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; send nothing.")] = False,
+) -> None:
+    """Upload a finished run's hub/ folder (adapter, model card, provenance) to the Hugging Face Hub.
+
+    The token comes from HF_TOKEN or the huggingface_hub login cache; HF_ENDPOINT selects the Hub.
+    """
+    from fedhf.hub import push as do_push
+
+    try:
+        result = do_push(run_dir, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run)
+    except FedHFError as exc:
+        _fail(str(exc))
+    verb = "would upload" if result.dry_run else "uploaded"
+    typer.echo(f"{verb} {len(result.files)} files to {result.repo_id}" + (f" (branch {revision})" if revision else "") + ":")
+    for name, size in result.files:
+        typer.echo(f"  {name}  {size:,} B")
+    if result.pr_url:
+        typer.echo(f"pull request: {result.pr_url}")
+    elif result.commit_url:
+        typer.echo(f"commit: {result.commit_url}")
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", help="A run folder, an adapter folder, or a Hub repo id.")],
+    text: Annotated[list[str] | None, typer.Option("--text", help="Text to classify (repeatable).")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="A file with one text per line.")] = None,
+) -> None:
+    """Load base model + adapter with PEFT and print label, probability and text for each input."""
+    from fedhf.hub import load_adapter_model, predict as do_predict, resolve_adapter
+
+    try:
+        texts = list(text or [])
+        if file is not None:
+            if not file.is_file():
+                raise FedHFConfigError(f"--file '{file}': no such file.")
+            texts += [line for line in file.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise FedHFConfigError("nothing to classify: give --text or --file.")
+        folder = resolve_adapter(model)
+        m, tok, labels, max_length = load_adapter_model(folder)
+    except FedHFError as exc:
+        _fail(str(exc))
+    for t, (label, prob) in zip(texts, do_predict(m, tok, labels, texts, max_length), strict=True):
+        typer.echo(f"{label}\t{prob:.4f}\t{t}")
+
+
 def main() -> None:
     app()
 

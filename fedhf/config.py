@@ -125,6 +125,13 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class HubConfig:
+    push: bool = _opt(False, "Push the run's hub/ folder to the Hugging Face Hub when the run completes (token from HF_TOKEN or the login cache).")
+    repo_id: str = _opt("", "Hub repo for hub.push, namespace/name.")
+    private: bool = _opt(False, "Create the repo private (hub.push).")
+
+
+@dataclass(frozen=True)
 class FedHFConfig:
     num_server_rounds: int = _opt(3, "Federated rounds.", min=1)
     seed: int = _opt(42, "Seed for sampling, partitions and model initialisation.", min=0)
@@ -135,6 +142,7 @@ class FedHFConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """The flat kebab-case mapping (the inverse of ``parse_config``); unset optional values are ""."""
@@ -327,6 +335,19 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
             "gradient is not clipped per example, so it would leak); use fedavg, fedadam or fedyogi with DP."
         )
     parse_node_budgets(cfg.privacy.node_max_epsilon)
+    if cfg.hub.push:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            if "/" not in cfg.hub.repo_id:
+                raise HFValidationError("it must be namespace/name")
+            validate_repo_id(cfg.hub.repo_id)
+        except HFValidationError:
+            raise FedHFConfigError(
+                f"config key 'hub.repo-id': got {cfg.hub.repo_id!r}; hub.push=true needs a Hub repo id namespace/name, "
+                "e.g. my-org/fedhf-sst2."
+            ) from None
     if cfg.run_name and ("/" in cfg.run_name or cfg.run_name in (".", "..")):
         raise FedHFConfigError(f"config key 'run-name': got {cfg.run_name!r}; use a plain folder name without '/'.")
 

@@ -1,10 +1,151 @@
-"""Hugging Face Hub helpers shared by data and model loading."""
+"""Hugging Face Hub: push a run's hub/ folder, load an adapter back (local folder or repo).
+
+Artifacts first, network second: a run always leaves ``hub/`` on disk; pushing uploads that
+folder as it is. The token comes from ``HF_TOKEN`` or huggingface_hub's login cache, never from
+the run config, and never appears in output or errors.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedhf.errors import FedHFError
+
+REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "README.md", "fedhf.json")
+
+
+class FedHFHubError(FedHFError):
+    """Pushing to or loading from the Hub cannot proceed; the message says what to fix."""
 
 
 def hub_offline() -> bool:
     """Whether the user asked huggingface_hub to stay offline (HF_HUB_OFFLINE), read at call time."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    files: list[tuple[str, int]]
+    commit_url: str | None = None
+    pr_url: str | None = None
+    dry_run: bool = False
+
+
+def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The hub/ folder of a finished run, checked."""
+    run_dir = Path(run_dir)
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise FedHFHubError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
+    run = json.loads(run_json.read_text())
+    if run.get("status") != "complete":
+        raise FedHFHubError(f"'{run_dir}' is not a finished run (status '{run.get('status')}'); push only complete runs.")
+    hub = run_dir / "hub"
+    missing = [name for name in REQUIRED if not (hub / name).is_file()]
+    if missing:
+        raise FedHFHubError(f"'{hub}' lacks {', '.join(missing)}; the run has no complete adapter to publish.")
+    return hub, run
+
+
+def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, dry_run: bool = False) -> PushResult:
+    """Create the repo (if needed) and upload the run's hub/ folder in one commit."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    hub, run = hub_folder(run_dir)
+    if create_pr and revision:
+        raise FedHFHubError("--create-pr opens a pull request against the default branch; drop --revision, or push to "
+                            "the branch without --create-pr.")
+    try:
+        validate_repo_id(repo_id)
+        if "/" not in repo_id:
+            raise HFValidationError("it must be 'namespace/name'")
+    except HFValidationError as exc:
+        raise FedHFHubError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({str(exc).splitlines()[0][:160]}); "
+                            f"use namespace/name, e.g. my-org/fedhf-sst2.") from None
+    files = sorted((p.relative_to(hub).as_posix(), p.stat().st_size) for p in hub.rglob("*") if p.is_file())
+    if dry_run:
+        return PushResult(repo_id, files, dry_run=True)
+    token = get_token()
+    if not token:
+        raise FedHFHubError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=hub, revision=revision, create_pr=create_pr,
+                                 commit_message=f"fedhf run {run['run_id']}", repo_type="model")
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        first = _scrub(str(exc), token).splitlines()[0][:200]
+        raise FedHFHubError(f"the Hub refused the upload to '{repo_id}' (HTTP {status}): {first}") from None
+    except OSError as exc:  # connection errors
+        raise FedHFHubError(f"cannot reach the Hub to push '{repo_id}' ({type(exc).__name__}); check HF_ENDPOINT and the network.") from None
+    return PushResult(repo_id, files, commit_url=getattr(info, "commit_url", None), pr_url=getattr(info, "pr_url", None))
+
+
+def resolve_adapter(model: str) -> Path:
+    """A folder holding an adapter: a run folder (its hub/ or adapter/), an adapter folder, or a Hub repo id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        for candidate in (path / "hub", path / "adapter", path):
+            if (candidate / "adapter_config.json").is_file():
+                return candidate
+        raise FedHFHubError(f"--model '{model}': no adapter there (no adapter_config.json in it, its hub/ or adapter/).")
+    if model.startswith((".", "/", "~")):
+        raise FedHFHubError(f"--model '{model}': no such folder.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(model, repo_type="model"))
+    except Exception as exc:  # not found, offline, refused
+        raise FedHFHubError(f"--model '{model}': cannot download it from the Hub ({type(exc).__name__}); "
+                            f"check the repo id, HF_ENDPOINT and the token.") from None
+    if not (local / "adapter_config.json").is_file():
+        raise FedHFHubError(f"--model '{model}': the repo holds no adapter (no adapter_config.json).")
+    return local
+
+
+def load_adapter_model(folder: Path) -> tuple[Any, Any, list[str], int]:
+    """(model, tokenizer, label names, max length) from a fedhf adapter folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedhf.model import resolve_model
+
+    meta_path = folder / "fedhf.json"
+    if not meta_path.is_file():
+        raise FedHFHubError(f"'{folder}' has no fedhf.json (label names and base model); was it written by fedhf?")
+    meta = json.loads(meta_path.read_text())
+    labels = meta["label_names"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(meta["base_model"]), num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    model = PeftModel.from_pretrained(base, folder).eval()
+    return model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128))
+
+
+def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int) -> list[tuple[str, float]]:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 32):
+            enc = tokenizer(texts[i:i + 32], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            probs = model(**enc).logits.softmax(-1)
+            for row in probs:
+                k = int(row.argmax())
+                out.append((labels[k], float(row[k])))
+    return out

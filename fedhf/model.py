@@ -52,7 +52,7 @@ def _resolve_cached(name: str, _offline_flag: str, _endpoint: str) -> str:
         return str(Path(cached).parent)
     bundled = _bundled_path(name)
     if bundled is not None:
-        log.info("Hub unreachable for '%s' (%s); using the copy bundled in the package %s: %s",
+        log.info("Hub unavailable for '%s' (%s); using the copy bundled in the package %s: %s",
                  name, reason, BUNDLED[name].replace("_", "-"), bundled)
         return bundled
     raise FedHFModelError(
@@ -71,6 +71,8 @@ def _probe_hub(name: str) -> str | None:
     except GatedRepoError:
         return None  # it exists; from_pretrained will ask for the token
     except RepositoryNotFoundError:
+        if _bundled_path(name) is not None:  # e.g. a private or test Hub (HF_ENDPOINT) without this public model
+            return "not found on the Hub at HF_ENDPOINT"
         raise FedHFModelError(f"model.name: '{name}' is not a model on the Hub and not a local folder; check the id.") from None
     except Exception as exc:  # connection errors of several kinds
         return type(exc).__name__

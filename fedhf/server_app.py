@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedhf.artifacts import RunRecorder
+from fedhf.card import base_model_license, build_hub_folder
 from fedhf.config import FedHFConfig, parse_config
 from fedhf.data import central_eval_set, format_stats, load_data, make_partitions
 from fedhf.model import (
@@ -37,6 +38,7 @@ from fedhf.model import (
     set_adapter_state,
 )
 from fedhf.progress import RoundProgress
+from fedhf.hub import FedHFHubError, push
 from fedhf.ledger import ledger_table
 from fedhf.privacy import CLIENT_RNG_NOTE, RNG_NOTE, SAMPLE_LEVEL
 from fedhf.strategy import RunStopped, build_strategy
@@ -78,7 +80,24 @@ def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result:
         raise
     finally:
         progress.close()
+    if cfg.hub.push:
+        _push(cfg, recorder)
     return recorder.dir
+
+
+def _push(cfg: FedHFConfig, recorder: RunRecorder) -> None:
+    """Upload the finished run's hub/ folder; the run stays complete if the push fails (push again later)."""
+    try:
+        result = push(recorder.dir, cfg.hub.repo_id, private=cfg.hub.private)
+    except FedHFHubError as exc:
+        recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": False, "error": str(exc)}
+        recorder.write()
+        log.error("The run is complete but the push failed: %s (retry: fedhf push %s --repo-id %s)",
+                  exc, recorder.dir, cfg.hub.repo_id)
+        raise
+    recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": True, "commit_url": result.commit_url}
+    recorder.write()
+    log.info("Pushed %d files to %s", len(result.files), cfg.hub.repo_id)
 
 
 def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProgress, num_partitions: int | None) -> None:
@@ -165,10 +184,11 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     set_adapter_state(model, final_arrays.to_torch_state_dict())
     save_adapter(model, tokenizer, cfg, data.label_names, recorder.dir / "adapter")
     final = recorder.data["rounds"][-1]
-    extra: dict[str, Any] = {"final": {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}}
+    recorder.data["final"] = {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}
     if stopped:
-        extra["stopped_early"] = {"after_round": final["round"], "reason": stopped}
-    recorder.finish(extra)
+        recorder.data["stopped_early"] = {"after_round": final["round"], "reason": stopped}
+    hub = build_hub_folder(recorder.dir, recorder.data, base_model_license(cfg.model.name, resolved))
+    recorder.finish({"hub_folder": hub.name})
     if p.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
     log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])

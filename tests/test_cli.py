@@ -54,6 +54,8 @@ def assert_clean_error(result, needle, out_dir: Path):
         (["--set", "privacy.node-max-epsilon=0:-2"], "budget '-2' for partition 0 must be a positive number"),
         (["--set", "privacy.node-max-epsilon=zero"], "write partition-id:epsilon pairs"),
         (["--set", "privacy.mode=sample", "--set", "strategy.name=fedprox"], "fedprox cannot be combined with privacy.mode='sample'"),
+        (["--set", "hub.push=true"], "config key 'hub.repo-id': got ''; hub.push=true needs a Hub repo id"),
+        (["--set", "hub.push=true", "--set", "hub.repo-id=no spaces/x"], "config key 'hub.repo-id': got 'no spaces/x'"),
     ],
 )
 def test_bad_config_and_sources(runner, tmp_path, args, needle):

@@ -40,14 +40,24 @@ def _ray_pids() -> set[int]:
 
 
 def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
+    """The core run, ending with hub.push to a local Hub server."""
+    from .test_hub import TOKEN, env_for, start_server, stop
+
     before = _ray_pids()
     out = tmp_path / "outputs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", *SMALL, "--set", "data.dataset=sst2",
-         "--set", f"output-dir={out}", "--set", "run-name=e2e"],
-        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
-    )
+    server, endpoint = start_server(tmp_path)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", *SMALL, "--set", "data.dataset=sst2",
+             "--set", f"output-dir={out}", "--set", "run-name=e2e", "--set", "hub.push=true",
+             "--set", "hub.repo-id=fedhf-test/e2e"],
+            capture_output=True, text=True, env={**{k: v for k, v in _env(shared_data_dir).items() if not k.startswith("HF_")},
+                                                 **env_for(endpoint, tmp_path)}, timeout=900, cwd=REPO,
+        )
+    finally:
+        stop(server)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert TOKEN not in proc.stdout + proc.stderr
     run_dir = out / "e2e"
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete"
@@ -69,6 +79,17 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert abs(float(rows[-1]["eval_accuracy"]) - r2["eval_accuracy"]) < 1e-12
     assert "run complete" in proc.stdout
+    assert run["hub_push"]["ok"] is True and run["hub_push"]["repo_id"] == "fedhf-test/e2e"
+    hub = run_dir / "hub"
+    assert {"README.md", "provenance.json", "adapter_model.safetensors", "fedhf.json"} <= {p.name for p in hub.iterdir()}
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(hub / "README.md")
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": r2["eval_accuracy"], "f1": r2["eval_f1"]}
+    prov = json.loads((hub / "provenance.json").read_text())
+    assert prov["dataset"]["files"] == run["dataset"]["source"]["files"]  # same fingerprints as the data loader's
+    assert prov["partitions"] == [{k: p[k] for k in ("partition-id", "train-examples", "label-histogram")} for p in run["partitions"]]
 
     # The saved adapter loads with PEFT on the base model and reproduces the final central accuracy.
     from peft import PeftModel

@@ -1,0 +1,276 @@
+"""The Hub-ready folder of a run: adapter, model card and provenance. Built offline; no Flower.
+
+``build_hub_folder(run_dir)`` writes ``run_dir/hub/``: the PEFT adapter and tokenizer, a
+``README.md`` model card (``huggingface_hub.ModelCard``) that states the federation and the
+privacy guarantee, and ``provenance.json``. Pushing (``fedhf.hub``) only uploads this folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from fedhf import __version__
+
+AFRISENTI_ISO = {"amh": "am", "arq": "arq", "ary": "ary", "hau": "ha", "ibo": "ig", "kin": "rw", "orm": "om",
+                 "pcm": "pcm", "por": "pt", "swa": "sw", "tir": "ti", "tso": "ts", "twi": "tw", "yor": "yo"}
+KNOWN_MODEL_LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0"}
+PERMISSIVE = {"apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause"}
+NON_COMMERCIAL = "research and non-commercial use only"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt", "fedhf.json")
+
+
+def display_name(run: dict[str, Any]) -> str:
+    """The dataset's name for a card: the preset or Hub id; local files are not named by their (maybe absolute) path."""
+    ds = run["dataset"]
+    src = ds.get("source", {})
+    if ds.get("preset"):
+        return ds["preset"]
+    if src.get("kind") == "hub":
+        return src["hub_id"]
+    return "local files (see provenance.json for their sha256)"
+
+
+def _data_license(run: dict[str, Any]) -> str:
+    return run["dataset"].get("license") or "unknown"
+
+
+def combined_license(model_license: str, data_license: str) -> tuple[str, str | None]:
+    """(Hub license id, note): the most restrictive of the base model's and the data's licences."""
+    if data_license == NON_COMMERCIAL or model_license == NON_COMMERCIAL:
+        return "other", ("The training data is licensed for research and non-commercial use only, so this adapter "
+                         "is too, whatever the base model's licence.")
+    for lic in (model_license, data_license):
+        if lic == "unknown":
+            return "unknown", (f"The licence of the {'base model' if lic is model_license else 'training data'} is "
+                               "not stated by its authors; check it before any use beyond research.")
+    if model_license == data_license:
+        return model_license, None
+    if data_license not in PERMISSIVE:  # e.g. cc-by-4.0: attribution required
+        return data_license, (f"The base model is {model_license} and the training data {data_license}: the adapter "
+                              f"follows the more restrictive data licence ({data_license}).")
+    return model_license, f"The base model is {model_license} and the training data {data_license}."
+
+
+def base_model_license(name: str, resolved: str | None = None) -> str:
+    if name in KNOWN_MODEL_LICENSES:
+        return KNOWN_MODEL_LICENSES[name]
+    if resolved and (Path(resolved) / "README.md").is_file():
+        lic = ModelCard.load(Path(resolved) / "README.md").data.to_dict().get("license")
+        if lic:
+            return str(lic)
+    return "unknown"
+
+
+def provenance(run: dict[str, Any]) -> dict[str, Any]:
+    """Where the model came from: data identity, partitions, seeds, config hash, versions. No paths, no hosts."""
+    src = run["dataset"].get("source", {})
+    data: dict[str, Any] = {"name": run["dataset"]["name"], "preset": run["dataset"].get("preset"),
+                            "hub_id": src.get("hub_id"), "revision": src.get("revision"),
+                            "label_names": run["dataset"]["label_names"],
+                            "text_column": src.get("text_column"), "label_column": src.get("label_column")}
+    if src.get("files"):
+        data["files"] = {split: [{"name": Path(f["name"]).as_posix(), "sha256": f["sha256"]} for f in fs]
+                         for split, fs in src["files"].items()}
+    if src.get("languages"):
+        data["languages"] = src["languages"]
+    data["name"] = display_name(run)  # never the configured path, which may be absolute
+    return {
+        "fedhf_version": __version__,
+        "git_commit": run.get("git_commit"),
+        "run_id": run["run_id"],
+        "config_sha256": run["config_sha256"],
+        "seeds": run["seeds"],
+        "versions": run["versions"],
+        "dataset": data,
+        "partitions": [{k: p[k] for k in ("partition-id", "train-examples", "label-histogram", "natural-id") if k in p}
+                       for p in run["partitions"]],
+        "model": {"base_model": run["model"]["name"], "trainable_params": run["model"]["trainable_params"],
+                  "total_params": run["model"]["total_params"]},
+    }
+
+
+def _privacy_section(run: dict[str, Any]) -> str:
+    p = run.get("privacy")
+    if not p or p.get("mode", "none") == "none":
+        return ("**No differential privacy.** The clients' raw data never left them, but the adapter and every update "
+                "were trained without a formal privacy guarantee: they can memorise and reveal training examples.\n")
+    out = []
+    clients = p.get("clients", {})
+    if clients:
+        eps = [e["epsilon"] for e in clients.values()]
+        deltas = [e["delta"] for e in clients.values()]
+        sig = sorted({round(e["noise_multiplier"], 4) for e in clients.values()})
+        stopped = [pid for pid, e in clients.items() if "stopped" in e]
+        out.append("| guarantee | ε (max over clients) | ε (mean) | δ (max) | σ | C | accountant |\n|---|---|---|---|---|---|---|\n"
+                   f"| {p['label']} | {max(eps):.3f} | {sum(eps) / len(eps):.3f} | {max(deltas):.2e} | "
+                   f"{', '.join(f'{s:g}' for s in sig)} | {next(iter(clients.values()))['max_grad_norm']:g} | {p['accountant']} |")
+        out.append(
+            f"\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example gradients "
+            f"clipped to C, Gaussian noise σ·C, Poisson-sampled batches, one accountant per client over all rounds. For any "
+            f"one training example of a client, the adapter and everything that client sent are (ε, δ)-indistinguishable "
+            f"from what they would be without that example, at that client's ε and δ (above: the worst client). It does not "
+            f"protect a client's data set as a whole (see client-level), nor properties shared by many examples, nor the "
+            f"local evaluation metrics and label histograms clients reported."
+            + (f" Client(s) {', '.join(stopped)} stopped training when their privacy budget ran out." if stopped else ""))
+    cl = p.get("client_level")
+    if cl:
+        out.append("\n| guarantee | ε (with sampling amplification) | ε (no amplification) | δ | σ (effective) | clipping |\n|---|---|---|---|---|---|\n"
+                   f"| {cl['label']} | {cl.get('epsilon', 0.0):.3f} | {cl.get('epsilon_no_amplification', 0.0):.3f} | "
+                   f"{cl['delta']:.2e} | {cl['effective_noise_multiplier']:.4g} | {cl['clipping']}, C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'} |")
+        out.append(
+            "\n**What the client-level guarantee means.** The server clipped each client's adapter update, averaged them with "
+            "equal weights and added Gaussian noise, so the released adapter is (ε, δ)-indistinguishable whether or not any "
+            "one client took part, whatever its data. The amplified ε assumes clients were sampled independently each round; "
+            "the unamplified ε holds for any selection. The server saw each client's clipped update before noise.")
+    out.append(f"\nSecure aggregation: off. Randomness: {p.get('rng', '')}")
+    return "\n".join(out) + "\n"
+
+
+def _rounds_table(run: dict[str, Any]) -> str:
+    rows = ["| round | train loss | eval loss | eval accuracy | eval macro-F1 | clients trained |", "|---|---|---|---|---|---|"]
+    for r in run["rounds"]:
+        tl = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
+        trained = "-" if r["round"] == 0 else str(sum(c.get("status", "trained") == "trained" for c in r.get("clients", [])))
+        rows.append(f"| {r['round']} | {tl} | {r['eval_loss']:.4f} | {r['eval_accuracy']:.4f} | {r['eval_f1']:.4f} | {trained} |")
+    return "\n".join(rows) + "\n"
+
+
+def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
+    cfg = run["config"]
+    ds = run["dataset"]
+    data_license = _data_license(run)
+    license_id, license_note = combined_license(model_license, data_license)
+    src = ds.get("source", {})
+    hub_id = src.get("hub_id")
+    languages = ["en"]
+    if ds.get("preset") == "afrisenti":
+        languages = [AFRISENTI_ISO[lang] for lang in src.get("languages", [])]
+    elif not ds.get("preset"):
+        languages = None
+    privacy = run.get("privacy", {})
+    tags = ["federated-learning", "flower", "lora", "peft", "text-classification"]
+    if privacy.get("mode", "none") != "none":
+        tags.append("differential-privacy")
+    if privacy.get("clients"):
+        tags.append("opacus")
+    final = run["final"]
+    eval_name = display_name(run)
+    results = [
+        EvalResult(task_type="text-classification", dataset_type=hub_id or eval_name, dataset_name=eval_name,
+                   dataset_split=src.get("eval_split") or "test", dataset_revision=src.get("revision"),
+                   metric_type=metric, metric_name=name, metric_value=float(final[key]))
+        for metric, name, key in (("accuracy", "Accuracy", "eval_accuracy"), ("f1", "Macro F1", "eval_f1"))
+    ]
+    data = ModelCardData(
+        base_model=cfg["model.name"], library_name="peft", pipeline_tag="text-classification",
+        datasets=[hub_id] if hub_id else None, language=languages, license=license_id,
+        license_name="research-and-non-commercial-only" if license_id == "other" else None,
+        tags=tags, metrics=["accuracy", "f1"], model_name=f"fedhf-{run['run_id']}", eval_results=results,
+    )
+    n_clients = len(run["partitions"])
+    part = cfg["data.partitioner"]
+    part_params = {"dirichlet": f"α = {cfg['data.dirichlet-alpha']}, minimum partition size {cfg['data.min-partition-size']}",
+                   "pathological": f"{cfg['data.classes-per-client']} classes per client",
+                   "natural": f"one client per value of '{src.get('partition_column') or cfg['data.partition-column'] or 'language'}'",
+                   "iid": "equal random shares"}[part]
+    label_names = ds["label_names"]
+    plots = sorted(p.name for p in (Path(run.get("_dir", ".")) / "plots").glob("*.png")) if run.get("_dir") else []
+    stopped = run.get("stopped_early")
+    body = f"""
+# {data.model_name}
+
+A LoRA adapter for [`{cfg['model.name']}`](https://huggingface.co/{cfg['model.name']}) fine-tuned for
+{len(label_names)}-class text classification ({', '.join(label_names)}) by **federated learning** with
+fedhf {__version__} on [Flower](https://flower.ai): {n_clients} clients trained
+on their own data, which never left them; only adapter updates ({run['model']['adapter_bytes']:,} bytes each) were
+exchanged.
+
+## Federation
+
+| | |
+|---|---|
+| clients | {n_clients} |
+| rounds | {len(run['rounds']) - 1} of {cfg['num-server-rounds']}{f" (stopped early: {stopped['reason']})" if stopped else ""} |
+| strategy | {cfg['strategy.name']} |
+| fraction of clients per round | {cfg['strategy.fraction-train']} |
+| partitioner | {part} ({part_params}) |
+| local training | {cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, AdamW lr {cfg['train.lr']} |
+| LoRA | r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, modules {cfg['model.lora.target-modules']} |
+| training rows per client | {', '.join(str(p['train-examples']) for p in run['partitions'])} |
+| seed | {cfg['seed']} |
+
+## Privacy
+
+{_privacy_section(run)}
+## Results
+
+Central evaluation of the global adapter by the server on {ds['central_eval_rows']} rows of the evaluation split,
+before training (round 0) and after every round:
+
+{_rounds_table(run)}
+{"".join(f"![{p}](plots/{p})" + chr(10) for p in plots)}
+## How to use
+
+```python
+import json
+from huggingface_hub import snapshot_download
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
+labels = json.load(open(f"{{path}}/fedhf.json"))["label_names"]
+base = AutoModelForSequenceClassification.from_pretrained("{cfg['model.name']}", num_labels=len(labels))
+model = PeftModel.from_pretrained(base, path).eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+probs = model(**tokenizer(["an example sentence"], return_tensors="pt")).logits.softmax(-1)
+print(labels[int(probs.argmax())], float(probs.max()))
+```
+
+Or `fedhf predict --model REPO_ID --text "an example sentence"`.
+
+## Intended use and limitations
+
+Research on federated and private fine-tuning; {len(label_names)}-class classification of text like the training data
+({eval_name}). Not evaluated for any other domain or language, for fairness across groups, or for deployment decisions.
+{"The adapter was trained without differential privacy and may reveal training examples." if privacy.get("mode", "none") == "none" else "Privacy guarantees hold only as stated above."}
+Accuracy is measured on {ds['central_eval_rows']} rows and carries sampling error.
+
+## Data, licences and citations
+
+- Data: {eval_name}{f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""}, licence: {data_license}.
+- Base model licence: {model_license}. This adapter: **{license_id if license_id != "other" else "research and non-commercial use only"}**.
+{f"- {license_note}" if license_note else ""}
+{f"- Cite the data: {ds['citation']}" if ds.get('citation') else ""}
+- Provenance (data fingerprints, partition statistics, seeds, config hash, versions): `provenance.json`.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def build_hub_folder(run_dir: str | Path, run: dict[str, Any], model_license: str) -> Path:
+    """Write run_dir/hub/ (adapter, tokenizer, README.md card, provenance.json) atomically."""
+    run_dir = Path(run_dir)
+    hub = run_dir / "hub"
+    tmp = run_dir / "hub.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    adapter = run_dir / "adapter"
+    for name in ADAPTER_FILES:
+        if (adapter / name).is_file():
+            shutil.copy2(adapter / name, tmp / name)
+    plots = run_dir / "plots"
+    if plots.is_dir():
+        shutil.copytree(plots, tmp / "plots")
+    card = model_card({**run, "_dir": str(run_dir)}, model_license)
+    card.save(tmp / "README.md")
+    (tmp / "provenance.json").write_text(json.dumps(provenance(run), indent=2) + "\n")
+    if (run_dir / "metrics.csv").is_file():
+        shutil.copy2(run_dir / "metrics.csv", tmp / "metrics.csv")
+    shutil.rmtree(hub, ignore_errors=True)
+    tmp.rename(hub)
+    return hub

@@ -1,0 +1,110 @@
+"""The Hub-ready folder: model card metadata and body, provenance, licences."""
+
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+
+from fedhf.card import base_model_license, build_hub_folder, combined_license, provenance
+from fedhf.config import parse_config
+
+
+def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst2", license="unknown"):
+    cfg = parse_config({"data.dataset": dataset})
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "fedhf.json", "tokenizer.json"):
+        (adapter / name).write_text("{}")
+    run = {
+        "run_id": "r1", "status": "complete", "config": cfg.to_flat(), "config_sha256": "ab" * 32,
+        "seeds": {"seed": 42}, "versions": {"flwr": "1.42.0"}, "git_commit": None,
+        "dataset": {"name": dataset, "preset": preset, "label_names": ["negative", "positive"], "central_eval_rows": 872,
+                    "license": license, "citation": "Someone 2013.",
+                    "source": source or {"kind": "preset-local", "hub_id": "stanfordnlp/sst2", "text_column": "sentence",
+                                         "label_column": "label",
+                                         "files": {"train": [{"name": "train.tsv", "sha256": "1" * 64}]}}},
+        "model": {"name": cfg.model.name, "trainable_params": 74498, "total_params": 22788484, "adapter_bytes": 297992},
+        "partitions": [{"partition-id": 0, "train-examples": 360, "label-histogram": [160, 200]},
+                       {"partition-id": 1, "train-examples": 360, "label-histogram": [170, 190]}],
+        "rounds": [{"round": 0, "eval_loss": 0.69, "eval_accuracy": 0.47, "eval_f1": 0.46},
+                   {"round": 1, "train_loss": 0.5, "eval_loss": 0.45, "eval_accuracy": 0.8, "eval_f1": 0.79,
+                    "clients": [{"status": "trained"}, {"status": "trained"}]}],
+        "final": {"eval_loss": 0.45, "eval_accuracy": 0.8, "eval_f1": 0.79},
+    }
+    if privacy:
+        run["privacy"] = privacy
+    return tmp_path / "run", run
+
+
+def test_card_metadata_and_body(tmp_path):
+    privacy = {"mode": "both", "label": "sample-level (per example)", "accountant": "rdp", "rng": "not secure",
+               "clients": {"0": {"epsilon": 3.5, "delta": 2e-4, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": []},
+                           "1": {"epsilon": 2.5, "delta": 3e-4, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": [],
+                                 "stopped": {"round": 2}}},
+               "client_level": {"label": "client-level (per participant)", "epsilon": 9.1, "epsilon_no_amplification": 9.1,
+                                "delta": 0.05, "effective_noise_multiplier": 1.0, "clipping": "server-fixed",
+                                "rounds": [{"clipping_norm": 0.5}]}}
+    run_dir, run = fake_run(tmp_path, privacy=privacy)
+    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                    "fedhf.json", "provenance.json", "tokenizer.json"]
+    card = ModelCard.load(hub / "README.md")
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-classification"
+    assert meta["datasets"] == ["stanfordnlp/sst2"] and meta["language"] == ["en"] and meta["license"] == "unknown"
+    assert {"federated-learning", "differential-privacy", "flower", "lora", "opacus"} <= set(meta["tags"])
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": 0.8, "f1": 0.79}
+    text = card.text
+    assert "| sample-level (per example) | 3.500 | 3.000 | 3.00e-04 |" in text
+    assert "| client-level (per participant) | 9.100 | 9.100 | 5.00e-02 |" in text
+    assert "What the sample-level guarantee means" in text and "Client(s) 1 stopped" in text
+    assert "Secure aggregation: off" in text and "| partitioner | iid" in text and "| clients | 2 |" in text
+    assert "PeftModel.from_pretrained" in text and "Someone 2013." in text
+
+
+def test_no_privacy_is_said_plainly(tmp_path):
+    run_dir, run = fake_run(tmp_path)
+    card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
+    assert "**No differential privacy.**" in card.text
+    assert "differential-privacy" not in card.data.to_dict()["tags"]
+
+
+@pytest.mark.parametrize(("model", "data", "expected"), [
+    ("apache-2.0", "research and non-commercial use only", "other"),
+    ("apache-2.0", "unknown", "unknown"),
+    ("apache-2.0", "cc-by-4.0", "cc-by-4.0"),
+    ("apache-2.0", "apache-2.0", "apache-2.0"),
+    ("mit", "apache-2.0", "mit"),
+])
+def test_most_restrictive_license(model, data, expected):
+    lic, note = combined_license(model, data)
+    assert lic == expected
+    assert (note is None) == (model == data)
+
+
+def test_non_commercial_data_is_stated_on_the_card(tmp_path):
+    run_dir, run = fake_run(tmp_path, dataset="ag_news", preset="ag_news", license="research and non-commercial use only")
+    card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
+    assert card.data.to_dict()["license"] == "other"
+    assert "research and non-commercial use only" in card.text
+
+
+def test_provenance_has_no_absolute_paths_and_names_local_data_by_hash(tmp_path):
+    src = {"kind": "local", "text_column": "text", "label_column": "label",
+           "files": {"train": [{"name": "train.csv", "sha256": "2" * 64}]}}
+    run_dir, run = fake_run(tmp_path, dataset=str(tmp_path / "secret" / "data"), preset=None, source=src)
+    run["config"]["data.dataset"] = str(tmp_path / "secret" / "data")
+    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    prov = json.loads((hub / "provenance.json").read_text())
+    blob = (hub / "provenance.json").read_text() + (hub / "README.md").read_text()
+    assert str(tmp_path) not in blob and "/secret/" not in blob
+    assert prov["dataset"]["files"]["train"][0] == {"name": "train.csv", "sha256": "2" * 64}
+    assert prov["partitions"][0] == {"partition-id": 0, "train-examples": 360, "label-histogram": [160, 200]}
+    assert prov["config_sha256"] == "ab" * 32 and prov["seeds"] == {"seed": 42}
+
+
+def test_base_model_license():
+    assert base_model_license("sentence-transformers/all-MiniLM-L6-v2") == "apache-2.0"
+    assert base_model_license("someone/unknown-model", None) == "unknown"
