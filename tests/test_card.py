@@ -108,3 +108,29 @@ def test_provenance_has_no_absolute_paths_and_names_local_data_by_hash(tmp_path)
 def test_base_model_license():
     assert base_model_license("sentence-transformers/all-MiniLM-L6-v2") == "apache-2.0"
     assert base_model_license("someone/unknown-model", None) == "unknown"
+
+
+def test_afrisenti_card_lists_the_languages(tmp_path):
+    src = {"kind": "preset-local", "hub_id": "shmuhammad/AfriSentiData", "languages": ["hau", "yor", "pcm"],
+           "files": {"train": [{"name": "hau/train.tsv", "sha256": "3" * 64}]}}
+    run_dir, run = fake_run(tmp_path, dataset="afrisenti", preset="afrisenti", source=src, license="cc-by-4.0")
+    run["config"]["data.partitioner"] = "natural"
+    card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
+    meta = card.data.to_dict()
+    assert meta["language"] == ["ha", "yo", "pcm"] and meta["license"] == "cc-by-4.0"
+    assert "| partitioner | natural (one client per value of 'language') |" in card.text
+
+
+def test_same_data_gives_the_same_fingerprints(tmp_path, synthetic_dir):
+    from fedhf.data import _load_data_cached, load_data
+
+    cfg = parse_config({"data.dataset": str(synthetic_dir)}).data
+    first = load_data(cfg).source["files"]
+    _load_data_cached.cache_clear()
+    copy = tmp_path / "elsewhere"
+    import shutil
+
+    shutil.copytree(synthetic_dir, copy)
+    second = load_data(parse_config({"data.dataset": str(copy)}).data).source["files"]
+    assert first == second  # names relative to the folder, sha256 of the bytes: independent of where the data lives
+    assert len(first["train"][0]["sha256"]) == 64
