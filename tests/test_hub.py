@@ -22,7 +22,7 @@ from fedhf.server_app import save_adapter
 from .conftest import REPO
 from .test_card import fake_run
 
-TOKEN = "hf_fedhfTestTokenThatMustNeverBePrinted0042"
+TOKEN = "hf_fedhf-test-token_must-never-be-printed_0042"
 
 
 def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
