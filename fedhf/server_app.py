@@ -8,7 +8,9 @@ The story of a run:
 4. Build the strategy from the config; it sends the adapter and the resolved config to the
    sampled clients, aggregates their adapters, and after every round the server evaluates
    the global adapter on the central eval set and records the round.
-5. Save the final adapter (PEFT format) with the tokenizer; mark the run complete.
+5. Save the final adapter (PEFT format) with the tokenizer, write the Hub-ready folder
+   (model card, provenance), mark the run complete, and push it when hub.push is set.
+A privacy budget running out for too many clients ends the run early, cleanly, at step 5.
 """
 
 from __future__ import annotations
