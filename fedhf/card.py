@@ -111,12 +111,12 @@ def _privacy_section(run: dict[str, Any]) -> str:
                    f"| {p['label']} | {max(eps):.3f} | {sum(eps) / len(eps):.3f} | {max(deltas):.2e} | "
                    f"{', '.join(f'{s:g}' for s in sig)} | {next(iter(clients.values()))['max_grad_norm']:g} | {p['accountant']} |")
         out.append(
-            f"\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example gradients "
-            f"clipped to C, Gaussian noise σ·C, Poisson-sampled batches, one accountant per client over all rounds. For any "
-            f"one training example of a client, the adapter and everything that client sent are (ε, δ)-indistinguishable "
-            f"from what they would be without that example, at that client's ε and δ (above: the worst client). It does not "
-            f"protect a client's data set as a whole (see client-level), nor properties shared by many examples, nor the "
-            f"local evaluation metrics and label histograms clients reported."
+            "\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example gradients "
+            "clipped to C, Gaussian noise σ·C, Poisson-sampled batches, one accountant per client over all rounds. For any "
+            "one training example of a client, the adapter and everything that client sent are (ε, δ)-indistinguishable "
+            "from what they would be without that example, at that client's ε and δ (above: the worst client). It does not "
+            "protect a client's data set as a whole (see client-level), nor properties shared by many examples, nor the "
+            "local evaluation metrics and label histograms clients reported."
             + (f" Client(s) {', '.join(stopped)} stopped training when their privacy budget ran out." if stopped else ""))
     cl = p.get("client_level")
     if cl:

@@ -7,14 +7,13 @@ from its run_config); the node config says which partition this node holds.
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhf.config import SPEC_BY_KEY, FedHFConfig, parse_config, parse_node_budgets
-from fedhf.data import load_partition
+from fedhf.data import label_histogram, load_partition
 from fedhf.errors import FedHFConfigError
 from fedhf.model import adapter_nbytes, build_model, get_adapter_state, load_tokenizer, set_adapter_state
 from fedhf.privacy import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
@@ -40,9 +39,9 @@ def _setup(msg: Message, context: Context) -> tuple[FedHFConfig, int, int, int]:
     return cfg, pid, n, int(config["server-round"])
 
 
-def label_histogram(labels: list[int], num_labels: int) -> list[int]:
-    counts = Counter(labels)
-    return [counts.get(i, 0) for i in range(num_labels)]
+def round_seed(cfg: FedHFConfig, server_round: int, pid: int) -> int:
+    """Seed of a client's shuffling and dropout in a round (recorded in run.json's seeds)."""
+    return cfg.seed * 100_003 + server_round * 1_009 + pid
 
 
 @app.train()
@@ -57,9 +56,9 @@ def train(msg: Message, context: Context) -> Message:
         account, sample_rate, steps = _sample_account(cfg, context, len(train_ds))
         budget = node_budget(cfg, context, pid)
         projected = account.epsilon_after(sample_rate, steps)
-        info.update(_privacy_info(account, sample_rate, budget))
         if budget is not None and projected > budget:
             # Training this round would exceed the owner's budget: no update, a clear status.
+            info.update(_privacy_info(account, sample_rate, budget))
             info.update({"status": "budget-exhausted", "projected-epsilon": projected,
                          "handler-seconds": time.perf_counter() - t0})
             content = RecordDict({"metrics": MetricRecord({"train-loss": 0.0, "num-examples": 0, "uniform-weight": 0.0}),
@@ -70,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     model = build_model(cfg, label_names)
     set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     loader = make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
-                         seed=cfg.seed * 100_003 + server_round * 1_009 + pid)
+                         seed=round_seed(cfg, server_round, pid))
     if account is not None:
         # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
         private = private_train(model, loader, account, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
@@ -84,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         # Dropout draws from torch's RNG: seed it per (run seed, round, partition) for reproducible
         # non-private training, inside a forked RNG so the process's own stream is left alone.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + pid)
+            torch.manual_seed(round_seed(cfg, server_round, pid))
             result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay, proximal_mu=mu)
     state = get_adapter_state(model)

@@ -154,11 +154,11 @@ class FedHFConfig:
 
     @property
     def target_modules(self) -> list[str]:
-        return _split_list(self.model.lora.target_modules)
+        return split_list(self.model.lora.target_modules)
 
     @property
     def language_list(self) -> list[str]:
-        return _split_list(self.data.languages)
+        return split_list(self.data.languages)
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
-def _split_list(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -355,7 +355,7 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
 def parse_node_budgets(text: str) -> dict[int, float]:
     """'0:2.5,3:1.0' -> {0: 2.5, 3: 1.0}; every budget must be a positive number."""
     out: dict[int, float] = {}
-    for item in _split_list(text):
+    for item in split_list(text):
         pid, sep, eps = item.partition(":")
         try:
             if not sep:

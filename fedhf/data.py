@@ -25,7 +25,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from fedhf.config import DataConfig
+from fedhf.config import DataConfig, split_list
 from fedhf.errors import FedHFDataError
 from fedhf.hub import hub_offline
 
@@ -251,9 +251,7 @@ def _load_preset(preset: Preset, cfg: DataConfig, data_dir: str | None) -> tuple
 
 
 def _afrisenti_languages(cfg: DataConfig) -> list[str]:
-    from fedhf.config import _split_list  # one list syntax for every comma key
-
-    langs = _split_list(cfg.languages)
+    langs = split_list(cfg.languages)
     if not langs:
         return [lang for lang in AFRISENTI_LANGUAGES if lang not in ("orm", "tir")]  # orm, tir: no train data
     bad = [lang for lang in langs if lang not in AFRISENTI_LANGUAGES]
@@ -380,6 +378,12 @@ def _normalise(ds: datasets.Dataset, text_col: str, label_col: str, to_id: dict[
 # --------------------------------------------------------------------------- partitioning
 
 
+def label_histogram(labels: list[int], num_labels: int) -> list[int]:
+    """Rows per label id, in label order."""
+    counts = Counter(labels)
+    return [counts.get(i, 0) for i in range(num_labels)]
+
+
 @dataclass
 class Partitions:
     """The training rows split over ``num_partitions`` clients, each with a local eval hold-out."""
@@ -391,12 +395,11 @@ class Partitions:
     def stats(self) -> list[dict[str, Any]]:
         out = []
         for pid, (train, local_eval) in enumerate(self.parts):
-            hist = Counter(train["label"])
             row: dict[str, Any] = {
                 "partition-id": pid,
                 "train-examples": len(train),
                 "eval-examples": len(local_eval) if local_eval is not None else 0,
-                "label-histogram": [hist.get(i, 0) for i in range(len(self.label_names))],
+                "label-histogram": label_histogram(train["label"], len(self.label_names)),
             }
             if self.natural_ids:
                 row["natural-id"] = self.natural_ids[pid]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+SAMPLE = "sample-level (per example)"
+CLIENT = "client-level (per participant)"
+
 
 def ledger_table(run: dict[str, Any]) -> str:
     """Per client: epsilon after each round it was asked to train, delta, sigma, C, q, steps, budget, status."""
@@ -60,8 +63,6 @@ def _sample_table(privacy: dict[str, Any], clients: dict[str, Any]) -> list[str]
     return lines
 
 
-SAMPLE = "sample-level (per example)"
-CLIENT = "client-level (per participant)"
 
 
 def privacy_line(row: dict[str, Any]) -> str | None:

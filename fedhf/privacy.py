@@ -33,9 +33,6 @@ from torch.utils.data import DataLoader
 
 from fedhf.errors import FedHFError
 from fedhf.train import TrainResult, train_local
-
-SAMPLE_LEVEL = "sample-level (per example)"
-CLIENT_LEVEL = "client-level (per participant)"
 RNG_NOTE = ("DP noise and Poisson sampling draw from torch generators seeded from OS randomness (secrets), never "
             "from the run's seed; torch's generator is not a cryptographically secure RNG (Opacus' secure_mode needs "
             "torchcsprng, which is not installed).")

@@ -42,7 +42,8 @@ from fedhf.model import (
 from fedhf.progress import RoundProgress
 from fedhf.hub import FedHFHubError, push
 from fedhf.ledger import ledger_table
-from fedhf.privacy import CLIENT_RNG_NOTE, RNG_NOTE, SAMPLE_LEVEL
+from fedhf.ledger import SAMPLE as SAMPLE_LEVEL
+from fedhf.privacy import CLIENT_RNG_NOTE, RNG_NOTE
 from fedhf.strategy import RunStopped, build_strategy
 from fedhf.train import evaluate, make_loader
 

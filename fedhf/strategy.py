@@ -27,7 +27,8 @@ from fedhf.artifacts import RunRecorder
 from fedhf.config import FedHFConfig
 from fedhf.errors import FedHFConfigError
 from fedhf.errors import FedHFRunError
-from fedhf.privacy import CLIENT_LEVEL, ClientLevelAccount, effective_client_sigma
+from fedhf.ledger import CLIENT as CLIENT_LEVEL
+from fedhf.privacy import ClientLevelAccount, effective_client_sigma
 
 log = logging.getLogger("fedhf")
 

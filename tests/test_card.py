@@ -5,7 +5,7 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 
-from fedhf.card import base_model_license, build_hub_folder, combined_license, provenance
+from fedhf.card import base_model_license, build_hub_folder, combined_license
 from fedhf.config import parse_config
 
 

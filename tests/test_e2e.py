@@ -30,6 +30,21 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def fedhf_run(data_dir: Path, out: Path, name: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """`fedhf run` in a subprocess (as a user runs it); asserts it succeeded and returns its run.json."""
+    proc = subprocess.run([sys.executable, "-m", "fedhf.cli", "run", *args, "--set", f"output-dir={out}", "--set", f"run-name={name}"],
+                          capture_output=True, text=True, env=env or _env(data_dir), timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {**json.loads((out / name / "run.json").read_text()), "_stdout": proc.stdout, "_stderr": proc.stderr}
+
+
+def ledger_text(data_dir: Path, run_dir: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(run_dir)],
+                          capture_output=True, text=True, env=_env(data_dir), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def _ray_pids() -> set[int]:
     pids = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -46,20 +61,14 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     before = _ray_pids()
     out = tmp_path / "outputs"
     server, endpoint = start_server(tmp_path)
+    env = {**{k: v for k, v in _env(shared_data_dir).items() if not k.startswith("HF_")}, **env_for(endpoint, tmp_path)}
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", *SMALL, "--set", "data.dataset=sst2",
-             "--set", f"output-dir={out}", "--set", "run-name=e2e", "--set", "hub.push=true",
-             "--set", "hub.repo-id=fedhf-test/e2e"],
-            capture_output=True, text=True, env={**{k: v for k, v in _env(shared_data_dir).items() if not k.startswith("HF_")},
-                                                 **env_for(endpoint, tmp_path)}, timeout=900, cwd=REPO,
-        )
+        run = fedhf_run(shared_data_dir, out, "e2e", "--num-clients", "3", *SMALL, "--set", "data.dataset=sst2",
+                        "--set", "hub.push=true", "--set", "hub.repo-id=fedhf-test/e2e", env=env)
     finally:
         stop(server)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert TOKEN not in proc.stdout + proc.stderr
+    assert TOKEN not in run["_stdout"] + run["_stderr"]
     run_dir = out / "e2e"
-    run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete"
     assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
     r0, r2 = run["rounds"][0], run["rounds"][-1]
@@ -78,7 +87,7 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
         rows = list(csv.DictReader(fh))
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert abs(float(rows[-1]["eval_accuracy"]) - r2["eval_accuracy"]) < 1e-12
-    assert "run complete" in proc.stdout
+    assert "run complete" in run["_stdout"]
     assert run["hub_push"]["ok"] is True and run["hub_push"]["repo_id"] == "fedhf-test/e2e"
     hub = run_dir / "hub"
     assert {"README.md", "provenance.json", "adapter_model.safetensors", "fedhf.json"} <= {p.name for p in hub.iterdir()}
@@ -164,15 +173,9 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
 def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_dir, tmp_path):
     """Sample-level DP, 3 clients x 3 rounds; client 1's budget allows one round only."""
     out = tmp_path / "outputs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", "--set", "num-server-rounds=3",
-         "--set", "data.max-train-examples=300", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
-         "--set", "privacy.node-max-epsilon=1:3.0", "--set", "strategy.fraction-evaluate=0",
-         "--set", f"output-dir={out}", "--set", "run-name=dp"],
-        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = json.loads((out / "dp" / "run.json").read_text())
+    run = fedhf_run(shared_data_dir, out, "dp", "--num-clients", "3", "--set", "num-server-rounds=3",
+                    "--set", "data.max-train-examples=300", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
+                    "--set", "privacy.node-max-epsilon=1:3.0", "--set", "strategy.fraction-evaluate=0")
     assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1, 2, 3]
     ledger = run["privacy"]["clients"]
     assert run["privacy"]["label"] == "sample-level (per example)" and "not a cryptographically secure" in run["privacy"]["rng"]
@@ -193,23 +196,15 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
     assert one["stopped"]["round"] == 2 and one["max_epsilon"] == 3.0
     assert [sorted(r["client_train_seconds"]) for r in run["rounds"][1:]] == [["0", "1", "2"], ["0", "2"], ["0", "2"]]
     assert run["rounds"][3]["privacy"]["exhausted"] == [1]
-    ledger_out = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(out / "dp")],
-                                capture_output=True, text=True, env=_env(shared_data_dir), timeout=120)
-    assert ledger_out.returncode == 0 and "stopped before round 2: budget" in ledger_out.stdout
+    assert "stopped before round 2: budget" in ledger_text(shared_data_dir, out / "dp")
 
 
 def test_both_guarantees_reported_side_by_side(shared_data_dir, tmp_path):
     """privacy.mode=both: sample-level per client and client-level per round, labelled, never combined."""
     out = tmp_path / "outputs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", "--set", "num-server-rounds=2",
-         "--set", "data.max-train-examples=240", "--set", "train.local-epochs=1", "--set", "privacy.mode=both",
-         "--set", "privacy.client-noise-multiplier=0.8", "--set", "strategy.fraction-evaluate=0",
-         "--set", f"output-dir={out}", "--set", "run-name=both"],
-        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = json.loads((out / "both" / "run.json").read_text())
+    run = fedhf_run(shared_data_dir, out, "both", "--num-clients", "3", "--set", "num-server-rounds=2",
+                    "--set", "data.max-train-examples=240", "--set", "train.local-epochs=1", "--set", "privacy.mode=both",
+                    "--set", "privacy.client-noise-multiplier=0.8", "--set", "strategy.fraction-evaluate=0")
     assert run["status"] == "complete"
     privacy = run["privacy"]
     assert privacy["label"] == "sample-level (per example)"
@@ -229,8 +224,7 @@ def test_both_guarantees_reported_side_by_side(shared_data_dir, tmp_path):
     assert len(privacy["clients"]) == 3 and all(len(e["rounds"]) == 2 for e in privacy["clients"].values())
     row = run["rounds"][2]["privacy"]
     assert row["client_level_epsilon"] == cl["epsilon"] and row["sample_level_epsilon_max"] > 0
-    ledger = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(out / "both")],
-                            capture_output=True, text=True, env=_env(shared_data_dir), timeout=120).stdout
+    ledger = ledger_text(shared_data_dir, out / "both")
     assert "sample-level (per example)" in ledger and "client-level (per participant)" in ledger
 
 
@@ -243,15 +237,9 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tmp_path):
     one, two = (epsilon_of("rdp", [(1.0, q, steps * k)], default_delta(n)) for k in (1, 2))
     budget = (one + two) / 2
     out = tmp_path / "outputs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "2", "--set", "num-server-rounds=3",
-         "--set", "data.max-train-examples=120", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
-         "--set", f"privacy.max-epsilon={budget}", "--set", "strategy.fraction-evaluate=0",
-         "--set", f"output-dir={out}", "--set", "run-name=stop"],
-        capture_output=True, text=True, env=_env(shared_data_dir), timeout=900, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = json.loads((out / "stop" / "run.json").read_text())
+    run = fedhf_run(shared_data_dir, out, "stop", "--num-clients", "2", "--set", "num-server-rounds=3",
+                    "--set", "data.max-train-examples=120", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
+                    "--set", f"privacy.max-epsilon={budget}", "--set", "strategy.fraction-evaluate=0")
     assert run["status"] == "complete"
     assert run["stopped_early"]["after_round"] == 1 and "exhausted its privacy budget" in run["stopped_early"]["reason"]
     assert [r["round"] for r in run["rounds"]] == [0, 1]
