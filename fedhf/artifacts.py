@@ -158,6 +158,14 @@ class RunRecorder:
             self._privacy_round(r, clients)
 
     # ------------------------------------------------------------------ privacy ledger
+    def set_secure_aggregation(self, info: dict[str, Any]) -> None:
+        self.data["secure_aggregation"] = {**info, "rounds": []}
+        self.write()
+
+    def secure_aggregation_round(self, info: dict[str, Any]) -> None:
+        self.data["secure_aggregation"]["rounds"].append(info)
+        self.write()
+
     def set_privacy(self, info: dict[str, Any]) -> None:
         self.data["privacy"] = {**info, "clients": {}}
         self.write()

@@ -128,8 +128,34 @@ def _privacy_section(run: dict[str, Any]) -> str:
             "equal weights and added Gaussian noise, so the released adapter is (ε, δ)-indistinguishable whether or not any "
             "one client took part, whatever its data. The amplified ε assumes clients were sampled independently each round; "
             "the unamplified ε holds for any selection. The server saw each client's clipped update before noise.")
-    out.append(f"\nSecure aggregation: off. Randomness: {p.get('rng', '')}")
+    out.append(f"\nRandomness: {p.get('rng', '')}")
     return "\n".join(out) + "\n"
+
+
+def _secure_aggregation_section(run: dict[str, Any]) -> str:
+    sa = run.get("secure_aggregation")
+    if not sa:
+        return ("**Off.** The server received each client's adapter update in the clear (over TLS in a deployment) "
+                "before averaging.\n")
+    rounds = sa.get("rounds", [])
+    used = sorted({(r["num_shares"], r["reconstruction_threshold"]) for r in rounds})
+    dropped = sum(r["dropped"] for r in rounds)
+    return f"""**On: {sa['protocol']}.** The server learned only the weighted average of each round's client adapters,
+never an individual client's: each client uploaded its adapter masked with pairwise and private masks that cancel
+only in the sum; secrets are Shamir-shared among neighbours so that dropped clients' masks can be removed.
+
+| | |
+|---|---|
+| shares per secret / reconstruction threshold | {', '.join(f"{a} / {b}" for a, b in used) or f"{sa['num_shares']} / {sa['reconstruction_threshold']}"} |
+| quantization | {sa['quantization_bits']} bits ({sa['quantization_range']:,} levels) over [-{sa['clipping_range']:g}, {sa['clipping_range']:g}], step {sa['quantization_step']:.3g} |
+| modulus | 2^32 |
+| max client weight | {sa['max_weight']:g} examples |
+| rounds / clients dropped during the protocol | {len(rounds)} / {dropped} |
+
+What the server still sees: each client's number of training examples (the averaging weight) and its reported
+metrics (train loss, ε), in the clear. Secure aggregation hides updates from the server; it is not differential
+privacy: the average itself can still reveal information unless DP is on (see Privacy).
+"""
 
 
 def _rounds_table(run: dict[str, Any]) -> str:
@@ -208,6 +234,9 @@ exchanged.
 ## Privacy
 
 {_privacy_section(run)}
+## Secure aggregation
+
+{_secure_aggregation_section(run)}
 ## Results
 
 Central evaluation of the global adapter by the server on {ds['central_eval_rows']} rows of the evaluation split,

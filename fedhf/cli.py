@@ -106,6 +106,17 @@ def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
     parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
     typer.echo(format_stats(parts.stats(), data.label_names), err=True)
     resolve_model(cfg.model.name)
+    if cfg.strategy.secure_aggregation:
+        from fedhf.secagg import SecAggSettings
+        from fedhf.strategy import min_sampled
+
+        SecAggSettings.from_config(cfg).check_round(min(min_sampled(cfg, num_clients), num_clients))
+        largest = max(row["train-examples"] for row in parts.stats())
+        if largest > cfg.strategy.secagg_max_weight:
+            raise FedHFConfigError(
+                f"config key 'strategy.secagg-max-weight': got {cfg.strategy.secagg_max_weight:g}, but a client trains on "
+                f"{largest} examples; raise it to at least {largest}."
+            )
     p = cfg.privacy
     if p.sample_level and p.target_epsilon is not None:
         # Each client plans its own sigma in round 1; check now that every client can meet the target.

@@ -96,6 +96,12 @@ class StrategyConfig:
     beta_2: float = _opt(0.99, "FedAdam/FedYogi: second-moment decay.", min=0.0, max=1.0, max_exclusive=True)
     tau: float = _opt(0.001, "FedAdam/FedYogi: adaptivity (epsilon) term.", min=0.0, min_exclusive=True)
     round_timeout: float = _opt(3600.0, "Seconds the server waits for replies in a round.", min=0.0, min_exclusive=True)
+    secure_aggregation: bool = _opt(False, "SecAgg+ (Flower's protocol): the server learns only the weighted average of the sampled clients' adapters, never one client's.")
+    secagg_num_shares: int = _opt(0, "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; otherwise at least 3 (odd is best).", min=0)
+    secagg_reconstruction_threshold: int = _opt(0, "SecAgg+: shares needed to reconstruct a secret; 0 = two thirds of the shares (at least 2). Higher = safer against collusion, fewer dropouts tolerated (shares - threshold).", min=0)
+    secagg_clipping_range: float = _opt(8.0, "SecAgg+: each weighted adapter value (num-examples / max-weight * value) is clipped to [-range, range] before quantization.", min=0.0, min_exclusive=True)
+    secagg_quantization_range: int = _opt(4194304, "SecAgg+: integer levels per value (2**22); the step is 2 * clipping-range / this.", min=2, max=2**31)
+    secagg_max_weight: float = _opt(1000.0, "SecAgg+: largest client weight (training examples) the protocol accepts; a client with more rows stops with an error naming this key.", min=0.0, min_exclusive=True)
 
 
 @dataclass(frozen=True)
@@ -334,6 +340,8 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
             "config key 'strategy.name': fedprox cannot be combined with privacy.mode='sample' (the proximal term's "
             "gradient is not clipped per example, so it would leak); use fedavg, fedadam or fedyogi with DP."
         )
+    if s.secure_aggregation:
+        _check_secagg(cfg)
     parse_node_budgets(cfg.privacy.node_max_epsilon)
     if cfg.hub.push:
         from huggingface_hub.errors import HFValidationError
@@ -350,6 +358,36 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
             ) from None
     if cfg.run_name and ("/" in cfg.run_name or cfg.run_name in (".", "..")):
         raise FedHFConfigError(f"config key 'run-name': got {cfg.run_name!r}; use a plain folder name without '/'.")
+
+
+def _check_secagg(cfg: FedHFConfig) -> None:
+    s = cfg.strategy
+    if cfg.privacy.client_level:
+        raise FedHFConfigError(
+            f"config key 'strategy.secure-aggregation': true cannot be combined with privacy.mode='{cfg.privacy.mode}': "
+            "the client-level DP wrapper clips each client's update on the server, which SecAgg+ hides; "
+            "use privacy.mode='sample' (DP-SGD in each client) with secure aggregation."
+        )
+    if s.secagg_num_shares in (1, 2):
+        raise FedHFConfigError(
+            f"config key 'strategy.secagg-num-shares': got {s.secagg_num_shares}; use 0 (every sampled client) or at least 3."
+        )
+    t = s.secagg_reconstruction_threshold
+    if t == 1:
+        raise FedHFConfigError(
+            "config key 'strategy.secagg-reconstruction-threshold': got 1; a single share would reveal a client's "
+            "secret; use 0 (two thirds of the shares) or at least 2."
+        )
+    if t and s.secagg_num_shares and t >= s.secagg_num_shares:
+        raise FedHFConfigError(
+            f"config key 'strategy.secagg-reconstruction-threshold': got {t}, not below "
+            f"strategy.secagg-num-shares={s.secagg_num_shares}; lower the threshold or raise the shares."
+        )
+    if s.min_train_nodes < 2:
+        raise FedHFConfigError(
+            f"config key 'strategy.min-train-nodes': got {s.min_train_nodes}; secure aggregation needs at least 2 "
+            "clients per round (the sum of one update is that update)."
+        )
 
 
 def parse_node_budgets(text: str) -> dict[int, float]:

@@ -500,6 +500,59 @@ def load_partition(cfg: DataConfig, seed: int, partition_id: int, num_partitions
     return train, local_eval, parts.label_names
 
 
+def load_silo(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int
+              ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+    """A SuperNode's own data (node config ``data-path``): its train rows and a local eval hold-out.
+
+    Labels are mapped onto the federation's label names (sent by the server), so every silo
+    agrees on what label id 1 means. An ``eval``/``test`` file in a silo folder is its local
+    eval set; otherwise ``data.local-eval-fraction`` of the rows is held out.
+    """
+    return _silo_cached(cfg, str(path), tuple(label_names), seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int
+                 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+    p = Path(path).expanduser()
+    where = f"node config 'data-path': '{path}'"
+    if not p.exists():
+        raise FedHFDataError(f"{where} does not exist on this node; give this silo's data file or folder "
+                             f"({', '.join(sorted(FILE_FORMATS))}).")
+    if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
+        raise FedHFDataError(f"{where} is not readable by this SuperNode's user; fix its permissions.")
+    try:
+        raw_train, raw_eval, _ = _load_local(str(p))
+    except FedHFDataError as exc:
+        raise FedHFDataError(f"{where}: {exc}") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        raise FedHFDataError(f"{where} could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "check the file's format and permissions.") from None
+    text_col = cfg.text_column or _detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
+    label_col = cfg.label_column or _detect(raw_train, LABEL_CANDIDATES, "label", "data.label-column")
+    values = set(raw_train.unique(label_col)) | (set(raw_eval.unique(label_col)) if raw_eval is not None and label_col in raw_eval.column_names else set())
+    names = list(label_names)
+    if all(isinstance(v, str) for v in values):
+        to_id: dict[Any, int] = {n: i for i, n in enumerate(names)}
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        to_id = {i: i for i in range(len(names))}
+    else:
+        to_id = {}
+    unknown = sorted((v for v in values if v not in to_id), key=repr)
+    if unknown:
+        raise FedHFDataError(
+            f"{where}: labels {unknown[:5]} in column '{label_col}' are not among the federation's labels "
+            f"{names} (names, or ids 0..{len(names) - 1}); relabel the silo or fix data.label-column."
+        )
+    train = _normalise(raw_train, text_col, label_col, to_id, "", "train")
+    if len(train) == 0:
+        raise FedHFDataError(f"{where} holds no training rows.")
+    if raw_eval is not None:
+        return train, _normalise(raw_eval, text_col, label_col, to_id, "", "eval"), names
+    local_train, local_eval = _split_local(train.shuffle(seed=seed).flatten_indices(), cfg.local_eval_fraction, seed)
+    return local_train, local_eval, names
+
+
 def central_eval_set(data: LoadedData, cfg: DataConfig, seed: int) -> datasets.Dataset:
     """The server's held-out set: the dataset's test/validation split, capped by max-eval-examples."""
     if data.eval is None or len(data.eval) == 0:

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedhf.artifacts import RunRecorder
+from fedhf.client_app import LABEL_NAMES_KEY
 from fedhf.card import base_model_license, build_hub_folder
 from fedhf.config import FedHFConfig, parse_config
 from fedhf.data import central_eval_set, format_stats, load_data, make_partitions
@@ -44,6 +45,7 @@ from fedhf.hub import FedHFHubError, push
 from fedhf.ledger import ledger_table
 from fedhf.ledger import SAMPLE as SAMPLE_LEVEL
 from fedhf.privacy import CLIENT_RNG_NOTE, RNG_NOTE
+from fedhf.secagg import SecAggSettings, SecureAggregationGrid
 from fedhf.strategy import RunStopped, build_strategy
 from fedhf.train import evaluate, make_loader
 
@@ -152,6 +154,10 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
                 info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
         recorder.set_privacy(info)
     strategy = build_strategy(cfg, recorder, num_partitions)
+    if cfg.strategy.secure_aggregation:
+        settings = SecAggSettings.from_config(cfg)
+        recorder.set_secure_aggregation(settings.describe())
+        grid = SecureAggregationGrid(grid, settings, recorder.secure_aggregation_round)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         t0 = time.perf_counter()
@@ -163,14 +169,16 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
         return MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1})
 
     stopped = None
+    # The clients get the parsed config and the federation's label names (a silo maps its labels onto them).
+    client_config = {**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(data.label_names)}
     try:
         result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(initial),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.strategy.round_timeout,
-            train_config=ConfigRecord(cfg.to_flat()),
-            evaluate_config=ConfigRecord(cfg.to_flat()),
+            train_config=ConfigRecord(client_config),
+            evaluate_config=ConfigRecord(client_config),
             evaluate_fn=central_evaluate,
         )
         final_arrays = result.arrays

@@ -78,7 +78,8 @@ def _client_record(msg: Message) -> dict[str, Any]:
             "train-seconds": float(info["train-seconds"]),
             "train-steps": int(info["train-steps"]),
             "train-tokens": int(info["train-tokens"]),
-            "bytes-up": _payload_bytes(msg.content["arrays"]),
+            # under secure aggregation the upload is the masked vector, not the (aggregate) arrays in the reply
+            "bytes-up": int(info["secagg-bytes-up"]) if "secagg-bytes-up" in info else _payload_bytes(msg.content["arrays"]),
         })
     if "epsilon" in info:
         rec["privacy"] = {k: info[k] for k in ("epsilon", "delta", "noise-multiplier", "max-grad-norm", "sample-rate",

@@ -60,7 +60,7 @@ def test_card_metadata_and_body(tmp_path):
     assert "| sample-level (per example) | 3.500 | 3.000 | 3.00e-04 |" in text
     assert "| client-level (per participant) | 9.100 | 9.100 | 5.00e-02 |" in text
     assert "What the sample-level guarantee means" in text and "Client(s) 1 stopped" in text
-    assert "Secure aggregation: off" in text and "| partitioner | iid" in text and "| clients | 2 |" in text
+    assert "## Secure aggregation\n\n**Off.**" in text and "| partitioner | iid" in text and "| clients | 2 |" in text
     assert "PeftModel.from_pretrained" in text and "Someone 2013." in text
 
 

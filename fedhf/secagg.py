@@ -1,0 +1,412 @@
+"""Secure aggregation (SecAgg+) of the LoRA adapters, with Flower's own protocol code.
+
+Flower 1.42 implements SecAgg+ as a workflow for its legacy strategies
+(``SecAggPlusWorkflow``) and a client mod (``secaggplus_mod``); its Message-API strategies
+do not speak it (``FedAvg.start`` fails on the missing ``secaggplus_configs`` record, an
+``@app.train`` handler on the missing ``arrays``). fedhf keeps the Message-API strategies
+and runs the protocol underneath them, unchanged:
+
+- Server: :class:`SecureAggregationGrid` wraps the ``Grid``. A round's train messages go
+  through the four stages of Flower's ``SecAggPlusWorkflow`` (setup, share keys, collect
+  masked vectors, unmask). The strategy then receives, for every client that took part,
+  a reply with that client's own metrics and the *aggregate* adapter (the weighted average
+  the protocol reconstructed), never an individual adapter. A weighted average of
+  identical arrays is that array, so FedAvg, FedProx, FedAdam and FedYogi aggregate as
+  usual. Evaluate messages pass through untouched.
+- Client: :func:`secure_aggregation_mod` hands messages that carry the protocol's records
+  to Flower's ``secaggplus_mod``; the train handler reads and writes the legacy
+  FitIns/FitRes records there (:func:`fitins_arrays`, :func:`fitres_content`).
+
+What the server sees per client: its public keys, encrypted key shares for other clients,
+its masked (uniformly random-looking) vector, its number of training examples (the
+weight) and its metrics (train loss, epsilon). The weight and metrics are in the clear.
+
+Precision: each client sends ``round(w * Q) / Q``-weighted values (``w = n / max_weight``),
+clipped to ``[-c, c]`` and stochastically rounded to the grid ``2c / Q``. The reconstructed
+average differs from exact example-weighted FedAvg by at most
+``k * (2c / Q) / sum(w)`` per value for k clients (plus the float rounding of the weights),
+see :func:`quantization_tolerance`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+from flwr.serverapp import Grid
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+from fedhf.config import FedHFConfig
+from fedhf.errors import FedHFConfigError
+
+log = logging.getLogger("fedhf")
+
+MODULUS_RANGE = 2**32  # Flower's default and maximum: masks and sums live in Z_(2^32)
+NAMES_KEY = "fedhf.secagg-arrays"  # the adapter's tensor names, in order (legacy Parameters have none)
+PROTOCOL = "SecAgg+ (Bell et al. 2020) as implemented by Flower 1.42: SecAggPlusWorkflow + secaggplus_mod"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    num_shares: int  # 0 = every sampled client
+    reconstruction_threshold: int  # 0 = two thirds of the shares, at least 2
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+    timeout: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: FedHFConfig) -> SecAggSettings:
+        s = cfg.strategy
+        return cls(s.secagg_num_shares, s.secagg_reconstruction_threshold, s.secagg_clipping_range,
+                   s.secagg_quantization_range, s.secagg_max_weight, s.round_timeout)
+
+    def workflow(self) -> SecAggPlusWorkflow:
+        return SecAggPlusWorkflow(
+            num_shares=self.num_shares if self.num_shares else 1.0,  # Flower: the float 1.0 = all sampled clients
+            reconstruction_threshold=self.reconstruction_threshold if self.reconstruction_threshold else 2 / 3,
+            max_weight=self.max_weight,
+            clipping_range=self.clipping_range,
+            quantization_range=self.quantization_range,
+            modulus_range=MODULUS_RANGE,
+            timeout=self.timeout,
+        )
+
+    @property
+    def step(self) -> float:
+        return 2 * self.clipping_range / self.quantization_range
+
+    def check_round(self, sampled: int) -> None:
+        """Refuse, before any message goes out, a round the protocol cannot complete."""
+        if sampled < 2:
+            raise FedHFConfigError(
+                f"secure aggregation: {sampled} client(s) sampled this round; it needs at least 2 "
+                "(raise strategy.min-train-nodes / strategy.fraction-train or connect more nodes)."
+            )
+        shares = self.num_shares or sampled
+        if self.num_shares > sampled:
+            raise FedHFConfigError(
+                f"config key 'strategy.secagg-num-shares': got {self.num_shares}, more than the {sampled} clients "
+                "sampled this round; lower it (0 = every sampled client)."
+            )
+        if self.reconstruction_threshold > shares:
+            raise FedHFConfigError(
+                f"config key 'strategy.secagg-reconstruction-threshold': got {self.reconstruction_threshold}, more than "
+                f"the {shares} shares of each secret ({sampled} clients sampled this round); the round could never "
+                f"unmask. Use at most {shares} (0 = two thirds of the shares)."
+            )
+        if sampled * self.quantization_range >= MODULUS_RANGE:
+            raise FedHFConfigError(
+                f"config key 'strategy.secagg-quantization-range': {self.quantization_range} levels x {sampled} clients "
+                f"overflow the 2^32 modulus; use at most {MODULUS_RANGE // sampled - 1}."
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL,
+            "num_shares": self.num_shares or "all sampled clients",
+            "reconstruction_threshold": self.reconstruction_threshold or "2/3 of the shares (at least 2)",
+            "clipping_range": self.clipping_range,
+            "quantization_range": self.quantization_range,
+            "quantization_bits": int(np.log2(self.quantization_range)),
+            "modulus_range": MODULUS_RANGE,
+            "max_weight": self.max_weight,
+            "quantization_step": self.step,
+            "tolerance": "per value: clients x quantization_step / sum(num_examples / max_weight)",
+            "server_sees": "masked vectors, each client's number of examples and metrics; never one client's adapter",
+        }
+
+
+def quantization_tolerance(num_examples: list[int], settings: SecAggSettings, max_abs: float) -> float:
+    """Largest difference per value between the SecAgg+ aggregate and exact example-weighted FedAvg.
+
+    Each client's weighted values are stochastically rounded to the grid ``2c/Q`` (error < one
+    step each); the weights themselves are rounded to ``1/Q`` (relative error < 1/(Q w)).
+    """
+    q = settings.quantization_range
+    weights = [round(n / settings.max_weight * q) / q for n in num_examples]
+    total = sum(weights)
+    value_error = len(weights) * settings.step / total
+    weight_error = max_abs * sum(1 / q for _ in weights) / total * 2
+    return value_error + weight_error
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _Proxy:
+    """What Flower's workflow needs of a legacy ClientProxy: its node id."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+
+
+class _LegacyStrategy:
+    """The two legacy-strategy calls SecAggPlusWorkflow makes: hand out the FitIns, take the aggregate."""
+
+    def __init__(self, fitins: dict[int, FitIns]) -> None:
+        self.fitins = fitins
+        self.aggregate: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[tuple[_Proxy, FitIns]]:
+        return [(_Proxy(nid), ins) for nid, ins in self.fitins.items()]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[_Proxy, FitRes]], failures: list) -> tuple[Parameters | None, dict]:
+        if results:
+            self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+            return results[0][1].parameters, {}
+        return None, {}
+
+
+class _WorkflowContext:
+    """The parts of a LegacyContext that the SecAgg+ stages read."""
+
+    def __init__(self, server_round: int, fitins: dict[int, FitIns], first: ArrayRecord) -> None:
+        self.state = RecordDict({
+            MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+            MAIN_PARAMS_RECORD: first,
+        })
+        self.strategy = _LegacyStrategy(fitins)
+        self.client_manager = _NodeCount(len(fitins))
+        self.history = self  # the workflow logs the aggregated fit metrics; fedhf records its own
+
+    def add_metrics_distributed_fit(self, server_round: int, metrics: dict) -> None:
+        pass
+
+
+class _NodeCount:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def num_available(self) -> int:
+        return self.n
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message: array data plus bytes/str values of config records."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(a.data) for a in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, (bytes, str)):
+                    total += len(v)
+                else:
+                    total += 8
+    return total
+
+
+class _Tap:
+    """Passes the stages' messages to the real Grid, counting bytes and keeping the last replies."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.last: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.bytes_down += sum(content_nbytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.bytes_up += sum(content_nbytes(r.content) for r in replies if not r.has_error())
+        self.last = replies
+        return replies
+
+
+class SecureAggregationGrid(Grid):
+    """A Grid whose train rounds run SecAgg+; everything else goes straight to the wrapped Grid.
+
+    ``on_round`` receives one record per round: clients sampled, clients whose masked
+    update made it into the sum, dropped clients and why, the shares and threshold used,
+    bytes each way and seconds.
+    """
+
+    def __init__(self, grid: Grid, settings: SecAggSettings, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._grid = grid
+        self.settings = settings
+        self.on_round = on_round
+
+    # -- plain delegation
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        return self._secure_round(messages)
+
+    # -- one SecAgg+ round
+    def _secure_round(self, messages: list[Message]) -> list[Message]:
+        t0 = time.perf_counter()
+        self.settings.check_round(len(messages))
+        first = messages[0].content["arrays"]
+        names = list(first.keys())
+        specs = {name: (arr.dtype, tuple(arr.shape)) for name, arr in first.items()}
+        server_round = int(messages[0].content["config"]["server-round"])
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        fitins = {}
+        for nid, m in by_node.items():
+            config = {k: v for k, v in m.content["config"].items()}
+            config[NAMES_KEY] = "\n".join(names)
+            fitins[nid] = FitIns(compat.arrayrecord_to_parameters(m.content["arrays"], keep_input=True), config)
+        context = _WorkflowContext(server_round, fitins, first)
+        workflow = self.settings.workflow()
+        state = WorkflowState()
+        tap = _Tap(self._grid)
+        record: dict[str, Any] = {"round": server_round, "sampled": len(messages)}
+
+        ok = workflow.setup_stage(tap, context, state)  # type: ignore[arg-type]
+        record.update({"num_shares": state.num_shares, "reconstruction_threshold": state.threshold})
+        ok = ok and workflow.share_keys_stage(tap, context, state)  # type: ignore[arg-type]
+        collected: dict[int, Message] = {}
+        if ok:
+            ok = workflow.collect_masked_vectors_stage(tap, context, state)  # type: ignore[arg-type]
+            collected = {r.metadata.src_node_id: r for r in tap.last if not r.has_error()}
+        participants = sorted(collected)
+        weight = sum(int(r.content["metrics"]["num-examples"]) for r in collected.values())
+        aggregate: ArrayRecord | None = None
+        if ok and weight > 0:
+            ok = workflow.unmask_stage(tap, context, state)  # type: ignore[arg-type]
+            if ok and context.strategy.aggregate is not None:
+                aggregate = _rebuild(context.strategy.aggregate, names, specs)
+            else:
+                ok = False
+        dropped = {nid: "no reply or an error during the protocol" for nid in by_node if nid not in collected}
+        for failure in state.failures:
+            log.warning("secure aggregation, round %d: a client failed: %s", server_round, str(failure)[-300:])
+        record.update({
+            "participants": len(participants),
+            "dropped": len(dropped),
+            "completed": bool(ok and (aggregate is not None or weight == 0)),
+            "bytes_down": tap.bytes_down,
+            "bytes_up": tap.bytes_up,
+            "seconds": time.perf_counter() - t0,
+        })
+        if self.on_round:
+            self.on_round(record)
+        log.info("secure aggregation, round %d: %d sampled, %d in the sum, %d dropped (shares %d, threshold %d)",
+                 server_round, len(messages), len(participants), len(dropped), state.num_shares, state.threshold)
+
+        replies = []
+        for nid, original in by_node.items():
+            if nid not in collected:
+                replies.append(Message(Error(code=0, reason="secure aggregation: the client dropped out of the protocol "
+                                                            "(no reply or an error); its update is not in the sum"),
+                                       reply_to=original))
+                continue
+            reply = collected[nid]
+            if not record["completed"]:
+                replies.append(Message(Error(code=0, reason="secure aggregation could not unmask the sum this round "
+                                                            "(too many dropouts for the reconstruction threshold)"),
+                                       reply_to=original))
+                continue
+            info = reply.content["client-info"]
+            info["secagg-bytes-up"] = content_nbytes(reply.content)  # what this client really uploaded in stage 2
+            content = RecordDict({"metrics": reply.content["metrics"], "client-info": info})
+            if aggregate is not None and int(reply.content["metrics"]["num-examples"]) > 0:
+                content["arrays"] = aggregate
+            replies.append(Message(content, reply_to=original))
+        return replies
+
+
+def _rebuild(ndarrays: list[np.ndarray], names: list[str], specs: dict[str, tuple[str, tuple[int, ...]]]) -> ArrayRecord:
+    if len(ndarrays) != len(names):
+        raise RuntimeError(f"secure aggregation returned {len(ndarrays)} arrays for {len(names)} adapter tensors")
+    arrays = {}
+    for name, arr in zip(names, ndarrays, strict=True):
+        dtype, shape = specs[name]
+        arr = np.asarray(arr).reshape(shape).astype(dtype)
+        arrays[name] = Array(arr)
+    return ArrayRecord(array_dict=arrays)
+
+
+# --------------------------------------------------------------------------- client
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of the SecAgg+ protocol; others go straight through."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def is_secure_round(msg: Message) -> bool:
+    return "fitins.config" in msg.content.config_records
+
+
+def fitins_arrays(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
+    """The global adapter (with its tensor names restored) and the config of a SecAgg+ train message."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    names = str(fitins.config.get(NAMES_KEY, "")).split("\n")
+    ndarrays = parameters_to_ndarrays(fitins.parameters)
+    if len(names) != len(ndarrays):
+        raise ValueError(f"secure aggregation: {len(ndarrays)} arrays arrived with {len(names)} names")
+    arrays = ArrayRecord(array_dict={n: Array(a) for n, a in zip(names, ndarrays, strict=True)})
+    config = ConfigRecord({k: v for k, v in fitins.config.items() if k != NAMES_KEY})
+    return arrays, config
+
+
+def fitres_content(content: RecordDict, received: ArrayRecord, cfg: FedHFConfig) -> RecordDict:
+    """The legacy FitRes records that ``secaggplus_mod`` masks, plus fedhf's metrics and client info.
+
+    A client that did not train (privacy budget exhausted) takes part with weight 0: its
+    masked vector adds nothing to the sum, and the protocol still completes for the others.
+    """
+    metrics: MetricRecord = content["metrics"]
+    num_examples = int(metrics["num-examples"])
+    s = cfg.strategy
+    if num_examples > s.secagg_max_weight:
+        raise FedHFConfigError(
+            f"config key 'strategy.secagg-max-weight': this client trains on {num_examples} examples, more than "
+            f"{s.secagg_max_weight:g}; raise strategy.secagg-max-weight to at least {num_examples} on the server."
+        )
+    arrays: ArrayRecord = content["arrays"] if "arrays" in content.array_records else received
+    names = list(received.keys())
+    if list(arrays.keys()) != names:
+        raise ValueError("secure aggregation: the trained adapter's tensors differ from the global adapter's")
+    ndarrays = [arrays[n].numpy() for n in names]
+    scale = num_examples / s.secagg_max_weight
+    clipped = int(sum(int(np.count_nonzero(np.abs(a) * scale > s.secagg_clipping_range)) for a in ndarrays))
+    info: ConfigRecord = content["client-info"]
+    info["secagg-clipped-values"] = clipped
+    if clipped:
+        log.warning("secure aggregation: %d weighted adapter values exceed strategy.secagg-clipping-range=%g and are "
+                    "clipped; raise it", clipped, s.secagg_clipping_range)
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(ndarrays), num_examples, {})
+    out = compat.fitres_to_recorddict(fitres, keep_input=False)
+    out["metrics"] = metrics
+    out["client-info"] = info
+    return out

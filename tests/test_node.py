@@ -1,0 +1,102 @@
+"""A SuperNode's own data: node config data-path (a real silo) or partition-id/num-partitions."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from fedhf.client_app import LABEL_NAMES_KEY, node_budget, node_of
+from fedhf.config import parse_config
+from fedhf.data import load_silo
+from fedhf.errors import FedHFConfigError, FedHFDataError
+
+from .conftest import synthetic_rows, write_jsonl, write_tsv
+
+LABELS = ("negative", "positive")
+
+
+def _ctx(node_config: dict, node_id: int = 987654321) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_a_silo_folder_with_train_and_test_files(synthetic_dir):
+    cfg = parse_config({})
+    train, local_eval, names = load_silo(cfg.data, str(synthetic_dir), LABELS, cfg.seed)
+    assert names == list(LABELS)
+    assert len(train) == 200 and len(local_eval) == 60  # the silo's own test file is its local eval set
+    assert set(train["label"]) == {0, 1}
+    # label ids follow the federation's names, whatever order the silo's rows come in
+    rows = {t: lab for t, lab in zip(train["text"], train["label"], strict=True)}
+    assert all(rows[r["text"]] == LABELS.index(r["label"]) for r in synthetic_rows(200, seed=1))
+
+
+def test_a_single_file_silo_holds_out_a_local_eval_split(tmp_path):
+    cfg = parse_config({"data.local-eval-fraction": 0.2})
+    path = write_jsonl(tmp_path / "mine.jsonl", synthetic_rows(50, seed=4))
+    train, local_eval, _ = load_silo(cfg.data, str(path), LABELS, cfg.seed)
+    assert (len(train), len(local_eval)) == (40, 10)
+
+
+def test_a_silo_whose_labels_are_a_subset_keeps_the_federation_ids(tmp_path):
+    cfg = parse_config({})
+    rows = [r for r in synthetic_rows(40, seed=5) if r["label"] == "positive"]
+    path = write_tsv(tmp_path / "pos" / "train.tsv", rows, ["text", "label"])
+    train, _, _ = load_silo(cfg.data, str(path.parent), LABELS, cfg.seed)
+    assert set(train["label"]) == {1}
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: d / "nope", "does not exist on this node"),
+    (lambda d: write_tsv(d / "odd" / "train.tsv", [{"text": "x", "label": "neutral"}], ["text", "label"]).parent,
+     "not among the federation's labels"),
+    (lambda d: write_tsv(d / "cols" / "train.tsv", [{"words": "x", "y": "positive"}], ["words", "y"]).parent,
+     "no text column found"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "holds no"),
+])
+def test_bad_silos_name_the_node_config_key(tmp_path, make, fragment):
+    cfg = parse_config({})
+    with pytest.raises(FedHFDataError, match=fragment) as info:
+        load_silo(cfg.data, str(make(tmp_path)), LABELS, cfg.seed)
+    assert "data-path" in str(info.value) or "data.text-column" in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file: permissions cannot be tested")
+def test_an_unreadable_silo_says_so(tmp_path):
+    path = write_tsv(tmp_path / "locked" / "train.tsv", synthetic_rows(10), ["text", "label"])
+    path.chmod(0)
+    try:
+        with pytest.raises(FedHFDataError, match="not readable"):
+            load_silo(parse_config({}).data, str(path), LABELS, 0)
+    finally:
+        path.chmod(0o600)
+
+
+def test_node_config_forms():
+    silo = node_of(_ctx({"data-path": "/data/silo"}))
+    assert (silo.data_path, silo.num_partitions, silo.pid) == ("/data/silo", None, 987654321)
+    named = node_of(_ctx({"data-path": "/data/silo", "partition-id": 3}))
+    assert named.pid == 3
+    part = node_of(_ctx({"partition-id": 1, "num-partitions": 4}))
+    assert (part.pid, part.num_partitions, part.data_path) == (1, 4, None)
+    with pytest.raises(FedHFConfigError, match="data-path"):
+        node_of(_ctx({}))
+    with pytest.raises(FedHFConfigError, match="partition-id"):
+        node_of(_ctx({"data-path": "/x", "partition-id": "first"}))
+
+
+def test_a_silo_gets_the_label_names_from_the_server(synthetic_dir):
+    cfg = parse_config({})
+    node = node_of(_ctx({"data-path": str(synthetic_dir)}))
+    train, _, names = node.data(cfg, ConfigRecord({LABEL_NAMES_KEY: json.dumps(list(LABELS))}))
+    assert names == list(LABELS) and len(train) == 200
+    with pytest.raises(FedHFConfigError, match="label names"):
+        node.data(cfg, ConfigRecord({}))
+
+
+@pytest.mark.parametrize("raw", ["lots", "-1", "0", "inf", "nan"])
+def test_a_node_budget_that_is_not_a_positive_number_is_refused(raw):
+    with pytest.raises(FedHFConfigError, match="node config 'max-epsilon'"):
+        node_budget(parse_config({}), _ctx({"max-epsilon": raw}), 0)

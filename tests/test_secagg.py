@@ -1,0 +1,305 @@
+"""SecAgg+ under the Message-API strategies: Flower's protocol code end to end, in process.
+
+The in-process Grid below delivers copies of every message to a real ClientApp with its own
+Context per node (as a SuperNode would), so the four protocol stages, the masking and the
+unmasking all run for real; only the transport is short-circuited.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+from fedhf.artifacts import RunRecorder
+from fedhf.config import parse_config
+from fedhf.errors import FedHFConfigError
+from fedhf.secagg import (
+    SecAggSettings,
+    SecureAggregationGrid,
+    fitins_arrays,
+    fitres_content,
+    quantization_tolerance,
+    secure_aggregation_mod,
+)
+from fedhf.strategy import build_strategy
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    """Messages are created as by a ServerApp task (Flower sets this identity in its runtime)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+SHAPES = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": (4, 12),
+          "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": (12, 4),
+          "base_model.model.classifier.modules_to_save.default.bias": (2,)}
+
+
+class InProcessGrid(Grid):
+    """Delivers deep copies of messages to a ClientApp, one Context per node; a raising app is an error reply."""
+
+    def __init__(self, app: ClientApp, node_configs: dict[int, dict]) -> None:
+        self.app = app
+        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config=nc, state=RecordDict(), run_config={})
+                         for nid, nc in node_configs.items()}
+        self.sent: list[Message] = []
+
+    def set_run(self, run):  # pragma: no cover - not used
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - not used
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            self.sent.append(m)
+            delivered = Message(copy.deepcopy(m.content), dst_node_id=m.metadata.dst_node_id,
+                                message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+            try:
+                out = self.app(delivered, self.contexts[m.metadata.dst_node_id])
+            except Exception as exc:  # noqa: BLE001 - a client crash is an error reply, as on a SuperNode
+                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
+                continue
+            replies.append(Message(copy.deepcopy(out.content), reply_to=m))
+        return replies
+
+
+def client_update(node_config: dict) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(int(node_config["seed"]))
+    return {name: rng.normal(0.0, 0.3, size=shape).astype(np.float32) for name, shape in SHAPES.items()}
+
+
+def toy_app(cfg) -> ClientApp:
+    """A client that 'trains' to a known, node-specific adapter (so the exact FedAvg is known)."""
+    app = ClientApp(mods=[secure_aggregation_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays, config = fitins_arrays(msg)
+        assert list(arrays.keys()) == list(SHAPES)  # names restored on the client
+        node = context.node_config
+        if int(node.get("fail-at-stage2", 0)):
+            raise RuntimeError("simulated crash while training")
+        n = int(node["n"])
+        content = RecordDict({
+            "metrics": MetricRecord({"train-loss": 0.5, "num-examples": n, "uniform-weight": 1.0}),
+            "client-info": ConfigRecord({"partition-id": int(node["seed"]), "label-histogram": [n, 0],
+                                         "handler-seconds": 0.1, "status": "trained" if n else "budget-exhausted",
+                                         "train-seconds": 0.1, "train-steps": 1, "train-tokens": 10}),
+        })
+        if n:
+            content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in client_update(node).items()})
+        return Message(fitres_content(content, arrays, cfg), reply_to=msg)
+
+    return app
+
+
+def _train_messages(grid: Grid, server_round: int = 1) -> list[Message]:
+    initial = ArrayRecord(array_dict={k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    config = ConfigRecord({"server-round": server_round})
+    return [Message(RecordDict({"arrays": initial, "config": config}), dst_node_id=nid,
+                    message_type=MessageType.TRAIN, group_id=str(server_round)) for nid in grid.get_node_ids()]
+
+
+def _cfg(**overrides):
+    flat = {"strategy.secure-aggregation": True, **overrides}
+    return parse_config(flat)
+
+
+def _weighted_fedavg(nodes: dict[int, dict]) -> dict[str, np.ndarray]:
+    total = sum(int(nc["n"]) for nc in nodes.values())
+    out = {k: np.zeros(s, np.float64) for k, s in SHAPES.items()}
+    for nc in nodes.values():
+        for k, v in client_update(nc).items():
+            out[k] += int(nc["n"]) / total * v.astype(np.float64)
+    return out
+
+
+def _check_equals_fedavg(replies, nodes, settings):
+    arrays = [r.content["arrays"] for r in replies if not r.has_error() and "arrays" in r.content.array_records]
+    assert arrays, "no aggregate came back"
+    expected = _weighted_fedavg(nodes)
+    max_abs = max(float(np.abs(v).max()) for v in expected.values())
+    tol = quantization_tolerance([int(nc["n"]) for nc in nodes.values()], settings, max_abs)
+    for rec in arrays:
+        for name, arr in rec.items():
+            got = arr.numpy()
+            assert got.dtype == np.float32 and got.shape == SHAPES[name]
+            err = float(np.abs(got.astype(np.float64) - expected[name]).max())
+            assert err <= tol, (name, err, tol)
+    # every participant gets the same aggregate, never its own update
+    first = arrays[0]
+    for rec in arrays[1:]:
+        for name in SHAPES:
+            np.testing.assert_array_equal(rec[name].numpy(), first[name].numpy())
+    return tol
+
+
+def test_secagg_aggregate_equals_weighted_fedavg_within_quantization_tolerance():
+    cfg = _cfg()
+    nodes = {101: {"seed": 1, "n": 120}, 202: {"seed": 2, "n": 300}, 303: {"seed": 3, "n": 45}}
+    inner = InProcessGrid(toy_app(cfg), nodes)
+    settings = SecAggSettings.from_config(cfg)
+    rounds = []
+    grid = SecureAggregationGrid(inner, settings, rounds.append)
+    replies = list(grid.send_and_receive(_train_messages(grid)))
+    assert len(replies) == 3 and not any(r.has_error() for r in replies)
+    tol = _check_equals_fedavg(replies, nodes, settings)
+    assert 0 < tol < 1e-3  # the documented bound is tight enough to matter for LoRA updates
+    # the individual updates never reached the server: no reply of any stage carried one client's values
+    (rec,) = rounds
+    assert rec["participants"] == 3 and rec["dropped"] == 0 and rec["completed"]
+    assert rec["num_shares"] == 3 and rec["reconstruction_threshold"] == 2
+    assert rec["bytes_up"] > 0 and rec["bytes_down"] > 0
+    # metrics still arrive per client, in the clear
+    assert sorted(int(r.content["metrics"]["num-examples"]) for r in replies) == [45, 120, 300]
+
+
+def test_the_server_never_sees_an_individual_update():
+    cfg = _cfg()
+    nodes = {1: {"seed": 11, "n": 50}, 2: {"seed": 12, "n": 70}, 3: {"seed": 13, "n": 90}}
+    seen: list[Message] = []
+
+    class Spy(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            seen.extend(replies)
+            return replies
+
+    inner = Spy(toy_app(cfg), nodes)
+    grid = SecureAggregationGrid(inner, SecAggSettings.from_config(cfg))
+    list(grid.send_and_receive(_train_messages(grid)))
+    updates = [client_update(nc) for nc in nodes.values()]
+    for reply in seen:
+        for record in reply.content.array_records.values():
+            assert len(record) == 0  # secaggplus_mod cleared the plain adapter before the reply left
+        for record in reply.content.config_records.values():
+            for value in record.values():
+                for v in value if isinstance(value, list) else [value]:
+                    if isinstance(v, bytes):
+                        for upd in updates:
+                            for arr in upd.values():
+                                assert arr.tobytes() not in v
+
+
+def test_a_dropped_client_below_the_threshold_does_not_stop_the_round():
+    cfg = _cfg(**{"strategy.secagg-reconstruction-threshold": 2})
+    nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 200}, 3: {"seed": 3, "n": 150}, 4: {"seed": 4, "n": 80, "fail-at-stage2": 1}}
+    settings = SecAggSettings.from_config(cfg)
+    rounds = []
+    grid = SecureAggregationGrid(InProcessGrid(toy_app(cfg), nodes), settings, rounds.append)
+    replies = list(grid.send_and_receive(_train_messages(grid)))
+    errors = [r for r in replies if r.has_error()]
+    assert len(errors) == 1 and errors[0].metadata.src_node_id == 4
+    survivors = {k: v for k, v in nodes.items() if k != 4}
+    _check_equals_fedavg(replies, survivors, settings)  # the dropped client's masks were removed
+    assert rounds[0]["dropped"] == 1 and rounds[0]["participants"] == 3 and rounds[0]["completed"]
+
+
+def test_a_budget_exhausted_client_takes_part_with_weight_zero():
+    cfg = _cfg()
+    nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 0}, 3: {"seed": 3, "n": 60}}
+    settings = SecAggSettings.from_config(cfg)
+    grid = SecureAggregationGrid(InProcessGrid(toy_app(cfg), nodes), settings)
+    replies = list(grid.send_and_receive(_train_messages(grid)))
+    exhausted = [r for r in replies if r.metadata.src_node_id == 2]
+    assert "arrays" not in exhausted[0].content.array_records  # the strategy sees no update from it
+    _check_equals_fedavg(replies, {k: v for k, v in nodes.items() if k != 2}, settings)
+
+
+def test_the_strategy_aggregates_the_secure_sum_like_plain_fedavg(tmp_path):
+    """FedAvg over the replies SecureAggregationGrid returns == the protocol's weighted average."""
+    cfg = parse_config({"strategy.secure-aggregation": True, "output-dir": str(tmp_path), "run-name": "s"})
+    nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 200}, 3: {"seed": 3, "n": 300}}
+    settings = SecAggSettings.from_config(cfg)
+    recorder = RunRecorder(cfg)
+    recorder.set_partitions([])
+    recorder.set_secure_aggregation(settings.describe())
+    strategy = build_strategy(cfg, recorder, 3)
+    grid = SecureAggregationGrid(InProcessGrid(toy_app(cfg), nodes), settings, recorder.secure_aggregation_round)
+    initial = ArrayRecord(array_dict={k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    messages = list(strategy.configure_train(1, initial, ConfigRecord({"server-round": 1}), grid))
+    replies = grid.send_and_receive(messages)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = _weighted_fedavg(nodes)
+    tol = quantization_tolerance([100, 200, 300], settings, max(float(np.abs(v).max()) for v in expected.values()))
+    for name, arr in arrays.items():
+        assert float(np.abs(arr.numpy() - expected[name]).max()) <= tol + 1e-7
+    assert int(metrics["num-examples"]) == 600
+    saved = json.loads((tmp_path / "s" / "run.json").read_text())["secure_aggregation"]
+    assert saved["quantization_range"] == 4194304 and saved["quantization_bits"] == 22
+    assert saved["rounds"][0]["participants"] == 3
+
+
+def test_evaluate_messages_pass_through_untouched():
+    cfg = _cfg()
+    calls = []
+
+    class Counting(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            calls.append([m.metadata.message_type for m in messages])
+            return []
+
+    grid = SecureAggregationGrid(Counting(toy_app(cfg), {1: {"seed": 1, "n": 1}}), SecAggSettings.from_config(cfg))
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                  message_type=MessageType.EVALUATE, group_id="1")
+    grid.send_and_receive([msg])
+    assert calls == [[MessageType.EVALUATE]]
+
+
+@pytest.mark.parametrize("overrides, sampled, fragment", [
+    ({"strategy.secagg-reconstruction-threshold": 5}, 3, "secagg-reconstruction-threshold': got 5"),
+    ({"strategy.secagg-num-shares": 5}, 3, "secagg-num-shares': got 5"),
+    ({}, 1, "at least 2"),
+    ({"strategy.secagg-quantization-range": 2**31}, 3, "secagg-quantization-range"),
+])
+def test_rounds_the_protocol_cannot_complete_are_refused_before_any_message(overrides, sampled, fragment):
+    settings = SecAggSettings.from_config(_cfg(**overrides))
+    with pytest.raises(FedHFConfigError, match=fragment.replace("'", ".")):
+        settings.check_round(sampled)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"privacy.mode": "client"}, "strategy.secure-aggregation"),
+    ({"privacy.mode": "both"}, "strategy.secure-aggregation"),
+    ({"strategy.secagg-num-shares": 2}, "strategy.secagg-num-shares"),
+    ({"strategy.secagg-reconstruction-threshold": 1}, "strategy.secagg-reconstruction-threshold"),
+    ({"strategy.secagg-num-shares": 3, "strategy.secagg-reconstruction-threshold": 3}, "not below"),
+    ({"strategy.min-train-nodes": 1}, "strategy.min-train-nodes"),
+])
+def test_bad_secagg_config_names_the_key(overrides, fragment):
+    with pytest.raises(FedHFConfigError, match=fragment):
+        _cfg(**overrides)
+
+
+def test_a_client_above_max_weight_stops_with_the_key_to_raise():
+    cfg = _cfg(**{"strategy.secagg-max-weight": 50.0})
+    received = ArrayRecord(array_dict={k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    content = RecordDict({"metrics": MetricRecord({"train-loss": 0.1, "num-examples": 51}),
+                          "client-info": ConfigRecord({}), "arrays": received})
+    with pytest.raises(FedHFConfigError, match="raise strategy.secagg-max-weight to at least 51"):
+        fitres_content(content, received, cfg)
