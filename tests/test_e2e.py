@@ -246,3 +246,41 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tmp_path):
     for e in run["privacy"]["clients"].values():
         assert e["epsilon"] == pytest.approx(one, rel=1e-6) and e["epsilon"] <= budget < e["stopped"]["projected_epsilon"]
     assert (out / "stop" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shared_data_dir, tmp_path):
+    """The real fedhf clients, 1 round, 3 clients, no DP (deterministic training): with SecAgg+ the
+    global adapter equals the plain FedAvg run's within the documented quantization tolerance."""
+    from safetensors.numpy import load_file
+
+    from fedhf.config import parse_config
+    from fedhf.secagg import SecAggSettings, quantization_tolerance
+
+    out = tmp_path / "outputs"
+    common = ["--num-clients", "3", "--set", "num-server-rounds=1", "--set", "data.max-train-examples=240",
+              "--set", "train.local-epochs=1", "--set", "strategy.fraction-evaluate=0", "--set", "data.max-length=48"]
+    plain = fedhf_run(shared_data_dir, out, "plain", *common)
+    secure = fedhf_run(shared_data_dir, out, "secure", *common, "--set", "strategy.secure-aggregation=true",
+                       "--set", "strategy.secagg-max-weight=100")
+    assert plain["status"] == secure["status"] == "complete"
+    sa = secure["secure_aggregation"]
+    assert sa["quantization_bits"] == 22 and sa["max_weight"] == 100
+    (r1,) = sa["rounds"]
+    assert (r1["sampled"], r1["participants"], r1["dropped"], r1["completed"]) == (3, 3, 0, True)
+    assert (r1["num_shares"], r1["reconstruction_threshold"]) == (3, 2)
+    clients = secure["rounds"][1]["clients"]
+    sizes = [c["num-examples"] for c in clients]
+    assert [c["num-examples"] for c in plain["rounds"][1]["clients"]] == sizes
+    a = load_file(str(out / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "secure" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    max_abs = max(float(abs(v).max()) for v in a.values())
+    tol = quantization_tolerance(sizes, SecAggSettings.from_config(parse_config({"strategy.secagg-max-weight": 100.0})), max_abs)
+    worst = max(float(abs(a[k].astype("float64") - b[k].astype("float64")).max()) for k in a)
+    assert 0 < worst <= tol, (worst, tol)  # not bit-identical (masked, quantized), but within the bound
+    changed = max(float(abs(a[k]).max()) for k in a if "lora_B" in k)
+    assert changed > 50 * tol  # the round really trained: the bound is small against the update
+    # upload per client = the masked vector, recorded; the card states the protocol and its parameters
+    assert all(c["bytes-up"] > 0 for c in clients)
+    card = (out / "secure" / "hub" / "README.md").read_text()
+    assert "**On: SecAgg+" in card and "| quantization | 22 bits" in card
