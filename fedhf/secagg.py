@@ -219,12 +219,16 @@ class _Tap:
         self.bytes_down = 0
         self.bytes_up = 0
         self.last: list[Message] = []
+        self.errors: dict[int, str] = {}  # node id -> the reason its reply carried (first error wins)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self.bytes_down += sum(content_nbytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.bytes_up += sum(content_nbytes(r.content) for r in replies if not r.has_error())
+        for r in replies:
+            if r.has_error():
+                self.errors.setdefault(r.metadata.src_node_id, str(r.error.reason or f"error code {r.error.code}"))
         self.last = replies
         return replies
 
@@ -304,7 +308,7 @@ class SecureAggregationGrid(Grid):
                 aggregate = _rebuild(context.strategy.aggregate, names, specs)
             else:
                 ok = False
-        dropped = {nid: "no reply or an error during the protocol" for nid in by_node if nid not in collected}
+        dropped = {nid: tap.errors.get(nid, "no reply within strategy.round-timeout") for nid in by_node if nid not in collected}
         for failure in state.failures:
             log.warning("secure aggregation, round %d: a client failed: %s", server_round, str(failure)[-300:])
         record.update({
@@ -323,8 +327,8 @@ class SecureAggregationGrid(Grid):
         replies = []
         for nid, original in by_node.items():
             if nid not in collected:
-                replies.append(Message(Error(code=0, reason="secure aggregation: the client dropped out of the protocol "
-                                                            "(no reply or an error); its update is not in the sum"),
+                replies.append(Message(Error(code=0, reason="secure aggregation: the client dropped out of the protocol, "
+                                                            f"its update is not in the sum: {dropped[nid]}"),
                                        reply_to=original))
                 continue
             reply = collected[nid]

@@ -81,7 +81,10 @@ def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result:
     try:
         _run(grid, cfg, recorder, progress, num_partitions)
     except BaseException as exc:
-        recorder.fail(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # `flwr stop`, SIGTERM or Ctrl-C
+            recorder.fail(f"stopped before completion ({type(exc).__name__}: `flwr stop`, a signal or Ctrl-C)")
+        else:
+            recorder.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         progress.close()

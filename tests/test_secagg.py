@@ -214,6 +214,7 @@ def test_a_dropped_client_below_the_threshold_does_not_stop_the_round():
     replies = list(grid.send_and_receive(_train_messages(grid)))
     errors = [r for r in replies if r.has_error()]
     assert len(errors) == 1 and errors[0].metadata.src_node_id == 4
+    assert "simulated crash while training" in errors[0].error.reason  # the client's own reason reaches the server
     survivors = {k: v for k, v in nodes.items() if k != 4}
     _check_equals_fedavg(replies, survivors, settings)  # the dropped client's masks were removed
     assert rounds[0]["dropped"] == 1 and rounds[0]["participants"] == 3 and rounds[0]["completed"]

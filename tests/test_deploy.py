@@ -1,0 +1,303 @@
+"""Flower's Deployment Engine, for real: a SuperLink with TLS and SuperNode authentication and
+SuperNodes with their own silos, all started here by the scripts in scripts/deploy/ on
+127.0.0.1 (or on namespaced hosts joined by veth), stopped by PID at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+DEPLOY = REPO / "scripts" / "deploy"
+FLWR = str(Path(sys.executable).with_name("flwr"))
+CONNECTION = "fedhf-test"
+
+
+def _env(data_dir: Path, fed_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, FEDHF_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(fed_dir / "flwr-home"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return env
+
+
+def sh(script: str, *args: str, env: dict[str, str], timeout: float = 180, check: bool = True,
+       netns: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(DEPLOY / script), *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, f"{script} {args}: rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def stop_federation(fed_dir: Path, env: dict[str, str]) -> None:
+    """The scripts' own stop (by PID files), then anything still running with this FLWR_HOME, by PID."""
+    if (fed_dir / "superlink").exists():
+        subprocess.run([str(DEPLOY / "local_federation.sh"), "stop", "--dir", str(fed_dir), "--timeout", "10"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    leftover = []
+    for p in psutil.process_iter(["pid", "environ", "status"]):
+        try:
+            if (p.info["environ"] or {}).get("FLWR_HOME") == env["FLWR_HOME"] and p.info["status"] != psutil.STATUS_ZOMBIE:
+                leftover.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in leftover:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leftover, timeout=10)
+
+
+def write_silo(data_dir: Path, path: Path, start: int, rows: int) -> Path:
+    """A silo of SST-2 training rows (read at test time from ../shared/data, never copied into the repo)."""
+    with (data_dir / "sst2" / "train.tsv").open() as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        picked = [r for i, r in enumerate(reader) if start <= i < start + rows]
+    path.mkdir(parents=True)
+    with (path / "train.tsv").open("w") as fh:
+        fh.write("\t".join(header) + "\n")
+        for r in picked:
+            fh.write("\t".join(r) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_run(run_json: Path, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if run_json.is_file():
+            run = json.loads(run_json.read_text())
+            if run["status"] != "running":
+                return run
+        time.sleep(2)
+    raise AssertionError(f"{run_json} did not finish in {timeout} s")
+
+
+@pytest.fixture()
+def sst2_dir(shared_data_dir) -> Path:
+    if not (shared_data_dir / "sst2" / "train.tsv").is_file():
+        pytest.skip("needs ../shared/data/sst2/train.tsv")
+    return shared_data_dir
+
+
+class Federation:
+    """SuperLink (TLS + node auth) and SuperNodes started with scripts/deploy, state under one folder."""
+
+    def __init__(self, data_dir: Path, fed_dir: Path, host: str = "127.0.0.1", netns: tuple[str, str] | None = None):
+        self.dir, self.host, self.netns = fed_dir, host, netns
+        self.env = _env(data_dir, fed_dir)
+        self.port = free_port()
+        self.address = f"{host}:{self.port}"
+
+    def _ns(self, side: int) -> str | None:
+        return self.netns[side] if self.netns else None
+
+    def start(self, nodes: list[str]) -> None:
+        sh("make_certs.sh", "--out", str(self.dir / "certs"), "--hosts", f"{self.host},localhost", env=self.env)
+        sh("make_node_keys.sh", "--out", str(self.dir / "keys"), "--names", " ".join(nodes), env=self.env)
+        sh("start_superlink.sh", "--certs", str(self.dir / "certs"), "--host", self.host, "--port", str(self.port),
+           "--state", str(self.dir / "superlink"), env=self.env, netns=self._ns(0))
+        sh("connection.sh", "--name", CONNECTION, "--address", self.address, "--ca", str(self.dir / "certs" / "ca.crt"),
+           env=self.env)
+        for name in nodes:
+            sh("register_node.sh", "--connection", CONNECTION, "--key", str(self.dir / "keys" / f"{name}.pub"),
+               "--name", name, env=self.env, netns=self._ns(1))
+
+    def supernode(self, name: str, node_config: str, *, key: str | None = None, ca: Path | None = None,
+                  address: str | None = None, check: bool = True, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        return sh("start_supernode.sh", "--superlink", address or self.address, "--ca", str(ca or self.dir / "certs" / "ca.crt"),
+                  "--key", str(self.dir / "keys" / (key or name)), "--node-config", node_config, "--name", name,
+                  "--state", str(self.dir / "supernodes"), "--timeout", "90", *extra,
+                  env=self.env, check=check, netns=self._ns(1))
+
+    def flwr_run(self, run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        cmd = [FLWR, "run", ".", CONNECTION, "--stream", "--run-config", run_config]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns[1], *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=REPO)
+
+    def stop(self) -> None:
+        stop_federation(self.dir, self.env)
+
+
+def test_deployment_with_tls_node_auth_dp_and_secure_aggregation(sst2_dir, tmp_path):
+    """Two silos (own data-path) and one SuperNode whose silo is missing; 2 rounds, sample-level DP, SecAgg+.
+
+    Also: an unregistered key, a client without the CA and a certificate that has expired are
+    refused, and the SuperLink keeps serving the registered nodes.
+    """
+    fed = Federation(sst2_dir, tmp_path / "fed")
+    silo_a = write_silo(sst2_dir, tmp_path / "silos" / "a", 0, 150)
+    silo_b = write_silo(sst2_dir, tmp_path / "silos" / "b", 150, 150)
+    out = tmp_path / "out"
+    try:
+        fed.start(["node-a", "node-b", "node-c", "rogue"])
+        # refused: a key the SuperLink does not know
+        sh("make_node_keys.sh", "--out", str(tmp_path / "other-keys"), "--names", "stranger", env=fed.env)
+        refused = fed.supernode("stranger", "partition-id=0 num-partitions=2", key=str(tmp_path / "other-keys" / "stranger"),
+                                check=False)
+        assert refused.returncode != 0
+        assert "Failed to activate SuperNode" in refused.stdout + refused.stderr
+        # refused: a SuperNode that trusts another CA cannot even complete the TLS handshake
+        sh("make_certs.sh", "--out", str(tmp_path / "other-ca"), "--hosts", "127.0.0.1", env=fed.env)
+        no_ca = fed.supernode("rogue", "partition-id=0 num-partitions=2", ca=tmp_path / "other-ca" / "ca.crt", check=False)
+        assert no_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in no_ca.stdout + no_ca.stderr
+        # refused: nothing listens at the address (the node gives up after its retries, with the reason)
+        dead = fed.supernode("rogue", "partition-id=0 num-partitions=2", address=f"127.0.0.1:{free_port()}", check=False,
+                             extra=("--max-retries", "2"))
+        assert dead.returncode != 0 and "Connection refused" in dead.stdout + dead.stderr
+
+        fed.supernode("node-a", f"data-path={silo_a} max-epsilon=40")
+        fed.supernode("node-b", f"data-path={silo_b}")
+        fed.supernode("node-c", f"data-path={tmp_path / 'silos' / 'missing'}")  # joins, but its silo is not there
+        listed = subprocess.run([FLWR, "supernode", "list", CONNECTION, "--format", "json"], capture_output=True, text=True,
+                                env=fed.env, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.count("online") >= 3 or len(json.loads(listed.stdout).get("nodes", [])) >= 3, listed.stdout
+
+        run_config = (f'num-server-rounds=2 output-dir="{out}" run-name="deploy" data.max-eval-examples=200 '
+                      'data.max-length=48 train.local-epochs=1 strategy.fraction-evaluate=0.0 strategy.min-train-nodes=2 '
+                      'strategy.min-available-nodes=3 privacy.mode="sample" privacy.noise-multiplier=1.0 '
+                      'strategy.secure-aggregation=true strategy.secagg-max-weight=200.0')
+        proc = fed.flwr_run(run_config)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run = wait_for_run(out / "deploy" / "run.json", 120)
+    finally:
+        fed.stop()
+
+    assert run["status"] == "complete", run.get("error")
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
+    assert (out / "deploy" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "deploy" / "hub" / "README.md").is_file()
+    # SecAgg+: three sampled, node-c dropped out of every round (its silo is missing), the sum still unmasked
+    for r in run["secure_aggregation"]["rounds"]:
+        assert (r["sampled"], r["participants"], r["dropped"], r["completed"]) == (3, 2, 1, True), r
+        assert (r["num_shares"], r["reconstruction_threshold"]) == (3, 2)
+    # the failing node's reason reached the server's record of the round
+    for r in run["rounds"][1:]:
+        (failure,) = r["failures"]
+        assert "secure aggregation" in failure["reason"] and "does not exist on this node" in failure["reason"], failure
+    # DP: each silo's accountant lived on its SuperNode across rounds; node-a's own budget is recorded
+    ledger = run["privacy"]["clients"]
+    assert len(ledger) == 2
+    budgets = sorted(e["max_epsilon"] or 0.0 for e in ledger.values())
+    assert budgets == [0.0, 40.0]
+    for e in ledger.values():
+        eps = [x["epsilon"] for x in e["rounds"]]
+        assert len(eps) == 2 and 0 < eps[0] < eps[1]
+        assert e["steps"] == 2 * round(1 / e["sample_rate"])
+    # 150 rows per silo, 10% held out locally; the silo paths never reach the server's records
+    assert sorted(p["train-examples"] for p in run["partitions"]) == [135, 135]
+    text = (out / "deploy" / "run.json").read_text() + (out / "deploy" / "hub" / "provenance.json").read_text()
+    assert str(silo_a) not in text and str(silo_b) not in text
+    # nothing the federation started is left running
+    assert not [p for p in psutil.process_iter(["environ"]) if (p.info["environ"] or {}).get("FLWR_HOME") == fed.env["FLWR_HOME"]
+                and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_an_expired_server_certificate_is_refused(sst2_dir, tmp_path):
+    """A SuperLink presenting an expired certificate (signed by the right CA) gets no SuperNode."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    fed = Federation(sst2_dir, tmp_path / "fed")
+    try:
+        sh("make_certs.sh", "--out", str(fed.dir / "certs"), "--hosts", "127.0.0.1", env=fed.env)
+        certs = fed.dir / "certs"
+        ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+        key = ec.generate_private_key(ec.SECP384R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        import ipaddress
+
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+                .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (certs / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (certs / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+        sh("make_node_keys.sh", "--out", str(fed.dir / "keys"), "--names", "node-a", env=fed.env)
+        sh("start_superlink.sh", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(fed.port),
+           "--state", str(fed.dir / "superlink"), env=fed.env)
+        refused = fed.supernode("node-a", "partition-id=0 num-partitions=1", check=False)
+        assert refused.returncode != 0
+        assert "certificate has expired" in refused.stdout + refused.stderr
+    finally:
+        fed.stop()
+
+
+def _netns_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "the 'ip' tool (iproute2) is not installed"
+    probe = subprocess.run(["ip", "netns", "add", "fedhf-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns is not permitted here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "fedhf-probe"], capture_output=True)
+    return None
+
+
+@pytest.mark.skipif(_netns_available() is not None, reason=str(_netns_available()))
+def test_superlink_and_supernodes_on_separate_namespaced_hosts(sst2_dir, tmp_path):
+    """SuperLink on host 10.77.0.1 (namespace A), two SuperNodes on host 10.77.0.2 (namespace B), joined by veth.
+
+    The hosts reach each other only over the veth pair; the certificate names 10.77.0.1.
+    """
+    suffix = str(os.getpid() % 10000)
+    ns_a, ns_b, veth_a, veth_b = f"fhA{suffix}", f"fhB{suffix}", f"fhva{suffix}", f"fhvb{suffix}"
+    setup = [["ip", "netns", "add", ns_a], ["ip", "netns", "add", ns_b],
+             ["ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b],
+             ["ip", "link", "set", veth_a, "netns", ns_a], ["ip", "link", "set", veth_b, "netns", ns_b],
+             ["ip", "-n", ns_a, "addr", "add", "10.77.0.1/24", "dev", veth_a],
+             ["ip", "-n", ns_b, "addr", "add", "10.77.0.2/24", "dev", veth_b],
+             ["ip", "-n", ns_a, "link", "set", veth_a, "up"], ["ip", "-n", ns_b, "link", "set", veth_b, "up"],
+             ["ip", "-n", ns_a, "link", "set", "lo", "up"], ["ip", "-n", ns_b, "link", "set", "lo", "up"]]
+    fed = Federation(sst2_dir, tmp_path / "fed", host="10.77.0.1", netns=(ns_a, ns_b))
+    out = tmp_path / "out"
+    try:
+        for cmd in setup:
+            subprocess.run(cmd, check=True, capture_output=True)
+        fed.start(["node-0", "node-1"])
+        fed.supernode("node-0", "partition-id=0 num-partitions=2")
+        fed.supernode("node-1", "partition-id=1 num-partitions=2")
+        proc = fed.flwr_run(f'num-server-rounds=1 output-dir="{out}" run-name="netns" data.max-train-examples=200 '
+                            'data.max-eval-examples=200 data.max-length=48 train.local-epochs=1 strategy.fraction-evaluate=0.0')
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run = wait_for_run(out / "netns" / "run.json", 120)
+    finally:
+        fed.stop()
+        for ns in (ns_a, ns_b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1]
+    assert sorted(p["train-examples"] for p in run["partitions"]) == [90, 90]
+    assert (out / "netns" / "adapter" / "adapter_model.safetensors").is_file()
