@@ -56,6 +56,13 @@ def assert_clean_error(result, needle, out_dir: Path):
         (["--set", "privacy.mode=sample", "--set", "strategy.name=fedprox"], "fedprox cannot be combined with privacy.mode='sample'"),
         (["--set", "hub.push=true"], "config key 'hub.repo-id': got ''; hub.push=true needs a Hub repo id"),
         (["--set", "hub.push=true", "--set", "hub.repo-id=no spaces/x"], "config key 'hub.repo-id': got 'no spaces/x'"),
+        (["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-reconstruction-threshold=5"],
+         "config key 'strategy.secagg-reconstruction-threshold': got 5, more than the 3 shares"),
+        (["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-max-weight=10"],
+         "config key 'strategy.secagg-max-weight': got 10, but a client trains on"),
+        (["--set", "strategy.secure-aggregation=true", "--set", "privacy.mode=client"],
+         "config key 'strategy.secure-aggregation': true cannot be combined with privacy.mode='client'"),
+        (["--set", "strategy.secure-aggregation=yes please"], "config key 'strategy.secure-aggregation': got 'yes please'"),
     ],
 )
 def test_bad_config_and_sources(runner, tmp_path, args, needle):

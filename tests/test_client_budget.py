@@ -1,16 +1,14 @@
 """The data owner's budget: node config beats the run config; bad values are refused."""
 
 import pytest
-from flwr.app import Context, RecordDict
 
-from fedhf.client_app import node_budget
+from fedhf.client import node_budget
 from fedhf.config import parse_config
 from fedhf.errors import FedHFConfigError
 
 
 def ctx(**node):
-    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2, **node},
-                   state=RecordDict(), run_config={})
+    return {"partition-id": 0, "num-partitions": 2, **node}
 
 
 def test_budget_precedence():

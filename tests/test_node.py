@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
-from flwr.app import ConfigRecord, Context, RecordDict
 
-from fedhf.client_app import LABEL_NAMES_KEY, node_budget, node_of
+from fedhf.client import node_of
 from fedhf.config import parse_config
 from fedhf.data import load_silo
 from fedhf.errors import FedHFConfigError, FedHFDataError
@@ -18,8 +16,8 @@ from .conftest import synthetic_rows, write_jsonl, write_tsv
 LABELS = ("negative", "positive")
 
 
-def _ctx(node_config: dict, node_id: int = 987654321) -> Context:
-    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+def _node(node_config: dict, node_id: int = 987654321):
+    return node_of(node_config, node_id)
 
 
 def test_a_silo_folder_with_train_and_test_files(synthetic_dir):
@@ -74,29 +72,41 @@ def test_an_unreadable_silo_says_so(tmp_path):
         path.chmod(0o600)
 
 
+def test_an_unreadable_silo_says_so_even_for_root(tmp_path, monkeypatch):
+    """Root reads every file, so the permission check is exercised with os.access answering as for another user."""
+    path = write_tsv(tmp_path / "locked" / "train.tsv", synthetic_rows(10), ["text", "label"])
+    monkeypatch.setattr("fedhf.data.os.access", lambda p, mode: False)
+    with pytest.raises(FedHFDataError, match="is not readable by this SuperNode's user; fix its permissions"):
+        load_silo(parse_config({}).data, str(path), LABELS, 1)
+
+
 def test_node_config_forms():
-    silo = node_of(_ctx({"data-path": "/data/silo"}))
+    silo = _node(({"data-path": "/data/silo"}))
     assert (silo.data_path, silo.num_partitions, silo.pid) == ("/data/silo", None, 987654321)
-    named = node_of(_ctx({"data-path": "/data/silo", "partition-id": 3}))
+    named = _node(({"data-path": "/data/silo", "partition-id": 3}))
     assert named.pid == 3
-    part = node_of(_ctx({"partition-id": 1, "num-partitions": 4}))
+    part = _node(({"partition-id": 1, "num-partitions": 4}))
     assert (part.pid, part.num_partitions, part.data_path) == (1, 4, None)
     with pytest.raises(FedHFConfigError, match="data-path"):
-        node_of(_ctx({}))
+        _node(({}))
     with pytest.raises(FedHFConfigError, match="partition-id"):
-        node_of(_ctx({"data-path": "/x", "partition-id": "first"}))
+        _node(({"data-path": "/x", "partition-id": "first"}))
 
 
 def test_a_silo_gets_the_label_names_from_the_server(synthetic_dir):
     cfg = parse_config({})
-    node = node_of(_ctx({"data-path": str(synthetic_dir)}))
-    train, _, names = node.data(cfg, ConfigRecord({LABEL_NAMES_KEY: json.dumps(list(LABELS))}))
+    node = _node({"data-path": str(synthetic_dir)})
+    train, _, names = node.data(cfg, list(LABELS))
     assert names == list(LABELS) and len(train) == 200
     with pytest.raises(FedHFConfigError, match="label names"):
-        node.data(cfg, ConfigRecord({}))
+        node.data(cfg, None)
 
 
-@pytest.mark.parametrize("raw", ["lots", "-1", "0", "inf", "nan"])
-def test_a_node_budget_that_is_not_a_positive_number_is_refused(raw):
-    with pytest.raises(FedHFConfigError, match="node config 'max-epsilon'"):
-        node_budget(parse_config({}), _ctx({"max-epsilon": raw}), 0)
+def test_the_client_app_module_stays_light():
+    """Every message in a deployment imports the ClientApp afresh: torch & co. load only to train or evaluate."""
+    import subprocess
+    import sys
+
+    code = "import sys, fedhf.client_app; print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
