@@ -41,8 +41,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -220,12 +230,18 @@ class _Tap:
         self.bytes_up = 0
         self.last: list[Message] = []
         self.errors: dict[int, str] = {}  # node id -> the reason its reply carried (first error wins)
+        self.wire: dict[int, int] = {}  # node id -> bytes of its last reply as sent (before widening)
+        self.stage2_bytes: dict[int, int] = {}  # node id -> bytes of its masked-vector upload
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self.bytes_down += sum(content_nbytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.bytes_up += sum(content_nbytes(r.content) for r in replies if not r.has_error())
+        for r in replies:
+            if not r.has_error():
+                self.wire[r.metadata.src_node_id] = content_nbytes(r.content)
+            _widen_masked_vector(r)
         for r in replies:
             if r.has_error():
                 self.errors.setdefault(r.metadata.src_node_id, str(r.error.reason or f"error code {r.error.code}"))
@@ -299,6 +315,7 @@ class SecureAggregationGrid(Grid):
         if ok:
             ok = workflow.collect_masked_vectors_stage(tap, context, state)  # type: ignore[arg-type]
             collected = {r.metadata.src_node_id: r for r in tap.last if not r.has_error()}
+            tap.stage2_bytes = {nid: tap.wire[nid] for nid in collected}
         participants = sorted(collected)
         weight = sum(int(r.content["metrics"]["num-examples"]) for r in collected.values())
         aggregate: ArrayRecord | None = None
@@ -338,7 +355,7 @@ class SecureAggregationGrid(Grid):
                                        reply_to=original))
                 continue
             info = reply.content["client-info"]
-            info["secagg-bytes-up"] = content_nbytes(reply.content)  # what this client really uploaded in stage 2
+            info["secagg-bytes-up"] = tap.stage2_bytes[nid]  # what this client really uploaded in stage 2
             content = RecordDict({"metrics": reply.content["metrics"], "client-info": info})
             if aggregate is not None and int(reply.content["metrics"]["num-examples"]) > 0:
                 content["arrays"] = aggregate
@@ -363,8 +380,43 @@ def _rebuild(ndarrays: list[np.ndarray], names: list[str], specs: dict[str, tupl
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``secaggplus_mod`` for the messages of the SecAgg+ protocol; others go straight through."""
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
+        reply = secaggplus_mod(msg, context, call_next)
+        _narrow_masked_vector(reply)
+        return reply
     return call_next(msg, context)
+
+
+# Flower's mod sends the masked vector as int64 although every value is already reduced
+# mod 2^32: fedhf sends it as uint32 (half the bytes, exactly the same values) and the
+# server widens it back before Flower's workflow sums the vectors.
+
+
+def _masked(msg: Message) -> ConfigRecord | None:
+    if msg.has_error() or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return None
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    return configs if Key.MASKED_PARAMETERS in configs else None
+
+
+def _narrow_masked_vector(reply: Message) -> None:
+    configs = _masked(reply)
+    if configs is None:
+        return
+    narrowed = []
+    for raw in configs[Key.MASKED_PARAMETERS]:
+        arr = bytes_to_ndarray(raw)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MODULUS_RANGE):
+            raise ValueError("secure aggregation: a masked value lies outside [0, 2^32); refusing to send it")
+        narrowed.append(ndarray_to_bytes(arr.astype(np.uint32)))
+    configs[Key.MASKED_PARAMETERS] = narrowed
+
+
+def _widen_masked_vector(reply: Message) -> None:
+    configs = _masked(reply)
+    if configs is None:
+        return
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(bytes_to_ndarray(raw).astype(np.int64))
+                                      for raw in configs[Key.MASKED_PARAMETERS]]
 
 
 def is_secure_round(msg: Message) -> bool:

@@ -21,9 +21,10 @@ import pytest
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 DEPLOY = REPO / "scripts" / "deploy"
+_MISSING = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(_MISSING), reason=f"the deploy scripts need {', '.join(_MISSING)} (apt install openssl openssh-client)")]
 FLWR = str(Path(sys.executable).with_name("flwr"))
 CONNECTION = "fedhf-test"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 from .conftest import REPO
 
 DEPLOY = REPO / "scripts" / "deploy"
+_MISSING = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
+pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"the deploy scripts need {', '.join(_MISSING)} (apt install openssl openssh-client)")
 SCRIPTS = ["make_certs.sh", "make_node_keys.sh", "start_superlink.sh", "start_supernode.sh", "connection.sh",
            "register_node.sh", "local_federation.sh"]
 

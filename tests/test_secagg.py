@@ -174,6 +174,10 @@ def test_secagg_aggregate_equals_weighted_fedavg_within_quantization_tolerance()
     assert rec["participants"] == 3 and rec["dropped"] == 0 and rec["completed"]
     assert rec["num_shares"] == 3 and rec["reconstruction_threshold"] == 2
     assert rec["bytes_up"] > 0 and rec["bytes_down"] > 0
+    # each masked vector travels as uint32: about the size of the fp32 adapter, not twice it
+    values = sum(int(np.prod(s)) for s in SHAPES.values())
+    for r in replies:
+        assert 4 * values < int(r.content["client-info"]["secagg-bytes-up"]) < 4 * values + 200 * (len(SHAPES) + 1) + 2000
     # metrics still arrive per client, in the clear
     assert sorted(int(r.content["metrics"]["num-examples"]) for r in replies) == [45, 120, 300]
 
