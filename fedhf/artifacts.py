@@ -195,11 +195,28 @@ class RunRecorder:
                 "sample_rate": p["sample-rate"], "accountant": p["accountant"],
                 "max_epsilon": p["max-epsilon"] or None, "rounds": [],
             })
-            entry["rounds"].append({"round": r["round"], "epsilon": p["epsilon"], "steps": p["steps"], "status": c["status"],
+            epsilon, steps = p["epsilon"], p["steps"]
+            if entry["rounds"] and steps < entry["reported_steps"]:
+                # The client's accountant started again (e.g. its SuperNode restarted and lost its context):
+                # its new epsilon does not include what it spent before. Compose conservatively (basic
+                # composition: epsilons and deltas add) so the ledger never goes down.
+                entry["offset_epsilon"] = entry.get("offset_epsilon", 0.0) + entry["reported_epsilon"]
+                entry["offset_delta"] = entry.get("offset_delta", 0.0) + entry["reported_delta"]
+                entry["offset_steps"] = entry.get("offset_steps", 0) + entry["reported_steps"]
+                entry["accountant_resets"] = entry.get("accountant_resets", 0) + 1
+                entry["note"] = ("the client's accountant restarted; epsilon and delta are the sums over its "
+                                 "accounting periods (basic composition)")
+                log.warning("client %s: its privacy accountant restarted (steps %d after %d); its epsilon is now "
+                            "composed conservatively", c["partition-id"], steps, entry["reported_steps"])
+            entry.update({"reported_epsilon": epsilon, "reported_steps": steps, "reported_delta": p["delta"]})
+            epsilon += entry.get("offset_epsilon", 0.0)
+            steps += entry.get("offset_steps", 0)
+            entry["delta"] = p["delta"] + entry.get("offset_delta", 0.0)
+            entry["rounds"].append({"round": r["round"], "epsilon": epsilon, "steps": steps, "status": c["status"],
                                     **({"projected_epsilon": p["projected-epsilon"]} if "projected-epsilon" in p else {})})
-            entry["epsilon"] = p["epsilon"]
-            entry["steps"] = p["steps"]
-            if c["status"] != "trained":
+            entry["epsilon"] = epsilon
+            entry["steps"] = steps
+            if c["status"] == "budget-exhausted":
                 entry["stopped"] = {"round": r["round"], "reason": c["status"],
                                     "projected_epsilon": p.get("projected-epsilon")}
         if not ledger:
@@ -211,6 +228,11 @@ class RunRecorder:
             "sample_level_epsilon_mean": sum(current.values()) / len(current) if current else 0.0,
             "exhausted": sorted(int(pid) for pid, e in ledger.items() if "stopped" in e),
         })
+
+    def over_budget(self) -> set[int]:
+        """Clients whose recorded epsilon reached their budget (only possible after an accountant restart)."""
+        ledger = self.data.get("privacy", {}).get("clients", {})
+        return {int(pid) for pid, e in ledger.items() if e.get("max_epsilon") and e["epsilon"] >= e["max_epsilon"]}
 
     def local_eval(self, loss: float | None, accuracy: float | None, client_seconds: list[float]) -> None:
         r = self._require_round()

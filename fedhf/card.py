@@ -152,8 +152,10 @@ only in the sum; secrets are Shamir-shared among neighbours so that dropped clie
 | max client weight | {sa['max_weight']:g} examples |
 | rounds / clients dropped during the protocol | {len(rounds)} / {dropped} |
 
-What the server still sees: each client's number of training examples (the averaging weight) and its reported
-metrics (train loss, ε), in the clear. Secure aggregation hides updates from the server; it is not differential
+What the server still sees, in the clear: each client's number of training examples (the averaging weight) and
+what it reports (train loss, ε, label histogram, timings). Masks are expanded from each full 256-bit secret with
+SHAKE-256 (fedhf replaces Flower 1.42's mask generator, which seeds from 32 bits); a round where fewer than two
+clients would contribute is not released. Secure aggregation hides updates from the server; it is not differential
 privacy: the average itself can still reveal information unless DP is on (see Privacy).
 """
 

@@ -110,13 +110,13 @@ def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
         from fedhf.secagg import SecAggSettings
         from fedhf.strategy import min_sampled
 
-        SecAggSettings.from_config(cfg).check_round(min(min_sampled(cfg, num_clients), num_clients))
-        largest = max(row["train-examples"] for row in parts.stats())
-        if largest > cfg.strategy.secagg_max_weight:
-            raise FedHFConfigError(
-                f"config key 'strategy.secagg-max-weight': got {cfg.strategy.secagg_max_weight:g}, but a client trains on "
-                f"{largest} examples; raise it to at least {largest}."
-            )
+        from fedhf.config import check_secagg_weight
+
+        settings = SecAggSettings.from_config(cfg)
+        settings.check_round(min(min_sampled(cfg, num_clients), num_clients))
+        settings.check_round(num_clients)  # the most clients a round can sample (quantization overflow)
+        for row in parts.stats():
+            check_secagg_weight(cfg, row["train-examples"])
     p = cfg.privacy
     if p.sample_level and p.target_epsilon is not None:
         # Each client plans its own sigma in round 1; check now that every client can meet the target.

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedhf.config import FedHFConfig, parse_node_budgets
+from fedhf.config import FedHFConfig, check_secagg_weight, parse_node_budgets
 from fedhf.data import label_histogram, load_partition, load_silo
 from fedhf.errors import FedHFConfigError
 from fedhf.model import adapter_nbytes, build_model, get_adapter_state, load_tokenizer, set_adapter_state
@@ -99,6 +99,8 @@ def train_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.Tens
     pid = node.pid
     train_ds, _, names = node.data(cfg, label_names)
     info: dict[str, Any] = {"partition-id": pid, "label-histogram": label_histogram(train_ds["label"], len(names))}
+    if cfg.strategy.secure_aggregation:
+        check_secagg_weight(cfg, len(train_ds))  # before any DP step: a refused round spends no budget
 
     account = None
     budget = None

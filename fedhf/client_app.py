@@ -20,13 +20,13 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedhf.config import SPEC_BY_KEY, FedHFConfig, parse_config
+from fedhf.config import LABEL_NAMES_KEY, SPEC_BY_KEY, FedHFConfig, parse_config
+from fedhf.errors import FedHFConfigError
 from fedhf.secagg import fitins_arrays, fitres_content, is_secure_round, secure_aggregation_mod
 
 app = ClientApp(mods=[secure_aggregation_mod])
 
 PRIVACY_STATE = "fedhf.privacy"  # this node's accountant history, kept in context.state across rounds
-LABEL_NAMES_KEY = "fedhf.label-names"  # the federation's label names (JSON list), sent by the server
 
 
 def _config(config: ConfigRecord) -> FedHFConfig:
@@ -43,6 +43,9 @@ def train(msg: Message, context: Context) -> Message:
     if is_secure_round(msg):  # SecAgg+: legacy FitIns in, FitRes out (secaggplus_mod masks it)
         arrays, config = fitins_arrays(msg)
         return Message(fitres_content(_train(arrays, config, context), arrays, _config(config)), reply_to=msg)
+    if _config(msg.content["config"]).strategy.secure_aggregation:
+        raise FedHFConfigError("the run asks for secure aggregation (strategy.secure-aggregation=true) but this train "
+                               "message is not part of the SecAgg+ protocol; refusing to send the adapter in the clear.")
     return Message(_train(msg.content["arrays"], msg.content["config"], context), reply_to=msg)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from fedhf.errors import FedHFConfigError
 
+LABEL_NAMES_KEY = "fedhf.label-names"  # sent by the server with the config: the federation's label names (JSON list)
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 PRIVACY_MODES = ("none", "sample", "client", "both")
@@ -100,7 +101,7 @@ class StrategyConfig:
     secagg_num_shares: int = _opt(0, "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; otherwise at least 3 (odd is best).", min=0)
     secagg_reconstruction_threshold: int = _opt(0, "SecAgg+: shares needed to reconstruct a secret; 0 = two thirds of the shares (at least 2). Higher = safer against collusion, fewer dropouts tolerated (shares - threshold).", min=0)
     secagg_clipping_range: float = _opt(8.0, "SecAgg+: each weighted adapter value (num-examples / max-weight * value) is clipped to [-range, range] before quantization.", min=0.0, min_exclusive=True)
-    secagg_quantization_range: int = _opt(4194304, "SecAgg+: integer levels per value (2**22); the step is 2 * clipping-range / this.", min=2, max=2**31)
+    secagg_quantization_range: int = _opt(4194304, "SecAgg+: integer levels per value (2**22); the step is 2 * clipping-range / this.", min=2, max=2**31 - 1)
     secagg_max_weight: float = _opt(1000.0, "SecAgg+: largest client weight (training examples) the protocol accepts; a client with more rows stops with an error naming this key.", min=0.0, min_exclusive=True)
 
 
@@ -387,6 +388,24 @@ def _check_secagg(cfg: FedHFConfig) -> None:
         raise FedHFConfigError(
             f"config key 'strategy.min-train-nodes': got {s.min_train_nodes}; secure aggregation needs at least 2 "
             "clients per round (the sum of one update is that update)."
+        )
+
+
+def check_secagg_weight(cfg: FedHFConfig, num_examples: int) -> None:
+    """A client's SecAgg+ weight must fit: at most max-weight, and not rounding to zero on the protocol's grid.
+
+    Checked by each client before it trains (so a refused round spends no privacy budget).
+    """
+    s = cfg.strategy
+    if num_examples > s.secagg_max_weight:
+        raise FedHFConfigError(
+            f"config key 'strategy.secagg-max-weight': this client trains on {num_examples} examples, more than "
+            f"{s.secagg_max_weight:g}; raise strategy.secagg-max-weight to at least {num_examples} on the server."
+        )
+    if num_examples > 0 and round(num_examples / s.secagg_max_weight * s.secagg_quantization_range) < 1:
+        raise FedHFConfigError(
+            f"config key 'strategy.secagg-max-weight': {s.secagg_max_weight:g} is so large that this client's weight "
+            f"({num_examples} examples) rounds to zero in SecAgg+; set it near the largest client's number of examples."
         )
 
 

@@ -508,11 +508,20 @@ def load_silo(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: in
     agrees on what label id 1 means. An ``eval``/``test`` file in a silo folder is its local
     eval set; otherwise ``data.local-eval-fraction`` of the rows is held out.
     """
-    return _silo_cached(cfg, str(path), tuple(label_names), seed)
+    return _silo_cached(cfg, str(path), tuple(label_names), seed, _files_signature(Path(path).expanduser()))
+
+
+def _files_signature(path: Path) -> tuple:
+    """(name, size, mtime) of the silo's files: a silo edited between rounds is read again."""
+    try:
+        files = [path] if path.is_file() else sorted(q for q in path.iterdir() if q.is_file())
+        return tuple((q.name, q.stat().st_size, q.stat().st_mtime_ns) for q in files)
+    except OSError:
+        return ()
 
 
 @functools.lru_cache(maxsize=4)
-def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int
+def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int, signature: tuple
                  ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     p = Path(path).expanduser()
     where = f"node config 'data-path': '{path}'"
@@ -524,7 +533,7 @@ def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed:
     try:
         raw_train, raw_eval, _ = _load_local(str(p))
     except FedHFDataError as exc:
-        raise FedHFDataError(f"{where}: {exc}") from None
+        raise FedHFDataError(f"{where}: {str(exc).removeprefix('data.dataset: ')}") from None
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
         raise FedHFDataError(f"{where} could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
                              "check the file's format and permissions.") from None

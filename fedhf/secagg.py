@@ -18,8 +18,10 @@ and runs the protocol underneath them, unchanged:
   FitIns/FitRes records there (:func:`fitins_arrays`, :func:`fitres_content`).
 
 What the server sees per client: its public keys, encrypted key shares for other clients,
-its masked (uniformly random-looking) vector, its number of training examples (the
-weight) and its metrics (train loss, epsilon). The weight and metrics are in the clear.
+its masked (uniformly random-looking) vector, and in the clear its number of training
+examples (the weight) and its client info (train loss, epsilon, label histogram, timings).
+A round in which fewer than two clients would contribute is never unmasked. Masks are
+expanded with SHAKE-256 instead of Flower 1.42's 32-bit-seeded generator (see below).
 
 Precision: each client sends ``round(w * Q) / Q``-weighted values (``w = n / max_weight``),
 clipped to ``[-c, c]`` and stochastically rounded to the grid ``2c / Q``. The reconstructed
@@ -30,9 +32,12 @@ see :func:`quantization_tolerance`.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +65,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from fedhf.config import FedHFConfig
-from fedhf.errors import FedHFConfigError
+from fedhf.config import FedHFConfig, check_secagg_weight
+from fedhf.errors import FedHFConfigError, FedHFRunError
 
 log = logging.getLogger("fedhf")
 
@@ -104,8 +109,9 @@ class SecAggSettings:
         """Refuse, before any message goes out, a round the protocol cannot complete."""
         if sampled < 2:
             raise FedHFConfigError(
-                f"secure aggregation: {sampled} client(s) sampled this round; it needs at least 2 "
-                "(raise strategy.min-train-nodes / strategy.fraction-train or connect more nodes)."
+                f"secure aggregation: {sampled} client(s) sampled this round; it needs at least 2 (clients out of "
+                "privacy budget are no longer sampled; otherwise raise strategy.min-train-nodes / "
+                "strategy.fraction-train or connect more nodes)."
             )
         shares = self.num_shares or sampled
         if self.num_shares > sampled:
@@ -137,7 +143,9 @@ class SecAggSettings:
             "max_weight": self.max_weight,
             "quantization_step": self.step,
             "tolerance": "per value: clients x quantization_step / sum(num_examples / max_weight)",
-            "server_sees": "masked vectors, each client's number of examples and metrics; never one client's adapter",
+            "server_sees": ("masked vectors; in the clear, each client's number of examples and its client info "
+                            "(train loss, epsilon, label histogram, timings); never one client's adapter"),
+            "mask_prg": f"{MASK_PRG} (replaces Flower 1.42's 32-bit-seeded mask generator, flwrlabs/flower#7522)",
         }
 
 
@@ -153,6 +161,47 @@ def quantization_tolerance(num_examples: list[int], settings: SecAggSettings, ma
     value_error = len(weights) * settings.step / total
     weight_error = max_abs * sum(1 / q for _ in weights) / total * 2
     return value_error + weight_error
+
+
+# --------------------------------------------------------------------------- mask generator
+
+# Flower 1.42 expands every SecAgg+ mask from a 32-bit seed: its ``pseudo_rand_gen`` XORs the
+# 32-byte secret down to 32 bits and seeds numpy's Mersenne Twister (flwrlabs/flower#7522), so
+# a server could try all 2^32 seeds. While fedhf runs the protocol (the server's stages and the
+# client mod), masks come instead from SHAKE-256 of the whole secret, an extendable-output
+# function. Clients announce it in the set-up stage; the server refuses a client that does not.
+MASK_PRG = "shake256-v1"
+MASK_PRG_KEY = "fedhf.mask-prg"
+
+
+def shake_rand_gen(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Uniform integers in [0, num_range) (a power of two, at most 2^32) from SHAKE-256(seed), shaped as asked."""
+    if num_range < 2 or num_range > 2**32 or num_range & (num_range - 1):
+        raise ValueError(f"secure aggregation: the mask range must be a power of two up to 2^32, got {num_range}")
+    sizes = [int(np.prod(d)) if len(d) else 1 for d in dimensions_list]
+    stream = np.frombuffer(hashlib.shake_256(b"fedhf-secagg-mask/" + seed).digest(4 * sum(sizes)), dtype="<u4")
+    stream = stream.astype(np.int64) % num_range
+    out, start = [], 0
+    for dims, n in zip(dimensions_list, sizes, strict=True):
+        chunk = stream[start:start + n]
+        start += n
+        out.append(np.array(chunk[0], dtype=np.int64) if len(dims) == 0 else chunk.reshape(dims))
+    return out
+
+
+@contextlib.contextmanager
+def _fedhf_masks() -> Iterator[None]:
+    """Use :func:`shake_rand_gen` in Flower's SecAgg+ code for the duration of the block (nesting restores)."""
+    # (the packages re-export functions under the modules' names: fetch the modules themselves)
+    mod_module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    workflow_module = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+
+    saved = (mod_module.pseudo_rand_gen, workflow_module.pseudo_rand_gen)
+    mod_module.pseudo_rand_gen = workflow_module.pseudo_rand_gen = shake_rand_gen
+    try:
+        yield
+    finally:
+        mod_module.pseudo_rand_gen, workflow_module.pseudo_rand_gen = saved
 
 
 # --------------------------------------------------------------------------- server
@@ -284,8 +333,12 @@ class SecureAggregationGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+        train = [m.metadata.message_type == MessageType.TRAIN for m in messages]
+        if not any(train):
             return self._grid.send_and_receive(messages, timeout=timeout)
+        if not all(train):
+            raise RuntimeError("secure aggregation: a batch mixes train messages with others; refusing to send "
+                               "any adapter outside the protocol")
         return self._secure_round(messages)
 
     # -- one SecAgg+ round
@@ -308,38 +361,54 @@ class SecureAggregationGrid(Grid):
         tap = _Tap(self._grid)
         record: dict[str, Any] = {"round": server_round, "sampled": len(messages)}
 
-        ok = workflow.setup_stage(tap, context, state)  # type: ignore[arg-type]
-        record.update({"num_shares": state.num_shares, "reconstruction_threshold": state.threshold})
-        ok = ok and workflow.share_keys_stage(tap, context, state)  # type: ignore[arg-type]
+        # Flower's stages return False when too few clients are left for the reconstruction threshold.
+        withheld = None  # why nothing is released this round
         collected: dict[int, Message] = {}
-        if ok:
-            ok = workflow.collect_masked_vectors_stage(tap, context, state)  # type: ignore[arg-type]
-            collected = {r.metadata.src_node_id: r for r in tap.last if not r.has_error()}
-            tap.stage2_bytes = {nid: tap.wire[nid] for nid in collected}
-        participants = sorted(collected)
-        weight = sum(int(r.content["metrics"]["num-examples"]) for r in collected.values())
         aggregate: ArrayRecord | None = None
-        if ok and weight > 0:
-            ok = workflow.unmask_stage(tap, context, state)  # type: ignore[arg-type]
-            if ok and context.strategy.aggregate is not None:
-                aggregate = _rebuild(context.strategy.aggregate, names, specs)
-            else:
-                ok = False
-        dropped = {nid: tap.errors.get(nid, "no reply within strategy.round-timeout") for nid in by_node if nid not in collected}
-        for failure in state.failures:
-            log.warning("secure aggregation, round %d: a client failed: %s", server_round, str(failure)[-300:])
+        with _fedhf_masks():
+            if not workflow.setup_stage(tap, context, state):  # type: ignore[arg-type]
+                withheld = "too few clients answered the key set-up for the reconstruction threshold"
+            record.update({"num_shares": state.num_shares, "reconstruction_threshold": state.threshold})
+            _require_fedhf_masks(tap.last)
+            if withheld is None and not workflow.share_keys_stage(tap, context, state):  # type: ignore[arg-type]
+                withheld = "too few clients shared their keys for the reconstruction threshold"
+            if withheld is None:
+                stage2_ok = workflow.collect_masked_vectors_stage(tap, context, state)  # type: ignore[arg-type]
+                collected = {r.metadata.src_node_id: r for r in tap.last if not r.has_error()}
+                tap.stage2_bytes = {nid: tap.wire[nid] for nid in collected}
+                if not stage2_ok:
+                    withheld = "too many clients dropped out for the reconstruction threshold"
+            contributors = [nid for nid, r in collected.items() if int(r.content["metrics"]["num-examples"]) > 0]
+            if withheld is None and len(contributors) == 1:
+                # The weights travel in the clear: a "sum" of one update is that client's update.
+                withheld = ("only one client's update would be in the sum (the others dropped out or are out of "
+                            "privacy budget); a single update is never unmasked")
+            if withheld is None and contributors:
+                if not workflow.unmask_stage(tap, context, state) or context.strategy.aggregate is None:  # type: ignore[arg-type]
+                    withheld = "too few key shares came back to unmask the sum"
+                else:
+                    aggregate = _rebuild(context.strategy.aggregate, names, specs)
+        stage = "no reply (the protocol stopped before this client's turn, or strategy.round-timeout passed)"
+        dropped = {nid: tap.errors.get(nid, stage) for nid in by_node if nid not in collected}
+        for nid, reason in dropped.items():
+            log.warning("secure aggregation, round %d: node %d dropped out: %s", server_round, nid, reason[-300:])
         record.update({
-            "participants": len(participants),
+            "participants": len(collected),
+            "contributors": len(contributors) if withheld is None else 0,
             "dropped": len(dropped),
-            "completed": bool(ok and (aggregate is not None or weight == 0)),
+            "completed": withheld is None,
             "bytes_down": tap.bytes_down,
             "bytes_up": tap.bytes_up,
             "seconds": time.perf_counter() - t0,
         })
+        if withheld:
+            record["withheld"] = withheld
+            log.warning("secure aggregation, round %d: nothing released: %s; the global adapter stays as it was",
+                        server_round, withheld)
         if self.on_round:
             self.on_round(record)
         log.info("secure aggregation, round %d: %d sampled, %d in the sum, %d dropped (shares %d, threshold %d)",
-                 server_round, len(messages), len(participants), len(dropped), state.num_shares, state.threshold)
+                 server_round, len(messages), record["contributors"], len(dropped), state.num_shares, state.threshold)
 
         replies = []
         for nid, original in by_node.items():
@@ -349,23 +418,38 @@ class SecureAggregationGrid(Grid):
                                        reply_to=original))
                 continue
             reply = collected[nid]
-            if not record["completed"]:
-                replies.append(Message(Error(code=0, reason="secure aggregation could not unmask the sum this round "
-                                                            "(too many dropouts for the reconstruction threshold)"),
-                                       reply_to=original))
-                continue
             info = reply.content["client-info"]
             info["secagg-bytes-up"] = tap.stage2_bytes[nid]  # what this client really uploaded in stage 2
             content = RecordDict({"metrics": reply.content["metrics"], "client-info": info})
-            if aggregate is not None and int(reply.content["metrics"]["num-examples"]) > 0:
+            if withheld is not None:
+                # Its metrics and privacy spend are still recorded; its update is not released.
+                if str(info.get("status", "trained")) == "trained":
+                    info["status"] = "not-aggregated"
+                info["secagg-withheld"] = withheld
+            elif aggregate is not None and int(reply.content["metrics"]["num-examples"]) > 0:
                 content["arrays"] = aggregate
             replies.append(Message(content, reply_to=original))
         return replies
 
 
+def _require_fedhf_masks(setup_replies: list[Message]) -> None:
+    for r in setup_replies:
+        if r.has_error():
+            continue
+        prg = r.content.config_records[RECORD_KEY_CONFIGS].get(MASK_PRG_KEY)
+        if prg != MASK_PRG:
+            raise FedHFRunError(
+                f"secure aggregation: node {r.metadata.src_node_id} masks with {prg or 'Flower 1.42 default (32-bit seeds)'}, "
+                f"not fedhf's {MASK_PRG}; its masks would not cancel. Run this fedhf version on every SuperNode."
+            )
+
+
 def _rebuild(ndarrays: list[np.ndarray], names: list[str], specs: dict[str, tuple[str, tuple[int, ...]]]) -> ArrayRecord:
     if len(ndarrays) != len(names):
         raise RuntimeError(f"secure aggregation returned {len(ndarrays)} arrays for {len(names)} adapter tensors")
+    if not all(np.isfinite(a).all() for a in ndarrays):
+        raise RuntimeError("secure aggregation reconstructed non-finite values; the round is not released "
+                           "(check strategy.secagg-max-weight and strategy.secagg-quantization-range)")
     arrays = {}
     for name, arr in zip(names, ndarrays, strict=True):
         dtype, shape = specs[name]
@@ -380,7 +464,10 @@ def _rebuild(ndarrays: list[np.ndarray], names: list[str], specs: dict[str, tupl
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``secaggplus_mod`` for the messages of the SecAgg+ protocol; others go straight through."""
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        reply = secaggplus_mod(msg, context, call_next)
+        with _fedhf_masks():
+            reply = secaggplus_mod(msg, context, call_next)
+        if not reply.has_error() and RECORD_KEY_CONFIGS in reply.content.config_records:
+            reply.content.config_records[RECORD_KEY_CONFIGS][MASK_PRG_KEY] = MASK_PRG
         _narrow_masked_vector(reply)
         return reply
     return call_next(msg, context)
@@ -415,8 +502,14 @@ def _widen_masked_vector(reply: Message) -> None:
     configs = _masked(reply)
     if configs is None:
         return
-    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(bytes_to_ndarray(raw).astype(np.int64))
-                                      for raw in configs[Key.MASKED_PARAMETERS]]
+    widened = []
+    for raw in configs[Key.MASKED_PARAMETERS]:
+        arr = bytes_to_ndarray(raw)
+        if arr.dtype not in (np.uint32, np.int64) or (arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MODULUS_RANGE)):
+            raise FedHFRunError(f"secure aggregation: node {reply.metadata.src_node_id} sent a masked vector that is not "
+                                f"integers in [0, 2^32) (dtype {arr.dtype}); refusing the round")
+        widened.append(ndarray_to_bytes(arr.astype(np.int64)))
+    configs[Key.MASKED_PARAMETERS] = widened
 
 
 def is_secure_round(msg: Message) -> bool:
@@ -444,14 +537,10 @@ def fitres_content(content: RecordDict, received: ArrayRecord, cfg: FedHFConfig)
     metrics: MetricRecord = content["metrics"]
     num_examples = int(metrics["num-examples"])
     s = cfg.strategy
-    if num_examples > s.secagg_max_weight:
-        raise FedHFConfigError(
-            f"config key 'strategy.secagg-max-weight': this client trains on {num_examples} examples, more than "
-            f"{s.secagg_max_weight:g}; raise strategy.secagg-max-weight to at least {num_examples} on the server."
-        )
+    check_secagg_weight(cfg, num_examples)
     arrays: ArrayRecord = content["arrays"] if "arrays" in content.array_records else received
-    names = list(received.keys())
-    if list(arrays.keys()) != names:
+    names = list(received.keys())  # the masked vector follows the global adapter's order
+    if set(arrays.keys()) != set(names):
         raise ValueError("secure aggregation: the trained adapter's tensors differ from the global adapter's")
     ndarrays = [arrays[n].numpy() for n in names]
     scale = num_examples / s.secagg_max_weight

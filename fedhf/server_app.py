@@ -25,9 +25,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedhf.artifacts import RunRecorder
-from fedhf.client_app import LABEL_NAMES_KEY
 from fedhf.card import base_model_license, build_hub_folder
-from fedhf.config import FedHFConfig, parse_config
+from fedhf.config import LABEL_NAMES_KEY, FedHFConfig, parse_config
 from fedhf.data import central_eval_set, format_stats, load_data, make_partitions
 from fedhf.model import (
     adapter_nbytes,

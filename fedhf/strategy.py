@@ -139,6 +139,8 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                              1 / max(n, 1), n, p["accountant"], p["max-epsilon"] or "none")
                 if rec["status"] == "trained":
                     trained.append(msg)
+                elif rec["status"] == "not-aggregated":  # secure aggregation withheld the round (reason recorded)
+                    continue
                 else:
                     self.exhausted.add(msg.metadata.src_node_id)
                     log.warning("round %d: client %d (node %d) did not train: %s (epsilon %.3f, projected %.3f > budget %.3f)",
@@ -147,7 +149,14 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                                 rec["privacy"]["max-epsilon"])
             records.sort(key=lambda c: c["partition-id"])
             self.recorder.train_replies(records, failures)
+            for rec in records:  # a client whose accountant restarted may have passed its budget in truth
+                if rec["partition-id"] in self.recorder.over_budget():
+                    self.exhausted.add(rec["node-id"])
             if not trained:
+                if any(r["status"] == "not-aggregated" for r in records):
+                    log.warning("round %d: no update released (secure aggregation withheld the round); the global "
+                                "adapter is unchanged", server_round)
+                    return []
                 if records and not failures:
                     raise RunStopped(f"round {server_round}: every sampled client has exhausted its privacy budget")
                 reasons = "; ".join(f["reason"].strip().splitlines()[-1] for f in failures if f["reason"]) or "no replies"

@@ -185,22 +185,31 @@ def test_secagg_aggregate_equals_weighted_fedavg_within_quantization_tolerance()
 def test_the_server_never_sees_an_individual_update():
     cfg = _cfg()
     nodes = {1: {"seed": 11, "n": 50}, 2: {"seed": 12, "n": 70}, 3: {"seed": 13, "n": 90}}
-    seen: list[Message] = []
+    seen: list[RecordDict] = []
 
     class Spy(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
             replies = super().send_and_receive(messages, timeout=timeout)
-            seen.extend(replies)
+            seen.extend(copy.deepcopy(r.content) for r in replies if not r.has_error())  # as they arrived
             return replies
 
     inner = Spy(toy_app(cfg), nodes)
     grid = SecureAggregationGrid(inner, SecAggSettings.from_config(cfg))
     list(grid.send_and_receive(_train_messages(grid)))
     updates = [client_update(nc) for nc in nodes.values()]
-    for reply in seen:
-        for record in reply.content.array_records.values():
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    masked = [bytes_to_ndarray(b) for content in seen
+              for b in content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, [])]
+    assert masked and all(m.dtype == np.uint32 for m in masked)  # on the wire: uint32
+    values = np.concatenate([m.ravel() for m in masked]).astype(np.float64)
+    # masked values are uniform over [0, 2^32); quantized but unmasked ones would all sit below clients x 2^22
+    assert values.max() > 2**31 and 0.4 < values.mean() / 2**32 < 0.6
+    for content in seen:
+        for record in content.array_records.values():
             assert len(record) == 0  # secaggplus_mod cleared the plain adapter before the reply left
-        for record in reply.content.config_records.values():
+        for record in content.config_records.values():
             for value in record.values():
                 for v in value if isinstance(value, list) else [value]:
                     if isinstance(v, bytes):
@@ -280,7 +289,7 @@ def test_evaluate_messages_pass_through_untouched():
     ({"strategy.secagg-reconstruction-threshold": 5}, 3, "secagg-reconstruction-threshold': got 5"),
     ({"strategy.secagg-num-shares": 5}, 3, "secagg-num-shares': got 5"),
     ({}, 1, "at least 2"),
-    ({"strategy.secagg-quantization-range": 2**31}, 3, "secagg-quantization-range"),
+    ({"strategy.secagg-quantization-range": 2**31 - 1}, 3, "secagg-quantization-range"),
 ])
 def test_rounds_the_protocol_cannot_complete_are_refused_before_any_message(overrides, sampled, fragment):
     settings = SecAggSettings.from_config(_cfg(**overrides))
@@ -308,3 +317,70 @@ def test_a_client_above_max_weight_stops_with_the_key_to_raise():
                           "client-info": ConfigRecord({}), "arrays": received})
     with pytest.raises(FedHFConfigError, match="raise strategy.secagg-max-weight to at least 51"):
         fitres_content(content, received, cfg)
+
+
+def test_one_contributor_is_never_unmasked():
+    """Client 2 is out of budget (weight 0): a 'sum' of client 1 alone would be client 1's update."""
+    cfg = _cfg()
+    nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 0}}
+    rounds = []
+    grid = SecureAggregationGrid(InProcessGrid(toy_app(cfg), nodes), SecAggSettings.from_config(cfg), rounds.append)
+    replies = list(grid.send_and_receive(_train_messages(grid)))
+    assert not any("arrays" in r.content.array_records for r in replies if not r.has_error())
+    lone = next(r for r in replies if r.metadata.src_node_id == 1)
+    assert lone.content["client-info"]["status"] == "not-aggregated"
+    assert "only one client's update" in lone.content["client-info"]["secagg-withheld"]
+    assert rounds[0]["completed"] is False and rounds[0]["contributors"] == 0
+
+
+def test_masks_come_from_shake256_of_the_whole_secret():
+    from fedhf.secagg import shake_rand_gen
+
+    a = shake_rand_gen(b"k" * 32, 2**32, [(3, 4), (), (5,)])
+    assert [x.shape for x in a] == [(3, 4), (), (5,)]
+    assert all(x.dtype == np.int64 and x.min() >= 0 and x.max() < 2**32 for x in a)
+    again = shake_rand_gen(b"k" * 32, 2**32, [(3, 4), (), (5,)])
+    assert all(np.array_equal(x, y) for x, y in zip(a, again, strict=True))
+    # seeds that Flower 1.42 folds to the same 32 bits (XOR of 4-byte words) give different masks here
+    s1, s2 = bytes(32), b"\x01\x00\x00\x00" * 2 + bytes(24)
+    assert not np.array_equal(shake_rand_gen(s1, 2**32, [(8,)])[0], shake_rand_gen(s2, 2**32, [(8,)])[0])
+    with pytest.raises(ValueError, match="power of two"):
+        shake_rand_gen(b"k", 1000, [(2,)])
+
+
+def test_a_client_without_fedhf_masks_is_refused():
+    """A plain Flower SecAgg+ client would mask with 32-bit seeds: its masks cannot cancel with fedhf's."""
+    from flwr.client.mod import secaggplus_mod
+
+    from fedhf.errors import FedHFRunError
+
+    cfg = _cfg()
+    plain = ClientApp(mods=[secaggplus_mod])
+
+    @plain.train()
+    def train(msg, context):  # pragma: no cover - the protocol stops before it trains
+        raise AssertionError("must not be reached")
+
+    grid = SecureAggregationGrid(InProcessGrid(plain, {1: {}, 2: {}}), SecAggSettings.from_config(cfg))
+    with pytest.raises(FedHFRunError, match="masks with Flower 1.42 default"):
+        grid.send_and_receive(_train_messages(grid))
+
+
+def test_a_weight_that_rounds_to_zero_is_refused_before_training():
+    from fedhf.config import check_secagg_weight
+
+    cfg = _cfg(**{"strategy.secagg-max-weight": 1e9})
+    with pytest.raises(FedHFConfigError, match="rounds to zero in SecAgg"):
+        check_secagg_weight(cfg, 100)
+    check_secagg_weight(_cfg(), 100)  # the default max-weight is fine
+
+
+def test_a_plain_train_message_is_refused_when_the_run_asks_for_secure_aggregation():
+    from fedhf.client_app import app
+
+    msg = Message(RecordDict({"arrays": ArrayRecord(array_dict={"w": Array(np.zeros(2, np.float32))}),
+                              "config": ConfigRecord({**_cfg().to_flat(), "server-round": 1})}),
+                  dst_node_id=1, message_type=MessageType.TRAIN, group_id="1")
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    with pytest.raises(FedHFConfigError, match="refusing to send the adapter in the clear"):
+        app(msg, ctx)

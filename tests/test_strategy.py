@@ -186,3 +186,46 @@ def test_budget_exhausted_clients_are_left_out_and_the_run_stops_cleanly(tmp_pat
     rec.start_round(3, 16, 2)
     with pytest.raises(RunStopped, match="every sampled client has exhausted its privacy budget"):
         s.aggregate_train(3, [exhausted_reply(11, 0, 2.9, 3.5, 3.0), exhausted_reply(12, 1, 2.9, 3.5, 3.0)])
+
+
+def dp_reply(node: int, pid: int, epsilon: float, steps: int, budget: float = 0.0) -> Message:
+    msg = train_reply(node, pid, 1.0, 10, 0.5)
+    info = msg.content["client-info"]
+    info.update({"status": "trained", "epsilon": epsilon, "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0,
+                 "sample-rate": 0.1, "steps": steps, "accountant": "rdp", "max-epsilon": budget})
+    return msg
+
+
+def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_budget(tmp_path):
+    """A SuperNode that lost its context reports epsilon from zero again: the ledger composes (sums) instead."""
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
+    s = build_strategy(cfg, rec)
+    for rnd, (eps0, steps0) in enumerate([(1.0, 10), (1.5, 20), (1.0, 10)], start=1):  # round 3: client 0 restarted
+        rec.start_round(rnd, 16, 2)
+        s.aggregate_train(rnd, [dp_reply(11, 0, eps0, steps0, budget=3.0), dp_reply(12, 1, 0.5 * rnd, 10 * rnd)])
+        rec.end_round(rnd, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
+    e = rec.data["privacy"]["clients"]["0"]
+    assert [r["epsilon"] for r in e["rounds"]] == [1.0, 1.5, 2.5]  # 1.5 spent before the restart + 1.0 after
+    assert e["epsilon"] == 2.5 and e["steps"] == 30 and e["delta"] == pytest.approx(2e-3) and e["accountant_resets"] == 1
+    assert rec.data["privacy"]["clients"]["1"]["epsilon"] == 1.5 and "accountant_resets" not in rec.data["privacy"]["clients"]["1"]
+    assert s.exhausted == set()
+    rec.start_round(4, 16, 2)
+    s.aggregate_train(4, [dp_reply(11, 0, 1.5, 20, budget=3.0), dp_reply(12, 1, 2.0, 40)])  # composed 3.0 reaches the budget
+    assert s.exhausted == {11}  # the server stops sampling it, whatever its fresh accountant says
+
+
+def test_a_round_secure_aggregation_withheld_keeps_the_adapter_and_the_privacy_spend(tmp_path):
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "w", "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
+    s = build_strategy(cfg, rec)
+    rec.start_round(1, 16, 2)
+    withheld = dp_reply(11, 0, 0.8, 10)
+    del withheld.content.array_records["arrays"]
+    withheld.content["client-info"]["status"] = "not-aggregated"
+    arrays, metrics = s.aggregate_train(1, [withheld, exhausted_reply(12, 1, 2.9, 3.4, 3.0)])
+    assert arrays is None and metrics is None  # Flower keeps the previous global adapter
+    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == 0.8  # spent, recorded, though not released
+    assert "stopped" not in rec.data["privacy"]["clients"]["0"] and s.exhausted == {12}

@@ -100,11 +100,10 @@ else
          --enable-supernode-auth)
   # The certificate must name the address SuperNodes and the flwr CLI use.
   if [ "$HOST" != 0.0.0.0 ] && [ "$HOST" != "::" ]; then
-    san="$(openssl x509 -in "$CERTS/server.crt" -noout -ext subjectAltName 2>/dev/null || true)"
-    case "$san" in
-      *"IP Address:$HOST"*|*"DNS:$HOST"*) ;;
-      *) warn "$CERTS/server.crt does not list $HOST in its subjectAltName; clients connecting to $HOST will reject it." ;;
-    esac
+    san="$(openssl x509 -in "$CERTS/server.crt" -noout -ext subjectAltName 2>/dev/null | tail -n +2 | tr -d ' ' | tr ',' '\n' || true)"
+    if ! printf '%s\n' "$san" | grep -qxF -e "IPAddress:$HOST" -e "DNS:$HOST"; then
+      warn "$CERTS/server.crt does not list $HOST in its subjectAltName; clients connecting to $HOST will reject it."
+    fi
   fi
 fi
 [ "$DB" -eq 1 ] && args+=(--database "$STATE/superlink.db")
