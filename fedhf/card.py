@@ -140,6 +140,7 @@ def _secure_aggregation_section(run: dict[str, Any]) -> str:
     rounds = sa.get("rounds", [])
     used = sorted({(r["num_shares"], r["reconstruction_threshold"]) for r in rounds})
     dropped = sum(r["dropped"] for r in rounds)
+    withheld = sum(1 for r in rounds if not r.get("completed", True))
     return f"""**On: {sa['protocol']}.** The server learned only the weighted average of each round's client adapters,
 never an individual client's: each client uploaded its adapter masked with pairwise and private masks that cancel
 only in the sum; secrets are Shamir-shared among neighbours so that dropped clients' masks can be removed.
@@ -150,7 +151,7 @@ only in the sum; secrets are Shamir-shared among neighbours so that dropped clie
 | quantization | {sa['quantization_bits']} bits ({sa['quantization_range']:,} levels) over [-{sa['clipping_range']:g}, {sa['clipping_range']:g}], step {sa['quantization_step']:.3g} |
 | modulus | 2^32 |
 | max client weight | {sa['max_weight']:g} examples |
-| rounds / clients dropped during the protocol | {len(rounds)} / {dropped} |
+| rounds / clients dropped during the protocol / rounds withheld (nothing released) | {len(rounds)} / {dropped} / {withheld} |
 
 What the server still sees, in the clear: each client's number of training examples (the averaging weight) and
 what it reports (train loss, ε, label histogram, timings). Masks are expanded from each full 256-bit secret with

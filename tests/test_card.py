@@ -134,3 +134,18 @@ def test_same_data_gives_the_same_fingerprints(tmp_path, synthetic_dir):
     second = load_data(parse_config({"data.dataset": str(copy)}).data).source["files"]
     assert first == second  # names relative to the folder, sha256 of the bytes: independent of where the data lives
     assert len(first["train"][0]["sha256"]) == 64
+
+
+def test_card_states_secure_aggregation_and_its_parameters(tmp_path):
+    from fedhf.config import parse_config
+    from fedhf.secagg import SecAggSettings
+
+    run_dir, run = fake_run(tmp_path)
+    run["secure_aggregation"] = {**SecAggSettings.from_config(parse_config({"strategy.secure-aggregation": True})).describe(),
+                                 "rounds": [{"num_shares": 3, "reconstruction_threshold": 2, "dropped": 1, "completed": True},
+                                            {"num_shares": 3, "reconstruction_threshold": 2, "dropped": 2, "completed": False}]}
+    text = (build_hub_folder(run_dir, run, "apache-2.0") / "README.md").read_text()
+    assert "**On: SecAgg+" in text and "| shares per secret / reconstruction threshold | 3 / 2 |" in text
+    assert "| quantization | 22 bits (4,194,304 levels) over [-8, 8], step 3.81e-06 |" in text
+    assert "| 2 / 3 / 1 |" in text  # rounds / clients dropped / rounds withheld
+    assert "SHAKE-256" in text and "label histogram" in text
