@@ -298,3 +298,32 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
     return json.loads(path.read_text())
+
+
+def load_finished_run(run_dir: str | Path, what: str) -> dict[str, Any]:
+    """run.json of a complete run with its adapter, for ``what`` (report, audit, evaluate); a clear error otherwise."""
+    from fedhf.errors import FedHFRunError
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise FedHFRunError(f"{what}: '{run_dir}' is not a folder; give a run folder (outputs/<run-id>).")
+    path = d / "run.json"
+    if not path.is_file():
+        raise FedHFRunError(f"{what}: '{run_dir}' is not a fedhf run folder (no run.json); give outputs/<run-id>.")
+    try:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FedHFRunError(f"{what}: '{path}' is not valid JSON ({exc}); the run folder is damaged.") from None
+    if not isinstance(run, dict) or "status" not in run:
+        raise FedHFRunError(f"{what}: '{path}' is not a fedhf run.json (no status).")
+    if run["status"] != "complete":
+        why = f": {run['error']}" if run.get("error") else ""
+        raise FedHFRunError(f"{what}: '{run_dir}' is not a finished run (status '{run['status']}'{why}); "
+                            "wait for it to complete or run it again.")
+    if not (d / "adapter" / "adapter_model.safetensors").is_file():
+        raise FedHFRunError(f"{what}: '{run_dir}' has no adapter/adapter_model.safetensors; the run folder is incomplete.")
+    for key in ("config", "dataset", "rounds", "final"):
+        if key not in run:
+            raise FedHFRunError(f"{what}: '{path}' lacks '{key}'; it was not written by a complete fedhf run.")
+    run["_dir"] = str(d)
+    return run

@@ -161,6 +161,26 @@ privacy: the average itself can still reveal information unless DP is on (see Pr
 """
 
 
+def _audit_section(run: dict[str, Any]) -> str:
+    audit = run.get("audit")
+    if not audit:
+        return ("Not audited. `fedhf audit RUN_DIR` runs a membership-inference attack on this adapter and adds its "
+                "results here.\n")
+    rows = ["| attack | ROC AUC | TPR at 1% FPR | empirical ε lower bound |", "|---|---|---|---|"]
+    for name, what in (("loss", "loss threshold"), ("calibrated", "loss calibrated by the untrained model")):
+        a = audit[name]
+        rows.append(f"| {what} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | {a['epsilon_lower_bound']:.3f} |")
+    claimed = audit.get("claimed_epsilon")
+    verdict = (f"The lower bounds hold with {audit['confidence']:.0%} confidence (δ = {audit['delta']:.3g}) and are "
+               + (f"{'**above**' if audit.get('violation') else 'below'} the claimed sample-level ε = {claimed:.3f}."
+                  if claimed is not None else "the only privacy statement for this run: it claims no sample-level DP."))
+    return (f"A membership-inference attack on this adapter (fedhf audit): {audit['members']} training rows of the "
+            f"clients (members) against {audit['non_members']} rows of the same distribution that no client saw "
+            f"(non-members: {audit['non_member_source']}). AUC 0.5 means the attack cannot tell them apart.\n\n"
+            + "\n".join(rows) + "\n\n" + verdict + " An attack on natural examples gives a loose bound: it can show "
+            "leakage, it cannot prove its absence.\n")
+
+
 def _rounds_table(run: dict[str, Any]) -> str:
     rows = ["| round | train loss | eval loss | eval accuracy | eval macro-F1 | clients trained |", "|---|---|---|---|---|---|"]
     for r in run["rounds"]:
@@ -237,6 +257,9 @@ exchanged.
 ## Privacy
 
 {_privacy_section(run)}
+## Privacy audit
+
+{_audit_section(run)}
 ## Secure aggregation
 
 {_secure_aggregation_section(run)}

@@ -43,6 +43,16 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+def _quiet_libraries() -> None:
+    """Post-run commands print their own results: no progress bars or load reports from datasets/transformers."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def resolve_cli_config(config_file: Path | None, sets: list[str] | None) -> FedHFConfig:
     flat: dict[str, Any] = {}
     if config_file is not None:
@@ -274,6 +284,98 @@ def predict(
         _fail(str(exc))
     for t, (label, prob) in zip(texts, do_predict(m, tok, labels, texts, max_length), strict=True):
         typer.echo(f"{label}\t{prob:.4f}\t{t}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more finished run folders (outputs/<run-id>).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder; default RUN_DIR/report for one run, ./fedhf-report for several.")] = None,
+    no_privacy_utility: Annotated[bool, typer.Option("--no-privacy-utility", help="Skip the privacy-utility plot (allows runs on different datasets).")] = False,
+) -> None:
+    """Plots (accuracy and loss per round, epsilon per client, label distribution, privacy-utility) and report.md."""
+    from fedhf.report import write_report
+
+    target = out or (run_dirs[0] / "report" if len(run_dirs) == 1 else Path("fedhf-report"))
+    try:
+        md = write_report(run_dirs, target, privacy_utility=not no_privacy_utility)
+    except FedHFError as exc:
+        _fail(str(exc))
+    typer.echo(f"report: {md}")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (outputs/<run-id>).")],
+    non_members: Annotated[Path | None, typer.Option("--non-members", help="Rows of the same distribution no client saw (file or folder, like a silo); default: the training rows the run left out.")] = None,
+    max_examples: Annotated[int, typer.Option("--max-examples", help="Members and non-members each (a seeded sample).")] = 1000,
+    confidence: Annotated[float, typer.Option("--confidence", help="Confidence level of the epsilon lower bound.")] = 0.95,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling the examples and splitting them.")] = 0,
+) -> None:
+    """Membership-inference audit of the released adapter: ROC AUC, TPR at 1% FPR, empirical epsilon lower bound.
+
+    The results go into run.json ('audit') and the model card in hub/.
+    """
+    _setup_logging()
+    _quiet_libraries()
+    from fedhf.audit import audit_lines, audit_run
+
+    try:
+        result = audit_run(run_dir, non_members_file=non_members, max_examples=max_examples, confidence=confidence, seed=seed)
+    except FedHFError as exc:
+        _fail(str(exc))
+    for line in audit_lines(result):
+        typer.echo(line)
+    if result.get("violation"):
+        raise typer.Exit(3)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (outputs/<run-id>).")],
+    set_: SetOpt = None,
+    no_record: Annotated[bool, typer.Option("--no-record", help="Print only; do not add the result to run.json.")] = False,
+) -> None:
+    """Evaluate the released adapter on the eval split of the run's dataset, with data keys changed by --set
+    (e.g. --set data.languages=orm: zero-shot on another AfriSenti language)."""
+    _setup_logging()
+    _quiet_libraries()
+    from fedhf.evaluation import evaluate_run, parse_overrides
+
+    try:
+        result = evaluate_run(run_dir, parse_overrides(set_ or []), record=not no_record)
+    except FedHFError as exc:
+        _fail(str(exc))
+    where = ", ".join(f"{k}={v}" for k, v in result["data"].items()) or "the run's own eval split"
+    typer.echo(f"{where}: {result['rows']} rows  accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+               f"loss {result['loss']:.4f}")
+
+
+@app.command()
+def sweep(
+    group: Annotated[str, typer.Argument(help="An experiment group: a folder name under experiments/ (noniid, privacy, languages, communication, audit) or a path to a group folder.")],
+    smoke: Annotated[bool, typer.Option("--smoke", help="The group's small variant (a minute or two): same runs, tiny data.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the group's runs and results go: OUT/<group>[-smoke]/.")] = Path("outputs/experiments"),
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this run of the group (repeatable).")] = None,
+    list_runs: Annotated[bool, typer.Option("--list", help="List the group's runs and exit.")] = False,
+) -> None:
+    """Run a group of experiments (skipping finished runs), then write results.csv and results.md."""
+    _setup_logging()
+    _quiet_libraries()
+    from fedhf.experiments import load_group, run_group
+
+    try:
+        g = load_group(group)
+        if list_runs:
+            typer.echo(f"{g.name}: {g.description}")
+            for r in g.selected(smoke, only):
+                typer.echo(f"  {r.name:<22} {r.num_clients:>3} clients  {r.config.name}"
+                           + (f"  {r.overrides}" if r.overrides else "") + ("  +audit" if r.audit else ""))
+            return
+        folder = run_group(g, out, smoke=smoke, only=only, log=lambda m: typer.echo(m, err=True))
+    except FedHFError as exc:
+        _fail(str(exc))
+    typer.echo((folder / "results.md").read_text())
+    typer.echo(f"results: {folder / 'results.md'} and {folder / 'results.csv'}")
 
 
 def main() -> None:

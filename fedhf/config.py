@@ -56,6 +56,7 @@ class DataConfig:
     languages: str = _opt("", "AfriSenti: comma list of language codes to use; empty = every language with training data.")
     max_length: int = _opt(64, "Tokens per example after truncation.", min=8, max=512)
     max_train_examples: int = _opt(1200, "Rows of the training split used in all (a seeded sample, taken before partitioning); 0 = all.", min=0)
+    max_examples_per_group: int = _opt(0, "Rows per value of the partition column (e.g. per AfriSenti language) at most: a seeded sample taken before max-train-examples and partitioning, so federated, pooled and single-language runs see the same rows; 0 = no cap.", min=0)
     max_eval_examples: int = _opt(2000, "Rows of the central eval split used by the server (a seeded sample when larger); 0 = all.", min=0)
     local_eval_fraction: float = _opt(0.1, "Share of each client's partition held out for its local evaluation.", min=0.0, max=0.5)
 

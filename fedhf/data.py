@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -408,11 +409,51 @@ class Partitions:
 
 
 def prepare_train_rows(data: LoadedData, cfg: DataConfig, seed: int) -> datasets.Dataset:
-    """The rows that get partitioned: shuffled with the seed, capped at max-train-examples."""
-    ds = data.train.shuffle(seed=seed)
-    if cfg.max_train_examples and len(ds) > cfg.max_train_examples:
-        ds = ds.select(range(cfg.max_train_examples))
-    return ds.flatten_indices()
+    """The rows that get partitioned: capped per group (max-examples-per-group), shuffled with the seed,
+    capped at max-train-examples."""
+    order, _ = _train_order(data, cfg, seed)
+    return data.train.select(order).flatten_indices()
+
+
+def split_train_rows(data: LoadedData, cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rows the run trains on, rows of the training split it never uses).
+
+    The second set is the same distribution as the first and never seen by any client:
+    the membership-inference audit draws its non-members from it.
+    """
+    order, dropped = _train_order(data, cfg, seed)
+    return data.train.select(order).flatten_indices(), data.train.select(sorted(dropped)).flatten_indices()
+
+
+def _train_order(data: LoadedData, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(len(data.train)))
+    dropped: list[int] = []
+    if cfg.max_examples_per_group:
+        col = data.partition_column
+        if not col or col not in data.train.column_names:
+            raise FedHFDataError(
+                f"config key 'data.max-examples-per-group': got {cfg.max_examples_per_group}, but the dataset has no "
+                "partition column to group by; set data.partition-column or use data.max-train-examples instead."
+            )
+        # Each group is sampled on its own (its rows, its own seeded permutation), so a group's sample
+        # does not depend on which other groups were loaded: a single-language run trains on exactly the
+        # rows that language contributes to the federated and the pooled runs.
+        groups: dict[str, list[int]] = {}
+        for i, value in enumerate(data.train[col]):
+            groups.setdefault(str(value), []).append(i)
+        keep: list[int] = []
+        for value, idx in groups.items():
+            digest = int.from_bytes(hashlib.sha256(f"{seed}:{value}".encode()).digest()[:8], "little")
+            perm = np.random.default_rng(digest).permutation(len(idx))
+            keep += [idx[j] for j in perm[:cfg.max_examples_per_group]]
+            dropped += [idx[j] for j in perm[cfg.max_examples_per_group:]]
+        order = sorted(keep)
+    perm = np.random.default_rng(seed).permutation(len(order))
+    order = [order[j] for j in perm]
+    if cfg.max_train_examples and len(order) > cfg.max_train_examples:
+        dropped += order[cfg.max_train_examples:]
+        order = order[:cfg.max_train_examples]
+    return order, dropped
 
 
 def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions: int) -> Partitions:

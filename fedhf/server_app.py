@@ -200,11 +200,27 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     recorder.data["final"] = {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}
     if stopped:
         recorder.data["stopped_early"] = {"after_round": final["round"], "reason": stopped}
+    _plots(recorder)
     hub = build_hub_folder(recorder.dir, recorder.data, base_model_license(cfg.model.name, resolved))
     recorder.finish({"hub_folder": hub.name})
     if p.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
     log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
+
+
+def _plots(recorder: RunRecorder) -> None:
+    """The run's plots into run_dir/plots (the hub folder and the card include them).
+
+    The run's results are already saved; a plot that cannot be drawn is logged and recorded,
+    and `fedhf report RUN_DIR` can draw it again.
+    """
+    from fedhf.plots import run_plots
+
+    try:
+        run_plots(recorder.data, recorder.dir / "plots")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        recorder.data["plots_error"] = f"{type(exc).__name__}: {exc}"
+        log.error("Could not draw the run's plots (%s); run `fedhf report %s` to retry.", exc, recorder.dir)
 
 
 def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path) -> None:

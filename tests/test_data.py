@@ -197,3 +197,43 @@ def test_afrisenti_natural_split_one_client_per_language(shared_data_dir: Path):
     assert sizes == {"pcm": 5121, "swa": 1810, "tso": 804}
     with pytest.raises(FedHFDataError, match="unknown AfriSenti language"):
         load_data(data_cfg(dataset="afrisenti", languages="xx"), data_dir=str(shared_data_dir))
+
+
+def test_group_cap_samples_each_group_on_its_own(tmp_path):
+    """max-examples-per-group: a language's sample is the same whether or not the other languages are loaded."""
+    from fedhf.data import prepare_train_rows
+
+    rows = synthetic_rows(300, seed=7, languages=("aa", "bb", "cc"))
+    rows += synthetic_rows(12, seed=8, languages=("dd",))  # a small group: kept whole
+    both = write_tsv(tmp_path / "all" / "train.tsv", rows, ["text", "label", "language"])
+    only = write_tsv(tmp_path / "aa" / "train.tsv", [r for r in rows if r["language"] == "aa"], ["text", "label", "language"])
+    cfg = {"partition-column": "language", "max-examples-per-group": 40, "max-train-examples": 0}
+    pooled = prepare_train_rows(load_data(data_cfg(dataset=str(both), **cfg)), data_cfg(dataset=str(both), **cfg), 5)
+    alone = prepare_train_rows(load_data(data_cfg(dataset=str(only), **cfg)), data_cfg(dataset=str(only), **cfg), 5)
+    counts = Counter(pooled["language"])
+    assert counts == {"aa": 40, "bb": 40, "cc": 40, "dd": 12}
+    assert sorted(t for t, lang in zip(pooled["text"], pooled["language"]) if lang == "aa") == sorted(alone["text"])
+    other_seed = prepare_train_rows(load_data(data_cfg(dataset=str(only), **cfg)), data_cfg(dataset=str(only), **cfg), 6)
+    assert sorted(other_seed["text"]) != sorted(alone["text"])
+
+
+def test_split_train_rows_separates_used_and_never_used_rows(synthetic_dir):
+    from fedhf.data import prepare_train_rows, split_train_rows
+
+    cfg = data_cfg(dataset=str(synthetic_dir), **{"max-train-examples": 70})
+    data = load_data(cfg)
+    used, unused = split_train_rows(data, cfg, 3)
+    assert list(used["text"]) == list(prepare_train_rows(data, cfg, 3)["text"])
+    assert len(used) == 70 and len(unused) == 130
+    assert not set(used["text"]) & set(unused["text"])
+    assert sorted(list(used["text"]) + list(unused["text"])) == sorted(data.train["text"])
+    everything = data_cfg(dataset=str(synthetic_dir), **{"max-train-examples": 0})
+    assert len(split_train_rows(data, everything, 3)[1]) == 0
+
+
+def test_group_cap_needs_a_partition_column(synthetic_dir):
+    from fedhf.data import prepare_train_rows
+
+    cfg = data_cfg(dataset=str(synthetic_dir), **{"max-examples-per-group": 10})
+    with pytest.raises(FedHFDataError, match="config key 'data.max-examples-per-group': got 10, but the dataset has no partition column"):
+        prepare_train_rows(load_data(cfg), cfg, 0)

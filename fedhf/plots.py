@@ -1,0 +1,162 @@
+"""Plots of a run (and across runs), as PNG files. Matplotlib's object API only: no pyplot, no global state.
+
+Each function takes run.json dictionaries (``artifacts.load_run``) and writes one PNG;
+it returns the path, or None when the run has nothing to draw (e.g. no DP: no epsilon plot).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+DPI = 110
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def run_label(run: dict[str, Any]) -> str:
+    return str(run.get("run_id", "run"))
+
+
+def plot_metrics(run: dict[str, Any], path: Path) -> Path:
+    """Central accuracy and macro-F1 (left) and losses (right) per round; round 0 is the untrained adapter."""
+    rounds = [r for r in run["rounds"] if r.get("eval_accuracy") is not None]
+    x = [r["round"] for r in rounds]
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(x, [r["eval_accuracy"] for r in rounds], marker="o", label="accuracy")
+    ax1.plot(x, [r["eval_f1"] for r in rounds], marker="s", linestyle="--", label="macro-F1")
+    local = [(r["round"], r["local_eval_accuracy"]) for r in rounds if r.get("local_eval_accuracy") is not None]
+    if local:
+        ax1.plot(*zip(*local, strict=True), marker=".", linestyle=":", label="clients' local accuracy")
+    ax1.set(xlabel="round", ylabel="score", title="Central evaluation", ylim=(0, 1))
+    ax1.legend(loc="lower right", fontsize=8)
+    ax2.plot(x, [r["eval_loss"] for r in rounds], marker="o", label="central eval loss")
+    train = [(r["round"], r["train_loss"]) for r in rounds if r.get("train_loss") is not None]
+    if train:
+        ax2.plot(*zip(*train, strict=True), marker="s", linestyle="--", label="clients' train loss")
+    ax2.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    ax2.legend(loc="upper right", fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run_label(run)}: {run['dataset'].get('name', '')}, {len(run.get('partitions', []))} clients", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_epsilon(run: dict[str, Any], path: Path) -> Path | None:
+    """Each client's cumulative sample-level epsilon after every round (dashed: its budget), and the
+    client-level epsilon of the federation when that mode is on."""
+    privacy = run.get("privacy") or {}
+    clients = privacy.get("clients") or {}
+    cl = privacy.get("client_level") or {}
+    if not clients and not cl.get("rounds"):
+        return None
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    for pid in sorted(clients, key=int):
+        e = clients[pid]
+        pts = [(0, 0.0)] + [(r["round"], r["epsilon"]) for r in e["rounds"]]
+        line, = ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=f"client {pid}")
+        if e.get("max_epsilon"):
+            ax.axhline(e["max_epsilon"], color=line.get_color(), linestyle="--", linewidth=0.8)
+        if e.get("stopped"):
+            ax.annotate("budget", (e["stopped"]["round"], e["epsilon"]), fontsize=7, color=line.get_color())
+    if cl.get("rounds"):
+        pts = [(0, 0.0)] + [(r["round"], r["epsilon"]) for r in cl["rounds"]]
+        ax.plot(*zip(*pts, strict=True), color="black", linewidth=2, marker="D", label="client-level (federation)")
+    ax.set(xlabel="round", ylabel="ε (cumulative)", title=f"Privacy spend per round ({run_label(run)})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(clients) > 6 else 1, loc="upper left")
+    return _save(fig, path)
+
+
+def plot_label_heatmap(run: dict[str, Any], path: Path) -> Path | None:
+    """Share of each label in each client's training rows (numbers: rows)."""
+    parts = run.get("partitions") or []
+    names = run["dataset"].get("label_names") or []
+    if not parts or not names:
+        return None
+    counts = [p["label-histogram"] for p in parts]
+    shares = [[c / max(sum(row), 1) for c in row] for row in counts]
+    fig = Figure(figsize=(1.2 + 0.9 * len(names), 1.0 + 0.32 * len(parts)))
+    ax = fig.subplots()
+    im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ylabels = [f"{p['partition-id']}" + (f" ({p['natural-id']})" if p.get("natural-id") else "") for p in parts]
+    ax.set_yticks(range(len(parts)), ylabels, fontsize=7)
+    ax.set(xlabel="label", ylabel="client")
+    if len(parts) * len(names) <= 300:
+        for i, row in enumerate(counts):
+            for j, c in enumerate(row):
+                ax.text(j, i, str(c), ha="center", va="center", fontsize=6,
+                        color="white" if shares[i][j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="share of the client's rows")
+    ax.set_title(f"Label distribution ({run['config'].get('data.partitioner', '')})", fontsize=9)
+    return _save(fig, path)
+
+
+def final_epsilon(run: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(max sample-level epsilon over clients, client-level epsilon); None where the mode is off."""
+    privacy = run.get("privacy") or {}
+    clients = privacy.get("clients") or {}
+    sample = max((c["epsilon"] for c in clients.values()), default=None) if clients else None
+    cl = privacy.get("client_level") or {}
+    return sample, cl.get("epsilon") if cl.get("rounds") else None
+
+
+def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
+    """Final central accuracy against the privacy guarantee, one point per run.
+
+    Sample-level and client-level runs are separate series (their epsilons mean different
+    things); runs without DP are drawn at the right edge, marked "no DP".
+    """
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
+    sample, client, none = [], [], []
+    for run in runs:
+        acc = run["final"]["eval_accuracy"]
+        eps_s, eps_c = final_epsilon(run)
+        if eps_s is not None:
+            sample.append((eps_s, acc, run_label(run)))
+        if eps_c is not None:
+            client.append((eps_c, acc, run_label(run)))
+        if eps_s is None and eps_c is None:
+            none.append((acc, run_label(run)))
+    finite = [e for e, _, _ in sample + client if math.isfinite(e)]
+    right = max(finite, default=1.0) * 1.25 + 0.5
+    for pts, marker, label in ((sample, "o", "sample-level ε (max over clients)"), (client, "s", "client-level ε")):
+        if pts:
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+            for e, a, name in pts:
+                ax.annotate(name, (e, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for acc, name in none:
+        ax.axhline(acc, color="grey", linestyle=":", linewidth=1)
+        ax.plot([right], [acc], marker="*", markersize=10, color="grey")
+        ax.annotate(f"{name} (no DP)", (right, acc), fontsize=6, xytext=(-4, 4), textcoords="offset points", ha="right")
+    ax.set(xlabel="ε (lower = more private)", ylabel="central accuracy",
+           title=f"Privacy–utility ({runs[0]['dataset'].get('name', '')})")
+    ax.grid(alpha=0.3)
+    if sample or client:
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def run_plots(run: dict[str, Any], folder: Path) -> list[Path]:
+    """The per-run plots (metrics, epsilon, label distribution) in ``folder``; returns those written."""
+    out = [plot_metrics(run, folder / "metrics.png"),
+           plot_epsilon(run, folder / "epsilon.png"),
+           plot_label_heatmap(run, folder / "label_distribution.png")]
+    return [p for p in out if p is not None]

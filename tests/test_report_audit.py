@@ -1,0 +1,173 @@
+"""After a run: plots, `fedhf report`, `fedhf evaluate` and `fedhf audit` on a real (tiny) federated run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, synthetic_rows, write_tsv
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=cwd or REPO)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """2 clients, 2 rounds, sample-level DP, on all 300 rows of our own synthetic dataset (tiny BERT)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = root / "data"
+    write_tsv(data / "train.tsv", synthetic_rows(300, seed=11), ["text", "label"])
+    write_tsv(data / "test.tsv", synthetic_rows(80, seed=12), ["text", "label"])
+    proc = cli("run", "-n", "2", "--set", f"data.dataset={data}", "--set", f"model.name={tiny_model_dir}",
+               "--set", "num-server-rounds=2", "--set", "data.max-train-examples=0", "--set", "data.local-eval-fraction=0.0",
+               "--set", "train.local-epochs=1", "--set", "privacy.mode=sample", "--set", "privacy.noise-multiplier=0.8",
+               "--set", "data.max-length=24", "--set", "train.lr=0.01",
+               "--set", f"output-dir={root / 'out'}", "--set", "run-name=tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "out" / "tiny"
+
+
+def held_out_rows(n: int, seed: int) -> list[dict]:
+    """Synthetic rows that cannot equal a training row ("item" instead of "number")."""
+    return [dict(r, text=r["text"].replace("number", "item")) for r in synthetic_rows(n, seed=seed)]
+
+
+def run_json(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def copy_run(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    run = run_json(dst)
+    for key, value in changes.items():
+        run[key] = value
+    (dst / "run.json").write_text(json.dumps(run))
+    return dst
+
+
+def test_run_draws_its_plots_and_the_card_shows_them(tiny_run):
+    for name in ("metrics.png", "epsilon.png", "label_distribution.png"):
+        for folder in (tiny_run / "plots", tiny_run / "hub" / "plots"):
+            data = (folder / name).read_bytes()
+            assert data.startswith(PNG) and len(data) > 5_000, (folder, name)
+        assert f"![{name}](plots/{name})" in (tiny_run / "hub" / "README.md").read_text()
+
+
+def test_plots_skip_what_a_run_does_not_have(tmp_path, tiny_run):
+    from fedhf.plots import plot_epsilon, run_plots
+
+    run = run_json(tiny_run)
+    run.pop("privacy")
+    assert plot_epsilon(run, tmp_path / "e.png") is None
+    assert sorted(p.name for p in run_plots(run, tmp_path)) == ["label_distribution.png", "metrics.png"]
+
+
+def test_report_tables_and_plots(tiny_run, tmp_path):
+    run = run_json(tiny_run)
+    other = copy_run(tiny_run, tmp_path / "nodp", run_id="nodp", privacy={"mode": "none"})
+    out = tmp_path / "report"
+    proc = cli("report", str(tiny_run), str(other), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (out / "report.md").read_text()
+    eps = max(c["epsilon"] for c in run["privacy"]["clients"].values())
+    assert f"| tiny | " in md and f"{eps:.3f}" in md and f"{run['final']['eval_accuracy']:.4f}" in md
+    assert "![privacy-utility](privacy_utility.png)" in md
+    for rel in ("privacy_utility.png", "tiny/metrics.png", "tiny/epsilon.png", "nodp/metrics.png"):
+        assert (out / rel).read_bytes().startswith(PNG), rel
+        assert f"({rel})" in md
+    assert not (out / "nodp" / "epsilon.png").exists()  # no DP, no epsilon plot
+
+
+def test_report_refuses_mixed_datasets_and_unfinished_runs(tiny_run, tmp_path):
+    ds = dict(run_json(tiny_run)["dataset"], name="ag_news", preset="ag_news")
+    other = copy_run(tiny_run, tmp_path / "agnews", run_id="agnews", dataset=ds)
+    line = one_error_line(cli("report", str(tiny_run), str(other), "--out", str(tmp_path / "r")))
+    assert "different datasets" in line and "--no-privacy-utility" in line
+    assert cli("report", str(tiny_run), str(other), "--out", str(tmp_path / "r"), "--no-privacy-utility").returncode == 0
+    running = copy_run(tiny_run, tmp_path / "running", status="running")
+    assert "is not a finished run (status 'running')" in one_error_line(cli("report", str(running)))
+    assert "no run.json" in one_error_line(cli("report", str(tmp_path)))
+    assert "not a folder" in one_error_line(cli("audit", str(tmp_path / "nothing-here")))
+
+
+def test_evaluate_reproduces_the_servers_central_evaluation(tiny_run, tmp_path):
+    from fedhf.evaluation import evaluate_run
+
+    work = copy_run(tiny_run, tmp_path / "ev")
+    run = run_json(work)
+    res = evaluate_run(work, {})
+    assert res["rows"] == run["dataset"]["central_eval_rows"]
+    assert res["accuracy"] == pytest.approx(run["final"]["eval_accuracy"], abs=1e-9)
+    assert res["loss"] == pytest.approx(run["final"]["eval_loss"], rel=1e-4)
+    assert run_json(work)["evaluations"] == [res]
+    proc = cli("evaluate", str(work), "--set", "data.max-eval-examples=20")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data.max-eval-examples=20: 20 rows" in proc.stdout
+    assert len(run_json(work)["evaluations"]) == 2
+    assert "cannot change train.lr after training" in one_error_line(cli("evaluate", str(work), "--set", "train.lr=0.1"))
+
+
+def test_audit_needs_held_out_data_then_uses_the_file_given(tiny_run, tmp_path):
+    work = copy_run(tiny_run, tmp_path / "au")
+    line = one_error_line(cli("audit", str(work)))
+    assert "no held-out data" in line and "--non-members FILE" in line and "300 of its 300" in line
+    assert "audit" not in run_json(work)
+
+    non = write_tsv(tmp_path / "held-out" / "train.tsv", held_out_rows(200, seed=99), ["text", "label"])
+    proc = cli("audit", str(work), "--non-members", str(non), "--max-examples", "150")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    audit = run_json(work)["audit"]
+    assert audit["members"] == audit["non_members"] == 150
+    assert audit["non_member_source"] == "file train.tsv"
+    run = run_json(work)
+    assert audit["claimed_epsilon"] == pytest.approx(max(c["epsilon"] for c in run["privacy"]["clients"].values()))
+    for attack in ("loss", "calibrated"):
+        assert 0.0 <= audit[attack]["auc"] <= 1.0
+        assert 0.0 <= audit[attack]["epsilon_lower_bound"] <= audit["claimed_epsilon"]
+        assert f"{audit[attack]['auc']:.3f}" in proc.stdout
+    card = (work / "hub" / "README.md").read_text()
+    assert "## Privacy audit" in card and f"| {audit['loss']['auc']:.3f} |" in card
+    assert "Not audited" not in card
+
+
+def test_audit_members_are_exactly_the_clients_training_rows(tiny_run, tmp_path):
+    from fedhf.artifacts import load_finished_run
+    from fedhf.audit import audit_sets
+    from fedhf.data import load_data
+    from fedhf.evaluation import run_config
+
+    run = load_finished_run(tiny_run, "test")
+    non = write_tsv(tmp_path / "nm.tsv", held_out_rows(120, seed=5) + synthetic_rows(30, seed=11), ["text", "label"])
+    members, non_members, _ = audit_sets(run, non)
+    data = load_data(run_config(run).data)
+    assert sorted(members["text"]) == sorted(data.train["text"])  # all 300 rows were trained on, none twice
+    assert sum(p["train-examples"] for p in run["partitions"]) == len(members)
+    assert not set(members["text"]) & set(non_members["text"])  # seed-11 rows are members: dropped from non-members
+    assert len(non_members) == 120
+
+
+def test_audit_refuses_members_it_cannot_rebuild(tiny_run, tmp_path):
+    parts = run_json(tiny_run)["partitions"]
+    parts[0] = dict(parts[0], **{"train-examples": parts[0]["train-examples"] + 1})
+    work = copy_run(tiny_run, tmp_path / "silo", partitions=parts)
+    assert "cannot be rebuilt" in one_error_line(cli("audit", str(work)))
+    line = one_error_line(cli("audit", str(tiny_run), "--max-examples", "10"))
+    assert "--max-examples 10 is too few" in line

@@ -1,0 +1,161 @@
+"""Experiment groups: every shipped file parses, bad files are refused before any run, and a sweep really runs,
+skips what is finished, reruns what failed, and tabulates what run.json says."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedhf.config import load_config_file, parse_config
+from fedhf.errors import FedHFConfigError
+from fedhf.experiments import check_targets, load_group
+
+from .conftest import REPO, synthetic_rows, write_tsv
+
+GROUPS = ("noniid", "privacy", "languages", "communication", "audit")
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=900, cwd=cwd)
+
+
+@pytest.mark.parametrize("name", GROUPS)
+def test_shipped_groups_parse_with_and_without_smoke(name):
+    group = load_group(name, REPO / "experiments")
+    assert group.description
+    for smoke in (False, True):
+        runs = group.selected(smoke)
+        assert runs
+        for run in runs:
+            parse_config(group.flat_config(run, smoke))
+    # Each setting file is a plain run-config override file, usable on its own.
+    for path in (REPO / "experiments" / name).glob("*.toml"):
+        if path.name != "group.toml":
+            parse_config(load_config_file(path))
+
+
+def test_groups_compare_like_with_like():
+    """The settings a group compares differ only in what the comparison is about."""
+    noniid = load_group("noniid", REPO / "experiments")
+    flats = {r.name: parse_config(noniid.flat_config(r, False)) for r in noniid.runs}
+    rows = {f.data.max_train_examples for f in flats.values()}
+    assert rows == {4000}
+    for name, f in flats.items():
+        assert f.num_server_rounds * f.train.local_epochs == 5, name
+    langs = load_group("languages", REPO / "experiments")
+    assert len([r for r in langs.runs if r.name.startswith("local-")]) == 12
+    for r in langs.runs:
+        f = parse_config(langs.flat_config(r, False))
+        assert f.data.max_examples_per_group == 400 and f.num_server_rounds * f.train.local_epochs == 5
+
+
+def test_unknown_key_in_an_experiment_file_is_refused_before_any_run(tmp_path):
+    g = tmp_path / "bad"
+    g.mkdir()
+    (g / "a.toml").write_text("num-server-rounds = 1\n[train]\nlocal-epoch = 2\n")
+    (g / "group.toml").write_text('description = "x"\n[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n')
+    proc = cli("sweep", str(g), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "experiment 'bad/a' (a.toml)" in errors[0] and "unknown config key 'train.local-epoch'" in errors[0]
+    assert "Did you mean 'train.local-epochs'?" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("manifest", "needle"), [
+    ('[[runs]]\nname = "a"\nconfig = "a.toml"\n', "runs[0] lacks 'num-clients'"),
+    ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 0\n', "num-clients must be an integer >= 1"),
+    ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\nclients = 3\n', "unknown key(s) clients"),
+    ('colour = "red"\n[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n', "unknown key(s) colour"),
+    ('description = "x"\n', "no [[runs]]"),
+    ('[[runs]]\nname = "a"\nconfig = "missing.toml"\nnum-clients = 2\n', "no such file"),
+    ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n[[targets]]\nkind = "better"\n', "target kind 'better'"),
+])
+def test_bad_manifests(tmp_path, manifest, needle):
+    (tmp_path / "a.toml").write_text("num-server-rounds = 1\n")
+    (tmp_path / "group.toml").write_text(manifest)
+    with pytest.raises(FedHFConfigError) as err:
+        load_group(tmp_path)
+    assert needle in str(err.value)
+
+
+def test_unknown_group_lists_the_groups():
+    proc = cli("sweep", "nosuchgroup")
+    assert proc.returncode == 2 and "no experiment group 'nosuchgroup'" in proc.stderr
+    for name in GROUPS:
+        assert name in proc.stderr
+
+
+def test_targets_are_checked_on_the_numbers():
+    group = load_group("noniid", REPO / "experiments")
+    rows = [{"name": "centralized", "accuracy": 0.84}, {"name": "iid", "accuracy": 0.825},
+            {"name": "dirichlet-1.0", "accuracy": 0.80}, {"name": "dirichlet-0.3", "accuracy": 0.70}]
+    lines = check_targets(group, rows)
+    assert lines[0] == "iid: accuracy 82.5% vs centralized 84.0%: drop +1.5 points (target ≤ 2): met"
+    assert lines[1] == "dirichlet-1.0: accuracy 80.0% vs centralized 84.0%: drop +4.0 points"
+    assert lines[3] == "dirichlet-0.1: accuracy vs centralized: not measured yet"
+    rows[1]["accuracy"] = 0.81
+    assert check_targets(group, rows)[0].endswith("(target ≤ 2): MISSED")
+    audit = load_group("audit", REPO / "experiments")
+    lines = check_targets(audit, [{"name": "overfit", "audit_auc_loss": 0.62, "audit_auc_calibrated": 0.7},
+                                  {"name": "dp", "audit_auc_loss": 0.48, "audit_auc_calibrated": 0.71}])
+    assert lines[0].endswith("(|AUC − 0.5|: 0.020 vs 0.120): met")
+    assert lines[1].endswith("MISSED")
+    langs = load_group("languages", REPO / "experiments")
+    codes = ["amh", "arq", "ary", "hau", "ibo", "kin", "pcm", "por", "swa", "tso", "twi", "yor"]
+    rows = [{"name": "federated", **{f"f1_{c}": 0.5 for c in codes}}]
+    rows += [{"name": f"local-{c}", f"f1_{c}": 0.4 if i < 7 else 0.6} for i, c in enumerate(codes)]
+    assert check_targets(langs, rows)[0] == ("federated beats local-<lang> macro-F1 on 7 of 12 languages "
+                                             "(target ≥ 8): MISSED")
+
+
+@pytest.mark.slow
+def test_sweep_runs_skips_reruns_and_tabulates(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    write_tsv(data / "train.tsv", synthetic_rows(400, seed=3), ["text", "label"])
+    write_tsv(data / "test.tsv", synthetic_rows(60, seed=4), ["text", "label"])
+    g = tmp_path / "tiny"
+    g.mkdir()
+    common = (f'num-server-rounds = 1\n[data]\ndataset = "{data}"\nmax-train-examples = 200\nmax-length = 24\n'
+              f'[model]\nname = "{tiny_model_dir}"\n[train]\nlocal-epochs = 1\nlr = 0.01\n')
+    (g / "central.toml").write_text(common + "[strategy]\nmin-available-nodes = 1\nmin-train-nodes = 1\nmin-evaluate-nodes = 0\n")
+    (g / "fed.toml").write_text(common)
+    (g / "group.toml").write_text(
+        'description = "tiny"\n'
+        '[[runs]]\nname = "central"\nconfig = "central.toml"\nnum-clients = 1\n'
+        '[[runs]]\nname = "fed"\nconfig = "fed.toml"\nnum-clients = 2\naudit = true\n'
+        '[[targets]]\nkind = "within"\nbaseline = "central"\nruns = ["fed"]\npoints = 100\n')
+    out = tmp_path / "out"
+    proc = cli("sweep", str(g), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["name"]: r for r in csv.DictReader((out / "tiny" / "results.csv").open())}
+    for name, clients in (("central", "1"), ("fed", "2")):
+        run = json.loads((out / "tiny" / name / "run.json").read_text())
+        assert rows[name]["status"] == "complete" and rows[name]["clients"] == clients
+        assert float(rows[name]["accuracy"]) == pytest.approx(run["final"]["eval_accuracy"])
+    fed = json.loads((out / "tiny" / "fed" / "run.json").read_text())
+    assert float(rows["fed"]["audit_auc_loss"]) == pytest.approx(fed["audit"]["loss"]["auc"])
+    assert fed["audit"]["members"] == 180  # 200 rows, 10% of each client's share held out for local evaluation
+    md = (out / "tiny" / "results.md").read_text()
+    assert "fed: accuracy" in md and "(target ≤ 100): met" in md
+
+    # Again: nothing runs; a run marked failed is moved aside and run again.
+    proc = cli("sweep", str(g), "--out", str(out))
+    assert proc.returncode == 0
+    assert proc.stderr.count("finished earlier, skipped") == 2 and "running" not in proc.stderr
+    central = out / "tiny" / "central" / "run.json"
+    central.write_text(json.dumps(dict(json.loads(central.read_text()), status="failed")))
+    proc = cli("sweep", str(g), "--out", str(out), "--only", "central")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "an unfinished run was moved to central.failed-" in proc.stderr
+    assert json.loads(central.read_text())["status"] == "complete"
+    assert len(list((out / "tiny").glob("central.failed-*"))) == 1
