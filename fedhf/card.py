@@ -225,6 +225,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     n_clients = len(run["partitions"])
     part = cfg["data.partitioner"]
     part_params = {"dirichlet": f"α = {cfg['data.dirichlet-alpha']}, minimum partition size {cfg['data.min-partition-size']}",
+                   "inner-dirichlet": f"equal-size clients, each client's label mix drawn from Dir(α = {cfg['data.dirichlet-alpha']})",
                    "pathological": f"{cfg['data.classes-per-client']} classes per client",
                    "natural": f"one client per value of '{src.get('partition_column') or cfg['data.partition-column'] or 'language'}'",
                    "iid": "equal random shares"}[part]

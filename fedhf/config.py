@@ -25,7 +25,7 @@ from typing import Any
 from fedhf.errors import FedHFConfigError
 
 LABEL_NAMES_KEY = "fedhf.label-names"  # sent by the server with the config: the federation's label names (JSON list)
-PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+PARTITIONERS = ("iid", "dirichlet", "inner-dirichlet", "pathological", "natural")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
@@ -49,7 +49,7 @@ class DataConfig:
     text_column: str = _opt("", "Text column; empty = auto-detect (sentence, text, tweet, content, review, ...).")
     label_column: str = _opt("", "Label column; empty = auto-detect (label, labels, sentiment, category, ...).")
     partitioner: str = _opt("iid", "How the training rows are split over clients.", choices=PARTITIONERS)
-    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (dirichlet partitioner); smaller = more label skew.", min=0.0, min_exclusive=True)
+    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (dirichlet, inner-dirichlet); smaller = more label skew. dirichlet: each label's rows spread over clients by Dir(alpha), client sizes vary; inner-dirichlet: equal-size clients, each with a label mix drawn from Dir(alpha) (works at any alpha, e.g. 0.1 with 2 labels).", min=0.0, min_exclusive=True)
     min_partition_size: int = _opt(10, "Dirichlet: resample until every client holds at least this many rows.", min=0)
     classes_per_client: int = _opt(2, "Pathological partitioner: distinct labels per client.", min=1)
     partition_column: str = _opt("", "Natural partitioner: one client per value of this column; empty = the preset's (afrisenti: language).")

@@ -22,6 +22,7 @@ import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
+    InnerDirichletPartitioner,
     NaturalIdPartitioner,
     PathologicalPartitioner,
 )
@@ -473,6 +474,10 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
         elif kind == "dirichlet":
             part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=cfg.dirichlet_alpha,
                                         min_partition_size=cfg.min_partition_size, self_balancing=True, shuffle=True, seed=seed)
+        elif kind == "inner-dirichlet":
+            sizes = [len(rows) // num_partitions + (i < len(rows) % num_partitions) for i in range(num_partitions)]
+            part = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label", alpha=cfg.dirichlet_alpha,
+                                             shuffle=True, seed=seed)
         elif kind == "pathological":
             k = len(data.label_names)
             if cfg.classes_per_client > k:
@@ -505,7 +510,12 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
     except FedHFDataError:
         raise
     except ValueError as exc:  # flwr-datasets' own checks (e.g. Dirichlet min size never reached)
-        raise FedHFDataError(f"partitioner '{kind}' failed for {num_partitions} clients: {exc}") from None
+        hint = ""
+        if kind == "dirichlet":
+            hint = (f"; raise data.dirichlet-alpha (now {cfg.dirichlet_alpha}), lower data.min-partition-size (now "
+                    f"{cfg.min_partition_size}), use fewer clients, or use data.partitioner=inner-dirichlet (equal-size "
+                    "clients, works at any alpha)")
+        raise FedHFDataError(f"partitioner '{kind}' failed for {num_partitions} clients: {exc}{hint}") from None
     for pid, shard in enumerate(shards):
         if len(shard) == 0:
             raise FedHFDataError(

@@ -291,11 +291,41 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
         for r in rows:
             if any(lang in r for lang in langs):
                 md.append(f"| {r['name']} | " + " | ".join(_f(r.get(lang)) for lang in langs) + " |")
+    plots = group_plots(group, runs, rows, langs, out / "plots")
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     checks = check_targets(group, rows)
     if checks:
         md += ["", "## Targets", ""] + [f"- {c}" for c in checks]
     md += ["", f"Reproduce: `fedhf sweep {group.name}{' --smoke' if smoke else ''}` (finished runs are skipped).", ""]
     (out / "results.md").write_text("\n".join(md))
+    return out
+
+
+def group_plots(group: Group, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], langs: list[str],
+                folder: Path) -> list[Path]:
+    """The plots of a group's story: accuracy per round of every run; privacy-utility when a run has DP;
+    bytes vs accuracy when the runs send different amounts; macro-F1 per language when measured."""
+    from fedhf.plots import final_epsilon, plot_bytes_accuracy, plot_language_scores, plot_privacy_utility, plot_runs_accuracy
+
+    done = [(name, run) for name, run in runs.items() if run.get("status") == "complete"]
+    if not done:
+        return []
+    out = [plot_runs_accuracy(done, folder / "accuracy_per_round.png")]
+    if any(final_epsilon(run) != (None, None) for _, run in done):
+        out.append(plot_privacy_utility([dict(run, run_id=name) for name, run in done], folder / "privacy_utility.png"))
+    sizes = {r.get("bytes_up_per_client_round") for r in rows if r.get("status") == "complete"}
+    if len(sizes) > 1:
+        out.append(plot_bytes_accuracy(done, folder / "bytes_vs_accuracy.png"))
+    if langs:
+        codes = [lang[3:] for lang in langs]
+        series: dict[str, dict[str, float]] = {}
+        for r in rows:
+            label = "local-only" if r["name"].startswith("local-") else r["name"]
+            for lang in langs:
+                if lang in r:
+                    series.setdefault(label, {})[lang[3:]] = r[lang]
+        out.append(plot_language_scores(series, codes, folder / "per_language_f1.png"))
     return out
 
 

@@ -160,3 +160,47 @@ def run_plots(run: dict[str, Any], folder: Path) -> list[Path]:
            plot_epsilon(run, folder / "epsilon.png"),
            plot_label_heatmap(run, folder / "label_distribution.png")]
     return [p for p in out if p is not None]
+
+
+def plot_runs_accuracy(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """Central accuracy per round of several runs on one axis (name, run.json)."""
+    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for name, run in runs:
+        pts = [(r["round"], r["eval_accuracy"]) for r in run["rounds"] if r.get("eval_accuracy") is not None]
+        ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
+    ax.set(xlabel="round", ylabel="central accuracy", title="Central accuracy per round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(runs) > 6 else 1)
+    return _save(fig, path)
+
+
+def plot_bytes_accuracy(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """Final central accuracy against the adapter bytes one client sends per round."""
+    fig = Figure(figsize=(6.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for name, run in runs:
+        ups = [r["bytes_up"] for r in run["rounds"] if r["round"] > 0 and r.get("bytes_up")]
+        if ups:
+            x, y = sum(ups) / len(ups) / 1e3, run["final"]["eval_accuracy"]
+            ax.plot([x], [y], marker="o")
+            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="kB sent per client per round", ylabel="central accuracy", title="Communication vs accuracy")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_language_scores(scores: dict[str, dict[str, float]], languages: list[str], path: Path) -> Path:
+    """Grouped bars: per language, the macro-F1 of each series (e.g. federated, local-only, centralized)."""
+    fig = Figure(figsize=(max(6.0, 0.75 * len(languages) + 2), 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(len(scores), 1)
+    for k, (series, values) in enumerate(scores.items()):
+        xs = [i + (k - (len(scores) - 1) / 2) * width for i in range(len(languages))]
+        ax.bar(xs, [values.get(lang, math.nan) for lang in languages], width=width, label=series)
+    ax.set_xticks(range(len(languages)), languages)
+    ax.set(xlabel="language (test split)", ylabel="macro-F1", title="Macro-F1 per language", ylim=(0, 1))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -14,6 +14,7 @@ import pytest
 from .conftest import REPO, synthetic_rows, write_tsv
 
 PNG = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.slow  # one real simulation (module fixture), then CLI processes
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
