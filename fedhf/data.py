@@ -243,13 +243,23 @@ def _load_preset(preset: Preset, cfg: DataConfig, data_dir: str | None) -> tuple
         _require(lf)
         files["train"] += lf["train"]
         files["eval"] += lf["eval"]
-        dd = _read_files(lf)
         for split, bucket in (("train", trains), ("eval", evals)):
-            ds = dd[split].select_columns(["tweet", "label"])
+            # Each split on its own: orm and tir have an extra ID column in dev/test (and an empty train).
+            if _has_no_rows(lf[split][0]):  # orm, tir: a train file with a header only (zero-shot languages)
+                ds = datasets.Dataset.from_dict({"tweet": [], "label": []},
+                                                features=datasets.Features({"tweet": datasets.Value("string"),
+                                                                            "label": datasets.Value("string")}))
+            else:
+                ds = _read_files({split: lf[split]})[split].select_columns(["tweet", "label"])
             bucket.append(ds.add_column("language", [lang] * len(ds)))
     train = datasets.concatenate_datasets(trains)
     eval_ds = datasets.concatenate_datasets(evals)
     return train, eval_ds, _file_source("preset-local", files, root, languages=langs, **extra)
+
+
+def _has_no_rows(path: str) -> bool:
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip()) <= 1
 
 
 def _afrisenti_languages(cfg: DataConfig) -> list[str]:

@@ -237,3 +237,13 @@ def test_group_cap_needs_a_partition_column(synthetic_dir):
     cfg = data_cfg(dataset=str(synthetic_dir), **{"max-examples-per-group": 10})
     with pytest.raises(FedHFDataError, match="config key 'data.max-examples-per-group': got 10, but the dataset has no partition column"):
         prepare_train_rows(load_data(cfg), cfg, 0)
+
+
+def test_afrisenti_zero_shot_languages_load_with_an_empty_train(shared_data_dir: Path):
+    """orm and tir: a header-only train file and an extra ID column in test: evaluation still works."""
+    for lang, rows in (("orm", 2096), ("tir", 2000)):
+        cfg = data_cfg(dataset="afrisenti", languages=lang)
+        data = load_data(cfg, str(shared_data_dir))
+        assert len(data.train) == 0 and len(data.eval) == rows
+        assert data.label_names == ["negative", "neutral", "positive"]
+        assert set(data.eval["language"]) == {lang} and set(data.eval["label"]) == {0, 1, 2}
