@@ -17,13 +17,30 @@ PNG = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.slow  # one real simulation (module fixture), then CLI processes
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def subprocess_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
     return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=cwd or REPO)
+                          timeout=600, cwd=REPO)
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
+class Result:
+    """What a test reads of a CLI call: exit code, stdout, stderr."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args: str) -> Result:
+    """The real `fedhf` command, in this process (the heavy imports are paid once, not per call)."""
+    from typer.testing import CliRunner
+
+    from fedhf.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    return Result(res.exit_code, res.stdout, res.stderr)
+
+
+def one_error_line(proc: Result) -> str:
     assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
@@ -37,7 +54,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     data = root / "data"
     write_tsv(data / "train.tsv", synthetic_rows(300, seed=11), ["text", "label"])
     write_tsv(data / "test.tsv", synthetic_rows(80, seed=12), ["text", "label"])
-    proc = cli("run", "-n", "2", "--set", f"data.dataset={data}", "--set", f"model.name={tiny_model_dir}",
+    proc = subprocess_cli("run", "-n", "2", "--set", f"data.dataset={data}", "--set", f"model.name={tiny_model_dir}",
                "--set", "num-server-rounds=2", "--set", "data.max-train-examples=0", "--set", "data.local-eval-fraction=0.0",
                "--set", "train.local-epochs=1", "--set", "privacy.mode=sample", "--set", "privacy.noise-multiplier=0.8",
                "--set", "data.max-length=24", "--set", "train.lr=0.01",
