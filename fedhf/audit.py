@@ -182,6 +182,26 @@ def _check_same_files(run: dict[str, Any], source: dict[str, Any]) -> None:
                             "the members cannot be rebuilt.")
 
 
+def label_matched(members: Any, non: Any, max_examples: int, rng: np.random.Generator) -> tuple[Any, Any]:
+    """Equal-size seeded samples of members and non-members with the same count of every label.
+
+    Without it, a model whose loss depends on the label (e.g. one that favours the majority class)
+    would separate two sets that merely differ in their label mix, and the audit would report
+    "leakage" that is only sampling noise in the labels.
+    """
+    m_idx = rng.permutation(len(members))[:max_examples]
+    m_labels = np.asarray(members["label"])[m_idx]
+    n_labels = np.asarray(non["label"])
+    keep_m, keep_n = [], []
+    for label in np.unique(m_labels):
+        mine = m_idx[m_labels == label]
+        pool = rng.permutation(np.flatnonzero(n_labels == label))
+        k = min(len(mine), len(pool))
+        keep_m += mine[:k].tolist()
+        keep_n += pool[:k].tolist()
+    return members.select(sorted(keep_m)), non.select(sorted(keep_n))
+
+
 # --------------------------------------------------------------------------- the audit
 
 
@@ -203,10 +223,11 @@ def audit_run(run_dir: str | Path, *, non_members_file: str | Path | None = None
         raise FedHFRunError(f"audit: --confidence {confidence} must be in [0.5, 1).")
     run = load_finished_run(run_dir, "audit")
     members, non, where = audit_sets(run, non_members_file)
-    n = min(len(members), len(non), max_examples)
-    rng = np.random.default_rng(seed)
-    members = members.select(sorted(rng.choice(len(members), n, replace=False).tolist()))
-    non = non.select(sorted(rng.choice(len(non), n, replace=False).tolist()))
+    members, non = label_matched(members, non, max_examples, np.random.default_rng(seed))
+    n = len(members)
+    if n < MIN_EXAMPLES:
+        raise FedHFRunError(f"audit: only {n} members could be matched with non-members of the same labels; give "
+                            f"--non-members FILE with more rows (at least {MIN_EXAMPLES} per side are needed).")
     cfg = run_config(run)
     model, tokenizer, labels, max_length = released_model(run)
     reference = build_model(cfg, labels)  # the round-0 adapter: same seed, same initialisation
@@ -223,7 +244,8 @@ def audit_run(run_dir: str | Path, *, non_members_file: str | Path | None = None
         "calibrated": attack((ref_m - loss_m).numpy(), (ref_n - loss_n).numpy(), delta, confidence, seed),
     }
     out: dict[str, Any] = {
-        "members": n, "non_members": n, "non_member_source": where, "confidence": confidence, "delta": delta,
+        "members": n, "non_members": n, "non_member_source": where, "label_matched": True,
+        "confidence": confidence, "delta": delta,
         "seed": seed, "claimed_epsilon": claimed,
         "member_accuracy": float((pred_m == torch.tensor(y_m)).float().mean()),
         "non_member_accuracy": float((pred_n == torch.tensor(y_n)).float().mean()),
@@ -255,7 +277,7 @@ def _record(run_dir: Path, audit: dict[str, Any]) -> None:
 
 def audit_lines(audit: dict[str, Any]) -> list[str]:
     lines = [f"membership inference on {audit['members']} members and {audit['non_members']} non-members "
-             f"({audit['non_member_source']})",
+             f"({audit['non_member_source']}; label-matched)",
              f"accuracy members {audit['member_accuracy']:.4f} / non-members {audit['non_member_accuracy']:.4f}; "
              f"mean loss {audit['member_loss']:.4f} / {audit['non_member_loss']:.4f}",
              f"{'attack':<11} {'AUC':>6} {'TPR@1%FPR':>10} {'eps lower bound':>16}"]

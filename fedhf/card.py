@@ -176,7 +176,8 @@ def _audit_section(run: dict[str, Any]) -> str:
                   if claimed is not None else "the only privacy statement for this run: it claims no sample-level DP."))
     return (f"A membership-inference attack on this adapter (fedhf audit): {audit['members']} training rows of the "
             f"clients (members) against {audit['non_members']} rows of the same distribution that no client saw "
-            f"(non-members: {audit['non_member_source']}). AUC 0.5 means the attack cannot tell them apart.\n\n"
+            f"(non-members: {audit['non_member_source']}), the same number of each label on both sides. AUC 0.5 means "
+            "the attack cannot tell them apart.\n\n"
             + "\n".join(rows) + "\n\n" + verdict + " An attack on natural examples gives a loose bound: it can show "
             "leakage, it cannot prove its absence.\n")
 

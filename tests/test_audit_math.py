@@ -68,3 +68,17 @@ def test_indistinguishable_scores_give_no_evidence():
     res = attack(rng.normal(size=1000), rng.normal(size=1000), 1e-5, 0.95, 0)
     assert res.epsilon_lower_bound < 0.35
     assert abs(res.auc - 0.5) < 0.05
+
+
+def test_members_and_non_members_are_label_matched():
+    import datasets
+
+    from fedhf.audit import label_matched
+
+    members = datasets.Dataset.from_dict({"text": [f"m{i}" for i in range(100)], "label": [1] * 80 + [0] * 20})
+    non = datasets.Dataset.from_dict({"text": [f"n{i}" for i in range(60)], "label": [1] * 30 + [0] * 30})
+    m, n = label_matched(members, non, 1000, np.random.default_rng(0))
+    assert sorted(m["label"]) == sorted(n["label"]) == [0] * 20 + [1] * 30
+    assert len(set(m["text"])) == 50 and len(set(n["text"])) == 50
+    m, n = label_matched(members, non, 10, np.random.default_rng(0))
+    assert len(m) == len(n) <= 10 and sorted(m["label"]) == sorted(n["label"])

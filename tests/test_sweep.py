@@ -144,7 +144,11 @@ def test_sweep_runs_skips_reruns_and_tabulates(tmp_path, tiny_model_dir):
         assert float(rows[name]["accuracy"]) == pytest.approx(run["final"]["eval_accuracy"])
     fed = json.loads((out / "tiny" / "fed" / "run.json").read_text())
     assert float(rows["fed"]["audit_auc_loss"]) == pytest.approx(fed["audit"]["loss"]["auc"])
-    assert fed["audit"]["members"] == 180  # 200 rows, 10% of each client's share held out for local evaluation
+    # Members: the 180 rows trained on (10% of each client's 100 held out); non-members: the other rows of the
+    # 400 (200 per label); both sides label-matched.
+    per_label = [sum(p["label-histogram"][k] for p in fed["partitions"]) for k in range(2)]
+    assert sum(per_label) == 180
+    assert fed["audit"]["members"] == fed["audit"]["non_members"] == sum(min(m, 200 - m) for m in per_label)
     md = (out / "tiny" / "results.md").read_text()
     assert "fed: accuracy" in md and "(target ≤ 100): met" in md
 
