@@ -49,7 +49,7 @@ def test_groups_compare_like_with_like():
     rows = {f.data.max_train_examples for f in flats.values()}
     assert rows == {4000}
     for name, f in flats.items():
-        assert f.num_server_rounds * f.train.local_epochs == 5, name
+        assert f.num_server_rounds * f.train.local_epochs == 8, name
     langs = load_group("languages", REPO / "experiments")
     assert len([r for r in langs.runs if r.name.startswith("local-")]) == 12
     for r in langs.runs:
