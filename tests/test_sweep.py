@@ -52,9 +52,11 @@ def test_groups_compare_like_with_like():
         assert f.num_server_rounds * f.train.local_epochs == 8, name
     langs = load_group("languages", REPO / "experiments")
     assert len([r for r in langs.runs if r.name.startswith("local-")]) == 12
-    for r in langs.runs:
-        f = parse_config(langs.flat_config(r, False))
-        assert f.data.max_examples_per_group == 400 and f.num_server_rounds * f.train.local_epochs == 5
+    lang_flats = {r.name: parse_config(langs.flat_config(r, False)) for r in langs.runs}
+    for name, f in lang_flats.items():
+        assert f.data.max_examples_per_group == 400 and f.num_server_rounds * f.train.local_epochs == 8, name
+    # federated and local-only (the comparison the target is about) take the same steps at the same lr
+    assert {f.train.lr for name, f in lang_flats.items() if name != "centralized"} == {lang_flats["federated"].train.lr}
 
 
 def test_unknown_key_in_an_experiment_file_is_refused_before_any_run(tmp_path):
