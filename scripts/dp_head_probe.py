@@ -5,7 +5,7 @@ One client, its rows made by fedhf's own data path (the same seeded sample and l
 all-MiniLM-L6-v2 was trained for) or BERT's CLS pooler output (what BertForSequenceClassification,
 and so fedhf's LoRA model, classifies from). DP-SGD written out in a few lines on purpose (the head is
 one matrix): Poisson sampling at q = B/n, per-example clipping to C, Gaussian noise sigma*C on the sum,
-sigma from Opacus' PRV accountant for the target epsilon at delta = 0.1/n. Not the product path (that
+sigma planned by fedhf's planner (PRV accountant) for the target epsilon at delta = 0.1/n. Not the product path (that
 is Opacus in fedhf.privacy); it tells which representation DP training should start from.
 
     python scripts/dp_head_probe.py [ROWS]      # default 3,000 rows (2,700 after the hold-out)
@@ -13,10 +13,10 @@ is Opacus in fedhf.privacy); it tells which representation DP training should st
 import sys
 
 import torch
-from opacus.accountants.utils import get_noise_multiplier
 from fedhf.config import parse_config
 from fedhf.data import load_data, make_partitions, central_eval_set
 from fedhf.model import load_tokenizer, resolve_model
+from fedhf.privacy import default_delta, plan_noise_multiplier
 from transformers import AutoModel
 torch.set_num_threads(2)
 n_rows = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
@@ -43,7 +43,7 @@ for pool in ("mean", "cls-pooler"):
     for eps in (None, 8.0, 4.0, 1.0):
         B, epochs, C, lr = 256, 10, 1.0, 0.5
         q = B / n; T = int(epochs / q)
-        sigma = 0.0 if eps is None else get_noise_multiplier(target_epsilon=eps, target_delta=0.1 / n, sample_rate=q, steps=T, accountant="prv")
+        sigma = 0.0 if eps is None else plan_noise_multiplier(eps, default_delta(n), q, T, "prv")  # fedhf's own planner
         g = torch.Generator().manual_seed(1)
         W = torch.zeros(Xtr.shape[1], 2); bvec = torch.zeros(2)
         for t in range(T):

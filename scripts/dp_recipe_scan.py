@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--rows", type=int, default=1000, help="rows per client (10%% of them are held out for local evaluation, as in fedhf run)")
-    ap.add_argument("--batch", type=int, default=256, help="expected batch size (Poisson sampling q = batch / rows)")
+    ap.add_argument("--batch", type=int, default=256, help="expected batch size (Poisson sampling q = 1 / ceil(rows / batch), as fedhf run sets it)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1, help="local epochs per round")
