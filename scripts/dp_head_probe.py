@@ -41,7 +41,7 @@ for pool in ("mean", "cls-pooler"):
     Xtr = embed(tr["text"], "mean" if pool == "mean" else "cls"); Xte = embed(te["text"], "mean" if pool == "mean" else "cls")
     n = len(Xtr)
     for eps in (None, 8.0, 4.0, 1.0):
-        B, epochs, C, lr = 256, 10, 1.0, 0.5
+        B, epochs, C, lr = min(256, n), 10, 1.0, 0.5
         q = B / n; T = int(epochs / q)
         sigma = 0.0 if eps is None else plan_noise_multiplier(eps, default_delta(n), q, T, "prv")  # fedhf's own planner
         g = torch.Generator().manual_seed(1)
