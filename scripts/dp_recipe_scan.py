@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--target-modules", default="query,value", help="model.lora.target-modules, e.g. pooler.dense")
+    ap.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="model.pooling")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--max-eval", type=int, default=872)
     ap.add_argument("--threads", type=int, default=2)
@@ -54,6 +55,7 @@ def main() -> None:
         "data.max-eval-examples": a.max_eval,
         "train.batch-size": a.batch, "train.lr": a.lr, "train.local-epochs": a.epochs,
         "model.lora.r": a.lora_r, "model.lora.target-modules": a.target_modules, "model.lora.alpha": 2 * a.lora_r,
+        "model.pooling": a.pooling,
         "privacy.max-grad-norm": a.clip, "privacy.accountant": a.accountant,
     })
     data = load_data(cfg.data)
@@ -73,7 +75,7 @@ def main() -> None:
         sigma = plan_noise_multiplier(a.target_epsilon, delta, q, steps * a.rounds, a.accountant)
         accounts = [SampleAccount(a.accountant, delta, sigma, a.clip) for _ in range(a.clients)]
     print(f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, {a.rounds} rounds, "
-          f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, " + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
+          f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, " + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
           flush=True)
     t0 = time.perf_counter()
     res = None
@@ -94,7 +96,7 @@ def main() -> None:
         eps = max(acc.epsilon for acc in accounts) if accounts else 0.0
         print(f"round {rnd}: accuracy {res.accuracy:.4f} loss {res.loss:.4f} epsilon {eps:.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    print(f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} targets={a.target_modules} rounds={a.rounds} "
+    print(f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} targets={a.target_modules} pooling={a.pooling} rounds={a.rounds} "
           f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}", flush=True)
 
 

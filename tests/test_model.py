@@ -127,3 +127,125 @@ def test_saved_adapter_loads_with_peft(tiny_model_dir, tmp_path):
     model.eval(), loaded.eval()
     assert torch.allclose(model(**x).logits, loaded(**x).logits, atol=1e-6)
     assert loaded.peft_config["default"].base_model_name_or_path == str(tiny_model_dir)
+
+
+# --- model.pooling -----------------------------------------------------------------------------------------------
+
+def _backbone_mean(model, enc):
+    """The masked mean of the backbone's last hidden states, computed by hand (no fedhf hook involved)."""
+    base = model.get_base_model()
+    handles = list(base.base_model._forward_hooks)
+    saved = dict(base.base_model._forward_hooks)
+    base.base_model._forward_hooks.clear()
+    try:
+        hidden = base.base_model(**enc).last_hidden_state
+    finally:
+        base.base_model._forward_hooks.update(saved)
+    assert handles  # the hook was there
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def test_mean_pooling_head_reads_the_masked_token_mean(tiny_model_dir):
+    cfg = tiny_cfg(tiny_model_dir, **{"model.pooling": "mean"})
+    model = build_model(cfg, LABELS).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = tok(["a good film", "a much longer and rather dull film about nothing at all"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+        by_hand = model.get_base_model().classifier(_backbone_mean(model, enc))
+    assert torch.allclose(logits, by_hand, atol=1e-5)
+    # padding is masked out: the short sentence alone gives the same logits as inside the padded batch
+    with torch.no_grad():
+        alone = model(**tok(["a good film"], return_tensors="pt")).logits
+    assert torch.allclose(alone, logits[:1], atol=1e-5)
+    # and the CLS head (same seed, same weights) reads something else
+    cls_model = build_model(tiny_cfg(tiny_model_dir), LABELS).eval()
+    with torch.no_grad():
+        assert not torch.allclose(cls_model(**enc).logits, logits, atol=1e-3)
+
+
+def test_mean_pooling_for_a_first_token_head(tmp_path):
+    """DistilBERT's head reads the first token: with pooling = mean it reads the token mean instead."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from fedhf.model import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=64)).save_pretrained(tmp_path / "d")
+    tok.save_pretrained(tmp_path / "d")
+    model = build_model(tiny_cfg(tmp_path / "d", **{"model.pooling": "mean", "model.lora.target-modules": "q_lin,v_lin"}),
+                        LABELS).eval()
+    enc = tok(["a good film", "a much longer and rather dull film"], padding=True, return_tensors="pt")
+    base = model.get_base_model()
+    with torch.no_grad():
+        logits = model(**enc).logits
+        by_hand = base.classifier(torch.relu(base.pre_classifier(_backbone_mean(model, enc))))
+    assert torch.allclose(logits, by_hand, atol=1e-5)
+
+
+def test_mean_pooling_refuses_a_model_whose_head_reads_the_last_token(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=100, n_positions=32)).save_pretrained(tmp_path / "g")
+    with pytest.raises(FedHFModelError, match=r"model\.pooling.*'gpt2'.*set model.pooling = 'cls'"):
+        build_model(tiny_cfg(tmp_path / "g", **{"model.pooling": "mean", "model.lora.target-modules": "c_attn"}), LABELS)
+
+
+def test_bad_pooling_value_names_the_key():
+    from fedhf.errors import FedHFConfigError
+
+    with pytest.raises(FedHFConfigError, match=r"model\.pooling.*'max'"):
+        parse_config({"model.pooling": "max"})
+
+
+def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(tiny_model_dir, tmp_path):
+    """fedhf.json records the pooling; fedhf's loader and the model card's usage code both reproduce the logits."""
+    import json
+    import re
+
+    from fedhf.card import build_hub_folder
+    from fedhf.hub import load_adapter_model
+
+    cfg = tiny_cfg(tiny_model_dir, **{"model.pooling": "mean"})
+    model = build_model(cfg, LABELS)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    run_dir = tmp_path / "run"
+    save_adapter(model, tok, cfg, LABELS, run_dir / "adapter")
+    assert json.loads((run_dir / "adapter" / "fedhf.json").read_text())["pooling"] == "mean"
+    x = tok(["an example sentence"], return_tensors="pt")
+    with torch.no_grad():
+        want = model(**x).logits.softmax(-1)
+    loaded, _, labels, _ = load_adapter_model(run_dir / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(**x).logits.softmax(-1), want, atol=1e-6)
+    # loading it as a plain CLS classifier gives other outputs: the pooling must travel with the adapter
+    plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2),
+                                      run_dir / "adapter").eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(**x).logits.softmax(-1), want, atol=1e-4)
+
+    run = {"run_id": "r1", "status": "complete", "config": cfg.to_flat(), "config_sha256": "ab" * 32,
+           "seeds": {"seed": 42}, "versions": {}, "git_commit": None,
+           "dataset": {"name": "sst2", "preset": "sst2", "label_names": LABELS, "central_eval_rows": 10,
+                       "license": "unknown", "citation": "", "source": {"kind": "preset-local", "hub_id": "stanfordnlp/sst2",
+                                                                         "files": {}}},
+           "model": {"name": cfg.model.name, "trainable_params": 1, "total_params": 2, "adapter_bytes": 3},
+           "partitions": [{"partition-id": 0, "train-examples": 5, "label-histogram": [2, 3]}],
+           "rounds": [{"round": 0, "eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}],
+           "final": {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}}
+    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    card = (hub / "README.md").read_text()
+    assert "model.pooling = mean" in card
+    code = re.search(r"## How to use\n\n```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace('snapshot_download("REPO_ID")', repr(str(hub)))
+    namespace: dict = {}
+    exec(compile(code, "card-usage", "exec"), namespace)  # the card's own code, as a user would paste it
+    assert torch.allclose(namespace["probs"], want, atol=1e-6)

@@ -78,9 +78,14 @@ def test_default_delta_is_below_one_over_n():
     assert default_delta(400) < 1 / 400
 
 
-def test_clipping_bounds_the_per_example_gradient(tiny, monkeypatch):
-    """One example, q = 1, sigma = 0: the gradient the optimizer applies is that example's clipped gradient."""
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_clipping_bounds_the_per_example_gradient(tiny, monkeypatch, pooling):
+    """One example, q = 1, sigma = 0: the gradient the optimizer applies is that example's clipped gradient.
+
+    With model.pooling = mean too: the pooling hook sits between Opacus' per-sample hooks and must not break them.
+    """
     cfg, tok = tiny
+    cfg = parse_config({**cfg.to_flat(), "model.pooling": pooling})
     norms = []
     original = _Guard.after_step
 
@@ -180,3 +185,37 @@ def test_first_batch_empty_is_still_a_step(tiny, monkeypatch):
     res = private_train(model, make_loader(rows(20), tok, 32, 1, shuffle=False), SampleAccount("rdp", 1e-3, 1.0, 1.0),
                         epochs=1, lr=1e-3)
     assert res.empty_batches >= 1 and res.account.steps == 20
+
+
+def test_per_sample_gradients_are_right_with_mean_pooling(tiny):
+    """Opacus' per-example gradients (hooks mode) through the mean-pooling hook equal one-example autograd gradients,
+    for the head and for a LoRA matrix, in a padded batch of unequal lengths."""
+    from opacus import GradSampleModule
+
+    cfg, tok = tiny
+    cfg = parse_config({**cfg.to_flat(), "model.pooling": "mean", "model.lora.dropout": 0.0})
+    texts = ["a good film", "a much longer and rather dull film about nothing", "bad"]
+    labels = torch.tensor([1, 0, 0])
+    model = build_model(cfg, LABELS)
+    with torch.no_grad():  # LoRA B starts at zero: make the LoRA path live so its gradients are not trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    for m in model.modules():  # train mode (Opacus records activations only in training) without dropout noise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    enc = tok(texts, padding=True, return_tensors="pt")
+    torch.nn.functional.cross_entropy(gsm(**enc).logits, labels, reduction="sum").backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = [next(n for n in trainable if "lora_A" in n), *[n for n in trainable if "classifier" in n]]
+    assert len(names) == 3  # a LoRA matrix, the head's weight and bias
+    params = dict(model.named_parameters())
+    batched = {n: params[n].grad_sample.clone() for n in names}
+    for i, text in enumerate(texts):
+        model.zero_grad(set_to_none=True)
+        one = tok([text], return_tensors="pt")
+        torch.nn.functional.cross_entropy(model(**one).logits, labels[i:i + 1], reduction="sum").backward()
+        for n in names:
+            assert torch.allclose(batched[n][i], params[n].grad, atol=1e-5), n
