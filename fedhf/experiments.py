@@ -170,13 +170,17 @@ def run_group(group: Group, out_root: str | Path, *, smoke: bool = False, only: 
     failed: list[str] = []
     for run in group.selected(smoke, only):
         run_dir = out / run.name
-        if _status(run_dir) == "complete":
+        changed = _changed_keys(group, run, out, smoke) if _status(run_dir) == "complete" else None
+        if changed == []:
             log(f"[{group.name}] {run.name}: finished earlier, skipped")
         else:
             if run_dir.exists():
-                aside = run_dir.with_name(f"{run.name}.failed-{dt.datetime.now():%Y%m%d-%H%M%S}")
+                kind = "stale" if changed else "failed"
+                aside = run_dir.with_name(f"{run.name}.{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}")
                 run_dir.rename(aside)
-                log(f"[{group.name}] {run.name}: an unfinished run was moved to {aside.name}; running again")
+                why = (f"a finished run with another config ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})"
+                       if changed else "an unfinished run")
+                log(f"[{group.name}] {run.name}: {why} was moved to {aside.name}; running again")
             if not _execute(group, run, out, smoke, log):
                 failed.append(run.name)
                 continue
@@ -188,14 +192,37 @@ def run_group(group: Group, out_root: str | Path, *, smoke: bool = False, only: 
     return table
 
 
-def _execute(group: Group, run: ExperimentRun, out: Path, smoke: bool, log: Any) -> bool:
+def _run_settings(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> tuple[int, dict[str, Any]]:
+    """(clients, --set overrides) of one run of the group."""
     clients = min(run.num_clients, group.smoke_clients) if smoke and group.smoke_clients and run.num_clients > 1 else run.num_clients
-    args = [sys.executable, "-m", "fedhf.cli", "run", "--config", str(run.config), "--num-clients", str(clients),
-            "--cpus-per-client", str(run.cpus_per_client)]
     sets = {**(group.smoke if smoke else {}), **run.overrides, "output-dir": str(out), "run-name": run.name}
     if smoke and clients != run.num_clients:
         sets.update({"strategy.min-available-nodes": clients, "strategy.min-train-nodes": min(clients, 2),
                      "strategy.min-evaluate-nodes": min(clients, 2)})
+    return clients, sets
+
+
+def _changed_keys(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> list[str]:
+    """Config keys where a finished run differs from what its experiment file asks for now ([] = the same run).
+
+    Keys added to fedhf after the run was made count at their defaults (what that run used)."""
+    clients, sets = _run_settings(group, run, out, smoke)
+    want = parse_config({**load_config_file(run.config), **sets}).to_flat()
+    try:
+        made = json.loads((out / run.name / "run.json").read_text())
+        had = parse_config(made["config"]).to_flat()
+    except (FedHFConfigError, KeyError, TypeError):
+        return ["(a config this fedhf cannot read)"]
+    changed = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
+    if len(made.get("partitions", [])) != clients:
+        changed.append("num-clients")
+    return changed
+
+
+def _execute(group: Group, run: ExperimentRun, out: Path, smoke: bool, log: Any) -> bool:
+    clients, sets = _run_settings(group, run, out, smoke)
+    args = [sys.executable, "-m", "fedhf.cli", "run", "--config", str(run.config), "--num-clients", str(clients),
+            "--cpus-per-client", str(run.cpus_per_client)]
     for key, value in sets.items():
         args += ["--set", f"{key}={_toml_value(value)}"]
     log(f"[{group.name}] {run.name}: running ({clients} clients) ...")

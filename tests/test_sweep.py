@@ -165,3 +165,10 @@ def test_sweep_runs_skips_reruns_and_tabulates(tmp_path, tiny_model_dir):
     assert "an unfinished run was moved to central.failed-" in proc.stderr
     assert json.loads(central.read_text())["status"] == "complete"
     assert len(list((out / "tiny").glob("central.failed-*"))) == 1
+
+    # The experiment file changes after the run finished: that run is stale, moved aside and run again.
+    (g / "central.toml").write_text((g / "central.toml").read_text().replace("lr = 0.01", "lr = 0.02"))
+    proc = cli("sweep", str(g), "--out", str(out), "--only", "central")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a finished run with another config (train.lr) was moved to central.stale-" in proc.stderr
+    assert json.loads(central.read_text())["config"]["train.lr"] == 0.02
