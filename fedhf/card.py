@@ -57,6 +57,13 @@ def combined_license(model_license: str, data_license: str) -> tuple[str, str | 
     return model_license, f"The base model is {model_license} and the training data {data_license}."
 
 
+def _optimizer_text(cfg: dict[str, Any]) -> str:
+    name = cfg.get("train.optimizer", "adamw")  # runs from before train.optimizer existed used AdamW
+    if name == "sgd":
+        return f"SGD lr {cfg['train.lr']}, momentum {cfg.get('train.momentum', 0.0)}"
+    return f"AdamW lr {cfg['train.lr']}"
+
+
 _POOLING_TEXT = {
     "cls": "the model's own classification head (model.pooling = cls)",
     "mean": "the attention-mask-weighted mean of the last hidden states (model.pooling = mean)",
@@ -274,7 +281,7 @@ exchanged.
 | strategy | {cfg['strategy.name']} |
 | fraction of clients per round | {cfg['strategy.fraction-train']} |
 | partitioner | {part} ({part_params}) |
-| local training | {cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, AdamW lr {cfg['train.lr']} |
+| local training | {cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, {_optimizer_text(cfg)} |
 | LoRA | r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, modules {cfg['model.lora.target-modules']} |
 | head reads | {_POOLING_TEXT[pooling]} |
 | training rows per client | {', '.join(str(p['train-examples']) for p in run['partitions'])} |

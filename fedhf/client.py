@@ -124,7 +124,8 @@ def train_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.Tens
     if account is not None:
         # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
         private = private_train(model, loader, account, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
-                                weight_decay=cfg.train.weight_decay, grad_sample_mode=cfg.privacy.grad_sample_mode)
+                                weight_decay=cfg.train.weight_decay, grad_sample_mode=cfg.privacy.grad_sample_mode,
+                                optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
         result = private.train
         privacy_state = private.account.to_state()
         info.update(_privacy_info(private.account, private.account.history[-1][1], budget))
@@ -135,7 +136,8 @@ def train_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.Tens
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed(cfg, server_round, pid))
             result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
-                                 weight_decay=cfg.train.weight_decay, proximal_mu=proximal_mu)
+                                 weight_decay=cfg.train.weight_decay, proximal_mu=proximal_mu,
+                                 optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
     state = get_adapter_state(model)
     info.update({
         "status": "trained",

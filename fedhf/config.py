@@ -32,6 +32,7 @@ CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 POOLINGS = ("cls", "mean")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -81,8 +82,10 @@ class ModelConfig:
 class TrainConfig:
     local_epochs: int = _opt(2, "Local epochs per round.", min=1)
     batch_size: int = _opt(16, "Local batch size.", min=1)
-    lr: float = _opt(0.001, "Client AdamW learning rate.", min=0.0, min_exclusive=True)
-    weight_decay: float = _opt(0.0, "Client AdamW weight decay.", min=0.0)
+    optimizer: str = _opt("adamw", "Client optimizer: adamw, or sgd (with train.momentum). Under DP noise AdamW moves every trainable weight by about lr per step, signal or not; SGD moves each in proportion to its noisy gradient.", choices=OPTIMIZERS)
+    lr: float = _opt(0.001, "Client learning rate.", min=0.0, min_exclusive=True)
+    momentum: float = _opt(0.0, "SGD momentum (train.optimizer = sgd; ignored by adamw).", min=0.0, max=1.0, max_exclusive=True)
+    weight_decay: float = _opt(0.0, "Client weight decay (decoupled for adamw, L2 for sgd).", min=0.0)
     num_threads: int = _opt(1, "Torch CPU threads per client (and for the server's evaluation).", min=1)
 
 

@@ -32,7 +32,7 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
 from fedhf.errors import FedHFError
-from fedhf.train import TrainResult, train_local
+from fedhf.train import TrainResult, make_optimizer, train_local
 RNG_NOTE = ("DP noise and Poisson sampling draw from torch generators seeded from OS randomness (secrets), never "
             "from the run's seed; torch's generator is not a cryptographically secure RNG (Opacus' secure_mode needs "
             "torchcsprng, which is not installed).")
@@ -161,7 +161,8 @@ class PrivateResult:
 
 
 def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAccount, *, epochs: int, lr: float,
-                  weight_decay: float = 0.0, grad_sample_mode: str = "hooks") -> PrivateResult:
+                  weight_decay: float = 0.0, grad_sample_mode: str = "hooks", optimizer_name: str = "adamw",
+                  momentum: float = 0.0) -> PrivateResult:
     """DP-SGD (Poisson sampling, per-example clipping at C, Gaussian noise sigma*C) for ``epochs`` epochs.
 
     The accountant starts from ``account.history`` (earlier rounds), so the epsilon it reports
@@ -172,7 +173,7 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise FedHFPrivacyError("the model has no trainable parameters; nothing to train privately.")
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer([p for _, p in trainable], optimizer_name, lr, weight_decay, momentum)
     engine = PrivacyEngine(accountant=account.accountant, secure_mode=False)
     engine.accountant.history = [tuple(h) for h in account.history]
     # Poisson sampling (each example joins each batch with probability q) from a fresh generator: it

@@ -57,11 +57,22 @@ def make_loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_le
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
+def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.0) -> torch.optim.Optimizer:
+    """The client optimizer named by ``train.optimizer``."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"config key 'train.optimizer': got '{name}'; use 'adamw' or 'sgd'.")
+
+
 def train_local(model: torch.nn.Module, loader: DataLoader, *, epochs: int, lr: float, weight_decay: float = 0.0,
+                optimizer_name: str = "adamw", momentum: float = 0.0,
                 proximal_mu: float = 0.0, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 optimizer: torch.optim.Optimizer | None = None, before_step: Callable[[], None] | None = None,
                 after_step: Callable[[], None] | None = None, empty_batch: Callable[[], None] | None = None) -> TrainResult:
-    """Train the trainable parameters (AdamW unless an optimizer is given); optional FedProx term.
+    """Train the trainable parameters (``optimizer_name`` unless an optimizer is given); optional FedProx term.
 
     The hooks let a privacy engine check each step (``before_step``/``after_step``) and handle
     a batch with no example (``empty_batch``: the step still happens, e.g. noise only). Without
@@ -71,7 +82,7 @@ def train_local(model: torch.nn.Module, loader: DataLoader, *, epochs: int, lr: 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters")  # a bug, not user input
-    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = optimizer or make_optimizer(params, optimizer_name, lr, weight_decay, momentum)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     model.train()
     total_loss, seen, steps, tokens = 0.0, 0, 0, 0

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--target-modules", default="query,value", help="model.lora.target-modules, e.g. pooler.dense")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="train.optimizer")
+    ap.add_argument("--momentum", type=float, default=0.0, help="train.momentum (sgd)")
     ap.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="model.pooling")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--max-eval", type=int, default=872)
@@ -75,7 +77,7 @@ def main() -> None:
         sigma = plan_noise_multiplier(a.target_epsilon, delta, q, steps * a.rounds, a.accountant)
         accounts = [SampleAccount(a.accountant, delta, sigma, a.clip) for _ in range(a.clients)]
     print(f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, {a.rounds} rounds, "
-          f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, " + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
+          f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, {a.optimizer} (momentum {a.momentum}), " + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
           flush=True)
     t0 = time.perf_counter()
     res = None
@@ -85,9 +87,10 @@ def main() -> None:
             set_adapter_state(model, global_state)
             loader = make_loader(train_ds, tok, cfg.data.max_length, a.batch, shuffle=True, seed=round_seed(cfg, rnd, pid))
             if a.no_dp:
-                train_local(model, loader, epochs=a.epochs, lr=a.lr)
+                train_local(model, loader, epochs=a.epochs, lr=a.lr, optimizer_name=a.optimizer, momentum=a.momentum)
             else:
-                out = private_train(model, loader, accounts[pid], epochs=a.epochs, lr=a.lr)
+                out = private_train(model, loader, accounts[pid], epochs=a.epochs, lr=a.lr,
+                                    optimizer_name=a.optimizer, momentum=a.momentum)
                 accounts[pid] = out.account
             states.append(get_adapter_state(model))
         global_state = {k: torch.stack([s[k].float() for s in states]).mean(0) for k in global_state}
@@ -96,7 +99,7 @@ def main() -> None:
         eps = max(acc.epsilon for acc in accounts) if accounts else 0.0
         print(f"round {rnd}: accuracy {res.accuracy:.4f} loss {res.loss:.4f} epsilon {eps:.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    print(f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} targets={a.target_modules} pooling={a.pooling} rounds={a.rounds} "
+    print(f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} momentum={a.momentum} rounds={a.rounds} "
           f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}", flush=True)
 
 

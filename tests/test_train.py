@@ -60,3 +60,32 @@ def test_eval_loader_sorted_by_length_gives_same_metrics(tiny_model_dir):
     a = evaluate(model, make_loader(ds, tok, 32, 8, shuffle=False), 2)
     b = evaluate(model, make_loader(ds, tok, 32, 8, shuffle=False, sort_by_length=True), 2)
     assert abs(a.loss - b.loss) < 1e-5 and a.accuracy == b.accuracy
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_train_optimizer_takes_the_step_it_names(tiny_model_dir, name):
+    """One batch, one step: SGD moves each weight by -lr * grad; AdamW's first step moves each by about lr."""
+    cfg = parse_config({"model.name": str(tiny_model_dir), "model.lora.dropout": 0.0, "train.optimizer": name})
+    tok = load_tokenizer(cfg.model.name)
+    model = build_model(cfg, ["negative", "positive"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    loader = make_loader(separable(8, 2), tok, 32, 8, shuffle=False)
+    model.train()
+    batch = next(iter(loader))
+    labels = batch.pop("labels")
+    torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    grads = [p.grad.detach().clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    lr = 0.01
+    train_local(model, loader, epochs=1, lr=lr, optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
+    for p, p0, g in zip(params, start, grads):
+        moved = p.detach() - p0
+        if name == "sgd":
+            assert torch.allclose(moved, -lr * g, atol=1e-7)
+        else:
+            live = g.abs() > 1e-6  # Adam's first step is lr * g / (|g| + eps): about lr where the gradient is not tiny
+            assert torch.allclose(moved[live].abs(), torch.full_like(moved[live], lr), rtol=0.02)
