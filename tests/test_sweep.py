@@ -57,6 +57,22 @@ def test_groups_compare_like_with_like():
         assert f.data.max_examples_per_group == 400 and f.num_server_rounds * f.train.local_epochs == 8, name
     # federated and local-only (the comparison the target is about) take the same steps at the same lr
     assert {f.train.lr for name, f in lang_flats.items() if name != "centralized"} == {lang_flats["federated"].train.lr}
+    # privacy: the same rows, rounds, epochs, batch, model and head in every run; the DP runs differ only in epsilon
+    priv = load_group("privacy", REPO / "experiments")
+    pf = {r.name: parse_config(priv.flat_config(r, False)) for r in priv.runs}
+    shared = {(f.data.max_train_examples, f.num_server_rounds, f.train.local_epochs, f.train.batch_size, f.model.pooling,
+               f.model.lora.r, f.data.max_length) for f in pf.values()}
+    assert shared == {(3000, 5, 2, 64, "mean", 8, 48)}
+    dp = {n: f for n, f in pf.items() if f.privacy.sample_level}
+    assert sorted(f.privacy.target_epsilon for f in dp.values()) == [1.0, 4.0, 8.0]
+    assert len({(f.train.optimizer, f.train.lr, f.privacy.max_grad_norm, f.privacy.accountant) for f in dp.values()}) == 1
+    assert {(f.train.optimizer, f.train.lr) for n, f in pf.items() if n not in dp} == {("adamw", 0.002)}
+    # audit: the DP run trains on the overfit run's rows for as many rounds and epochs
+    audit = load_group("audit", REPO / "experiments")
+    af = {r.name: parse_config(audit.flat_config(r, False)) for r in audit.runs}
+    assert len({(f.data.max_train_examples, f.num_server_rounds, f.train.local_epochs, f.model.lora.r, f.seed)
+                for f in af.values()}) == 1
+    assert af["dp"].privacy.target_epsilon <= 8 and af["overfit"].privacy.mode == "none"
 
 
 def test_unknown_key_in_an_experiment_file_is_refused_before_any_run(tmp_path):

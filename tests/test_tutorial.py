@@ -100,6 +100,8 @@ def test_every_tutorial_command_runs_as_written(tmp_path, shared_data_dir):
     assert first["status"] == "complete" and len(first["rounds"]) == 3 and "audit" in first
     dp = json.loads((out / "dp" / "run.json").read_text())
     assert all(c["epsilon"] <= 8.0 + 1e-9 for c in dp["privacy"]["clients"].values())
+    assert dp["config"]["model.pooling"] == "mean" and dp["config"]["train.optimizer"] == "sgd"
+    assert json.loads((out / "dp" / "hub" / "fedhf.json").read_text())["pooling"] == "mean"  # travels to the Hub
     budget = json.loads((out / "budget" / "run.json").read_text())["privacy"]["clients"]
     assert budget["0"]["stopped"]["reason"] == "budget-exhausted" and budget["0"]["epsilon"] <= 3.0
     assert [len(budget[p]["rounds"]) for p in ("1", "2")] == [3, 3]
