@@ -135,7 +135,9 @@ def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
         if eps_s is None and eps_c is None:
             none.append((acc, run_label(run)))
     finite = [e for e, _, _ in sample + client if math.isfinite(e)]
-    right = max(finite, default=1.0) * 1.25 + 0.5
+    # epsilons spanning orders of magnitude (client-level 300 next to sample-level 1) need a log axis
+    log_x = len(finite) >= 2 and min(finite) > 0 and max(finite) / min(finite) > 20
+    right = max(finite) * 2.0 if log_x else max(finite, default=1.0) * 1.25 + 0.5
     for pts, marker, label in ((sample, "o", "sample-level ε (max over clients)"), (client, "s", "client-level ε")):
         if pts:
             pts = sorted(pts)
@@ -146,7 +148,9 @@ def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
         ax.axhline(acc, color="grey", linestyle=":", linewidth=1)
         ax.plot([right], [acc], marker="*", markersize=10, color="grey")
         ax.annotate(f"{name} (no DP)", (right, acc), fontsize=6, xytext=(-4, 4), textcoords="offset points", ha="right")
-    ax.set(xlabel="ε (lower = more private)", ylabel="central accuracy",
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel="ε (lower = more private)" + (", log scale" if log_x else ""), ylabel="central accuracy",
            title=f"Privacy–utility ({runs[0]['dataset'].get('name', '')})")
     ax.grid(alpha=0.3)
     if sample or client:
