@@ -27,7 +27,7 @@ log = logging.getLogger("fedhf")
 
 PACKAGES = ("fedhf", "flwr", "flwr-datasets", "torch", "transformers", "peft", "opacus", "datasets", "huggingface-hub")
 CSV_FIELDS = ("round", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "local_eval_loss", "local_eval_accuracy",
-              "bytes_up", "bytes_down", "wall_seconds", "clients_trained", "clients_failed")
+              "bytes_up", "bytes_down", "wall_seconds", "clients_trained", "clients_failed", "clients_rejected")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -71,8 +71,24 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class RunRecorder:
     """Collects what a run did, round by round, and writes it to the run folder."""
 
-    def __init__(self, cfg: FedHFConfig, run_dir: Path | None = None) -> None:
+    def __init__(self, cfg: FedHFConfig, run_dir: Path | None = None, *, resume_from: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        self._round: dict[str, Any] | None = None
+        self._round_start = 0.0
+        if resume_from is not None:  # a resumed run: the record as its last checkpoint saw it
+            if run_dir is None:
+                raise ValueError("resume_from needs the run folder")  # a bug in the caller, not user input
+            self.dir = run_dir
+            self.data = resume_from
+            self.run_id = str(self.data["run_id"])
+            last = self.data["rounds"][-1]["round"] if self.data["rounds"] else 0
+            self.data.update(status="running", finished=None)
+            self.data.pop("error", None)
+            self.data.setdefault("resumes", []).append(
+                {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "from_round": last})
+            self.write()
+            self.write_csv()
+            return
         self.run_id = new_run_id(cfg)
         self.dir = run_dir or Path(cfg.output_dir).expanduser() / self.run_id
         if (self.dir / "run.json").exists():
@@ -83,6 +99,7 @@ class RunRecorder:
         flat = cfg.to_flat()
         self.data: dict[str, Any] = {
             "run_id": self.run_id,
+            "run_uid": secrets.token_hex(8),  # identifies this run to its checkpoints and clients' saved state
             "status": "running",
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "finished": None,
@@ -98,8 +115,6 @@ class RunRecorder:
             "partitions": [],
             "rounds": [],
         }
-        self._round: dict[str, Any] | None = None
-        self._round_start = 0.0
         self.write()
 
     # ------------------------------------------------------------------ facts set at start
@@ -138,11 +153,17 @@ class RunRecorder:
             "failures": [],
         }
 
-    def train_replies(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+    def set_federation(self, info: dict[str, Any]) -> None:
+        self.data["federation"] = info
+        self.write()
+
+    def train_replies(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]],
+                      rejected: list[dict[str, Any]] | None = None) -> None:
         r = self._require_round()
         trained = [c for c in clients if c["status"] == "trained"]
         r["clients"] = clients
         r["failures"] = failures
+        r["rejected"] = rejected or []
         r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in trained}
         r["client_handler_seconds"] = {str(c["partition-id"]): round(c["handler-seconds"], 3) for c in trained}
         n = sum(c["num-examples"] for c in trained)
@@ -158,8 +179,9 @@ class RunRecorder:
             self._privacy_round(r, clients)
 
     # ------------------------------------------------------------------ privacy ledger
+    # The set_* methods below keep what earlier rounds recorded: a resumed run calls them again.
     def set_secure_aggregation(self, info: dict[str, Any]) -> None:
-        self.data["secure_aggregation"] = {**info, "rounds": []}
+        self.data["secure_aggregation"] = {**info, "rounds": self.data.get("secure_aggregation", {}).get("rounds", [])}
         self.write()
 
     def secure_aggregation_round(self, info: dict[str, Any]) -> None:
@@ -167,11 +189,11 @@ class RunRecorder:
         self.write()
 
     def set_privacy(self, info: dict[str, Any]) -> None:
-        self.data["privacy"] = {**info, "clients": {}}
+        self.data["privacy"] = {"clients": {}, **self.data.get("privacy", {}), **info}
         self.write()
 
     def set_client_level(self, info: dict[str, Any]) -> None:
-        self.data["privacy"]["client_level"] = {**info, "rounds": []}
+        self.data["privacy"]["client_level"] = {**self.data["privacy"].get("client_level", {"rounds": []}), **info}
         self.write()
 
     def client_level_round(self, info: dict[str, Any]) -> None:
@@ -287,8 +309,9 @@ class RunRecorder:
             w.writeheader()
             for r in self.data["rounds"]:
                 row = {k: r.get(k) for k in CSV_FIELDS}
-                row["clients_trained"] = len(r.get("clients", [])) if r["round"] else None
+                row["clients_trained"] = sum(c["status"] == "trained" for c in r.get("clients", [])) if r["round"] else None
                 row["clients_failed"] = len(r.get("failures", [])) if r["round"] else None
+                row["clients_rejected"] = len(r.get("rejected", [])) if r["round"] else None
                 w.writerow(row)
         os.replace(tmp, self.dir / "metrics.csv")
 

@@ -79,13 +79,19 @@ def _check_clients(cfg: FedHFConfig, num_clients: int) -> None:
 def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    num_clients: ClientsOpt = 3,
+    num_clients: Annotated[int | None, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes), one partition each (default 3).")] = None,
     cpus_per_client: Annotated[int, typer.Option(help="CPU cores Ray reserves per simulated client (whole number).")] = 1,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (RUN_DIR): same config, clients and run folder.")] = None,
 ) -> None:
     """Run a federated LoRA fine-tune in Flower's simulation engine and write outputs/<run-id>/."""
     _setup_logging()
+    checkpoint = None
     try:
-        cfg = resolve_cli_config(config, set_)
+        if resume is not None:
+            cfg, num_clients, checkpoint = _resume_target(resume, config, set_, num_clients)
+        else:
+            cfg = resolve_cli_config(config, set_)
+            num_clients = 3 if num_clients is None else num_clients
         _check_clients(cfg, num_clients)
         if cpus_per_client < 1:
             raise FedHFConfigError(f"--cpus-per-client: got {cpus_per_client}; it must be a whole number >= 1.")
@@ -95,7 +101,7 @@ def run(
     from fedhf.simulation import run_simulation  # imports Flower's simulation stack
 
     try:
-        run_dir = run_simulation(cfg, num_clients, cpus_per_client)
+        run_dir = run_simulation(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume)
     except Exception as exc:  # the server's exception, re-raised by the simulation runtime
         cause = exc.__cause__ or exc
         _fail(f"run failed: {type(cause).__name__}: {cause}", code=1)
@@ -105,6 +111,46 @@ def run(
     final = summary.get("final", {})
     typer.echo(f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
                f"macro-F1 {final.get('eval_f1', float('nan')):.4f}")
+
+
+def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
+                   num_clients: int | None) -> tuple[FedHFConfig, int, Any]:
+    """The config, client count and checkpoint of an interrupted run (everything comes from RUN_DIR)."""
+    import json
+
+    from fedhf.checkpoint import load_checkpoint
+
+    if config is not None or sets:
+        raise FedHFConfigError("--resume takes the run's configuration from RUN_DIR/run.json; drop --config and --set "
+                               "(a changed configuration is a new run).")
+    if not run_dir.is_dir():
+        raise FedHFConfigError(f"--resume '{run_dir}': not a folder; give the run folder (outputs/<run-id>).")
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        flat, status, uid = run["config"], run["status"], run.get("run_uid")
+    except FileNotFoundError:
+        raise FedHFConfigError(f"--resume '{run_dir}': no run.json; give a fedhf run folder (outputs/<run-id>).") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise FedHFConfigError(f"--resume '{run_dir}': run.json is damaged ({type(exc).__name__}: {exc}).") from None
+    if status == "complete":
+        raise FedHFConfigError(f"--resume '{run_dir}': the run is already complete; nothing to resume.")
+    if not uid:
+        raise FedHFConfigError(f"--resume '{run_dir}': run.json has no run_uid (written by a fedhf without checkpoints); "
+                               "start the run again.")
+    cfg = parse_config(flat)
+    recorded = int(run.get("federation", {}).get("num_clients", 0))
+    if not recorded:
+        raise FedHFConfigError(f"--resume '{run_dir}': run.json does not say how many clients the run had; "
+                               "only runs started with fedhf run can be resumed this way.")
+    if num_clients is not None and num_clients != recorded:
+        raise FedHFConfigError(f"--num-clients: got {num_clients}, but the run in '{run_dir}' has {recorded} clients; "
+                               "drop --num-clients (a resumed run keeps its clients).")
+    checkpoint = load_checkpoint(run_dir, run_uid=uid, config_sha256=run.get("config_sha256"))
+    if checkpoint.round > cfg.num_server_rounds:
+        raise FedHFConfigError(f"--resume '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "
+                               f"run's num-server-rounds={cfg.num_server_rounds}.")
+    typer.echo(f"resuming {run_dir} after round {checkpoint.round} of {cfg.num_server_rounds}", err=True)
+    return cfg, recorded, checkpoint
 
 
 def _preflight(cfg: FedHFConfig, num_clients: int) -> None:

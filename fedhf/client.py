@@ -13,14 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from fedhf import faults
 from fedhf.config import FedHFConfig, check_secagg_weight, parse_node_budgets
 from fedhf.data import label_histogram, load_partition, load_silo
 from fedhf.errors import FedHFConfigError
-from fedhf.model import adapter_nbytes, build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
 from fedhf.privacy import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
 from fedhf.train import evaluate, make_loader, train_local
+from fedhf.updates import encode, payload_nbytes
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ def round_seed(cfg: FedHFConfig, server_round: int, pid: int) -> int:
 
 @dataclass
 class TrainOutcome:
-    state: dict[str, torch.Tensor] | None  # the trained adapter; None when the client did not train
+    state: dict[str, np.ndarray] | None  # the reply payload (transport.dtype); None when the client did not train
     metrics: dict[str, float | int]
     info: dict[str, Any]
     privacy_state: dict[str, Any] | None  # the accountant's history to keep for the next round
@@ -97,6 +100,8 @@ def train_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.Tens
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.train.num_threads)
     pid = node.pid
+    fault = faults.planned(node_config, pid, server_round)
+    faults.before_training(fault, node_config)
     train_ds, _, names = node.data(cfg, label_names)
     info: dict[str, Any] = {"partition-id": pid, "label-histogram": label_histogram(train_ds["label"], len(names))}
     if cfg.strategy.secure_aggregation:
@@ -138,15 +143,20 @@ def train_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.Tens
             result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay, proximal_mu=proximal_mu,
                                  optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
-    state = get_adapter_state(model)
+    trained = faults.poison_values(fault, {k: v.numpy() for k, v in get_adapter_state(model).items()})
+    encoded = encode(trained, {k: v.numpy() for k, v in global_state.items()}, cfg.transport.dtype)
+    state = faults.poison_structure(fault, encoded.arrays)
     info.update({
         "status": "trained",
         "train-seconds": result.seconds,
         "handler-seconds": time.perf_counter() - t0,  # data, model build and (de)serialisation included
         "train-steps": result.steps,
         "train-tokens": result.tokens,
-        "bytes-up": adapter_nbytes(state),
+        "bytes-up": payload_nbytes(state),
+        "transport": encoded.dtype,
     })
+    if encoded.scales:
+        info["int8-scales"] = encoded.scales
     metrics = {"train-loss": result.loss, "num-examples": result.num_examples,
                "uniform-weight": 1.0}  # client-level DP averages updates with equal weights
     return TrainOutcome(state, metrics, info, privacy_state)

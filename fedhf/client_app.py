@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhf.config import LABEL_NAMES_KEY, SPEC_BY_KEY, FedHFConfig, parse_config
@@ -51,21 +51,47 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(arrays: ArrayRecord, config: ConfigRecord, context: Context) -> RecordDict:
     from fedhf import client
+    from fedhf.node_state import RUN_UID_KEY, NodeStore, arrays_digest, node_key, state_dir
 
     cfg = _config(config)
     node = client.node_of(context.node_config, context.node_id)
-    saved = dict(context.state[PRIVACY_STATE]) if PRIVACY_STATE in context.state else None
+    server_round = int(config["server-round"])
+    store = None
+    if cfg.privacy.sample_level and config.get(RUN_UID_KEY):
+        # The accountant history lives on this machine's disk (it must outlive this process, the
+        # SuperNode and the server); context.state keeps a copy for the run's lifetime.
+        store = NodeStore(state_dir(context.node_config, config), str(config[RUN_UID_KEY]),
+                          node_key(node.pid, node.data_path))
+    digest = arrays_digest({k: a.data for k, a in arrays.items()})
+    if store is not None and not cfg.strategy.secure_aggregation:
+        cached = store.replay(server_round, digest)
+        if cached is not None:  # this round was cut off at the server: resend the reply already released
+            payload, meta = cached
+            info = {**meta["info"], "replayed": True}
+            return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                               "metrics": MetricRecord(meta["metrics"]), "client-info": ConfigRecord(info)})
+    saved = _most_spent(store.privacy_state() if store else None,
+                        dict(context.state[PRIVACY_STATE]) if PRIVACY_STATE in context.state else None)
     outcome = client.train_round(
-        cfg, node, arrays.to_torch_state_dict(), int(config["server-round"]),
+        cfg, node, arrays.to_torch_state_dict(), server_round,
         label_names=_label_names(config), node_config=context.node_config, privacy_state=saved,
         proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy.name == "fedprox" else 0.0,
     )
+    if store is not None:  # before the reply leaves: a spend is never lost
+        reply = {"round": server_round, "global_digest": digest, "metrics": outcome.metrics, "info": outcome.info}
+        store.save(outcome.privacy_state, reply if outcome.state is not None else None, outcome.state)
     if outcome.privacy_state is not None:
         context.state[PRIVACY_STATE] = ConfigRecord(outcome.privacy_state)
     content = RecordDict({"metrics": MetricRecord(outcome.metrics), "client-info": ConfigRecord(outcome.info)})
     if outcome.state is not None:
-        content["arrays"] = ArrayRecord(outcome.state)
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in outcome.state.items()})
     return content
+
+
+def _most_spent(*states: dict | None) -> dict | None:
+    """Of the saved accountant histories, the one with the most steps (never under-report)."""
+    known = [s for s in states if s]
+    return max(known, key=lambda s: sum(int(n) for n in s["history-steps"])) if known else None
 
 
 @app.evaluate()

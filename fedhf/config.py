@@ -26,7 +26,8 @@ from fedhf.errors import FedHFConfigError
 
 LABEL_NAMES_KEY = "fedhf.label-names"  # sent by the server with the config: the federation's label names (JSON list)
 PARTITIONERS = ("iid", "dirichlet", "inner-dirichlet", "pathological", "natural")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+TRANSPORT_DTYPES = ("fp32", "fp16", "int8")
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
@@ -102,13 +103,20 @@ class StrategyConfig:
     beta_1: float = _opt(0.9, "FedAdam/FedYogi: first-moment decay.", min=0.0, max=1.0, max_exclusive=True)
     beta_2: float = _opt(0.99, "FedAdam/FedYogi: second-moment decay.", min=0.0, max=1.0, max_exclusive=True)
     tau: float = _opt(0.001, "FedAdam/FedYogi: adaptivity (epsilon) term.", min=0.0, min_exclusive=True)
-    round_timeout: float = _opt(3600.0, "Seconds the server waits for replies in a round.", min=0.0, min_exclusive=True)
+    trim_beta: float = _opt(0.2, "fedtrimmedavg: fraction of the largest and of the smallest values dropped per coordinate before averaging (robust to that fraction of poisoned clients).", min=0.0, max=0.5, max_exclusive=True)
+    round_timeout: float = _opt(3600.0, "Seconds the server waits for replies in a round; a client that has not replied by then is recorded as failed for the round.", min=0.0, min_exclusive=True)
+    max_update_norm: float = _opt(100.0, "Server-side check of every reply: an update (client adapter - global adapter) with an L2 norm above this is dropped with the reason recorded; 0 = no bound. Typical honest updates of LoRA r 8 are below 5.", min=0.0)
     secure_aggregation: bool = _opt(False, "SecAgg+ (Flower's protocol): the server learns only the weighted average of the sampled clients' adapters, never one client's.")
     secagg_num_shares: int = _opt(0, "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; otherwise at least 3 (odd is best).", min=0)
     secagg_reconstruction_threshold: int = _opt(0, "SecAgg+: shares needed to reconstruct a secret; 0 = two thirds of the shares (at least 2). Higher = safer against collusion, fewer dropouts tolerated (shares - threshold).", min=0)
     secagg_clipping_range: float = _opt(8.0, "SecAgg+: each weighted adapter value (num-examples / max-weight * value) is clipped to [-range, range] before quantization.", min=0.0, min_exclusive=True)
     secagg_quantization_range: int = _opt(4194304, "SecAgg+: integer levels per value (2**22); the step is 2 * clipping-range / this.", min=2, max=2**31 - 1)
     secagg_max_weight: float = _opt(1000.0, "SecAgg+: largest client weight (training examples) the protocol accepts; a client with more rows stops with an error naming this key.", min=0.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    dtype: str = _opt("fp32", "How a client encodes its update for the wire: fp32; fp16 (half the bytes, relative error <= 2**-11 per value); int8 (a quarter, per-tensor scale max|update|/127, error <= scale/2 per value). The server decodes before validating and aggregating.", choices=TRANSPORT_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,7 @@ class FedHFConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     hub: HubConfig = field(default_factory=HubConfig)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
@@ -389,6 +398,16 @@ def _check_secagg(cfg: FedHFConfig) -> None:
         raise FedHFConfigError(
             f"config key 'strategy.secagg-reconstruction-threshold': got {t}, not below "
             f"strategy.secagg-num-shares={s.secagg_num_shares}; lower the threshold or raise the shares."
+        )
+    if cfg.transport.dtype != "fp32":
+        raise FedHFConfigError(
+            f"config key 'transport.dtype': got '{cfg.transport.dtype}'; secure aggregation quantizes the masked "
+            "update itself (strategy.secagg-quantization-range), so use transport.dtype='fp32' with it."
+        )
+    if s.name not in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+        raise FedHFConfigError(
+            f"config key 'strategy.name': got '{s.name}'; a robust aggregator needs each client's update, which "
+            "secure aggregation hides; use fedavg (or fedprox, fedadam, fedyogi) with strategy.secure-aggregation."
         )
     if s.min_train_nodes < 2:
         raise FedHFConfigError(

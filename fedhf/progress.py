@@ -25,9 +25,9 @@ def round_line(row: dict[str, Any], total: int) -> str:
 
 
 class RoundProgress:
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, done: int = 0) -> None:
         self.total = total
-        self.bar = tqdm(total=total, desc="fedhf rounds", unit="round", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=done, desc="fedhf rounds", unit="round", dynamic_ncols=True)
 
     def round_done(self, row: dict[str, Any]) -> None:
         tqdm.write(round_line(row, self.total))

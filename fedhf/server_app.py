@@ -24,7 +24,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+import torch
+
 from fedhf.artifacts import RunRecorder
+from fedhf.checkpoint import POINTER, Checkpoint, save_checkpoint
 from fedhf.card import base_model_license, build_hub_folder
 from fedhf.config import LABEL_NAMES_KEY, FedHFConfig, parse_config
 from fedhf.data import central_eval_set, format_stats, load_data, make_partitions
@@ -45,7 +48,8 @@ from fedhf.ledger import ledger_table
 from fedhf.ledger import SAMPLE as SAMPLE_LEVEL
 from fedhf.privacy import CLIENT_RNG_NOTE, RNG_NOTE
 from fedhf.secagg import SecAggSettings, SecureAggregationGrid
-from fedhf.strategy import RunStopped, build_strategy
+from fedhf.node_state import RUN_UID_KEY, STATE_DIR_KEY
+from fedhf.strategy import Resumed, RunStopped, build_strategy, restore_strategy_state, strategy_state
 from fedhf.train import evaluate, make_loader
 
 log = logging.getLogger("fedhf")
@@ -59,31 +63,47 @@ def main(grid: Grid, context: Context) -> None:
     run(grid, parse_config(context.run_config))
 
 
-def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any] | None = None) -> ServerApp:
-    """A ServerApp bound to an already parsed config (used by ``fedhf run``); ``result['run_dir']`` is set at start."""
+def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any] | None = None,
+                    resume: Checkpoint | None = None, resume_dir: Path | None = None) -> ServerApp:
+    """A ServerApp bound to an already parsed config (used by ``fedhf run``); ``result['run_dir']`` is set at start.
+
+    This is a simulation on one machine: the clients keep their DP accountant state under RUN_DIR/client-state.
+    """
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run(grid, cfg, num_partitions, result)
+        run(grid, cfg, num_partitions, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True)
 
     return bound
 
 
-def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result: dict[str, Any] | None = None) -> Path:
-    """Run the federation; ``num_partitions`` (when known) lets the server log partition statistics at start."""
-    recorder = RunRecorder(cfg)
+def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result: dict[str, Any] | None = None, *,
+        resume: Checkpoint | None = None, resume_dir: Path | None = None, client_state_in_run_dir: bool = False) -> Path:
+    """Run the federation; ``num_partitions`` (when known) lets the server log partition statistics at start.
+
+    ``resume``: the checkpoint of ``resume_dir`` to continue from (``fedhf run --resume``).
+    """
+    if resume is not None:
+        recorder = RunRecorder(cfg, resume_dir, resume_from=resume.run)
+        log.info("fedhf run %s resumed after round %d -> %s", recorder.run_id, resume.round, recorder.dir)
+    else:
+        recorder = RunRecorder(cfg)
+        log.info("fedhf run %s -> %s", recorder.run_id, recorder.dir)
+    if num_partitions:
+        recorder.set_federation({"num_clients": num_partitions, "engine": "simulation" if client_state_in_run_dir else "flower"})
     if result is not None:
         result["run_dir"] = recorder.dir
-    log.info("fedhf run %s -> %s", recorder.run_id, recorder.dir)
-    progress = RoundProgress(cfg.num_server_rounds)
+    progress = RoundProgress(cfg.num_server_rounds, resume.round if resume is not None else 0)
     try:
-        _run(grid, cfg, recorder, progress, num_partitions)
+        _run(grid, cfg, recorder, progress, num_partitions, resume, client_state_in_run_dir)
     except BaseException as exc:
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # `flwr stop`, SIGTERM or Ctrl-C
             recorder.fail(f"stopped before completion ({type(exc).__name__}: `flwr stop`, a signal or Ctrl-C)")
         else:
             recorder.fail(f"{type(exc).__name__}: {exc}")
+        if (recorder.dir / POINTER).is_file():
+            log.error("The run stopped; its last checkpoint is kept: continue it with fedhf run --resume %s", recorder.dir)
         raise
     finally:
         progress.close()
@@ -107,7 +127,8 @@ def _push(cfg: FedHFConfig, recorder: RunRecorder) -> None:
     log.info("Pushed %d files to %s", len(result.files), cfg.hub.repo_id)
 
 
-def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProgress, num_partitions: int | None) -> None:
+def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProgress, num_partitions: int | None,
+         resume: Checkpoint | None, client_state_in_run_dir: bool) -> None:
     # 2. data
     data = load_data(cfg.data)
     eval_ds = central_eval_set(data, cfg.data, cfg.seed)
@@ -121,7 +142,7 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
         "license": data.preset.license if data.preset else None,
         "citation": data.preset.citation if data.preset else None,
     })
-    if num_partitions:
+    if num_partitions and resume is None:
         parts = make_partitions(data, cfg.data, cfg.seed, num_partitions)
         stats = parts.stats()
         recorder.set_partitions(stats)
@@ -156,34 +177,56 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
                 info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
         recorder.set_privacy(info)
     strategy = build_strategy(cfg, recorder, num_partitions)
+    if resume is not None:
+        restore_strategy_state(strategy, resume.strategy_arrays, resume.strategy)
+        set_adapter_state(model, {k: torch.from_numpy(v) for k, v in resume.arrays.items()})  # checks names, shapes
+        initial = get_adapter_state(model)
     if cfg.strategy.secure_aggregation:
         settings = SecAggSettings.from_config(cfg)
         recorder.set_secure_aggregation(settings.describe())
         grid = SecureAggregationGrid(grid, settings, recorder.secure_aggregation_round)
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    done_before = resume.round if resume is not None else 0
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += done_before
+        if resume is not None and server_round == done_before:
+            return None  # evaluated (and checkpointed) before the interruption
         t0 = time.perf_counter()
         set_adapter_state(model, arrays.to_torch_state_dict())
         res = evaluate(model, eval_loader, num_labels)
         row = recorder.end_round(server_round, {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1},
                                  time.perf_counter() - t0)
+        # The round is complete: checkpoint it (global adapter, strategy state, the record so far).
+        strategy_arrays, strategy_scalars = strategy_state(strategy)
+        save_checkpoint(recorder.dir, server_round, run_uid=recorder.data["run_uid"],
+                        config_sha256=recorder.data["config_sha256"],
+                        arrays={k: a.numpy() for k, a in arrays.items()}, strategy_arrays=strategy_arrays,
+                        strategy_state=strategy_scalars, run_record=json.loads(json.dumps(recorder.data)))
         progress.round_done(row)
         return MetricRecord({"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1})
 
     stopped = None
-    # The clients get the parsed config and the federation's label names (a silo maps its labels onto them).
-    client_config = {**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(data.label_names)}
+    # The clients get the parsed config, the federation's label names (a silo maps its labels onto them)
+    # and the run's uid (they keep their DP accountant state under it, across restarts).
+    client_config = {**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(data.label_names), RUN_UID_KEY: recorder.data["run_uid"]}
+    if client_state_in_run_dir:
+        client_config[STATE_DIR_KEY] = str((recorder.dir / "client-state").resolve())
+    remaining = cfg.num_server_rounds - done_before
     try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(initial),
-            num_rounds=cfg.num_server_rounds,
-            timeout=cfg.strategy.round_timeout,
-            train_config=ConfigRecord(client_config),
-            evaluate_config=ConfigRecord(client_config),
-            evaluate_fn=central_evaluate,
-        )
-        final_arrays = result.arrays
+        if remaining > 0:
+            result = (strategy if resume is None else Resumed(strategy, done_before)).start(
+                grid=grid,
+                initial_arrays=ArrayRecord(initial),
+                num_rounds=remaining,
+                timeout=cfg.strategy.round_timeout,
+                train_config=ConfigRecord(client_config),
+                evaluate_config=ConfigRecord(client_config),
+                evaluate_fn=central_evaluate,
+            )
+            final_arrays = result.arrays
+        else:  # the interruption came after the last round's checkpoint
+            final_arrays = ArrayRecord(initial)
         done = [r["round"] for r in recorder.data["rounds"]]
         if done[-1:] != [cfg.num_server_rounds]:
             raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")

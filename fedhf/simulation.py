@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
+from fedhf.checkpoint import Checkpoint
 from fedhf.client_app import app as client_app
 from fedhf.config import FedHFConfig
 from fedhf.server_app import make_server_app
@@ -22,8 +23,12 @@ from fedhf.server_app import make_server_app
 log = logging.getLogger("fedhf")
 
 
-def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1) -> Path:
-    """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder."""
+def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
+                   resume: Checkpoint | None = None, resume_dir: Path | None = None) -> Path:
+    """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder.
+
+    ``resume``: continue the run in ``resume_dir`` from this checkpoint.
+    """
     result: dict = {}
     backend_config = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -33,7 +38,7 @@ def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1)
         num_supernodes=num_clients,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=client_app,
-        server_app=make_server_app(cfg, num_clients, result),
+        server_app=make_server_app(cfg, num_clients, result, resume=resume, resume_dir=resume_dir),
         backend_name="ray",
         backend_config=backend_config,
     )

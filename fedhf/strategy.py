@@ -11,14 +11,19 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
     Strategy,
 )
@@ -29,10 +34,12 @@ from fedhf.errors import FedHFConfigError
 from fedhf.errors import FedHFRunError
 from fedhf.ledger import CLIENT as CLIENT_LEVEL
 from fedhf.privacy import ClientLevelAccount, effective_client_sigma
+from fedhf.updates import DecodeError, check_update, decode
 
 log = logging.getLogger("fedhf")
 
-BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
+BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+                                   "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg}
 
 
 def train_metrics_aggr(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -51,6 +58,14 @@ def eval_metrics_aggr(records: list[RecordDict], weight_key: str) -> MetricRecor
     for key in ("eval-loss", "eval-accuracy", "eval-f1"):
         out[key] = sum(float(m[key]) * float(m["num-examples"]) for m in metrics) / total if total else 0.0
     return MetricRecord(out)
+
+
+def as_dtypes(arrays: ArrayRecord | None, dtypes: dict[str, np.dtype]) -> ArrayRecord | None:
+    """The global adapter kept in the adapter's own dtypes: Flower's server optimizers compute in float64,
+    which would double the bytes sent down and make every client's float32 reply look mistyped."""
+    if arrays is None or all(a.numpy().dtype == dtypes.get(k) for k, a in arrays.items()):
+        return arrays
+    return ArrayRecord({k: Array(a.numpy().astype(dtypes.get(k, a.numpy().dtype))) for k, a in arrays.items()})
 
 
 def _payload_bytes(arrays: ArrayRecord) -> int:
@@ -73,6 +88,8 @@ def _client_record(msg: Message) -> dict[str, Any]:
         "label-histogram": list(info["label-histogram"]),
         "handler-seconds": float(info["handler-seconds"]),
     }
+    if info.get("replayed"):  # the reply this client already sent for the round, before the server restarted
+        rec["replayed"] = True
     if rec["status"] == "trained":
         rec.update({
             "train-seconds": float(info["train-seconds"]),
@@ -97,6 +114,10 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
         recorded_round: int = -1
         population: int = 0
         announced: set[int]
+        sampled: list[int] = []
+        dtypes: dict[str, np.dtype]
+        timeout: float = 0.0
+        max_update_norm: float = 0.0
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
@@ -111,6 +132,9 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                 )
             messages = [m for m in super().configure_train(server_round, arrays, config, grid)
                         if m.metadata.dst_node_id not in self.exhausted]
+            self.sampled = [m.metadata.dst_node_id for m in messages]
+            if not self.dtypes:  # the adapter's own dtypes (float32), from the initial / resumed adapter
+                self.dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
             self.recorder.start_round(server_round, _payload_bytes(arrays), len(messages))
             return messages
 
@@ -118,17 +142,32 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
             replies = list(replies)
             if self.recorded_round != server_round:  # a client-level DP wrapper may have recorded them already
                 replies = self.record_replies(server_round, replies)
-            return super().aggregate_train(server_round, replies)
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            return as_dtypes(arrays, self.dtypes), metrics
 
         def record_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
             """Record every reply of a round; return those that carry an update. Raises when none does."""
             self.recorded_round = server_round
-            records, failures, trained = [], [], []
+            records, failures, trained, rejected = [], [], [], []
+            reference = {k: a.numpy().astype(self.dtypes.get(k), copy=False) for k, a in self.latest_arrays.items()} \
+                if self.latest_arrays is not None else {}
             for msg in replies:
                 if msg.has_error():
                     failures.append({"node-id": msg.metadata.src_node_id, "reason": msg.error.reason})
                     continue
-                rec = _client_record(msg)
+                try:
+                    rec = _client_record(msg)
+                except (KeyError, TypeError, ValueError) as exc:
+                    failures.append({"node-id": msg.metadata.src_node_id,
+                                     "reason": f"malformed reply ({type(exc).__name__}: {exc})"})
+                    continue
+                if rec["status"] == "trained":
+                    reason = self.check_reply(msg, rec, reference)
+                    if reason is not None:
+                        rec["status"], rec["reason"] = "rejected", reason
+                        rejected.append({"node-id": rec["node-id"], "partition-id": rec["partition-id"], "reason": reason})
+                        log.warning("round %d: dropped the update of client %d (node %d): %s", server_round,
+                                    rec["partition-id"], rec["node-id"], reason)
                 records.append(rec)
                 if "privacy" in rec and rec["partition-id"] not in self.announced:
                     self.announced.add(rec["partition-id"])
@@ -139,7 +178,7 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                              1 / max(n, 1), n, p["accountant"], p["max-epsilon"] or "none")
                 if rec["status"] == "trained":
                     trained.append(msg)
-                elif rec["status"] == "not-aggregated":  # secure aggregation withheld the round (reason recorded)
+                elif rec["status"] in ("not-aggregated", "rejected"):  # withheld by secure aggregation / dropped
                     continue
                 else:
                     self.exhausted.add(msg.metadata.src_node_id)
@@ -147,11 +186,25 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                                 server_round, rec["partition-id"], rec["node-id"], rec["status"],
                                 rec["privacy"]["epsilon"], rec["privacy"].get("projected-epsilon", float("nan")),
                                 rec["privacy"]["max-epsilon"])
+            replied = {m.metadata.src_node_id for m in replies}
+            for node in self.sampled:
+                if node not in replied:
+                    failures.append({"node-id": node, "reason": f"no reply within strategy.round-timeout={self.timeout:g} s"})
+            for f in failures:
+                log.warning("round %d: node %d failed: %s", server_round, f["node-id"],
+                            (f["reason"] or "").strip().splitlines()[-1][:300] if f["reason"] else "no reason given")
             records.sort(key=lambda c: c["partition-id"])
-            self.recorder.train_replies(records, failures)
+            self.recorder.train_replies(records, failures, rejected)
             for rec in records:  # a client whose accountant restarted may have passed its budget in truth
                 if rec["partition-id"] in self.recorder.over_budget():
                     self.exhausted.add(rec["node-id"])
+            if trained and len(trained) < self.min_train_nodes and (failures or rejected):
+                raise FedHFRunError(
+                    f"round {server_round}: only {len(trained)} valid update(s) ({len(failures)} client(s) failed, "
+                    f"{len(rejected)} update(s) rejected); strategy.min-train-nodes={self.min_train_nodes}. The last "
+                    "checkpoint is kept: continue with fedhf run --resume RUN_DIR once the clients are back.")
+            if not trained and rejected and not failures:
+                raise FedHFRunError(f"round {server_round}: every update was rejected ({rejected[0]['reason']}).")
             if not trained:
                 if any(r["status"] == "not-aggregated" for r in records):
                     log.warning("round %d: no update released (secure aggregation withheld the round); the global "
@@ -162,6 +215,28 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                 reasons = "; ".join(f["reason"].strip().splitlines()[-1] for f in failures if f["reason"]) or "no replies"
                 raise FedHFRunError(f"round {server_round}: no client returned an update ({reasons[:500]}).")
             return trained
+
+        def check_reply(self, msg: Message, rec: dict[str, Any], reference: dict[str, np.ndarray]) -> str | None:
+            """Decode the reply's update (transport.dtype) in place and check it; the reason to drop it, or None."""
+            content = msg.content
+            if "arrays" not in content.array_records or len(content.array_records) != 1:
+                return f"expected one ArrayRecord 'arrays', got {sorted(content.array_records)}"
+            weight = content["metrics"].get(self.weighted_by_key)
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                return f"weight '{self.weighted_by_key}' is {weight!r}; it must be a finite number >= 0"
+            info = content["client-info"]
+            try:
+                payload = {k: a.numpy() for k, a in content["arrays"].items()}
+                scales = [float(x) for x in info["int8-scales"]] if "int8-scales" in info else None
+                trained = decode(payload, reference, str(info.get("transport", "fp32")), scales)
+            except (DecodeError, ValueError, TypeError) as exc:
+                return f"cannot decode the update: {exc}"
+            reason, norm = check_update(trained, reference, self.max_update_norm)
+            if norm is not None:
+                rec["update-norm"] = norm
+            if reason is None and info.get("transport", "fp32") != "fp32":
+                content["arrays"] = ArrayRecord({k: Array(v) for k, v in trained.items()})
+            return reason
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             replies = list(replies)
@@ -195,6 +270,7 @@ def _client_level(base: type[Strategy]) -> type[Strategy]:
             arrays, metrics = super().aggregate_train(server_round, trained)
             if arrays is None:  # Flower skipped the release: nothing is accounted, and nothing changes
                 raise FedHFRunError(f"round {server_round}: the client-level DP wrapper did not aggregate the updates")
+            arrays = as_dtypes(arrays, self.strategy.dtypes)
             population = max(self.strategy.population, len(trained))
             self.account.add_round(len(trained) / population)
             self.recorder.client_level_round({
@@ -222,6 +298,8 @@ def build_strategy(cfg: FedHFConfig, recorder: RunRecorder, population: int | No
     )
     if s.name == "fedprox":
         common["proximal_mu"] = s.proximal_mu
+    elif s.name == "fedtrimmedavg":
+        common["beta"] = s.trim_beta
     elif s.name in ("fedadam", "fedyogi"):
         common.update(eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
     p = cfg.privacy
@@ -231,6 +309,10 @@ def build_strategy(cfg: FedHFConfig, recorder: RunRecorder, population: int | No
     strategy.recorder = recorder
     strategy.exhausted = set()
     strategy.announced = set()
+    strategy.sampled = []
+    strategy.dtypes = {}
+    strategy.timeout = s.round_timeout
+    strategy.max_update_norm = s.max_update_norm
     if not p.client_level:
         return strategy
     m = max(1, min_sampled(cfg, population))
@@ -273,3 +355,69 @@ def min_sampled(cfg: FedHFConfig, population: int | None) -> int:
     if population is None:
         return s.min_train_nodes
     return max(int(population * s.fraction_train), s.min_train_nodes)
+
+
+# ----------------------------------------------------------------------------- checkpoint and resume
+
+
+def _inner(strategy: Strategy) -> Strategy:
+    return getattr(strategy, "strategy", strategy)  # the client-level DP wrapper holds the aggregating strategy
+
+
+def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What a restart needs from the strategy: server-optimizer moments (FedAdam/FedYogi), the adaptive
+    clipping norm and the client-level accountant's history."""
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("m_t", "v_t"):
+        moments = getattr(_inner(strategy), name, None)
+        if moments:
+            arrays.update({f"{name}/{k}": np.asarray(v) for k, v in moments.items()})
+    state: dict[str, Any] = {"class": type(_inner(strategy)).__name__}
+    if hasattr(strategy, "clipping_norm"):
+        state["clipping_norm"] = float(strategy.clipping_norm)
+    account = getattr(strategy, "account", None)
+    if isinstance(account, ClientLevelAccount):
+        state["client_level_history"] = [[float(s), float(q), int(n)] for s, q, n in account.history]
+    return arrays, state
+
+
+def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+    inner = _inner(strategy)
+    if state.get("class") != type(inner).__name__:
+        raise FedHFRunError(f"the checkpoint was written by strategy {state.get('class')!r}, this run builds "
+                            f"{type(inner).__name__!r}; resume with the run's own configuration.")
+    for name in ("m_t", "v_t"):
+        moments = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(name + "/")}
+        if moments:
+            setattr(inner, name, moments)
+    if "clipping_norm" in state:
+        strategy.clipping_norm = float(state["clipping_norm"])
+    if "client_level_history" in state:
+        strategy.account.history = [(float(s), float(q), int(n)) for s, q, n in state["client_level_history"]]
+
+
+class Resumed(Strategy):
+    """Runs the remaining rounds of a resumed run through Flower's own ``Strategy.start``.
+
+    ``start`` counts rounds from 1; this shim hands the wrapped strategy the run's real round
+    numbers (``offset`` + 1, ...), which FedAdam's bias correction and the clients' seeds use.
+    """
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        self.strategy = strategy
+        self.offset = offset
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)

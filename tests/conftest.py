@@ -89,3 +89,12 @@ def shared_data_dir() -> Path:
     if not (path / "sst2" / "train.tsv").is_file():
         pytest.skip(f"FEDHF_DATA_DIR={value} has no sst2/train.tsv")
     return path
+
+
+@pytest.fixture()
+def server_identity(monkeypatch):
+    """Messages are created as by a ServerApp task (Flower sets this identity in its runtime)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

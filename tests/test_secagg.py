@@ -30,13 +30,7 @@ from fedhf.secagg import (
 )
 from fedhf.strategy import build_strategy
 
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch):
-    """Messages are created as by a ServerApp task (Flower sets this identity in its runtime)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 SHAPES = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": (4, 12),

@@ -29,6 +29,14 @@ def train_reply(node: int, pid: int, value: float, n: int, loss: float) -> Messa
     return Message(content=content, metadata=_meta(node))
 
 
+def begin(s, rec: RunRecorder, rnd: int, sampled: int) -> None:
+    """What configure_train leaves behind: the round started, the global adapter the replies are checked against."""
+    inner = getattr(s, "strategy", s)
+    inner.latest_arrays = ArrayRecord({"w": torch.zeros(2, 2)})
+    inner.dtypes = {"w": np.dtype(np.float32)}
+    rec.start_round(rnd, 16, sampled)
+
+
 def error_reply(node: int, reason: str) -> Message:
     return Message(error=Error(code=1, reason=reason), metadata=_meta(node))
 
@@ -49,7 +57,7 @@ def test_fedavg_weights_by_examples_and_records_clients(tmp_path):
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r"})
     rec = RunRecorder(cfg)
     s = build_strategy(cfg, rec)
-    rec.start_round(1, 16, 3)
+    begin(s, rec, 1, 3)
     replies = [train_reply(11, 0, 1.0, 30, 0.5), train_reply(12, 1, 4.0, 10, 0.9), error_reply(13, "client crashed")]
     arrays, metrics = s.aggregate_train(1, replies)
     w = arrays.to_torch_state_dict()["w"]
@@ -67,7 +75,7 @@ def test_round_with_no_update_fails_the_run(tmp_path):
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r"})
     rec = RunRecorder(cfg)
     s = build_strategy(cfg, rec)
-    rec.start_round(1, 16, 2)
+    begin(s, rec, 1, 2)
     with pytest.raises(FedHFRunError, match="round 1: no client returned an update \\(out of memory; disk full\\)"):
         s.aggregate_train(1, [error_reply(1, "Traceback...\nout of memory"), error_reply(2, "disk full")])
 
@@ -106,7 +114,7 @@ def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
     s = build_strategy(cfg, rec, population=4)
     s.current_arrays = ArrayRecord({"w": torch.zeros(2, 2)})
     s.strategy.population = 4
-    rec.start_round(1, 16, 3)
+    begin(s, rec, 1, 3)
     replies = [train_reply(11, 0, 1.0, 30, 0.5), train_reply(12, 1, 4.0, 10, 0.9), error_reply(13, "lost")]
     for r in replies[:2]:
         r.content["metrics"]["uniform-weight"] = 1.0
@@ -174,7 +182,7 @@ def test_budget_exhausted_clients_are_left_out_and_the_run_stops_cleanly(tmp_pat
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
     s = build_strategy(cfg, rec)
-    rec.start_round(2, 16, 3)
+    begin(s, rec, 2, 3)
     arrays, _ = s.aggregate_train(2, [train_reply(11, 0, 1.0, 10, 0.5), train_reply(12, 1, 3.0, 10, 0.5),
                                       exhausted_reply(13, 2, 2.9, 3.4, 3.0)])
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # the exhausted client is not averaged
@@ -183,7 +191,7 @@ def test_budget_exhausted_clients_are_left_out_and_the_run_stops_cleanly(tmp_pat
     assert row["privacy"]["exhausted"] == [2]
     entry = rec.data["privacy"]["clients"]["2"]
     assert entry["stopped"] == {"round": 2, "reason": "budget-exhausted", "projected_epsilon": 3.4}
-    rec.start_round(3, 16, 2)
+    begin(s, rec, 3, 2)
     with pytest.raises(RunStopped, match="every sampled client has exhausted its privacy budget"):
         s.aggregate_train(3, [exhausted_reply(11, 0, 2.9, 3.5, 3.0), exhausted_reply(12, 1, 2.9, 3.5, 3.0)])
 
@@ -203,7 +211,7 @@ def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_b
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
     s = build_strategy(cfg, rec)
     for rnd, (eps0, steps0) in enumerate([(1.0, 10), (1.5, 20), (1.0, 10)], start=1):  # round 3: client 0 restarted
-        rec.start_round(rnd, 16, 2)
+        begin(s, rec, rnd, 2)
         s.aggregate_train(rnd, [dp_reply(11, 0, eps0, steps0, budget=3.0), dp_reply(12, 1, 0.5 * rnd, 10 * rnd)])
         rec.end_round(rnd, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
     e = rec.data["privacy"]["clients"]["0"]
@@ -211,7 +219,7 @@ def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_b
     assert e["epsilon"] == 2.5 and e["steps"] == 30 and e["delta"] == pytest.approx(2e-3) and e["accountant_resets"] == 1
     assert rec.data["privacy"]["clients"]["1"]["epsilon"] == 1.5 and "accountant_resets" not in rec.data["privacy"]["clients"]["1"]
     assert s.exhausted == set()
-    rec.start_round(4, 16, 2)
+    begin(s, rec, 4, 2)
     s.aggregate_train(4, [dp_reply(11, 0, 1.5, 20, budget=3.0), dp_reply(12, 1, 2.0, 40)])  # composed 3.0 reaches the budget
     assert s.exhausted == {11}  # the server stops sampling it, whatever its fresh accountant says
 
@@ -221,7 +229,7 @@ def test_a_round_secure_aggregation_withheld_keeps_the_adapter_and_the_privacy_s
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
     s = build_strategy(cfg, rec)
-    rec.start_round(1, 16, 2)
+    begin(s, rec, 1, 2)
     withheld = dp_reply(11, 0, 0.8, 10)
     del withheld.content.array_records["arrays"]
     withheld.content["client-info"]["status"] = "not-aggregated"

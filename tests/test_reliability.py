@@ -1,0 +1,331 @@
+"""Reliability without a federation: wire formats, reply checks, checkpoints, the clients' saved state."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from fedhf import faults
+from fedhf.artifacts import RunRecorder
+from fedhf.checkpoint import FedHFCheckpointError, load_checkpoint, save_checkpoint
+from fedhf.config import parse_config
+from fedhf.errors import FedHFConfigError, FedHFRunError
+from fedhf.node_state import FedHFNodeStateError, NodeStore, arrays_digest, node_key
+from fedhf.strategy import build_strategy, restore_strategy_state, strategy_state
+from fedhf.updates import FP16_ABSOLUTE_ERROR, FP16_RELATIVE_ERROR, check_update, decode, encode, payload_nbytes
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def adapter_like(seed: int = 0) -> dict[str, np.ndarray]:
+    """Shapes of a LoRA r 8 adapter on a 384-wide BERT (query/value A and B, the head)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "q.lora_A.weight": rng.uniform(-0.1, 0.1, (8, 384)).astype(np.float32),
+        "q.lora_B.weight": np.zeros((384, 8), np.float32),
+        "classifier.weight": rng.normal(0, 0.02, (2, 384)).astype(np.float32),
+        "classifier.bias": np.zeros(2, np.float32),
+    }
+
+
+def trained_from(base: dict[str, np.ndarray], scale: float, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0, scale, v.shape)).astype(np.float32) for k, v in base.items()}
+
+
+# ----------------------------------------------------------------------------- transport
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_compressed_updates_decode_within_the_documented_tolerance(dtype):
+    base = adapter_like()
+    trained = trained_from(base, 0.003, seed=1)
+    enc = encode(trained, base, dtype)
+    decoded = decode(enc.arrays, base, dtype, enc.scales or None)
+    for k, v in trained.items():
+        delta = v - base[k]
+        err = np.abs(decoded[k] - v)
+        if dtype == "fp16":
+            bound = np.abs(delta) * FP16_RELATIVE_ERROR + FP16_ABSOLUTE_ERROR + np.abs(v) * 2 ** -23
+        else:
+            bound = np.full(v.shape, np.max(np.abs(delta)) / 127 / 2 + np.abs(v).max() * 2 ** -23)
+        assert (err <= bound).all(), (k, float(err.max()))
+        assert decoded[k].dtype == np.float32
+    fp32 = payload_nbytes(encode(trained, base, "fp32").arrays)
+    assert payload_nbytes(enc.arrays) == fp32 // (2 if dtype == "fp16" else 4)
+
+
+def test_fp32_transport_sends_the_adapter_itself():
+    base = adapter_like()
+    trained = trained_from(base, 0.01, seed=2)
+    enc = encode(trained, base, "fp32")
+    assert all(np.array_equal(enc.arrays[k], trained[k]) for k in trained) and enc.scales == []
+    assert all(np.array_equal(decode(enc.arrays, base, "fp32", None)[k], trained[k]) for k in trained)
+
+
+def test_int8_keeps_a_non_finite_update_visible_to_the_server():
+    base = adapter_like()
+    trained = trained_from(base, 0.01, seed=3)
+    trained["classifier.weight"][0, 0] = np.nan
+    enc = encode(trained, base, "int8")
+    with pytest.raises(ValueError, match="classifier.weight.*int8 scale nan"):
+        decode(enc.arrays, base, "int8", enc.scales)
+
+
+def test_check_update_names_every_problem():
+    ref = adapter_like()
+    ok = trained_from(ref, 0.01, seed=4)
+    assert check_update(ok, ref, 100.0)[0] is None
+    cases = {
+        "NaN": faults.poison_values("nan", ok),
+        "Inf": faults.poison_values("inf", ok),
+        "shape": faults.poison_structure("shape", ok),
+        "unexpected tensor": faults.poison_structure("extra", ok),
+        "missing tensor": faults.poison_structure("missing", ok),
+        "dtype float64": faults.poison_structure("dtype", ok),
+        "above strategy.max-update-norm": faults.poison_values("norm", ok),
+    }
+    for words, bad in cases.items():
+        reason, _ = check_update(bad, ref, 100.0)
+        assert reason is not None and words in reason, (words, reason)
+    assert check_update(faults.poison_values("norm", ok), ref, 0.0)[0] is None  # 0 = no bound
+
+
+# ----------------------------------------------------------------------------- the server's door
+
+
+def _meta(node: int) -> Metadata:
+    return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+
+
+def reply(node: int, trained: dict[str, np.ndarray], base: dict[str, np.ndarray], n: int, *,
+          dtype: str = "fp32", poison: str | None = None) -> Message:
+    enc = encode(faults.poison_values(poison, trained), base, dtype)
+    payload = faults.poison_structure(poison, enc.arrays)
+    info = {"partition-id": node, "train-seconds": 1.0, "handler-seconds": 1.5, "train-steps": 3, "train-tokens": 40,
+            "label-histogram": [n // 2, n - n // 2], "transport": dtype}
+    if enc.scales:
+        info["int8-scales"] = enc.scales
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                          "metrics": MetricRecord({"train-loss": 0.5, "num-examples": n}),
+                          "client-info": ConfigRecord(info)})
+    return Message(content=content, metadata=_meta(node))
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def start(tmp_path, nodes: list[int], base: dict[str, np.ndarray], **keys):
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "strategy.min-train-nodes": 2,
+                        "strategy.min-available-nodes": 2, **keys})
+    rec = RunRecorder(cfg)
+    s = build_strategy(cfg, rec)
+    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in base.items()}), ConfigRecord({}), FakeGrid(nodes)))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(nodes)
+    return s, rec
+
+
+def fedavg(states: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:
+    total = sum(weights)
+    return {k: sum(s[k].astype(np.float64) * w for s, w in zip(states, weights, strict=True)) / total for k in states[0]}
+
+
+def test_malformed_and_poisoned_replies_are_dropped_and_the_rest_averaged(tmp_path):
+    base = adapter_like()
+    good = {1: (trained_from(base, 0.01, 11), 30), 2: (trained_from(base, 0.01, 12), 10)}
+    poisons = {3: "nan", 4: "inf", 5: "shape", 6: "extra", 7: "norm", 8: "missing", 9: "dtype"}
+    s, rec = start(tmp_path, list(good) + list(poisons), base)
+    replies = [reply(n, t, base, w) for n, (t, w) in good.items()]
+    replies += [reply(n, trained_from(base, 0.01, n), base, 20, poison=p) for n, p in poisons.items()]
+    arrays, metrics = s.aggregate_train(1, replies)
+    expected = fedavg([t for t, _ in good.values()], [w for _, w in good.values()])
+    got = {k: a.numpy() for k, a in arrays.items()}
+    assert all(np.allclose(got[k], expected[k], atol=1e-7) for k in expected)
+    assert metrics["num-examples"] == 40
+    row = rec._round
+    assert {r["node-id"]: r["reason"] for r in row["rejected"]}.keys() == set(poisons)
+    reasons = {r["node-id"]: r["reason"] for r in row["rejected"]}
+    for node, words in {3: "NaN", 4: "Inf", 5: "shape", 6: "unexpected tensor", 7: "max-update-norm",
+                        8: "missing tensor", 9: "float64"}.items():
+        assert words in reasons[node], (node, reasons[node])
+    statuses = {c["partition-id"]: c["status"] for c in row["clients"]}
+    assert statuses == {1: "trained", 2: "trained", **{n: "rejected" for n in poisons}}
+    assert all(c["update-norm"] > 0 for c in row["clients"] if c["status"] == "trained")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_compressed_replies_are_decoded_before_aggregation(tmp_path, dtype):
+    base = adapter_like()
+    states = [trained_from(base, 0.01, 21), trained_from(base, 0.01, 22)]
+    s, rec = start(tmp_path, [1, 2], base, **{"transport.dtype": dtype})
+    arrays, _ = s.aggregate_train(1, [reply(1, states[0], base, 10, dtype=dtype), reply(2, states[1], base, 30, dtype=dtype)])
+    expected = fedavg(states, [10, 30])
+    worst = max(float(np.abs(arrays[k].numpy() - expected[k]).max()) for k in expected)
+    assert worst < (2e-5 if dtype == "fp16" else 0.05 * 4 / 127)  # int8: half a step of the largest update, with margin
+    assert arrays["q.lora_A.weight"].numpy().dtype == np.float32
+    # bytes on the wire, serialisation headers (128 B per tensor) included, against the same reply in fp32
+    fp32_bytes = sum(len(a.data) for a in reply(1, states[0], base, 10).content["arrays"].values())
+    got = rec._round["clients"][0]["bytes-up"]
+    headers = 128 * len(base)
+    assert got - headers == (fp32_bytes - headers) // (2 if dtype == "fp16" else 4)
+
+
+def test_a_silent_client_is_a_failure_and_too_few_updates_stop_the_round(tmp_path):
+    base = adapter_like()
+    s, rec = start(tmp_path, [1, 2, 3], base)
+    s.aggregate_train(1, [reply(1, trained_from(base, 0.01, 1), base, 10), reply(2, trained_from(base, 0.01, 2), base, 10)])
+    assert [f["node-id"] for f in rec._round["failures"]] == [3]
+    assert "no reply within strategy.round-timeout" in rec._round["failures"][0]["reason"]
+    s2, _ = start(tmp_path / "b", [1, 2, 3], base)
+    with pytest.raises(FedHFRunError, match="only 1 valid update.*strategy.min-train-nodes=2.*--resume"):
+        s2.aggregate_train(1, [reply(1, trained_from(base, 0.01, 1), base, 10),
+                               reply(2, trained_from(base, 0.01, 2), base, 10, poison="nan")])
+
+
+def test_median_ignores_a_bounded_outlier_that_fedavg_would_follow(tmp_path):
+    base = adapter_like()
+    honest = [trained_from(base, 0.001, 30 + i) for i in range(4)]
+    outlier = {k: v + 0.5 for k, v in base.items()}  # inside the norm bound, far from the others
+    results = {}
+    for name in ("fedavg", "fedmedian", "fedtrimmedavg"):
+        s, _ = start(tmp_path / name, [1, 2, 3, 4, 5], base, **{"strategy.name": name})
+        arrays, _ = s.aggregate_train(1, [reply(i + 1, t, base, 10) for i, t in enumerate(honest + [outlier])])
+        results[name] = max(float(np.abs(arrays[k].numpy() - base[k]).max()) for k in base)
+    assert results["fedavg"] > 0.09  # pulled a fifth of the way to the outlier
+    assert results["fedmedian"] < 0.01 and results["fedtrimmedavg"] < 0.01
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(tmp_path, rnd: int = 2, uid: str = "u1"):
+    arrays = adapter_like()
+    save_checkpoint(tmp_path, rnd, run_uid=uid, config_sha256="c", arrays=arrays,
+                    strategy_arrays={"m_t/x": np.ones(3)}, strategy_state={"class": "FedAvg"},
+                    run_record={"rounds": [{"round": r} for r in range(rnd + 1)]})
+    return arrays
+
+
+def test_checkpoint_round_trip_keeps_only_the_latest(tmp_path):
+    _checkpoint(tmp_path, 1)
+    arrays = _checkpoint(tmp_path, 2)
+    ck = load_checkpoint(tmp_path, run_uid="u1", config_sha256="c")
+    assert ck.round == 2 and [r["round"] for r in ck.run["rounds"]] == [0, 1, 2]
+    assert all(np.array_equal(ck.arrays[k], arrays[k]) for k in arrays)
+    assert np.array_equal(ck.strategy_arrays["m_t/x"], np.ones(3))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-0002"]
+
+
+def test_a_truncated_or_foreign_checkpoint_is_refused(tmp_path):
+    _checkpoint(tmp_path)
+    with pytest.raises(FedHFCheckpointError, match="another run"):
+        load_checkpoint(tmp_path, run_uid="other", config_sha256="c")
+    f = tmp_path / "checkpoints" / "round-0002" / "adapter.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(FedHFCheckpointError, match="truncated or altered"):
+        load_checkpoint(tmp_path, run_uid="u1")
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(FedHFCheckpointError, match="damaged"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimizer_moments_survive_a_restart(tmp_path, name):
+    """Rounds 1-2, checkpoint, a fresh strategy restored from it, round 3: the same adapter as without the restart."""
+    base = adapter_like()
+    updates = {r: [trained_from(base, 0.01, 100 * r + i) for i in range(2)] for r in (1, 2, 3)}
+
+    def play(s, rnd, arrays):
+        s.configure_train(rnd, arrays, ConfigRecord({}), FakeGrid([1, 2]))
+        out, _ = s.aggregate_train(rnd, [reply(i + 1, t, base, 10) for i, t in enumerate(updates[rnd])])
+        s.recorder._round = None
+        return out
+
+    keys = {"strategy.name": name}
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "a", **keys})
+    a = build_strategy(cfg, RunRecorder(cfg))
+    arrays = ArrayRecord({k: Array(v) for k, v in base.items()})
+    for rnd in (1, 2):
+        arrays = play(a, rnd, arrays)
+    saved_arrays, saved_state = strategy_state(a)
+    assert any(k.startswith("v_t/") for k in saved_arrays)
+    straight = play(a, 3, arrays)
+
+    cfg_b = parse_config({"output-dir": str(tmp_path), "run-name": "b", **keys})
+    b = build_strategy(cfg_b, RunRecorder(cfg_b))
+    restore_strategy_state(b, saved_arrays, saved_state)
+    resumed = play(b, 3, arrays)
+    assert all(np.array_equal(resumed[k].numpy(), straight[k].numpy()) for k in base)
+    fresh = build_strategy(parse_config({"output-dir": str(tmp_path), "run-name": "c", **keys}),
+                           RunRecorder(parse_config({"output-dir": str(tmp_path), "run-name": "c2"})))
+    not_restored = play(fresh, 3, arrays)
+    assert not all(np.allclose(not_restored[k].numpy(), straight[k].numpy()) for k in base)
+    with pytest.raises(FedHFRunError, match="strategy 'FedAvg'"):
+        restore_strategy_state(b, {}, {"class": "FedAvg"})
+
+
+def test_a_resumed_recorder_keeps_the_ledger_and_records_the_resume(tmp_path):
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "sample", "label": "x"})
+    rec.data["privacy"]["clients"]["0"] = {"epsilon": 1.5}
+    rec.data["rounds"] = [{"round": 0}, {"round": 1}]
+    snapshot = json.loads(json.dumps(rec.data))
+    rec.fail("killed")
+    again = RunRecorder(cfg, rec.dir, resume_from=snapshot)
+    again.set_privacy({"mode": "sample", "label": "x"})
+    data = json.loads((rec.dir / "run.json").read_text())
+    assert data["status"] == "running" and "error" not in data and data["run_uid"] == rec.data["run_uid"]
+    assert data["privacy"]["clients"]["0"]["epsilon"] == 1.5
+    assert data["resumes"][0]["from_round"] == 1
+
+
+# ----------------------------------------------------------------------------- a client's own disk
+
+
+def test_node_state_keeps_the_spend_and_replays_the_same_reply(tmp_path):
+    store = NodeStore(tmp_path, "uid1", node_key(3, None))
+    assert store.privacy_state() is None and store.replay(1, "d") is None
+    payload = adapter_like()
+    privacy = {"history-steps": [16], "history-sigma": [1.0], "history-q": [0.1]}
+    store.save(privacy, {"round": 2, "global_digest": "abc", "metrics": {"num-examples": 10}, "info": {"x": 1}}, payload)
+    again = NodeStore(tmp_path, "uid1", "partition-3")  # a new process finds it
+    assert again.privacy_state() == privacy
+    assert again.replay(2, "other") is None and again.replay(3, "abc") is None
+    arrays, meta = again.replay(2, "abc")
+    assert all(np.array_equal(arrays[k], payload[k]) for k in payload) and meta["metrics"] == {"num-examples": 10}
+    again.reply_file.write_bytes(b"garbage")  # a damaged copy is never sent: the client trains again instead
+    assert again.replay(2, "abc") is None
+    again.json.write_text("{broken")
+    with pytest.raises(FedHFNodeStateError, match="privacy spent so far"):
+        again.privacy_state()
+
+
+def test_node_keys_follow_the_data_not_the_node_id(tmp_path):
+    silo = tmp_path / "silo"
+    silo.mkdir()
+    assert node_key(7, str(silo)) == node_key(99, str(silo)) != node_key(7, str(tmp_path))
+    assert node_key(7, None) == "partition-7"
+    assert arrays_digest({"a": b"1", "b": b"2"}) == arrays_digest({"b": b"2", "a": b"1"}) != arrays_digest({"a": b"2", "b": b"1"})
+
+
+def test_fault_plans(monkeypatch):
+    assert faults.planned({"fail-at-round": "2", "fail-mode": "nan"}, 0, 2) == "nan"
+    assert faults.planned({"fail-at-round": "2"}, 0, 3) is None
+    monkeypatch.setenv(faults.ENV, "1:2:raise,0:3:inf")
+    assert faults.planned({}, 1, 2) == "raise" and faults.planned({}, 0, 3) == "inf" and faults.planned({}, 0, 2) is None
+    with pytest.raises(FedHFConfigError, match="fail-mode"):
+        faults.planned({"fail-at-round": "1", "fail-mode": "explode"}, 0, 1)
+    with pytest.raises(faults.InjectedFault):
+        faults.before_training("raise", {})
