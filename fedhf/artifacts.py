@@ -79,13 +79,20 @@ class RunRecorder:
             if run_dir is None:
                 raise ValueError("resume_from needs the run folder")  # a bug in the caller, not user input
             self.dir = run_dir
+            try:  # how the interrupted attempt ended, as its run.json says ("running": it was killed)
+                before = json.loads((run_dir / "run.json").read_text())
+                ended = {"status": before.get("status"), "error": before.get("error"),
+                         "last_round_recorded": max((r["round"] for r in before.get("rounds", [])), default=0)}
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+                ended = {"status": "unreadable run.json"}
             self.data = resume_from
             self.run_id = str(self.data["run_id"])
             last = self.data["rounds"][-1]["round"] if self.data["rounds"] else 0
             self.data.update(status="running", finished=None)
             self.data.pop("error", None)
             self.data.setdefault("resumes", []).append(
-                {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "from_round": last})
+                {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "from_round": last,
+                 "interrupted_attempt": ended})
             self.write()
             self.write_csv()
             return

@@ -7,6 +7,7 @@ exit code 2; a run that fails after starting exits 1 and its run.json says ``fai
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -118,6 +119,7 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
     """The config, client count and checkpoint of an interrupted run (everything comes from RUN_DIR)."""
     import json
 
+    from fedhf.artifacts import config_hash
     from fedhf.checkpoint import load_checkpoint
 
     if config is not None or sets:
@@ -145,7 +147,7 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
     if num_clients is not None and num_clients != recorded:
         raise FedHFConfigError(f"--num-clients: got {num_clients}, but the run in '{run_dir}' has {recorded} clients; "
                                "drop --num-clients (a resumed run keeps its clients).")
-    checkpoint = load_checkpoint(run_dir, run_uid=uid, config_sha256=run.get("config_sha256"))
+    checkpoint = load_checkpoint(run_dir, run_uid=uid, config_sha256=config_hash(flat))
     if checkpoint.round > cfg.num_server_rounds:
         raise FedHFConfigError(f"--resume '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "
                                f"run's num-server-rounds={cfg.num_server_rounds}.")
@@ -221,6 +223,83 @@ def show_config(
     flat = cfg.to_flat()
     for key, _default, help_text in describe():
         typer.echo(f"{key} = {flat[key]!r}    # {help_text}")
+
+
+NODE_CONFIG_KEYS = ("data-path", "partition-id", "num-partitions", "max-epsilon", "state-dir",
+                    "fail-at-round", "fail-mode", "fail-seconds")
+
+
+@app.command("node-check")
+def node_check(
+    node_config: Annotated[str, typer.Option("--node-config", help="The SuperNode's node config, as given to flower-supernode: 'data-path=\"/data/silo\" max-epsilon=8'.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    labels: Annotated[str, typer.Option("--labels", help="A silo's federation label names, comma-separated (the server sends them in a run).")] = "",
+) -> None:
+    """Check a SuperNode's node config on the data owner's machine before it joins: keys, data, budget, state dir."""
+    _setup_logging()
+    _quiet_libraries()
+    from fedhf import faults
+    from fedhf.client import node_budget, node_of
+    from fedhf.config import split_list
+    from fedhf.data import load_partition, load_silo
+    from fedhf.node_state import state_dir
+
+    try:
+        cfg = resolve_cli_config(config, set_)
+        nc = _parse_node_config(node_config)
+        unknown = sorted(set(nc) - set(NODE_CONFIG_KEYS))
+        if unknown:
+            raise FedHFConfigError(f"node config key '{unknown[0]}' is not one fedhf reads; known keys: "
+                                   f"{', '.join(NODE_CONFIG_KEYS)}.")
+        node = node_of(nc, 0)
+        if node.data_path is not None:
+            names = split_list(labels)
+            if len(names) < 2:
+                raise FedHFConfigError("--labels: a silo is checked against the federation's label names; give at "
+                                       "least two, e.g. --labels negative,positive.")
+            train, local_eval, names = load_silo(cfg.data, node.data_path, tuple(names), cfg.seed)
+        else:
+            train, local_eval, names = load_partition(cfg.data, cfg.seed, node.pid, node.num_partitions)
+        budget = node_budget(cfg, nc, node.pid)
+        faults.planned(nc, node.pid, 1)
+        where = state_dir(nc, {})
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            probe = where / f".fedhf-write-check-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise FedHFConfigError(f"node config 'state-dir': '{where}' is not writable ({exc.strerror}); this node keeps "
+                                   "its DP accountant history there. Give a writable folder.") from None
+    except FedHFError as exc:
+        _fail(str(exc))
+    what = f"silo {node.data_path}" if node.data_path else f"partition {node.pid} of {node.num_partitions}"
+    typer.echo(f"node config ok: {what}: {len(train)} training rows, {0 if local_eval is None else len(local_eval)} "
+               f"local eval rows, labels {names}; privacy budget {budget if budget is not None else 'none'}; "
+               f"state dir {where}")
+
+
+def _parse_node_config(text: str) -> dict[str, Any]:
+    """Flower's node-config syntax (space-separated key=value, TOML values); a bare word is taken as a string,
+    as scripts/deploy/start_supernode.sh does."""
+    import re
+    import tomllib
+
+    pattern = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # the pattern of flwr.common.config.parse_config_args
+    rest = pattern.sub("", text).strip()
+    if rest:
+        raise FedHFConfigError(f"--node-config: cannot read {rest!r}; write space-separated key=value pairs, e.g. "
+                               "'partition-id=0 data-path=\"/data/silo\"'.")
+    out: dict[str, Any] = {}
+    for key, value in pattern.findall(text):
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            if value[:1] in "\"'":
+                raise FedHFConfigError(f"--node-config: value {value} of '{key}' is not a valid quoted string.") from None
+            out[key] = value
+    return out
 
 
 privacy_app = typer.Typer(help="Plan differential privacy and read a run's privacy ledger.", no_args_is_help=True)

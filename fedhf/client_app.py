@@ -4,8 +4,9 @@ The run config comes from the server inside each message (the server parsed it o
 from its run_config); the node config says which data this node holds: either its own
 silo (``data-path=<file or folder on this machine>``) or one partition of a shared
 dataset (``partition-id``/``num-partitions``, for simulations and demos), plus the data
-owner's privacy budget (``max-epsilon``). This node's DP accountant history lives in
-``context.state`` for the whole run. With ``strategy.secure-aggregation`` the train
+owner's privacy budget (``max-epsilon``). This node's DP accountant history is kept on its
+disk (``fedhf.node_state``: node config ``state-dir``), written before each reply leaves, so a
+restarted SuperNode or server never resets its epsilon; ``context.state`` holds a copy. With ``strategy.secure-aggregation`` the train
 messages arrive through Flower's SecAgg+ mod in the legacy FitIns/FitRes format.
 
 In a deployment every message starts a fresh process that imports this module, the

@@ -129,6 +129,9 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
             )
     part_col = cfg.partition_column or (preset.partition_column if preset else "")
     label_names, to_id = _label_mapping(raw_train, label_col, preset)
+    if len(label_names) < 2:
+        raise FedHFDataError(f"label column '{label_col}' holds a single class ({label_names}); a classifier needs at "
+                             "least two; check the file or set data.label-column.")
     train = _normalise(raw_train, text_col, label_col, to_id, part_col, "train")
     eval_ds = _normalise(raw_eval, text_col, label_col, to_id, part_col, "eval") if raw_eval is not None else None
     source.update({"text_column": text_col, "label_column": label_col})

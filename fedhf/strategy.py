@@ -202,7 +202,7 @@ def _recording(base: type[FedAvg]) -> type[FedAvg]:
                 raise FedHFRunError(
                     f"round {server_round}: only {len(trained)} valid update(s) ({len(failures)} client(s) failed, "
                     f"{len(rejected)} update(s) rejected); strategy.min-train-nodes={self.min_train_nodes}. The last "
-                    "checkpoint is kept: continue with fedhf run --resume RUN_DIR once the clients are back.")
+                    f"checkpoint is kept: continue with fedhf run --resume {self.recorder.dir} once the clients are back.")
             if not trained and rejected and not failures:
                 raise FedHFRunError(f"round {server_round}: every update was rejected ({rejected[0]['reason']}).")
             if not trained:

@@ -329,3 +329,48 @@ def test_fault_plans(monkeypatch):
         faults.planned({"fail-at-round": "1", "fail-mode": "explode"}, 0, 1)
     with pytest.raises(faults.InjectedFault):
         faults.before_training("raise", {})
+
+
+# ----------------------------------------------------------------------------- a SuperNode restarted mid-run
+
+
+def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_model_dir, synthetic_dir, tmp_path):
+    """The ClientApp handler, as a SuperNode runs it: round 1 on one node, round 2 after a restart (new node
+    id, empty context.state); then round 2 asked again from the same global adapter (a resumed server)."""
+    from flwr.app import Context
+
+    from fedhf.client_app import PRIVACY_STATE, _train
+    from fedhf.config import LABEL_NAMES_KEY
+    from fedhf.model import build_model, get_adapter_state
+    from fedhf.node_state import RUN_UID_KEY
+    from fedhf.privacy import epsilon_of
+
+    cfg = parse_config({"model.name": str(tiny_model_dir), "data.dataset": str(synthetic_dir), "privacy.mode": "sample",
+                        "train.batch-size": 8, "train.local-epochs": 1, "data.max-length": 16})
+    initial = ArrayRecord(get_adapter_state(build_model(cfg, ["negative", "positive"])))
+    node_config = {"data-path": str(synthetic_dir), "state-dir": str(tmp_path / "state")}
+
+    def message_config(rnd: int) -> ConfigRecord:
+        return ConfigRecord({**cfg.to_flat(), LABEL_NAMES_KEY: '["negative", "positive"]', RUN_UID_KEY: "run1",
+                             "server-round": rnd})
+
+    def context(node_id: int) -> Context:
+        return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+
+    first = context(101)
+    r1 = _train(initial, message_config(1), first)
+    steps_1 = int(r1["client-info"]["steps"])
+    assert PRIVACY_STATE in first.state and steps_1 > 0
+
+    restarted = context(202)  # Flower gives the restarted SuperNode a new id and an empty context
+    r2 = _train(r1["arrays"], message_config(2), restarted)
+    info = r2["client-info"]
+    assert int(info["steps"]) == 2 * steps_1  # continued, not started again
+    q = float(info["sample-rate"])
+    assert float(info["epsilon"]) == pytest.approx(epsilon_of("rdp", [(1.0, q, 2 * steps_1)], float(info["delta"])), rel=1e-9)
+
+    again = _train(r1["arrays"], message_config(2), context(303))  # the server resumed and repeats round 2
+    assert again["client-info"]["replayed"] is True and int(again["client-info"]["steps"]) == 2 * steps_1
+    assert all(np.array_equal(again["arrays"][k].numpy(), r2["arrays"][k].numpy()) for k in r2["arrays"].keys())
+    fresh = _train(initial, message_config(2), context(404))  # a different global adapter: a new round of training
+    assert "replayed" not in fresh["client-info"] and int(fresh["client-info"]["steps"]) == 3 * steps_1

@@ -28,7 +28,10 @@ Options:
                         "partition-id=0 num-partitions=2" or 'data-path=/data/silo max-epsilon=8'
                         (values that are not numbers or booleans are quoted for you)
   --name NAME           name for the log and PID files (default supernode)
-  --state DIR           state directory (default ./supernode-state): NAME.log, NAME.pid
+  --state DIR           state directory (default ./supernode-state): NAME.log, NAME.pid, and
+                        NAME-fedhf/ (this node's DP accountant history: node config state-dir,
+                        unless the node config sets one); restart with the same --state and
+                        --name and the node's epsilon continues where it was
   --clientappio-port P  local port of this SuperNode's Runtime (ClientAppIO) API on
                         127.0.0.1, used by its SuperExec; every SuperNode on one machine
                         needs its own (default: a free port)
@@ -112,6 +115,13 @@ if [ -z "$CPORT" ]; then
 elif ! port_free 127.0.0.1 "$CPORT"; then
   die "--clientappio-port $CPORT is already in use on 127.0.0.1; choose another (each SuperNode needs its own)"
 fi
+
+# This node's DP accountant history (its privacy spend) must survive a SuperNode restart: keep it
+# under the state directory unless the node config names its own state-dir.
+case " $NODE_CONFIG" in
+  *" state-dir="*) ;;
+  *) NODE_CONFIG="$NODE_CONFIG state-dir=\"$STATE/$NAME-fedhf\"" ;;
+esac
 
 args=(--superlink "$SUPERLINK" --host 127.0.0.1 --port "$CPORT" --node-config "$NODE_CONFIG")
 if [ "$INSECURE" -eq 1 ]; then

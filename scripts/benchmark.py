@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""fedhf's performance figures, measured in one run of this script. Prints ratios; asserts nothing.
+
+1. DP-SGD step time / non-DP step time (default model, LoRA r 8, batch 32, sequence 64,
+   Opacus hooks; median of --steps steps, each variant in a fresh process).
+2. Round overhead / client compute: steady-state rounds of a 3-client run with the clients one
+   at a time (--cpus-per-client 2), round wall time minus the server's central evaluation,
+   against the clients' train + local-eval seconds. Ray's start-up is reported apart.
+3. Achieved training FLOP/s (4 x non-embedding params x non-padding tokens / train seconds)
+   against torch's 1024^3 fp32 matmul on the same thread count, same run.
+4. Bytes sent up per client per round with transport.dtype fp32, fp16 and int8, against the full
+   model, and the final accuracy of each (the same run, seed and data).
+5. Peak memory (PSS of the whole process tree: the server, Ray and its actors, sampled every
+   0.5 s) of a 10-client and a 100-client simulation with 10 clients per round.
+
+Usage: python scripts/benchmark.py [--out DIR] [--steps N] [--only 1,2,...]
+(inside the venv, FEDHF_DATA_DIR set; about 20 minutes on 2 cores). Runs that finished in
+--out earlier are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_dp import STEP_CODE  # noqa: E402  (the step-time harness of scripts/bench_dp.py)
+from bench_round import matmul_flops, non_embedding_params, ray_startup_seconds  # noqa: E402
+
+QUICK = ["--set", "data.max-train-examples=1200", "--set", "num-server-rounds=3"]
+
+
+class TreeMemory:
+    """Peak proportional set size (PSS) of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        self.root = psutil.Process(pid)
+        self.every = every
+        self.peak = 0
+        self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total, n = 0, 0
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                try:
+                    total += p.memory_full_info().pss
+                    n += 1
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            if total > self.peak:
+                self.peak, self.peak_procs = total, n
+            self._stop.wait(self.every)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def fedhf_run(out: Path, name: str, clients: int, args: list[str], measure: bool = False) -> tuple[dict, float, int]:
+    run_json = out / name / "run.json"
+    if run_json.is_file() and json.loads(run_json.read_text()).get("status") == "complete" and not measure:
+        return json.loads(run_json.read_text()), float("nan"), 0
+    if (out / name).exists():
+        import shutil
+
+        shutil.rmtree(out / name)
+    cmd = [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", str(clients), "--set", f"output-dir={out}",
+           "--set", f"run-name={name}", *args]
+    print(f"$ fedhf run --num-clients {clients} {' '.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mem = TreeMemory(proc.pid) if measure else None
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    peak = mem.stop() if mem else 0
+    if proc.returncode != 0:
+        sys.exit(f"run {name} failed:\n{err[-4000:]}")
+    return json.loads(run_json.read_text()), wall, peak
+
+
+def step_time(mode: str, steps: int, threads: int) -> float:
+    proc = subprocess.run([sys.executable, "-c", STEP_CODE, mode, str(steps), str(threads)], capture_output=True,
+                          text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"step timing ({mode}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["step_seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmark")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--only", default="1,2,3,4,5", help="comma list of the figures to measure")
+    args = ap.parse_args()
+    only = {int(x) for x in args.only.split(",")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures_path = args.out / "figures.json"
+    figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
+    figures["machine"] = f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    lines = []
+
+    if 1 in only:  # plain, hooks, plain: the two plain runs show the machine's drift, keep the faster
+        plain = min(step_time("plain", args.steps, 2), step_time("plain", args.steps, 2))
+        hooks = step_time("hooks", args.steps, 2)
+        figures["dp_step"] = {"plain_seconds": plain, "hooks_seconds": hooks, "ratio": hooks / plain}
+
+    if only & {2, 3, 4}:
+        seq = ["--cpus-per-client", "2", "--set", "train.num-threads=2", *QUICK]
+        runs = {}
+        for dtype in ("fp32", "fp16", "int8"):
+            runs[dtype], _, _ = fedhf_run(args.out, f"transport-{dtype}", 3, [*seq, "--set", f"transport.dtype={dtype}"])
+        run = runs["fp32"]
+        if 2 in only:
+            rows = []
+            for r in run["rounds"][1:]:
+                compute = sum(r["client_train_seconds"].values()) + sum(r.get("client_eval_seconds", []))
+                fl = r["wall_seconds"] - r["central_eval_seconds"]
+                rows.append((compute, fl))
+            steady = rows[1:] or rows
+            figures["round_overhead"] = {
+                "steady_state_ratio": statistics.mean((fl - c) / c for c, fl in steady),
+                "steady_state_seconds": statistics.mean(fl - c for c, fl in steady),
+                "first_round_excess_seconds": rows[0][1] - rows[0][0],
+                "ray_init_seconds": ray_startup_seconds(),
+            }
+        if 3 in only:
+            clients = [c for r in run["rounds"][1:] for c in r["clients"]]
+            tokens = sum(c["train-tokens"] for c in clients)
+            seconds = sum(c["train-seconds"] for c in clients)
+            n_ne = non_embedding_params(run)
+            achieved = 4 * n_ne * tokens / seconds
+            peak = matmul_flops(2)
+            figures["flops"] = {"achieved": achieved, "matmul_peak": peak, "ratio": achieved / peak, "threads": 2,
+                                "non_embedding_params": n_ne}
+        if 4 in only:
+            full = run["model"]["model_bytes"]
+            figures["transport"] = {
+                d: {"bytes_up": r["rounds"][-1]["bytes_up"], "ratio_to_model": r["rounds"][-1]["bytes_up"] / full,
+                    "final_accuracy": r["final"]["eval_accuracy"], "final_f1": r["final"]["eval_f1"]}
+                for d, r in runs.items()}
+            figures["transport"]["model_bytes"] = full
+
+    if 5 in only:
+        mem = {}
+        scale = ["--set", "data.max-train-examples=2000", "--set", "num-server-rounds=2", "--set", "train.local-epochs=1",
+                 "--set", "strategy.fraction-evaluate=0"]
+        for n, frac in ((10, "1.0"), (100, "0.1")):
+            run, wall, peak = fedhf_run(args.out, f"scale-{n}", n, [*scale, "--set", f"strategy.fraction-train={frac}"],
+                                        measure=True)
+            mem[n] = {"peak_pss_bytes": peak, "wall_seconds": wall, "clients_per_round": run["rounds"][1]["clients_sampled"],
+                      "final_accuracy": run["final"]["eval_accuracy"]}
+        figures["memory"] = mem
+
+    figures_path.write_text(json.dumps(figures, indent=2) + "\n")
+    f = figures
+    if "dp_step" in f:
+        d = f["dp_step"]
+        lines.append(f"[1] DP-SGD step (Opacus hooks) / non-DP step: {d['hooks_seconds'] * 1000:.0f} / "
+                     f"{d['plain_seconds'] * 1000:.0f} ms = {d['ratio']:.2f}x (target <= 1.10x)")
+    if "round_overhead" in f:
+        o = f["round_overhead"]
+        lines.append(f"[2] round overhead, steady state: {100 * o['steady_state_ratio']:.1f}% of client compute "
+                     f"({o['steady_state_seconds']:.1f} s per round; target <= 10%); one-time: ray.init "
+                     f"{o['ray_init_seconds']:.1f} s, round 1 {o['first_round_excess_seconds']:.1f} s outside client compute")
+    if "flops" in f:
+        x = f["flops"]
+        lines.append(f"[3] training {x['achieved'] / 1e9:.1f} GFLOP/s vs torch matmul {x['matmul_peak'] / 1e9:.1f} GFLOP/s "
+                     f"({x['threads']} threads): {100 * x['ratio']:.1f}%")
+    if "transport" in f:
+        t = f["transport"]
+        for d in ("fp32", "fp16", "int8"):
+            lines.append(f"[4] transport {d}: {t[d]['bytes_up']:,} B up per client per round = "
+                         f"{100 * t[d]['ratio_to_model']:.3f}% of the full model ({t['model_bytes']:,} B); final accuracy "
+                         f"{t[d]['final_accuracy']:.4f}" + (" (target <= 0.1%)" if d == "int8" else ""))
+    if "memory" in f:
+        for n, m in sorted(f["memory"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"[5] {n} clients ({m['clients_per_round']} per round): peak memory {m['peak_pss_bytes'] / 1e9:.2f} GB "
+                         f"(PSS of all processes), {m['wall_seconds']:.0f} s" + (" (target <= 8 GB)" if int(n) == 100 else ""))
+    print(f"\nfedhf benchmark on {f['machine']}:")
+    print("\n".join(lines))
+    print(f"figures: {figures_path}")
+
+
+if __name__ == "__main__":
+    main()
