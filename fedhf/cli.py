@@ -238,9 +238,11 @@ def node_check(
 ) -> None:
     """Check a SuperNode's node config on the data owner's machine before it joins: keys, data, budget, state dir."""
     _setup_logging()
-    _quiet_libraries()
+    import datasets
+
+    datasets.disable_progress_bars()
     from fedhf import faults
-    from fedhf.client import node_budget, node_of
+    from fedhf.node import node_budget, node_of
     from fedhf.config import split_list
     from fedhf.data import load_partition, load_silo
     from fedhf.node_state import state_dir

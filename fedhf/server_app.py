@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-
-import torch
 
 from fedhf.artifacts import RunRecorder
 from fedhf.checkpoint import POINTER, Checkpoint, save_checkpoint
@@ -64,7 +64,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any] | None = None,
-                    resume: Checkpoint | None = None, resume_dir: Path | None = None) -> ServerApp:
+                    resume: Checkpoint | None = None, resume_dir: Path | None = None,
+                    on_exit: Callable[[], None] | None = None) -> ServerApp:
     """A ServerApp bound to an already parsed config (used by ``fedhf run``); ``result['run_dir']`` is set at start.
 
     This is a simulation on one machine: the clients keep their DP accountant state under RUN_DIR/client-state.
@@ -73,7 +74,11 @@ def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run(grid, cfg, num_partitions, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True)
+        try:
+            run(grid, cfg, num_partitions, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True)
+        finally:
+            if on_exit is not None:
+                on_exit()
 
     return bound
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
@@ -34,13 +36,46 @@ def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1,
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(os.cpu_count() or 1, cpus_per_client)},
     }
-    _run_simulation(
-        num_supernodes=num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=make_server_app(cfg, num_clients, result, resume=resume, resume_dir=resume_dir),
-        backend_name="ray",
-        backend_config=backend_config,
-    )
+    server_done = threading.Event()
+    finished = threading.Event()
+    watchdog = threading.Thread(target=_stop_stuck_actors, args=(server_done, finished), daemon=True)
+    watchdog.start()
+    try:
+        _run_simulation(
+            num_supernodes=num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=make_server_app(cfg, num_clients, result, resume=resume, resume_dir=resume_dir,
+                                       on_exit=server_done.set),
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        finished.set()
     return Path(result["run_dir"])
 
+
+def _stop_stuck_actors(server_done: threading.Event, finished: threading.Event, grace: float = 5.0) -> None:
+    """Flower's simulation runtime waits for every client job before it shuts down, also for a client
+    that hangs (it has been recorded as failed when strategy.round-timeout passed). Once the ServerApp
+    has finished, give the runtime ``grace`` seconds, then kill this process's Ray actor processes."""
+    server_done.wait()
+    if finished.wait(grace):
+        return
+    import psutil
+
+    stuck = [p for p in psutil.Process().children(recursive=True) if _is_actor(p)]
+    if stuck:
+        log.warning("the run has ended but %d client actor(s) are still busy (a client that hung?); stopping them",
+                    len(stuck))
+        for p in stuck:
+            p.kill()
+
+
+def _is_actor(p: Any) -> bool:
+    import psutil
+
+    try:
+        return "ClientAppActor" in " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # exited meanwhile
+        return False

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, synthetic_rows, write_tsv
+from .conftest import synthetic_rows, write_tsv
 
 pytestmark = pytest.mark.slow  # about 40 fedhf processes and one short federation
 

@@ -220,6 +220,12 @@ def test_deployment_with_tls_node_auth_dp_and_secure_aggregation(sst2_dir, tmp_p
         eps = [x["epsilon"] for x in e["rounds"]]
         assert len(eps) == 2 and 0 < eps[0] < eps[1]
         assert e["steps"] == 2 * round(1 / e["sample_rate"])
+    # ... and on its disk: start_supernode.sh put node config state-dir under --state/NAME-fedhf, where a
+    # restarted SuperNode finds it (one file per silo, keyed by its data path, not its node id)
+    for name in ("node-a", "node-b"):
+        (saved,) = (tmp_path / "fed" / "supernodes" / f"{name}-fedhf" / run["run_uid"]).glob("silo-*.json")
+        steps = sum(json.loads(saved.read_text())["privacy"]["history-steps"])
+        assert steps in {e["steps"] for e in ledger.values()}
     # 150 rows per silo, 10% held out locally; the silo paths never reach the server's records
     assert sorted(p["train-examples"] for p in run["partitions"]) == [135, 135]
     text = (out / "deploy" / "run.json").read_text() + (out / "deploy" / "hub" / "provenance.json").read_text()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fedhf.client import node_of
+from fedhf.node import node_of
 from fedhf.config import parse_config
 from fedhf.data import load_silo
 from fedhf.errors import FedHFConfigError, FedHFDataError

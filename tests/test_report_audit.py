@@ -106,7 +106,7 @@ def test_report_tables_and_plots(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (out / "report.md").read_text()
     eps = max(c["epsilon"] for c in run["privacy"]["clients"].values())
-    assert f"| tiny | " in md and f"{eps:.3f}" in md and f"{run['final']['eval_accuracy']:.4f}" in md
+    assert "| tiny | " in md and f"{eps:.3f}" in md and f"{run['final']['eval_accuracy']:.4f}" in md
     assert "![privacy-utility](privacy_utility.png)" in md
     for rel in ("privacy_utility.png", "tiny/metrics.png", "tiny/epsilon.png", "nodp/metrics.png"):
         assert (out / rel).read_bytes().startswith(PNG), rel

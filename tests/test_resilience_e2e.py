@@ -54,6 +54,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
     raise AssertionError(f"processes of the killed run are still alive: {left}")
 
 
+def _actor_pids() -> set[int]:
+    return {p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if "ClientAppActor" in " ".join(p.info["cmdline"] or []) or "raylet" in " ".join(p.info["cmdline"] or [])}
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
@@ -120,22 +125,26 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
 
 
 def test_failing_and_poisoned_clients_do_not_end_the_run(tiny_model_dir, synthetic_dir, tmp_path):
-    """4 clients, int8 transport: in round 2 one client raises and one sends NaN; the run completes with the
-    others, and run.json says who failed, who was dropped and why."""
+    """4 clients, int8 transport: in round 2 one client raises and one sends NaN, in round 3 one hangs past
+    strategy.round-timeout; the run completes with the others, run.json says who failed, who was dropped and
+    why, and no process is left behind."""
     out = tmp_path / "out"
+    before = _actor_pids()
     proc = fedhf("run", "-n", "4", *_args(tiny_model_dir, synthetic_dir, out, "faulty", "num-server-rounds=3",
-                                           "transport.dtype=int8"),
-                 env=_env(tmp_path, FEDHF_TEST_FAULTS="1:2:raise,2:2:nan"))
+                                           "transport.dtype=int8", "strategy.round-timeout=20"),
+                 env=_env(tmp_path, FEDHF_TEST_FAULTS="1:2:raise,2:2:nan,3:3:hang"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _actor_pids() - before == set()  # the hung client's actor was stopped when the run ended
     run = json.loads((out / "faulty" / "run.json").read_text())
     assert run["status"] == "complete"
     r1, r2, r3 = run["rounds"][1:]
     assert len(r2["failures"]) == 1 and "injected fault" in r2["failures"][0]["reason"]
     assert [(r["partition-id"], "NaN" in r["reason"] or "non-finite" in r["reason"]) for r in r2["rejected"]] == [(2, True)]
     assert sorted(c["partition-id"] for c in r2["clients"] if c["status"] == "trained") == [0, 3]
-    for row in (r1, r3):
-        assert row["failures"] == [] and row["rejected"] == []
-        assert sorted(c["partition-id"] for c in row["clients"] if c["status"] == "trained") == [0, 1, 2, 3]
+    assert r1["failures"] == [] and r1["rejected"] == []
+    assert sorted(c["partition-id"] for c in r1["clients"] if c["status"] == "trained") == [0, 1, 2, 3]
+    assert [f["reason"] for f in r3["failures"]] == ["no reply within strategy.round-timeout=20 s"]
+    assert sorted(c["partition-id"] for c in r3["clients"] if c["status"] == "trained") == [0, 1, 2]
     trained = [c for c in r1["clients"] if c["status"] == "trained"]
     # int8 on the wire: a quarter of the fp32 adapter's bytes, plus the 128-byte header of each tensor
     m = run["model"]
