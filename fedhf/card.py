@@ -57,6 +57,26 @@ def combined_license(model_license: str, data_license: str) -> tuple[str, str | 
     return model_license, f"The base model is {model_license} and the training data {data_license}."
 
 
+_TRANSPORT_TEXT = {
+    "fp32": "fp32 adapters",
+    "fp16": "fp16 updates (trained - received adapter), decoded by the server before aggregation",
+    "int8": "int8 updates with one scale per tensor (max abs / 127), decoded by the server before aggregation",
+}
+
+
+def _reliability_text(run: dict[str, Any]) -> str:
+    """Client failures, rejected updates and resumes over the run (every reply was checked by the server)."""
+    rounds = run["rounds"][1:]
+    failed = sum(len(r.get("failures", [])) for r in rounds)
+    rejected = sum(len(r.get("rejected", [])) for r in rounds)
+    resumes = len(run.get("resumes", []))
+    parts = [f"{failed} client failure(s) (error or timeout)", f"{rejected} update(s) rejected by the server's checks "
+             f"(names, shapes, dtypes, finite values, update norm <= {run['config'].get('strategy.max-update-norm', '-')})"]
+    if resumes:
+        parts.append(f"resumed {resumes} time(s) from a checkpoint")
+    return "; ".join(parts)
+
+
 def _optimizer_text(cfg: dict[str, Any]) -> str:
     name = cfg.get("train.optimizer", "adamw")  # runs from before train.optimizer existed used AdamW
     if name == "sgd":
@@ -284,6 +304,8 @@ exchanged.
 | local training | {cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, {_optimizer_text(cfg)} |
 | LoRA | r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, modules {cfg['model.lora.target-modules']} |
 | head reads | {_POOLING_TEXT[pooling]} |
+| updates on the wire | {_TRANSPORT_TEXT[cfg.get("transport.dtype", "fp32")]} |
+| failures | {_reliability_text(run)} |
 | training rows per client | {', '.join(str(p['train-examples']) for p in run['partitions'])} |
 | seed | {cfg['seed']} |
 

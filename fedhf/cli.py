@@ -158,11 +158,12 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
 def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
     """Everything that can be checked before Ray starts: data, partitions, model id."""
     from fedhf.data import format_stats, load_data, make_partitions
-    from fedhf.model import resolve_model
 
     data = load_data(cfg.data)
     parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
     typer.echo(format_stats(parts.stats(), data.label_names), err=True)
+    from fedhf.model import resolve_model  # torch and transformers: only once the data is known to be good
+
     resolve_model(cfg.model.name)
     if cfg.strategy.secure_aggregation:
         from fedhf.secagg import SecAggSettings

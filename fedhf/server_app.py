@@ -251,6 +251,11 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     _plots(recorder)
     hub = build_hub_folder(recorder.dir, recorder.data, base_model_license(cfg.model.name, resolved))
     recorder.finish({"hub_folder": hub.name})
+    if client_state_in_run_dir:
+        # The clients' cached replies (their individual updates, kept for a resume) are not needed any more;
+        # their accountant histories stay, next to the ledger.
+        for cached in (recorder.dir / "client-state").glob("*/*.reply.safetensors"):
+            cached.unlink()
     if p.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
     log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])

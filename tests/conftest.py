@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Clients with DP keep their accountant on disk (fedhf.node_state): not in the home folder during tests.
+os.environ.setdefault("FEDHF_STATE_DIR", os.path.join(tempfile.gettempdir(), f"fedhf-test-node-state-{os.getuid()}"))
 
 REPO = Path(__file__).resolve().parent.parent
 POSITIVE = ["good", "great", "wonderful", "excellent", "lovely", "superb", "delightful", "brilliant"]

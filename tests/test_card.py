@@ -149,3 +149,20 @@ def test_card_states_secure_aggregation_and_its_parameters(tmp_path):
     assert "| quantization | 22 bits (4,194,304 levels) over [-8, 8], step 3.81e-06 |" in text
     assert "| 2 / 3 / 1 |" in text  # rounds / clients dropped / rounds withheld
     assert "SHAKE-256" in text and "label histogram" in text
+
+
+def test_card_states_the_wire_format_failures_and_resumes(tmp_path):
+    run_dir, run = fake_run(tmp_path)
+    run["config"]["transport.dtype"] = "int8"
+    run["rounds"][1]["failures"] = [{"node-id": 5, "reason": "timeout"}]
+    run["rounds"][1]["rejected"] = [{"node-id": 6, "partition-id": 1, "reason": "NaN"}, {"node-id": 7, "partition-id": 2,
+                                                                                      "reason": "norm"}]
+    run["resumes"] = [{"from_round": 1}]
+    text = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md").text
+    assert "| updates on the wire | int8 updates with one scale per tensor" in text
+    assert "| failures | 1 client failure(s) (error or timeout); 2 update(s) rejected" in text
+    assert "update norm <= 1000.0" in text and "resumed 1 time(s) from a checkpoint" in text
+    plain_dir, plain = fake_run(tmp_path / "plain")
+    plain_text = ModelCard.load(build_hub_folder(plain_dir, plain, "apache-2.0") / "README.md").text
+    assert "| updates on the wire | fp32 adapters |" in plain_text and "resumed" not in plain_text
+    assert "| failures | 0 client failure(s) (error or timeout); 0 update(s) rejected" in plain_text

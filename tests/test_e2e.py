@@ -1,4 +1,4 @@
-"""End to end: real simulations on real SST-2 rows (slow; needs FEDHF_DATA_DIR)."""
+"""End to end: real simulations on SST-2 rows (a tiny BERT on our own rows where the DP bookkeeping is checked)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from .conftest import REPO
+from .conftest import REPO, synthetic_rows, write_tsv
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +36,14 @@ def fedhf_run(data_dir: Path, out: Path, name: str, *args: str, env: dict[str, s
                           capture_output=True, text=True, env=env or _env(data_dir), timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {**json.loads((out / name / "run.json").read_text()), "_stdout": proc.stdout, "_stderr": proc.stderr}
+
+
+def tiny_args(model_dir: Path, tmp_path: Path) -> list[str]:
+    """A 2-layer BERT on 400 synthetic rows of our own: the DP bookkeeping tests need a real federation, not SST-2."""
+    data = tmp_path / "synthetic"
+    write_tsv(data / "train.tsv", synthetic_rows(400, seed=5), ["text", "label"])
+    write_tsv(data / "test.tsv", synthetic_rows(60, seed=6), ["text", "label"])
+    return ["--set", f"model.name={model_dir}", "--set", f"data.dataset={data}", "--set", "data.max-length=24"]
 
 
 def ledger_text(data_dir: Path, run_dir: Path) -> str:
@@ -170,10 +178,10 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
             p.kill()
 
 
-def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_dir, tmp_path):
+def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_dir, tiny_model_dir, tmp_path):
     """Sample-level DP, 3 clients x 3 rounds; client 1's budget allows one round only."""
     out = tmp_path / "outputs"
-    run = fedhf_run(shared_data_dir, out, "dp", "--num-clients", "3", "--set", "num-server-rounds=3",
+    run = fedhf_run(shared_data_dir, out, "dp", *tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=3",
                     "--set", "data.max-train-examples=300", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
                     "--set", "privacy.node-max-epsilon=1:3.0", "--set", "strategy.fraction-evaluate=0")
     assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1, 2, 3]
@@ -199,10 +207,10 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
     assert "stopped before round 2: budget" in ledger_text(shared_data_dir, out / "dp")
 
 
-def test_both_guarantees_reported_side_by_side(shared_data_dir, tmp_path):
+def test_both_guarantees_reported_side_by_side(shared_data_dir, tiny_model_dir, tmp_path):
     """privacy.mode=both: sample-level per client and client-level per round, labelled, never combined."""
     out = tmp_path / "outputs"
-    run = fedhf_run(shared_data_dir, out, "both", "--num-clients", "3", "--set", "num-server-rounds=2",
+    run = fedhf_run(shared_data_dir, out, "both", *tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=2",
                     "--set", "data.max-train-examples=240", "--set", "train.local-epochs=1", "--set", "privacy.mode=both",
                     "--set", "privacy.client-noise-multiplier=0.8", "--set", "strategy.fraction-evaluate=0")
     assert run["status"] == "complete"
@@ -228,7 +236,7 @@ def test_both_guarantees_reported_side_by_side(shared_data_dir, tmp_path):
     assert "sample-level (per example)" in ledger and "client-level (per participant)" in ledger
 
 
-def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tmp_path):
+def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tiny_model_dir, tmp_path):
     """Every client's budget allows one round: round 2 gets no update, the run ends complete with round 1's adapter."""
     from fedhf.privacy import default_delta, epsilon_of, sampling
 
@@ -237,7 +245,7 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tmp_path):
     one, two = (epsilon_of("rdp", [(1.0, q, steps * k)], default_delta(n)) for k in (1, 2))
     budget = (one + two) / 2
     out = tmp_path / "outputs"
-    run = fedhf_run(shared_data_dir, out, "stop", "--num-clients", "2", "--set", "num-server-rounds=3",
+    run = fedhf_run(shared_data_dir, out, "stop", *tiny_args(tiny_model_dir, tmp_path), "--num-clients", "2", "--set", "num-server-rounds=3",
                     "--set", "data.max-train-examples=120", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
                     "--set", f"privacy.max-epsilon={budget}", "--set", "strategy.fraction-evaluate=0")
     assert run["status"] == "complete"
@@ -248,7 +256,7 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tmp_path):
     assert (out / "stop" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shared_data_dir, tmp_path):
+def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shared_data_dir, tiny_model_dir, tmp_path):
     """The real fedhf clients, 1 round, 3 clients, no DP (deterministic training): with SecAgg+ the
     global adapter equals the plain FedAvg run's within the documented quantization tolerance."""
     from safetensors.numpy import load_file
@@ -257,7 +265,8 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shar
     from fedhf.secagg import SecAggSettings, quantization_tolerance
 
     out = tmp_path / "outputs"
-    common = ["--num-clients", "3", "--set", "num-server-rounds=1", "--set", "data.max-train-examples=240",
+    common = [*tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=1",
+              "--set", "data.max-train-examples=240",
               "--set", "train.local-epochs=1", "--set", "strategy.fraction-evaluate=0", "--set", "data.max-length=48"]
     plain = fedhf_run(shared_data_dir, out, "plain", *common)
     secure = fedhf_run(shared_data_dir, out, "secure", *common, "--set", "strategy.secure-aggregation=true",

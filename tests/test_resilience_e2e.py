@@ -118,6 +118,7 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
         pid = f.stem.split("-")[1]
         saved = json.loads(f.read_text())["privacy"]
         assert sum(saved["history-steps"]) == run["privacy"]["clients"][pid]["steps"]
+    assert not list((run_dir / "client-state").rglob("*.reply.safetensors"))  # individual updates: gone once complete
     pred = fedhf("predict", "--model", str(run_dir), "--text", "the film was great number 3", env=_env(tmp_path))
     assert pred.returncode == 0 and pred.stdout.split("\t")[0] in ("negative", "positive"), pred.stderr[-2000:]
     again = fedhf("run", "--resume", str(run_dir), env=_env(tmp_path))
