@@ -258,6 +258,25 @@ class RunRecorder:
             "exhausted": sorted(int(pid) for pid, e in ledger.items() if "stopped" in e),
         })
 
+    def saved_spend(self, pid: str, spend: dict[str, Any]) -> None:
+        """A client's own saved accountant shows more steps than it reported (it trained in a round whose reply the
+        server never used: a round cut off by a restart, or a reply that came too late). The ledger takes the
+        client's figure: a spend is counted once it may have been released, never dropped."""
+        ledger = self.data["privacy"]["clients"]
+        entry = ledger.setdefault(pid, {
+            "delta": spend["delta"], "noise_multiplier": spend["noise_multiplier"],
+            "max_grad_norm": spend["max_grad_norm"], "sample_rate": spend["sample_rate"],
+            "accountant": spend["accountant"], "max_epsilon": None, "rounds": [],
+            "reported_epsilon": 0.0, "reported_steps": 0, "reported_delta": spend["delta"],
+        })
+        entry["unreported_steps"] = spend["steps"] - entry["reported_steps"]
+        entry["note_unreported"] = ("the client's own accountant holds steps of a round whose update the server did "
+                                    "not aggregate (cut off by a restart or too late); they are counted")
+        entry.update({"reported_epsilon": spend["epsilon"], "reported_steps": spend["steps"]})
+        entry["epsilon"] = spend["epsilon"] + entry.get("offset_epsilon", 0.0)
+        entry["steps"] = spend["steps"] + entry.get("offset_steps", 0)
+        self.write()
+
     def over_budget(self) -> set[int]:
         """Clients whose recorded epsilon reached their budget (only possible after an accountant restart)."""
         ledger = self.data.get("privacy", {}).get("clients", {})

@@ -241,6 +241,9 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
         recorder.abandon_round()
         final_arrays = strategy.latest_arrays
 
+    if client_state_in_run_dir and p.sample_level:
+        _count_saved_spend(recorder, recorder.dir / "client-state")
+
     # 5. artifacts
     set_adapter_state(model, final_arrays.to_torch_state_dict())
     save_adapter(model, tokenizer, cfg, data.label_names, recorder.dir / "adapter")
@@ -259,6 +262,27 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     if p.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
     log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
+
+
+def _count_saved_spend(recorder: RunRecorder, state_dir: Path) -> None:
+    """In simulation the clients' saved accountants are on this machine: the ledger must not report less than
+    any of them holds (a client that trained in a round cut off by a restart, or replied too late, and was not
+    asked again)."""
+    from fedhf.privacy import SampleAccount
+
+    ledger = recorder.data.get("privacy", {}).get("clients", {})
+    for f in sorted((state_dir / recorder.data["run_uid"]).glob("partition-*.json")):
+        privacy = json.loads(f.read_text()).get("privacy")
+        if not privacy:
+            continue
+        account = SampleAccount.from_state(privacy)
+        pid = f.stem.removeprefix("partition-")
+        if account.steps > ledger.get(pid, {}).get("reported_steps", 0):
+            log.warning("client %s: its saved accountant holds %d steps, the ledger %d (a round the server did not "
+                        "use); the ledger counts them", pid, account.steps, ledger.get(pid, {}).get("reported_steps", 0))
+            recorder.saved_spend(pid, {"epsilon": account.epsilon, "steps": account.steps, "delta": account.delta,
+                                       "noise_multiplier": account.noise_multiplier, "max_grad_norm": account.max_grad_norm,
+                                       "sample_rate": account.history[-1][1], "accountant": account.accountant})
 
 
 def _plots(recorder: RunRecorder) -> None:

@@ -373,3 +373,36 @@ def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_mod
     assert all(np.array_equal(again["arrays"][k].numpy(), r2["arrays"][k].numpy()) for k in r2["arrays"].keys())
     fresh = _train(initial, message_config(2), context(404))  # a different global adapter: a new round of training
     assert "replayed" not in fresh["client-info"] and int(fresh["client-info"]["steps"]) == 3 * steps_1
+
+
+def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_path):
+    """Simulation: client 0 trained a round whose reply the server did not use (cut off by a restart, or too late),
+    client 1 only ever trained in such a round. The ledger takes their own saved accountants' figures."""
+    from fedhf.ledger import ledger_table
+    from fedhf.privacy import SampleAccount
+    from fedhf.server_app import _count_saved_spend
+
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
+    reported = SampleAccount("rdp", 1e-3, 1.0, 1.0, [(1.0, 0.1, 10)])
+    rec.data["privacy"]["clients"]["0"] = {
+        "delta": 1e-3, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.1, "accountant": "rdp",
+        "max_epsilon": None, "rounds": [{"round": 1, "epsilon": reported.epsilon, "steps": 10, "status": "trained"}],
+        "reported_epsilon": reported.epsilon, "reported_steps": 10, "reported_delta": 1e-3,
+        "epsilon": reported.epsilon, "steps": 10}
+    state = tmp_path / "client-state"
+    more = SampleAccount("rdp", 1e-3, 1.0, 1.0, [(1.0, 0.1, 20)])
+    NodeStore(state, rec.data["run_uid"], "partition-0").save(more.to_state())
+    only = SampleAccount("rdp", 2e-3, 1.5, 1.0, [(1.5, 0.2, 5)])
+    NodeStore(state, rec.data["run_uid"], "partition-1").save(only.to_state())
+    NodeStore(state, "another-run", "partition-2").save(more.to_state())  # not this run's
+    _count_saved_spend(rec, state)
+    ledger = json.loads((rec.dir / "run.json").read_text())["privacy"]["clients"]
+    assert ledger["0"]["steps"] == 20 and ledger["0"]["epsilon"] == pytest.approx(more.epsilon, rel=1e-12)
+    assert ledger["0"]["epsilon"] > reported.epsilon and ledger["0"]["unreported_steps"] == 10
+    assert ledger["1"]["epsilon"] == pytest.approx(only.epsilon, rel=1e-12) and ledger["1"]["sample_rate"] == 0.2
+    assert set(ledger) == {"0", "1"}
+    assert "epsilon max" in ledger_table(rec.data)
+    _count_saved_spend(rec, state)  # nothing more to count: unchanged
+    assert json.loads((rec.dir / "run.json").read_text())["privacy"]["clients"]["0"]["steps"] == 20
