@@ -101,3 +101,13 @@ def server_identity(monkeypatch):
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def cli_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for a `fedhf` subprocess: offline, no telemetry, clients' saved state under ``root``, no
+    fault injection unless ``extra`` asks for it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+               RAY_USAGE_STATS_ENABLED="0", FEDHF_STATE_DIR=str(root / "node-state"))
+    env.pop("FEDHF_TEST_FAULTS", None)
+    env.update(extra)
+    return env

@@ -8,7 +8,6 @@ command-line arguments, data files, labels, node configs, checkpoints and update
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,22 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import synthetic_rows, write_tsv
+from .conftest import cli_env, synthetic_rows, write_tsv
 
 pytestmark = pytest.mark.slow  # about 40 fedhf processes and one short federation
 
 
-def _env(root: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
-               RAY_USAGE_STATS_ENABLED="0", FEDHF_STATE_DIR=str(root / "node-state"))
-    env.pop("FEDHF_TEST_FAULTS", None)
-    env.update(extra)
-    return env
-
-
 def fedhf(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True,
-                          env=_env(root, **env), timeout=300, cwd=root)
+                          env=cli_env(root, **env), timeout=300, cwd=root)
 
 
 def check_refused(proc: subprocess.CompletedProcess, words: str, root: Path) -> None:

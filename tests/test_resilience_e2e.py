@@ -13,17 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, cli_env
 
 pytestmark = pytest.mark.slow
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
-               RAY_USAGE_STATS_ENABLED="0", FEDHF_STATE_DIR=str(tmp_path / "node-state"))
-    env.pop("FEDHF_TEST_FAULTS", None)
-    env.update(extra)
-    return env
 
 
 def _args(model: Path, data: Path, out: Path, name: str, *sets: str) -> list[str]:
@@ -71,14 +63,14 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
     resume it: the same rounds, the same per-client epsilon as an uninterrupted run, an adapter that loads."""
     out = tmp_path / "out"
     dp = ("num-server-rounds=4", "privacy.mode=sample", "privacy.noise-multiplier=1.0", "strategy.name=fedadam")
-    ref = fedhf("run", "-n", "3", *_args(tiny_model_dir, synthetic_dir, out, "straight", *dp), env=_env(tmp_path))
+    ref = fedhf("run", "-n", "3", *_args(tiny_model_dir, synthetic_dir, out, "straight", *dp), env=cli_env(tmp_path))
     assert ref.returncode == 0, ref.stderr[-3000:]
     straight = json.loads((out / "straight" / "run.json").read_text())
 
     run_dir = out / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "fedhf.cli", "run", "-n", "3",
                              *_args(tiny_model_dir, synthetic_dir, out, "cut", *dp)],
-                            env=_env(tmp_path, FEDHF_TEST_FAULTS="0:3:hang"), cwd=REPO, start_new_session=True,
+                            env=cli_env(tmp_path, FEDHF_TEST_FAULTS="0:3:hang"), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -98,7 +90,7 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
     cut = json.loads((run_dir / "run.json").read_text())
     assert cut["status"] == "running"  # a killed server could not write anything else
 
-    resumed = fedhf("run", "--resume", str(run_dir), env=_env(tmp_path))
+    resumed = fedhf("run", "--resume", str(run_dir), env=cli_env(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr and "after round 2 of 4" in resumed.stderr
     run = json.loads((run_dir / "run.json").read_text())
@@ -119,9 +111,9 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
         saved = json.loads(f.read_text())["privacy"]
         assert sum(saved["history-steps"]) == run["privacy"]["clients"][pid]["steps"]
     assert not list((run_dir / "client-state").rglob("*.reply.safetensors"))  # individual updates: gone once complete
-    pred = fedhf("predict", "--model", str(run_dir), "--text", "the film was great number 3", env=_env(tmp_path))
+    pred = fedhf("predict", "--model", str(run_dir), "--text", "the film was great number 3", env=cli_env(tmp_path))
     assert pred.returncode == 0 and pred.stdout.split("\t")[0] in ("negative", "positive"), pred.stderr[-2000:]
-    again = fedhf("run", "--resume", str(run_dir), env=_env(tmp_path))
+    again = fedhf("run", "--resume", str(run_dir), env=cli_env(tmp_path))
     assert again.returncode == 2 and "already complete" in again.stderr
 
 
@@ -133,7 +125,7 @@ def test_failing_and_poisoned_clients_do_not_end_the_run(tiny_model_dir, synthet
     before = _actor_pids()
     proc = fedhf("run", "-n", "4", *_args(tiny_model_dir, synthetic_dir, out, "faulty", "num-server-rounds=3",
                                            "transport.dtype=int8", "strategy.round-timeout=20"),
-                 env=_env(tmp_path, FEDHF_TEST_FAULTS="1:2:raise,2:2:nan,3:3:hang"))
+                 env=cli_env(tmp_path, FEDHF_TEST_FAULTS="1:2:raise,2:2:nan,3:3:hang"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _actor_pids() - before == set()  # the hung client's actor was stopped when the run ended
     run = json.loads((out / "faulty" / "run.json").read_text())
