@@ -6,7 +6,8 @@ silo (``data-path=<file or folder on this machine>``) or one partition of a shar
 dataset (``partition-id``/``num-partitions``, for simulations and demos), plus the data
 owner's privacy budget (``max-epsilon``). This node's DP accountant history is kept on its
 disk (``fedhf.node_state``: node config ``state-dir``), written before each reply leaves, so a
-restarted SuperNode or server never resets its epsilon; ``context.state`` holds a copy. With ``strategy.secure-aggregation`` the train
+restarted SuperNode or server never resets its epsilon; ``context.state`` holds a copy.
+With ``strategy.secure-aggregation`` the train
 messages arrive through Flower's SecAgg+ mod in the legacy FitIns/FitRes format.
 
 In a deployment every message starts a fresh process that imports this module, the
