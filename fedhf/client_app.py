@@ -7,8 +7,7 @@ dataset (``partition-id``/``num-partitions``, for simulations and demos), plus t
 owner's privacy budget (``max-epsilon``). This node's DP accountant history is kept on its
 disk (``fedhf.node_state``: node config ``state-dir``), written before each reply leaves, so a
 restarted SuperNode or server never resets its epsilon; ``context.state`` holds a copy.
-With ``strategy.secure-aggregation`` the train
-messages arrive through Flower's SecAgg+ mod in the legacy FitIns/FitRes format.
+With ``strategy.secure-aggregation`` the train messages arrive through Flower's SecAgg+ mod in the legacy FitIns/FitRes format.
 
 In a deployment every message starts a fresh process that imports this module, the
 SecAgg+ key-exchange messages included: so torch & co. are imported (via ``fedhf.client``)
