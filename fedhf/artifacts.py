@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
-import os
 import platform
 import secrets
 import subprocess
@@ -21,13 +21,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedhf._io import atomic_write, atomic_write_json
 from fedhf.config import FedHFConfig
 
 log = logging.getLogger("fedhf")
 
 PACKAGES = ("fedhf", "flwr", "flwr-datasets", "torch", "transformers", "peft", "opacus", "datasets", "huggingface-hub")
 CSV_FIELDS = ("round", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "local_eval_loss", "local_eval_accuracy",
-              "bytes_up", "bytes_down", "wall_seconds", "clients_trained", "clients_failed", "clients_rejected")
+              "bytes_up", "bytes_down", "wall_seconds", "clients_trained", "clients_failed", "clients_rejected",
+              "clients_refused")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -63,9 +65,27 @@ def config_hash(flat: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
+
+
+MARKER = ".fedhf-run"  # in every run folder fedhf made: its run uid; fedhf adopts and deletes nothing elsewhere
+
+
+def check_run_folder(run_dir: Path, what: str) -> dict[str, Any]:
+    """The marker of a folder fedhf created as a run folder; FedHFRunError otherwise."""
+    from fedhf.errors import FedHFRunError
+
+    marker = Path(run_dir) / MARKER
+    if not marker.is_file():
+        raise FedHFRunError(f"{what}: '{run_dir}' was not created by fedhf as a run folder (no {MARKER}); fedhf "
+                            "writes into and deletes from its own run folders only.")
+    try:
+        data = json.loads(marker.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("run_uid"), str):
+            raise ValueError("no run_uid")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise FedHFRunError(f"{what}: '{marker}' is damaged ({exc}); the run folder cannot be used.") from None
+    return data
 
 
 class RunRecorder:
@@ -102,11 +122,18 @@ class RunRecorder:
             raise FileExistsError(
                 f"run folder '{self.dir}' already holds a run; choose another run-name or output-dir."
             )
+        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+            raise FileExistsError(
+                f"'{self.dir}' already exists and is not empty; fedhf creates its own run folders and will not adopt "
+                "another one. Choose another run-name or output-dir."
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
+        run_uid = secrets.token_hex(8)  # identifies this run to its checkpoints and clients' saved state
+        atomic_write_json(self.dir / MARKER, {"run_uid": run_uid, "created_by": "fedhf"})
         flat = cfg.to_flat()
         self.data: dict[str, Any] = {
             "run_id": self.run_id,
-            "run_uid": secrets.token_hex(8),  # identifies this run to its checkpoints and clients' saved state
+            "run_uid": run_uid,
             "status": "running",
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "finished": None,
@@ -165,25 +192,49 @@ class RunRecorder:
         self.write()
 
     def train_replies(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]],
-                      rejected: list[dict[str, Any]] | None = None) -> None:
+                      rejected: list[dict[str, Any]] | None = None, *, refused: list[dict[str, Any]] | None = None,
+                      weighting: str = "examples") -> None:
+        """Record a round's screened replies (only fields each client's policy shared are present)."""
         r = self._require_round()
         trained = [c for c in clients if c["status"] == "trained"]
         r["clients"] = clients
         r["failures"] = failures
         r["rejected"] = rejected or []
-        r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in trained}
-        r["client_handler_seconds"] = {str(c["partition-id"]): round(c["handler-seconds"], 3) for c in trained}
-        n = sum(c["num-examples"] for c in trained)
-        if n:
-            r["train_loss"] = sum(c["train-loss"] * c["num-examples"] for c in trained) / n
-        r["bytes_up"] = max((c["bytes-up"] for c in trained), default=None)
+        r["refused"] = refused or []
+        r["weighting"] = weighting
+        r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in trained
+                                     if "train-seconds" in c}
+        r["client_handler_seconds"] = {str(c["partition-id"]): round(c["handler-seconds"], 3) for c in trained
+                                       if "handler-seconds" in c}
+        # The round's train loss only when every client that trained shared its loss and its count.
+        if trained and all("train-loss" in c and "num-examples" in c for c in trained):
+            n = sum(c["num-examples"] for c in trained)
+            if n:
+                r["train_loss"] = sum(c["train-loss"] * c["num-examples"] for c in trained) / n
+        r["bytes_up"] = max((c["bytes-up"] for c in trained if "bytes-up" in c), default=None)
+        shared = self.data.setdefault("shared", {})
+        for c in clients:
+            if "shared" in c:
+                shared[str(c["partition-id"])] = c["shared"]
         known = {s["partition-id"] for s in self.data["partitions"]}
         new = [{"partition-id": c["partition-id"], "train-examples": sum(c["label-histogram"]),
-                "label-histogram": c["label-histogram"]} for c in clients if c["partition-id"] not in known]
-        if new:  # clients report what they hold; keep it when the server could not compute it
+                "label-histogram": c["label-histogram"], "source": "client"}
+               for c in clients if c["partition-id"] not in known and "label-histogram" in c]
+        if new:  # clients report what they hold when their policy shares it; keep it when the server could not compute it
             self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition-id"])
         if "privacy" in self.data:
             self._privacy_round(r, clients)
+        if refused:  # kept at the run level too: a round that ends the run is not recorded as a round
+            self.data.setdefault("refusals", []).extend({"round": r["round"], **c} for c in refused)
+            self.write()
+        for c in refused or []:
+            if c["rule"] in ("max-epsilon", "privacy.max-epsilon") and "privacy" in self.data:
+                entry = self.data["privacy"]["clients"].get(str(c["partition-id"]))
+                if entry is not None and "stopped" not in entry:
+                    entry["stopped"] = {"round": r["round"], "reason": c["rule"], "text": c["reason"]}
+        if "privacy" in self.data and self.data["privacy"].get("clients"):
+            r.setdefault("privacy", {})["exhausted"] = sorted(
+                int(pid) for pid, e in self.data["privacy"]["clients"].items() if "stopped" in e)
 
     # ------------------------------------------------------------------ privacy ledger
     # The set_* methods below keep what earlier rounds recorded: a resumed run calls them again.
@@ -224,30 +275,41 @@ class RunRecorder:
                 "sample_rate": p["sample-rate"], "accountant": p["accountant"],
                 "max_epsilon": p["max-epsilon"] or None, "rounds": [],
             })
-            epsilon, steps = p["epsilon"], p["steps"]
-            if entry["rounds"] and steps < entry["reported_steps"]:
-                # The client's accountant started again (e.g. its SuperNode restarted and lost its context):
-                # its new epsilon does not include what it spent before. Compose conservatively (basic
-                # composition: epsilons and deltas add) so the ledger never goes down.
+            # The server's own floor: the epsilon of the reported sigma, q and steps (one run on one node has one
+            # sigma and one q); the ledger takes the larger of that and what the client says.
+            floor = privacy_floor(p)
+            epsilon, steps = max(float(p["epsilon"]), floor), int(p["steps"])
+            if floor > float(p["epsilon"]) * (1 + 1e-6):
+                entry["note_floor"] = ("the client reported less than its sigma, q and steps give; the ledger counts "
+                                       "the computed value")
+                log.warning("client %s reported epsilon %.4f; its sigma, q and steps give %.4f: counting that",
+                            c["partition-id"], p["epsilon"], floor)
+            acc_id = p["accountant-id"]
+            restarted = entry["rounds"] and (acc_id != entry.get("accountant_id") or steps < entry["reported_steps"])
+            if restarted:
+                # A new accountant (its state was lost, or another node took this partition id): its epsilon does
+                # not include what was spent before. Compose conservatively (basic composition: epsilons and
+                # deltas add) so the ledger never goes down.
                 entry["offset_epsilon"] = entry.get("offset_epsilon", 0.0) + entry["reported_epsilon"]
                 entry["offset_delta"] = entry.get("offset_delta", 0.0) + entry["reported_delta"]
                 entry["offset_steps"] = entry.get("offset_steps", 0) + entry["reported_steps"]
                 entry["accountant_resets"] = entry.get("accountant_resets", 0) + 1
                 entry["note"] = ("the client's accountant restarted; epsilon and delta are the sums over its "
                                  "accounting periods (basic composition)")
-                log.warning("client %s: its privacy accountant restarted (steps %d after %d); its epsilon is now "
-                            "composed conservatively", c["partition-id"], steps, entry["reported_steps"])
-            entry.update({"reported_epsilon": epsilon, "reported_steps": steps, "reported_delta": p["delta"]})
+                log.warning("client %s: its privacy accountant restarted (accountant id %s after %s, steps %d after %d); "
+                            "its epsilon is now composed conservatively", c["partition-id"], acc_id,
+                            entry.get("accountant_id"), steps, entry["reported_steps"])
+            entry.update({"reported_epsilon": epsilon, "reported_steps": steps, "reported_delta": p["delta"],
+                          "accountant_id": acc_id})
+            if "lifetime-epsilon" in p:
+                entry["lifetime_epsilon"] = p["lifetime-epsilon"]
+                entry["lifetime_delta"] = p.get("lifetime-delta", p["delta"])
             epsilon += entry.get("offset_epsilon", 0.0)
             steps += entry.get("offset_steps", 0)
             entry["delta"] = p["delta"] + entry.get("offset_delta", 0.0)
-            entry["rounds"].append({"round": r["round"], "epsilon": epsilon, "steps": steps, "status": c["status"],
-                                    **({"projected_epsilon": p["projected-epsilon"]} if "projected-epsilon" in p else {})})
+            entry["rounds"].append({"round": r["round"], "epsilon": epsilon, "steps": steps, "status": c["status"]})
             entry["epsilon"] = epsilon
             entry["steps"] = steps
-            if c["status"] == "budget-exhausted":
-                entry["stopped"] = {"round": r["round"], "reason": c["status"],
-                                    "projected_epsilon": p.get("projected-epsilon")}
         if not ledger:
             return  # no sample-level DP in this run
         current = {pid: e["epsilon"] for pid, e in ledger.items()}
@@ -255,7 +317,6 @@ class RunRecorder:
             "sample_level_epsilon": current,
             "sample_level_epsilon_max": max(current.values(), default=0.0),
             "sample_level_epsilon_mean": sum(current.values()) / len(current) if current else 0.0,
-            "exhausted": sorted(int(pid) for pid, e in ledger.items() if "stopped" in e),
         })
 
     def saved_spend(self, pid: str, spend: dict[str, Any]) -> None:
@@ -319,6 +380,13 @@ class RunRecorder:
         self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.write()
 
+    def stop(self, reason: str) -> None:
+        """The run ended cleanly before any round was trained (every node refused, or none could train)."""
+        self.data["status"] = "stopped"
+        self.data["stopped_early"] = {"after_round": 0, "reason": reason}
+        self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.write()
+
     def fail(self, reason: str) -> None:
         self.data["status"] = "failed"
         self.data["error"] = reason
@@ -329,24 +397,44 @@ class RunRecorder:
         write_json_atomic(self.dir / "run.json", self.data)
 
     def write_csv(self) -> None:
-        tmp = self.dir / "metrics.csv.tmp"
-        with tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            for r in self.data["rounds"]:
-                row = {k: r.get(k) for k in CSV_FIELDS}
-                row["clients_trained"] = sum(c["status"] == "trained" for c in r.get("clients", [])) if r["round"] else None
-                row["clients_failed"] = len(r.get("failures", [])) if r["round"] else None
-                row["clients_rejected"] = len(r.get("rejected", [])) if r["round"] else None
-                w.writerow(row)
-        os.replace(tmp, self.dir / "metrics.csv")
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in self.data["rounds"]:
+            row = {k: r.get(k) for k in CSV_FIELDS}
+            row["clients_trained"] = sum(c["status"] == "trained" for c in r.get("clients", [])) if r["round"] else None
+            row["clients_failed"] = len(r.get("failures", [])) if r["round"] else None
+            row["clients_rejected"] = len(r.get("rejected", [])) if r["round"] else None
+            row["clients_refused"] = len(r.get("refused", [])) if r["round"] else None
+            w.writerow(row)
+        atomic_write(self.dir / "metrics.csv", buf.getvalue().encode())
+
+
+def privacy_floor(p: dict[str, Any]) -> float:
+    """Epsilon of the reported (sigma, q, steps) at the reported delta, by the reported accountant."""
+    from fedhf.privacy import epsilon_of
+
+    if not p["steps"]:
+        return 0.0
+    if p["noise-multiplier"] <= 0:
+        return float("inf")
+    return epsilon_of(p["accountant"], [(p["noise-multiplier"], p["sample-rate"], int(p["steps"]))], p["delta"])
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
+    from fedhf.errors import FedHFRunError
+
     path = Path(run_dir) / "run.json"
     if not path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
-    return json.loads(path.read_text())
+        raise FedHFRunError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise FedHFRunError(f"'{path}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); the run folder is "
+                            "damaged.") from None
+    if not isinstance(run, dict) or "status" not in run:
+        raise FedHFRunError(f"'{path}' is not a fedhf run.json (no status).")
+    return run
 
 
 def load_finished_run(run_dir: str | Path, what: str) -> dict[str, Any]:

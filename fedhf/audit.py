@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.stats import beta
 
-from fedhf.artifacts import load_finished_run, write_json_atomic
+from fedhf.artifacts import check_run_folder, load_finished_run, write_json_atomic
 from fedhf.errors import FedHFRunError
 from fedhf.evaluation import per_example_loss, released_model, run_config
 
@@ -222,6 +222,8 @@ def audit_run(run_dir: str | Path, *, non_members_file: str | Path | None = None
     if not 0.5 <= confidence < 1:
         raise FedHFRunError(f"audit: --confidence {confidence} must be in [0.5, 1).")
     run = load_finished_run(run_dir, "audit")
+    if record:  # the audit is written into run.json and hub/: only into a run folder fedhf made
+        check_run_folder(Path(run_dir), "audit")
     members, non, where = audit_sets(run, non_members_file)
     members, non = label_matched(members, non, max_examples, np.random.default_rng(seed))
     n = len(members)

@@ -8,6 +8,7 @@ privacy guarantee, and ``provenance.json``. Pushing (``fedhf.hub``) only uploads
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from fedhf import __version__
+from fedhf.policy import SHAREABLE
+from fedhf.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
 
 AFRISENTI_ISO = {"amh": "am", "arq": "arq", "ary": "ary", "hau": "ha", "ibo": "ig", "kin": "rw", "orm": "om",
                  "pcm": "pcm", "por": "pt", "swa": "sw", "tir": "ti", "tso": "ts", "twi": "tw", "yor": "yo"}
@@ -74,6 +77,10 @@ def _reliability_text(run: dict[str, Any]) -> str:
              f"(names, shapes, dtypes, finite values, update norm <= {run['config'].get('strategy.max-update-norm', '-')})"]
     if resumes:
         parts.append(f"resumed {resumes} time(s) from a checkpoint")
+    refusals = run.get("refusals", [])
+    if refusals:
+        rules = sorted({r["rule"] for r in refusals})
+        parts.append(f"{len(refusals)} round(s) refused by a node's own policy ({', '.join(rules)})")
     return "; ".join(parts)
 
 
@@ -137,11 +144,61 @@ def provenance(run: dict[str, Any]) -> dict[str, Any]:
         "seeds": run["seeds"],
         "versions": run["versions"],
         "dataset": data,
-        "partitions": [{k: p[k] for k in ("partition-id", "train-examples", "label-histogram", "natural-id") if k in p}
-                       for p in run["partitions"]],
-        "model": {"base_model": run["model"]["name"], "trainable_params": run["model"]["trainable_params"],
+        "partitions": published_partitions(run),
+        "model": {"base_model": published_base_model(run), "trainable_params": run["model"]["trainable_params"],
                   "total_params": run["model"]["total_params"]},
     }
+
+
+def published_base_model(run: dict[str, Any]) -> str | None:
+    """The base model's Hub id as it may be published; None for a local folder whose Hub id was not given."""
+    cfg = run["config"]
+    name = str(cfg["model.name"])
+    local = run["model"].get("base_is_local_folder")
+    if local is None:  # runs from before this was recorded: a path-like name is a local folder
+        local = name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir()
+    return (str(cfg.get("model.hub-id") or "") or None) if local else name
+
+
+def dp_run(run: dict[str, Any]) -> bool:
+    return run.get("privacy", {}).get("mode", "none") != "none"
+
+
+def shared_by(run: dict[str, Any], pid: int | str) -> set[str]:
+    """What client ``pid`` shared besides its update: as it said in its replies; without DP, everything by default."""
+    said = run.get("shared", {}).get(str(pid))
+    if said is not None:
+        return set(said)
+    return set() if dp_run(run) else set(SHAREABLE)
+
+
+def published_partitions(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-client sizes and label histograms, each only where that client shared it."""
+    out = []
+    for p in run["partitions"]:
+        shared = shared_by(run, p["partition-id"])
+        row = {"partition-id": p["partition-id"]}
+        if "num-examples" in shared and "train-examples" in p:
+            row["train-examples"] = p["train-examples"]
+        if "label-histogram" in shared and "label-histogram" in p:
+            row["label-histogram"] = p["label-histogram"]
+        if "natural-id" in p:
+            row["natural-id"] = p["natural-id"]
+        out.append(row)
+    return out
+
+
+def published_view(run: dict[str, Any]) -> dict[str, Any]:
+    """The run record as the card, provenance and plots may show it: per-client figures only where shared."""
+    return {**run, "partitions": published_partitions(run)}
+
+
+def client_ids(run: dict[str, Any]) -> list[int]:
+    ids = {int(p["partition-id"]) for p in run["partitions"]}
+    for r in run["rounds"]:
+        ids |= {int(c["partition-id"]) for c in r.get("clients", []) if "partition-id" in c}
+    ids |= {int(pid) for pid in run.get("privacy", {}).get("clients", {})}
+    return sorted(ids)
 
 
 def _privacy_section(run: dict[str, Any]) -> str:
@@ -162,11 +219,16 @@ def _privacy_section(run: dict[str, Any]) -> str:
         out.append(
             "\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example gradients "
             "clipped to C, Gaussian noise σ·C, Poisson-sampled batches, one accountant per client over all rounds. For any "
-            "one training example of a client, the adapter and everything that client sent are (ε, δ)-indistinguishable "
-            "from what they would be without that example, at that client's ε and δ (above: the worst client). It does not "
-            "protect a client's data set as a whole (see client-level), nor properties shared by many examples, nor the "
-            "local evaluation metrics and label histograms clients reported."
+            "one training example of a client, the adapter updates that client sent are (ε, δ)-indistinguishable from what "
+            "they would be without that example, at that client's ε and δ (above: the worst client); so is the released "
+            "adapter, which is computed from those updates only. It does not protect a client's data set as a whole (see "
+            "client-level), nor properties shared by many examples."
             + (f" Client(s) {', '.join(stopped)} stopped training when their privacy budget ran out." if stopped else ""))
+        lifetime = {pid: e["lifetime_epsilon"] for pid, e in clients.items() if "lifetime_epsilon" in e}
+        if lifetime:
+            out.append("\nEach node keeps its spend per dataset over every run on the same data; after this run: "
+                       + ", ".join(f"client {pid} ε {v:.3f}" for pid, v in sorted(lifetime.items(), key=lambda x: int(x[0])))
+                       + " (lifetime, at the smallest δ any run on that data used).")
     cl = p.get("client_level")
     if cl:
         out.append("\n| guarantee | ε (with sampling amplification) | ε (no amplification) | δ | σ (effective) | clipping |\n|---|---|---|---|---|---|\n"
@@ -176,9 +238,59 @@ def _privacy_section(run: dict[str, Any]) -> str:
             "\n**What the client-level guarantee means.** The server clipped each client's adapter update, averaged them with "
             "equal weights and added Gaussian noise, so the released adapter is (ε, δ)-indistinguishable whether or not any "
             "one client took part, whatever its data. The amplified ε assumes clients were sampled independently each round; "
-            "the unamplified ε holds for any selection. The server saw each client's clipped update before noise.")
+            "the unamplified ε holds for any selection. The server saw each client's clipped update before noise: this "
+            "guarantee protects the clients from the readers of this adapter, not from the server.")
+        verdict = client_level_verdict(cl, len(client_ids(run)))
+        if verdict:
+            out.append("\n" + verdict)
+    out.append("\n" + disclosure_text(run))
     out.append(f"\nRandomness: {p.get('rng', '')}")
     return "\n".join(out) + "\n"
+
+
+def _rows_text(run: dict[str, Any]) -> str:
+    rows = published_partitions(run)
+    if not rows:
+        return "not shared"
+    return ", ".join(str(p["train-examples"]) if "train-examples" in p else "not shared" for p in rows)
+
+
+def disclosure_text(run: dict[str, Any]) -> str:
+    """What each sample-level DP client sent, field by field: covered, accounting, bookkeeping, shared by its owner."""
+    def names(fields: dict[str, str]) -> str:
+        return ", ".join(f"`{k}`" for k in fields)
+
+    per_client = []
+    for pid in client_ids(run):
+        shared = sorted(shared_by(run, pid))
+        fields = [f for group in shared for f in SHARED_FIELDS[group]]
+        per_client.append(f"client {pid}: " + (", ".join(f"`{f}`" for f in fields) if fields else "nothing"))
+    shared_text = ("only because the client's owner shared them (node config `share`): " + "; ".join(per_client) +
+                   ". A reply's arrival time is visible to the server. Per-client figures in this card and in "
+                   "provenance.json are those the clients shared.")
+    if not run.get("privacy", {}).get("clients"):  # client-level only: the server saw each update before noise
+        return ("**What each client sent to the server.** Its update and the bookkeeping fields " + names(BOOKKEEPING) +
+                " (the client-level guarantee covers the released adapter, not what the server received); besides, "
+                + shared_text)
+    return ("**What each client sent.** Covered by the guarantee: " + names(COVERED) + ". Outside it, by design: "
+            "the privacy accounting (" + names(ACCOUNTING) + "), which is computed from the run's settings and the "
+            "client's number of Poisson batches per epoch ⌈n / B⌉, so it reveals each client's training rows to within "
+            "the batch size; and the bookkeeping fields " + names(BOOKKEEPING) + ". Outside it, " + shared_text)
+
+
+def client_level_verdict(cl: dict[str, Any], num_clients: int) -> str | None:
+    """A plain sentence when the client-level guarantee protects no one: ε above 10, or δ not below 1 / N."""
+    eps = cl.get("epsilon_no_amplification", cl.get("epsilon", 0.0))
+    delta = cl.get("delta", 0.0)
+    if num_clients and delta >= 1 / num_clients:
+        return (f"**This client-level guarantee protects no one:** δ = {delta:.2e} is not below 1 / {num_clients} "
+                "clients, which allows releasing one client's update outright.")
+    if eps > 10:
+        return (f"**With {num_clients} clients this client-level guarantee protects no one in practice:** ε = {eps:.3g} "
+                f"(without sampling amplification) lets an observer's odds that a given client took part grow by up to "
+                f"e^ε; client-level DP needs many clients per round to reach a small ε at a noise level that still "
+                "learns.")
+    return None
 
 
 def _secure_aggregation_section(run: dict[str, Any]) -> str:
@@ -202,8 +314,8 @@ only in the sum; secrets are Shamir-shared among neighbours so that dropped clie
 | max client weight | {sa['max_weight']:g} examples |
 | rounds / clients dropped during the protocol / rounds withheld (nothing released) | {len(rounds)} / {dropped} / {withheld} |
 
-What the server still sees, in the clear: each client's number of training examples (the averaging weight) and
-what it reports (train loss, ε, label histogram, timings). Masks are expanded from each full 256-bit secret with
+What the server still sees, in the clear: each client's averaging weight (its number of training examples when it
+shares them, else 1) and the client info it sends (see Privacy). Masks are expanded from each full 256-bit secret with
 SHAKE-256 (fedhf replaces Flower 1.42's mask generator, which seeds from 32 bits); a round where fewer than two
 clients would contribute is not released. Secure aggregation hides updates from the server; it is not differential
 privacy: the average itself can still reveal information unless DP is on (see Privacy).
@@ -267,12 +379,13 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
         for metric, name, key in (("accuracy", "Accuracy", "eval_accuracy"), ("f1", "Macro F1", "eval_f1"))
     ]
     data = ModelCardData(
-        base_model=cfg["model.name"], library_name="peft", pipeline_tag="text-classification",
+        base_model=published_base_model(run), library_name="peft", pipeline_tag="text-classification",
         datasets=[hub_id] if hub_id else None, language=languages, license=license_id,
         license_name="research-and-non-commercial-only" if license_id == "other" else None,
         tags=tags, metrics=["accuracy", "f1"], model_name=f"fedhf-{run['run_id']}", eval_results=results,
     )
-    n_clients = len(run["partitions"])
+    n_clients = len(client_ids(run))
+    base_model = published_base_model(run)
     part = cfg["data.partitioner"]
     part_params = {"dirichlet": f"α = {cfg['data.dirichlet-alpha']}, minimum partition size {cfg['data.min-partition-size']}",
                    "inner-dirichlet": f"equal-size clients, each client's label mix drawn from Dir(α = {cfg['data.dirichlet-alpha']})",
@@ -286,7 +399,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     body = f"""
 # {data.model_name}
 
-A LoRA adapter for [`{cfg['model.name']}`](https://huggingface.co/{cfg['model.name']}) fine-tuned for
+A LoRA adapter for {f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "a base model loaded from a local folder (its Hub id was not given: set model.hub-id when training, or name it in adapter_config.json's base_model_name_or_path)"} fine-tuned for
 {len(label_names)}-class text classification ({', '.join(label_names)}) by **federated learning** with
 fedhf {__version__} on [Flower](https://flower.ai): {n_clients} clients trained
 on their own data, which never left them; only adapter updates ({run['model']['adapter_bytes']:,} bytes each) were
@@ -306,7 +419,7 @@ exchanged.
 | head reads | {_POOLING_TEXT[pooling]} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg.get("transport.dtype", "fp32")]} |
 | failures | {_reliability_text(run)} |
-| training rows per client | {', '.join(str(p['train-examples']) for p in run['partitions'])} |
+| training rows per client | {_rows_text(run)} |
 | seed | {cfg['seed']} |
 
 ## Privacy
@@ -335,7 +448,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
 labels = json.load(open(f"{{path}}/fedhf.json"))["label_names"]
-base = AutoModelForSequenceClassification.from_pretrained("{cfg['model.name']}", num_labels=len(labels))
+base = AutoModelForSequenceClassification.from_pretrained("{base_model or 'BASE_MODEL'}", num_labels=len(labels))
 {_MEAN_POOLING_SNIPPET if pooling == "mean" else ""}model = PeftModel.from_pretrained(base, path).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
 probs = model(**tokenizer(["an example sentence"], return_tensors="pt")).logits.softmax(-1)
@@ -362,25 +475,62 @@ Accuracy is measured on {ds['central_eval_rows']} rows and carries sampling erro
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+HUB_NAMES = frozenset(ADAPTER_FILES) | {"README.md", "provenance.json", "metrics.csv", "plots"}
+
+
 def build_hub_folder(run_dir: str | Path, run: dict[str, Any], model_license: str) -> Path:
-    """Write run_dir/hub/ (adapter, tokenizer, README.md card, provenance.json) atomically."""
+    """Write run_dir/hub/ (adapter, tokenizer, README.md card, provenance.json): built aside, then swapped in.
+
+    Only a folder fedhf created as a run folder is written to, and the old hub/ is removed only when it
+    holds nothing but what fedhf puts there (a file someone added stops the rebuild, named).
+    """
+    from fedhf.artifacts import check_run_folder
+    from fedhf.errors import FedHFRunError
+
     run_dir = Path(run_dir)
+    check_run_folder(run_dir, "building the Hub folder")
     hub = run_dir / "hub"
-    tmp = run_dir / "hub.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if hub.exists():
+        foreign = sorted(p.name for p in hub.iterdir() if p.name not in HUB_NAMES) + \
+            sorted(f"plots/{p.name}" for p in (hub / "plots").glob("*") if p.suffix != ".png")
+        if foreign:
+            raise FedHFRunError(f"'{hub}' holds '{foreign[0]}', which fedhf did not write; move it out of the run folder "
+                                "before fedhf rebuilds hub/.")
+    tmp = run_dir / f".hub.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir()
     adapter = run_dir / "adapter"
     for name in ADAPTER_FILES:
         if (adapter / name).is_file():
             shutil.copy2(adapter / name, tmp / name)
+    _publishable_base(tmp, published_base_model(run))
     plots = run_dir / "plots"
     if plots.is_dir():
-        shutil.copytree(plots, tmp / "plots")
+        (tmp / "plots").mkdir()
+        for png in sorted(plots.glob("*.png")):
+            shutil.copy2(png, tmp / "plots" / png.name)
     card = model_card({**run, "_dir": str(run_dir)}, model_license)
     card.save(tmp / "README.md")
     (tmp / "provenance.json").write_text(json.dumps(provenance(run), indent=2) + "\n")
     if (run_dir / "metrics.csv").is_file():
         shutil.copy2(run_dir / "metrics.csv", tmp / "metrics.csv")
-    shutil.rmtree(hub, ignore_errors=True)
-    tmp.rename(hub)
+    if hub.exists():
+        old = run_dir / f".hub.old-{os.getpid()}"
+        hub.rename(old)
+        tmp.rename(hub)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(hub)
     return hub
+
+
+def _publishable_base(folder: Path, base: str | None) -> None:
+    """The published adapter names the base by its Hub id, never by a local path (None: not named)."""
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("fedhf.json", "base_model")):
+        f = folder / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            if data.get(key) != base:
+                data[key] = base
+                f.write_text(json.dumps(data, indent=2) + "\n")

@@ -20,9 +20,9 @@ The clients' own accountant histories are not here: each client keeps its own on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from fedhf._io import atomic_write, fsync_dir, sha256_file
+from fedhf.artifacts import check_run_folder
 from fedhf.errors import FedHFError
 
 POINTER = "checkpoint.json"
@@ -51,12 +53,9 @@ class Checkpoint:
     path: Path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file
+ROUND_NAME = re.compile(r"^round-\d{4,}$")
+TMP_NAME = re.compile(r"^\.round-\d{4,}\.tmp-\d+$")
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -75,7 +74,11 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def save_checkpoint(run_dir: Path, server_round: int, *, run_uid: str, config_sha256: str,
                     arrays: dict[str, np.ndarray], strategy_arrays: dict[str, np.ndarray],
                     strategy_state: dict[str, Any], run_record: dict[str, Any]) -> Path:
-    """Write round ``server_round``'s checkpoint (temporary folder, rename, then the pointer); drop older ones."""
+    """Write round ``server_round``'s checkpoint (temporary folder, rename, then the pointer); drop older ones.
+
+    Every file and both folders are fsynced; only folders named as fedhf names them are ever removed.
+    """
+    check_run_folder(run_dir, "writing a checkpoint")
     root = run_dir / FOLDER
     root.mkdir(exist_ok=True)
     name = f"round-{server_round:04d}"
@@ -88,18 +91,18 @@ def save_checkpoint(run_dir: Path, server_round: int, *, run_uid: str, config_sh
     state = {"format": FORMAT, "round": server_round, "run_uid": run_uid, "config_sha256": config_sha256,
              "strategy": strategy_state, "run": run_record}
     _fsync_write(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+    fsync_dir(tmp)
     final = root / name
     if final.exists():  # a previous attempt at this round died after the rename, before the pointer
         shutil.rmtree(final)
     os.rename(tmp, final)
+    fsync_dir(root)
     pointer = {"format": FORMAT, "round": server_round, "folder": f"{FOLDER}/{name}", "run_uid": run_uid,
                "config_sha256": config_sha256,
                "sha256": {f.name: _sha256(f) for f in sorted(final.iterdir())}}
-    ptmp = run_dir / (POINTER + ".tmp")
-    _fsync_write(ptmp, (json.dumps(pointer, indent=1) + "\n").encode())
-    os.replace(ptmp, run_dir / POINTER)
-    for old in root.iterdir():  # only the pointed-to checkpoint is kept
-        if old.name != name:
+    atomic_write(run_dir / POINTER, (json.dumps(pointer, indent=1) + "\n").encode())
+    for old in root.iterdir():  # only the pointed-to checkpoint is kept; nothing fedhf did not name is touched
+        if old.name != name and old.is_dir() and (ROUND_NAME.match(old.name) or TMP_NAME.match(old.name)):
             shutil.rmtree(old, ignore_errors=True)
     return final
 

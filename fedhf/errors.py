@@ -1,12 +1,30 @@
-"""Errors fedhf raises at its boundaries, each saying what to fix."""
+"""Errors fedhf raises at its boundaries, each saying what to fix.
+
+An error raised on a data owner's node is reported to the server, and from there may reach
+run.json and the people who read it. What leaves the node is :func:`text_leaving_node`: an
+error's ``public`` text when it has one (counts and column names, never row values or local
+paths), its own message when its kind never quotes data (``quotable``: run and node config
+problems, privacy settings), else only the error's kind. The full message stays in the node's
+log.
+"""
+
+from __future__ import annotations
 
 
 class FedHFError(Exception):
     """Base class: a problem the user can fix; the CLI prints it as one line."""
 
+    quotable = False  # whether str(error) may leave a data owner's node as it is
+
+    def __init__(self, message: str = "", *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public
+
 
 class FedHFConfigError(FedHFError, ValueError):
     """A run-config key is unknown, mistyped or out of range."""
+
+    quotable = True
 
 
 class FedHFDataError(FedHFError):
@@ -19,3 +37,15 @@ class FedHFModelError(FedHFError):
 
 class FedHFRunError(FedHFError):
     """A federated run cannot continue (e.g. every client failed a round)."""
+
+
+def text_leaving_node(exc: BaseException) -> str:
+    """What a node may tell the server about an error: no row values, no local paths."""
+    if isinstance(exc, FedHFError):
+        if exc.public is not None:
+            return exc.public
+        if exc.quotable:
+            return str(exc)
+    if getattr(exc, "quotable", False):
+        return str(exc)
+    return f"{type(exc).__name__} on the node (its message stays in the node's log)"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedhf.artifacts import load_finished_run, write_json_atomic
+from fedhf.artifacts import check_run_folder, load_finished_run, write_json_atomic
 from fedhf.config import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
 
@@ -31,7 +31,8 @@ def released_model(run: dict[str, Any]) -> tuple[Any, Any, list[str], int]:
 
     d = Path(run["_dir"])
     folder = d / "hub" if (d / "hub" / "adapter_config.json").is_file() else d / "adapter"
-    return load_adapter_model(folder)
+    # The base as the run configured it on this machine (the published copy names only a Hub id).
+    return load_adapter_model(folder, base_model=run["config"]["model.name"])
 
 
 @torch.no_grad()
@@ -62,6 +63,8 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
     from fedhf.train import macro_f1
 
     run = load_finished_run(run_dir, "evaluate")
+    if record:  # the result is written into run.json: only into a run folder fedhf made
+        check_run_folder(Path(run_dir), "evaluate")
     bad = [k for k in overrides if k not in EVAL_KEYS]
     if bad:
         raise FedHFConfigError(f"evaluate: cannot change {', '.join(bad)} after training; allowed: {', '.join(EVAL_KEYS)}.")

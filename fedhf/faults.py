@@ -32,6 +32,8 @@ ENV = "FEDHF_TEST_FAULTS"
 class InjectedFault(RuntimeError):
     """Raised by a client told to fail (fault injection)."""
 
+    quotable = True
+
 
 def planned(node_config: Mapping[str, Any], partition_id: int, server_round: int) -> str | None:
     """The fault this node injects in this round, or None."""

@@ -27,6 +27,12 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
 def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
@@ -46,7 +52,13 @@ def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     run_json = run_dir / "run.json"
     if not run_json.is_file():
         raise FedHFHubError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
-    run = json.loads(run_json.read_text())
+    try:
+        run = json.loads(run_json.read_text())
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise FedHFHubError(f"'{run_json}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); the run folder is "
+                            "damaged, so there is nothing trustworthy to publish.") from None
     if run.get("status") != "complete":
         raise FedHFHubError(f"'{run_dir}' is not a finished run (status '{run.get('status')}'); push only complete runs.")
     hub = run_dir / "hub"
@@ -59,6 +71,7 @@ def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, dry_run: bool = False) -> PushResult:
     """Create the repo (if needed) and upload the run's hub/ folder in one commit."""
+    import httpx
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -89,18 +102,20 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
                                  commit_message=f"fedhf run {run['run_id']}", repo_type="model")
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
-        first = _scrub(str(exc), token).splitlines()[0][:200]
+        first = (_scrub(str(exc), token).splitlines() or [""])[0][:200]
         raise FedHFHubError(f"the Hub refused the upload to '{repo_id}' (HTTP {status}): {first}") from None
-    except OSError as exc:  # connection errors
-        raise FedHFHubError(f"cannot reach the Hub to push '{repo_id}' ({type(exc).__name__}); check HF_ENDPOINT and the network.") from None
+    except (httpx.HTTPError, OSError) as exc:  # connection errors: httpx's are not OSErrors
+        raise FedHFHubError(f"cannot reach the Hub at {_endpoint()} to push '{repo_id}' ({type(exc).__name__}); check "
+                            "HF_ENDPOINT and the network, then run fedhf push again.") from None
     return PushResult(repo_id, files, commit_url=getattr(info, "commit_url", None), pr_url=getattr(info, "pr_url", None))
 
 
 def resolve_adapter(model: str) -> Path:
-    """A folder holding an adapter: a run folder (its hub/ or adapter/), an adapter folder, or a Hub repo id."""
+    """A folder holding an adapter: a run folder (its adapter/ or hub/), an adapter folder, or a Hub repo id."""
     path = Path(model).expanduser()
     if path.exists():
-        for candidate in (path / "hub", path / "adapter", path):
+        # A run folder's adapter/ first: it names the base as trained here (hub/ names only a published Hub id).
+        for candidate in (path / "adapter", path / "hub", path):
             if (candidate / "adapter_config.json").is_file():
                 return candidate
         raise FedHFHubError(f"--model '{model}': no adapter there (no adapter_config.json in it, its hub/ or adapter/).")
@@ -118,8 +133,8 @@ def resolve_adapter(model: str) -> Path:
     return local
 
 
-def load_adapter_model(folder: Path) -> tuple[Any, Any, list[str], int]:
-    """(model, tokenizer, label names, max length) from a fedhf adapter folder."""
+def load_adapter_model(folder: Path, base_model: str | None = None) -> tuple[Any, Any, list[str], int]:
+    """(model, tokenizer, label names, max length) from a fedhf adapter folder; ``base_model`` overrides its base."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -130,8 +145,12 @@ def load_adapter_model(folder: Path) -> tuple[Any, Any, list[str], int]:
         raise FedHFHubError(f"'{folder}' has no fedhf.json (label names and base model); was it written by fedhf?")
     meta = json.loads(meta_path.read_text())
     labels = meta["label_names"]
+    base_name = base_model or meta.get("base_model")
+    if not base_name:
+        raise FedHFHubError(f"'{folder}' does not name its base model (it was trained from a local folder whose Hub id "
+                            "was not given); give --base-model with the Hub id or a local folder of that base.")
     base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(meta["base_model"]), num_labels=len(labels),
+        resolve_model(base_name), num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     apply_pooling(base, meta.get("pooling", "cls"))  # adapters from before model.pooling existed are cls
     model = PeftModel.from_pretrained(base, folder).eval()

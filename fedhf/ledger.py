@@ -51,8 +51,7 @@ def _sample_table(privacy: dict[str, Any], clients: dict[str, Any]) -> list[str]
         for r in rounds:
             rr = by_round.get(r)
             cells.append(f"{'-':>8}" if rr is None else f"{rr['epsilon']:>8.3f}" + ("" if rr["status"] == "trained" else "*"))
-        status = "trained" if "stopped" not in e else (
-            f"stopped before round {e['stopped']['round']}: budget (would reach {e['stopped']['projected_epsilon']:.3f})")
+        status = "trained" if "stopped" not in e else f"stopped in round {e['stopped']['round']}: {e['stopped']['reason']}"
         budget = f"{e['max_epsilon']:>7.3g}" if e.get("max_epsilon") else f"{'-':>7}"
         lines.append(f"{pid:>6}  " + "  ".join(cells) +
                      f"  {e['delta']:>9.2e} {e['noise_multiplier']:>7.3f} {e['max_grad_norm']:>6.3g} {e['sample_rate']:>7.4f} "

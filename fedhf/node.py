@@ -1,4 +1,4 @@
-"""A SuperNode's node config: which data it holds, its owner's privacy budget. No torch, no Flower.
+"""A SuperNode's node config: which data it holds (its owner's policy: ``fedhf.policy``). No torch, no Flower.
 
 Kept apart from ``fedhf.client`` so that ``fedhf node-check`` (and the ClientApp's messages that
 do not train) can read a node config without importing the training stack.
@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fedhf.config import FedHFConfig, parse_node_budgets
+from fedhf.config import FedHFConfig
 from fedhf.data import load_partition, load_silo
 from fedhf.errors import FedHFConfigError
+from fedhf.policy import POLICY_KEYS
+
+# Every node-config key fedhf reads (fedhf node-check refuses others; fault injection is for tests).
+NODE_CONFIG_KEYS = ("data-path", "partition-id", "num-partitions", *POLICY_KEYS, "state-dir",
+                    "fail-at-round", "fail-mode", "fail-seconds")
 
 
 @dataclass(frozen=True)
@@ -50,23 +56,59 @@ def node_of(node_config: Mapping[str, Any], node_id: int) -> Node:
         raise FedHFConfigError(
             f"node config needs 'data-path' (this silo's data) or integer 'partition-id' and 'num-partitions' "
             f"(got {dict(node_config)}); start the SuperNode with --node-config 'data-path=\"/data/silo\"' or "
-            "--node-config \"partition-id=0 num-partitions=2\"."
+            "--node-config \"partition-id=0 num-partitions=2\".",
+            public="node config needs 'data-path' or integer 'partition-id' and 'num-partitions'.",
         ) from None
     return Node(pid, n, None)
 
 
-def node_budget(cfg: FedHFConfig, node_config: Mapping[str, Any], pid: int) -> float | None:
-    """The data owner's budget: node config 'max-epsilon', else privacy.node-max-epsilon, else privacy.max-epsilon."""
-    raw = node_config.get("max-epsilon")
-    if raw is not None and raw != "":
+SIMULATED_KEYS = tuple(k for k in NODE_CONFIG_KEYS if k not in ("data-path", "partition-id", "num-partitions"))
+
+
+def load_node_config_file(path: str | Path, num_clients: int) -> dict[int, dict[str, Any]]:
+    """The simulated nodes' configs for ``fedhf run --node-config FILE``: the owners' word, never the run config's.
+
+    TOML with an optional ``[default]`` table for every node and ``[nodes.N]`` tables for partition N,
+    holding node-config keys (``fedhf.policy``, ``state-dir``, fault injection). The simulation assigns
+    ``partition-id`` and ``num-partitions`` itself.
+    """
+    import tomllib
+
+    from fedhf import faults
+    from fedhf.policy import parse_policy
+
+    p = Path(path)
+    if not p.is_file():
+        raise FedHFConfigError(f"--node-config {str(path)!r}: no such file; give a TOML file with [default] and "
+                               "[nodes.N] tables of node-config keys.")
+    try:
+        with p.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedHFConfigError(f"--node-config {str(path)!r}: not valid TOML ({exc}).") from None
+    unknown = sorted(set(raw) - {"default", "nodes"})
+    if unknown:
+        raise FedHFConfigError(f"--node-config {str(path)!r}: unknown table '{unknown[0]}'; use [default] and [nodes.N].")
+    default = raw.get("default", {})
+    nodes = raw.get("nodes", {})
+    if not isinstance(default, dict) or not isinstance(nodes, dict):
+        raise FedHFConfigError(f"--node-config {str(path)!r}: [default] and [nodes.N] must be tables.")
+    out: dict[int, dict[str, Any]] = {}
+    for key, table in nodes.items():
         try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not value > 0 or value == float("inf"):
-            raise FedHFConfigError(f"node config 'max-epsilon': got {raw!r}; give a positive number, e.g. max-epsilon=4.0.")
-        return value
-    per_node = parse_node_budgets(cfg.privacy.node_max_epsilon)
-    return per_node.get(pid, cfg.privacy.max_epsilon)
-
-
+            pid = int(key)
+        except ValueError:
+            pid = -1
+        if not 0 <= pid < num_clients or not isinstance(table, dict):
+            raise FedHFConfigError(f"--node-config {str(path)!r}: [nodes.{key}] must name a partition id 0..{num_clients - 1} "
+                                   "and hold node-config keys.")
+        out[pid] = table
+    merged = {pid: {**default, **out.get(pid, {})} for pid in range(num_clients)}
+    for pid, entries in merged.items():
+        bad = sorted(set(entries) - set(SIMULATED_KEYS))
+        if bad:
+            raise FedHFConfigError(f"--node-config {str(path)!r}: node config key '{bad[0]}' (partition {pid}) is not one "
+                                   f"a simulated node takes; allowed: {', '.join(SIMULATED_KEYS)}.")
+        parse_policy(entries)
+        faults.planned(entries, pid, 1)
+    return merged

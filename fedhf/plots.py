@@ -84,7 +84,7 @@ def plot_epsilon(run: dict[str, Any], path: Path) -> Path | None:
 
 def plot_label_heatmap(run: dict[str, Any], path: Path) -> Path | None:
     """Share of each label in each client's training rows (numbers: rows)."""
-    parts = run.get("partitions") or []
+    parts = [p for p in run.get("partitions") or [] if "label-histogram" in p]  # only the histograms shared
     names = run["dataset"].get("label_names") or []
     if not parts or not names:
         return None

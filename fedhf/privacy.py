@@ -44,6 +44,8 @@ MAX_SIGMA = 100.0
 class FedHFPrivacyError(FedHFError):
     """DP was asked for and cannot be applied (or a privacy setting cannot be met)."""
 
+    quotable = True  # names settings and model modules, never data
+
 
 def make_accountant(kind: str) -> RDPAccountant | PRVAccountant:
     if kind == "rdp":
@@ -181,10 +183,7 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
     # first one, reaches the training loop as an empty batch (Opacus' own empty-batch collate cannot
     # rebuild dict batches when the first batch is empty).
     num_examples = len(loader.dataset)
-    sample_rate, _ = sampling(num_examples, loader.batch_size, 1)
-    poisson = DataLoader(loader.dataset, collate_fn=_empty_safe(loader.collate_fn),
-                         batch_sampler=UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate,
-                                                                     generator=fresh_generator()))
+    poisson = poisson_loader(loader.dataset, loader.collate_fn, loader.batch_size)
     try:
         made = engine.make_private(
             module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), data_loader=poisson,
@@ -210,8 +209,28 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
                                 [(float(s), float(q), int(n)) for s, q, n in history])
     if new_account.steps != account.steps + guard.steps:
         raise FedHFPrivacyError(f"the accountant counted {new_account.steps - account.steps} steps but {guard.steps} were taken.")
+    # What was realised must be exactly what was planned and reserved: q and steps as sampling() says.
+    q, steps = sampling(num_examples, loader.batch_size, epochs)
+    expected = _merge(account.history, (account.noise_multiplier, q, steps))
+    if new_account.history != expected:
+        raise FedHFPrivacyError(f"the accountant recorded {new_account.history[-1]} for this round, not the planned "
+                                f"(sigma {account.noise_multiplier}, q {q}, {steps} steps); the spend is not what was checked.")
     _unwrap_hooks(dp_model)
     return PrivateResult(result, new_account, guard.empty)
+
+
+def poisson_loader(dataset: Any, collate_fn: Any, batch_size: int) -> DataLoader:
+    """Poisson-sampled batches, exactly as :func:`sampling` plans them: q = 1 / ceil(n / B), ceil(n / B) per epoch.
+
+    Opacus' sampler would take int(1 / q) batches, which float rounding makes one fewer for many n
+    (n = 1488, B = 16: 92, not 93), and its accountant then books q = 1 / 92: a realised epsilon above
+    the planned one. The steps are set explicitly, so Opacus books q = 1 / len(loader) = the planned q.
+    """
+    num_examples = len(dataset)
+    sample_rate, steps = sampling(num_examples, batch_size, 1)
+    sampler = UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate, steps=steps,
+                                            generator=fresh_generator())
+    return DataLoader(dataset, collate_fn=_empty_safe(collate_fn), batch_sampler=sampler)
 
 
 def _empty_safe(collate: Any) -> Any:

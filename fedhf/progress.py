@@ -16,11 +16,13 @@ def _fmt(value: Any, spec: str) -> str:
 def round_line(row: dict[str, Any], total: int) -> str:
     if row["round"] == 0:
         return f"[fedhf] round 0/{total}  central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f} (initial adapter)"
+    loss = "train loss not shared" if row["train_loss"] is None else f"train loss {row['train_loss']:.4f}"
+    refused = f" ({len(row['refused'])} refused)" if row.get("refused") else ""
     return (
-        f"[fedhf] round {row['round']}/{total}  train loss {_fmt(row['train_loss'], '.4f')}  "
+        f"[fedhf] round {row['round']}/{total}  {loss}  "
         f"central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f}  "
-        f"clients {sum(c['status'] == 'trained' for c in row['clients'])}/{row['clients_sampled']}  up {_fmt(row['bytes_up'], ',d')} B/client  "
-        f"{row['wall_seconds']:.1f}s"
+        f"clients {sum(c['status'] == 'trained' for c in row['clients'])}/{row['clients_sampled']}{refused}  "
+        f"up {_fmt(row['bytes_up'], ',d')} B/client  {row['wall_seconds']:.1f}s"
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhf.artifacts import load_finished_run
+from fedhf.card import client_ids
 from fedhf.errors import FedHFRunError
 from fedhf.plots import final_epsilon, plot_privacy_utility, run_plots
 
@@ -34,7 +35,7 @@ def summary_row(run: dict[str, Any]) -> dict[str, Any]:
     return {
         "run": run["run_id"],
         "dataset": dataset_key(run)[0],
-        "clients": len(run.get("partitions", [])),
+        "clients": len(client_ids(run)),
         "partitioner": cfg.get("data.partitioner"),
         "rounds": len(rounds),
         "strategy": cfg.get("strategy.name"),

@@ -18,8 +18,9 @@ and runs the protocol underneath them, unchanged:
   FitIns/FitRes records there (:func:`fitins_arrays`, :func:`fitres_content`).
 
 What the server sees per client: its public keys, encrypted key shares for other clients,
-its masked (uniformly random-looking) vector, and in the clear its number of training
-examples (the weight) and its client info (train loss, epsilon, label histogram, timings).
+its masked (uniformly random-looking) vector, and in the clear its averaging weight (its number
+of training examples when its policy shares them, else 1) and the client info its policy lets
+out (under DP: the privacy accounting only; see ``fedhf.policy``).
 A round in which fewer than two clients would contribute is never unmasked. Masks are
 expanded with SHAKE-256 instead of Flower 1.42's 32-bit-seeded generator (see below).
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -57,7 +59,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -72,6 +74,8 @@ log = logging.getLogger("fedhf")
 
 MODULUS_RANGE = 2**32  # Flower's default and maximum: masks and sums live in Z_(2^32)
 NAMES_KEY = "fedhf.secagg-arrays"  # the adapter's tensor names, in order (legacy Parameters have none)
+RUN_CONFIG_KEY = "fedhf.run-config"  # the run config, added to the set-up stage so a node can refuse before any key
+REFUSED_PREFIX = "fedhf-refused "  # a node's policy refusal inside the protocol: an error reason, then JSON
 PROTOCOL = "SecAgg+ (Bell et al. 2020) as implemented by Flower 1.42: SecAggPlusWorkflow + secaggplus_mod"
 
 
@@ -143,8 +147,9 @@ class SecAggSettings:
             "max_weight": self.max_weight,
             "quantization_step": self.step,
             "tolerance": "per value: clients x quantization_step / sum(num_examples / max_weight)",
-            "server_sees": ("masked vectors; in the clear, each client's number of examples and its client info "
-                            "(train loss, epsilon, label histogram, timings); never one client's adapter"),
+            "server_sees": ("masked vectors; in the clear, each client's averaging weight (its number of examples "
+                            "when its policy shares them, else 1) and the client info its policy lets out; never one "
+                            "client's adapter"),
             "mask_prg": f"{MASK_PRG} (replaces Flower 1.42's 32-bit-seeded mask generator, flwrlabs/flower#7522)",
         }
 
@@ -273,8 +278,9 @@ def content_nbytes(content: RecordDict) -> int:
 class _Tap:
     """Passes the stages' messages to the real Grid, counting bytes and keeping the last replies."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, run_config: ConfigRecord | None = None) -> None:
         self.grid = grid
+        self.run_config = run_config
         self.bytes_down = 0
         self.bytes_up = 0
         self.last: list[Message] = []
@@ -284,6 +290,11 @@ class _Tap:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        if self.run_config is not None:
+            for m in messages:  # the set-up stage carries the run config: a node can refuse before sending keys
+                configs = m.content.config_records.get(RECORD_KEY_CONFIGS)
+                if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+                    m.content[RUN_CONFIG_KEY] = ConfigRecord(dict(self.run_config))
         self.bytes_down += sum(content_nbytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.bytes_up += sum(content_nbytes(r.content) for r in replies if not r.has_error())
@@ -358,7 +369,7 @@ class SecureAggregationGrid(Grid):
         context = _WorkflowContext(server_round, fitins, first)
         workflow = self.settings.workflow()
         state = WorkflowState()
-        tap = _Tap(self._grid)
+        tap = _Tap(self._grid, messages[0].content["config"])
         record: dict[str, Any] = {"round": server_round, "sampled": len(messages)}
 
         # Flower's stages return False when too few clients are left for the reconstruction threshold.
@@ -368,6 +379,10 @@ class SecureAggregationGrid(Grid):
         with _fedhf_masks():
             if not workflow.setup_stage(tap, context, state):  # type: ignore[arg-type]
                 withheld = "too few clients answered the key set-up for the reconstruction threshold"
+            # Flower 1.42 keeps a node that failed the set-up stage among the sampled ones, and at the unmask stage
+            # asks the others for the shares of that "dead" node, which it never sent them: every client then
+            # fails (KeyError in secaggplus_mod._unmask). A node that never set up never shared: it is not sampled.
+            state.sampled_node_ids = set(state.active_node_ids)
             record.update({"num_shares": state.num_shares, "reconstruction_threshold": state.threshold})
             _require_fedhf_masks(tap.last)
             if withheld is None and not workflow.share_keys_stage(tap, context, state):  # type: ignore[arg-type]
@@ -378,7 +393,7 @@ class SecureAggregationGrid(Grid):
                 tap.stage2_bytes = {nid: tap.wire[nid] for nid in collected}
                 if not stage2_ok:
                     withheld = "too many clients dropped out for the reconstruction threshold"
-            contributors = [nid for nid, r in collected.items() if int(r.content["metrics"]["num-examples"]) > 0]
+            contributors = [nid for nid, r in collected.items() if _weight(r) > 0]
             if withheld is None and len(contributors) == 1:
                 # The weights travel in the clear: a "sum" of one update is that client's update.
                 withheld = ("only one client's update would be in the sum (the others dropped out or are out of "
@@ -413,6 +428,11 @@ class SecureAggregationGrid(Grid):
         replies = []
         for nid, original in by_node.items():
             if nid not in collected:
+                refusal = parse_refusal(dropped[nid])
+                if refusal is not None:  # the node's policy refused the round: a refusal, not a failure
+                    replies.append(Message(RecordDict({"client-info": ConfigRecord({**refusal, "status": "refused"})}),
+                                           reply_to=original))
+                    continue
                 replies.append(Message(Error(code=0, reason="secure aggregation: the client dropped out of the protocol, "
                                                             f"its update is not in the sum: {dropped[nid]}"),
                                        reply_to=original))
@@ -426,10 +446,30 @@ class SecureAggregationGrid(Grid):
                 if str(info.get("status", "trained")) == "trained":
                     info["status"] = "not-aggregated"
                 info["secagg-withheld"] = withheld
-            elif aggregate is not None and int(reply.content["metrics"]["num-examples"]) > 0:
+            elif aggregate is not None and _weight(reply) > 0:
                 content["arrays"] = aggregate
             replies.append(Message(content, reply_to=original))
         return replies
+
+
+def _weight(reply: Message) -> float:
+    try:
+        value = reply.content["metrics"]["weight"]
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    except (KeyError, TypeError):
+        return 0.0
+
+
+def parse_refusal(reason: str) -> dict[str, Any] | None:
+    """A node's policy refusal carried in an error reason (REFUSED_PREFIX + JSON), or None."""
+    if not reason.startswith(REFUSED_PREFIX):
+        return None
+    try:
+        data = json.loads(reason[len(REFUSED_PREFIX):])
+        return {"partition-id": int(data["partition-id"]), "rule": str(data["rule"])[:100],
+                "reason": str(data["reason"])[:500]}
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _require_fedhf_masks(setup_replies: list[Message]) -> None:
@@ -531,11 +571,11 @@ def fitins_arrays(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
 def fitres_content(content: RecordDict, received: ArrayRecord, cfg: FedHFConfig) -> RecordDict:
     """The legacy FitRes records that ``secaggplus_mod`` masks, plus fedhf's metrics and client info.
 
-    A client that did not train (privacy budget exhausted) takes part with weight 0: its
-    masked vector adds nothing to the sum, and the protocol still completes for the others.
+    A node whose policy refuses the round never gets here: it drops out of the protocol with the
+    refusal as its error reason (:func:`parse_refusal`), before it sends a masked vector.
     """
     metrics: MetricRecord = content["metrics"]
-    num_examples = int(metrics["num-examples"])
+    num_examples = int(metrics["weight"])  # the averaging weight: the rows when shared, else 1
     s = cfg.strategy
     check_secagg_weight(cfg, num_examples)
     arrays: ArrayRecord = content["arrays"] if "arrays" in content.array_records else received

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhf.artifacts import RunRecorder
 from fedhf.checkpoint import POINTER, Checkpoint, save_checkpoint
-from fedhf.card import base_model_license, build_hub_folder
+from fedhf.card import base_model_license, build_hub_folder, published_view
 from fedhf.config import LABEL_NAMES_KEY, FedHFConfig, parse_config
 from fedhf.data import central_eval_set, format_stats, load_data, make_partitions
 from fedhf.model import (
@@ -48,7 +48,8 @@ from fedhf.ledger import ledger_table
 from fedhf.ledger import SAMPLE as SAMPLE_LEVEL
 from fedhf.privacy import CLIENT_RNG_NOTE, RNG_NOTE
 from fedhf.secagg import SecAggSettings, SecureAggregationGrid
-from fedhf.node_state import RUN_UID_KEY, STATE_DIR_KEY
+from fedhf.errors import FedHFError
+from fedhf.node_state import RUN_UID_KEY, STATE_DIR_KEY, stores_in
 from fedhf.strategy import Resumed, RunStopped, build_strategy, restore_strategy_state, strategy_state
 from fedhf.train import evaluate, make_loader
 
@@ -65,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any] | None = None,
                     resume: Checkpoint | None = None, resume_dir: Path | None = None,
-                    on_exit: Callable[[], None] | None = None) -> ServerApp:
+                    on_exit: Callable[[], None] | None = None, state_roots: tuple[Path, ...] = ()) -> ServerApp:
     """A ServerApp bound to an already parsed config (used by ``fedhf run``); ``result['run_dir']`` is set at start.
 
     This is a simulation on one machine: the clients keep their DP accountant state under RUN_DIR/client-state.
@@ -75,7 +76,8 @@ def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            run(grid, cfg, num_partitions, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True)
+            run(grid, cfg, num_partitions, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True,
+                state_roots=state_roots)
         finally:
             if on_exit is not None:
                 on_exit()
@@ -84,7 +86,8 @@ def make_server_app(cfg: FedHFConfig, num_partitions: int, result: dict[str, Any
 
 
 def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result: dict[str, Any] | None = None, *,
-        resume: Checkpoint | None = None, resume_dir: Path | None = None, client_state_in_run_dir: bool = False) -> Path:
+        resume: Checkpoint | None = None, resume_dir: Path | None = None, client_state_in_run_dir: bool = False,
+        state_roots: tuple[Path, ...] = ()) -> Path:
     """Run the federation; ``num_partitions`` (when known) lets the server log partition statistics at start.
 
     ``resume``: the checkpoint of ``resume_dir`` to continue from (``fedhf run --resume``).
@@ -101,7 +104,7 @@ def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result:
         result["run_dir"] = recorder.dir
     progress = RoundProgress(cfg.num_server_rounds, resume.round if resume is not None else 0)
     try:
-        _run(grid, cfg, recorder, progress, num_partitions, resume, client_state_in_run_dir)
+        _run(grid, cfg, recorder, progress, num_partitions, resume, client_state_in_run_dir, state_roots)
     except BaseException as exc:
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # `flwr stop`, SIGTERM or Ctrl-C
             recorder.fail(f"stopped before completion ({type(exc).__name__}: `flwr stop`, a signal or Ctrl-C)")
@@ -112,7 +115,7 @@ def run(grid: Grid, cfg: FedHFConfig, num_partitions: int | None = None, result:
         raise
     finally:
         progress.close()
-    if cfg.hub.push:
+    if cfg.hub.push and recorder.data["status"] == "complete":
         _push(cfg, recorder)
     return recorder.dir
 
@@ -121,19 +124,19 @@ def _push(cfg: FedHFConfig, recorder: RunRecorder) -> None:
     """Upload the finished run's hub/ folder; the run stays complete if the push fails (push again later)."""
     try:
         result = push(recorder.dir, cfg.hub.repo_id, private=cfg.hub.private)
-    except FedHFHubError as exc:
+    except FedHFHubError as exc:  # recorded, not raised: the run itself is complete
         recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": False, "error": str(exc)}
         recorder.write()
         log.error("The run is complete but the push failed: %s (retry: fedhf push %s --repo-id %s)",
                   exc, recorder.dir, cfg.hub.repo_id)
-        raise
+        return
     recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": True, "commit_url": result.commit_url}
     recorder.write()
     log.info("Pushed %d files to %s", len(result.files), cfg.hub.repo_id)
 
 
 def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProgress, num_partitions: int | None,
-         resume: Checkpoint | None, client_state_in_run_dir: bool) -> None:
+         resume: Checkpoint | None, client_state_in_run_dir: bool, state_roots: tuple[Path, ...] = ()) -> None:
     # 2. data
     data = load_data(cfg.data)
     eval_ds = central_eval_set(data, cfg.data, cfg.seed)
@@ -162,6 +165,7 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     recorder.set_model({
         "name": cfg.model.name,
         "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
+        "base_is_local_folder": Path(cfg.model.name).expanduser().is_dir(),
         "trainable_params": trainable,
         "total_params": total,
         "adapter_bytes": adapter_nbytes(initial),
@@ -181,7 +185,7 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
             if p.client_level:
                 info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
         recorder.set_privacy(info)
-    strategy = build_strategy(cfg, recorder, num_partitions)
+    strategy = build_strategy(cfg, recorder, num_partitions, num_labels=len(data.label_names))
     if resume is not None:
         restore_strategy_state(strategy, resume.strategy_arrays, resume.strategy)
         set_adapter_state(model, {k: torch.from_numpy(v) for k, v in resume.arrays.items()})  # checks names, shapes
@@ -217,6 +221,7 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     client_config = {**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(data.label_names), RUN_UID_KEY: recorder.data["run_uid"]}
     if client_state_in_run_dir:
         client_config[STATE_DIR_KEY] = str((recorder.dir / "client-state").resolve())
+        state_roots = (recorder.dir / "client-state", *state_roots)
     remaining = cfg.num_server_rounds - done_before
     try:
         if remaining > 0:
@@ -229,7 +234,8 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
                 evaluate_config=ConfigRecord(client_config),
                 evaluate_fn=central_evaluate,
             )
-            final_arrays = result.arrays
+            # Flower's Result holds an empty record when no round released an aggregate (e.g. SecAgg+ withheld each).
+            final_arrays = result.arrays if len(result.arrays) else ArrayRecord(initial)
         else:  # the interruption came after the last round's checkpoint
             final_arrays = ArrayRecord(initial)
         done = [r["round"] for r in recorder.data["rounds"]]
@@ -241,8 +247,14 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
         recorder.abandon_round()
         final_arrays = strategy.latest_arrays
 
-    if client_state_in_run_dir and p.sample_level:
-        _count_saved_spend(recorder, recorder.dir / "client-state")
+    if p.sample_level:
+        for root in state_roots:
+            _count_saved_spend(recorder, root)
+    if stopped and recorder.data["rounds"][-1]["round"] == 0:
+        # Nothing was trained (every node refused, or none could train): no adapter to release.
+        recorder.stop(stopped)
+        log.warning("Run stopped before any round was trained: %s", stopped)
+        return
 
     # 5. artifacts
     set_adapter_state(model, final_arrays.to_torch_state_dict())
@@ -254,35 +266,44 @@ def _run(grid: Grid, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundPro
     _plots(recorder)
     hub = build_hub_folder(recorder.dir, recorder.data, base_model_license(cfg.model.name, resolved))
     recorder.finish({"hub_folder": hub.name})
-    if client_state_in_run_dir:
-        # The clients' cached replies (their individual updates, kept for a resume) are not needed any more;
-        # their accountant histories stay, next to the ledger.
-        for cached in (recorder.dir / "client-state").glob("*/*.reply.safetensors"):
-            cached.unlink()
+    # The simulated clients' cached replies (their individual updates, kept for a resume) are not needed any
+    # more; their spend stays, next to the ledger.
+    for root in state_roots:
+        for store in stores_in(root):
+            store.drop_replies(recorder.data["run_uid"])
     if p.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
     log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
 
 
-def _count_saved_spend(recorder: RunRecorder, state_dir: Path) -> None:
-    """In simulation the clients' saved accountants are on this machine: the ledger must not report less than
-    any of them holds (a client that trained in a round cut off by a restart, or replied too late, and was not
-    asked again)."""
-    from fedhf.privacy import SampleAccount
+def _count_saved_spend(recorder: RunRecorder, state_root: Path) -> None:
+    """In simulation the clients' saved spend is on this machine: the ledger must not report less than any of them
+    holds (a client that trained in a round cut off by a restart, or replied too late, and was not asked again)."""
+    from fedhf.privacy import epsilon_of
 
     ledger = recorder.data.get("privacy", {}).get("clients", {})
-    for f in sorted((state_dir / recorder.data["run_uid"]).glob("partition-*.json")):
-        privacy = json.loads(f.read_text()).get("privacy")
-        if not privacy:
+    uid = recorder.data["run_uid"]
+    for store in stores_in(state_root):
+        try:
+            with store.transaction() as spend:
+                mine = [e for e in spend.entries if e["run_uid"] == uid and e.get("partition_id") is not None]
+        except FedHFError as exc:
+            log.error("cannot read the saved spend under %s: %s", store.dir, exc)
             continue
-        account = SampleAccount.from_state(privacy)
-        pid = f.stem.removeprefix("partition-")
-        if account.steps > ledger.get(pid, {}).get("reported_steps", 0):
-            log.warning("client %s: its saved accountant holds %d steps, the ledger %d (a round the server did not "
-                        "use); the ledger counts them", pid, account.steps, ledger.get(pid, {}).get("reported_steps", 0))
-            recorder.saved_spend(pid, {"epsilon": account.epsilon, "steps": account.steps, "delta": account.delta,
-                                       "noise_multiplier": account.noise_multiplier, "max_grad_norm": account.max_grad_norm,
-                                       "sample_rate": account.history[-1][1], "accountant": account.accountant})
+        for pid in sorted({int(e["partition_id"]) for e in mine}):
+            entries = [e for e in mine if int(e["partition_id"]) == pid]
+            steps = sum(int(e["steps"]) for e in entries)
+            reported = ledger.get(str(pid), {}).get("reported_steps", 0)
+            if steps > reported:
+                first = entries[0]
+                history = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
+                log.warning("client %s: its saved spend holds %d steps, the ledger %d (a round the server did not use); "
+                            "the ledger counts them", pid, steps, reported)
+                recorder.saved_spend(str(pid), {
+                    "epsilon": epsilon_of(first["accountant"], history, float(first["delta"])), "steps": steps,
+                    "delta": float(first["delta"]), "noise_multiplier": float(first["noise_multiplier"]),
+                    "max_grad_norm": float(first["max_grad_norm"]), "sample_rate": float(entries[-1]["sample_rate"]),
+                    "accountant": first["accountant"]})
 
 
 def _plots(recorder: RunRecorder) -> None:
@@ -294,14 +315,15 @@ def _plots(recorder: RunRecorder) -> None:
     from fedhf.plots import run_plots
 
     try:
-        run_plots(recorder.data, recorder.dir / "plots")
+        run_plots(published_view(recorder.data), recorder.dir / "plots")  # per-client figures only where shared
     except (OSError, ValueError, KeyError, TypeError) as exc:
         recorder.data["plots_error"] = f"{type(exc).__name__}: {exc}"
         log.error("Could not draw the run's plots (%s); run `fedhf report %s` to retry.", exc, recorder.dir)
 
 
 def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path) -> None:
-    """PEFT ``save_pretrained`` format + tokenizer; the base model is named by its Hub id, not a local path."""
+    """PEFT ``save_pretrained`` format + tokenizer, the base named as configured (model.name: a Hub id, or a folder on
+    this machine, which ``fedhf predict RUN_DIR`` loads); the published copy in hub/ names only a Hub id."""
     peft_config = model.peft_config["default"]
     local_base = peft_config.base_model_name_or_path
     peft_config.base_model_name_or_path = cfg.model.name

@@ -18,7 +18,7 @@ from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
 from fedhf.checkpoint import Checkpoint
-from fedhf.client_app import app as client_app
+from fedhf.client_app import make_client_app
 from fedhf.config import FedHFConfig
 from fedhf.server_app import make_server_app
 
@@ -26,11 +26,15 @@ log = logging.getLogger("fedhf")
 
 
 def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
-                   resume: Checkpoint | None = None, resume_dir: Path | None = None) -> Path:
+                   resume: Checkpoint | None = None, resume_dir: Path | None = None,
+                   node_configs: dict[int, dict[str, Any]] | None = None) -> Path:
     """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder.
 
-    ``resume``: continue the run in ``resume_dir`` from this checkpoint.
+    ``resume``: continue the run in ``resume_dir`` from this checkpoint. ``node_configs``: each simulated
+    node's owner policy and state dir (``fedhf run --node-config FILE``).
     """
+    state_roots = tuple(sorted({Path(str(nc["state-dir"])).expanduser() for nc in (node_configs or {}).values()
+                                if str(nc.get("state-dir", "")).strip()}))
     result: dict = {}
     backend_config = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -44,9 +48,9 @@ def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1,
         _run_simulation(
             num_supernodes=num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
+            client_app=make_client_app(node_configs),
             server_app=make_server_app(cfg, num_clients, result, resume=resume, resume_dir=resume_dir,
-                                       on_exit=server_done.set),
+                                       on_exit=server_done.set, state_roots=state_roots),
             backend_name="ray",
             backend_config=backend_config,
         )

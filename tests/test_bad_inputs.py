@@ -58,6 +58,11 @@ def corpus(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     write_tsv(root / "floatlabel" / "train.tsv", [{**r, "label": 0.5 * (i % 3)} for i, r in enumerate(rows)],
               ["text", "label"])
     write_tsv(root / "oneclass" / "train.tsv", [{**r, "label": "positive"} for r in rows], ["text", "label"])
+    (root / "nodes-key.toml").write_text('[nodes.0]\ndata-path = "/somewhere"\n')
+    (root / "nodes-id.toml").write_text("[nodes.7]\nmax-epsilon = 2.0\n")
+    (root / "nodes-value.toml").write_text('[default]\nmin-privacy = "strong"\n')
+    (root / "occupied" / "someone-elses").mkdir(parents=True)
+    (root / "occupied" / "someone-elses" / "notes.txt").write_text("not a run")
 
     out = root / "runs"
     proc = fedhf(root, "run", "-n", "2", "--set", f"model.name={tiny_model_dir}", "--set", f"data.dataset={good}",
@@ -134,6 +139,22 @@ CASES = {
     "node-fail-mode": (["node-check", "--node-config", "partition-id=0 num-partitions=2 fail-at-round=1 fail-mode=boom",
                         "--set", "data.dataset={good}"], "fail-mode"),
     "node-no-ids": (["node-check", "--node-config", "max-epsilon=4", "--set", "data.dataset={good}"], "node config needs"),
+    # the owner's policy (node config), as a SuperNode or a simulated node's file gives it
+    "node-policy-level": (["node-check", "--node-config", "partition-id=0 num-partitions=2 min-privacy=strong",
+                           "--set", "data.dataset={good}"], "node config 'min-privacy': got 'strong'"),
+    "node-policy-share": (["node-check", "--node-config", "partition-id=0 num-partitions=2 share=secrets",
+                           "--set", "data.dataset={good}"], "node config 'share': 'secrets'"),
+    "node-policy-contradiction": (["node-check", "--node-config", "partition-id=0 num-partitions=2 max-epsilon=2 "
+                                   "min-privacy=none", "--set", "data.dataset={good}"], "sample-level budget"),
+    "node-policy-delta": (["node-check", "--node-config", "partition-id=0 num-partitions=2 max-delta=2",
+                           "--set", "data.dataset={good}"], "node config 'max-delta'"),
+    "node-file-missing": (["run", "--node-config", "{root}/nope.toml"], "--node-config"),
+    "node-file-data-path": (["run", "--node-config", "{root}/nodes-key.toml"], "not one a simulated node takes"),
+    "node-file-partition": (["run", "--node-config", "{root}/nodes-id.toml"], "must name a partition id 0..2"),
+    "node-file-value": (["run", "--node-config", "{root}/nodes-value.toml"], "node config 'min-privacy'"),
+    "config-removed-budget-key": (["run", "--set", "privacy.node-max-epsilon=0:1"], "was removed"),
+    "run-folder-not-ours": (["run", "--set", "output-dir={root}/occupied", "--set", "run-name=someone-elses",
+                             "--set", "data.dataset={good}"], "will not adopt"),
 }
 
 

@@ -13,6 +13,7 @@ def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst
     cfg = parse_config({"data.dataset": dataset})
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
+    (tmp_path / "run" / ".fedhf-run").write_text(json.dumps({"run_uid": "u1"}))  # a run folder fedhf made
     for name in ("adapter_config.json", "adapter_model.safetensors", "fedhf.json", "tokenizer.json"):
         (adapter / name).write_text("{}")
     run = {
@@ -148,7 +149,7 @@ def test_card_states_secure_aggregation_and_its_parameters(tmp_path):
     assert "**On: SecAgg+" in text and "| shares per secret / reconstruction threshold | 3 / 2 |" in text
     assert "| quantization | 22 bits (4,194,304 levels) over [-8, 8], step 3.81e-06 |" in text
     assert "| 2 / 3 / 1 |" in text  # rounds / clients dropped / rounds withheld
-    assert "SHAKE-256" in text and "label histogram" in text
+    assert "SHAKE-256" in text and "each client's averaging weight" in text
 
 
 def test_card_states_the_wire_format_failures_and_resumes(tmp_path):
@@ -166,3 +167,39 @@ def test_card_states_the_wire_format_failures_and_resumes(tmp_path):
     plain_text = ModelCard.load(build_hub_folder(plain_dir, plain, "apache-2.0") / "README.md").text
     assert "| updates on the wire | fp32 adapters |" in plain_text and "resumed" not in plain_text
     assert "| failures | 0 client failure(s) (error or timeout); 0 update(s) rejected" in plain_text
+
+
+def test_hub_folder_rebuilds_only_over_what_fedhf_wrote_and_only_in_its_own_run_folders(tmp_path):
+    from fedhf.errors import FedHFRunError
+
+    run_dir, run = fake_run(tmp_path)
+    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    build_hub_folder(run_dir, run, "apache-2.0")  # a rebuild replaces fedhf's own files
+    (hub / "my-notes.txt").write_text("mine")
+    with pytest.raises(FedHFRunError, match="holds 'my-notes.txt', which fedhf did not write"):
+        build_hub_folder(run_dir, run, "apache-2.0")
+    assert (hub / "my-notes.txt").read_text() == "mine" and (hub / "README.md").is_file()
+    (run_dir / ".fedhf-run").unlink()
+    (hub / "my-notes.txt").unlink()
+    with pytest.raises(FedHFRunError, match="was not created by fedhf as a run folder"):
+        build_hub_folder(run_dir, run, "apache-2.0")
+    assert not list(run_dir.glob(".hub.*"))  # no temporary folder left behind
+
+
+def test_a_local_base_model_path_is_never_published(tmp_path):
+    run_dir, run = fake_run(tmp_path)
+    local = str(tmp_path / "my-models" / "secret-base")
+    run["config"]["model.name"] = local
+    run["model"]["base_is_local_folder"] = True
+    (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": local}))
+    (run_dir / "adapter" / "fedhf.json").write_text(json.dumps({"base_model": local, "label_names": ["a", "b"]}))
+    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    published = "".join(p.read_text() for p in hub.rglob("*") if p.is_file())
+    assert local not in published and "secret-base" not in published
+    assert json.loads((hub / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    assert "loaded from a local folder" in (hub / "README.md").read_text()
+    assert json.loads((run_dir / "adapter" / "fedhf.json").read_text())["base_model"] == local  # kept for local use
+    run["config"]["model.hub-id"] = "my-org/secret-base"
+    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    assert json.loads((hub / "fedhf.json").read_text())["base_model"] == "my-org/secret-base"
+    assert ModelCard.load(hub / "README.md").data.to_dict()["base_model"] == "my-org/secret-base"

@@ -118,7 +118,9 @@ class Federation:
         self.dir, self.host, self.netns = fed_dir, host, netns
         self.env = _env(data_dir, fed_dir)
         self.port = free_port()
-        self.address = f"{host}:{self.port}"
+        self.control_port = free_port()
+        self.address = f"{host}:{self.port}"  # the Fleet API: what SuperNodes connect to
+        self.control = f"127.0.0.1:{self.control_port}"  # the Control API: loopback of the SuperLink's host only
 
     def _ns(self, side: int) -> str | None:
         return self.netns[side] if self.netns else None
@@ -127,12 +129,12 @@ class Federation:
         sh("make_certs.sh", "--out", str(self.dir / "certs"), "--hosts", f"{self.host},localhost", env=self.env)
         sh("make_node_keys.sh", "--out", str(self.dir / "keys"), "--names", " ".join(nodes), env=self.env)
         sh("start_superlink.sh", "--certs", str(self.dir / "certs"), "--host", self.host, "--port", str(self.port),
-           "--state", str(self.dir / "superlink"), env=self.env, netns=self._ns(0))
-        sh("connection.sh", "--name", CONNECTION, "--address", self.address, "--ca", str(self.dir / "certs" / "ca.crt"),
+           "--control-port", str(self.control_port), "--state", str(self.dir / "superlink"), env=self.env, netns=self._ns(0))
+        sh("connection.sh", "--name", CONNECTION, "--address", self.control, "--ca", str(self.dir / "certs" / "ca.crt"),
            env=self.env)
-        for name in nodes:
+        for name in nodes:  # on the SuperLink's host (or through an SSH tunnel): the Control API is on its loopback
             sh("register_node.sh", "--connection", CONNECTION, "--key", str(self.dir / "keys" / f"{name}.pub"),
-               "--name", name, env=self.env, netns=self._ns(1))
+               "--name", name, env=self.env, netns=self._ns(0))
 
     def supernode(self, name: str, node_config: str, *, key: str | None = None, ca: Path | None = None,
                   address: str | None = None, check: bool = True, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -144,7 +146,7 @@ class Federation:
     def flwr_run(self, run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
         cmd = [FLWR, "run", ".", CONNECTION, "--stream", "--run-config", run_config]
         if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns[1], *cmd]
+            cmd = ["ip", "netns", "exec", self.netns[0], *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=REPO)
 
     def stop(self) -> list[str]:
@@ -221,13 +223,14 @@ def test_deployment_with_tls_node_auth_dp_and_secure_aggregation(sst2_dir, tmp_p
         assert len(eps) == 2 and 0 < eps[0] < eps[1]
         assert e["steps"] == 2 * round(1 / e["sample_rate"])
     # ... and on its disk: start_supernode.sh put node config state-dir under --state/NAME-fedhf, where a
-    # restarted SuperNode finds it (one file per silo, keyed by its data path, not its node id)
+    # restarted SuperNode finds it (one spend file per dataset, keyed by its content, not its node id or run)
     for name in ("node-a", "node-b"):
-        (saved,) = (tmp_path / "fed" / "supernodes" / f"{name}-fedhf" / run["run_uid"]).glob("silo-*.json")
-        steps = sum(json.loads(saved.read_text())["privacy"]["history-steps"])
+        (saved,) = (tmp_path / "fed" / "supernodes" / f"{name}-fedhf").glob("data-*/spend.json")
+        steps = sum(e["steps"] for e in json.loads(saved.read_text())["entries"] if e["run_uid"] == run["run_uid"])
         assert steps in {e["steps"] for e in ledger.values()}
-    # 150 rows per silo, 10% held out locally; the silo paths never reach the server's records
-    assert sorted(p["train-examples"] for p in run["partitions"]) == [135, 135]
+    # Under DP the silos shared no sizes or histograms (their default policy); the silo paths never reach the
+    # server's records either
+    assert run["partitions"] == [] and all(c["shared"] == [] for r in run["rounds"][1:] for c in r["clients"])
     text = (out / "deploy" / "run.json").read_text() + (out / "deploy" / "hub" / "provenance.json").read_text()
     assert str(silo_a) not in text and str(silo_b) not in text
 
@@ -305,6 +308,17 @@ def test_superlink_and_supernodes_on_separate_namespaced_hosts(sst2_dir, tmp_pat
         for cmd in setup:
             subprocess.run(cmd, check=True, capture_output=True)
         fed.start(["node-0", "node-1"])
+        # From the SuperNodes' host the Control API cannot be reached: not on the Fleet address (refused by path),
+        # not on its own port (bound to the SuperLink host's loopback).
+        for name, port in (("public-fleet", fed.port), ("public-control", fed.control_port)):
+            sh("connection.sh", "--name", name, "--address", f"10.77.0.1:{port}", "--ca", str(fed.dir / "certs" / "ca.crt"),
+               env=fed.env)
+        refused = subprocess.run(["ip", "netns", "exec", ns_b, FLWR, "ls", "public-fleet"], capture_output=True, text=True,
+                                 env=fed.env, timeout=60)
+        assert refused.returncode != 0 and "not served on the Fleet address" in refused.stdout + refused.stderr
+        closed = subprocess.run(["ip", "netns", "exec", ns_b, FLWR, "ls", "public-control"], capture_output=True,
+                                text=True, env=fed.env, timeout=120)
+        assert closed.returncode != 0 and "not served" not in closed.stdout + closed.stderr
         fed.supernode("node-0", "partition-id=0 num-partitions=2")
         fed.supernode("node-1", "partition-id=1 num-partitions=2")
         proc = fed.flwr_run(f'num-server-rounds=1 output-dir="{out}" run-name="netns" data.max-train-examples=200 '
@@ -319,3 +333,74 @@ def test_superlink_and_supernodes_on_separate_namespaced_hosts(sst2_dir, tmp_pat
     assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1]
     assert sorted(p["train-examples"] for p in run["partitions"]) == [90, 90]
     assert (out / "netns" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_nodes_enforce_their_owners_policy_against_the_server(sst2_dir, tiny_model_dir, tmp_path):
+    """Two SuperNodes whose owners require sample-level DP, max-epsilon=2 and secure aggregation, in their node
+    config. Runs asking (a) no DP, (b) delta 0.5, (c) no SecAgg+, (d) a second run after the first spent the budget
+    are refused by the nodes with the rule, no update leaves them, and each run ends cleanly with the reason. The
+    compliant run trains and its realised epsilon stays within the budget. The Control API answers only on loopback."""
+    fed = Federation(sst2_dir, tmp_path / "fed")
+    silos = {name: write_silo(sst2_dir, tmp_path / "silos" / name, start, 120)
+             for name, start in (("node-a", 0), ("node-b", 120))}
+    out = tmp_path / "out"
+    policy = 'min-privacy=sample max-epsilon=2 require-secure-aggregation=true'
+    common = (f'output-dir="{out}" model.name="{tiny_model_dir}" data.max-length=32 data.max-eval-examples=100 '
+              'train.local-epochs=1 strategy.fraction-evaluate=0.0 strategy.min-train-nodes=2 '
+              'strategy.min-available-nodes=2 strategy.secagg-max-weight=200.0 num-server-rounds=1')
+    runs = {
+        "a": 'privacy.mode="none" strategy.secure-aggregation=true',
+        "b": 'privacy.mode="sample" privacy.delta=0.5 strategy.secure-aggregation=true',
+        "c": 'privacy.mode="sample" privacy.noise-multiplier=1.0 strategy.secure-aggregation=false',
+        "ok": 'privacy.mode="sample" privacy.target-epsilon=1.9 strategy.secure-aggregation=true',
+        "d": 'privacy.mode="sample" privacy.target-epsilon=1.9 strategy.secure-aggregation=true',
+    }
+    results = {}
+    try:
+        fed.start(list(silos))
+        for name, silo in silos.items():
+            fed.supernode(name, f"data-path={silo} {policy}")
+        # The Control API is not served on the Fleet address: the flwr CLI pointed there is refused.
+        sh("connection.sh", "--name", "fleet-address", "--address", fed.address, "--ca", str(fed.dir / "certs" / "ca.crt"),
+           env=fed.env)
+        probe = subprocess.run([FLWR, "ls", "fleet-address"], capture_output=True, text=True, env=fed.env, timeout=60)
+        assert probe.returncode != 0 and "not served on the Fleet address" in probe.stdout + probe.stderr
+        for name, extra in runs.items():
+            proc = fed.flwr_run(f'{common} run-name="{name}" {extra}')
+            assert proc.returncode == 0, (name, proc.stdout[-3000:] + proc.stderr[-3000:])
+            results[name] = wait_for_run(out / name / "run.json", 180)
+    finally:
+        fed.stop()
+
+    expected_rule = {"a": "min-privacy", "b": "max-delta", "c": "require-secure-aggregation", "d": "max-epsilon"}
+    for name, rule in expected_rule.items():
+        run = results[name]
+        assert run["status"] == "stopped", (name, run.get("error"))
+        assert "every sampled client refused" in run["stopped_early"]["reason"] and rule in run["stopped_early"]["reason"]
+        assert len(run["refusals"]) == 2 and {r["rule"] for r in run["refusals"]} == {rule}, (name, run["refusals"])
+        assert len({r["node-id"] for r in run["refusals"]}) == 2
+        assert [r["round"] for r in run["rounds"]] == [0]  # nothing trained, nothing released
+        assert not (out / name / "hub").exists() and not (out / name / "adapter").exists()
+        assert not run.get("privacy", {}).get("clients")  # no spend reported, none made
+        for sa_round in run.get("secure_aggregation", {}).get("rounds", []):
+            assert sa_round["bytes_up"] == 0 and sa_round["participants"] == 0  # refused before any key left
+    assert "0.5" in results["b"]["stopped_early"]["reason"]  # the run's own value, not the node's row count
+    ok = results["ok"]
+    assert ok["status"] == "complete" and [r["round"] for r in ok["rounds"]] == [0, 1]
+    ledger = ok["privacy"]["clients"]
+    assert len(ledger) == 2
+    for e in ledger.values():
+        assert 0 < e["epsilon"] <= 1.9 and e["max_epsilon"] == 2.0 and e["lifetime_epsilon"] <= 2.0
+    assert ok["secure_aggregation"]["rounds"][0]["completed"] is True
+    # Under DP the nodes shared nothing else: no sizes, no histograms, no losses, no timings reached the server.
+    assert ok["partitions"] == [] and ok["rounds"][1]["train_loss"] is None
+    for c in ok["rounds"][1]["clients"]:
+        assert c["shared"] == [] and not {"num-examples", "label-histogram", "train-loss", "train-seconds"} & set(c)
+    # The data owner sees the lifetime spend on its data, over both runs (the refused one spent nothing).
+    check = subprocess.run([sys.executable, "-m", "fedhf.cli", "node-check", "--labels", "negative,positive",
+                            "--node-config", f"data-path={silos['node-a']} state-dir={tmp_path / 'fed' / 'supernodes' / 'node-a-fedhf'} {policy}"],
+                           capture_output=True, text=True, env=fed.env, cwd=REPO, timeout=300)
+    assert check.returncode == 0, check.stderr[-2000:]
+    line = next(x for x in check.stdout.splitlines() if x.startswith("lifetime privacy spend"))
+    eps = float(line.split("epsilon ")[1].split()[0])
+    assert 0 < eps <= 2.0 and "of the budget 2" in line and "in 1 run(s)" in line

@@ -179,11 +179,13 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
 
 
 def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_dir, tiny_model_dir, tmp_path):
-    """Sample-level DP, 3 clients x 3 rounds; client 1's budget allows one round only."""
+    """Sample-level DP, 3 clients x 3 rounds; client 1's owner set a budget (its node config) that allows one round."""
     out = tmp_path / "outputs"
+    nodes = tmp_path / "nodes.toml"
+    nodes.write_text("[nodes.1]\nmax-epsilon = 3.0\n")
     run = fedhf_run(shared_data_dir, out, "dp", *tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=3",
                     "--set", "data.max-train-examples=300", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
-                    "--set", "privacy.node-max-epsilon=1:3.0", "--set", "strategy.fraction-evaluate=0")
+                    "--node-config", str(nodes))
     assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1, 2, 3]
     ledger = run["privacy"]["clients"]
     assert run["privacy"]["label"] == "sample-level (per example)" and "not a cryptographically secure" in run["privacy"]["rng"]
@@ -199,12 +201,23 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
         assert e["steps"] == 3 * round(1 / e["sample_rate"])
         assert e["delta"] < 1 / 90
     one = ledger["1"]
-    assert [r["status"] for r in one["rounds"]] == ["trained", "budget-exhausted"]
-    assert one["epsilon"] <= 3.0 < one["stopped"]["projected_epsilon"]
-    assert one["stopped"]["round"] == 2 and one["max_epsilon"] == 3.0
-    assert [sorted(r["client_train_seconds"]) for r in run["rounds"][1:]] == [["0", "1", "2"], ["0", "2"], ["0", "2"]]
+    assert [r["status"] for r in one["rounds"]] == ["trained"] and one["epsilon"] <= 3.0
+    assert one["stopped"]["round"] == 2 and one["stopped"]["reason"] == "max-epsilon" and one["max_epsilon"] == 3.0
+    trained = [sorted(c["partition-id"] for c in r["clients"] if c["status"] == "trained") for r in run["rounds"][1:]]
+    assert trained == [[0, 1, 2], [0, 2], [0, 2]]
+    assert [(c["partition-id"], c["rule"]) for c in run["rounds"][2]["refused"]] == [(1, "max-epsilon")]
     assert run["rounds"][3]["privacy"]["exhausted"] == [1]
-    assert "stopped before round 2: budget" in ledger_text(shared_data_dir, out / "dp")
+    assert "stopped in round 2: max-epsilon" in ledger_text(shared_data_dir, out / "dp")
+    # Under DP the clients shared nothing beyond the update and the accounting: no losses, timings or histograms.
+    for r in run["rounds"][1:]:
+        assert r["train_loss"] is None and r["client_train_seconds"] == {} and r["weighting"] == "uniform"
+        for c in r["clients"]:
+            if c["status"] == "trained":
+                assert c["shared"] == [] and not {"train-loss", "num-examples", "label-histogram", "train-seconds"} & set(c)
+    card = (out / "dp" / "hub" / "README.md").read_text()
+    assert "| training rows per client | not shared, not shared, not shared |" in card
+    prov = json.loads((out / "dp" / "hub" / "provenance.json").read_text())
+    assert prov["partitions"] == [{"partition-id": i} for i in range(3)]
 
 
 def test_both_guarantees_reported_side_by_side(shared_data_dir, tiny_model_dir, tmp_path):
@@ -228,7 +241,7 @@ def test_both_guarantees_reported_side_by_side(shared_data_dir, tiny_model_dir, 
         eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=cl["delta"])
         assert r["epsilon"] == pytest.approx(eps, rel=1e-6) == pytest.approx(r["epsilon_no_amplification"], rel=1e-9)
     assert cl["rounds"][0]["epsilon"] < cl["rounds"][1]["epsilon"]
-    assert cl["delta"] == pytest.approx(0.1 / 3)
+    assert cl["delta"] == 1e-5  # min(1e-5, 0.1 / 3 clients)
     assert len(privacy["clients"]) == 3 and all(len(e["rounds"]) == 2 for e in privacy["clients"].values())
     row = run["rounds"][2]["privacy"]
     assert row["client_level_epsilon"] == cl["epsilon"] and row["sample_level_epsilon_max"] > 0
@@ -249,10 +262,12 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tiny_model_dir, 
                     "--set", "data.max-train-examples=120", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
                     "--set", f"privacy.max-epsilon={budget}", "--set", "strategy.fraction-evaluate=0")
     assert run["status"] == "complete"
-    assert run["stopped_early"]["after_round"] == 1 and "exhausted its privacy budget" in run["stopped_early"]["reason"]
+    assert run["stopped_early"]["after_round"] == 1 and "every sampled client refused" in run["stopped_early"]["reason"]
+    assert "privacy.max-epsilon" in run["stopped_early"]["reason"]
     assert [r["round"] for r in run["rounds"]] == [0, 1]
     for e in run["privacy"]["clients"].values():
-        assert e["epsilon"] == pytest.approx(one, rel=1e-6) and e["epsilon"] <= budget < e["stopped"]["projected_epsilon"]
+        assert e["epsilon"] == pytest.approx(one, rel=1e-6) and e["epsilon"] <= budget
+        assert e["stopped"]["reason"] == "privacy.max-epsilon"
     assert (out / "stop" / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -101,7 +101,9 @@ def test_push_then_download_gives_the_same_predictions_and_card(hub, finished_ru
     texts = ["a wonderful film", "dull and boring", "the plot was fine"]
     args = [a for t in texts for a in ("--text", t)]
     local = cli(["predict", "--model", str(run_dir), *args], env)
-    remote = cli(["predict", "--model", "fedhf-test/sst2-adapter", *args], env)
+    no_base = cli(["predict", "--model", "fedhf-test/sst2-adapter", *args], env)
+    assert no_base.returncode == 2 and "give --base-model" in no_base.stderr  # trained from a local folder: not named
+    remote = cli(["predict", "--model", "fedhf-test/sst2-adapter", "--base-model", run["config"]["model.name"], *args], env)
     assert local.returncode == remote.returncode == 0, remote.stderr
     assert local.stdout == remote.stdout and len(local.stdout.splitlines()) == 3
     # The card, downloaded with the unmodified client, parses, and states the run's facts.
@@ -113,7 +115,7 @@ def test_push_then_download_gives_the_same_predictions_and_card(hub, finished_ru
     assert out.returncode == 0, out.stderr
     card = json.loads(out.stdout.strip().splitlines()[-1])
     meta = card["meta"]
-    assert meta["base_model"] == run["config"]["model.name"] and meta["library_name"] == "peft"
+    assert "base_model" not in meta and meta["library_name"] == "peft"  # a local folder is never published
     assert {"federated-learning", "differential-privacy", "opacus"} <= set(meta["tags"])
     results = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert results == {"accuracy": run["final"]["eval_accuracy"], "f1": run["final"]["eval_f1"]}
@@ -122,6 +124,9 @@ def test_push_then_download_gives_the_same_predictions_and_card(hub, finished_ru
     assert downloaded == sorted(p.name for p in (run_dir / "hub").iterdir())
     prov = (tmp_path / "dl" / "provenance.json").read_text()
     assert str(tmp_path) not in prov and TOKEN not in prov and "/root" not in prov and "/home" not in prov
+    published = "".join(p.read_text(errors="ignore") for p in (tmp_path / "dl").rglob("*") if p.is_file())
+    assert str(run["config"]["model.name"]) not in published  # the base model's local path, nowhere
+    assert "loaded from a local folder" in card["text"]
 
 
 def test_branch_and_pull_request(hub, finished_run, tmp_path):
@@ -176,5 +181,44 @@ def test_bad_input(hub, finished_run, tmp_path):
     error(cli(["push", str(no_adapter), "--repo-id", "fedhf-test/c"], env), "lacks adapter_config.json")
     error(cli(["predict", "--model", str(no_adapter), "--text", "hi"], env), "no adapter there")
     error(cli(["predict", "--model", "fedhf-test/does-not-exist", "--text", "hi"], env), "cannot download it from the Hub")
+    closed = _closed_port()
+    error(cli(["push", str(run_dir), "--repo-id", "fedhf-test/c"], env_for(f"http://127.0.0.1:{closed}", tmp_path)),
+          f"cannot reach the Hub at http://127.0.0.1:{closed} to push 'fedhf-test/c' (ConnectError)")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"status": "comp')
+    error(cli(["push", str(damaged), "--repo-id", "fedhf-test/c"], env), "cannot be read (JSONDecodeError")
+    error(cli(["privacy", "ledger", str(damaged)], env), "cannot be read (JSONDecodeError")
     after = sorted((p.relative_to(run_dir).as_posix(), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     assert after == before  # failed pushes leave nothing behind locally
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_run_whose_push_fails_records_it_and_stays_complete(finished_run, tmp_path, monkeypatch):
+    """hub.push at the end of a run: an unreachable Hub is a recorded failure in run.json, not a crash."""
+    from fedhf.server_app import _push
+
+    run_dir, run = finished_run
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+
+    class Recorder:
+        dir = run_dir
+        data = dict(run)
+
+        def write(self):
+            (run_dir / "run.json").write_text(json.dumps(self.data))
+
+    cfg = parse_config({"hub.push": True, "hub.repo-id": "fedhf-test/unreachable"})
+    rec = Recorder()
+    _push(cfg, rec)  # no exception
+    saved = json.loads((run_dir / "run.json").read_text())
+    assert saved["status"] == "complete" and saved["hub_push"]["ok"] is False
+    assert "cannot reach the Hub" in saved["hub_push"]["error"]

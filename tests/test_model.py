@@ -241,11 +241,15 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
            "partitions": [{"partition-id": 0, "train-examples": 5, "label-histogram": [2, 3]}],
            "rounds": [{"round": 0, "eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}],
            "final": {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}}
+    (run_dir / ".fedhf-run").write_text(json.dumps({"run_uid": "u1"}))  # a run folder fedhf made
     hub = build_hub_folder(run_dir, run, "apache-2.0")
     card = (hub / "README.md").read_text()
     assert "model.pooling = mean" in card
     code = re.search(r"## How to use\n\n```python\n(.*?)```", card, re.S).group(1)
     code = code.replace('snapshot_download("REPO_ID")', repr(str(hub)))
+    # The base was a local folder: the card names no path, the user says where the base is.
+    assert str(tiny_model_dir) not in card and '"BASE_MODEL"' in code
+    code = code.replace('"BASE_MODEL"', repr(str(tiny_model_dir)))
     namespace: dict = {}
     exec(compile(code, "card-usage", "exec"), namespace)  # the card's own code, as a user would paste it
     assert torch.allclose(namespace["probs"], want, atol=1e-6)

@@ -110,3 +110,20 @@ def test_the_client_app_module_stays_light():
     code = "import sys, fedhf.client_app; print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_simulated_nodes_take_their_policy_from_the_owners_file(tmp_path):
+    from fedhf.node import load_node_config_file
+    from fedhf.policy import parse_policy
+
+    from .conftest import REPO
+
+    f = tmp_path / "nodes.toml"
+    f.write_text('[default]\nmin-privacy = "sample"\nshare = "num-examples"\n[nodes.1]\nmax-epsilon = 2.0\n'
+                 'require-secure-aggregation = true\n')
+    nodes = load_node_config_file(f, 3)
+    assert sorted(nodes) == [0, 1, 2]
+    assert parse_policy(nodes[0]).max_epsilon is None and parse_policy(nodes[1]).max_epsilon == 2.0
+    assert parse_policy(nodes[1]).require_secure_aggregation and parse_policy(nodes[2]).shared(dp=True) == {"num-examples"}
+    for shipped in (REPO / "experiments" / "node-configs").glob("*.toml"):
+        assert load_node_config_file(shipped, 3), shipped.name

@@ -219,3 +219,39 @@ def test_per_sample_gradients_are_right_with_mean_pooling(tiny):
         torch.nn.functional.cross_entropy(model(**one).logits, labels[i:i + 1], reduction="sum").backward()
         for n in names:
             assert torch.allclose(batched[n][i], params[n].grad, atol=1e-5), n
+
+
+def test_the_poisson_loader_takes_exactly_the_planned_steps_over_a_large_grid():
+    """Opacus' sampler alone takes int(1 / q) batches, one fewer than planned for many n (n = 1488, B = 16: 92 of 93),
+    and books q = 1 / 92. fedhf's loader takes ceil(n / B) and books the planned q, bit for bit."""
+    from fedhf.privacy import poisson_loader
+
+    off_by_one = 0
+    for n in range(1, 3001, 7):
+        for batch in (1, 3, 8, 16, 32, 64, 100, 256):
+            q, steps = sampling(n, batch, 1)
+            loader = poisson_loader(list(range(n)), None, batch)
+            assert len(loader) == steps and 1 / len(loader) == q, (n, batch)
+            off_by_one += int(1 / q) != steps
+    assert off_by_one > 50  # the trap is real on this grid
+    q, steps = sampling(1488, 16, 1)
+    assert (steps, int(1 / q)) == (93, 92)
+
+
+@pytest.mark.parametrize(("n", "batch", "epochs"), [(7, 1, 2), (93, 1, 1), (150, 16, 2), (31, 4, 1), (50, 8, 3), (1488, 16, 1)])
+def test_realised_epsilon_never_exceeds_the_plan_or_the_target(tiny, n, batch, epochs):
+    """Plan sigma for a target over two rounds, train two real private rounds, and compare the accountant's own
+    record with the plan: realised = planned (same q, same steps), and <= the target."""
+    cfg, tok = tiny
+    target, delta = 3.0, default_delta(n)
+    q, steps = sampling(n, batch, epochs)
+    sigma = plan_noise_multiplier(target, delta, q, 2 * steps, "rdp")
+    planned = epsilon_of("rdp", [(sigma, q, 2 * steps)], delta)
+    account = SampleAccount("rdp", delta, sigma, 1.0)
+    model = build_model(cfg, LABELS)
+    for _ in range(2):
+        loader = make_loader(rows(n), tok, 16, batch, shuffle=False)
+        account = private_train(model, loader, account, epochs=epochs, lr=1e-3).account
+    assert account.history == [(sigma, q, 2 * steps)]
+    realised = account.epsilon
+    assert realised == pytest.approx(planned, rel=1e-12) and realised <= target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fedhf.artifacts import RunRecorder
 from fedhf.checkpoint import FedHFCheckpointError, load_checkpoint, save_checkpoint
 from fedhf.config import parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
-from fedhf.node_state import FedHFNodeStateError, NodeStore, arrays_digest, node_key
+from fedhf.node_state import FedHFNodeStateError, SpendStore, arrays_digest, legacy_key
 from fedhf.strategy import build_strategy, restore_strategy_state, strategy_state
 from fedhf.updates import FP16_ABSOLUTE_ERROR, FP16_RELATIVE_ERROR, check_update, decode, encode, payload_nbytes
 
@@ -108,11 +109,12 @@ def reply(node: int, trained: dict[str, np.ndarray], base: dict[str, np.ndarray]
     enc = encode(faults.poison_values(poison, trained), base, dtype)
     payload = faults.poison_structure(poison, enc.arrays)
     info = {"partition-id": node, "train-seconds": 1.0, "handler-seconds": 1.5, "train-steps": 3, "train-tokens": 40,
-            "label-histogram": [n // 2, n - n // 2], "transport": dtype}
+            "label-histogram": [n // 2, n - n // 2], "transport": dtype, "status": "trained",
+            "shared": ["label-histogram", "num-examples", "timings", "train-loss", "train-tokens"]}
     if enc.scales:
         info["int8-scales"] = enc.scales
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
-                          "metrics": MetricRecord({"train-loss": 0.5, "num-examples": n}),
+                          "metrics": MetricRecord({"weight": float(n), "train-loss": 0.5, "num-examples": n}),
                           "client-info": ConfigRecord(info)})
     return Message(content=content, metadata=_meta(node))
 
@@ -151,7 +153,7 @@ def test_malformed_and_poisoned_replies_are_dropped_and_the_rest_averaged(tmp_pa
     expected = fedavg([t for t, _ in good.values()], [w for _, w in good.values()])
     got = {k: a.numpy() for k, a in arrays.items()}
     assert all(np.allclose(got[k], expected[k], atol=1e-7) for k in expected)
-    assert metrics["num-examples"] == 40
+    assert metrics["weight"] == 40
     row = rec._round
     assert {r["node-id"]: r["reason"] for r in row["rejected"]}.keys() == set(poisons)
     reasons = {r["node-id"]: r["reason"] for r in row["rejected"]}
@@ -209,6 +211,7 @@ def test_median_ignores_a_bounded_outlier_that_fedavg_would_follow(tmp_path):
 
 
 def _checkpoint(tmp_path, rnd: int = 2, uid: str = "u1"):
+    (tmp_path / ".fedhf-run").write_text(json.dumps({"run_uid": uid}))  # a run folder fedhf made
     arrays = adapter_like()
     save_checkpoint(tmp_path, rnd, run_uid=uid, config_sha256="c", arrays=arrays,
                     strategy_arrays={"m_t/x": np.ones(3)}, strategy_state={"class": "FedAvg"},
@@ -224,6 +227,15 @@ def test_checkpoint_round_trip_keeps_only_the_latest(tmp_path):
     assert all(np.array_equal(ck.arrays[k], arrays[k]) for k in arrays)
     assert np.array_equal(ck.strategy_arrays["m_t/x"], np.ones(3))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-0002"]
+    (tmp_path / "checkpoints" / "notes").mkdir()  # something fedhf did not write: never deleted
+    _checkpoint(tmp_path, 3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["notes", "round-0003"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with pytest.raises(FedHFRunError, match="was not created by fedhf as a run folder"):
+        save_checkpoint(foreign, 1, run_uid="u1", config_sha256="c", arrays=adapter_like(), strategy_arrays={},
+                        strategy_state={}, run_record={})
+    assert list(foreign.iterdir()) == []
 
 
 def test_a_truncated_or_foreign_checkpoint_is_refused(tmp_path):
@@ -293,29 +305,88 @@ def test_a_resumed_recorder_keeps_the_ledger_and_records_the_resume(tmp_path):
 # ----------------------------------------------------------------------------- a client's own disk
 
 
-def test_node_state_keeps_the_spend_and_replays_the_same_reply(tmp_path):
-    store = NodeStore(tmp_path, "uid1", node_key(3, None))
-    assert store.privacy_state() is None and store.replay(1, "d") is None
+def _entry(run_uid: str, rnd: int, steps: int, *, sigma: float = 1.0, q: float = 0.1, delta: float = 1e-3,
+           pid: int = 0, acc: str = "rdp", acc_id: str = "a1") -> dict:
+    return {"run_uid": run_uid, "round": rnd, "partition_id": pid, "accountant": acc, "accountant_id": acc_id,
+            "delta": delta, "noise_multiplier": sigma, "max_grad_norm": 1.0, "sample_rate": q, "steps": steps}
+
+
+def test_the_spend_store_keeps_every_run_on_the_data_and_replays_the_same_reply(tmp_path):
+    from fedhf.privacy import epsilon_of
+
+    store = SpendStore(tmp_path, "data-abc")
+    with store.transaction() as spend:
+        assert spend.entries == [] and spend.run_account("uid1") is None
+        spend.add(_entry("uid1", 1, 10))
+        spend.add(_entry("uid1", 2, 10))
+        spend.add(_entry("uid2", 1, 5, sigma=2.0, delta=1e-4, acc_id="b2"))
+    again = SpendStore(tmp_path, "data-abc")  # a new process finds it
+    with again.transaction() as spend:
+        run1 = spend.run_account("uid1")
+        assert run1.history == [(1.0, 0.1, 20)] and run1.accountant_id == "a1" and run1.steps == 20
+        kind, delta, history = spend.lifetime()
+        assert kind == "rdp" and delta == 1e-4 and history == [(1.0, 0.1, 20), (2.0, 0.1, 5)]
+        assert epsilon_of(kind, history, delta) > epsilon_of("rdp", run1.history, 1e-3)
+        assert spend.lifetime(extra=_entry("uid3", 1, 1, acc="prv"))[0] == "rdp"  # mixed accountants: RDP
+    assert again.replay("uid1", 1, "d") is None
     payload = adapter_like()
-    privacy = {"history-steps": [16], "history-sigma": [1.0], "history-q": [0.1]}
-    store.save(privacy, {"round": 2, "global_digest": "abc", "metrics": {"num-examples": 10}, "info": {"x": 1}}, payload)
-    again = NodeStore(tmp_path, "uid1", "partition-3")  # a new process finds it
-    assert again.privacy_state() == privacy
-    assert again.replay(2, "other") is None and again.replay(3, "abc") is None
-    arrays, meta = again.replay(2, "abc")
-    assert all(np.array_equal(arrays[k], payload[k]) for k in payload) and meta["metrics"] == {"num-examples": 10}
-    again.reply_file.write_bytes(b"garbage")  # a damaged copy is never sent: the client trains again instead
-    assert again.replay(2, "abc") is None
-    again.json.write_text("{broken")
-    with pytest.raises(FedHFNodeStateError, match="privacy spent so far"):
-        again.privacy_state()
+    again.save_reply("uid1", {"round": 2, "global_digest": "abc", "metrics": {"weight": 1.0}, "info": {"x": 1}}, payload)
+    assert again.replay("uid1", 2, "other") is None and again.replay("uid1", 3, "abc") is None
+    arrays, meta = again.replay("uid1", 2, "abc")
+    assert all(np.array_equal(arrays[k], payload[k]) for k in payload) and meta["metrics"] == {"weight": 1.0}
+    (again.dir / "replies" / "uid1.safetensors").write_bytes(b"garbage")  # a damaged copy is never sent
+    assert again.replay("uid1", 2, "abc") is None
+    again.file.write_text("{broken")
+    with pytest.raises(FedHFNodeStateError, match="holds what earlier runs spent"):
+        with again.transaction():
+            pass
+    assert FedHFNodeStateError("x").public.startswith("the node's saved privacy state")  # no path leaves the node
 
 
-def test_node_keys_follow_the_data_not_the_node_id(tmp_path):
+def test_two_processes_of_one_node_take_turns_and_both_spends_count(tmp_path):
+    """Two ClientApp processes of one node (a hung round and the next) reserve under one lock: neither is lost."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    start_evt = ctx.Event()
+    procs = [ctx.Process(target=_reserve_many, args=(str(tmp_path), f"run{i}", 25, start_evt)) for i in range(2)]
+    for p in procs:
+        p.start()
+    start_evt.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with SpendStore(tmp_path, "data-x").transaction() as spend:
+        assert len(spend.entries) == 50
+        assert sorted({e["run_uid"] for e in spend.entries}) == ["run0", "run1"]
+
+
+def _reserve_many(root: str, run_uid: str, n: int, start_evt) -> None:
+    start_evt.wait(10)
+    store = SpendStore(Path(root), "data-x")
+    for i in range(n):
+        with store.transaction() as spend:
+            spend.add(_entry(run_uid, i, 1))
+
+
+def test_spend_saved_by_an_older_fedhf_is_imported_once(tmp_path):
+    old = tmp_path / "olduid" / f"{legacy_key(3, None)}.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"privacy": {"accountant": "rdp", "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0,
+                                           "history-sigma": [1.0], "history-q": [0.1], "history-steps": [30]}}))
+    store = SpendStore(tmp_path, "data-abc")
+    for _ in range(2):
+        with store.transaction(legacy=legacy_key(3, None)) as spend:
+            pass
+    with store.transaction() as spend:
+        assert [(e["run_uid"], e["steps"]) for e in spend.entries] == [("olduid", 30)]
+
+
+def test_legacy_keys_and_digests(tmp_path):
     silo = tmp_path / "silo"
     silo.mkdir()
-    assert node_key(7, str(silo)) == node_key(99, str(silo)) != node_key(7, str(tmp_path))
-    assert node_key(7, None) == "partition-7"
+    assert legacy_key(7, str(silo)) == legacy_key(99, str(silo)) != legacy_key(7, str(tmp_path))
+    assert legacy_key(7, None) == "partition-7"
     assert arrays_digest({"a": b"1", "b": b"2"}) == arrays_digest({"b": b"2", "a": b"1"}) != arrays_digest({"a": b"2", "b": b"1"})
 
 
@@ -335,10 +406,11 @@ def test_fault_plans(monkeypatch):
 
 def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_model_dir, synthetic_dir, tmp_path):
     """The ClientApp handler, as a SuperNode runs it: round 1 on one node, round 2 after a restart (new node
-    id, empty context.state); then round 2 asked again from the same global adapter (a resumed server)."""
+    id, empty context.state); then round 2 asked again from the same global adapter (a resumed server); then a
+    second run on the same data, which starts from the first one's spend."""
     from flwr.app import Context
 
-    from fedhf.client_app import PRIVACY_STATE, _train
+    from fedhf.client_app import _train
     from fedhf.config import LABEL_NAMES_KEY
     from fedhf.model import build_model, get_adapter_state
     from fedhf.node_state import RUN_UID_KEY
@@ -349,35 +421,40 @@ def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_mod
     initial = ArrayRecord(get_adapter_state(build_model(cfg, ["negative", "positive"])))
     node_config = {"data-path": str(synthetic_dir), "state-dir": str(tmp_path / "state")}
 
-    def message_config(rnd: int) -> ConfigRecord:
-        return ConfigRecord({**cfg.to_flat(), LABEL_NAMES_KEY: '["negative", "positive"]', RUN_UID_KEY: "run1",
+    def message_config(rnd: int, uid: str = "run1") -> ConfigRecord:
+        return ConfigRecord({**cfg.to_flat(), LABEL_NAMES_KEY: '["negative", "positive"]', RUN_UID_KEY: uid,
                              "server-round": rnd})
 
     def context(node_id: int) -> Context:
         return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
 
-    first = context(101)
-    r1 = _train(initial, message_config(1), first)
+    r1 = _train(initial, message_config(1), context(101), secure=False)
     steps_1 = int(r1["client-info"]["steps"])
-    assert PRIVACY_STATE in first.state and steps_1 > 0
-
-    restarted = context(202)  # Flower gives the restarted SuperNode a new id and an empty context
-    r2 = _train(r1["arrays"], message_config(2), restarted)
+    assert steps_1 > 0
+    r2 = _train(r1["arrays"], message_config(2), context(202), secure=False)  # a new node id, an empty context
     info = r2["client-info"]
     assert int(info["steps"]) == 2 * steps_1  # continued, not started again
+    assert info["accountant-id"] == r1["client-info"]["accountant-id"]
     q = float(info["sample-rate"])
     assert float(info["epsilon"]) == pytest.approx(epsilon_of("rdp", [(1.0, q, 2 * steps_1)], float(info["delta"])), rel=1e-9)
 
-    again = _train(r1["arrays"], message_config(2), context(303))  # the server resumed and repeats round 2
+    again = _train(r1["arrays"], message_config(2), context(303), secure=False)  # the server resumed, repeats round 2
     assert again["client-info"]["replayed"] is True and int(again["client-info"]["steps"]) == 2 * steps_1
     assert all(np.array_equal(again["arrays"][k].numpy(), r2["arrays"][k].numpy()) for k in r2["arrays"].keys())
-    fresh = _train(initial, message_config(2), context(404))  # a different global adapter: a new round of training
+    fresh = _train(initial, message_config(2), context(404), secure=False)  # another global adapter: trains again
     assert "replayed" not in fresh["client-info"] and int(fresh["client-info"]["steps"]) == 3 * steps_1
+
+    other = _train(initial, message_config(1, uid="run2"), context(505), secure=False)  # a new run on the same data
+    o = other["client-info"]
+    assert int(o["steps"]) == steps_1 and o["accountant-id"] != info["accountant-id"]  # the run's own accounting
+    lifetime = epsilon_of("rdp", [(1.0, q, 4 * steps_1)], float(o["delta"]))
+    assert float(o["lifetime-epsilon"]) == pytest.approx(lifetime, rel=1e-9)
+    assert float(o["lifetime-epsilon"]) > float(o["epsilon"])
 
 
 def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_path):
     """Simulation: client 0 trained a round whose reply the server did not use (cut off by a restart, or too late),
-    client 1 only ever trained in such a round. The ledger takes their own saved accountants' figures."""
+    client 1 only ever trained in such a round. The ledger takes their own saved spend."""
     from fedhf.ledger import ledger_table
     from fedhf.privacy import SampleAccount
     from fedhf.server_app import _count_saved_spend
@@ -385,6 +462,7 @@ def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_pa
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
+    uid = rec.data["run_uid"]
     reported = SampleAccount("rdp", 1e-3, 1.0, 1.0, [(1.0, 0.1, 10)])
     rec.data["privacy"]["clients"]["0"] = {
         "delta": 1e-3, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.1, "accountant": "rdp",
@@ -392,11 +470,14 @@ def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_pa
         "reported_epsilon": reported.epsilon, "reported_steps": 10, "reported_delta": 1e-3,
         "epsilon": reported.epsilon, "steps": 10}
     state = tmp_path / "client-state"
+    with SpendStore(state, "data-0").transaction() as spend:
+        spend.add(_entry(uid, 1, 10, pid=0))
+        spend.add(_entry(uid, 2, 10, pid=0))
+        spend.add(_entry("another-run", 1, 10, pid=0))  # not this run's
+    with SpendStore(state, "data-1").transaction() as spend:
+        spend.add(_entry(uid, 1, 5, pid=1, sigma=1.5, q=0.2, delta=2e-3))
     more = SampleAccount("rdp", 1e-3, 1.0, 1.0, [(1.0, 0.1, 20)])
-    NodeStore(state, rec.data["run_uid"], "partition-0").save(more.to_state())
     only = SampleAccount("rdp", 2e-3, 1.5, 1.0, [(1.5, 0.2, 5)])
-    NodeStore(state, rec.data["run_uid"], "partition-1").save(only.to_state())
-    NodeStore(state, "another-run", "partition-2").save(more.to_state())  # not this run's
     _count_saved_spend(rec, state)
     ledger = json.loads((rec.dir / "run.json").read_text())["privacy"]["clients"]
     assert ledger["0"]["steps"] == 20 and ledger["0"]["epsilon"] == pytest.approx(more.epsilon, rel=1e-12)

@@ -82,11 +82,14 @@ def copy_run(src: Path, dst: Path, **changes) -> Path:
 
 
 def test_run_draws_its_plots_and_the_card_shows_them(tiny_run):
-    for name in ("metrics.png", "epsilon.png", "label_distribution.png"):
+    for name in ("metrics.png", "epsilon.png"):
         for folder in (tiny_run / "plots", tiny_run / "hub" / "plots"):
             data = (folder / name).read_bytes()
             assert data.startswith(PNG) and len(data) > 5_000, (folder, name)
         assert f"![{name}](plots/{name})" in (tiny_run / "hub" / "README.md").read_text()
+    # A DP run whose clients shared no label histograms publishes none: no label-distribution plot either.
+    assert not (tiny_run / "plots" / "label_distribution.png").exists()
+    assert "label_distribution" not in (tiny_run / "hub" / "README.md").read_text()
 
 
 def test_plots_skip_what_a_run_does_not_have(tmp_path, tiny_run):

@@ -77,8 +77,9 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
         while time.time() < deadline:
             pointer = run_dir / "checkpoint.json"
             if pointer.is_file() and json.loads(pointer.read_text())["round"] == 2:
-                replied = [p for p in (run_dir / "client-state").glob("*/partition-*.json")
-                           if json.loads(p.read_text()).get("last_reply", {}).get("round") == 3]
+                uid = json.loads((run_dir / "run.json").read_text())["run_uid"]
+                replied = [p for p in (run_dir / "client-state").glob(f"*/replies/{uid}.json")
+                           if json.loads(p.read_text()).get("round") == 3]
                 if len(replied) == 2:  # clients 1 and 2 have trained round 3 and sent their replies
                     break
             assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -105,12 +106,15 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
         assert got["epsilon"] == pytest.approx(entry["epsilon"], rel=1e-6), pid
         assert got["steps"] == entry["steps"] and "accountant_resets" not in got
         assert [r["round"] for r in got["rounds"]] == [1, 2, 3, 4]
-    # each client's own saved history agrees with the ledger
-    for f in (run_dir / "client-state" / run["run_uid"]).glob("partition-*.json"):
-        pid = f.stem.split("-")[1]
-        saved = json.loads(f.read_text())["privacy"]
-        assert sum(saved["history-steps"]) == run["privacy"]["clients"][pid]["steps"]
-    assert not list((run_dir / "client-state").rglob("*.reply.safetensors"))  # individual updates: gone once complete
+    # each client's own saved spend agrees with the ledger (the killed attempt's round 3 counted once)
+    stores = list((run_dir / "client-state").glob("data-*/spend.json"))
+    assert len(stores) == 3
+    for f in stores:
+        entries = [e for e in json.loads(f.read_text())["entries"] if e["run_uid"] == run["run_uid"]]
+        (pid,) = {e["partition_id"] for e in entries}
+        assert sum(e["steps"] for e in entries) == run["privacy"]["clients"][str(pid)]["steps"]
+        assert sorted(e["round"] for e in entries) == [1, 2, 3, 4]
+    assert not list((run_dir / "client-state").rglob("*.safetensors"))  # individual updates: gone once complete
     pred = fedhf("predict", "--model", str(run_dir), "--text", "the film was great number 3", env=cli_env(tmp_path))
     assert pred.returncode == 0 and pred.stdout.split("\t")[0] in ("negative", "positive"), pred.stderr[-2000:]
     again = fedhf("run", "--resume", str(run_dir), env=cli_env(tmp_path))

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from fedhf.artifacts import RunRecorder
+from fedhf.client_app import PolicyRefusal, guard_mod
 from fedhf.config import parse_config
 from fedhf.errors import FedHFConfigError
 from fedhf.secagg import (
@@ -77,6 +78,9 @@ class InProcessGrid(Grid):
             except Exception as exc:  # noqa: BLE001 - a client crash is an error reply, as on a SuperNode
                 replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
                 continue
+            if out.has_error():  # a ClientApp's own error reply (fedhf's guard_mod), as a SuperNode sends it
+                replies.append(Message(out.error, reply_to=m))
+                continue
             replies.append(Message(copy.deepcopy(out.content), reply_to=m))
         return replies
 
@@ -86,9 +90,9 @@ def client_update(node_config: dict) -> dict[str, np.ndarray]:
     return {name: rng.normal(0.0, 0.3, size=shape).astype(np.float32) for name, shape in SHAPES.items()}
 
 
-def toy_app(cfg) -> ClientApp:
+def toy_app(cfg, extra_mods=()) -> ClientApp:
     """A client that 'trains' to a known, node-specific adapter (so the exact FedAvg is known)."""
-    app = ClientApp(mods=[secure_aggregation_mod])
+    app = ClientApp(mods=[guard_mod, *extra_mods, secure_aggregation_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -98,14 +102,17 @@ def toy_app(cfg) -> ClientApp:
         if int(node.get("fail-at-stage2", 0)):
             raise RuntimeError("simulated crash while training")
         n = int(node["n"])
+        if not n:  # this node's policy refuses the round: it drops out of the protocol, naming the rule
+            raise PolicyRefusal(int(node["seed"]), "max-epsilon", "the node's budget would be exceeded")
         content = RecordDict({
-            "metrics": MetricRecord({"train-loss": 0.5, "num-examples": n, "uniform-weight": 1.0}),
+            "metrics": MetricRecord({"weight": float(n), "train-loss": 0.5, "num-examples": n}),
             "client-info": ConfigRecord({"partition-id": int(node["seed"]), "label-histogram": [n, 0],
-                                         "handler-seconds": 0.1, "status": "trained" if n else "budget-exhausted",
-                                         "train-seconds": 0.1, "train-steps": 1, "train-tokens": 10}),
+                                         "handler-seconds": 0.1, "status": "trained", "train-seconds": 0.1,
+                                         "train-steps": 1, "train-tokens": 10,
+                                         "shared": ["label-histogram", "num-examples", "timings", "train-loss",
+                                                    "train-tokens"]}),
         })
-        if n:
-            content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in client_update(node).items()})
+        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in client_update(node).items()})
         return Message(fitres_content(content, arrays, cfg), reply_to=msg)
 
     return app
@@ -221,21 +228,27 @@ def test_a_dropped_client_below_the_threshold_does_not_stop_the_round():
     replies = list(grid.send_and_receive(_train_messages(grid)))
     errors = [r for r in replies if r.has_error()]
     assert len(errors) == 1 and errors[0].metadata.src_node_id == 4
-    assert "simulated crash while training" in errors[0].error.reason  # the client's own reason reaches the server
+    # the kind of failure reaches the server; the exception's text (which could quote data) stays on the node
+    assert "RuntimeError on the node" in errors[0].error.reason and "simulated crash" not in errors[0].error.reason
     survivors = {k: v for k, v in nodes.items() if k != 4}
     _check_equals_fedavg(replies, survivors, settings)  # the dropped client's masks were removed
     assert rounds[0]["dropped"] == 1 and rounds[0]["participants"] == 3 and rounds[0]["completed"]
 
 
-def test_a_budget_exhausted_client_takes_part_with_weight_zero():
+def test_a_refusing_node_drops_out_and_the_server_sees_a_refusal_not_a_failure():
     cfg = _cfg()
     nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 0}, 3: {"seed": 3, "n": 60}}
     settings = SecAggSettings.from_config(cfg)
-    grid = SecureAggregationGrid(InProcessGrid(toy_app(cfg), nodes), settings)
+    rounds = []
+    grid = SecureAggregationGrid(InProcessGrid(toy_app(cfg), nodes), settings, rounds.append)
     replies = list(grid.send_and_receive(_train_messages(grid)))
-    exhausted = [r for r in replies if r.metadata.src_node_id == 2]
-    assert "arrays" not in exhausted[0].content.array_records  # the strategy sees no update from it
+    (refused,) = [r for r in replies if r.metadata.src_node_id == 2]
+    assert not refused.has_error() and "arrays" not in refused.content.array_records  # no update from it
+    info = refused.content["client-info"]
+    assert (info["status"], info["rule"], info["partition-id"]) == ("refused", "max-epsilon", 2)
+    assert set(refused.content.keys()) == {"client-info"}  # nothing computed from its data
     _check_equals_fedavg(replies, {k: v for k, v in nodes.items() if k != 2}, settings)
+    assert rounds[0]["dropped"] == 1 and rounds[0]["completed"]
 
 
 def test_the_strategy_aggregates_the_secure_sum_like_plain_fedavg(tmp_path):
@@ -256,7 +269,7 @@ def test_the_strategy_aggregates_the_secure_sum_like_plain_fedavg(tmp_path):
     tol = quantization_tolerance([100, 200, 300], settings, max(float(np.abs(v).max()) for v in expected.values()))
     for name, arr in arrays.items():
         assert float(np.abs(arr.numpy() - expected[name]).max()) <= tol + 1e-7
-    assert int(metrics["num-examples"]) == 600
+    assert int(metrics["weight"]) == 600
     saved = json.loads((tmp_path / "s" / "run.json").read_text())["secure_aggregation"]
     assert saved["quantization_range"] == 4194304 and saved["quantization_bits"] == 22
     assert saved["rounds"][0]["participants"] == 3
@@ -307,14 +320,14 @@ def test_bad_secagg_config_names_the_key(overrides, fragment):
 def test_a_client_above_max_weight_stops_with_the_key_to_raise():
     cfg = _cfg(**{"strategy.secagg-max-weight": 50.0})
     received = ArrayRecord(array_dict={k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
-    content = RecordDict({"metrics": MetricRecord({"train-loss": 0.1, "num-examples": 51}),
+    content = RecordDict({"metrics": MetricRecord({"weight": 51.0}),
                           "client-info": ConfigRecord({}), "arrays": received})
     with pytest.raises(FedHFConfigError, match="raise strategy.secagg-max-weight to at least 51"):
         fitres_content(content, received, cfg)
 
 
 def test_one_contributor_is_never_unmasked():
-    """Client 2 is out of budget (weight 0): a 'sum' of client 1 alone would be client 1's update."""
+    """Client 2 refuses the round: a 'sum' of client 1 alone would be client 1's update."""
     cfg = _cfg()
     nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 0}}
     rounds = []
@@ -323,7 +336,7 @@ def test_one_contributor_is_never_unmasked():
     assert not any("arrays" in r.content.array_records for r in replies if not r.has_error())
     lone = next(r for r in replies if r.metadata.src_node_id == 1)
     assert lone.content["client-info"]["status"] == "not-aggregated"
-    assert "only one client's update" in lone.content["client-info"]["secagg-withheld"]
+    assert "too many clients dropped out" in lone.content["client-info"]["secagg-withheld"]
     assert rounds[0]["completed"] is False and rounds[0]["contributors"] == 0
 
 
@@ -376,5 +389,50 @@ def test_a_plain_train_message_is_refused_when_the_run_asks_for_secure_aggregati
                               "config": ConfigRecord({**_cfg().to_flat(), "server-round": 1})}),
                   dst_node_id=1, message_type=MessageType.TRAIN, group_id="1")
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
-    with pytest.raises(FedHFConfigError, match="refusing to send the adapter in the clear"):
-        app(msg, ctx)
+    reply = app(msg, ctx)
+    info = reply.content["client-info"]
+    assert (info["status"], info["rule"]) == ("refused", "strategy.secure-aggregation")
+    assert "not sent in the clear" in info["reason"] and set(reply.content.keys()) == {"client-info", "metrics"}
+    assert len(reply.content["metrics"]) == 0
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_before_sending_any_key():
+    """The set-up stage carries the run config: a node whose policy refuses the run leaves before the key exchange."""
+    from fedhf.client_app import make_client_app
+
+    cfg = _cfg(**{"privacy.mode": "none"})
+    nodes = {1: {"partition-id": 0, "num-partitions": 2, "min-privacy": "sample"},
+             2: {"partition-id": 1, "num-partitions": 2, "min-privacy": "sample"}}
+    inner = InProcessGrid(make_client_app(), nodes)
+    grid = SecureAggregationGrid(inner, SecAggSettings.from_config(cfg))
+    replies = list(grid.send_and_receive(_train_messages(grid)))
+    assert [r.content["client-info"]["rule"] for r in replies] == ["min-privacy", "min-privacy"]
+    # only the set-up stage went out; every node answered it with its refusal (no public key, no share)
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    assert {m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] for m in inner.sent} == {Stage.SETUP}
+
+
+def test_a_node_refusing_at_set_up_does_not_break_the_others_round():
+    """Flower 1.42 would count a node that failed the set-up stage as 'dead' at unmasking and ask the others for its
+    shares, which they never got (KeyError on every client): fedhf drops it from the sampled nodes instead."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    cfg = _cfg()
+
+    def refuse_setup(msg, context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if context.node_config.get("refuse") and configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+            raise PolicyRefusal(int(context.node_config["seed"]), "min-privacy", "no DP in this run")
+        return call_next(msg, context)
+
+    app = toy_app(cfg, extra_mods=[refuse_setup])  # after guard_mod, before the SecAgg+ mod
+    nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 50}, 3: {"seed": 3, "n": 80}, 4: {"seed": 4, "n": 10, "refuse": 1}}
+    settings = SecAggSettings.from_config(cfg)
+    rounds = []
+    grid = SecureAggregationGrid(InProcessGrid(app, nodes), settings, rounds.append)
+    replies = list(grid.send_and_receive(_train_messages(grid)))
+    (refused,) = [r for r in replies if r.metadata.src_node_id == 4]
+    assert refused.content["client-info"]["rule"] == "min-privacy"
+    _check_equals_fedavg(replies, {k: v for k, v in nodes.items() if k != 4}, settings)
+    assert rounds[0]["completed"] and rounds[0]["participants"] == 3 and rounds[0]["dropped"] == 1

@@ -19,21 +19,34 @@ def _meta(node: int) -> Metadata:
                     group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
 
 
-def train_reply(node: int, pid: int, value: float, n: int, loss: float) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord({"w": torch.full((2, 2), value)}),
-        "metrics": MetricRecord({"train-loss": loss, "num-examples": n}),
-        "client-info": ConfigRecord({"partition-id": pid, "train-seconds": 1.5, "handler-seconds": 2.0, "train-steps": 3,
-                                     "train-tokens": 40, "label-histogram": [n // 2, n - n // 2]}),
-    })
+ALL_SHARED = ["label-histogram", "num-examples", "timings", "train-loss", "train-tokens"]
+
+
+def train_reply(node: int, pid: int, value: float, n: int, loss: float, shared: list[str] | None = None) -> Message:
+    shared = ALL_SHARED if shared is None else shared
+    metrics = {"weight": float(n) if "num-examples" in shared else 1.0}
+    if "num-examples" in shared:
+        metrics["num-examples"] = n
+    if "train-loss" in shared:
+        metrics["train-loss"] = loss
+    info = {"partition-id": pid, "status": "trained", "train-steps": 3, "shared": shared}
+    if "timings" in shared:
+        info.update({"train-seconds": 1.5, "handler-seconds": 2.0})
+    if "train-tokens" in shared:
+        info["train-tokens"] = 40
+    if "label-histogram" in shared:
+        info["label-histogram"] = [n // 2, n - n // 2]
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.full((2, 2), value)}), "metrics": MetricRecord(metrics),
+                          "client-info": ConfigRecord(info)})
     return Message(content=content, metadata=_meta(node))
 
 
-def begin(s, rec: RunRecorder, rnd: int, sampled: int) -> None:
+def begin(s, rec: RunRecorder, rnd: int, sampled: int, nodes: list[int] | None = None) -> None:
     """What configure_train leaves behind: the round started, the global adapter the replies are checked against."""
     inner = getattr(s, "strategy", s)
     inner.latest_arrays = ArrayRecord({"w": torch.zeros(2, 2)})
     inner.dtypes = {"w": np.dtype(np.float32)}
+    inner.sampled = list(nodes or [])
     rec.start_round(rnd, 16, sampled)
 
 
@@ -62,8 +75,9 @@ def test_fedavg_weights_by_examples_and_records_clients(tmp_path):
     arrays, metrics = s.aggregate_train(1, replies)
     w = arrays.to_torch_state_dict()["w"]
     assert torch.allclose(w, torch.full((2, 2), (1.0 * 30 + 4.0 * 10) / 40))
-    assert metrics["num-examples"] == 40 and abs(metrics["train-loss"] - (0.5 * 30 + 0.9 * 10) / 40) < 1e-12
+    assert metrics["weight"] == 40
     row = rec.end_round(1, {"loss": 0.4, "accuracy": 0.8, "f1": 0.79}, 0.1)
+    assert row["weighting"] == "examples"
     assert [c["partition-id"] for c in row["clients"]] == [0, 1]
     assert row["failures"] == [{"node-id": 13, "reason": "client crashed"}]
     assert row["client_train_seconds"] == {"0": 1.5, "1": 1.5}
@@ -80,12 +94,24 @@ def test_round_with_no_update_fails_the_run(tmp_path):
         s.aggregate_train(1, [error_reply(1, "Traceback...\nout of memory"), error_reply(2, "disk full")])
 
 
-def test_train_metrics_aggregation_ignores_bookkeeping():
-    records = [RecordDict({"m": MetricRecord({"train-loss": 1.0, "num-examples": 1})}),
-               RecordDict({"m": MetricRecord({"train-loss": 2.0, "num-examples": 3})})]
-    agg = train_metrics_aggr(records, "num-examples")
-    assert dict(agg) == {"train-loss": 1.75, "num-examples": 4}
-    assert np.isclose(agg["train-loss"], 1.75)
+def test_train_metrics_aggregation_sums_the_weights():
+    records = [RecordDict({"m": MetricRecord({"weight": 1.0})}), RecordDict({"m": MetricRecord({"weight": 3.0})})]
+    assert dict(train_metrics_aggr(records, "weight")) == {"weight": 4.0}
+
+
+def test_a_client_that_keeps_its_count_private_gets_equal_weights_for_everyone(tmp_path):
+    """DP clients share nothing by default: the server averages uniformly rather than mix 1s with counts, and
+    records no train loss it was not given."""
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "u"})
+    rec = RunRecorder(cfg)
+    s = build_strategy(cfg, rec)
+    begin(s, rec, 1, 2)
+    arrays, _ = s.aggregate_train(1, [train_reply(11, 0, 1.0, 30, 0.5), train_reply(12, 1, 4.0, 10, 0.9, shared=[])])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.5))  # (1 + 4) / 2
+    row = rec.end_round(1, {"loss": 0.4, "accuracy": 0.8, "f1": 0.79}, 0.1)
+    assert row["weighting"] == "uniform" and row["train_loss"] is None
+    assert rec.data["shared"] == {"0": ALL_SHARED, "1": []}
+    assert [c.get("label-histogram") for c in row["clients"]] == [[15, 15], None]
 
 
 def test_run_json_status_and_atomic_rewrites(tmp_path):
@@ -100,6 +126,14 @@ def test_run_json_status_and_atomic_rewrites(tmp_path):
     assert not list((tmp_path / "r").glob("*.tmp"))
     with pytest.raises(FileExistsError, match="already holds a run"):
         RunRecorder(cfg)
+    assert json.loads((tmp_path / "r" / ".fedhf-run").read_text())["run_uid"] == data["run_uid"]
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    (foreign / "checkpoints").mkdir()
+    with pytest.raises(FileExistsError, match="will not adopt another one"):
+        RunRecorder(parse_config({"output-dir": str(tmp_path), "run-name": "theirs"}))
+    assert sorted(p.name for p in foreign.iterdir()) == ["checkpoints", "thesis.tex"]  # untouched
 
 
 def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
@@ -114,18 +148,19 @@ def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
     s = build_strategy(cfg, rec, population=4)
     s.current_arrays = ArrayRecord({"w": torch.zeros(2, 2)})
     s.strategy.population = 4
-    begin(s, rec, 1, 3)
+    begin(s, rec, 1, 3, nodes=[11, 12, 13])
     replies = [train_reply(11, 0, 1.0, 30, 0.5), train_reply(12, 1, 4.0, 10, 0.9), error_reply(13, "lost")]
-    for r in replies[:2]:
-        r.content["metrics"]["uniform-weight"] = 1.0
     arrays, _ = s.aggregate_train(1, replies)
     w = arrays.to_torch_state_dict()["w"]
     assert torch.allclose(w, torch.full((2, 2), 2.5), atol=1e-3)  # (1 + 4) / 2: equal weights, not 30:10
     assert s.num_sampled_clients == 2  # noise scaled to the updates actually averaged
     cl = rec.data["privacy"]["client_level"]
-    assert cl["rounds"][0]["sample_rate"] == 0.5 and cl["rounds"][0]["clients_aggregated"] == 2
+    # q = clients sampled / population: the client that failed after being sampled does not lower it
+    assert cl["rounds"][0]["sample_rate"] == 0.75 and cl["rounds"][0]["clients_aggregated"] == 2
+    assert cl["rounds"][0]["clients_sampled"] == 3
+    assert cl["delta"] == 1e-5  # min(1e-5, 0.1 / 4)
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-    eps, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=0.5, noise_multiplier=1e-6, steps=1, orders=orders),
+    eps, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=0.75, noise_multiplier=1e-6, steps=1, orders=orders),
                                delta=cl["delta"])
     assert cl["epsilon"] == pytest.approx(eps, rel=1e-6)
     acc = ClientLevelAccount(1.0, 1e-3)
@@ -164,64 +199,104 @@ def test_adaptive_clipping_accounts_the_count_release(tmp_path):
     assert cl["effective_noise_multiplier"] < 1.0 == effective_client_sigma(1.0, None)
 
 
-def exhausted_reply(node: int, pid: int, eps: float, projected: float, budget: float) -> Message:
-    content = RecordDict({
-        "metrics": MetricRecord({"train-loss": 0.0, "num-examples": 0, "uniform-weight": 0.0}),
-        "client-info": ConfigRecord({"partition-id": pid, "status": "budget-exhausted", "handler-seconds": 0.1,
-                                     "label-histogram": [5, 5], "epsilon": eps, "projected-epsilon": projected,
-                                     "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0, "sample-rate": 0.1,
-                                     "steps": 10, "accountant": "rdp", "max-epsilon": budget}),
-    })
+def refused_reply(node: int, pid: int, rule: str = "max-epsilon") -> Message:
+    content = RecordDict({"client-info": ConfigRecord({"partition-id": pid, "status": "refused", "rule": rule,
+                                                       "reason": "the node's budget would be exceeded"})})
     return Message(content=content, metadata=_meta(node))
 
 
-def test_budget_exhausted_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
+def test_refusing_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
     from fedhf.strategy import RunStopped
 
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "b", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
     s = build_strategy(cfg, rec)
+    begin(s, rec, 1, 3)
+    s.aggregate_train(1, [dp_reply(11, 0, 1.0, 10), dp_reply(12, 1, 1.0, 10), dp_reply(13, 2, 1.0, 10)])
+    rec.end_round(1, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
     begin(s, rec, 2, 3)
-    arrays, _ = s.aggregate_train(2, [train_reply(11, 0, 1.0, 10, 0.5), train_reply(12, 1, 3.0, 10, 0.5),
-                                      exhausted_reply(13, 2, 2.9, 3.4, 3.0)])
-    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # the exhausted client is not averaged
-    assert s.exhausted == {13}
+    arrays, _ = s.aggregate_train(2, [train_dp(11, 0, 1.0), train_dp(12, 1, 3.0), refused_reply(13, 2)])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # the refusing client is not averaged
+    assert s.exhausted == {13} and "max-epsilon" in s.excluded[13]
     row = rec.end_round(2, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
-    assert row["privacy"]["exhausted"] == [2]
+    assert row["privacy"]["exhausted"] == [2] and row["refused"] == [
+        {"node-id": 13, "partition-id": 2, "rule": "max-epsilon", "reason": "the node's budget would be exceeded"}]
     entry = rec.data["privacy"]["clients"]["2"]
-    assert entry["stopped"] == {"round": 2, "reason": "budget-exhausted", "projected_epsilon": 3.4}
+    assert entry["stopped"]["round"] == 2 and entry["stopped"]["reason"] == "max-epsilon"
     begin(s, rec, 3, 2)
-    with pytest.raises(RunStopped, match="every sampled client has exhausted its privacy budget"):
-        s.aggregate_train(3, [exhausted_reply(11, 0, 2.9, 3.5, 3.0), exhausted_reply(12, 1, 2.9, 3.5, 3.0)])
+    with pytest.raises(RunStopped, match="every sampled client refused \\(max-epsilon: the node's budget"):
+        s.aggregate_train(3, [refused_reply(11, 0), refused_reply(12, 1)])
 
 
-def dp_reply(node: int, pid: int, epsilon: float, steps: int, budget: float = 0.0) -> Message:
-    msg = train_reply(node, pid, 1.0, 10, 0.5)
+def test_too_few_nodes_left_after_refusals_end_the_run_before_the_round(tmp_path):
+    from fedhf.strategy import RunStopped
+
+    class Grid3:
+        def get_node_ids(self):
+            return [11, 12, 13]
+
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "few", "strategy.min-available-nodes": 2})
+    rec = RunRecorder(cfg)
+    s = build_strategy(cfg, rec)
+    begin(s, rec, 1, 3)
+    s.aggregate_train(1, [train_reply(11, 0, 1.0, 10, 0.5), refused_reply(12, 1, "min-privacy"),
+                          refused_reply(13, 2, "require-secure-aggregation")])
+    with pytest.raises(RunStopped, match="only 1 client\\(s\\) can still train.*min-privacy.*require-secure-aggregation"):
+        s.configure_train(2, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord({}), Grid3())
+
+
+def dp_reply(node: int, pid: int, epsilon: float, steps: int, budget: float = 0.0, acc_id: str = "acc",
+             sigma: float = 20.0) -> Message:
+    msg = train_reply(node, pid, 1.0, 10, 0.5, shared=[])
     info = msg.content["client-info"]
-    info.update({"status": "trained", "epsilon": epsilon, "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0,
-                 "sample-rate": 0.1, "steps": steps, "accountant": "rdp", "max-epsilon": budget})
+    info.update({"epsilon": epsilon, "delta": 1e-3, "noise-multiplier": sigma, "max-grad-norm": 1.0,
+                 "sample-rate": 0.1, "steps": steps, "accountant": "rdp", "accountant-id": f"{acc_id}-{pid}",
+                 "max-epsilon": budget})
+    return msg
+
+
+def train_dp(node: int, pid: int, value: float) -> Message:
+    msg = dp_reply(node, pid, 1.5, 20)
+    msg.content["arrays"] = ArrayRecord({"w": torch.full((2, 2), value)})
     return msg
 
 
 def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_budget(tmp_path):
-    """A SuperNode that lost its context reports epsilon from zero again: the ledger composes (sums) instead."""
+    """A node that lost its state reports from zero again, under a new accountant id: the ledger composes (sums)."""
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
     s = build_strategy(cfg, rec)
-    for rnd, (eps0, steps0) in enumerate([(1.0, 10), (1.5, 20), (1.0, 10)], start=1):  # round 3: client 0 restarted
+    plan = [(5.0, 10, "acc"), (7.5, 20, "acc"), (5.0, 10, "new")]  # round 3: client 0's accountant is new
+    for rnd, (eps0, steps0, acc) in enumerate(plan, start=1):
         begin(s, rec, rnd, 2)
-        s.aggregate_train(rnd, [dp_reply(11, 0, eps0, steps0, budget=3.0), dp_reply(12, 1, 0.5 * rnd, 10 * rnd)])
+        s.aggregate_train(rnd, [dp_reply(11, 0, eps0, steps0, budget=15.0, acc_id=acc), dp_reply(12, 1, 2.5 * rnd, 10 * rnd)])
         rec.end_round(rnd, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
     e = rec.data["privacy"]["clients"]["0"]
-    assert [r["epsilon"] for r in e["rounds"]] == [1.0, 1.5, 2.5]  # 1.5 spent before the restart + 1.0 after
-    assert e["epsilon"] == 2.5 and e["steps"] == 30 and e["delta"] == pytest.approx(2e-3) and e["accountant_resets"] == 1
-    assert rec.data["privacy"]["clients"]["1"]["epsilon"] == 1.5 and "accountant_resets" not in rec.data["privacy"]["clients"]["1"]
+    assert [r["epsilon"] for r in e["rounds"]] == [5.0, 7.5, 12.5]  # 7.5 spent before the restart + 5.0 after
+    assert e["epsilon"] == 12.5 and e["steps"] == 30 and e["delta"] == pytest.approx(2e-3) and e["accountant_resets"] == 1
+    assert rec.data["privacy"]["clients"]["1"]["epsilon"] == 7.5 and "accountant_resets" not in rec.data["privacy"]["clients"]["1"]
     assert s.exhausted == set()
+    # a new id with *more* steps than before is a restart too (step counts alone would miss it)
     begin(s, rec, 4, 2)
-    s.aggregate_train(4, [dp_reply(11, 0, 1.5, 20, budget=3.0), dp_reply(12, 1, 2.0, 40)])  # composed 3.0 reaches the budget
+    s.aggregate_train(4, [dp_reply(11, 0, 7.5, 20, budget=15.0, acc_id="third"), dp_reply(12, 1, 10.0, 40)])
+    assert rec.data["privacy"]["clients"]["0"]["accountant_resets"] == 2
+    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == 20.0  # 7.5 + 5.0 + 7.5 reached the budget 15
     assert s.exhausted == {11}  # the server stops sampling it, whatever its fresh accountant says
+
+
+def test_the_ledger_never_takes_less_than_the_reported_sigma_q_and_steps_give(tmp_path):
+    from fedhf.privacy import epsilon_of
+
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "f", "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
+    s = build_strategy(cfg, rec)
+    begin(s, rec, 1, 2)
+    s.aggregate_train(1, [dp_reply(11, 0, 0.01, 10, sigma=0.2), dp_reply(12, 1, 0.01, 10, sigma=0.2)])  # far below
+    want = epsilon_of("rdp", [(0.2, 0.1, 10)], 1e-3)
+    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == pytest.approx(want) and want > 1.0
 
 
 def test_a_round_secure_aggregation_withheld_keeps_the_adapter_and_the_privacy_spend(tmp_path):
@@ -230,10 +305,34 @@ def test_a_round_secure_aggregation_withheld_keeps_the_adapter_and_the_privacy_s
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
     s = build_strategy(cfg, rec)
     begin(s, rec, 1, 2)
-    withheld = dp_reply(11, 0, 0.8, 10)
+    withheld = dp_reply(11, 0, 5.0, 10)
     del withheld.content.array_records["arrays"]
     withheld.content["client-info"]["status"] = "not-aggregated"
-    arrays, metrics = s.aggregate_train(1, [withheld, exhausted_reply(12, 1, 2.9, 3.4, 3.0)])
+    withheld.content["metrics"]["weight"] = 1.0
+    arrays, metrics = s.aggregate_train(1, [withheld, refused_reply(12, 1)])
     assert arrays is None and metrics is None  # Flower keeps the previous global adapter
-    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == 0.8  # spent, recorded, though not released
+    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == 5.0  # spent, recorded, though not released
     assert "stopped" not in rec.data["privacy"]["clients"]["0"] and s.exhausted == {12}
+
+
+def test_adaptive_clipping_noise_uses_the_norm_that_clipped_the_round(tmp_path, monkeypatch):
+    """Flower's adaptive wrapper moves C to next round's value before it adds noise; fedhf noises with this round's C."""
+    import flwr.serverapp.strategy.dp_adaptive_clipping as dpa
+
+    seen = []
+    real = dpa.compute_stdv
+    monkeypatch.setattr(dpa, "compute_stdv", lambda sigma, c, m: seen.append(c) or real(sigma, c, m))
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "ad", "privacy.mode": "client",
+                        "privacy.client-clipping": "server-adaptive", "privacy.client-clipped-count-stddev": 2.0,
+                        "privacy.client-clipping-norm": 0.1})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "client"})
+    s = build_strategy(cfg, rec, population=3)
+    s.current_arrays = ArrayRecord({"w": torch.zeros(2, 2)})
+    s.strategy.population = 3
+    begin(s, rec, 1, 3, nodes=[11, 12, 13])
+    before = s.clipping_norm
+    s.aggregate_train(1, [train_reply(11, 0, 5.0, 10, 0.5), train_reply(12, 1, 5.0, 10, 0.5), train_reply(13, 2, 5.0, 10, 0.5)])
+    assert seen == [before]  # noise calibrated to the C that clipped these updates
+    assert s.clipping_norm != before  # ... while C itself did adapt for the next round
+    assert rec.data["privacy"]["client_level"]["rounds"][0]["clipping_norm"] == before

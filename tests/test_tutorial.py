@@ -103,7 +103,7 @@ def test_every_tutorial_command_runs_as_written(tmp_path, shared_data_dir):
     assert dp["config"]["model.pooling"] == "mean" and dp["config"]["train.optimizer"] == "sgd"
     assert json.loads((out / "dp" / "hub" / "fedhf.json").read_text())["pooling"] == "mean"  # travels to the Hub
     budget = json.loads((out / "budget" / "run.json").read_text())["privacy"]["clients"]
-    assert budget["0"]["stopped"]["reason"] == "budget-exhausted" and budget["0"]["epsilon"] <= 3.0
+    assert budget["0"]["stopped"]["reason"] == "max-epsilon" and budget["0"]["epsilon"] <= 3.0
     assert [len(budget[p]["rounds"]) for p in ("1", "2")] == [3, 3]
     langs = {e["data"]["data.languages"] for e in json.loads((out / "afrisenti" / "run.json").read_text())["evaluations"]}
     assert langs == {"hau", "orm"}

@@ -30,7 +30,8 @@ status  Show what runs; exit 0 when the SuperLink and every SuperNode run, 1 oth
 Options:
   --nodes N           number of SuperNodes (start)
   --dir DIR           working directory of this federation
-  --port P            SuperLink port on 127.0.0.1 (default: a free port)
+  --port P            SuperLink Fleet port on 127.0.0.1 (default: a free port); the Control API
+                      listens on P + 1 (default: another free port)
   --connection NAME   connection name written to \$FLWR_HOME/config.toml (default fedhf-local)
   --flwr-home H       FLWR_HOME to use (default DIR/flwr-home)
   --node-config STR   extra node config for every SuperNode, e.g. "max-epsilon=8"
@@ -53,7 +54,7 @@ case "$CMD" in
   *) usage_error "unknown command '$CMD' (start, stop or status)" ;;
 esac
 
-NODES="" DIR="" PORT="" CONN="fedhf-local" FHOME="" EXTRA_NC="" TIMEOUT=""
+NODES="" DIR="" PORT="" CPORT="" CONN="fedhf-local" FHOME="" EXTRA_NC="" TIMEOUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -91,7 +92,7 @@ do_stop() {
       stop_pidfile "$f" "SuperNode $name" "$t" flower-supernode || rc=1
     done
   fi
-  stop_pidfile "$SL_STATE/superlink.pid" SuperLink "$t" flower-superlink || rc=1
+  stop_pidfile "$SL_STATE/superlink.pid" SuperLink "$t" fedhf.superlink || rc=1
   return "$rc"
 }
 
@@ -102,8 +103,8 @@ do_status() {
   [ -f "$ENV_FILE" ] && sed 's/^/  /' "$ENV_FILE"
   pid="$(read_pidfile "$SL_STATE/superlink.pid")"
   addr="$(cat "$SL_STATE/superlink.addr" 2>/dev/null || true)"
-  if [ -n "$pid" ] && pid_alive "$pid" flower-superlink; then
-    echo "SuperLink      running  PID $pid  $addr"
+  if [ -n "$pid" ] && pid_alive "$pid" fedhf.superlink; then
+    echo "SuperLink      running  PID $pid  Fleet $addr  Control $(cat "$SL_STATE/superlink.control" 2>/dev/null || echo ?)"
   else
     echo "SuperLink      stopped${pid:+ (stale PID $pid)}"
     all=1
@@ -142,7 +143,7 @@ do_start() {
   mkdir -p "$DIR"
   # Refuse to start twice from one directory.
   pid="$(read_pidfile "$SL_STATE/superlink.pid")"
-  if [ -n "$pid" ] && pid_alive "$pid" flower-superlink; then
+  if [ -n "$pid" ] && pid_alive "$pid" fedhf.superlink; then
     die "a federation from $DIR already runs (SuperLink PID $pid); '$PROG stop --dir $DIR' first"
   fi
   for f in "$SN_STATE"/*.pid; do
@@ -157,7 +158,11 @@ do_start() {
 
   FHOME="$(abspath "${FHOME:-$DIR/flwr-home}")"
   export FLWR_HOME="$FHOME"
-  [ -n "$PORT" ] || PORT="$(free_port 127.0.0.1)"
+  if [ -n "$PORT" ]; then
+    CPORT=$((PORT + 1))
+  else
+    { read -r PORT; read -r CPORT; } < <(free_ports 2 127.0.0.1)
+  fi
 
   # Anything started below is stopped again if a later step fails.
   trap 'rc=$?; if [ $rc -ne 0 ]; then err "start failed; stopping what was started"; TIMEOUT=5 do_stop >/dev/null 2>&1 || true; fi' EXIT
@@ -179,13 +184,13 @@ do_start() {
   fi
 
   # 2. SuperLink (fresh in-memory state: keys are registered again below).
-  "$DEPLOY_DIR/start_superlink.sh" --certs "$DIR/certs" --host 127.0.0.1 --port "$PORT" \
+  "$DEPLOY_DIR/start_superlink.sh" --certs "$DIR/certs" --host 127.0.0.1 --port "$PORT" --control-port "$CPORT" \
     --state "$SL_STATE" --timeout "$t" | sed 's/^/  /'
 
-  # 3. Connection for the flwr CLI.
-  "$DEPLOY_DIR/connection.sh" --name "$CONN" --address "127.0.0.1:$PORT" --ca "$DIR/certs/ca.crt" \
+  # 3. Connection for the flwr CLI: the Control API's own (loopback) port.
+  "$DEPLOY_DIR/connection.sh" --name "$CONN" --address "127.0.0.1:$CPORT" --ca "$DIR/certs/ca.crt" \
     >/dev/null
-  info "connection '$CONN' -> 127.0.0.1:$PORT written to $FLWR_HOME/config.toml"
+  info "connection '$CONN' -> 127.0.0.1:$CPORT written to $FLWR_HOME/config.toml"
 
   # 4. Register each SuperNode's public key.
   for ((i = 0; i < NODES; i++)); do
@@ -210,12 +215,14 @@ do_start() {
 FLWR_HOME=$FLWR_HOME
 CONNECTION=$CONN
 SUPERLINK=127.0.0.1:$PORT
+CONTROL=127.0.0.1:$CPORT
 NODES=$NODES
 EOF
   trap - EXIT
   cat <<EOF
 
-Federation running: SuperLink 127.0.0.1:$PORT (TLS + SuperNode authentication), $NODES SuperNodes.
+Federation running: SuperLink Fleet API 127.0.0.1:$PORT (TLS + SuperNode authentication), Control API
+127.0.0.1:$CPORT, $NODES SuperNodes.
   export FLWR_HOME=$FLWR_HOME
   flwr run . $CONN --stream                      # from the app's directory (the repository root)
   flwr ls $CONN                                  # runs and their status

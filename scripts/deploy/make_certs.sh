@@ -13,7 +13,8 @@ Create a certificate authority and a SuperLink server certificate signed by it:
                   and to the flwr CLI (root-certificates in \$FLWR_HOME/config.toml)
   DIR/server.key  SuperLink private key (mode 600)
   DIR/server.crt  SuperLink certificate, subjectAltName = every host in --hosts
-                  (IP: entries for IP addresses, DNS: entries for names)
+                  (IP: entries for IP addresses, DNS: entries for names) and
+                  127.0.0.1 (where the Control API listens)
 
 Options:
   --out DIR       output directory (created if absent)
@@ -70,6 +71,9 @@ for h in "${host_list[@]}"; do
   n=$((n + 1))
 done
 [ "$n" -ge 1 ] || usage_error "--hosts: no host given"
+# The Control API listens on 127.0.0.1 only (start_superlink.sh): the flwr CLI, on the SuperLink's machine or
+# through an SSH tunnel, connects there, so the certificate always names the loopback address too.
+case ",$SAN," in *,IP:127.0.0.1,*) ;; *) SAN="$SAN,IP:127.0.0.1" ;; esac
 
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
