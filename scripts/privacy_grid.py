@@ -34,7 +34,11 @@ def main() -> None:
     from fedhf.privacy import SampleAccount, default_delta, epsilon_of, plan_noise_multiplier, private_train, sampling
     from fedhf.train import make_loader
 
+    import transformers
+
     torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()  # the new head's load report, once per model built
+    transformers.logging.disable_progress_bar()
     folder = tempfile.mkdtemp(prefix="fedhf-grid-")
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
     BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -50,6 +54,12 @@ def main() -> None:
     print(f"{'n':>6} {'B':>4} {'E':>2} {'steps':>6} {'sigma':>8} {'planned':>9} {'realised':>9} {'ratio':>8}  "
           f"{'Opacus alone':>12} {'ratio':>7}")
     worst, worst_alone, points = 0.0, 0.0, 0
+    # The notices these libraries repeat once per grid point (named one by one; nothing else is hidden): Opacus'
+    # secure-RNG note (fedhf's run records state it), RDP's order range, torch's backward-hook note on the frozen
+    # embeddings, transformers' rename of is_gradient_checkpointing.
+    for message in ("Secure RNG turned off", "Optimal order is the largest alpha", "Full backward hook is firing",
+                    "`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=message)
     for n in (7, 31, 93, 150, 1488):
         for batch in (1, 4, 16, 64):
             for epochs in (1, 2):
@@ -61,12 +71,9 @@ def main() -> None:
                 planned = epsilon_of(args.accountant, [(sigma, q, 2 * steps)], delta)
                 account = SampleAccount(args.accountant, delta, sigma, 1.0)
                 model = build_model(cfg, ["negative", "positive"])
-                with warnings.catch_warnings():
-                    # Opacus' secure-RNG notice, printed once per engine (fedhf's run records say it in the privacy section)
-                    warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-                    for _ in range(2):
-                        loader = make_loader(rows(n), tok, 16, batch, shuffle=False)
-                        account = private_train(model, loader, account, epochs=epochs, lr=1e-3).account
+                for _ in range(2):
+                    loader = make_loader(rows(n), tok, 16, batch, shuffle=False)
+                    account = private_train(model, loader, account, epochs=epochs, lr=1e-3).account
                 realised = account.epsilon
                 per_epoch = int(1 / q)  # what UniformWithReplacementSampler takes when not told
                 alone = epsilon_of(args.accountant, [(sigma, 1 / per_epoch, 2 * per_epoch * epochs)], delta)
