@@ -140,6 +140,21 @@ def _fields(where: str, record: Mapping[str, Any], schema: Mapping[str, str], nu
     return {k: _check(k, v, schema[k], num_labels) for k, v in record.items()}
 
 
+def _head(metrics: Mapping[str, Any], info: Mapping[str, Any], metric_schema: Mapping[str, str],
+          info_schema: Mapping[str, str], statuses: tuple[str, ...], node_id: int, num_labels: int | None
+          ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(metrics, client info, the record's head) of any reply: known fields only, a partition id, a known status
+    (the first of ``statuses`` when absent)."""
+    m = _fields("metrics", metrics, metric_schema, num_labels)
+    i = _fields("client-info", info, info_schema, num_labels)
+    if "partition-id" not in i:
+        raise Malformed("field 'partition-id' is missing from client-info")
+    status = i.get("status", statuses[0])
+    if status not in statuses:
+        raise Malformed(f"field 'status' must be one of {', '.join(statuses)} (got {status!r})")
+    return m, i, {"node-id": node_id, "partition-id": i["partition-id"], "status": status}
+
+
 @dataclass
 class Screened:
     """A reply that passed the schema: what the server records, and what aggregation may use."""
@@ -154,14 +169,8 @@ class Screened:
 def screen_train(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id: int, has_arrays: bool,
                  num_labels: int | None, sample_level: bool, max_weight: float) -> Screened:
     """Check a train reply's metrics and client info; Malformed with the reason when it breaks the schema."""
-    m = _fields("metrics", metrics, METRIC_FIELDS, num_labels)
-    i = _fields("client-info", info, INFO_FIELDS, num_labels)
-    if "partition-id" not in i:
-        raise Malformed("field 'partition-id' is missing from client-info")
-    status = i.get("status", "trained")
-    if status not in STATUSES:
-        raise Malformed(f"field 'status' must be one of {', '.join(STATUSES)} (got {status!r})")
-    rec: dict[str, Any] = {"node-id": node_id, "partition-id": i["partition-id"], "status": status}
+    m, i, rec = _head(metrics, info, METRIC_FIELDS, INFO_FIELDS, STATUSES, node_id, num_labels)
+    status = rec["status"]
     if status == "refused":
         if "rule" not in i or "reason" not in i:
             raise Malformed("a refusal must name its 'rule' and 'reason'")
@@ -217,14 +226,8 @@ def screen_train(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id
 
 def screen_evaluate(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id: int) -> Screened:
     """Check a local-evaluation reply; Malformed with the reason when it breaks the schema."""
-    m = _fields("metrics", metrics, EVAL_METRIC_FIELDS, None)
-    i = _fields("client-info", info, EVAL_INFO_FIELDS, None)
-    if "partition-id" not in i:
-        raise Malformed("field 'partition-id' is missing from client-info")
-    status = i.get("status", "evaluated")
-    if status not in EVAL_STATUSES:
-        raise Malformed(f"field 'status' must be one of {', '.join(EVAL_STATUSES)} (got {status!r})")
-    rec = {"node-id": node_id, "partition-id": i["partition-id"], "status": status}
+    m, i, rec = _head(metrics, info, EVAL_METRIC_FIELDS, EVAL_INFO_FIELDS, EVAL_STATUSES, node_id, None)
+    status = rec["status"]
     if status != "evaluated":
         if m:
             raise Malformed(f"status '{status}' must not carry metrics")
