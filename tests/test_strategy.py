@@ -199,6 +199,14 @@ def test_adaptive_clipping_accounts_the_count_release(tmp_path):
     assert cl["effective_noise_multiplier"] < 1.0 == effective_client_sigma(1.0, None)
 
 
+def dp_strategy(tmp_path, name: str):
+    """A sample-level DP run's strategy and recorder, as the ServerApp builds them."""
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": name, "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
+    return build_strategy(cfg, rec), rec
+
+
 def refused_reply(node: int, pid: int, rule: str = "max-epsilon") -> Message:
     content = RecordDict({"client-info": ConfigRecord({"partition-id": pid, "status": "refused", "rule": rule,
                                                        "reason": "the node's budget would be exceeded"})})
@@ -208,10 +216,7 @@ def refused_reply(node: int, pid: int, rule: str = "max-epsilon") -> Message:
 def test_refusing_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
     from fedhf.strategy import RunStopped
 
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "b", "privacy.mode": "sample"})
-    rec = RunRecorder(cfg)
-    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
-    s = build_strategy(cfg, rec)
+    s, rec = dp_strategy(tmp_path, "b")
     begin(s, rec, 1, 3)
     s.aggregate_train(1, [dp_reply(11, 0, 1.0, 10), dp_reply(12, 1, 1.0, 10), dp_reply(13, 2, 1.0, 10)])
     rec.end_round(1, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
@@ -264,10 +269,7 @@ def train_dp(node: int, pid: int, value: float) -> Message:
 
 def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_budget(tmp_path):
     """A node that lost its state reports from zero again, under a new accountant id: the ledger composes (sums)."""
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
-    rec = RunRecorder(cfg)
-    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
-    s = build_strategy(cfg, rec)
+    s, rec = dp_strategy(tmp_path, "r")
     plan = [(5.0, 10, "acc"), (7.5, 20, "acc"), (5.0, 10, "new")]  # round 3: client 0's accountant is new
     for rnd, (eps0, steps0, acc) in enumerate(plan, start=1):
         begin(s, rec, rnd, 2)
@@ -289,10 +291,7 @@ def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_b
 def test_the_ledger_never_takes_less_than_the_reported_sigma_q_and_steps_give(tmp_path):
     from fedhf.privacy import epsilon_of
 
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "f", "privacy.mode": "sample"})
-    rec = RunRecorder(cfg)
-    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
-    s = build_strategy(cfg, rec)
+    s, rec = dp_strategy(tmp_path, "f")
     begin(s, rec, 1, 2)
     s.aggregate_train(1, [dp_reply(11, 0, 0.01, 10, sigma=0.2), dp_reply(12, 1, 0.01, 10, sigma=0.2)])  # far below
     want = epsilon_of("rdp", [(0.2, 0.1, 10)], 1e-3)
@@ -300,10 +299,7 @@ def test_the_ledger_never_takes_less_than_the_reported_sigma_q_and_steps_give(tm
 
 
 def test_a_round_secure_aggregation_withheld_keeps_the_adapter_and_the_privacy_spend(tmp_path):
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "w", "privacy.mode": "sample"})
-    rec = RunRecorder(cfg)
-    rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
-    s = build_strategy(cfg, rec)
+    s, rec = dp_strategy(tmp_path, "w")
     begin(s, rec, 1, 2)
     withheld = dp_reply(11, 0, 5.0, 10)
     del withheld.content.array_records["arrays"]
