@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedhf.config import FedHFConfig, describe, load_config_file, parse_config, parse_set_args
+from fedhf.config.schema import FedHFConfig, describe, load_config_file, parse_config, parse_set_args
 from fedhf.errors import FedHFConfigError, FedHFError
 
 app = typer.Typer(
@@ -113,13 +113,13 @@ def run(
         if cpus_per_client < 1:
             raise FedHFConfigError(f"--cpus-per-client: got {cpus_per_client}; it must be a whole number >= 1.")
         if node_config is not None:
-            from fedhf.node import load_node_config_file
+            from fedhf.federation.node import load_node_config_file
 
             node_configs = load_node_config_file(node_config, num_clients)
         _preflight(cfg, num_clients, node_configs)
     except FedHFError as exc:
         _fail(str(exc))
-    from fedhf.simulation import run_simulation  # imports Flower's simulation stack
+    from fedhf.flower.simulation import run_simulation  # imports Flower's simulation stack
 
     try:
         run_dir = run_simulation(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume,
@@ -127,7 +127,7 @@ def run(
     except Exception as exc:  # the server's exception, re-raised by the simulation runtime
         cause = exc.__cause__ or exc
         _fail(f"run failed: {type(cause).__name__}: {cause}", code=1)
-    from fedhf.artifacts import load_run
+    from fedhf.run.record import load_run
 
     summary = load_run(run_dir)
     if summary.get("status") == "stopped":
@@ -142,15 +142,15 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
     """The config, client count and checkpoint of an interrupted run (everything comes from RUN_DIR)."""
     import json
 
-    from fedhf.artifacts import config_hash
-    from fedhf.checkpoint import load_checkpoint
+    from fedhf.run.record import config_hash
+    from fedhf.run.checkpoint import load_checkpoint
 
     if config is not None or sets:
         raise FedHFConfigError("--resume takes the run's configuration from RUN_DIR/run.json; drop --config and --set "
                                "(a changed configuration is a new run).")
     if not run_dir.is_dir():
         raise FedHFConfigError(f"--resume '{run_dir}': not a folder; give the run folder (outputs/<run-id>).")
-    from fedhf.artifacts import check_run_folder
+    from fedhf.run.record import check_run_folder
 
     check_run_folder(run_dir, "--resume")
     try:
@@ -183,19 +183,20 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
 
 def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[str, Any]] | None = None) -> None:
     """Everything that can be checked before Ray starts: data, partitions, model id."""
-    from fedhf.data import format_stats, load_data, make_partitions
+    from fedhf.data.partitions import format_stats, make_partitions
+    from fedhf.data.load import load_data
 
     data = load_data(cfg.data)
     parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
     typer.echo(format_stats(parts.stats(), data.label_names), err=True)
-    from fedhf.model import resolve_model  # torch and transformers: only once the data is known to be good
+    from fedhf.tasks.model import resolve_model  # torch and transformers: only once the data is known to be good
 
     resolve_model(cfg.model.name)
     if cfg.strategy.secure_aggregation:
-        from fedhf.secagg import SecAggSettings
-        from fedhf.strategy import min_sampled
+        from fedhf.flower.secagg import SecAggSettings
+        from fedhf.flower.strategy import min_sampled
 
-        from fedhf.config import check_secagg_weight
+        from fedhf.config.schema import check_secagg_weight
 
         settings = SecAggSettings.from_config(cfg)
         settings.check_round(min(min_sampled(cfg, num_clients), num_clients))
@@ -205,7 +206,7 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
     p = cfg.privacy
     if p.sample_level and p.target_epsilon is not None:
         # Each client plans its own sigma in round 1; check now that every client can meet the target.
-        from fedhf.privacy import default_delta, plan_noise_multiplier, sampling
+        from fedhf.privacy.dp import default_delta, plan_noise_multiplier, sampling
 
         for row in parts.stats():
             n = row["train-examples"]
@@ -216,7 +217,7 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
                        f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)", err=True)
     if node_configs:
         # Each simulated node enforces its owner's policy itself; say now which would refuse this run.
-        from fedhf.policy import check_request, parse_policy
+        from fedhf.privacy.policy import check_request, parse_policy
 
         for pid, nc in sorted(node_configs.items()):
             policy = parse_policy(nc)
@@ -234,7 +235,8 @@ def partitions(
 ) -> None:
     """Print the per-client statistics (size, label histogram) of a config, without training."""
     _setup_logging()
-    from fedhf.data import format_stats, load_data, make_partitions
+    from fedhf.data.partitions import format_stats, make_partitions
+    from fedhf.data.load import load_data
 
     try:
         cfg = resolve_cli_config(config, set_)
@@ -274,12 +276,13 @@ def node_check(
     import datasets
 
     datasets.disable_progress_bars()
-    from fedhf import faults
-    from fedhf.config import split_list
-    from fedhf.data import load_partition, load_silo
-    from fedhf.node import NODE_CONFIG_KEYS, node_of
-    from fedhf.node_state import state_dir
-    from fedhf.policy import parse_policy
+    from fedhf.federation import faults
+    from fedhf.config.schema import split_list
+    from fedhf.data.partitions import load_partition
+    from fedhf.data.silos import load_silo
+    from fedhf.federation.node import NODE_CONFIG_KEYS, node_of
+    from fedhf.federation.node_state import state_dir
+    from fedhf.privacy.policy import parse_policy
 
     try:
         cfg = resolve_cli_config(config, set_)
@@ -325,9 +328,9 @@ def node_check(
 
 def _lifetime_spend(cfg: FedHFConfig, node: Any, root: Path) -> dict[str, Any] | None:
     """What every run so far spent on this node's data (its spend store under the state dir), or None."""
-    from fedhf.client import data_key
-    from fedhf.node_state import SpendStore, legacy_key
-    from fedhf.privacy import epsilon_of
+    from fedhf.federation.client import data_key
+    from fedhf.federation.node_state import SpendStore, legacy_key
+    from fedhf.privacy.dp import epsilon_of
 
     store = SpendStore(root, data_key(cfg, node))
     with store.transaction(legacy=legacy_key(node.pid, node.data_path)) as spend:
@@ -375,7 +378,7 @@ def privacy_plan(
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
 ) -> None:
     """Print the noise multiplier for a target epsilon and the projected epsilon after each round."""
-    from fedhf.privacy import FedHFPrivacyError, default_delta, epsilon_of, plan_noise_multiplier, sampling
+    from fedhf.privacy.dp import FedHFPrivacyError, default_delta, epsilon_of, plan_noise_multiplier, sampling
 
     try:
         for name, value in (("--num-examples", num_examples), ("--rounds", rounds), ("--local-epochs", local_epochs),
@@ -403,8 +406,8 @@ def privacy_plan(
 @privacy_app.command("ledger")
 def privacy_ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (outputs/<run-id>).")]) -> None:
     """Print the privacy ledger of a run: each client's epsilon after every round, and why any stopped."""
-    from fedhf.artifacts import load_run
-    from fedhf.ledger import ledger_table
+    from fedhf.run.record import load_run
+    from fedhf.privacy.ledger import ledger_table
 
     try:
         run = load_run(run_dir)
@@ -428,7 +431,7 @@ def push(
 
     The token comes from HF_TOKEN or the huggingface_hub login cache; HF_ENDPOINT selects the Hub.
     """
-    from fedhf.hub import push as do_push
+    from fedhf.release.hub import push as do_push
 
     try:
         result = do_push(run_dir, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run)
@@ -452,7 +455,7 @@ def predict(
     base_model: Annotated[str | None, typer.Option("--base-model", help="The base model (Hub id or local folder), when the adapter does not name it or should load another copy.")] = None,
 ) -> None:
     """Load base model + adapter with PEFT and print label, probability and text for each input."""
-    from fedhf.hub import load_adapter_model, predict as do_predict, resolve_adapter
+    from fedhf.tasks.adapters import load_adapter_model, predict as do_predict, resolve_adapter
 
     try:
         texts = list(text or [])
@@ -477,7 +480,7 @@ def report(
     no_privacy_utility: Annotated[bool, typer.Option("--no-privacy-utility", help="Skip the privacy-utility plot (allows runs on different datasets).")] = False,
 ) -> None:
     """Plots (accuracy and loss per round, epsilon per client, label distribution, privacy-utility) and report.md."""
-    from fedhf.report import write_report
+    from fedhf.analysis.report import write_report
 
     target = out or (run_dirs[0] / "report" if len(run_dirs) == 1 else Path("fedhf-report"))
     try:
@@ -501,7 +504,7 @@ def audit(
     """
     _setup_logging()
     _quiet_libraries()
-    from fedhf.audit import audit_lines, audit_run
+    from fedhf.analysis.audit import audit_lines, audit_run
 
     try:
         result = audit_run(run_dir, non_members_file=non_members, max_examples=max_examples, confidence=confidence, seed=seed)
@@ -523,7 +526,7 @@ def evaluate_cmd(
     (e.g. --set data.languages=orm: zero-shot on another AfriSenti language)."""
     _setup_logging()
     _quiet_libraries()
-    from fedhf.evaluation import evaluate_run, parse_overrides
+    from fedhf.analysis.evaluation import evaluate_run, parse_overrides
 
     try:
         result = evaluate_run(run_dir, parse_overrides(set_ or []), record=not no_record)
@@ -545,7 +548,7 @@ def sweep(
     """Run a group of experiments (skipping finished runs), then write results.csv and results.md."""
     _setup_logging()
     _quiet_libraries()
-    from fedhf.experiments import load_group, run_group
+    from fedhf.analysis.experiments import load_group, run_group
 
     try:
         g = load_group(group)

@@ -39,6 +39,10 @@ class FedHFRunError(FedHFError):
     """A federated run cannot continue (e.g. every client failed a round)."""
 
 
+class FedHFHubError(FedHFError):
+    """Pushing to or loading from the Hub cannot proceed; the message says what to fix."""
+
+
 def text_leaving_node(exc: BaseException) -> str:
     """What a node may tell the server about an error: no row values, no local paths."""
     if isinstance(exc, FedHFError):

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 STEP_CODE = r"""
 import json, resource, statistics, sys, time, torch
-from fedhf.config import parse_config
-from fedhf.model import build_model, load_tokenizer
-from fedhf.privacy import check_opacus_compatible
+from fedhf.config.schema import parse_config
+from fedhf.tasks.model import build_model, load_tokenizer
+from fedhf.privacy.dp import check_opacus_compatible
 mode, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 cfg = parse_config({})

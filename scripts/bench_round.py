@@ -54,8 +54,8 @@ def matmul_flops(threads: int, n: int = 1024, repeats: int = 20) -> float:
 
 
 def non_embedding_params(run: dict) -> int:
-    from fedhf.config import parse_config
-    from fedhf.model import build_model
+    from fedhf.config.schema import parse_config
+    from fedhf.tasks.model import build_model
 
     cfg = parse_config(run["config"])
     model = build_model(cfg, run["dataset"]["label_names"])

@@ -6,17 +6,18 @@ all-MiniLM-L6-v2 was trained for) or BERT's CLS pooler output (what BertForSeque
 and so fedhf's LoRA model, classifies from). DP-SGD written out in a few lines on purpose (the head is
 one matrix): Poisson sampling at q = B/n, per-example clipping to C, Gaussian noise sigma*C on the sum,
 sigma planned by fedhf's planner (PRV accountant) for the target epsilon at delta = 0.1/n. Not the product path (that
-is Opacus in fedhf.privacy); it tells which representation DP training should start from.
+is Opacus in fedhf.privacy.dp); it tells which representation DP training should start from.
 
     python scripts/dp_head_probe.py [ROWS]      # default 3,000 rows (2,700 after the hold-out)
 """
 import sys
 
 import torch
-from fedhf.config import parse_config
-from fedhf.data import load_data, make_partitions, central_eval_set
-from fedhf.model import load_tokenizer, resolve_model
-from fedhf.privacy import default_delta, plan_noise_multiplier
+from fedhf.config.schema import parse_config
+from fedhf.data.load import load_data
+from fedhf.data.partitions import make_partitions, central_eval_set
+from fedhf.tasks.model import load_tokenizer, resolve_model
+from fedhf.privacy.dp import default_delta, plan_noise_multiplier
 from transformers import AutoModel
 torch.set_num_threads(2)
 n_rows = int(sys.argv[1]) if len(sys.argv) > 1 else 3000

@@ -19,12 +19,13 @@ import time
 
 import torch
 
-from fedhf.client import round_seed
-from fedhf.config import parse_config
-from fedhf.data import central_eval_set, load_data, make_partitions
-from fedhf.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
-from fedhf.privacy import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
-from fedhf.train import evaluate, make_loader, train_local
+from fedhf.federation.client import round_seed
+from fedhf.config.schema import parse_config
+from fedhf.data.partitions import central_eval_set, make_partitions
+from fedhf.data.load import load_data
+from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.privacy.dp import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
+from fedhf.train.loop import evaluate, make_loader, train_local
 
 
 def main() -> None:

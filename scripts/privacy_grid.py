@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Realised vs planned epsilon over a grid of dataset sizes, batch sizes and epochs. Prints, does not assert.
 
-For each (n, B, epochs): plan sigma for a target epsilon over two rounds (fedhf.privacy.plan_noise_multiplier),
-train two real DP-SGD rounds (fedhf.privacy.private_train, Opacus hooks) on a tiny BERT built from a config with
+For each (n, B, epochs): plan sigma for a target epsilon over two rounds (fedhf.privacy.dp.plan_noise_multiplier),
+train two real DP-SGD rounds (fedhf.privacy.dp.private_train, Opacus hooks) on a tiny BERT built from a config with
 the bundled MiniLM tokenizer, and read the epsilon from the accountant Opacus filled. Also shows, for the same
 grid, what Opacus' sampler left alone would have booked (int(1 / q) steps at q = 1 / int(1 / q)), the error
 this grid is about.
@@ -29,10 +29,17 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from fedhf.config import parse_config
-    from fedhf.model import DEFAULT_MODEL, build_model, resolve_model
-    from fedhf.privacy import SampleAccount, default_delta, epsilon_of, plan_noise_multiplier, private_train, sampling
-    from fedhf.train import make_loader
+    from fedhf.config.schema import parse_config
+    from fedhf.tasks.model import DEFAULT_MODEL, build_model, resolve_model
+    from fedhf.privacy.dp import (
+        SampleAccount,
+        default_delta,
+        epsilon_of,
+        plan_noise_multiplier,
+        private_train,
+        sampling,
+    )
+    from fedhf.train.loop import make_loader
 
     import transformers
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Clients with DP keep their accountant on disk (fedhf.node_state): not in the home folder during tests.
+# Clients with DP keep their accountant on disk (fedhf.federation.node_state): not in the home folder during tests.
 os.environ.setdefault("FEDHF_STATE_DIR", os.path.join(tempfile.gettempdir(), f"fedhf-test-node-state-{os.getuid()}"))
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT (random weights) with the MiniLM WordPiece tokenizer, saved as a local model folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from fedhf.model import DEFAULT_MODEL, resolve_model
+    from fedhf.tasks.model import DEFAULT_MODEL, resolve_model
 
     d = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedhf.audit import _upper, attack, epsilon_lower_bound, roc_auc, tpr_at_fpr
+from fedhf.analysis.audit import _upper, attack, epsilon_lower_bound, roc_auc, tpr_at_fpr
 
 
 def brute_auc(m: np.ndarray, n: np.ndarray) -> float:
@@ -73,7 +73,7 @@ def test_indistinguishable_scores_give_no_evidence():
 def test_members_and_non_members_are_label_matched():
     import datasets
 
-    from fedhf.audit import label_matched
+    from fedhf.analysis.audit import label_matched
 
     members = datasets.Dataset.from_dict({"text": [f"m{i}" for i in range(100)], "label": [1] * 80 + [0] * 20})
     non = datasets.Dataset.from_dict({"text": [f"n{i}" for i in range(60)], "label": [1] * 30 + [0] * 30})

@@ -5,8 +5,8 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 
-from fedhf.card import base_model_license, build_hub_folder, combined_license
-from fedhf.config import parse_config
+from fedhf.release.card import base_model_license, build_hub_folder, combined_license
+from fedhf.config.schema import parse_config
 
 
 def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst2", license="unknown"):
@@ -123,7 +123,7 @@ def test_afrisenti_card_lists_the_languages(tmp_path):
 
 
 def test_same_data_gives_the_same_fingerprints(tmp_path, synthetic_dir):
-    from fedhf.data import _load_data_cached, load_data
+    from fedhf.data.load import _load_data_cached, load_data
 
     cfg = parse_config({"data.dataset": str(synthetic_dir)}).data
     first = load_data(cfg).source["files"]
@@ -138,8 +138,8 @@ def test_same_data_gives_the_same_fingerprints(tmp_path, synthetic_dir):
 
 
 def test_card_states_secure_aggregation_and_its_parameters(tmp_path):
-    from fedhf.config import parse_config
-    from fedhf.secagg import SecAggSettings
+    from fedhf.config.schema import parse_config
+    from fedhf.flower.secagg import SecAggSettings
 
     run_dir, run = fake_run(tmp_path)
     run["secure_aggregation"] = {**SecAggSettings.from_config(parse_config({"strategy.secure-aggregation": True})).describe(),

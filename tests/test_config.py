@@ -3,7 +3,7 @@ import tomllib
 
 import pytest
 
-from fedhf.config import (
+from fedhf.config.schema import (
     SPECS,
     FedHFConfig,
     default_flat,

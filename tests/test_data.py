@@ -4,8 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedhf.config import parse_config
-from fedhf.data import central_eval_set, load_data, load_partition, make_partitions
+from fedhf.config.schema import parse_config
+from fedhf.data.partitions import central_eval_set, load_partition, make_partitions
+from fedhf.data.load import load_data
 from fedhf.errors import FedHFDataError
 
 from .conftest import synthetic_rows, write_jsonl, write_tsv
@@ -201,7 +202,7 @@ def test_afrisenti_natural_split_one_client_per_language(shared_data_dir: Path):
 
 def test_group_cap_samples_each_group_on_its_own(tmp_path):
     """max-examples-per-group: a language's sample is the same whether or not the other languages are loaded."""
-    from fedhf.data import prepare_train_rows
+    from fedhf.data.partitions import prepare_train_rows
 
     rows = synthetic_rows(300, seed=7, languages=("aa", "bb", "cc"))
     rows += synthetic_rows(12, seed=8, languages=("dd",))  # a small group: kept whole
@@ -218,7 +219,7 @@ def test_group_cap_samples_each_group_on_its_own(tmp_path):
 
 
 def test_split_train_rows_separates_used_and_never_used_rows(synthetic_dir):
-    from fedhf.data import prepare_train_rows, split_train_rows
+    from fedhf.data.partitions import prepare_train_rows, split_train_rows
 
     cfg = data_cfg(dataset=str(synthetic_dir), **{"max-train-examples": 70})
     data = load_data(cfg)
@@ -232,7 +233,7 @@ def test_split_train_rows_separates_used_and_never_used_rows(synthetic_dir):
 
 
 def test_group_cap_needs_a_partition_column(synthetic_dir):
-    from fedhf.data import prepare_train_rows
+    from fedhf.data.partitions import prepare_train_rows
 
     cfg = data_cfg(dataset=str(synthetic_dir), **{"max-examples-per-group": 10})
     with pytest.raises(FedHFDataError, match="config key 'data.max-examples-per-group': got 10, but the dataset has no partition column"):

@@ -112,10 +112,11 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedhf.config import parse_config
-    from fedhf.data import central_eval_set, load_data
-    from fedhf.model import resolve_model
-    from fedhf.train import evaluate, make_loader
+    from fedhf.config.schema import parse_config
+    from fedhf.data.partitions import central_eval_set
+    from fedhf.data.load import load_data
+    from fedhf.tasks.model import resolve_model
+    from fedhf.train.loop import evaluate, make_loader
 
     cfg = parse_config(run["config"])
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.model.name), num_labels=2)
@@ -251,7 +252,7 @@ def test_both_guarantees_reported_side_by_side(shared_data_dir, tiny_model_dir, 
 
 def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tiny_model_dir, tmp_path):
     """Every client's budget allows one round: round 2 gets no update, the run ends complete with round 1's adapter."""
-    from fedhf.privacy import default_delta, epsilon_of, sampling
+    from fedhf.privacy.dp import default_delta, epsilon_of, sampling
 
     n = 54  # 120 rows over 2 clients, 10% held out for local evaluation
     q, steps = sampling(n, 16, 1)
@@ -276,8 +277,8 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shar
     global adapter equals the plain FedAvg run's within the documented quantization tolerance."""
     from safetensors.numpy import load_file
 
-    from fedhf.config import parse_config
-    from fedhf.secagg import SecAggSettings, quantization_tolerance
+    from fedhf.config.schema import parse_config
+    from fedhf.flower.secagg import SecAggSettings, quantization_tolerance
 
     out = tmp_path / "outputs"
     common = [*tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=1",

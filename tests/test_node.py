@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from fedhf.node import node_of
-from fedhf.config import parse_config
-from fedhf.data import load_silo
+from fedhf.federation.node import node_of
+from fedhf.config.schema import parse_config
+from fedhf.data.silos import load_silo
 from fedhf.errors import FedHFConfigError, FedHFDataError
 
 from .conftest import synthetic_rows, write_jsonl, write_tsv
@@ -75,7 +75,7 @@ def test_an_unreadable_silo_says_so(tmp_path):
 def test_an_unreadable_silo_says_so_even_for_root(tmp_path, monkeypatch):
     """Root reads every file, so the permission check is exercised with os.access answering as for another user."""
     path = write_tsv(tmp_path / "locked" / "train.tsv", synthetic_rows(10), ["text", "label"])
-    monkeypatch.setattr("fedhf.data.os.access", lambda p, mode: False)
+    monkeypatch.setattr("fedhf.data.load.os.access", lambda p, mode: False)
     with pytest.raises(FedHFDataError, match="is not readable by this SuperNode's user; fix its permissions"):
         load_silo(parse_config({}).data, str(path), LABELS, 1)
 
@@ -107,14 +107,14 @@ def test_the_client_app_module_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, fedhf.client_app; print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'datasets') if m in sys.modules))"
+    code = "import sys, fedhf.flower.client_app; print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
 
 def test_simulated_nodes_take_their_policy_from_the_owners_file(tmp_path):
-    from fedhf.node import load_node_config_file
-    from fedhf.policy import parse_policy
+    from fedhf.federation.node import load_node_config_file
+    from fedhf.privacy.policy import parse_policy
 
     from .conftest import REPO
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from fedhf.config import parse_config
+from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFConfigError
-from fedhf.policy import SHAREABLE, NodePolicy, check_delta, check_request, parse_policy
+from fedhf.privacy.policy import SHAREABLE, NodePolicy, check_delta, check_request, parse_policy
 
 
 def test_defaults_share_everything_without_dp_and_nothing_under_dp():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedhf.config import parse_config
-from fedhf.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
-from fedhf.privacy import (
+from fedhf.config.schema import parse_config
+from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.privacy.dp import (
     FedHFPrivacyError,
     SampleAccount,
     _Guard,
@@ -20,7 +20,7 @@ from fedhf.privacy import (
     private_train,
     sampling,
 )
-from fedhf.train import make_loader, train_local
+from fedhf.train.loop import make_loader, train_local
 
 from .conftest import synthetic_rows
 
@@ -180,7 +180,7 @@ def test_first_batch_empty_is_still_a_step(tiny, monkeypatch):
     """Opacus' own empty-batch collate cannot rebuild dict batches when the very first batch is empty."""
     cfg, tok = tiny
     seed = next(s for s in range(1000) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 1 / 20).any())
-    monkeypatch.setattr("fedhf.privacy.fresh_generator", lambda: torch.Generator().manual_seed(seed))
+    monkeypatch.setattr("fedhf.privacy.dp.fresh_generator", lambda: torch.Generator().manual_seed(seed))
     model = build_model(cfg, LABELS)
     res = private_train(model, make_loader(rows(20), tok, 32, 1, shuffle=False), SampleAccount("rdp", 1e-3, 1.0, 1.0),
                         epochs=1, lr=1e-3)
@@ -224,7 +224,7 @@ def test_per_sample_gradients_are_right_with_mean_pooling(tiny):
 def test_the_poisson_loader_takes_exactly_the_planned_steps_over_a_large_grid():
     """Opacus' sampler alone takes int(1 / q) batches, one fewer than planned for many n (n = 1488, B = 16: 92 of 93),
     and books q = 1 / 92. fedhf's loader takes ceil(n / B) and books the planned q, bit for bit."""
-    from fedhf.privacy import poisson_loader
+    from fedhf.privacy.dp import poisson_loader
 
     off_by_one = 0
     for n in range(1, 3001, 7):

@@ -2,7 +2,7 @@
 
 import os
 
-from fedhf.config import SPECS
+from fedhf.config.schema import SPECS
 
 from .conftest import REPO
 

@@ -10,14 +10,21 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from fedhf import faults
-from fedhf.artifacts import RunRecorder
-from fedhf.checkpoint import FedHFCheckpointError, load_checkpoint, save_checkpoint
-from fedhf.config import parse_config
+from fedhf.federation import faults
+from fedhf.run.record import RunRecorder
+from fedhf.run.checkpoint import FedHFCheckpointError, load_checkpoint, save_checkpoint
+from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
-from fedhf.node_state import FedHFNodeStateError, SpendStore, arrays_digest, legacy_key
-from fedhf.strategy import build_strategy, restore_strategy_state, strategy_state
-from fedhf.updates import FP16_ABSOLUTE_ERROR, FP16_RELATIVE_ERROR, check_update, decode, encode, payload_nbytes
+from fedhf.federation.node_state import FedHFNodeStateError, SpendStore, arrays_digest, legacy_key
+from fedhf.flower.strategy import build_strategy, restore_strategy_state, strategy_state
+from fedhf.federation.updates import (
+    FP16_ABSOLUTE_ERROR,
+    FP16_RELATIVE_ERROR,
+    check_update,
+    decode,
+    encode,
+    payload_nbytes,
+)
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -312,7 +319,7 @@ def _entry(run_uid: str, rnd: int, steps: int, *, sigma: float = 1.0, q: float =
 
 
 def test_the_spend_store_keeps_every_run_on_the_data_and_replays_the_same_reply(tmp_path):
-    from fedhf.privacy import epsilon_of
+    from fedhf.privacy.dp import epsilon_of
 
     store = SpendStore(tmp_path, "data-abc")
     with store.transaction() as spend:
@@ -410,11 +417,11 @@ def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_mod
     second run on the same data, which starts from the first one's spend."""
     from flwr.app import Context
 
-    from fedhf.client_app import _train
-    from fedhf.config import LABEL_NAMES_KEY
-    from fedhf.model import build_model, get_adapter_state
-    from fedhf.node_state import RUN_UID_KEY
-    from fedhf.privacy import epsilon_of
+    from fedhf.flower.client_app import _train
+    from fedhf.config.schema import LABEL_NAMES_KEY
+    from fedhf.tasks.model import build_model, get_adapter_state
+    from fedhf.federation.node_state import RUN_UID_KEY
+    from fedhf.privacy.dp import epsilon_of
 
     cfg = parse_config({"model.name": str(tiny_model_dir), "data.dataset": str(synthetic_dir), "privacy.mode": "sample",
                         "train.batch-size": 8, "train.local-epochs": 1, "data.max-length": 16})
@@ -455,9 +462,9 @@ def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_mod
 def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_path):
     """Simulation: client 0 trained a round whose reply the server did not use (cut off by a restart, or too late),
     client 1 only ever trained in such a round. The ledger takes their own saved spend."""
-    from fedhf.ledger import ledger_table
-    from fedhf.privacy import SampleAccount
-    from fedhf.server_app import _count_saved_spend
+    from fedhf.privacy.ledger import ledger_table
+    from fedhf.privacy.dp import SampleAccount
+    from fedhf.flower.server_app import _count_saved_spend
 
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedhf.artifacts import RunRecorder
-from fedhf.config import parse_config
-from fedhf.strategy import build_strategy
+from fedhf.run.record import RunRecorder
+from fedhf.config.schema import parse_config
+from fedhf.flower.strategy import build_strategy
 
 from .test_reliability import FakeGrid, _meta, adapter_like, fedavg, trained_from
 

@@ -93,7 +93,7 @@ def test_run_draws_its_plots_and_the_card_shows_them(tiny_run):
 
 
 def test_plots_skip_what_a_run_does_not_have(tmp_path, tiny_run):
-    from fedhf.plots import plot_epsilon, run_plots
+    from fedhf.analysis.plots import plot_epsilon, run_plots
 
     run = run_json(tiny_run)
     run.pop("privacy")
@@ -130,7 +130,7 @@ def test_report_refuses_mixed_datasets_and_unfinished_runs(tiny_run, tmp_path):
 
 
 def test_evaluate_reproduces_the_servers_central_evaluation(tiny_run, tmp_path):
-    from fedhf.evaluation import evaluate_run
+    from fedhf.analysis.evaluation import evaluate_run
 
     work = copy_run(tiny_run, tmp_path / "ev")
     run = run_json(work)
@@ -170,10 +170,10 @@ def test_audit_needs_held_out_data_then_uses_the_file_given(tiny_run, tmp_path):
 
 
 def test_audit_members_are_exactly_the_clients_training_rows(tiny_run, tmp_path):
-    from fedhf.artifacts import load_finished_run
-    from fedhf.audit import audit_sets
-    from fedhf.data import load_data
-    from fedhf.evaluation import run_config
+    from fedhf.run.record import load_finished_run
+    from fedhf.analysis.audit import audit_sets
+    from fedhf.data.load import load_data
+    from fedhf.analysis.evaluation import run_config
 
     run = load_finished_run(tiny_run, "test")
     non = write_tsv(tmp_path / "nm.tsv", held_out_rows(120, seed=5) + synthetic_rows(30, seed=11), ["text", "label"])

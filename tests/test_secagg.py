@@ -17,11 +17,11 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedhf.artifacts import RunRecorder
-from fedhf.client_app import PolicyRefusal, guard_mod
-from fedhf.config import parse_config
+from fedhf.run.record import RunRecorder
+from fedhf.flower.client_app import PolicyRefusal, guard_mod
+from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFConfigError
-from fedhf.secagg import (
+from fedhf.flower.secagg import (
     SecAggSettings,
     SecureAggregationGrid,
     fitins_arrays,
@@ -29,7 +29,7 @@ from fedhf.secagg import (
     quantization_tolerance,
     secure_aggregation_mod,
 )
-from fedhf.strategy import build_strategy
+from fedhf.flower.strategy import build_strategy
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -341,7 +341,7 @@ def test_one_contributor_is_never_unmasked():
 
 
 def test_masks_come_from_shake256_of_the_whole_secret():
-    from fedhf.secagg import shake_rand_gen
+    from fedhf.flower.secagg import shake_rand_gen
 
     a = shake_rand_gen(b"k" * 32, 2**32, [(3, 4), (), (5,)])
     assert [x.shape for x in a] == [(3, 4), (), (5,)]
@@ -374,7 +374,7 @@ def test_a_client_without_fedhf_masks_is_refused():
 
 
 def test_a_weight_that_rounds_to_zero_is_refused_before_training():
-    from fedhf.config import check_secagg_weight
+    from fedhf.config.schema import check_secagg_weight
 
     cfg = _cfg(**{"strategy.secagg-max-weight": 1e9})
     with pytest.raises(FedHFConfigError, match="rounds to zero in SecAgg"):
@@ -383,7 +383,7 @@ def test_a_weight_that_rounds_to_zero_is_refused_before_training():
 
 
 def test_a_plain_train_message_is_refused_when_the_run_asks_for_secure_aggregation():
-    from fedhf.client_app import app
+    from fedhf.flower.client_app import app
 
     msg = Message(RecordDict({"arrays": ArrayRecord(array_dict={"w": Array(np.zeros(2, np.float32))}),
                               "config": ConfigRecord({**_cfg().to_flat(), "server-round": 1})}),
@@ -398,7 +398,7 @@ def test_a_plain_train_message_is_refused_when_the_run_asks_for_secure_aggregati
 
 def test_a_node_that_requires_secure_aggregation_refuses_before_sending_any_key():
     """The set-up stage carries the run config: a node whose policy refuses the run leaves before the key exchange."""
-    from fedhf.client_app import make_client_app
+    from fedhf.flower.client_app import make_client_app
 
     cfg = _cfg(**{"privacy.mode": "none"})
     nodes = {1: {"partition-id": 0, "num-partitions": 2, "min-privacy": "sample"},

@@ -8,11 +8,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 
-from fedhf.card import build_hub_folder, disclosure_text
-from fedhf.config import LABEL_NAMES_KEY, parse_config
-from fedhf.model import build_model, get_adapter_state
-from fedhf.node_state import RUN_UID_KEY
-from fedhf.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
+from fedhf.release.card import build_hub_folder, disclosure_text
+from fedhf.config.schema import LABEL_NAMES_KEY, parse_config
+from fedhf.tasks.model import build_model, get_adapter_state
+from fedhf.federation.node_state import RUN_UID_KEY
+from fedhf.federation.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
 
 from .conftest import synthetic_rows, write_tsv
 from .test_card import fake_run
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _dp_round(tiny_model_dir, silo, tmp_path, **node):
-    from fedhf.client_app import make_client_app
+    from fedhf.flower.client_app import make_client_app
 
     cfg = parse_config({"model.name": str(tiny_model_dir), "privacy.mode": "sample", "train.batch-size": 8,
                         "train.local-epochs": 1, "data.max-length": 16, "strategy.fraction-evaluate": 0.0})
@@ -85,8 +85,8 @@ def test_what_the_owner_shares_by_name_is_sent_and_stated(tiny_model_dir, silo, 
 
 
 def test_under_dp_local_evaluation_is_not_sent_unless_shared(tiny_model_dir, silo, tmp_path):
-    from fedhf.client import evaluate_round
-    from fedhf.node import node_of
+    from fedhf.federation.client import evaluate_round
+    from fedhf.federation.node import node_of
 
     cfg = parse_config({"model.name": str(tiny_model_dir), "privacy.mode": "sample", "data.max-length": 16})
     state = get_adapter_state(build_model(cfg, LABELS))

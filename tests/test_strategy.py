@@ -8,10 +8,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
-from fedhf.artifacts import RunRecorder
-from fedhf.config import parse_config
+from fedhf.run.record import RunRecorder
+from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFRunError
-from fedhf.strategy import build_strategy, train_metrics_aggr
+from fedhf.flower.strategy import build_strategy, train_metrics_aggr
 
 
 def _meta(node: int) -> Metadata:
@@ -139,7 +139,7 @@ def test_run_json_status_and_atomic_rewrites(tmp_path):
 def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from fedhf.privacy import ClientLevelAccount
+    from fedhf.privacy.dp import ClientLevelAccount
 
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "cl", "privacy.mode": "client",
                         "privacy.client-noise-multiplier": 1e-6, "privacy.client-clipping-norm": 100.0})
@@ -185,7 +185,7 @@ def test_client_level_dp_needs_fedavg_and_a_sane_count_noise(tmp_path):
 
 
 def test_adaptive_clipping_accounts_the_count_release(tmp_path):
-    from fedhf.privacy import effective_client_sigma
+    from fedhf.privacy.dp import effective_client_sigma
 
     cfg = parse_config({"output-dir": str(tmp_path), "privacy.mode": "client", "privacy.client-clipping": "server-adaptive",
                         "privacy.client-clipped-count-stddev": 2.0})
@@ -214,7 +214,7 @@ def refused_reply(node: int, pid: int, rule: str = "max-epsilon") -> Message:
 
 
 def test_refusing_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
-    from fedhf.strategy import RunStopped
+    from fedhf.flower.strategy import RunStopped
 
     s, rec = dp_strategy(tmp_path, "b")
     begin(s, rec, 1, 3)
@@ -235,7 +235,7 @@ def test_refusing_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
 
 
 def test_too_few_nodes_left_after_refusals_end_the_run_before_the_round(tmp_path):
-    from fedhf.strategy import RunStopped
+    from fedhf.flower.strategy import RunStopped
 
     class Grid3:
         def get_node_ids(self):
@@ -289,7 +289,7 @@ def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_b
 
 
 def test_the_ledger_never_takes_less_than_the_reported_sigma_q_and_steps_give(tmp_path):
-    from fedhf.privacy import epsilon_of
+    from fedhf.privacy.dp import epsilon_of
 
     s, rec = dp_strategy(tmp_path, "f")
     begin(s, rec, 1, 2)

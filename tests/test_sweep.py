@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fedhf.config import load_config_file, parse_config
+from fedhf.config.schema import load_config_file, parse_config
 from fedhf.errors import FedHFConfigError
-from fedhf.experiments import check_targets, load_group
+from fedhf.analysis.experiments import check_targets, load_group
 
 from .conftest import REPO, synthetic_rows, write_tsv
 

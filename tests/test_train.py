@@ -2,9 +2,9 @@ import datasets
 import pytest
 import torch
 
-from fedhf.config import parse_config
-from fedhf.model import build_model, load_tokenizer
-from fedhf.train import evaluate, macro_f1, make_loader, train_local
+from fedhf.config.schema import parse_config
+from fedhf.tasks.model import build_model, load_tokenizer
+from fedhf.train.loop import evaluate, macro_f1, make_loader, train_local
 
 from .conftest import synthetic_rows
 

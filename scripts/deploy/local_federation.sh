@@ -92,7 +92,7 @@ do_stop() {
       stop_pidfile "$f" "SuperNode $name" "$t" flower-supernode || rc=1
     done
   fi
-  stop_pidfile "$SL_STATE/superlink.pid" SuperLink "$t" fedhf.superlink || rc=1
+  stop_pidfile "$SL_STATE/superlink.pid" SuperLink "$t" fedhf.flower.superlink || rc=1
   return "$rc"
 }
 
@@ -103,7 +103,7 @@ do_status() {
   [ -f "$ENV_FILE" ] && sed 's/^/  /' "$ENV_FILE"
   pid="$(read_pidfile "$SL_STATE/superlink.pid")"
   addr="$(cat "$SL_STATE/superlink.addr" 2>/dev/null || true)"
-  if [ -n "$pid" ] && pid_alive "$pid" fedhf.superlink; then
+  if [ -n "$pid" ] && pid_alive "$pid" fedhf.flower.superlink; then
     echo "SuperLink      running  PID $pid  Fleet $addr  Control $(cat "$SL_STATE/superlink.control" 2>/dev/null || echo ?)"
   else
     echo "SuperLink      stopped${pid:+ (stale PID $pid)}"
@@ -143,7 +143,7 @@ do_start() {
   mkdir -p "$DIR"
   # Refuse to start twice from one directory.
   pid="$(read_pidfile "$SL_STATE/superlink.pid")"
-  if [ -n "$pid" ] && pid_alive "$pid" fedhf.superlink; then
+  if [ -n "$pid" ] && pid_alive "$pid" fedhf.flower.superlink; then
     die "a federation from $DIR already runs (SuperLink PID $pid); '$PROG stop --dir $DIR' first"
   fi
   for f in "$SN_STATE"/*.pid; do

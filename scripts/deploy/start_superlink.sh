@@ -10,7 +10,7 @@ Usage: $PROG --certs DIR [--host H] [--port P] [--control-port C] [--state DIR]
              [-- EXTRA flower-superlink ARGS]
        $PROG --insecure [--host H] [--port P] [--state DIR] ...
 
-Start Flower's SuperLink (python -m fedhf.superlink) in the background with TLS
+Start Flower's SuperLink (python -m fedhf.flower.superlink) in the background with TLS
 (DIR/ca.crt, DIR/server.crt, DIR/server.key as written by make_certs.sh), SuperNode
 authentication (--enable-supernode-auth: only SuperNodes whose public key was
 registered with 'flwr supernode register' may connect) and no runtime dependency
@@ -93,7 +93,7 @@ PIDFILE="$STATE/superlink.pid"
 LOG="$STATE/superlink.log"
 
 old="$(read_pidfile "$PIDFILE")"
-if [ -n "$old" ] && pid_alive "$old" fedhf.superlink; then
+if [ -n "$old" ] && pid_alive "$old" fedhf.flower.superlink; then
   die "a SuperLink from $STATE already runs (PID $old); stop it first: kill $old"
 fi
 # The port check: what clients connect to (a wildcard host is reached on loopback).
@@ -137,12 +137,12 @@ echo "127.0.0.1:$CPORT" >"$STATE/superlink.control"
 PY="$(deploy_python)"
 if [ "$FG" -eq 1 ]; then
   echo $$ >"$PIDFILE"
-  info "exec $PY -m fedhf.superlink ${args[*]}"
-  exec "$PY" -m fedhf.superlink "${args[@]}"
+  info "exec $PY -m fedhf.flower.superlink ${args[*]}"
+  exec "$PY" -m fedhf.flower.superlink "${args[@]}"
 fi
 
-echo "[$(date -u +%FT%TZ)] $PY -m fedhf.superlink ${args[*]}" >>"$LOG"
-pid="$(start_daemon "$PIDFILE" "$LOG" "$PY" -m fedhf.superlink "${args[@]}")"
+echo "[$(date -u +%FT%TZ)] $PY -m fedhf.flower.superlink ${args[*]}" >>"$LOG"
+pid="$(start_daemon "$PIDFILE" "$LOG" "$PY" -m fedhf.flower.superlink "${args[@]}")"
 if ! wait_for_port "$probe" "$PORT" "$TIMEOUT" "$pid" "$LOG" || ! wait_for_port 127.0.0.1 "$CPORT" "$TIMEOUT" "$pid" "$LOG"; then
   pid_alive "$pid" && stop_pid "$pid" SuperLink 5 >/dev/null 2>&1 || true
   rm -f "$PIDFILE"

@@ -1,6 +1,6 @@
-"""Contract: the Flower 1.42 internals that ``fedhf.superlink`` builds on. These fail first when Flower changes them.
+"""Contract: the Flower 1.42 internals that ``fedhf.flower.superlink`` builds on. These fail first when Flower changes them.
 
-fedhf.superlink runs Flower's own SuperLink app on two listeners so that the unauthenticated Control API stays on
+fedhf.flower.superlink runs Flower's own SuperLink app on two listeners so that the unauthenticated Control API stays on
 loopback; Flower 1.42 has no public way to bind it apart (one --host/--port serves every API).
 """
 
@@ -36,7 +36,7 @@ def test_every_fleet_route_and_every_supernode_call_is_under_the_public_prefix()
     from flwr.superlink.main import create_app
     from flwr.supernode import fleet_http_client
 
-    from fedhf.superlink import PUBLIC_PREFIXES
+    from fedhf.flower.superlink import PUBLIC_PREFIXES
 
     app = create_app()
     paths = [c.path for c in iter_route_contexts(app.routes)]
@@ -56,7 +56,7 @@ def test_every_fleet_route_and_every_supernode_call_is_under_the_public_prefix()
     (9092, "/v1/runtime/x", 403), (9092, "/docs", 403), (9093, "/v1/control/start-run", 200),
 ])
 def test_the_fleet_listener_refuses_everything_but_the_fleet_api(port, path, status):
-    from fedhf.superlink import FleetOnlyOn
+    from fedhf.flower.superlink import FleetOnlyOn
 
     sent = []
 

@@ -1,0 +1,106 @@
+"""After a run: evaluate its released adapter on other data, and per-example losses for the audit. No Flower.
+
+``evaluate_run(RUN_DIR, {"data.languages": "orm"})`` evaluates the adapter exactly as released
+(``hub/``, loaded with PEFT) on the evaluation split of the run's dataset with some ``data.*``
+keys changed, e.g. another AfriSenti language, and records the result in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedhf.run.record import check_run_folder, load_finished_run, write_json_atomic
+from fedhf.config.schema import FedHFConfig, parse_config
+from fedhf.errors import FedHFConfigError, FedHFRunError
+
+
+def run_config(run: dict[str, Any], overrides: dict[str, Any] | None = None) -> FedHFConfig:
+    """The run's own config (as recorded), with ``overrides`` applied."""
+    flat = dict(run["config"])
+    flat.update(overrides or {})
+    return parse_config(flat)
+
+
+def released_model(run: dict[str, Any]) -> tuple[Any, Any, list[str], int]:
+    """The adapter as released (the run's hub/ folder, else adapter/), loaded with PEFT on its base model."""
+    from fedhf.tasks.adapters import load_adapter_model
+
+    d = Path(run["_dir"])
+    folder = d / "hub" if (d / "hub" / "adapter_config.json").is_file() else d / "adapter"
+    # The base as the run configured it on this machine (the published copy names only a Hub id).
+    return load_adapter_model(folder, base_model=run["config"]["model.name"])
+
+
+@torch.no_grad()
+def per_example_loss(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int,
+                     batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, predicted label) of every example, in input order (batched by length for speed)."""
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    losses = torch.empty(len(texts))
+    preds = torch.empty(len(texts), dtype=torch.long)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        logits = model(**enc).logits
+        y = torch.tensor([labels[i] for i in idx])
+        losses[idx] = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        preds[idx] = logits.argmax(-1)
+    return losses, preds
+
+
+EVAL_KEYS = ("data.dataset", "data.languages", "data.max-eval-examples", "data.text-column", "data.label-column",
+             "data.max-length")
+
+
+def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = True) -> dict[str, Any]:
+    """Evaluate the released adapter on the eval split named by the run's config with ``overrides``."""
+    from fedhf.data.partitions import central_eval_set
+    from fedhf.data.load import load_data
+    from fedhf.train.loop import macro_f1
+
+    run = load_finished_run(run_dir, "evaluate")
+    if record:  # the result is written into run.json: only into a run folder fedhf made
+        check_run_folder(Path(run_dir), "evaluate")
+    bad = [k for k in overrides if k not in EVAL_KEYS]
+    if bad:
+        raise FedHFConfigError(f"evaluate: cannot change {', '.join(bad)} after training; allowed: {', '.join(EVAL_KEYS)}.")
+    cfg = run_config(run, overrides)
+    data = load_data(cfg.data)
+    if list(data.label_names) != list(run["dataset"]["label_names"]):
+        raise FedHFConfigError(
+            f"evaluate: the data's labels {data.label_names} differ from the adapter's {run['dataset']['label_names']}; "
+            "evaluate on data with the same label set."
+        )
+    ds = central_eval_set(data, cfg.data, cfg.seed)
+    model, tokenizer, _labels, _max_len = released_model(run)
+    losses, preds = per_example_loss(model, tokenizer, list(ds["text"]), list(ds["label"]), cfg.data.max_length)
+    truth = torch.tensor(ds["label"])
+    result = {
+        "data": {k: overrides[k] for k in sorted(overrides)},
+        "rows": len(ds),
+        "loss": float(losses.mean()),
+        "accuracy": float((preds == truth).float().mean()),
+        "macro_f1": macro_f1(preds, truth, len(data.label_names)),
+    }
+    if record:
+        raw = json.loads((Path(run_dir) / "run.json").read_text())
+        kept = [e for e in raw.get("evaluations", []) if e.get("data") != result["data"]]
+        raw["evaluations"] = kept + [result]
+        write_json_atomic(Path(run_dir) / "run.json", raw)
+    return result
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    from fedhf.config.schema import parse_set_args
+
+    if not items:
+        return {}
+    try:
+        return parse_set_args(items)
+    except FedHFConfigError as exc:
+        raise FedHFRunError(f"evaluate: {exc}") from None

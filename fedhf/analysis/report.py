@@ -1,0 +1,108 @@
+"""``fedhf report``: plots and a markdown report for one or more finished runs. No Flower.
+
+The report folder holds ``report.md`` (a comparison table, then one section per run with its
+plots) and the PNGs it embeds, so it renders as it is on GitHub or the Hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedhf.run.record import load_finished_run
+from fedhf.release.card import client_ids
+from fedhf.errors import FedHFRunError
+from fedhf.analysis.plots import final_epsilon, plot_privacy_utility, run_plots
+
+
+def dataset_key(run: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """What makes two runs comparable on one axis: the dataset and its label set."""
+    ds = run["dataset"]
+    return str(ds.get("preset") or ds.get("name")), tuple(ds.get("label_names") or ())
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def summary_row(run: dict[str, Any]) -> dict[str, Any]:
+    """The facts of a run that a results table compares."""
+    cfg = run["config"]
+    eps_s, eps_c = final_epsilon(run)
+    rounds = [r for r in run["rounds"] if r["round"] > 0]
+    ups = [r["bytes_up"] for r in rounds if r.get("bytes_up")]
+    audit = run.get("audit") or {}
+    return {
+        "run": run["run_id"],
+        "dataset": dataset_key(run)[0],
+        "clients": len(client_ids(run)),
+        "partitioner": cfg.get("data.partitioner"),
+        "rounds": len(rounds),
+        "strategy": cfg.get("strategy.name"),
+        "privacy": cfg.get("privacy.mode"),
+        "epsilon_sample_max": eps_s,
+        "epsilon_client": eps_c,
+        "accuracy": run["final"]["eval_accuracy"],
+        "macro_f1": run["final"]["eval_f1"],
+        "bytes_up_per_client_round": int(sum(ups) / len(ups)) if ups else None,
+        "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in rounds), 1),
+        "audit_auc": (audit.get("loss") or {}).get("auc"),
+    }
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_utility: bool = True) -> Path:
+    """Write ``out_dir/report.md`` and its plots; returns the markdown path."""
+    if not run_dirs:
+        raise FedHFRunError("report: give at least one run folder.")
+    runs = [load_finished_run(d, "report") for d in run_dirs]
+    keys = {dataset_key(r) for r in runs}
+    if privacy_utility and len(runs) > 1 and len(keys) > 1:
+        listing = ", ".join(f"{r['_dir']}: {dataset_key(r)[0]}" for r in runs)
+        raise FedHFRunError(
+            f"report: the runs use different datasets ({listing}); a privacy–utility plot compares runs on one "
+            "dataset. Report each dataset's runs separately, or pass --no-privacy-utility."
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# fedhf report", ""]
+    rows = [summary_row(r) for r in runs]
+    lines += ["| run | dataset | clients | partitioner | rounds | privacy | ε sample (max) | ε client | accuracy | macro-F1 | bytes up / client / round | MIA AUC |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['run']} | {row['dataset']} | {row['clients']} | {row['partitioner']} | {row['rounds']} | {row['privacy']} "
+            f"| {_fmt(row['epsilon_sample_max'], '.3f')} | {_fmt(row['epsilon_client'], '.3f')} | {row['accuracy']:.4f} "
+            f"| {row['macro_f1']:.4f} | {row['bytes_up_per_client_round'] or '–'} | {_fmt(row['audit_auc'], '.3f')} |")
+    lines.append("")
+    if privacy_utility and len(runs) > 1:
+        plot_privacy_utility(runs, out / "privacy_utility.png")
+        lines += ["## Privacy–utility", "",
+                  "Final central accuracy against each run's privacy guarantee (sample-level: the largest client ε; "
+                  "client-level: the federation's ε). Runs without DP are the dotted lines.", "",
+                  "![privacy-utility](privacy_utility.png)", ""]
+    used: set[str] = set()
+    for run in runs:
+        name = run["run_id"]
+        sub = name if name not in used else f"{name}-{len(used)}"
+        used.add(sub)
+        plots = run_plots(run, out / sub)
+        lines += [f"## {name}", "", f"Folder: `{run['_dir']}`. Status {run['status']}, finished {run.get('finished')}.", ""]
+        lines += [f"![{p.stem}]({sub}/{p.name})" for p in plots]
+        audit = run.get("audit")
+        if audit:
+            lines += ["", audit_summary(audit)]
+        lines.append("")
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    return md
+
+
+def audit_summary(audit: dict[str, Any]) -> str:
+    parts = []
+    for attack in ("loss", "calibrated"):
+        a = audit.get(attack)
+        if a:
+            parts.append(f"{attack}: AUC {a['auc']:.3f}, TPR at 1% FPR {a['tpr_at_1pct_fpr']:.3f}, "
+                         f"ε lower bound {a['epsilon_lower_bound']:.3f}")
+    return (f"Membership-inference audit ({audit['members']} members, {audit['non_members']} non-members, "
+            f"{audit['confidence']:.0%} confidence): " + "; ".join(parts) + ".")

@@ -1,0 +1,326 @@
+"""What a client does in a round, without Flower: check its owner's policy, train (DP-SGD or not), evaluate.
+
+``client_app.py`` turns Flower messages into these calls and back. This module holds the
+heavy imports (torch, transformers, peft, opacus, datasets): the ClientApp imports it only
+inside the handlers that train or evaluate, because in a deployment every message starts a
+fresh ClientApp process, and the SecAgg+ key-exchange messages need none of it.
+
+What leaves the node (:func:`reply_fields`): the update, the privacy accounting (under DP), and
+of the optional fields (:data:`fedhf.privacy.policy.SHAREABLE`) only those the owner's policy shares.
+A refusal (:class:`fedhf.privacy.policy.Refusal`) carries the rule and a sentence, nothing computed from
+the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhf.federation import faults
+from fedhf.config.schema import FedHFConfig, check_secagg_weight
+from fedhf.data.partitions import label_histogram
+from fedhf.data.fingerprint import partition_fingerprint, silo_fingerprint
+from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.federation.node import Node, node_of  # noqa: F401  (node_of: the ClientApp's entry to node configs)
+from fedhf.federation.node_state import SpendStore, legacy_key, new_accountant_id
+from fedhf.privacy.policy import NodePolicy, Refusal, check_delta, check_request, parse_policy
+from fedhf.privacy.dp import (
+    SampleAccount,
+    _merge,
+    default_delta,
+    epsilon_of,
+    plan_noise_multiplier,
+    private_train,
+    sampling,
+)
+from fedhf.train.loop import evaluate, make_loader, train_local
+from fedhf.federation.updates import encode
+
+log = logging.getLogger("fedhf")
+
+REFUSED = "refused"
+
+
+def round_seed(cfg: FedHFConfig, server_round: int, pid: int) -> int:
+    """Seed of a client's shuffling and dropout in a round (recorded in run.json's seeds)."""
+    return cfg.seed * 100_003 + server_round * 1_009 + pid
+
+
+@dataclass
+class TrainOutcome:
+    state: dict[str, np.ndarray] | None  # the reply payload (transport.dtype); None when the client did not train
+    metrics: dict[str, float | int]  # the reply's MetricRecord
+    info: dict[str, Any]  # the reply's client-info ConfigRecord
+    refusal: Refusal | None = None
+    replayed: bool = False
+
+
+@dataclass
+class RoundRequest:
+    """A train request as the node sees it: the run's parsed config and what the message says about the round."""
+
+    cfg: FedHFConfig
+    server_round: int
+    run_uid: str
+    global_digest: str
+    secure: bool  # the message came through the SecAgg+ protocol
+    label_names: list[str] | None
+    proximal_mu: float = 0.0
+
+
+def refusal_outcome(pid: int, refusal: Refusal) -> TrainOutcome:
+    log.warning("round refused: %s", refusal.text())
+    info = {"partition-id": pid, "status": REFUSED, "rule": refusal.rule, "reason": refusal.reason}
+    return TrainOutcome(None, {}, info, refusal)
+
+
+def data_key(cfg: FedHFConfig, node: Node) -> str:
+    """The name of the node's spend folder: a fingerprint of its data, never of the run."""
+    if node.data_path is not None:
+        fp = silo_fingerprint(node.data_path)
+    else:
+        fp = partition_fingerprint(cfg.data, node.pid)
+    return "data-" + fp[:24]
+
+
+def _request_refusal(policy: NodePolicy, req: RoundRequest) -> Refusal | None:
+    """The rules that need no data: the owner's privacy level and secure aggregation, and the run's own claim."""
+    p = req.cfg.privacy
+    refusal = check_request(policy, mode=p.mode, secure=req.secure,
+                            noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier)
+    if refusal is None and req.cfg.strategy.secure_aggregation and not req.secure:
+        refusal = Refusal("strategy.secure-aggregation", "the run asks for secure aggregation but this train message is "
+                                                         "not part of the SecAgg+ protocol; the update is not sent in the clear.")
+    return refusal
+
+
+@dataclass
+class Projection:
+    """What training this round would spend, before it is spent."""
+
+    account: SampleAccount
+    accountant_id: str
+    entry: dict[str, Any]
+    run_epsilon: float
+    lifetime: dict[str, Any]
+
+
+def _project(req: RoundRequest, spend: Any, pid: int, n: int, delta: float) -> Projection:
+    cfg = req.cfg
+    account, accountant_id = _run_account(cfg, spend.run_account(req.run_uid), n, delta)
+    q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
+    entry = {"run_uid": req.run_uid, "round": req.server_round, "partition_id": pid, "accountant": account.accountant,
+             "accountant_id": accountant_id, "delta": account.delta, "noise_multiplier": account.noise_multiplier,
+             "max_grad_norm": account.max_grad_norm, "sample_rate": q, "steps": steps}
+    run_eps = epsilon_of(account.accountant, _merge(account.history, (account.noise_multiplier, q, steps)), account.delta)
+    kind, life_delta, life_history = spend.lifetime(extra=entry)
+    lifetime = {"epsilon": epsilon_of(kind, life_history, life_delta), "delta": life_delta, "accountant": kind,
+                "runs": len(set(spend.runs()) | {req.run_uid})}
+    return Projection(account, accountant_id, entry, run_eps, lifetime)
+
+
+def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], state_root: Any) -> Refusal | None:
+    """Every rule of the owner's policy, checked without spending: SecAgg+'s set-up stage asks before any key is sent.
+    The binding check is the one :func:`train_round` makes when it reserves the spend."""
+    policy = parse_policy(node_config)
+    refusal = _request_refusal(policy, req)
+    if refusal is not None or not req.cfg.privacy.sample_level:
+        return refusal
+    train_ds, _, _ = node.data(req.cfg, req.label_names)
+    n = len(train_ds)
+    p = req.cfg.privacy
+    delta = p.delta if p.delta is not None else default_delta(n)
+    refusal = check_delta(policy, delta, n)
+    if refusal is not None:
+        return refusal
+    store = SpendStore(state_root, data_key(req.cfg, node))
+    with store.transaction(legacy=legacy_key(node.pid, node.data_path)) as spend:
+        if store.replay(req.run_uid, req.server_round, req.global_digest) is not None:
+            return None
+        proj = _project(req, spend, node.pid, n, delta)
+    return _budget_refusal(policy, req.cfg, proj.run_epsilon, proj.lifetime["epsilon"])
+
+
+def train_round(req: RoundRequest, node: Node, global_state: dict[str, torch.Tensor], *,
+                node_config: Mapping[str, Any], state_root: Any) -> TrainOutcome:
+    """One round of local training under the owner's policy; refusals and replays included."""
+    t0 = time.perf_counter()
+    cfg, server_round, pid = req.cfg, req.server_round, node.pid
+    torch.set_num_threads(cfg.train.num_threads)
+    policy = parse_policy(node_config)
+    p = cfg.privacy
+    refusal = _request_refusal(policy, req)
+    if refusal is not None:
+        return refusal_outcome(pid, refusal)
+    fault = faults.planned(node_config, pid, server_round)
+    faults.before_training(fault, node_config)
+    train_ds, _, names = node.data(cfg, req.label_names)
+    n = len(train_ds)
+    dp = p.mode != "none"
+    shared = policy.shared(dp)
+    weight = n if "num-examples" in shared and not p.client_level else 1
+    if req.secure:
+        check_secagg_weight(cfg, weight)  # before any DP step: a refused round spends no budget
+
+    account: SampleAccount | None = None
+    store: SpendStore | None = None
+    accountant_id = ""
+    lifetime = None
+    if p.sample_level:
+        delta = p.delta if p.delta is not None else default_delta(n)
+        refusal = check_delta(policy, delta, n)
+        if refusal is not None:
+            return refusal_outcome(pid, refusal)
+        store = SpendStore(state_root, data_key(cfg, node))
+        with store.transaction(legacy=legacy_key(pid, node.data_path)) as spend:
+            if not req.secure:
+                cached = store.replay(req.run_uid, server_round, req.global_digest)
+                if cached is not None:  # this round was cut off at the server: resend the reply already released
+                    payload, meta = cached
+                    return TrainOutcome(payload, meta["metrics"], {**meta["info"], "replayed": True}, replayed=True)
+            proj = _project(req, spend, pid, n, delta)
+            refusal = _budget_refusal(policy, cfg, proj.run_epsilon, proj.lifetime["epsilon"])
+            if refusal is not None:
+                return refusal_outcome(pid, refusal)
+            spend.add(proj.entry)  # reserved before training: a spend is counted even if the round dies
+            account, accountant_id, lifetime = proj.account, proj.accountant_id, proj.lifetime
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    model = build_model(cfg, names)
+    set_adapter_state(model, global_state)
+    loader = make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
+                         seed=round_seed(cfg, server_round, pid))
+    if account is not None:
+        # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
+        private = private_train(model, loader, account, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                                weight_decay=cfg.train.weight_decay, grad_sample_mode=p.grad_sample_mode,
+                                optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
+        result = private.train
+        account = private.account
+        log.info("round %d: %d empty Poisson batches (noise only)", server_round, private.empty_batches)
+    else:
+        # Dropout draws from torch's RNG: seed it per (run seed, round, partition) for reproducible
+        # non-private training, inside a forked RNG so the process's own stream is left alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(round_seed(cfg, server_round, pid))
+            result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay, proximal_mu=req.proximal_mu,
+                                 optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
+    trained = faults.poison_values(fault, {k: v.numpy() for k, v in get_adapter_state(model).items()})
+    encoded = encode(trained, {k: v.numpy() for k, v in global_state.items()}, cfg.transport.dtype)
+    state = faults.poison_structure(fault, encoded.arrays)
+    metrics, info = reply_fields(shared, pid=pid, weight=weight, num_examples=n, loss=result.loss,
+                                 histogram=label_histogram(train_ds["label"], len(names)), tokens=result.tokens,
+                                 train_seconds=result.seconds, handler_seconds=time.perf_counter() - t0)
+    info.update({"status": "trained", "transport": encoded.dtype, "train-steps": result.steps})
+    if encoded.scales:
+        info["int8-scales"] = encoded.scales
+    if account is not None:
+        info.update(privacy_info(account, accountant_id, policy, lifetime))
+    outcome = TrainOutcome(state, metrics, info)
+    if store is not None and not req.secure:  # before the reply leaves: a resumed server gets the same reply
+        store.save_reply(req.run_uid, {"round": server_round, "global_digest": req.global_digest,
+                                       "metrics": metrics, "info": info}, state)
+    return outcome
+
+
+def _run_account(cfg: FedHFConfig, saved: Any, n: int, delta: float) -> tuple[SampleAccount, str]:
+    """This run's accountant on this node: continued from its saved entries, or created (sigma planned) now."""
+    p = cfg.privacy
+    if saved is not None:
+        return SampleAccount(saved.accountant, saved.delta, saved.noise_multiplier, saved.max_grad_norm,
+                             list(saved.history)), saved.accountant_id
+    q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
+    sigma = p.noise_multiplier
+    if p.target_epsilon is not None:
+        sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
+    return SampleAccount(p.accountant, delta, sigma, p.max_grad_norm), new_accountant_id()
+
+
+def _budget_refusal(policy: NodePolicy, cfg: FedHFConfig, run_eps: float, life_eps: float) -> Refusal | None:
+    if not math.isfinite(run_eps):
+        return Refusal("min-privacy", "this round's epsilon would be infinite (no noise): that is not differential privacy.")
+    if policy.max_epsilon is not None and life_eps > policy.max_epsilon:
+        return Refusal("max-epsilon", f"this round would take the node's lifetime privacy spend on its data above its "
+                                      f"budget (max-epsilon={policy.max_epsilon:g}, over every run on this data).")
+    budget = cfg.privacy.max_epsilon
+    if budget is not None and run_eps > budget:
+        return Refusal("privacy.max-epsilon", f"this round would take the run's epsilon above the run's own budget "
+                                              f"(privacy.max-epsilon={budget:g}).")
+    return None
+
+
+def reply_fields(shared: frozenset[str], *, pid: int, weight: float, num_examples: int, loss: float,
+                 histogram: list[int], tokens: int, train_seconds: float, handler_seconds: float
+                 ) -> tuple[dict[str, float | int], dict[str, Any]]:
+    """(metrics, client-info) of a train reply: the averaging weight always, the optional fields only when shared."""
+    metrics: dict[str, float | int] = {"weight": float(weight)}
+    info: dict[str, Any] = {"partition-id": pid, "shared": sorted(shared)}
+    if "num-examples" in shared:
+        metrics["num-examples"] = int(num_examples)
+    if "train-loss" in shared:
+        metrics["train-loss"] = float(loss)
+    if "label-histogram" in shared:
+        info["label-histogram"] = list(histogram)
+    if "train-tokens" in shared:
+        info["train-tokens"] = int(tokens)
+    if "timings" in shared:
+        info["train-seconds"] = float(train_seconds)
+        info["handler-seconds"] = float(handler_seconds)
+    return metrics, info
+
+
+def privacy_info(account: SampleAccount, accountant_id: str, policy: NodePolicy, lifetime: dict[str, Any] | None) -> dict[str, Any]:
+    """The privacy accounting a DP client reports (computed from the run's parameters and its batch count)."""
+    out = {
+        "epsilon": account.epsilon,
+        "delta": account.delta,
+        "noise-multiplier": account.noise_multiplier,
+        "max-grad-norm": account.max_grad_norm,
+        "sample-rate": account.history[-1][1],
+        "steps": account.steps,
+        "accountant": account.accountant,
+        "accountant-id": accountant_id,
+        "max-epsilon": policy.max_epsilon if policy.max_epsilon is not None else 0.0,
+    }
+    if lifetime is not None:
+        out["lifetime-epsilon"] = float(lifetime["epsilon"])
+        out["lifetime-delta"] = float(lifetime["delta"])
+    return out
+
+
+def evaluate_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.Tensor], label_names: list[str] | None,
+                   node_config: Mapping[str, Any]) -> tuple[dict[str, float | int], dict[str, Any]]:
+    """Local evaluation on the node's held-out rows; under DP only when its owner shares 'local-eval'."""
+    t0 = time.perf_counter()
+    policy = parse_policy(node_config)
+    p = cfg.privacy
+    refusal = check_request(policy, mode=p.mode, secure=True,
+                            noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier)
+    if refusal is not None:  # a run this node does not train for learns nothing from its data either
+        return {}, {"partition-id": node.pid, "status": REFUSED, "rule": refusal.rule, "reason": refusal.reason}
+    if "local-eval" not in policy.shared(p.mode != "none"):
+        return {}, {"partition-id": node.pid, "status": "not-shared"}
+    torch.set_num_threads(cfg.train.num_threads)
+    _, eval_ds, names = node.data(cfg, label_names)
+    if eval_ds is None or len(eval_ds) == 0:
+        metrics = {"eval-loss": 0.0, "eval-accuracy": 0.0, "eval-f1": 0.0, "num-examples": 0, "weight": 0.0}
+    else:
+        tokenizer = load_tokenizer(cfg.model.name)
+        model = build_model(cfg, names)
+        set_adapter_state(model, global_state)
+        loader = make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
+        res = evaluate(model, loader, len(names))
+        metrics = {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1,
+                   "num-examples": res.num_examples, "weight": float(res.num_examples)}
+    info: dict[str, Any] = {"partition-id": node.pid, "status": "evaluated"}
+    if "timings" in policy.shared(p.mode != "none"):
+        info["handler-seconds"] = time.perf_counter() - t0
+    return metrics, info

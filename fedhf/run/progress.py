@@ -1,0 +1,44 @@
+"""Console progress for a run: a bar over rounds and one summary line per round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fedhf.privacy.ledger import privacy_line
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def round_line(row: dict[str, Any], total: int) -> str:
+    if row["round"] == 0:
+        return f"[fedhf] round 0/{total}  central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f} (initial adapter)"
+    loss = "train loss not shared" if row["train_loss"] is None else f"train loss {row['train_loss']:.4f}"
+    refused = f" ({len(row['refused'])} refused)" if row.get("refused") else ""
+    return (
+        f"[fedhf] round {row['round']}/{total}  {loss}  "
+        f"central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f}  "
+        f"clients {sum(c['status'] == 'trained' for c in row['clients'])}/{row['clients_sampled']}{refused}  "
+        f"up {_fmt(row['bytes_up'], ',d')} B/client  {row['wall_seconds']:.1f}s"
+    )
+
+
+class RoundProgress:
+    def __init__(self, total: int, done: int = 0) -> None:
+        self.total = total
+        self.bar = tqdm(total=total, initial=done, desc="fedhf rounds", unit="round", dynamic_ncols=True)
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        tqdm.write(round_line(row, self.total))
+        line = privacy_line(row)
+        if line:
+            tqdm.write(line)
+        if row["round"] > 0:
+            self.bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

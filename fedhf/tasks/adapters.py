@@ -1,0 +1,70 @@
+"""Load a trained adapter back (a run folder, an adapter folder or a Hub repo) and predict with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedhf.errors import FedHFHubError
+
+
+def resolve_adapter(model: str) -> Path:
+    """A folder holding an adapter: a run folder (its adapter/ or hub/), an adapter folder, or a Hub repo id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        # A run folder's adapter/ first: it names the base as trained here (hub/ names only a published Hub id).
+        for candidate in (path / "adapter", path / "hub", path):
+            if (candidate / "adapter_config.json").is_file():
+                return candidate
+        raise FedHFHubError(f"--model '{model}': no adapter there (no adapter_config.json in it, its hub/ or adapter/).")
+    if model.startswith((".", "/", "~")):
+        raise FedHFHubError(f"--model '{model}': no such folder.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(model, repo_type="model"))
+    except Exception as exc:  # not found, offline, refused
+        raise FedHFHubError(f"--model '{model}': cannot download it from the Hub ({type(exc).__name__}); "
+                            f"check the repo id, HF_ENDPOINT and the token.") from None
+    if not (local / "adapter_config.json").is_file():
+        raise FedHFHubError(f"--model '{model}': the repo holds no adapter (no adapter_config.json).")
+    return local
+
+
+def load_adapter_model(folder: Path, base_model: str | None = None) -> tuple[Any, Any, list[str], int]:
+    """(model, tokenizer, label names, max length) from a fedhf adapter folder; ``base_model`` overrides its base."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedhf.tasks.model import apply_pooling, resolve_model
+
+    meta_path = folder / "fedhf.json"
+    if not meta_path.is_file():
+        raise FedHFHubError(f"'{folder}' has no fedhf.json (label names and base model); was it written by fedhf?")
+    meta = json.loads(meta_path.read_text())
+    labels = meta["label_names"]
+    base_name = base_model or meta.get("base_model")
+    if not base_name:
+        raise FedHFHubError(f"'{folder}' does not name its base model (it was trained from a local folder whose Hub id "
+                            "was not given); give --base-model with the Hub id or a local folder of that base.")
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(base_name), num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    apply_pooling(base, meta.get("pooling", "cls"))  # adapters from before model.pooling existed are cls
+    model = PeftModel.from_pretrained(base, folder).eval()
+    return model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128))
+
+
+def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int) -> list[tuple[str, float]]:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 32):
+            enc = tokenizer(texts[i:i + 32], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            probs = model(**enc).logits.softmax(-1)
+            for row in probs:
+                k = int(row.argmax())
+                out.append((labels[k], float(row[k])))
+    return out
