@@ -119,10 +119,10 @@ def run(
         _preflight(cfg, num_clients, node_configs)
     except FedHFError as exc:
         _fail(str(exc))
-    from fedhf.flower.simulation import run_simulation  # imports Flower's simulation stack
+    from fedhf.apps import simulate  # imports Flower's simulation stack
 
     try:
-        run_dir = run_simulation(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume,
+        run_dir = simulate(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume,
                                  node_configs=node_configs)
     except Exception as exc:  # the server's exception, re-raised by the simulation runtime
         cause = exc.__cause__ or exc

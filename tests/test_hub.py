@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from fedhf.release.card import build_hub_folder
 from fedhf.config.schema import parse_config
 from fedhf.tasks.model import build_model
-from fedhf.flower.server_app import save_adapter
+from fedhf.tasks.adapters import save_adapter
 
 from .conftest import REPO
 from .test_card import fake_run
@@ -203,7 +203,7 @@ def _closed_port() -> int:
 
 def test_a_run_whose_push_fails_records_it_and_stays_complete(finished_run, tmp_path, monkeypatch):
     """hub.push at the end of a run: an unreachable Hub is a recorded failure in run.json, not a crash."""
-    from fedhf.flower.server_app import _push
+    from fedhf.apps import _push
 
     run_dir, run = finished_run
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -16,7 +16,7 @@ from fedhf.tasks.model import (
     resolve_model,
     set_adapter_state,
 )
-from fedhf.flower.server_app import save_adapter
+from fedhf.tasks.adapters import save_adapter
 
 LABELS = ["negative", "positive"]
 

@@ -464,7 +464,7 @@ def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_pa
     client 1 only ever trained in such a round. The ledger takes their own saved spend."""
     from fedhf.privacy.ledger import ledger_table
     from fedhf.privacy.dp import SampleAccount
-    from fedhf.flower.server_app import _count_saved_spend
+    from fedhf.apps import _count_saved_spend
 
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)

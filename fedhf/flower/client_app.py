@@ -24,7 +24,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -75,7 +84,11 @@ def _label_names(config: ConfigRecord) -> list[str] | None:
 
 def setup_check_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """At the first SecAgg+ stage, refuse a run this node will not train for, before sending any key."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        Key,
+        Stage,
+    )
 
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.metadata.message_type == MessageType.TRAIN else None
     if configs is not None and configs.get(Key.STAGE) == Stage.SETUP and RUN_CONFIG_KEY in msg.content.config_records:

@@ -1,9 +1,8 @@
-"""Run a fedhf federation in Flower's Simulation Engine, in this process.
+"""Run fedhf's apps in Flower's Simulation Engine, in this process.
 
-``flwr run .`` does the same through a local SuperLink (see the README); this path
-runs the apps directly so that ``fedhf run`` needs no SuperLink and leaves no
-process behind. It uses Flower's simulation runtime entry point (pinned flwr 1.42),
-handing the ServerApp the already parsed config.
+``flwr run .`` does the same through a local SuperLink (see the README); this path runs the apps
+directly (``flwr.simulation.run_simulation``, Flower's public entry point) so that ``fedhf run``
+needs no SuperLink, hands the ServerApp the already parsed config, and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -11,31 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
-from flwr.simulation.run_simulation import _run_simulation
-from flwr.supercore.telemetry import EventType
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
 
-from fedhf.run.checkpoint import Checkpoint
-from fedhf.flower.client_app import make_client_app
-from fedhf.config.schema import FedHFConfig
-from fedhf.flower.server_app import make_server_app
+from fedhf.flower.server_app import ServerMain, server_app_for
 
 log = logging.getLogger("fedhf")
 
 
-def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
-                   resume: Checkpoint | None = None, resume_dir: Path | None = None,
-                   node_configs: dict[int, dict[str, Any]] | None = None) -> Path:
-    """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder.
-
-    ``resume``: continue the run in ``resume_dir`` from this checkpoint. ``node_configs``: each simulated
-    node's owner policy and state dir (``fedhf run --node-config FILE``).
-    """
-    state_roots = tuple(sorted({Path(str(nc["state-dir"])).expanduser() for nc in (node_configs or {}).values()
-                                if str(nc.get("state-dir", "")).strip()}))
-    result: dict = {}
+def simulate(server_main: ServerMain, client_app: ClientApp, num_supernodes: int, cpus_per_client: int = 1) -> None:
+    """Run ``server_main(grid, run_config)`` as the ServerApp against ``num_supernodes`` simulated SuperNodes."""
     backend_config = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(os.cpu_count() or 1, cpus_per_client)},
@@ -45,18 +31,15 @@ def run_simulation(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1,
     watchdog = threading.Thread(target=_stop_stuck_actors, args=(server_done, finished), daemon=True)
     watchdog.start()
     try:
-        _run_simulation(
-            num_supernodes=num_clients,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=make_client_app(node_configs),
-            server_app=make_server_app(cfg, num_clients, result, resume=resume, resume_dir=resume_dir,
-                                       on_exit=server_done.set, state_roots=state_roots),
+        run_simulation(
+            server_app=server_app_for(server_main, on_exit=server_done.set),
+            client_app=client_app,
+            num_supernodes=num_supernodes,
             backend_name="ray",
             backend_config=backend_config,
         )
     finally:
         finished.set()
-    return Path(result["run_dir"])
 
 
 def _stop_stuck_actors(server_done: threading.Event, finished: threading.Event, grace: float = 5.0) -> None:

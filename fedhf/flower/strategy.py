@@ -1,11 +1,13 @@
-"""Strategy construction from the config, and the recording hooks around it.
+"""Strategies from the config: Flower's own, held by fedhf's wrappers (as Flower's DP wrappers hold theirs).
 
-The Flower strategies run unchanged: fedhf observes their messages (what was sent, which
-clients replied, what they reported) by overriding the configure / aggregate methods and
-calling the parent; it does not replace ``start()``. Every reply is screened first
-(``fedhf.federation.replies`` for its fields, ``fedhf.federation.updates`` for its tensors): a malformed reply is that
-client's failure for the round, a refusal stops the node being sampled, and Flower aggregates
-only the validated update and weight of the rest.
+``Screened`` holds the aggregating Flower strategy (FedAvg, FedProx, FedAdam, ...): it sees every
+message (what was sent, which clients replied, what they reported) and hands the inner strategy
+only what passed. Every reply is screened first (``fedhf.federation.replies`` for its fields,
+``fedhf.federation.updates`` for its tensors): a malformed reply is that client's failure for
+the round, a refusal stops the node being sampled, and Flower aggregates only the validated
+update and weight of the rest. ``ClientLevel`` holds Flower's central-DP wrapper (which holds
+``Screened``) and accounts each round as one release. Neither replaces ``Strategy.start()``.
+What is seen goes to a ``RoundObserver`` (the run record, in practice).
 """
 
 from __future__ import annotations
@@ -29,14 +31,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedhf.run.record import RunRecorder
 from fedhf.config.schema import FedHFConfig
-from fedhf.errors import FedHFConfigError
-from fedhf.errors import FedHFRunError
-from fedhf.privacy.ledger import CLIENT as CLIENT_LEVEL
-from fedhf.privacy.dp import ClientLevelAccount, effective_client_sigma
+from fedhf.errors import FedHFConfigError, FedHFRunError
+from fedhf.federation.events import RoundObserver
 from fedhf.federation.replies import Malformed, screen_evaluate, screen_train
 from fedhf.federation.updates import DecodeError, check_update, decode
+from fedhf.privacy.dp import ClientLevelAccount, effective_client_sigma
+from fedhf.privacy.ledger import CLIENT as CLIENT_LEVEL
 
 log = logging.getLogger("fedhf")
 
@@ -94,39 +95,42 @@ def _records(msg: Message) -> tuple[dict[str, Any], dict[str, Any], ArrayRecord 
     return dict(metrics), dict(info), arrays
 
 
-class Recording:
+class Screened(Strategy):
     """The fedhf side of a strategy: what it sends, which replies it accepts, what it records.
 
-    Mixed into Flower's strategies by :func:`_recording`; Flower's aggregation only ever sees
-    replies that passed :meth:`record_replies`, rebuilt to exactly the validated update and weight.
+    Holds the aggregating Flower strategy (``inner``); that strategy only ever sees replies that
+    passed :meth:`record_replies`, rebuilt to exactly the validated update and weight.
     """
 
-    recorder: RunRecorder
-    excluded: dict[int, str]  # node id -> why it is no longer sampled (a policy refusal, a budget)
     latest_arrays: ArrayRecord | None = None
     recorded_round: int = -1
     population: int = 0
-    announced: set[int]
-    sampled: list[int]
-    dtypes: dict[str, np.dtype]
-    timeout: float = 0.0
-    max_update_norm: float = 0.0
-    max_weight: float = 0.0
-    uniform_weights: bool = False  # client-level DP: the server imposes equal weights
-    sample_level: bool = False
-    num_labels: int | None = None
 
-    def init_recording(self, cfg: FedHFConfig, recorder: RunRecorder) -> None:
+    def __init__(self, inner: FedAvg, cfg: FedHFConfig, recorder: RoundObserver, num_labels: int | None = None) -> None:
+        self.inner = inner
+        self.name = cfg.strategy.name  # what a checkpoint names (the config's word, not a class name)
         self.recorder = recorder
-        self.excluded = {}
-        self.announced = set()
-        self.sampled = []
-        self.dtypes = {}
+        self.excluded: dict[int, str] = {}  # node id -> why it is no longer sampled (a policy refusal, a budget)
+        self.announced: set[int] = set()
+        self.sampled: list[int] = []
+        self.dtypes: dict[str, np.dtype] = {}
         self.timeout = cfg.strategy.round_timeout
         self.max_update_norm = cfg.strategy.max_update_norm
         self.max_weight = cfg.strategy.max_weight
-        self.uniform_weights = cfg.privacy.client_level
+        self.uniform_weights = cfg.privacy.client_level  # client-level DP: the server imposes equal weights
         self.sample_level = cfg.privacy.sample_level
+        self.num_labels = num_labels
+
+    @property
+    def min_train_nodes(self) -> int:
+        return self.inner.min_train_nodes
+
+    @property
+    def weighted_by_key(self) -> str:  # read by Flower's DP wrappers
+        return self.inner.weighted_by_key
+
+    def summary(self) -> None:
+        self.inner.summary()
 
     @property
     def exhausted(self) -> set[int]:
@@ -143,7 +147,7 @@ class Recording:
             raise RunStopped(f"before round {server_round}: only {len(able)} client(s) can still train "
                              f"(strategy.min-train-nodes={self.min_train_nodes}); the others refused or ran out of "
                              f"budget: {reasons}")
-        messages = [m for m in super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = [m for m in self.inner.configure_train(server_round, arrays, config, grid)
                     if m.metadata.dst_node_id not in self.excluded]
         self.sampled = [m.metadata.dst_node_id for m in messages]
         if not self.dtypes:  # the adapter's own dtypes (float32), from the initial / resumed adapter
@@ -155,7 +159,7 @@ class Recording:
         replies = list(replies)
         if self.recorded_round != server_round:  # a client-level DP wrapper may have recorded them already
             replies = self.record_replies(server_round, replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
         return as_dtypes(arrays, self.dtypes), metrics
 
     def record_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
@@ -265,6 +269,10 @@ class Recording:
             return reason, None
         return None, ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in trained.items()})
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good, seconds = [], []
         for msg in replies:
@@ -286,7 +294,7 @@ class Recording:
                 msg.content = RecordDict({"metrics": MetricRecord({k: m[k] for k in ("eval-loss", "eval-accuracy", "eval-f1",
                                                                                      "num-examples", "weight")})})
                 good.append(msg)
-        agg = super().aggregate_evaluate(server_round, good) if good else None  # type: ignore[misc]
+        agg = self.inner.aggregate_evaluate(server_round, good) if good else None
         if agg is not None and int(agg["num-examples"]) > 0:
             self.recorder.local_eval(float(agg["eval-loss"]), float(agg["eval-accuracy"]), seconds)
         else:
@@ -299,78 +307,105 @@ def _reason(text: str | None) -> str:
     return (text or "no reason given")[:2000]
 
 
-def _recording(base: type[FedAvg]) -> type[FedAvg]:
-    cls = type(base.__name__, (Recording, base), {"__qualname__": base.__qualname__, "__module__": __name__})
-    return cls
+class _AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's adaptive-clipping wrapper, noising with the norm that clipped *this* round's updates.
+
+    Flower's wrapper moves C to next round's value before it adds the noise; ``noise_norm`` (set by
+    ``ClientLevel`` for the duration of one aggregation) is put back for the noise. Overrides the private
+    ``_add_noise_to_aggregated_arrays``: pinned by tests/contract/test_flower_strategy.py.
+    """
+
+    noise_norm: float | None = None
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        if self.noise_norm is None:
+            return super()._add_noise_to_aggregated_arrays(aggregated)
+        next_norm, self.clipping_norm = self.clipping_norm, self.noise_norm
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)
+        finally:
+            self.clipping_norm = next_norm
 
 
-def _client_level(base: type[Strategy]) -> type[Strategy]:
-    """Flower's central-DP wrapper, accounting each round as one release.
+class ClientLevel(Strategy):
+    """Client-level DP: holds Flower's central-DP wrapper (which holds ``Screened``), one release per round.
 
-    - Weights: the inner strategy imposes equal weights (a client's own weight is ignored).
+    - Weights: ``Screened`` imposes equal weights (a client's own weight is ignored).
     - Noise: sigma * C / m with m the number of updates actually averaged, so the sensitivity C / m
-      always matches; with adaptive clipping C is the norm that clipped *this* round's updates
-      (Flower's wrapper moves C to next round's value before it adds the noise).
+      always matches; with adaptive clipping C is the norm that clipped *this* round's updates.
     - Sampling: q = clients sampled / clients connected, so a client that fails after being sampled
       does not lower q.
     """
 
-    class ClientLevel(base):  # type: ignore[valid-type, misc]
-        account: ClientLevelAccount
-        recorder: RunRecorder
-        delta_given: bool
-        _clip_used: float | None = None
+    def __init__(self, dp: DifferentialPrivacyServerSideFixedClipping | _AdaptiveClipping, screened: Screened,
+                 account: ClientLevelAccount, recorder: RoundObserver, delta_given: bool) -> None:
+        self.dp = dp
+        self.screened = screened
+        self.account = account
+        self.recorder = recorder
+        self.delta_given = delta_given
 
-        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                            grid: Grid) -> Iterable[Message]:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-            self.fix_delta(self.strategy.population)
-            return messages
+    @property
+    def clipping_norm(self) -> float:
+        return float(self.dp.clipping_norm)
 
-        def fix_delta(self, population: int) -> None:
-            """The default delta once the population is known; a delta of 1 / N or more is refused."""
-            if population < 1:
-                return
-            if not self.delta_given and not self.account.history:
-                self.account.delta = default_client_delta(population)
-                self.recorder.set_client_level({"delta": self.account.delta})
-            if self.account.delta >= 1 / population:
-                raise FedHFConfigError(
-                    f"config key 'privacy.client-delta': {self.account.delta:g} is not below 1 / {population} clients; such "
-                    f"a delta allows releasing one client's update outright. Use at most {0.1 / population:.3g}.")
+    @clipping_norm.setter
+    def clipping_norm(self, value: float) -> None:
+        self.dp.clipping_norm = float(value)
 
-        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            trained = self.strategy.record_replies(server_round, list(replies))
-            self.num_sampled_clients = len(trained)
-            self._clip_used = float(getattr(self, "clipping_norm", 0.0))
-            try:
-                arrays, metrics = super().aggregate_train(server_round, trained)
-            finally:
-                clip_used, self._clip_used = self._clip_used, None
-            if arrays is None:  # Flower skipped the release: nothing is accounted, and nothing changes
-                raise FedHFRunError(f"round {server_round}: the client-level DP wrapper did not aggregate the updates")
-            arrays = as_dtypes(arrays, self.strategy.dtypes)
-            population = max(self.strategy.population, len(self.strategy.sampled), 1)
-            q = len(self.strategy.sampled) / population
-            self.account.add_round(q)
-            self.recorder.client_level_round({
-                "clients_sampled": len(self.strategy.sampled), "clients_aggregated": len(trained),
-                "population": population, "sample_rate": q, "epsilon": self.account.epsilon,
-                "epsilon_no_amplification": self.account.epsilon_no_amplification, "clipping_norm": clip_used,
-            })
-            return arrays, metrics
+    def summary(self) -> None:
+        self.dp.summary()
 
-        def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-            if self._clip_used is None:
-                return super()._add_noise_to_aggregated_arrays(aggregated)
-            next_norm, self.clipping_norm = self.clipping_norm, self._clip_used  # the norm that clipped this round
-            try:
-                return super()._add_noise_to_aggregated_arrays(aggregated)
-            finally:
-                self.clipping_norm = next_norm
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.dp.configure_train(server_round, arrays, config, grid))
+        self.fix_delta(self.screened.population)
+        return messages
 
-    ClientLevel.__name__ = base.__name__
-    return ClientLevel
+    def fix_delta(self, population: int) -> None:
+        """The default delta once the population is known; a delta of 1 / N or more is refused."""
+        if population < 1:
+            return
+        if not self.delta_given and not self.account.history:
+            self.account.delta = default_client_delta(population)
+            self.recorder.set_client_level({"delta": self.account.delta})
+        if self.account.delta >= 1 / population:
+            raise FedHFConfigError(
+                f"config key 'privacy.client-delta': {self.account.delta:g} is not below 1 / {population} clients; such "
+                f"a delta allows releasing one client's update outright. Use at most {0.1 / population:.3g}.")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        s = self.screened
+        trained = s.record_replies(server_round, list(replies))
+        self.dp.num_sampled_clients = len(trained)
+        clip_used = self.clipping_norm
+        adaptive = isinstance(self.dp, _AdaptiveClipping)
+        if adaptive:
+            self.dp.noise_norm = clip_used
+        try:
+            arrays, metrics = self.dp.aggregate_train(server_round, trained)
+        finally:
+            if adaptive:
+                self.dp.noise_norm = None
+        if arrays is None:  # Flower skipped the release: nothing is accounted, and nothing changes
+            raise FedHFRunError(f"round {server_round}: the client-level DP wrapper did not aggregate the updates")
+        arrays = as_dtypes(arrays, s.dtypes)
+        population = max(s.population, len(s.sampled), 1)
+        q = len(s.sampled) / population
+        self.account.add_round(q)
+        self.recorder.client_level_round({
+            "clients_sampled": len(s.sampled), "clients_aggregated": len(trained),
+            "population": population, "sample_rate": q, "epsilon": self.account.epsilon,
+            "epsilon_no_amplification": self.account.epsilon_no_amplification, "clipping_norm": clip_used,
+        })
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.dp.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.dp.aggregate_evaluate(server_round, replies)
 
 
 def default_client_delta(population: int) -> float:
@@ -378,8 +413,8 @@ def default_client_delta(population: int) -> float:
     return min(1e-5, 0.1 / max(population, 1))
 
 
-def build_strategy(cfg: FedHFConfig, recorder: RunRecorder, population: int | None = None,
-                   num_labels: int | None = None) -> Strategy:
+def build_strategy(cfg: FedHFConfig, recorder: RoundObserver, population: int | None = None,
+                   num_labels: int | None = None) -> Screened | ClientLevel:
     s = cfg.strategy
     common: dict[str, Any] = dict(
         fraction_train=s.fraction_train,
@@ -398,14 +433,12 @@ def build_strategy(cfg: FedHFConfig, recorder: RunRecorder, population: int | No
     elif s.name in ("fedadam", "fedyogi"):
         common.update(eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
     p = cfg.privacy
-    strategy = _recording(BASES[s.name])(**common)
-    strategy.init_recording(cfg, recorder)
-    strategy.num_labels = num_labels
+    strategy = Screened(BASES[s.name](**common), cfg, recorder, num_labels)
     if not p.client_level:
         return strategy
     m = max(1, min_sampled(cfg, population))
     if p.client_clipping == "server-fixed":
-        wrapper = _client_level(DifferentialPrivacyServerSideFixedClipping)(
+        dp: DifferentialPrivacyServerSideFixedClipping | _AdaptiveClipping = DifferentialPrivacyServerSideFixedClipping(
             strategy, noise_multiplier=p.client_noise_multiplier, clipping_norm=p.client_clipping_norm, num_sampled_clients=m)
         count_std = None
     else:
@@ -416,16 +449,14 @@ def build_strategy(cfg: FedHFConfig, recorder: RunRecorder, population: int | No
                 f"privacy.client-noise-multiplier={p.client_noise_multiplier:g} with adaptive clipping; set it above "
                 f"{p.client_noise_multiplier / 2:g} (the count noise must be at least half the update noise) or use server-fixed."
             )
-        wrapper = _client_level(DifferentialPrivacyServerSideAdaptiveClipping)(
+        dp = _AdaptiveClipping(
             strategy, noise_multiplier=p.client_noise_multiplier, num_sampled_clients=m,
             initial_clipping_norm=p.client_clipping_norm, clipped_count_stddev=count_std)
     # Flower raises the update noise under adaptive clipping (wrapper.noise_multiplier); the noisy
     # clipped count is a second Gaussian release, composed conservatively (sensitivity 1).
-    sigma_eff = effective_client_sigma(wrapper.noise_multiplier, count_std)
+    sigma_eff = effective_client_sigma(dp.noise_multiplier, count_std)
     delta = p.client_delta if p.client_delta is not None else default_client_delta(population or 1)
-    wrapper.account = ClientLevelAccount(sigma_eff, delta)
-    wrapper.recorder = recorder
-    wrapper.delta_given = p.client_delta is not None
+    wrapper = ClientLevel(dp, strategy, ClientLevelAccount(sigma_eff, delta), recorder, p.client_delta is not None)
     recorder.set_client_level({
         "label": CLIENT_LEVEL, "clipping": p.client_clipping, "noise_multiplier": p.client_noise_multiplier,
         "clipped_count_stddev": count_std, "effective_noise_multiplier": sigma_eff, "delta": delta,
@@ -452,40 +483,43 @@ def min_sampled(cfg: FedHFConfig, population: int | None) -> int:
 # ----------------------------------------------------------------------------- checkpoint and resume
 
 
-def _inner(strategy: Strategy) -> Strategy:
-    return getattr(strategy, "strategy", strategy)  # the client-level DP wrapper holds the aggregating strategy
+def screened_of(strategy: Strategy) -> Screened:
+    """The ``Screened`` wrapper of a built strategy (itself, or the one a ``ClientLevel`` wrapper holds)."""
+    return strategy.screened if isinstance(strategy, ClientLevel) else strategy
 
 
-def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def strategy_state(strategy: Screened | ClientLevel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """What a restart needs from the strategy: server-optimizer moments (FedAdam/FedYogi), the adaptive
     clipping norm and the client-level accountant's history."""
+    screened = screened_of(strategy)
     arrays: dict[str, np.ndarray] = {}
     for name in ("m_t", "v_t"):
-        moments = getattr(_inner(strategy), name, None)
+        moments = getattr(screened.inner, name, None)
         if moments:
             arrays.update({f"{name}/{k}": np.asarray(v) for k, v in moments.items()})
-    state: dict[str, Any] = {"class": type(_inner(strategy)).__name__}
-    if hasattr(strategy, "clipping_norm"):
-        state["clipping_norm"] = float(strategy.clipping_norm)
-    account = getattr(strategy, "account", None)
-    if isinstance(account, ClientLevelAccount):
-        state["client_level_history"] = [[float(s), float(q), int(n)] for s, q, n in account.history]
+    state: dict[str, Any] = {"strategy": screened.name}
+    if isinstance(strategy, ClientLevel):
+        state["clipping_norm"] = strategy.clipping_norm
+        state["client_level_history"] = [[float(s), float(q), int(n)] for s, q, n in strategy.account.history]
     return arrays, state
 
 
-def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
-    inner = _inner(strategy)
-    if state.get("class") != type(inner).__name__:
-        raise FedHFRunError(f"the checkpoint was written by strategy {state.get('class')!r}, this run builds "
-                            f"{type(inner).__name__!r}; resume with the run's own configuration.")
+def restore_strategy_state(strategy: Screened | ClientLevel, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+    screened = screened_of(strategy)
+    # Checkpoints of fedhf 0.1 named the Flower class ("FedAdam"); later ones the config's strategy.name.
+    written = state.get("strategy", state.get("class"))
+    if written not in (screened.name, type(screened.inner).__name__):
+        raise FedHFRunError(f"the checkpoint was written by strategy {written!r}, this run builds "
+                            f"{screened.name!r}; resume with the run's own configuration.")
     for name in ("m_t", "v_t"):
         moments = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(name + "/")}
         if moments:
-            setattr(inner, name, moments)
-    if "clipping_norm" in state:
-        strategy.clipping_norm = float(state["clipping_norm"])
-    if "client_level_history" in state:
-        strategy.account.history = [(float(s), float(q), int(n)) for s, q, n in state["client_level_history"]]
+            setattr(screened.inner, name, moments)
+    if isinstance(strategy, ClientLevel):
+        if "clipping_norm" in state:
+            strategy.clipping_norm = float(state["clipping_norm"])
+        if "client_level_history" in state:
+            strategy.account.history = [(float(s), float(q), int(n)) for s, q, n in state["client_level_history"]]
 
 
 class Resumed(Strategy):

@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
-    from flwr.superlink.cli.flower_superlink import SuperLinkLifespan, _parse_superlink_lifespan_config
+    from flwr.superlink.cli.flower_superlink import (
+        SuperLinkLifespan,
+        _parse_superlink_lifespan_config,
+    )
     from flwr.superlink.main import create_app
 
     # Flower parses its own flags; its ServerApp processes reach the Runtime API on the Control listener.

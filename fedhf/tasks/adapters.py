@@ -1,4 +1,5 @@
-"""Load a trained adapter back (a run folder, an adapter folder or a Hub repo) and predict with it."""
+"""Save a trained adapter (PEFT format + fedhf.json), load it back (a run folder, an adapter folder or a Hub
+repo) and predict with it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFHubError
 
 
@@ -68,3 +70,23 @@ def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max
                 k = int(row.argmax())
                 out.append((labels[k], float(row[k])))
     return out
+
+
+def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path) -> None:
+    """PEFT ``save_pretrained`` format + tokenizer, the base named as configured (model.name: a Hub id, or a folder on
+    this machine, which ``fedhf predict RUN_DIR`` loads); the published copy in hub/ names only a Hub id."""
+    peft_config = model.peft_config["default"]
+    local_base = peft_config.base_model_name_or_path
+    peft_config.base_model_name_or_path = cfg.model.name
+    try:
+        model.save_pretrained(path, save_embedding_layers=False)
+    finally:
+        peft_config.base_model_name_or_path = local_base
+    tokenizer.save_pretrained(path)
+    (path / "fedhf.json").write_text(json.dumps({
+        "base_model": cfg.model.name,
+        "label_names": label_names,
+        "max_length": cfg.data.max_length,
+        "num_labels": len(label_names),
+        "pooling": cfg.model.pooling,
+    }, indent=2) + "\n")

@@ -1,0 +1,326 @@
+"""The composition root: fedhf's ServerApp and simulation, wired from every stage.
+
+The story of a run:
+1. Parse the run config once (``FedHFConfig``) and open the run folder (``run.json``: running).
+2. Load the dataset: its label names, the central eval split, and (when the server can
+   see the training rows, as in simulation) the per-client partition statistics.
+3. Build the base model + LoRA from the seed; its adapter is the initial global state.
+4. Build the strategy from the config; it sends the adapter and the resolved config to the
+   sampled clients, aggregates their adapters, and after every round the server evaluates
+   the global adapter on the central eval set and records the round.
+5. Save the final adapter (PEFT format) with the tokenizer, write the Hub-ready folder
+   (model card, provenance), mark the run complete, and push it when hub.push is set.
+A privacy budget running out for too many clients ends the run early, cleanly, at step 5.
+
+This module imports every stage (run record, release, analysis) and hands Flower plain callables;
+``fedhf.flower`` holds every ``flwr`` import. ``server_app`` is the app ``flwr run`` loads
+(pyproject ``[tool.flwr.app.components]``); ``simulate`` is what ``fedhf run`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedhf.config.schema import LABEL_NAMES_KEY, FedHFConfig, parse_config
+from fedhf.data.load import load_data
+from fedhf.data.partitions import central_eval_set, format_stats, make_partitions
+from fedhf.errors import FedHFError, FedHFHubError
+from fedhf.federation.node_state import RUN_UID_KEY, STATE_DIR_KEY, stores_in
+from fedhf.flower.client_app import make_client_app
+from fedhf.flower.secagg import SecAggSettings, SecureAggregationGrid
+from fedhf.flower.server_app import latest_adapter, server_app_for, start
+from fedhf.flower.simulation import simulate as simulate_apps
+from fedhf.flower.strategy import (
+    RunStopped,
+    build_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
+from fedhf.privacy.dp import CLIENT_RNG_NOTE, RNG_NOTE
+from fedhf.privacy.ledger import SAMPLE as SAMPLE_LEVEL
+from fedhf.privacy.ledger import ledger_table
+from fedhf.release.card import base_model_license, build_hub_folder, published_view
+from fedhf.release.hub import push
+from fedhf.run.checkpoint import POINTER, Checkpoint, save_checkpoint
+from fedhf.run.progress import RoundProgress
+from fedhf.run.record import RunRecorder
+from fedhf.tasks.adapters import save_adapter
+from fedhf.tasks.model import (
+    adapter_nbytes,
+    build_model,
+    count_params,
+    get_adapter_state,
+    is_bundled,
+    load_tokenizer,
+    model_nbytes,
+    resolve_model,
+    set_adapter_state,
+)
+from fedhf.train.loop import evaluate, make_loader
+
+log = logging.getLogger("fedhf")
+
+
+def _main(grid: Any, run_config: Mapping[str, Any]) -> None:
+    """Under ``flwr run``: the config is the app's run_config (pyproject defaults + overrides)."""
+    run(grid, parse_config(run_config))
+
+
+server_app = server_app_for(_main)
+
+
+def simulate(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
+             resume: Checkpoint | None = None, resume_dir: Path | None = None,
+             node_configs: dict[int, dict[str, Any]] | None = None) -> Path:
+    """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder.
+
+    ``resume``: continue the run in ``resume_dir`` from this checkpoint. ``node_configs``: each simulated
+    node's owner policy and state dir (``fedhf run --node-config FILE``). The clients keep their DP
+    accountant state under RUN_DIR/client-state (and each node's own state dir, when it names one).
+    """
+    state_roots = tuple(sorted({Path(str(nc["state-dir"])).expanduser() for nc in (node_configs or {}).values()
+                                if str(nc.get("state-dir", "")).strip()}))
+    result: dict[str, Any] = {}
+
+    def main(grid: Any, _run_config: Mapping[str, Any]) -> None:
+        run(grid, cfg, num_clients, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True,
+            state_roots=state_roots)
+
+    simulate_apps(main, make_client_app(node_configs), num_clients, cpus_per_client)
+    return Path(result["run_dir"])
+
+
+def run(grid: Any, cfg: FedHFConfig, num_partitions: int | None = None, result: dict[str, Any] | None = None, *,
+        resume: Checkpoint | None = None, resume_dir: Path | None = None, client_state_in_run_dir: bool = False,
+        state_roots: tuple[Path, ...] = ()) -> Path:
+    """Run the federation; ``num_partitions`` (when known) lets the server log partition statistics at start.
+
+    ``resume``: the checkpoint of ``resume_dir`` to continue from (``fedhf run --resume``).
+    """
+    if resume is not None:
+        recorder = RunRecorder(cfg, resume_dir, resume_from=resume.run)
+        log.info("fedhf run %s resumed after round %d -> %s", recorder.run_id, resume.round, recorder.dir)
+    else:
+        recorder = RunRecorder(cfg)
+        log.info("fedhf run %s -> %s", recorder.run_id, recorder.dir)
+    if num_partitions:
+        recorder.set_federation({"num_clients": num_partitions, "engine": "simulation" if client_state_in_run_dir else "flower"})
+    if result is not None:
+        result["run_dir"] = recorder.dir
+    progress = RoundProgress(cfg.num_server_rounds, resume.round if resume is not None else 0)
+    try:
+        _run(grid, cfg, recorder, progress, num_partitions, resume, client_state_in_run_dir, state_roots)
+    except BaseException as exc:
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # `flwr stop`, SIGTERM or Ctrl-C
+            recorder.fail(f"stopped before completion ({type(exc).__name__}: `flwr stop`, a signal or Ctrl-C)")
+        else:
+            recorder.fail(f"{type(exc).__name__}: {exc}")
+        if (recorder.dir / POINTER).is_file():
+            log.error("The run stopped; its last checkpoint is kept: continue it with fedhf run --resume %s", recorder.dir)
+        raise
+    finally:
+        progress.close()
+    if cfg.hub.push and recorder.data["status"] == "complete":
+        _push(cfg, recorder)
+    return recorder.dir
+
+
+def _push(cfg: FedHFConfig, recorder: RunRecorder) -> None:
+    """Upload the finished run's hub/ folder; the run stays complete if the push fails (push again later)."""
+    try:
+        result = push(recorder.dir, cfg.hub.repo_id, private=cfg.hub.private)
+    except FedHFHubError as exc:  # recorded, not raised: the run itself is complete
+        recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": False, "error": str(exc)}
+        recorder.write()
+        log.error("The run is complete but the push failed: %s (retry: fedhf push %s --repo-id %s)",
+                  exc, recorder.dir, cfg.hub.repo_id)
+        return
+    recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": True, "commit_url": result.commit_url}
+    recorder.write()
+    log.info("Pushed %d files to %s", len(result.files), cfg.hub.repo_id)
+
+
+def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProgress, num_partitions: int | None,
+         resume: Checkpoint | None, client_state_in_run_dir: bool, state_roots: tuple[Path, ...] = ()) -> None:
+    # 2. data
+    data = load_data(cfg.data)
+    eval_ds = central_eval_set(data, cfg.data, cfg.seed)
+    recorder.set_dataset({
+        "name": cfg.data.dataset,
+        "source": data.source,
+        "label_names": data.label_names,
+        "train_rows": len(data.train),
+        "central_eval_rows": len(eval_ds),
+        "preset": data.preset.name if data.preset else None,
+        "license": data.preset.license if data.preset else None,
+        "citation": data.preset.citation if data.preset else None,
+    })
+    if num_partitions and resume is None:
+        parts = make_partitions(data, cfg.data, cfg.seed, num_partitions)
+        stats = parts.stats()
+        recorder.set_partitions(stats)
+        log.info("Per-client data (%s, %d clients):\n%s", cfg.data.partitioner, num_partitions, format_stats(stats, data.label_names))
+
+    # 3. model and initial adapter
+    tokenizer = load_tokenizer(cfg.model.name)
+    model = build_model(cfg, data.label_names)
+    initial = get_adapter_state(model)
+    trainable, total = count_params(model)
+    resolved = resolve_model(cfg.model.name)
+    recorder.set_model({
+        "name": cfg.model.name,
+        "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
+        "base_is_local_folder": Path(cfg.model.name).expanduser().is_dir(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": adapter_nbytes(initial),
+        "model_bytes": model_nbytes(model),
+        "adapter_tensors": len(initial),
+    })
+    eval_loader = make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
+    num_labels = len(data.label_names)
+
+    # 4. federated rounds
+    p = cfg.privacy
+    if p.mode != "none":
+        info: dict[str, Any] = {"mode": p.mode, "secure_rng": False, "rng": RNG_NOTE if p.sample_level else CLIENT_RNG_NOTE}
+        if p.sample_level:
+            info.update({"label": SAMPLE_LEVEL, "accountant": p.accountant, "target_epsilon": p.target_epsilon,
+                         "grad_sample_mode": p.grad_sample_mode})
+            if p.client_level:
+                info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
+        recorder.set_privacy(info)
+    strategy = build_strategy(cfg, recorder, num_partitions, num_labels=len(data.label_names))
+    if resume is not None:
+        restore_strategy_state(strategy, resume.strategy_arrays, resume.strategy)
+        set_adapter_state(model, {k: torch.from_numpy(v) for k, v in resume.arrays.items()})  # checks names, shapes
+        initial = get_adapter_state(model)
+    if cfg.strategy.secure_aggregation:
+        settings = SecAggSettings.from_config(cfg)
+        recorder.set_secure_aggregation(settings.describe())
+        grid = SecureAggregationGrid(grid, settings, recorder.secure_aggregation_round)
+
+    done_before = resume.round if resume is not None else 0
+
+    def central_evaluate(server_round: int, arrays: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        server_round += done_before
+        if resume is not None and server_round == done_before:
+            return None  # evaluated (and checkpointed) before the interruption
+        t0 = time.perf_counter()
+        set_adapter_state(model, arrays)
+        res = evaluate(model, eval_loader, num_labels)
+        row = recorder.end_round(server_round, {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1},
+                                 time.perf_counter() - t0)
+        # The round is complete: checkpoint it (global adapter, strategy state, the record so far).
+        strategy_arrays, strategy_scalars = strategy_state(strategy)
+        save_checkpoint(recorder.dir, server_round, run_uid=recorder.data["run_uid"],
+                        config_sha256=recorder.data["config_sha256"],
+                        arrays={k: a.numpy() for k, a in arrays.items()}, strategy_arrays=strategy_arrays,
+                        strategy_state=strategy_scalars, run_record=json.loads(json.dumps(recorder.data)))
+        progress.round_done(row)
+        return {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1}
+
+    stopped = None
+    # The clients get the parsed config, the federation's label names (a silo maps its labels onto them)
+    # and the run's uid (they keep their DP accountant state under it, across restarts).
+    client_config = {**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(data.label_names), RUN_UID_KEY: recorder.data["run_uid"]}
+    if client_state_in_run_dir:
+        client_config[STATE_DIR_KEY] = str((recorder.dir / "client-state").resolve())
+        state_roots = (recorder.dir / "client-state", *state_roots)
+    remaining = cfg.num_server_rounds - done_before
+    try:
+        if remaining > 0:
+            final_arrays = start(strategy, grid, initial, num_rounds=remaining, timeout=cfg.strategy.round_timeout,
+                                 client_config=client_config, evaluate=central_evaluate, offset=done_before)
+            # None when no round released an aggregate (e.g. SecAgg+ withheld each).
+            final_arrays = final_arrays if final_arrays is not None else initial
+        else:  # the interruption came after the last round's checkpoint
+            final_arrays = initial
+        done = [r["round"] for r in recorder.data["rounds"]]
+        if done[-1:] != [cfg.num_server_rounds]:
+            raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")
+    except RunStopped as exc:
+        stopped = str(exc)
+        log.warning("Ending the run early: %s. The last global adapter is kept.", stopped)
+        recorder.abandon_round()
+        final_arrays = latest_adapter(strategy, initial)
+
+    if p.sample_level:
+        for root in state_roots:
+            _count_saved_spend(recorder, root)
+    if stopped and recorder.data["rounds"][-1]["round"] == 0:
+        # Nothing was trained (every node refused, or none could train): no adapter to release.
+        recorder.stop(stopped)
+        log.warning("Run stopped before any round was trained: %s", stopped)
+        return
+
+    # 5. artifacts
+    set_adapter_state(model, final_arrays)
+    save_adapter(model, tokenizer, cfg, data.label_names, recorder.dir / "adapter")
+    final = recorder.data["rounds"][-1]
+    recorder.data["final"] = {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}
+    if stopped:
+        recorder.data["stopped_early"] = {"after_round": final["round"], "reason": stopped}
+    _plots(recorder)
+    hub = build_hub_folder(recorder.dir, recorder.data, base_model_license(cfg.model.name, resolved))
+    recorder.finish({"hub_folder": hub.name})
+    # The simulated clients' cached replies (their individual updates, kept for a resume) are not needed any
+    # more; their spend stays, next to the ledger.
+    for root in state_roots:
+        for store in stores_in(root):
+            store.drop_replies(recorder.data["run_uid"])
+    if p.mode != "none":
+        log.info("\n%s", ledger_table(recorder.data))
+    log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
+
+
+def _count_saved_spend(recorder: RunRecorder, state_root: Path) -> None:
+    """In simulation the clients' saved spend is on this machine: the ledger must not report less than any of them
+    holds (a client that trained in a round cut off by a restart, or replied too late, and was not asked again)."""
+    from fedhf.privacy.dp import epsilon_of
+
+    ledger = recorder.data.get("privacy", {}).get("clients", {})
+    uid = recorder.data["run_uid"]
+    for store in stores_in(state_root):
+        try:
+            with store.transaction() as spend:
+                mine = [e for e in spend.entries if e["run_uid"] == uid and e.get("partition_id") is not None]
+        except FedHFError as exc:
+            log.error("cannot read the saved spend under %s: %s", store.dir, exc)
+            continue
+        for pid in sorted({int(e["partition_id"]) for e in mine}):
+            entries = [e for e in mine if int(e["partition_id"]) == pid]
+            steps = sum(int(e["steps"]) for e in entries)
+            reported = ledger.get(str(pid), {}).get("reported_steps", 0)
+            if steps > reported:
+                first = entries[0]
+                history = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
+                log.warning("client %s: its saved spend holds %d steps, the ledger %d (a round the server did not use); "
+                            "the ledger counts them", pid, steps, reported)
+                recorder.saved_spend(str(pid), {
+                    "epsilon": epsilon_of(first["accountant"], history, float(first["delta"])), "steps": steps,
+                    "delta": float(first["delta"]), "noise_multiplier": float(first["noise_multiplier"]),
+                    "max_grad_norm": float(first["max_grad_norm"]), "sample_rate": float(entries[-1]["sample_rate"]),
+                    "accountant": first["accountant"]})
+
+
+def _plots(recorder: RunRecorder) -> None:
+    """The run's plots into run_dir/plots (the hub folder and the card include them).
+
+    The run's results are already saved; a plot that cannot be drawn is logged and recorded,
+    and `fedhf report RUN_DIR` can draw it again.
+    """
+    from fedhf.analysis.plots import run_plots
+
+    try:
+        run_plots(published_view(recorder.data), recorder.dir / "plots")  # per-client figures only where shared
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        recorder.data["plots_error"] = f"{type(exc).__name__}: {exc}"
+        log.error("Could not draw the run's plots (%s); run `fedhf report %s` to retry.", exc, recorder.dir)
