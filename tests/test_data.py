@@ -248,3 +248,28 @@ def test_afrisenti_zero_shot_languages_load_with_an_empty_train(shared_data_dir:
         assert len(data.train) == 0 and len(data.eval) == rows
         assert data.label_names == ["negative", "neutral", "positive"]
         assert set(data.eval["language"]) == {lang} and set(data.eval["label"]) == {0, 1, 2}
+
+
+def test_integer_label_ids_map_onto_names_by_id_and_names_by_name(tmp_path, shared_data_dir: Path):
+    from fedhf.data.load import onto_label_names
+
+    glue = load_data(parse_config({"data.dataset": str(shared_data_dir / "sst2")}).data)  # GLUE's files: ids 0/1
+    preset = load_data(parse_config({"data.dataset": "sst2"}).data)
+    assert glue.label_names == ["0", "1"] and glue.label_ids == (0, 1)
+    mapped = onto_label_names(glue, preset.label_names, "evaluate")
+    assert mapped.label_names == ["negative", "positive"]
+    assert mapped.eval["label"] == preset.eval["label"] and mapped.eval["text"] == preset.eval["text"]
+    assert onto_label_names(preset, preset.label_names, "evaluate") is preset
+    # ids that are not 0..K-1 of the adapter's K labels, or names it does not have: refused, naming both
+    sparse = write_tsv(tmp_path / "s" / "train.tsv", [{"text": f"t {i}", "label": 1 + i % 3} for i in range(12)],
+                       ["text", "label"])
+    with pytest.raises(FedHFDataError, match=r"labels \['1', '2', '3'\] are not among the adapter's \['a', 'b', 'c'\]"):
+        onto_label_names(load_data(parse_config({"data.dataset": str(sparse)}).data), ["a", "b", "c"], "evaluate")
+    sub = write_tsv(tmp_path / "n" / "train.tsv", [{"text": f"t {i}", "label": "positive"} for i in range(4)] +
+                    [{"text": "x", "label": "neutral"}], ["text", "label"])
+    with pytest.raises(FedHFDataError, match="not among the adapter's"):
+        onto_label_names(load_data(parse_config({"data.dataset": str(sub)}).data), ["negative", "positive"], "evaluate")
+    names = write_tsv(tmp_path / "m" / "train.tsv", [{"text": f"t {i}", "label": "positive"} for i in range(3)] +
+                      [{"text": "y", "label": "negative"}], ["text", "label"])
+    by_name = onto_label_names(load_data(parse_config({"data.dataset": str(names)}).data), ["negative", "neutral", "positive"], "x")
+    assert sorted(set(by_name.train["label"])) == [0, 2]

@@ -146,6 +146,29 @@ def test_evaluate_reproduces_the_servers_central_evaluation(tiny_run, tmp_path):
     assert "cannot change train.lr after training" in one_error_line(cli("evaluate", str(work), "--set", "train.lr=0.1"))
 
 
+def test_evaluate_maps_integer_label_ids_onto_the_adapters_names(tiny_run, tmp_path):
+    """GLUE's files hold labels as ids 0..K-1: they map onto the run's label names by id (issue 16, item 8)."""
+    from fedhf.analysis.evaluation import evaluate_run
+
+    work = copy_run(tiny_run, tmp_path / "ids")
+    by_name = evaluate_run(work, {}, record=False)
+    ids = tmp_path / "glue-like"
+    to_id = {"negative": 0, "positive": 1}
+    for split, seed, n in (("train", 11, 300), ("test", 12, 80)):
+        write_tsv(ids / f"{split}.tsv", [dict(r, label=to_id[r["label"]]) for r in synthetic_rows(n, seed=seed)],
+                  ["text", "label"])
+    by_id = evaluate_run(work, {"data.dataset": str(ids)}, record=False)
+    assert by_id["rows"] == by_name["rows"] == 80
+    assert by_id["accuracy"] == by_name["accuracy"] and by_id["loss"] == pytest.approx(by_name["loss"], rel=1e-6)
+    proc = cli("evaluate", str(work), "--set", f"data.dataset={ids}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    three = tmp_path / "three-ids"
+    for split in ("train", "test"):
+        write_tsv(three / f"{split}.tsv", [{"text": f"row {i}", "label": i % 3} for i in range(30)], ["text", "label"])
+    msg = one_error_line(cli("evaluate", str(work), "--set", f"data.dataset={three}"))
+    assert "the data's labels ['0', '1', '2'] are not among the adapter's ['negative', 'positive']" in msg
+
+
 def test_audit_needs_held_out_data_then_uses_the_file_given(tiny_run, tmp_path):
     work = copy_run(tiny_run, tmp_path / "au")
     line = one_error_line(cli("audit", str(work)))

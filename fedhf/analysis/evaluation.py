@@ -60,7 +60,7 @@ EVAL_KEYS = ("data.dataset", "data.languages", "data.max-eval-examples", "data.t
 def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = True) -> dict[str, Any]:
     """Evaluate the released adapter on the eval split named by the run's config with ``overrides``."""
     from fedhf.data.partitions import central_eval_set
-    from fedhf.data.load import load_data
+    from fedhf.data.load import load_data, onto_label_names
     from fedhf.train.loop import macro_f1
 
     run = load_finished_run(run_dir, "evaluate")
@@ -70,12 +70,7 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
     if bad:
         raise FedHFConfigError(f"evaluate: cannot change {', '.join(bad)} after training; allowed: {', '.join(EVAL_KEYS)}.")
     cfg = run_config(run, overrides)
-    data = load_data(cfg.data)
-    if list(data.label_names) != list(run["dataset"]["label_names"]):
-        raise FedHFConfigError(
-            f"evaluate: the data's labels {data.label_names} differ from the adapter's {run['dataset']['label_names']}; "
-            "evaluate on data with the same label set."
-        )
+    data = onto_label_names(load_data(cfg.data), run["dataset"]["label_names"], "evaluate")
     ds = central_eval_set(data, cfg.data, cfg.seed)
     model, tokenizer, _labels, _max_len = released_model(run)
     losses, preds = per_example_loss(model, tokenizer, list(ds["text"]), list(ds["label"]), cfg.data.max_length)

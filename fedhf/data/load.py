@@ -8,6 +8,7 @@ partition column when the preset has one (AfriSenti: ``language``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -83,6 +84,7 @@ class LoadedData:
     source: dict[str, Any] = field(default_factory=dict)
     preset: Preset | None = None
     partition_column: str = ""
+    label_ids: tuple[int, ...] = ()  # the file's integer label of each id, when the labels were bare ids (GLUE's files)
 
 
 # --------------------------------------------------------------------------- loading
@@ -120,13 +122,41 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
             )
     part_col = cfg.partition_column or (preset.partition_column if preset else "")
     label_names, to_id = _label_mapping(raw_train, label_col, preset)
+    bare = not isinstance(raw_train.features[label_col], datasets.ClassLabel) and label_names == [str(v) for v in to_id]
+    label_ids = tuple(int(v) for v in to_id) if bare and all(isinstance(v, int) for v in to_id) else ()
     if len(label_names) < 2:
         raise FedHFDataError(f"label column '{label_col}' holds a single class ({label_names}); a classifier needs at "
                              "least two; check the file or set data.label-column.")
     train = normalise(raw_train, text_col, label_col, to_id, part_col, "train")
     eval_ds = normalise(raw_eval, text_col, label_col, to_id, part_col, "eval") if raw_eval is not None else None
     source.update({"text_column": text_col, "label_column": label_col})
-    return LoadedData(train, eval_ds, label_names, source, preset, part_col)
+    return LoadedData(train, eval_ds, label_names, source, preset, part_col, label_ids)
+
+
+def onto_label_names(data: LoadedData, names: list[str] | tuple[str, ...], what: str) -> LoadedData:
+    """``data`` with its label ids mapped onto ``names`` (an adapter's label names): by name, or by id when the
+    data's labels are bare integer ids 0..K-1 (as in GLUE's SST-2 files). Raises naming both label sets otherwise."""
+    names = list(names)
+    mine = list(data.label_names)
+    if mine == names:
+        return data
+    if set(mine) <= set(names):
+        new_id = [names.index(n) for n in mine]
+    elif data.label_ids and all(0 <= v < len(names) for v in data.label_ids):
+        new_id = list(data.label_ids)
+    else:
+        ids = f" or integer ids 0..{len(names) - 1}" if names else ""
+        raise FedHFDataError(f"{what}: the data's labels {mine} are not among the adapter's {names}{ids}; "
+                             "use data with the same label set (names, or ids in the adapter's order).")
+
+    def remap(ds: datasets.Dataset | None) -> datasets.Dataset | None:
+        if ds is None:
+            return None
+        out = ds.map(lambda b: {"label": [new_id[i] for i in b["label"]]}, batched=True, load_from_cache_file=False,
+                     desc="mapping labels")
+        return out.cast_column("label", datasets.Value("int64"))
+
+    return dataclasses.replace(data, train=remap(data.train), eval=remap(data.eval), label_names=names, label_ids=())
 
 
 def _looks_like_path(name: str) -> bool:
