@@ -49,6 +49,7 @@ from fedhf.privacy.ledger import ledger_table
 from fedhf.release.card import base_model_license, build_hub_folder, published_view
 from fedhf.release.hub import push
 from fedhf.run.checkpoint import POINTER, Checkpoint, save_checkpoint
+from fedhf.run.console import RunConsole, attach_log_file
 from fedhf.run.progress import RoundProgress
 from fedhf.run.record import RunRecorder
 from fedhf.tasks.adapters import save_adapter
@@ -78,12 +79,13 @@ server_app = server_app_for(_main)
 
 def simulate(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
              resume: Checkpoint | None = None, resume_dir: Path | None = None,
-             node_configs: dict[int, dict[str, Any]] | None = None) -> Path:
+             node_configs: dict[int, dict[str, Any]] | None = None, console: RunConsole | None = None) -> Path:
     """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder.
 
     ``resume``: continue the run in ``resume_dir`` from this checkpoint. ``node_configs``: each simulated
     node's owner policy and state dir (``fedhf run --node-config FILE``). The clients keep their DP
     accountant state under RUN_DIR/client-state (and each node's own state dir, when it names one).
+    ``console``: where the run's lines go (``fedhf run`` captures everything else into RUN_DIR/log.txt).
     """
     state_roots = tuple(sorted({Path(str(nc["state-dir"])).expanduser() for nc in (node_configs or {}).values()
                                 if str(nc.get("state-dir", "")).strip()}))
@@ -91,7 +93,7 @@ def simulate(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
 
     def main(grid: Any, _run_config: Mapping[str, Any]) -> None:
         run(grid, cfg, num_clients, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True,
-            state_roots=state_roots)
+            state_roots=state_roots, console=console)
 
     simulate_apps(main, make_client_app(node_configs), num_clients, cpus_per_client)
     return Path(result["run_dir"])
@@ -99,10 +101,11 @@ def simulate(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
 
 def run(grid: Any, cfg: FedHFConfig, num_partitions: int | None = None, result: dict[str, Any] | None = None, *,
         resume: Checkpoint | None = None, resume_dir: Path | None = None, client_state_in_run_dir: bool = False,
-        state_roots: tuple[Path, ...] = ()) -> Path:
+        state_roots: tuple[Path, ...] = (), console: RunConsole | None = None) -> Path:
     """Run the federation; ``num_partitions`` (when known) lets the server log partition statistics at start.
 
-    ``resume``: the checkpoint of ``resume_dir`` to continue from (``fedhf run --resume``).
+    ``resume``: the checkpoint of ``resume_dir`` to continue from (``fedhf run --resume``). ``console``: the
+    terminal of ``fedhf run``; without one (``flwr run``) fedhf's log lines also go to RUN_DIR/log.txt.
     """
     if resume is not None:
         recorder = RunRecorder(cfg, resume_dir, resume_from=resume.run)
@@ -114,21 +117,34 @@ def run(grid: Any, cfg: FedHFConfig, num_partitions: int | None = None, result: 
         recorder.set_federation({"num_clients": num_partitions, "engine": "simulation" if client_state_in_run_dir else "flower"})
     if result is not None:
         result["run_dir"] = recorder.dir
-    progress = RoundProgress(cfg.num_server_rounds, resume.round if resume is not None else 0)
+    done = resume.round if resume is not None else 0
+    if console is not None:
+        log_path = console.adopt(recorder.dir)
+        console.line(f"run folder: {recorder.dir}  (full log: {log_path})")
+        progress = console.progress(cfg.num_server_rounds, done)
+        detach = None
+    else:
+        progress = RoundProgress(cfg.num_server_rounds, done)
+        detach = attach_log_file(recorder.dir)
     try:
-        _run(grid, cfg, recorder, progress, num_partitions, resume, client_state_in_run_dir, state_roots)
-    except BaseException as exc:
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # `flwr stop`, SIGTERM or Ctrl-C
-            recorder.fail(f"stopped before completion ({type(exc).__name__}: `flwr stop`, a signal or Ctrl-C)")
-        else:
-            recorder.fail(f"{type(exc).__name__}: {exc}")
-        if (recorder.dir / POINTER).is_file():
-            log.error("The run stopped; its last checkpoint is kept: continue it with fedhf run --resume %s", recorder.dir)
-        raise
+        try:
+            _run(grid, cfg, recorder, progress, num_partitions, resume, client_state_in_run_dir, state_roots)
+        except BaseException as exc:
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # `flwr stop`, SIGTERM or Ctrl-C
+                recorder.fail(f"stopped before completion ({type(exc).__name__}: `flwr stop`, a signal or Ctrl-C)")
+            else:
+                recorder.fail(f"{type(exc).__name__}: {exc}")
+            if (recorder.dir / POINTER).is_file():
+                log.error("The run stopped; its last checkpoint is kept: continue it with fedhf run --resume %s",
+                          recorder.dir)
+            raise
+        finally:
+            progress.close()
+        if cfg.hub.push and recorder.data["status"] == "complete":
+            _push(cfg, recorder)
     finally:
-        progress.close()
-    if cfg.hub.push and recorder.data["status"] == "complete":
-        _push(cfg, recorder)
+        if detach is not None:
+            detach()
     return recorder.dir
 
 

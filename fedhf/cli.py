@@ -97,9 +97,15 @@ def run(
     cpus_per_client: Annotated[int, typer.Option(help="CPU cores Ray reserves per simulated client (whole number).")] = 1,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (RUN_DIR): same config, clients and run folder.")] = None,
     node_config: Annotated[Path | None, typer.Option("--node-config", help="TOML file of the simulated nodes' own configs (their owners' policy): a [default] table and [nodes.N] tables, e.g. min-privacy, max-epsilon, share, state-dir. Never taken from the run config.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show everything Flower, Ray and the libraries print, live (it always goes to RUN_DIR/log.txt).")] = False,
 ) -> None:
-    """Run a federated LoRA fine-tune in Flower's simulation engine and write outputs/<run-id>/."""
-    _setup_logging()
+    """Run a federated LoRA fine-tune in Flower's simulation engine and write outputs/<run-id>/.
+
+    The console shows the plan, a progress bar, one line per round and a summary; everything else goes to
+    RUN_DIR/log.txt.
+    """
+    from fedhf.run.console import RunConsole
+
     checkpoint = None
     node_configs = None
     try:
@@ -116,17 +122,25 @@ def run(
             from fedhf.federation.node import load_node_config_file
 
             node_configs = load_node_config_file(node_config, num_clients)
-        _preflight(cfg, num_clients, node_configs)
     except FedHFError as exc:
         _fail(str(exc))
-    from fedhf.apps import simulate  # imports Flower's simulation stack
+    console = RunConsole(verbose)
+    log_path = resume / "log.txt" if resume is not None else Path(cfg.output_dir).expanduser() / f"fedhf-{os.getpid()}.log"
+    error: tuple[str, int] | None = None
+    with console.capture(log_path):
+        try:
+            _preflight(cfg, num_clients, node_configs, console, resumed=checkpoint is not None)
+            from fedhf.apps import simulate  # imports Flower's simulation stack
 
-    try:
-        run_dir = simulate(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume,
-                                 node_configs=node_configs)
-    except Exception as exc:  # the server's exception, re-raised by the simulation runtime
-        cause = exc.__cause__ or exc
-        _fail(f"run failed: {type(cause).__name__}: {cause}", code=1)
+            run_dir = simulate(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume,
+                               node_configs=node_configs, console=console)
+        except FedHFError as exc:
+            error = (str(exc), 2)
+        except Exception as exc:  # the server's exception, re-raised by the simulation runtime
+            cause = exc.__cause__ or exc
+            error = (f"run failed: {type(cause).__name__}: {cause} (full log: {console.log_path})", 1)
+    if error is not None:
+        _fail(*error)
     from fedhf.run.record import load_run
 
     summary = load_run(run_dir)
@@ -135,6 +149,9 @@ def run(
     final = summary.get("final", {})
     typer.echo(f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
                f"macro-F1 {final.get('eval_f1', float('nan')):.4f}")
+    spent = _largest_epsilon(summary)
+    if spent:
+        typer.echo(f"privacy: {spent}; the ledger: fedhf privacy ledger {run_dir}")
 
 
 def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
@@ -181,17 +198,76 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
     return cfg, recorded, checkpoint
 
 
-def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[str, Any]] | None = None) -> None:
-    """Everything that can be checked before Ray starts: data, partitions, model id."""
-    from fedhf.data.partitions import format_stats, make_partitions
+def _largest_epsilon(run: dict[str, Any]) -> str | None:
+    """The summary's privacy line: the largest per-client sample-level epsilon, the client-level epsilon."""
+    p = run.get("privacy") or {}
+    parts = []
+    eps = [float(c["epsilon"]) for c in (p.get("clients") or {}).values() if c.get("epsilon") is not None]
+    if eps:
+        parts.append(f"sample-level epsilon at most {max(eps):.3f} per client")
+    cl = p.get("client_level") or {}
+    if cl.get("epsilon") is not None:
+        parts.append(f"client-level epsilon {float(cl['epsilon']):.3f}")
+    return "; ".join(parts) or None
+
+
+def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resolved: str) -> list[str]:
+    """What the run will do, in a few lines: data, clients, model, privacy, output folder."""
+    from fedhf.tasks.model import is_bundled
+
+    s, p, d = cfg.strategy, cfg.privacy, cfg.data
+    stats = parts.stats()
+    train_rows = sum(r["train-examples"] for r in stats)
+    local_eval = sum(r["eval-examples"] for r in stats)
+    where = "bundled copy" if is_bundled(resolved) else "local folder" if Path(resolved).is_dir() else "Hub"
+    eval_rows = len(data.eval) if data.eval is not None else 0
+    if d.max_eval_examples:
+        eval_rows = min(eval_rows, d.max_eval_examples)
+    if p.mode == "none":
+        privacy = "none: the server sees each client's update"
+    else:
+        bits = []
+        if p.sample_level:
+            how = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else f"sigma {p.noise_multiplier:g}"
+            bits.append(f"sample-level DP-SGD ({how}, C {p.max_grad_norm:g}, {p.accountant} accountant)")
+        if p.client_level:
+            bits.append(f"client-level DP ({p.client_clipping} clipping, sigma {p.client_noise_multiplier:g})")
+        privacy = "; ".join(bits)
+    if s.secure_aggregation:
+        privacy += "; SecAgg+ (the server sees only the sum)"
+    return [
+        f"fedhf run: {num_clients} simulated clients, {cfg.num_server_rounds} rounds of {s.name}, "
+        f"{cfg.train.local_epochs} local epoch(s) each",
+        f"  data     {d.dataset}: {train_rows + local_eval:,} rows over {num_clients} clients ({d.partitioner}; "
+        f"{train_rows:,} train, {local_eval:,} local eval), {eval_rows:,} central eval rows; "
+        f"labels {', '.join(data.label_names)}",
+        f"  model    {cfg.model.name} ({where}), LoRA r={cfg.model.lora.r} on {cfg.model.lora.target_modules}",
+        f"  privacy  {privacy}",
+        f"  output   {Path(cfg.output_dir).expanduser()}/",
+    ]
+
+
+def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[str, Any]] | None = None,
+               console: Any = None, *, resumed: bool = False) -> None:
+    """Everything that can be checked before Ray starts (data, partitions, model id), and the plan on the console."""
     from fedhf.data.load import load_data
+    from fedhf.data.partitions import format_stats, make_partitions
+
+    def say(text: str) -> None:
+        if console is not None:
+            console.line(text)
+        else:
+            typer.echo(text, err=True)
 
     data = load_data(cfg.data)
     parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
-    typer.echo(format_stats(parts.stats(), data.label_names), err=True)
     from fedhf.tasks.model import resolve_model  # torch and transformers: only once the data is known to be good
 
-    resolve_model(cfg.model.name)
+    resolved = resolve_model(cfg.model.name)
+    if not resumed:
+        for line in _plan_lines(cfg, num_clients, data, parts, resolved):
+            say(line)
+    say(format_stats(parts.stats(), data.label_names))
     if cfg.strategy.secure_aggregation:
         from fedhf.flower.secagg import SecAggSettings
         from fedhf.flower.strategy import min_sampled
@@ -213,8 +289,8 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
             q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
             delta = p.delta if p.delta is not None else default_delta(n)
             sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
-            typer.echo(f"privacy plan: client {row['partition-id']}: sigma {sigma:.4f} for target epsilon "
-                       f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)", err=True)
+            say(f"privacy plan: client {row['partition-id']}: sigma {sigma:.4f} for target epsilon "
+                f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)")
     if node_configs:
         # Each simulated node enforces its owner's policy itself; say now which would refuse this run.
         from fedhf.privacy.policy import check_request, parse_policy
@@ -223,8 +299,8 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
             policy = parse_policy(nc)
             refusal = check_request(policy, mode=p.mode, secure=cfg.strategy.secure_aggregation,
                                     noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier)
-            typer.echo(f"node policy: client {pid}: {policy.describe()}"
-                       + (f"; it will refuse this run: {refusal.reason}" if refusal else ""), err=True)
+            say(f"node policy: client {pid}: {policy.describe()}"
+                + (f"; it will refuse this run: {refusal.reason}" if refusal else ""))
 
 
 @app.command()

@@ -75,8 +75,23 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
                         "--set", "hub.push=true", "--set", "hub.repo-id=fedhf-test/e2e", env=env)
     finally:
         stop(server)
-    assert TOKEN not in run["_stdout"] + run["_stderr"]
     run_dir = out / "e2e"
+    log_txt = (run_dir / "log.txt").read_text()
+    assert TOKEN not in run["_stdout"] + run["_stderr"] + log_txt
+    # A calm console: the plan, one line per round, a summary; Flower, Ray and transformers go to RUN_DIR/log.txt.
+    console = (run["_stdout"] + run["_stderr"]).split("\n")
+    lines = [line for line in console if line.strip()]
+    assert len(lines) <= 40, lines
+    assert len(set(lines)) == len(lines), [line for line in lines if lines.count(line) > 1]
+    assert lines[0].startswith("fedhf run: 3 simulated clients, 2 rounds of fedavg")
+    assert any(line.startswith("  privacy  none") for line in lines)
+    assert [line.split()[2] for line in lines if line.startswith("[fedhf] round")] == ["0/2", "1/2", "2/2"]
+    for noise in ("LOAD REPORT", "ClientAppActor", "Warning", "DEBUG", "INFO", "configure_train"):
+        assert not any(noise in line for line in lines), noise
+    for kept in ("LOAD REPORT", "configure_train: Sampled 3 nodes", "[ROUND 2/2]", "INFO fedhf: fedhf run e2e"):
+        assert kept in log_txt, kept
+    flower_lines = [line for line in log_txt.splitlines() if "configure_train: Sampled" in line and "Actor" not in line]
+    assert len(flower_lines) == 2  # once per round, not once per handler
     assert run["status"] == "complete"
     assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
     r0, r2 = run["rounds"][0], run["rounds"][-1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -27,15 +27,19 @@ def round_line(row: dict[str, Any], total: int) -> str:
 
 
 class RoundProgress:
-    def __init__(self, total: int, done: int = 0) -> None:
+    """A bar over rounds (on ``bar_file``, shown only on a terminal) and one line per round (on ``file``)."""
+
+    def __init__(self, total: int, done: int = 0, *, file: TextIO | None = None, bar_file: TextIO | None = None) -> None:
         self.total = total
-        self.bar = tqdm(total=total, initial=done, desc="fedhf rounds", unit="round", dynamic_ncols=True)
+        self.file = file
+        self.bar = tqdm(total=total, initial=done, desc="fedhf rounds", unit="round", dynamic_ncols=True,
+                        file=bar_file, disable=None, leave=False)
 
     def round_done(self, row: dict[str, Any]) -> None:
-        tqdm.write(round_line(row, self.total))
+        tqdm.write(round_line(row, self.total), file=self.file)
         line = privacy_line(row)
         if line:
-            tqdm.write(line)
+            tqdm.write(line, file=self.file)
         if row["round"] > 0:
             self.bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}")
             self.bar.update(1)
