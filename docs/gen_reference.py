@@ -400,7 +400,35 @@ PAGES = {
     "reference/config.md": config_page,
     "reference/cli.md": cli_page,
     "reference/architecture.md": architecture_page,
+    "reference/run-json.md": lambda: run_json_page(),
 }
+
+
+def run_json_page() -> str:
+    """run.json's JSON Schema (fedhf/run/run.schema.json), as the store and the tests use it."""
+    import json
+
+    schema_file = REPO / "fedhf" / "run" / "run.schema.json"
+    schema = json.loads(schema_file.read_text())
+    version = schema["properties"]["schema_version"]["const"]
+    return "\n".join([
+        "# run.json",
+        "",
+        "Every run folder holds `run.json`, the record of the run: its config, seeds, versions, data and model, "
+        "each round's figures and clients, the privacy ledger, and what later commands added (evaluations, the "
+        "audit). `fedhf.run.store.RunStore` is the only code that reads or writes it (atomically, fsynced). Keys are "
+        "snake_case throughout; maps keyed by client use the partition id; `config` holds the run config in "
+        "Flower's own keys (`num-server-rounds`).",
+        "",
+        f"This is schema version {version}. Records written by fedhf 0.1 (no `schema_version`) are read and "
+        "upgraded in memory (their per-client entries used Flower's kebab-case reply fields); a record from a "
+        "newer fedhf is refused with a message saying so. The tests validate real runs against this schema.",
+        "",
+        "```json",
+        json.dumps(schema, indent=2),
+        "```",
+        "",
+    ])
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def run(
             error = (f"run failed: {type(cause).__name__}: {cause} (full log: {console.log_path})", 1)
     if error is not None:
         _fail(*error)
-    from fedhf.run.record import load_run
+    from fedhf.run.store import load_run
 
     summary = load_run(run_dir)
     if summary.get("status") == "stopped":
@@ -157,7 +157,6 @@ def run(
 def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
                    num_clients: int | None) -> tuple[FedHFConfig, int, Any]:
     """The config, client count and checkpoint of an interrupted run (everything comes from RUN_DIR)."""
-    import json
 
     from fedhf.run.record import config_hash
     from fedhf.run.checkpoint import load_checkpoint
@@ -170,12 +169,14 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
     from fedhf.run.record import check_run_folder
 
     check_run_folder(run_dir, "--resume")
+    from fedhf.run.store import RunStore
+
+    if not RunStore(run_dir).exists():
+        raise FedHFConfigError(f"--resume '{run_dir}': no run.json; give a fedhf run folder (outputs/<run-id>).")
     try:
-        run = json.loads((run_dir / "run.json").read_text())
+        run = RunStore(run_dir).read("--resume")
         flat, status, uid = run["config"], run["status"], run.get("run_uid")
-    except FileNotFoundError:
-        raise FedHFConfigError(f"--resume '{run_dir}': no run.json; give a fedhf run folder (outputs/<run-id>).") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+    except (FedHFError, KeyError, TypeError) as exc:
         raise FedHFConfigError(f"--resume '{run_dir}': run.json is damaged ({type(exc).__name__}: {exc}).") from None
     if status == "complete":
         raise FedHFConfigError(f"--resume '{run_dir}': the run is already complete; nothing to resume.")
@@ -217,8 +218,8 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
 
     s, p, d = cfg.strategy, cfg.privacy, cfg.data
     stats = parts.stats()
-    train_rows = sum(r["train-examples"] for r in stats)
-    local_eval = sum(r["eval-examples"] for r in stats)
+    train_rows = sum(r["train_examples"] for r in stats)
+    local_eval = sum(r["eval_examples"] for r in stats)
     where = "bundled copy" if is_bundled(resolved) else "local folder" if Path(resolved).is_dir() else "Hub"
     eval_rows = len(data.eval) if data.eval is not None else 0
     if d.max_eval_examples:
@@ -278,18 +279,18 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
         settings.check_round(min(min_sampled(cfg, num_clients), num_clients))
         settings.check_round(num_clients)  # the most clients a round can sample (quantization overflow)
         for row in parts.stats():
-            check_secagg_weight(cfg, row["train-examples"])
+            check_secagg_weight(cfg, row["train_examples"])
     p = cfg.privacy
     if p.sample_level and p.target_epsilon is not None:
         # Each client plans its own sigma in round 1; check now that every client can meet the target.
         from fedhf.privacy.dp import default_delta, plan_noise_multiplier, sampling
 
         for row in parts.stats():
-            n = row["train-examples"]
+            n = row["train_examples"]
             q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
             delta = p.delta if p.delta is not None else default_delta(n)
             sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
-            say(f"privacy plan: client {row['partition-id']}: sigma {sigma:.4f} for target epsilon "
+            say(f"privacy plan: client {row['partition_id']}: sigma {sigma:.4f} for target epsilon "
                 f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)")
     if node_configs:
         # Each simulated node enforces its owner's policy itself; say now which would refuse this run.
@@ -482,8 +483,8 @@ def privacy_plan(
 @privacy_app.command("ledger")
 def privacy_ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (outputs/<run-id>).")]) -> None:
     """Print the privacy ledger of a run: each client's epsilon after every round, and why any stopped."""
-    from fedhf.run.record import load_run
     from fedhf.privacy.ledger import ledger_table
+    from fedhf.run.store import load_run
 
     try:
         run = load_run(run_dir)

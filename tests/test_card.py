@@ -25,8 +25,8 @@ def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst
                                          "label_column": "label",
                                          "files": {"train": [{"name": "train.tsv", "sha256": "1" * 64}]}}},
         "model": {"name": cfg.model.name, "trainable_params": 74498, "total_params": 22788484, "adapter_bytes": 297992},
-        "partitions": [{"partition-id": 0, "train-examples": 360, "label-histogram": [160, 200]},
-                       {"partition-id": 1, "train-examples": 360, "label-histogram": [170, 190]}],
+        "partitions": [{"partition_id": 0, "train_examples": 360, "label_histogram": [160, 200]},
+                       {"partition_id": 1, "train_examples": 360, "label_histogram": [170, 190]}],
         "rounds": [{"round": 0, "eval_loss": 0.69, "eval_accuracy": 0.47, "eval_f1": 0.46},
                    {"round": 1, "train_loss": 0.5, "eval_loss": 0.45, "eval_accuracy": 0.8, "eval_f1": 0.79,
                     "clients": [{"status": "trained"}, {"status": "trained"}]}],
@@ -102,7 +102,7 @@ def test_provenance_has_no_absolute_paths_and_names_local_data_by_hash(tmp_path)
     blob = (hub / "provenance.json").read_text() + (hub / "README.md").read_text()
     assert str(tmp_path) not in blob and "/secret/" not in blob
     assert prov["dataset"]["files"]["train"][0] == {"name": "train.csv", "sha256": "2" * 64}
-    assert prov["partitions"][0] == {"partition-id": 0, "train-examples": 360, "label-histogram": [160, 200]}
+    assert prov["partitions"][0] == {"partition_id": 0, "train_examples": 360, "label_histogram": [160, 200]}
     assert prov["config_sha256"] == "ab" * 32 and prov["seeds"] == {"seed": 42}
 
 
@@ -155,8 +155,8 @@ def test_card_states_secure_aggregation_and_its_parameters(tmp_path):
 def test_card_states_the_wire_format_failures_and_resumes(tmp_path):
     run_dir, run = fake_run(tmp_path)
     run["config"]["transport.dtype"] = "int8"
-    run["rounds"][1]["failures"] = [{"node-id": 5, "reason": "timeout"}]
-    run["rounds"][1]["rejected"] = [{"node-id": 6, "partition-id": 1, "reason": "NaN"}, {"node-id": 7, "partition-id": 2,
+    run["rounds"][1]["failures"] = [{"node_id": 5, "reason": "timeout"}]
+    run["rounds"][1]["rejected"] = [{"node_id": 6, "partition_id": 1, "reason": "NaN"}, {"node_id": 7, "partition_id": 2,
                                                                                       "reason": "norm"}]
     run["resumes"] = [{"from_round": 1}]
     text = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md").text

@@ -102,8 +102,8 @@ def test_iid_partitions_are_disjoint_covering_and_seeded(synthetic_dir):
     assert all_texts(make_partitions(data, cfg, seed=8, num_partitions=4)) != texts  # the seed matters
     stats = p1.stats()
     for row, (train, local_eval) in zip(stats, p1.parts):
-        assert sum(row["label-histogram"]) == row["train-examples"] == len(train)
-        assert row["eval-examples"] == len(local_eval) == round((len(train) + len(local_eval)) * 0.1)
+        assert sum(row["label_histogram"]) == row["train_examples"] == len(train)
+        assert row["eval_examples"] == len(local_eval) == round((len(train) + len(local_eval)) * 0.1)
 
 
 def test_dirichlet_skews_labels_and_respects_min_size(synthetic_dir):
@@ -112,7 +112,7 @@ def test_dirichlet_skews_labels_and_respects_min_size(synthetic_dir):
     parts = make_partitions(load_data(cfg), cfg, seed=0, num_partitions=4)
     sizes = [len(t) for t, _ in parts.parts]
     assert sum(sizes) == 200 and min(sizes) >= 5
-    majority = [max(r["label-histogram"]) / r["train-examples"] for r in parts.stats()]
+    majority = [max(r["label_histogram"]) / r["train_examples"] for r in parts.stats()]
     assert max(majority) > 0.8  # alpha=0.1: at least one client is dominated by one label
     assert all_texts(make_partitions(load_data(cfg), cfg, seed=0, num_partitions=4)) == all_texts(parts)
 
@@ -123,7 +123,7 @@ def test_pathological_gives_each_client_its_classes(tmp_path):
     cfg = data_cfg(dataset=str(f), partitioner="pathological", **{"classes-per-client": 1, "local-eval-fraction": 0.0})
     parts = make_partitions(load_data(cfg), cfg, seed=0, num_partitions=4)
     for row in parts.stats():
-        assert sum(1 for c in row["label-histogram"] if c) == 1
+        assert sum(1 for c in row["label_histogram"] if c) == 1
     with pytest.raises(FedHFDataError, match="data.classes-per-client.*has 4 labels"):
         make_partitions(load_data(cfg), data_cfg(dataset=str(f), partitioner="pathological", **{"classes-per-client": 5}), 0, 4)
 
@@ -194,7 +194,7 @@ def test_afrisenti_natural_split_one_client_per_language(shared_data_dir: Path):
     assert data.label_names == ["negative", "neutral", "positive"]
     parts = make_partitions(data, cfg, seed=0, num_partitions=3)
     assert parts.natural_ids == ["pcm", "swa", "tso"]
-    sizes = {r["natural-id"]: r["train-examples"] + r["eval-examples"] for r in parts.stats()}
+    sizes = {r["natural_id"]: r["train_examples"] + r["eval_examples"] for r in parts.stats()}
     assert sizes == {"pcm": 5121, "swa": 1810, "tso": 804}
     with pytest.raises(FedHFDataError, match="unknown AfriSenti language"):
         load_data(data_cfg(dataset="afrisenti", languages="xx"), data_dir=str(shared_data_dir))

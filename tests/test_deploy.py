@@ -331,7 +331,7 @@ def test_superlink_and_supernodes_on_separate_namespaced_hosts(sst2_dir, tmp_pat
         for ns in (ns_a, ns_b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1]
-    assert sorted(p["train-examples"] for p in run["partitions"]) == [90, 90]
+    assert sorted(p["train_examples"] for p in run["partitions"]) == [90, 90]
     assert (out / "netns" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -378,7 +378,7 @@ def test_nodes_enforce_their_owners_policy_against_the_server(sst2_dir, tiny_mod
         assert run["status"] == "stopped", (name, run.get("error"))
         assert "every sampled client refused" in run["stopped_early"]["reason"] and rule in run["stopped_early"]["reason"]
         assert len(run["refusals"]) == 2 and {r["rule"] for r in run["refusals"]} == {rule}, (name, run["refusals"])
-        assert len({r["node-id"] for r in run["refusals"]}) == 2
+        assert len({r["node_id"] for r in run["refusals"]}) == 2
         assert [r["round"] for r in run["rounds"]] == [0]  # nothing trained, nothing released
         assert not (out / name / "hub").exists() and not (out / name / "adapter").exists()
         assert not run.get("privacy", {}).get("clients")  # no spend reported, none made
@@ -395,7 +395,7 @@ def test_nodes_enforce_their_owners_policy_against_the_server(sst2_dir, tiny_mod
     # Under DP the nodes shared nothing else: no sizes, no histograms, no losses, no timings reached the server.
     assert ok["partitions"] == [] and ok["rounds"][1]["train_loss"] is None
     for c in ok["rounds"][1]["clients"]:
-        assert c["shared"] == [] and not {"num-examples", "label-histogram", "train-loss", "train-seconds"} & set(c)
+        assert c["shared"] == [] and not {"num_examples", "label_histogram", "train_loss", "train_seconds"} & set(c)
     # The data owner sees the lifetime spend on its data, over both runs (the refused one spent nothing).
     check = subprocess.run([sys.executable, "-m", "fedhf.cli", "node-check", "--labels", "negative,positive",
                             "--node-config", f"data-path={silos['node-a']} state-dir={tmp_path / 'fed' / 'supernodes' / 'node-a-fedhf'} {policy}"],

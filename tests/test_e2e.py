@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import psutil
 import pytest
 import torch
+
+from fedhf.run.store import schema as run_json_schema
 
 from .conftest import REPO, synthetic_rows, write_tsv
 
@@ -76,6 +79,7 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     finally:
         stop(server)
     run_dir = out / "e2e"
+    jsonschema.validate(json.loads((run_dir / "run.json").read_text()), run_json_schema())
     log_txt = (run_dir / "log.txt").read_text()
     assert TOKEN not in run["_stdout"] + run["_stderr"] + log_txt
     # A calm console: the plan, one line per round, a summary; Flower, Ray and transformers go to RUN_DIR/log.txt.
@@ -101,9 +105,9 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
         assert r["bytes_up"] == r["bytes_down"] > 0
         assert sorted(r["client_train_seconds"]) == ["0", "1", "2"]
         assert r["failures"] == []
-        assert sum(c["num-examples"] for c in r["clients"]) == 405  # rows, not batches
+        assert sum(c["num_examples"] for c in r["clients"]) == 405  # rows, not batches
     assert run["rounds"][2]["train_loss"] < run["rounds"][1]["train_loss"]
-    assert [p["train-examples"] for p in run["partitions"]] == [135, 135, 135]
+    assert [p["train_examples"] for p in run["partitions"]] == [135, 135, 135]
     assert run["config"]["num-server-rounds"] == 2 and run["versions"]["flwr"].startswith("1.42")
     assert run["model"]["adapter_bytes"] < 0.005 * run["model"]["model_bytes"]
     with (run_dir / "metrics.csv").open() as fh:
@@ -121,7 +125,7 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     assert results == {"accuracy": r2["eval_accuracy"], "f1": r2["eval_f1"]}
     prov = json.loads((hub / "provenance.json").read_text())
     assert prov["dataset"]["files"] == run["dataset"]["source"]["files"]  # same fingerprints as the data loader's
-    assert prov["partitions"] == [{k: p[k] for k in ("partition-id", "train-examples", "label-histogram")} for p in run["partitions"]]
+    assert prov["partitions"] == [{k: p[k] for k in ("partition_id", "train_examples", "label_histogram")} for p in run["partitions"]]
 
     # The saved adapter loads with PEFT on the base model and reproduces the final central accuracy.
     from peft import PeftModel
@@ -180,7 +184,7 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
         run = json.loads(run_json.read_text())
         assert run["status"] == "complete"
         assert run["config"]["num-server-rounds"] == 1 and run["config"]["data.max-train-examples"] == 200
-        assert [p["train-examples"] for p in run["partitions"]] == [90, 90]  # reported by the clients (10% held out)
+        assert [p["train_examples"] for p in run["partitions"]] == [90, 90]  # reported by the clients (10% held out)
         assert (out / "flwr" / "adapter" / "adapter_model.safetensors").is_file()
     finally:
         # `flwr run` leaves its local SuperLink running: stop everything it started, by PID.
@@ -219,9 +223,9 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
     one = ledger["1"]
     assert [r["status"] for r in one["rounds"]] == ["trained"] and one["epsilon"] <= 3.0
     assert one["stopped"]["round"] == 2 and one["stopped"]["reason"] == "max-epsilon" and one["max_epsilon"] == 3.0
-    trained = [sorted(c["partition-id"] for c in r["clients"] if c["status"] == "trained") for r in run["rounds"][1:]]
+    trained = [sorted(c["partition_id"] for c in r["clients"] if c["status"] == "trained") for r in run["rounds"][1:]]
     assert trained == [[0, 1, 2], [0, 2], [0, 2]]
-    assert [(c["partition-id"], c["rule"]) for c in run["rounds"][2]["refused"]] == [(1, "max-epsilon")]
+    assert [(c["partition_id"], c["rule"]) for c in run["rounds"][2]["refused"]] == [(1, "max-epsilon")]
     assert run["rounds"][3]["privacy"]["exhausted"] == [1]
     assert "stopped in round 2: max-epsilon" in ledger_text(shared_data_dir, out / "dp")
     # Under DP the clients shared nothing beyond the update and the accounting: no losses, timings or histograms.
@@ -229,11 +233,11 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
         assert r["train_loss"] is None and r["client_train_seconds"] == {} and r["weighting"] == "uniform"
         for c in r["clients"]:
             if c["status"] == "trained":
-                assert c["shared"] == [] and not {"train-loss", "num-examples", "label-histogram", "train-seconds"} & set(c)
+                assert c["shared"] == [] and not {"train_loss", "num_examples", "label_histogram", "train_seconds"} & set(c)
     card = (out / "dp" / "hub" / "README.md").read_text()
     assert "| training rows per client | not shared, not shared, not shared |" in card
     prov = json.loads((out / "dp" / "hub" / "provenance.json").read_text())
-    assert prov["partitions"] == [{"partition-id": i} for i in range(3)]
+    assert prov["partitions"] == [{"partition_id": i} for i in range(3)]
 
 
 def test_both_guarantees_reported_side_by_side(shared_data_dir, tiny_model_dir, tmp_path):
@@ -309,8 +313,8 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shar
     assert (r1["sampled"], r1["participants"], r1["dropped"], r1["completed"]) == (3, 3, 0, True)
     assert (r1["num_shares"], r1["reconstruction_threshold"]) == (3, 2)
     clients = secure["rounds"][1]["clients"]
-    sizes = [c["num-examples"] for c in clients]
-    assert [c["num-examples"] for c in plain["rounds"][1]["clients"]] == sizes
+    sizes = [c["num_examples"] for c in clients]
+    assert [c["num_examples"] for c in plain["rounds"][1]["clients"]] == sizes
     a = load_file(str(out / "plain" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "secure" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -321,6 +325,6 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shar
     changed = max(float(abs(a[k]).max()) for k in a if "lora_B" in k)
     assert changed > 50 * tol  # the round really trained: the bound is small against the update
     # upload per client = the masked vector, recorded; the card states the protocol and its parameters
-    assert all(c["bytes-up"] > 0 for c in clients)
+    assert all(c["bytes_up"] > 0 for c in clients)
     card = (out / "secure" / "hub" / "README.md").read_text()
     assert "**On: SecAgg+" in card and "| quantization | 22 bits" in card

@@ -238,7 +238,7 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
                        "license": "unknown", "citation": "", "source": {"kind": "preset-local", "hub_id": "stanfordnlp/sst2",
                                                                          "files": {}}},
            "model": {"name": cfg.model.name, "trainable_params": 1, "total_params": 2, "adapter_bytes": 3},
-           "partitions": [{"partition-id": 0, "train-examples": 5, "label-histogram": [2, 3]}],
+           "partitions": [{"partition_id": 0, "train_examples": 5, "label_histogram": [2, 3]}],
            "rounds": [{"round": 0, "eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}],
            "final": {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}}
     (run_dir / ".fedhf-run").write_text(json.dumps({"run_uid": "u1"}))  # a run folder fedhf made

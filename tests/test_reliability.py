@@ -162,14 +162,14 @@ def test_malformed_and_poisoned_replies_are_dropped_and_the_rest_averaged(tmp_pa
     assert all(np.allclose(got[k], expected[k], atol=1e-7) for k in expected)
     assert metrics["weight"] == 40
     row = rec._round
-    assert {r["node-id"]: r["reason"] for r in row["rejected"]}.keys() == set(poisons)
-    reasons = {r["node-id"]: r["reason"] for r in row["rejected"]}
+    assert {r["node_id"]: r["reason"] for r in row["rejected"]}.keys() == set(poisons)
+    reasons = {r["node_id"]: r["reason"] for r in row["rejected"]}
     for node, words in {3: "NaN", 4: "Inf", 5: "shape", 6: "unexpected tensor", 7: "max-update-norm",
                         8: "missing tensor", 9: "float64"}.items():
         assert words in reasons[node], (node, reasons[node])
-    statuses = {c["partition-id"]: c["status"] for c in row["clients"]}
+    statuses = {c["partition_id"]: c["status"] for c in row["clients"]}
     assert statuses == {1: "trained", 2: "trained", **{n: "rejected" for n in poisons}}
-    assert all(c["update-norm"] > 0 for c in row["clients"] if c["status"] == "trained")
+    assert all(c["update_norm"] > 0 for c in row["clients"] if c["status"] == "trained")
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
@@ -184,7 +184,7 @@ def test_compressed_replies_are_decoded_before_aggregation(tmp_path, dtype):
     assert arrays["q.lora_A.weight"].numpy().dtype == np.float32
     # bytes on the wire, serialisation headers (128 B per tensor) included, against the same reply in fp32
     fp32_bytes = sum(len(a.data) for a in reply(1, states[0], base, 10).content["arrays"].values())
-    got = rec._round["clients"][0]["bytes-up"]
+    got = rec._round["clients"][0]["bytes_up"]
     headers = 128 * len(base)
     assert got - headers == (fp32_bytes - headers) // (2 if dtype == "fp16" else 4)
 
@@ -193,7 +193,7 @@ def test_a_silent_client_is_a_failure_and_too_few_updates_stop_the_round(tmp_pat
     base = adapter_like()
     s, rec = start(tmp_path, [1, 2, 3], base)
     s.aggregate_train(1, [reply(1, trained_from(base, 0.01, 1), base, 10), reply(2, trained_from(base, 0.01, 2), base, 10)])
-    assert [f["node-id"] for f in rec._round["failures"]] == [3]
+    assert [f["node_id"] for f in rec._round["failures"]] == [3]
     assert "no reply within strategy.round-timeout" in rec._round["failures"][0]["reason"]
     s2, _ = start(tmp_path / "b", [1, 2, 3], base)
     with pytest.raises(FedHFRunError, match="only 1 valid update.*strategy.min-train-nodes=2.*--resume"):

@@ -81,6 +81,17 @@ def copy_run(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
+def test_a_real_run_meets_the_run_json_schema(tiny_run):
+    import jsonschema
+
+    from fedhf.run.store import SCHEMA_VERSION, schema
+
+    run = run_json(tiny_run)
+    assert run["schema_version"] == SCHEMA_VERSION
+    jsonschema.validate(run, schema())
+    assert run["privacy"]["clients"] and all("partition_id" in c for r in run["rounds"][1:] for c in r["clients"])
+
+
 def test_run_draws_its_plots_and_the_card_shows_them(tiny_run):
     for name in ("metrics.png", "epsilon.png"):
         for folder in (tiny_run / "plots", tiny_run / "hub" / "plots"):
@@ -203,14 +214,14 @@ def test_audit_members_are_exactly_the_clients_training_rows(tiny_run, tmp_path)
     members, non_members, _ = audit_sets(run, non)
     data = load_data(run_config(run).data)
     assert sorted(members["text"]) == sorted(data.train["text"])  # all 300 rows were trained on, none twice
-    assert sum(p["train-examples"] for p in run["partitions"]) == len(members)
+    assert sum(p["train_examples"] for p in run["partitions"]) == len(members)
     assert not set(members["text"]) & set(non_members["text"])  # seed-11 rows are members: dropped from non-members
     assert len(non_members) == 120
 
 
 def test_audit_refuses_members_it_cannot_rebuild(tiny_run, tmp_path):
     parts = run_json(tiny_run)["partitions"]
-    parts[0] = dict(parts[0], **{"train-examples": parts[0]["train-examples"] + 1})
+    parts[0] = dict(parts[0], **{"train_examples": parts[0]["train_examples"] + 1})
     work = copy_run(tiny_run, tmp_path / "silo", partitions=parts)
     assert "cannot be rebuilt" in one_error_line(cli("audit", str(work)))
     line = one_error_line(cli("audit", str(tiny_run), "--max-examples", "10"))

@@ -99,7 +99,7 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
     assert [r["round"] for r in run["rounds"]] == [0, 1, 2, 3, 4]  # none lost, none twice
     assert [(r["from_round"], r["interrupted_attempt"]["status"]) for r in run["resumes"]] == [(2, "running")]
     r3 = run["rounds"][3]
-    assert sorted(c["partition-id"] for c in r3["clients"] if c.get("replayed")) == [1, 2]
+    assert sorted(c["partition_id"] for c in r3["clients"] if c.get("replayed")) == [1, 2]
     assert all(c["status"] == "trained" for r in run["rounds"][1:] for c in r["clients"])
     for pid, entry in straight["privacy"]["clients"].items():
         got = run["privacy"]["clients"][pid]
@@ -136,16 +136,16 @@ def test_failing_and_poisoned_clients_do_not_end_the_run(tiny_model_dir, synthet
     assert run["status"] == "complete"
     r1, r2, r3 = run["rounds"][1:]
     assert len(r2["failures"]) == 1 and "injected fault" in r2["failures"][0]["reason"]
-    assert [(r["partition-id"], "NaN" in r["reason"] or "non-finite" in r["reason"]) for r in r2["rejected"]] == [(2, True)]
-    assert sorted(c["partition-id"] for c in r2["clients"] if c["status"] == "trained") == [0, 3]
+    assert [(r["partition_id"], "NaN" in r["reason"] or "non-finite" in r["reason"]) for r in r2["rejected"]] == [(2, True)]
+    assert sorted(c["partition_id"] for c in r2["clients"] if c["status"] == "trained") == [0, 3]
     assert r1["failures"] == [] and r1["rejected"] == []
-    assert sorted(c["partition-id"] for c in r1["clients"] if c["status"] == "trained") == [0, 1, 2, 3]
+    assert sorted(c["partition_id"] for c in r1["clients"] if c["status"] == "trained") == [0, 1, 2, 3]
     assert [f["reason"] for f in r3["failures"]] == ["no reply within strategy.round-timeout=20 s"]
-    assert sorted(c["partition-id"] for c in r3["clients"] if c["status"] == "trained") == [0, 1, 2]
+    assert sorted(c["partition_id"] for c in r3["clients"] if c["status"] == "trained") == [0, 1, 2]
     trained = [c for c in r1["clients"] if c["status"] == "trained"]
     # int8 on the wire: a quarter of the fp32 adapter's bytes, plus the 128-byte header of each tensor
     m = run["model"]
-    assert {c["bytes-up"] for c in trained} == {m["adapter_bytes"] // 4 + 128 * m["adapter_tensors"]}
+    assert {c["bytes_up"] for c in trained} == {m["adapter_bytes"] // 4 + 128 * m["adapter_tensors"]}
     csv_rows = (out / "faulty" / "metrics.csv").read_text().splitlines()  # header, rounds 0, 1, 2, 3
     header = csv_rows[0].split(",")
     row2 = dict(zip(header, csv_rows[3].split(","), strict=True))

@@ -67,7 +67,7 @@ def test_a_dp_client_sends_the_update_the_accounting_and_nothing_else_by_default
     for field in sent:
         assert f"`{field}`" in text, field
     assert "client 0: nothing" in text and "| training rows per client | not shared |" in text
-    assert "label-histogram" not in json.dumps(json.loads((run_dir / "hub" / "provenance.json").read_text())["partitions"])
+    assert "label_histogram" not in json.dumps(json.loads((run_dir / "hub" / "provenance.json").read_text())["partitions"])
 
 
 def test_what_the_owner_shares_by_name_is_sent_and_stated(tiny_model_dir, silo, tmp_path):
@@ -76,7 +76,7 @@ def test_what_the_owner_shares_by_name_is_sent_and_stated(tiny_model_dir, silo, 
     extra = sent - set(COVERED) - set(ACCOUNTING) - set(BOOKKEEPING)
     assert extra == {"num-examples", "train-loss", "train-seconds", "handler-seconds"}
     assert reply.content["metrics"]["weight"] == reply.content["metrics"]["num-examples"] == 54  # 60 rows, 10% held out
-    run = {"privacy": {"mode": "sample"}, "partitions": [{"partition-id": 0}], "rounds": [],
+    run = {"privacy": {"mode": "sample"}, "partitions": [{"partition_id": 0}], "rounds": [],
            "shared": {"0": ["num-examples", "timings", "train-loss"]}}
     text = disclosure_text(run)
     for group in ("num-examples", "timings", "train-loss"):

@@ -78,8 +78,8 @@ def test_fedavg_weights_by_examples_and_records_clients(tmp_path):
     assert metrics["weight"] == 40
     row = rec.end_round(1, {"loss": 0.4, "accuracy": 0.8, "f1": 0.79}, 0.1)
     assert row["weighting"] == "examples"
-    assert [c["partition-id"] for c in row["clients"]] == [0, 1]
-    assert row["failures"] == [{"node-id": 13, "reason": "client crashed"}]
+    assert [c["partition_id"] for c in row["clients"]] == [0, 1]
+    assert row["failures"] == [{"node_id": 13, "reason": "client crashed"}]
     assert row["client_train_seconds"] == {"0": 1.5, "1": 1.5}
     wire = len(ArrayRecord({"w": torch.zeros(2, 2)})["w"].data)  # serialised bytes: 16 B of data + the array header
     assert abs(row["train_loss"] - 0.6) < 1e-12 and row["bytes_up"] == wire
@@ -111,7 +111,7 @@ def test_a_client_that_keeps_its_count_private_gets_equal_weights_for_everyone(t
     row = rec.end_round(1, {"loss": 0.4, "accuracy": 0.8, "f1": 0.79}, 0.1)
     assert row["weighting"] == "uniform" and row["train_loss"] is None
     assert rec.data["shared"] == {"0": ALL_SHARED, "1": []}
-    assert [c.get("label-histogram") for c in row["clients"]] == [[15, 15], None]
+    assert [c.get("label_histogram") for c in row["clients"]] == [[15, 15], None]
 
 
 def test_run_json_status_and_atomic_rewrites(tmp_path):
@@ -226,7 +226,7 @@ def test_refusing_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
     assert s.exhausted == {13} and "max-epsilon" in s.excluded[13]
     row = rec.end_round(2, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
     assert row["privacy"]["exhausted"] == [2] and row["refused"] == [
-        {"node-id": 13, "partition-id": 2, "rule": "max-epsilon", "reason": "the node's budget would be exceeded"}]
+        {"node_id": 13, "partition_id": 2, "rule": "max-epsilon", "reason": "the node's budget would be exceeded"}]
     entry = rec.data["privacy"]["clients"]["2"]
     assert entry["stopped"]["round"] == 2 and entry["stopped"]["reason"] == "max-epsilon"
     begin(s, rec, 3, 2)

@@ -164,7 +164,7 @@ def test_sweep_runs_skips_reruns_and_tabulates(tmp_path, tiny_model_dir):
     assert float(rows["fed"]["audit_auc_loss"]) == pytest.approx(fed["audit"]["loss"]["auc"])
     # Members: the 180 rows trained on (10% of each client's 100 held out); non-members: the other rows of the
     # 400 (200 per label); both sides label-matched.
-    per_label = [sum(p["label-histogram"][k] for p in fed["partitions"]) for k in range(2)]
+    per_label = [sum(p["label_histogram"][k] for p in fed["partitions"]) for k in range(2)]
     assert sum(per_label) == 180
     assert fed["audit"]["members"] == fed["audit"]["non_members"] == sum(min(m, 200 - m) for m in per_label)
     md = (out / "tiny" / "results.md").read_text()

@@ -20,7 +20,6 @@ On natural examples this bound is loose by design; it tests, it does not certify
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from scipy.stats import beta
 
-from fedhf.run.record import check_run_folder, load_finished_run, write_json_atomic
+from fedhf.run.record import check_run_folder
+from fedhf.run.store import RunStore, load_finished_run
 from fedhf.errors import FedHFRunError
 from fedhf.analysis.evaluation import per_example_loss, released_model, run_config
 
@@ -140,8 +140,8 @@ def audit_sets(run: dict[str, Any], non_members_file: str | Path | None) -> tupl
     _check_same_files(run, data.source)
     parts = make_partitions(data, cfg.data, cfg.seed, max(len(recorded), 1))
     rebuilt = parts.stats()
-    if [(p["train-examples"], p["label-histogram"]) for p in rebuilt] != \
-            [(p["train-examples"], p["label-histogram"]) for p in recorded]:
+    if [(p["train_examples"], p["label_histogram"]) for p in rebuilt] != \
+            [(p["train_examples"], p["label_histogram"]) for p in recorded]:
         raise FedHFRunError(
             "audit: the clients' training rows cannot be rebuilt from the run's config (partition sizes or labels differ "
             "from run.json: the clients used their own silos, or the data changed); the audit needs the members."
@@ -272,9 +272,7 @@ def _record(run_dir: Path, audit: dict[str, Any]) -> None:
     from fedhf.release.card import base_model_license, build_hub_folder
     from fedhf.tasks.model import resolve_model
 
-    raw = json.loads((run_dir / "run.json").read_text())
-    raw["audit"] = audit
-    write_json_atomic(run_dir / "run.json", raw)
+    raw = RunStore(run_dir).update("audit", lambda record: record.update(audit=audit))
     name = raw["config"]["model.name"]
     build_hub_folder(run_dir, raw, base_model_license(name, resolve_model(name)))
 

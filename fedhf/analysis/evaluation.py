@@ -7,13 +7,13 @@ keys changed, e.g. another AfriSenti language, and records the result in ``run.j
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedhf.run.record import check_run_folder, load_finished_run, write_json_atomic
+from fedhf.run.record import check_run_folder
+from fedhf.run.store import RunStore, load_finished_run
 from fedhf.config.schema import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
 
@@ -83,10 +83,11 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
         "macro_f1": macro_f1(preds, truth, len(data.label_names)),
     }
     if record:
-        raw = json.loads((Path(run_dir) / "run.json").read_text())
-        kept = [e for e in raw.get("evaluations", []) if e.get("data") != result["data"]]
-        raw["evaluations"] = kept + [result]
-        write_json_atomic(Path(run_dir) / "run.json", raw)
+        def add(record: dict[str, Any]) -> None:
+            kept = [e for e in record.get("evaluations", []) if e.get("data") != result["data"]]
+            record["evaluations"] = kept + [result]
+
+        RunStore(run_dir).update("evaluate", add)
     return result
 
 

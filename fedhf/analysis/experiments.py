@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhf.config.schema import flatten, load_config_file, parse_config
-from fedhf.errors import FedHFConfigError, FedHFRunError
+from fedhf.errors import FedHFConfigError, FedHFError, FedHFRunError
+from fedhf.run.store import RunStore
 
 TARGET_KINDS = ("within", "auc-closer", "beats")
 RUN_KEYS = {"name", "config", "num-clients", "cpus-per-client", "set", "audit", "evaluate-languages", "smoke"}
@@ -157,8 +158,8 @@ def load_group(name_or_path: str | Path, experiments_dir: str | Path = "experime
 
 def _status(run_dir: Path) -> str | None:
     try:
-        return json.loads((run_dir / "run.json").read_text()).get("status")
-    except (OSError, json.JSONDecodeError):
+        return RunStore(run_dir).read().get("status")
+    except FedHFError:
         return None
 
 
@@ -209,9 +210,9 @@ def _changed_keys(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> l
     clients, sets = _run_settings(group, run, out, smoke)
     want = parse_config({**load_config_file(run.config), **sets}).to_flat()
     try:
-        made = json.loads((out / run.name / "run.json").read_text())
+        made = RunStore(out / run.name).read()
         had = parse_config(made["config"]).to_flat()
-    except (FedHFConfigError, KeyError, TypeError):
+    except (FedHFError, KeyError, TypeError):
         return ["(a config this fedhf cannot read)"]
     changed = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
     if len(made.get("partitions", [])) != clients:
@@ -250,7 +251,7 @@ def _post(group: Group, run: ExperimentRun, run_dir: Path, smoke: bool, log: Any
     from fedhf.analysis.audit import audit_run
     from fedhf.analysis.evaluation import evaluate_run
 
-    data = json.loads((run_dir / "run.json").read_text())
+    data = RunStore(run_dir).read()
     done = {json.dumps(e["data"], sort_keys=True) for e in data.get("evaluations", [])}
     for lang in group.languages(run, smoke):
         if json.dumps({"data.languages": lang}, sort_keys=True) in done:
@@ -293,8 +294,8 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
     rows = []
     runs: dict[str, dict[str, Any]] = {}
     for run in group.selected(smoke):
-        path = out / run.name / "run.json"
-        data = json.loads(path.read_text()) if path.is_file() else None
+        store = RunStore(out / run.name)
+        data = store.read() if store.exists() else None
         if data is not None:
             runs[run.name] = data
         rows.append(_row(run.name, data))

@@ -84,17 +84,17 @@ def plot_epsilon(run: dict[str, Any], path: Path) -> Path | None:
 
 def plot_label_heatmap(run: dict[str, Any], path: Path) -> Path | None:
     """Share of each label in each client's training rows (numbers: rows)."""
-    parts = [p for p in run.get("partitions") or [] if "label-histogram" in p]  # only the histograms shared
+    parts = [p for p in run.get("partitions") or [] if "label_histogram" in p]  # only the histograms shared
     names = run["dataset"].get("label_names") or []
     if not parts or not names:
         return None
-    counts = [p["label-histogram"] for p in parts]
+    counts = [p["label_histogram"] for p in parts]
     shares = [[c / max(sum(row), 1) for c in row] for row in counts]
     fig = Figure(figsize=(1.2 + 0.9 * len(names), 1.0 + 0.32 * len(parts)))
     ax = fig.subplots()
     im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ylabels = [f"{p['partition-id']}" + (f" ({p['natural-id']})" if p.get("natural-id") else "") for p in parts]
+    ylabels = [f"{p['partition_id']}" + (f" ({p['natural_id']})" if p.get("natural_id") else "") for p in parts]
     ax.set_yticks(range(len(parts)), ylabels, fontsize=7)
     ax.set(xlabel="label", ylabel="client")
     if len(parts) * len(names) <= 300:

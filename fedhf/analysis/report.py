@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedhf.run.record import load_finished_run
+from fedhf.run.store import load_finished_run
 from fedhf.release.card import client_ids
 from fedhf.errors import FedHFRunError
 from fedhf.analysis.plots import final_epsilon, plot_privacy_utility, run_plots

@@ -42,13 +42,13 @@ class Partitions:
         out = []
         for pid, (train, local_eval) in enumerate(self.parts):
             row: dict[str, Any] = {
-                "partition-id": pid,
-                "train-examples": len(train),
-                "eval-examples": len(local_eval) if local_eval is not None else 0,
-                "label-histogram": label_histogram(train["label"], len(self.label_names)),
+                "partition_id": pid,
+                "train_examples": len(train),
+                "eval_examples": len(local_eval) if local_eval is not None else 0,
+                "label_histogram": label_histogram(train["label"], len(self.label_names)),
             }
             if self.natural_ids:
-                row["natural-id"] = self.natural_ids[pid]
+                row["natural_id"] = self.natural_ids[pid]
             out.append(row)
         return out
 
@@ -213,6 +213,6 @@ def format_stats(stats: list[dict[str, Any]], label_names: list[str]) -> str:
     head = f"{'client':>6}  {'id':<8} {'train':>6} {'eval':>5}  " + "  ".join(f"{n[:10]:>10}" for n in label_names)
     lines = [head]
     for row in stats:
-        hist = "  ".join(f"{c:>10}" for c in row["label-histogram"])
-        lines.append(f"{row['partition-id']:>6}  {str(row.get('natural-id', '')):<8} {row['train-examples']:>6} {row['eval-examples']:>5}  {hist}")
+        hist = "  ".join(f"{c:>10}" for c in row["label_histogram"])
+        lines.append(f"{row['partition_id']:>6}  {str(row.get('natural_id', '')):<8} {row['train_examples']:>6} {row['eval_examples']:>5}  {hist}")
     return "\n".join(lines)

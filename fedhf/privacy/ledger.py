@@ -1,4 +1,15 @@
-"""The privacy ledger of a run, as a table for the console and `fedhf privacy ledger`. No Flower, no Opacus."""
+"""The privacy ledger of a run: its arithmetic (pure functions over plain dicts) and its table. No Flower.
+
+A ledger entry is one client's sample-level spend in a run, built from what it reports each round
+(``ledger_entry``) and from its own saved accountant when that holds more (``with_saved_spend``).
+The rules, all conservative:
+- the server's floor: epsilon is the larger of what the client reports and what its reported
+  sigma, q and steps give;
+- an accountant that restarted (a new accountant id, or fewer steps) starts a new accounting
+  period; periods compose by basic composition (epsilons and deltas add), so epsilon never goes down;
+- steps a client's saved accountant holds beyond what it reported are counted.
+Opacus is imported only to compute an epsilon (``fedhf.privacy.dp.epsilon_of``).
+"""
 
 from __future__ import annotations
 
@@ -77,3 +88,96 @@ def privacy_line(row: dict[str, Any]) -> str | None:
         parts.append(f"{CLIENT} epsilon {p['client_level_epsilon']:.3f} ({p['client_level_epsilon_no_amplification']:.3f} "
                      f"without sampling amplification)")
     return f"[fedhf] privacy after round {row['round']}: " + "; ".join(parts)
+
+
+def reported_floor(report: dict[str, Any]) -> float:
+    """Epsilon of the reported (sigma, q, steps) at the reported delta, by the reported accountant."""
+    from fedhf.privacy.dp import epsilon_of
+
+    if not report["steps"]:
+        return 0.0
+    if report["noise_multiplier"] <= 0:
+        return float("inf")
+    return epsilon_of(report["accountant"], [(report["noise_multiplier"], report["sample_rate"], int(report["steps"]))],
+                      report["delta"])
+
+
+def ledger_entry(entry: dict[str, Any] | None, report: dict[str, Any], server_round: int,
+                 status: str) -> tuple[dict[str, Any], list[str]]:
+    """One client's ledger entry after its round-``server_round`` report (snake_case keys); the warnings to log.
+
+    ``entry`` is not changed; the returned entry is a new dict.
+    """
+    p = report
+    warnings: list[str] = []
+    entry = dict(entry) if entry is not None else {
+        "delta": p["delta"], "noise_multiplier": p["noise_multiplier"], "max_grad_norm": p["max_grad_norm"],
+        "sample_rate": p["sample_rate"], "accountant": p["accountant"], "max_epsilon": p["max_epsilon"] or None,
+        "rounds": [],
+    }
+    entry["rounds"] = list(entry["rounds"])
+    # The server's own floor: one run on one node has one sigma and one q.
+    floor = reported_floor(p)
+    epsilon, steps = max(float(p["epsilon"]), floor), int(p["steps"])
+    if floor > float(p["epsilon"]) * (1 + 1e-6):
+        entry["note_floor"] = ("the client reported less than its sigma, q and steps give; the ledger counts the "
+                               "computed value")
+        warnings.append(f"reported epsilon {p['epsilon']:.4f}; its sigma, q and steps give {floor:.4f}: counting that")
+    acc_id = p["accountant_id"]
+    restarted = entry["rounds"] and (acc_id != entry.get("accountant_id") or steps < entry["reported_steps"])
+    if restarted:
+        # A new accountant (its state was lost, or another node took this partition id): its epsilon does not
+        # include what was spent before. Compose conservatively so that the ledger never goes down.
+        entry["offset_epsilon"] = entry.get("offset_epsilon", 0.0) + entry["reported_epsilon"]
+        entry["offset_delta"] = entry.get("offset_delta", 0.0) + entry["reported_delta"]
+        entry["offset_steps"] = entry.get("offset_steps", 0) + entry["reported_steps"]
+        entry["accountant_resets"] = entry.get("accountant_resets", 0) + 1
+        entry["note"] = ("the client's accountant restarted; epsilon and delta are the sums over its accounting "
+                         "periods (basic composition)")
+        warnings.append(f"its privacy accountant restarted (accountant id {acc_id} after {entry.get('accountant_id')}, "
+                        f"steps {steps} after {entry['reported_steps']}); its epsilon is now composed conservatively")
+    entry.update({"reported_epsilon": epsilon, "reported_steps": steps, "reported_delta": p["delta"],
+                  "accountant_id": acc_id})
+    if "lifetime_epsilon" in p:
+        entry["lifetime_epsilon"] = p["lifetime_epsilon"]
+        entry["lifetime_delta"] = p.get("lifetime_delta", p["delta"])
+    epsilon += entry.get("offset_epsilon", 0.0)
+    steps += entry.get("offset_steps", 0)
+    entry["delta"] = p["delta"] + entry.get("offset_delta", 0.0)
+    entry["rounds"].append({"round": server_round, "epsilon": epsilon, "steps": steps, "status": status})
+    entry["epsilon"] = epsilon
+    entry["steps"] = steps
+    return entry, warnings
+
+
+def with_saved_spend(entry: dict[str, Any] | None, spend: dict[str, Any]) -> dict[str, Any]:
+    """The entry once a client's saved accountant (``spend``: epsilon, steps, delta, sigma, C, q, accountant) shows
+    more steps than it reported: the ledger takes the client's figure."""
+    entry = dict(entry) if entry is not None else {
+        "delta": spend["delta"], "noise_multiplier": spend["noise_multiplier"],
+        "max_grad_norm": spend["max_grad_norm"], "sample_rate": spend["sample_rate"],
+        "accountant": spend["accountant"], "max_epsilon": None, "rounds": [],
+        "reported_epsilon": 0.0, "reported_steps": 0, "reported_delta": spend["delta"],
+    }
+    entry["unreported_steps"] = spend["steps"] - entry["reported_steps"]
+    entry["note_unreported"] = ("the client's own accountant holds steps of a round whose update the server did not "
+                                "aggregate (cut off by a restart or too late); they are counted")
+    entry.update({"reported_epsilon": spend["epsilon"], "reported_steps": spend["steps"]})
+    entry["epsilon"] = spend["epsilon"] + entry.get("offset_epsilon", 0.0)
+    entry["steps"] = spend["steps"] + entry.get("offset_steps", 0)
+    return entry
+
+
+def round_summary(ledger: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What a round records of the ledger: each client's epsilon so far, the largest and the mean."""
+    current = {pid: e["epsilon"] for pid, e in ledger.items()}
+    return {
+        "sample_level_epsilon": current,
+        "sample_level_epsilon_max": max(current.values(), default=0.0),
+        "sample_level_epsilon_mean": sum(current.values()) / len(current) if current else 0.0,
+    }
+
+
+def over_budget(ledger: dict[str, dict[str, Any]]) -> set[int]:
+    """Clients whose recorded epsilon reached their budget (only possible after an accountant restart)."""
+    return {int(pid) for pid, e in ledger.items() if e.get("max_epsilon") and e["epsilon"] >= e["max_epsilon"]}

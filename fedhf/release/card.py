@@ -176,14 +176,14 @@ def published_partitions(run: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-client sizes and label histograms, each only where that client shared it."""
     out = []
     for p in run["partitions"]:
-        shared = shared_by(run, p["partition-id"])
-        row = {"partition-id": p["partition-id"]}
-        if "num-examples" in shared and "train-examples" in p:
-            row["train-examples"] = p["train-examples"]
-        if "label-histogram" in shared and "label-histogram" in p:
-            row["label-histogram"] = p["label-histogram"]
-        if "natural-id" in p:
-            row["natural-id"] = p["natural-id"]
+        shared = shared_by(run, p["partition_id"])
+        row = {"partition_id": p["partition_id"]}
+        if "num-examples" in shared and "train_examples" in p:
+            row["train_examples"] = p["train_examples"]
+        if "label-histogram" in shared and "label_histogram" in p:
+            row["label_histogram"] = p["label_histogram"]
+        if "natural_id" in p:
+            row["natural_id"] = p["natural_id"]
         out.append(row)
     return out
 
@@ -194,9 +194,9 @@ def published_view(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def client_ids(run: dict[str, Any]) -> list[int]:
-    ids = {int(p["partition-id"]) for p in run["partitions"]}
+    ids = {int(p["partition_id"]) for p in run["partitions"]}
     for r in run["rounds"]:
-        ids |= {int(c["partition-id"]) for c in r.get("clients", []) if "partition-id" in c}
+        ids |= {int(c["partition_id"]) for c in r.get("clients", []) if "partition_id" in c}
     ids |= {int(pid) for pid in run.get("privacy", {}).get("clients", {})}
     return sorted(ids)
 
@@ -252,7 +252,7 @@ def _rows_text(run: dict[str, Any]) -> str:
     rows = published_partitions(run)
     if not rows:
         return "not shared"
-    return ", ".join(str(p["train-examples"]) if "train-examples" in p else "not shared" for p in rows)
+    return ", ".join(str(p["train_examples"]) if "train_examples" in p else "not shared" for p in rows)
 
 
 def disclosure_text(run: dict[str, Any]) -> str:

@@ -7,12 +7,12 @@ the run config, and never appears in output or errors.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhf.errors import FedHFHubError
+from fedhf.errors import FedHFHubError, FedHFRunError
+from fedhf.run.store import RunStore
 
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "README.md", "fedhf.json")
 
@@ -39,16 +39,13 @@ class PushResult:
 def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """The hub/ folder of a finished run, checked."""
     run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
+    store = RunStore(run_dir)
+    if not store.exists():
         raise FedHFHubError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
     try:
-        run = json.loads(run_json.read_text())
-        if not isinstance(run, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise FedHFHubError(f"'{run_json}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); the run folder is "
-                            "damaged, so there is nothing trustworthy to publish.") from None
+        run = store.read()
+    except FedHFRunError as exc:
+        raise FedHFHubError(f"{exc} There is nothing trustworthy to publish.") from None
     if run.get("status") != "complete":
         raise FedHFHubError(f"'{run_dir}' is not a finished run (status '{run.get('status')}'); push only complete runs.")
     hub = run_dir / "hub"

@@ -1,8 +1,10 @@
-"""The run folder: run.json, metrics.csv and the final adapter. No Flower here.
+"""The run record as a run builds it: ``RunRecorder`` (the ``RoundObserver`` fedhf uses), and metrics.csv. No Flower.
 
-``run.json`` is rewritten atomically (write, then rename) after every round, so a
-reader never sees half a file; its ``status`` is ``running`` until the last round and
-the adapter are written, then ``complete`` (or ``failed`` with the reason).
+``run.json`` is rewritten (by ``fedhf.run.store``, atomically and fsynced) after every round, so a
+reader never sees half a file; its ``status`` is ``running`` until the last round and the adapter
+are written, then ``complete`` (or ``failed`` with the reason). Reply fields arrive in Flower's words
+(``partition-id``) and are kept in the record's one key style (``partition_id``). The ledger's
+arithmetic is ``fedhf.privacy.ledger``'s.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 
 from fedhf._io import atomic_write, atomic_write_json
 from fedhf.config.schema import FedHFConfig
+from fedhf.errors import FedHFRunError
+from fedhf.privacy.ledger import ledger_entry, over_budget, round_summary, with_saved_spend
+from fedhf.run.store import SCHEMA_VERSION, RunStore, snake_keys, upgrade
 
 log = logging.getLogger("fedhf")
 
@@ -64,17 +69,11 @@ def config_hash(flat: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write_json(path, obj)
-
-
 MARKER = ".fedhf-run"  # in every run folder fedhf made: its run uid; fedhf adopts and deletes nothing elsewhere
 
 
 def check_run_folder(run_dir: Path, what: str) -> dict[str, Any]:
     """The marker of a folder fedhf created as a run folder; FedHFRunError otherwise."""
-    from fedhf.errors import FedHFRunError
-
     marker = Path(run_dir) / MARKER
     if not marker.is_file():
         raise FedHFRunError(f"{what}: '{run_dir}' was not created by fedhf as a run folder (no {MARKER}); fedhf "
@@ -100,12 +99,12 @@ class RunRecorder:
                 raise ValueError("resume_from needs the run folder")  # a bug in the caller, not user input
             self.dir = run_dir
             try:  # how the interrupted attempt ended, as its run.json says ("running": it was killed)
-                before = json.loads((run_dir / "run.json").read_text())
+                before = RunStore(run_dir).read()
                 ended = {"status": before.get("status"), "error": before.get("error"),
                          "last_round_recorded": max((r["round"] for r in before.get("rounds", [])), default=0)}
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+            except (FedHFRunError, TypeError, KeyError):
                 ended = {"status": "unreadable run.json"}
-            self.data = resume_from
+            self.data = upgrade(resume_from, "the checkpoint's run record")
             self.run_id = str(self.data["run_id"])
             last = self.data["rounds"][-1]["round"] if self.data["rounds"] else 0
             self.data.update(status="running", finished=None)
@@ -118,7 +117,7 @@ class RunRecorder:
             return
         self.run_id = new_run_id(cfg)
         self.dir = run_dir or Path(cfg.output_dir).expanduser() / self.run_id
-        if (self.dir / "run.json").exists():
+        if RunStore(self.dir).exists():
             raise FileExistsError(
                 f"run folder '{self.dir}' already holds a run; choose another run-name or output-dir."
             )
@@ -132,6 +131,7 @@ class RunRecorder:
         atomic_write_json(self.dir / MARKER, {"run_uid": run_uid, "created_by": "fedhf"})
         flat = cfg.to_flat()
         self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
             "run_uid": run_uid,
             "status": "running",
@@ -161,7 +161,7 @@ class RunRecorder:
         self.write()
 
     def set_partitions(self, stats: list[dict[str, Any]]) -> None:
-        self.data["partitions"] = stats
+        self.data["partitions"] = snake_keys(stats)
         self.write()
 
     # ------------------------------------------------------------------ per round
@@ -196,40 +196,42 @@ class RunRecorder:
                       weighting: str = "examples") -> None:
         """Record a round's screened replies (only fields each client's policy shared are present)."""
         r = self._require_round()
+        clients, failures = snake_keys(clients), snake_keys(failures)
+        rejected, refused = snake_keys(rejected or []), snake_keys(refused or [])
         trained = [c for c in clients if c["status"] == "trained"]
         r["clients"] = clients
         r["failures"] = failures
-        r["rejected"] = rejected or []
-        r["refused"] = refused or []
+        r["rejected"] = rejected
+        r["refused"] = refused
         r["weighting"] = weighting
-        r["client_train_seconds"] = {str(c["partition-id"]): round(c["train-seconds"], 3) for c in trained
-                                     if "train-seconds" in c}
-        r["client_handler_seconds"] = {str(c["partition-id"]): round(c["handler-seconds"], 3) for c in trained
-                                       if "handler-seconds" in c}
+        r["client_train_seconds"] = {str(c["partition_id"]): round(c["train_seconds"], 3) for c in trained
+                                     if "train_seconds" in c}
+        r["client_handler_seconds"] = {str(c["partition_id"]): round(c["handler_seconds"], 3) for c in trained
+                                       if "handler_seconds" in c}
         # The round's train loss only when every client that trained shared its loss and its count.
-        if trained and all("train-loss" in c and "num-examples" in c for c in trained):
-            n = sum(c["num-examples"] for c in trained)
+        if trained and all("train_loss" in c and "num_examples" in c for c in trained):
+            n = sum(c["num_examples"] for c in trained)
             if n:
-                r["train_loss"] = sum(c["train-loss"] * c["num-examples"] for c in trained) / n
-        r["bytes_up"] = max((c["bytes-up"] for c in trained if "bytes-up" in c), default=None)
+                r["train_loss"] = sum(c["train_loss"] * c["num_examples"] for c in trained) / n
+        r["bytes_up"] = max((c["bytes_up"] for c in trained if "bytes_up" in c), default=None)
         shared = self.data.setdefault("shared", {})
         for c in clients:
             if "shared" in c:
-                shared[str(c["partition-id"])] = c["shared"]
-        known = {s["partition-id"] for s in self.data["partitions"]}
-        new = [{"partition-id": c["partition-id"], "train-examples": sum(c["label-histogram"]),
-                "label-histogram": c["label-histogram"], "source": "client"}
-               for c in clients if c["partition-id"] not in known and "label-histogram" in c]
+                shared[str(c["partition_id"])] = c["shared"]
+        known = {s["partition_id"] for s in self.data["partitions"]}
+        new = [{"partition_id": c["partition_id"], "train_examples": sum(c["label_histogram"]),
+                "label_histogram": c["label_histogram"], "source": "client"}
+               for c in clients if c["partition_id"] not in known and "label_histogram" in c]
         if new:  # clients report what they hold when their policy shares it; keep it when the server could not compute it
-            self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition-id"])
+            self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition_id"])
         if "privacy" in self.data:
             self._privacy_round(r, clients)
         if refused:  # kept at the run level too: a round that ends the run is not recorded as a round
             self.data.setdefault("refusals", []).extend({"round": r["round"], **c} for c in refused)
             self.write()
-        for c in refused or []:
+        for c in refused:
             if c["rule"] in ("max-epsilon", "privacy.max-epsilon") and "privacy" in self.data:
-                entry = self.data["privacy"]["clients"].get(str(c["partition-id"]))
+                entry = self.data["privacy"]["clients"].get(str(c["partition_id"]))
                 if entry is not None and "stopped" not in entry:
                     entry["stopped"] = {"round": r["round"], "reason": c["rule"], "text": c["reason"]}
         if "privacy" in self.data and self.data["privacy"].get("clients"):
@@ -239,11 +241,12 @@ class RunRecorder:
     # ------------------------------------------------------------------ privacy ledger
     # The set_* methods below keep what earlier rounds recorded: a resumed run calls them again.
     def set_secure_aggregation(self, info: dict[str, Any]) -> None:
-        self.data["secure_aggregation"] = {**info, "rounds": self.data.get("secure_aggregation", {}).get("rounds", [])}
+        self.data["secure_aggregation"] = {**snake_keys(info),
+                                           "rounds": self.data.get("secure_aggregation", {}).get("rounds", [])}
         self.write()
 
     def secure_aggregation_round(self, info: dict[str, Any]) -> None:
-        self.data["secure_aggregation"]["rounds"].append(info)
+        self.data["secure_aggregation"]["rounds"].append(snake_keys(info))
         self.write()
 
     def set_privacy(self, info: dict[str, Any]) -> None:
@@ -267,81 +270,27 @@ class RunRecorder:
     def _privacy_round(self, r: dict[str, Any], clients: list[dict[str, Any]]) -> None:
         ledger = self.data["privacy"]["clients"]
         for c in clients:
-            p = c.get("privacy")
-            if p is None:
+            if c.get("privacy") is None:
                 continue
-            entry = ledger.setdefault(str(c["partition-id"]), {
-                "delta": p["delta"], "noise_multiplier": p["noise-multiplier"], "max_grad_norm": p["max-grad-norm"],
-                "sample_rate": p["sample-rate"], "accountant": p["accountant"],
-                "max_epsilon": p["max-epsilon"] or None, "rounds": [],
-            })
-            # The server's own floor: the epsilon of the reported sigma, q and steps (one run on one node has one
-            # sigma and one q); the ledger takes the larger of that and what the client says.
-            floor = privacy_floor(p)
-            epsilon, steps = max(float(p["epsilon"]), floor), int(p["steps"])
-            if floor > float(p["epsilon"]) * (1 + 1e-6):
-                entry["note_floor"] = ("the client reported less than its sigma, q and steps give; the ledger counts "
-                                       "the computed value")
-                log.warning("client %s reported epsilon %.4f; its sigma, q and steps give %.4f: counting that",
-                            c["partition-id"], p["epsilon"], floor)
-            acc_id = p["accountant-id"]
-            restarted = entry["rounds"] and (acc_id != entry.get("accountant_id") or steps < entry["reported_steps"])
-            if restarted:
-                # A new accountant (its state was lost, or another node took this partition id): its epsilon does
-                # not include what was spent before. Compose conservatively (basic composition: epsilons and
-                # deltas add) so the ledger never goes down.
-                entry["offset_epsilon"] = entry.get("offset_epsilon", 0.0) + entry["reported_epsilon"]
-                entry["offset_delta"] = entry.get("offset_delta", 0.0) + entry["reported_delta"]
-                entry["offset_steps"] = entry.get("offset_steps", 0) + entry["reported_steps"]
-                entry["accountant_resets"] = entry.get("accountant_resets", 0) + 1
-                entry["note"] = ("the client's accountant restarted; epsilon and delta are the sums over its "
-                                 "accounting periods (basic composition)")
-                log.warning("client %s: its privacy accountant restarted (accountant id %s after %s, steps %d after %d); "
-                            "its epsilon is now composed conservatively", c["partition-id"], acc_id,
-                            entry.get("accountant_id"), steps, entry["reported_steps"])
-            entry.update({"reported_epsilon": epsilon, "reported_steps": steps, "reported_delta": p["delta"],
-                          "accountant_id": acc_id})
-            if "lifetime-epsilon" in p:
-                entry["lifetime_epsilon"] = p["lifetime-epsilon"]
-                entry["lifetime_delta"] = p.get("lifetime-delta", p["delta"])
-            epsilon += entry.get("offset_epsilon", 0.0)
-            steps += entry.get("offset_steps", 0)
-            entry["delta"] = p["delta"] + entry.get("offset_delta", 0.0)
-            entry["rounds"].append({"round": r["round"], "epsilon": epsilon, "steps": steps, "status": c["status"]})
-            entry["epsilon"] = epsilon
-            entry["steps"] = steps
-        if not ledger:
-            return  # no sample-level DP in this run
-        current = {pid: e["epsilon"] for pid, e in ledger.items()}
-        r.setdefault("privacy", {}).update({
-            "sample_level_epsilon": current,
-            "sample_level_epsilon_max": max(current.values(), default=0.0),
-            "sample_level_epsilon_mean": sum(current.values()) / len(current) if current else 0.0,
-        })
+            pid = str(c["partition_id"])
+            entry, warnings = ledger_entry(ledger.get(pid), c["privacy"], r["round"], c["status"])
+            ledger[pid] = entry
+            for w in warnings:
+                log.warning("client %s: %s", pid, w)
+        if ledger:  # sample-level DP in this run
+            r.setdefault("privacy", {}).update(round_summary(ledger))
 
     def saved_spend(self, pid: str, spend: dict[str, Any]) -> None:
         """A client's own saved accountant shows more steps than it reported (it trained in a round whose reply the
         server never used: a round cut off by a restart, or a reply that came too late). The ledger takes the
         client's figure: a spend is counted once it may have been released, never dropped."""
         ledger = self.data["privacy"]["clients"]
-        entry = ledger.setdefault(pid, {
-            "delta": spend["delta"], "noise_multiplier": spend["noise_multiplier"],
-            "max_grad_norm": spend["max_grad_norm"], "sample_rate": spend["sample_rate"],
-            "accountant": spend["accountant"], "max_epsilon": None, "rounds": [],
-            "reported_epsilon": 0.0, "reported_steps": 0, "reported_delta": spend["delta"],
-        })
-        entry["unreported_steps"] = spend["steps"] - entry["reported_steps"]
-        entry["note_unreported"] = ("the client's own accountant holds steps of a round whose update the server did "
-                                    "not aggregate (cut off by a restart or too late); they are counted")
-        entry.update({"reported_epsilon": spend["epsilon"], "reported_steps": spend["steps"]})
-        entry["epsilon"] = spend["epsilon"] + entry.get("offset_epsilon", 0.0)
-        entry["steps"] = spend["steps"] + entry.get("offset_steps", 0)
+        ledger[pid] = with_saved_spend(ledger.get(pid), spend)
         self.write()
 
     def over_budget(self) -> set[int]:
         """Clients whose recorded epsilon reached their budget (only possible after an accountant restart)."""
-        ledger = self.data.get("privacy", {}).get("clients", {})
-        return {int(pid) for pid, e in ledger.items() if e.get("max_epsilon") and e["epsilon"] >= e["max_epsilon"]}
+        return over_budget(self.data.get("privacy", {}).get("clients", {}))
 
     def local_eval(self, loss: float | None, accuracy: float | None, client_seconds: list[float]) -> None:
         r = self._require_round()
@@ -394,7 +343,7 @@ class RunRecorder:
         self.write()
 
     def write(self) -> None:
-        write_json_atomic(self.dir / "run.json", self.data)
+        RunStore(self.dir).write(self.data)
 
     def write_csv(self) -> None:
         buf = io.StringIO(newline="")
@@ -408,59 +357,3 @@ class RunRecorder:
             row["clients_refused"] = len(r.get("refused", [])) if r["round"] else None
             w.writerow(row)
         atomic_write(self.dir / "metrics.csv", buf.getvalue().encode())
-
-
-def privacy_floor(p: dict[str, Any]) -> float:
-    """Epsilon of the reported (sigma, q, steps) at the reported delta, by the reported accountant."""
-    from fedhf.privacy.dp import epsilon_of
-
-    if not p["steps"]:
-        return 0.0
-    if p["noise-multiplier"] <= 0:
-        return float("inf")
-    return epsilon_of(p["accountant"], [(p["noise-multiplier"], p["sample-rate"], int(p["steps"]))], p["delta"])
-
-
-def load_run(run_dir: str | Path) -> dict[str, Any]:
-    from fedhf.errors import FedHFRunError
-
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise FedHFRunError(f"'{run_dir}' is not a fedhf run folder (no run.json).")
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise FedHFRunError(f"'{path}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); the run folder is "
-                            "damaged.") from None
-    if not isinstance(run, dict) or "status" not in run:
-        raise FedHFRunError(f"'{path}' is not a fedhf run.json (no status).")
-    return run
-
-
-def load_finished_run(run_dir: str | Path, what: str) -> dict[str, Any]:
-    """run.json of a complete run with its adapter, for ``what`` (report, audit, evaluate); a clear error otherwise."""
-    from fedhf.errors import FedHFRunError
-
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise FedHFRunError(f"{what}: '{run_dir}' is not a folder; give a run folder (outputs/<run-id>).")
-    path = d / "run.json"
-    if not path.is_file():
-        raise FedHFRunError(f"{what}: '{run_dir}' is not a fedhf run folder (no run.json); give outputs/<run-id>.")
-    try:
-        run = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FedHFRunError(f"{what}: '{path}' is not valid JSON ({exc}); the run folder is damaged.") from None
-    if not isinstance(run, dict) or "status" not in run:
-        raise FedHFRunError(f"{what}: '{path}' is not a fedhf run.json (no status).")
-    if run["status"] != "complete":
-        why = f": {run['error']}" if run.get("error") else ""
-        raise FedHFRunError(f"{what}: '{run_dir}' is not a finished run (status '{run['status']}'{why}); "
-                            "wait for it to complete or run it again.")
-    if not (d / "adapter" / "adapter_model.safetensors").is_file():
-        raise FedHFRunError(f"{what}: '{run_dir}' has no adapter/adapter_model.safetensors; the run folder is incomplete.")
-    for key in ("config", "dataset", "rounds", "final"):
-        if key not in run:
-            raise FedHFRunError(f"{what}: '{path}' lacks '{key}'; it was not written by a complete fedhf run.")
-    run["_dir"] = str(d)
-    return run

@@ -1,0 +1,114 @@
+"""run.json has one owner (fedhf.run.store), one key style, a version and a JSON Schema that real records meet."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from fedhf.config.schema import parse_config
+from fedhf.errors import FedHFRunError
+from fedhf.run.record import RunRecorder
+from fedhf.run.store import SCHEMA_VERSION, RunStore, schema, upgrade
+
+FREE = {"config", "versions", "source", "data"}  # maps whose keys are not the record's own (config keys, file names)
+
+
+def bad_keys(obj, path="") -> list[str]:
+    """Every key of the record that is not snake_case (ids are allowed where maps are keyed by client)."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not (k.isdigit() or (k[:1].isalpha() and k == k.lower() and "-" not in k and " " not in k)):
+                out.append(f"{path}/{k}")
+            if k not in FREE:
+                out += bad_keys(v, f"{path}/{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += bad_keys(v, f"{path}[{i}]")
+    return out
+
+
+def recorded_run(tmp_path) -> dict:
+    """A record made by the RunRecorder from replies as the strategy hands them over (Flower's kebab-case words)."""
+    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
+    rec = RunRecorder(cfg)
+    rec.set_dataset({"name": "x", "source": {"files": {"train": [{"name": "train.tsv", "sha256": "0" * 64}]}},
+                     "label_names": ["a", "b"], "train_rows": 20, "central_eval_rows": 10})
+    rec.set_model({"name": "m", "trainable_params": 1, "total_params": 2, "adapter_bytes": 4, "model_bytes": 8})
+    rec.set_partitions([{"partition-id": 0, "train-examples": 10, "eval-examples": 0, "label-histogram": [5, 5]}])
+    rec.set_privacy({"mode": "sample", "accountant": "rdp"})
+    rec.end_round(0, {"loss": 0.7, "accuracy": 0.5, "f1": 0.5}, 0.1)
+    rec.start_round(1, 100, 2)
+    dp = {"epsilon": 4.0, "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0, "sample-rate": 0.5, "steps": 2,
+          "accountant": "rdp", "accountant-id": "ab", "max-epsilon": 0.0}
+    rec.train_replies([{"node-id": 7, "partition-id": 0, "status": "trained", "shared": ["num-examples", "train-loss"],
+                        "weight": 10.0, "num-examples": 10, "train-loss": 0.6, "train-steps": 2, "transport": "fp32",
+                        "bytes-up": 100, "privacy": dp}],
+                      [{"node-id": 8, "reason": "no reply within strategy.round-timeout=1 s"}], [],
+                      refused=[{"node-id": 9, "partition-id": 1, "rule": "min-privacy", "reason": "no"}])
+    rec.end_round(1, {"loss": 0.6, "accuracy": 0.6, "f1": 0.6}, 0.1)
+    rec.data["final"] = {"eval_loss": 0.6, "eval_accuracy": 0.6, "eval_f1": 0.6}
+    rec.finish({"hub_folder": "hub"})
+    return json.loads((rec.dir / "run.json").read_text())
+
+
+def test_a_recorded_run_meets_the_schema_in_one_key_style(tmp_path):
+    run = recorded_run(tmp_path)
+    assert run["schema_version"] == SCHEMA_VERSION
+    jsonschema.validate(run, schema())
+    assert bad_keys(run) == []
+    client = run["rounds"][1]["clients"][0]
+    assert client["partition_id"] == 0 and client["num_examples"] == 10 and client["privacy"]["noise_multiplier"] == 1.0
+    assert run["rounds"][1]["failures"][0]["node_id"] == 8 and run["refusals"][0]["partition_id"] == 1
+    assert run["partitions"][0]["label_histogram"] == [5, 5]
+    assert run["privacy"]["clients"]["0"]["epsilon"] == 4.0 and run["rounds"][1]["train_loss"] == 0.6
+
+
+def test_the_schema_catches_a_kebab_key_and_a_wrong_type(tmp_path):
+    run = recorded_run(tmp_path)
+    bad = json.loads(json.dumps(run))
+    bad["rounds"][1]["clients"][0]["num-examples"] = 10
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema())
+    bad = json.loads(json.dumps(run))
+    bad["rounds"][1]["eval_accuracy"] = "high"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema())
+
+
+def test_a_schema_1_record_is_upgraded_and_a_newer_one_refused(tmp_path):
+    run = recorded_run(tmp_path)
+    old = json.loads(json.dumps(run))  # as fedhf 0.1 wrote it: no version, Flower's words in the per-client entries
+    del old["schema_version"]
+    kebab = {"partition_id": "partition-id", "num_examples": "num-examples", "train_loss": "train-loss",
+             "node_id": "node-id", "bytes_up": "bytes-up", "train_steps": "train-steps", "noise_multiplier": "noise-multiplier"}
+    for entry in old["rounds"][1]["clients"] + old["rounds"][1]["failures"] + old["partitions"] + old["refusals"]:
+        for new_key, old_key in kebab.items():
+            if new_key in entry:
+                entry[old_key] = entry.pop(new_key)
+    old["rounds"][1]["clients"][0]["privacy"]["noise-multiplier"] = old["rounds"][1]["clients"][0]["privacy"].pop(
+        "noise_multiplier")
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps(old))
+    got = RunStore(folder).read()
+    jsonschema.validate(got, schema())
+    assert got == run
+    assert upgrade(json.loads(json.dumps(run))) == run  # the current layout passes through unchanged
+    (folder / "run.json").write_text(json.dumps({**run, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(FedHFRunError, match=f"schema_version {SCHEMA_VERSION + 1}, newer than this fedhf reads"):
+        RunStore(folder).read()
+    (folder / "run.json").write_text("{not json")
+    with pytest.raises(FedHFRunError, match="cannot be read .*damaged"):
+        RunStore(folder).read("report")
+
+
+def test_post_run_commands_write_through_the_store(tmp_path):
+    run = recorded_run(tmp_path)
+    store = RunStore(tmp_path / "r")
+    store.update("evaluate", lambda record: record.setdefault("evaluations", []).append({"data": {}, "rows": 3}))
+    again = store.read()
+    assert again["evaluations"] == [{"data": {}, "rows": 3}] and again["rounds"] == run["rounds"]
+    jsonschema.validate(again, schema())
