@@ -64,7 +64,7 @@ from fedhf.tasks.model import (
     resolve_model,
     set_adapter_state,
 )
-from fedhf.train.loop import evaluate, make_loader
+from fedhf.tasks.base import get_task
 
 log = logging.getLogger("fedhf")
 
@@ -200,7 +200,8 @@ def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProg
         "model_bytes": model_nbytes(model),
         "adapter_tensors": len(initial),
     })
-    eval_loader = make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
+    task = get_task(cfg.model.task)
+    eval_loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
     num_labels = len(data.label_names)
 
     # 4. federated rounds
@@ -231,7 +232,7 @@ def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProg
             return None  # evaluated (and checkpointed) before the interruption
         t0 = time.perf_counter()
         set_adapter_state(model, arrays)
-        res = evaluate(model, eval_loader, num_labels)
+        res = task.evaluate(model, eval_loader, num_labels)
         row = recorder.end_round(server_round, {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1},
                                  time.perf_counter() - t0)
         # The round is complete: checkpoint it (global adapter, strategy state, the record so far).

@@ -25,7 +25,10 @@ from fedhf.data.partitions import central_eval_set, make_partitions
 from fedhf.data.load import load_data
 from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
 from fedhf.privacy.dp import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
-from fedhf.train.loop import evaluate, make_loader, train_local
+from fedhf.tasks.text_classification import TextClassification, evaluate, make_loader
+from fedhf.train.loop import train_local
+
+TASK = TextClassification()
 
 
 def main() -> None:
@@ -88,9 +91,9 @@ def main() -> None:
             set_adapter_state(model, global_state)
             loader = make_loader(train_ds, tok, cfg.data.max_length, a.batch, shuffle=True, seed=round_seed(cfg, rnd, pid))
             if a.no_dp:
-                train_local(model, loader, epochs=a.epochs, lr=a.lr, optimizer_name=a.optimizer, momentum=a.momentum)
+                train_local(model, loader, task=TASK, epochs=a.epochs, lr=a.lr, optimizer_name=a.optimizer, momentum=a.momentum)
             else:
-                out = private_train(model, loader, accounts[pid], epochs=a.epochs, lr=a.lr,
+                out = private_train(model, loader, accounts[pid], task=TASK, epochs=a.epochs, lr=a.lr,
                                     optimizer_name=a.optimizer, momentum=a.momentum)
                 accounts[pid] = out.account
             states.append(get_adapter_state(model))

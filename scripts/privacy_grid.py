@@ -39,7 +39,9 @@ def main() -> None:
         private_train,
         sampling,
     )
-    from fedhf.train.loop import make_loader
+    from fedhf.tasks.text_classification import TextClassification, make_loader
+
+    TASK = TextClassification()
 
     import transformers
 
@@ -80,7 +82,7 @@ def main() -> None:
                 model = build_model(cfg, ["negative", "positive"])
                 for _ in range(2):
                     loader = make_loader(rows(n), tok, 16, batch, shuffle=False)
-                    account = private_train(model, loader, account, epochs=epochs, lr=1e-3).account
+                    account = private_train(model, loader, account, task=TASK, epochs=epochs, lr=1e-3).account
                 realised = account.epsilon
                 per_epoch = int(1 / q)  # what UniformWithReplacementSampler takes when not told
                 alone = epsilon_of(args.accountant, [(sigma, 1 / per_epoch, 2 * per_epoch * epochs)], delta)

@@ -135,7 +135,7 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     from fedhf.data.partitions import central_eval_set
     from fedhf.data.load import load_data
     from fedhf.tasks.model import resolve_model
-    from fedhf.train.loop import evaluate, make_loader
+    from fedhf.tasks.text_classification import evaluate, make_loader
 
     cfg = parse_config(run["config"])
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.model.name), num_labels=2)

@@ -20,9 +20,12 @@ from fedhf.privacy.dp import (
     private_train,
     sampling,
 )
-from fedhf.train.loop import make_loader, train_local
+from fedhf.tasks.text_classification import TextClassification, make_loader
+from fedhf.train.loop import train_local
 
 from .conftest import synthetic_rows
+
+TASK = TextClassification()
 
 LABELS = ["negative", "positive"]
 
@@ -97,7 +100,7 @@ def test_clipping_bounds_the_per_example_gradient(tiny, monkeypatch, pooling):
     for clip in (1e-3, 1e3):
         model = build_model(cfg, LABELS)
         loader = make_loader(rows(1), tok, 32, 4, shuffle=False)
-        private_train(model, loader, SampleAccount("rdp", 1e-3, 0.0, clip), epochs=3, lr=1e-3)
+        private_train(model, loader, SampleAccount("rdp", 1e-3, 0.0, clip), task=TASK, epochs=3, lr=1e-3)
     small, large = norms[:3], norms[3:]
     assert all(n <= 1e-3 * (1 + 1e-4) for n in small) and max(small) > 0.99e-3  # clipped to C
     assert all(1e-3 < n < 1e3 for n in large)  # below a large C: not clipped
@@ -113,9 +116,9 @@ def test_dp_update_differs_from_plain_and_noise_is_fresh(tiny):
         set_adapter_state(model, start)
         loader = make_loader(rows(8), tok, 32, 8, shuffle=False)
         if private:
-            private_train(model, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), epochs=1, lr=1e-2)
+            private_train(model, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), task=TASK, epochs=1, lr=1e-2)
         else:
-            train_local(model, loader, epochs=1, lr=1e-2)
+            train_local(model, loader, task=TASK, epochs=1, lr=1e-2)
         return torch.cat([v.flatten() for v in get_adapter_state(model).values()])
 
     plain, dp1, dp2 = update(False), update(True), update(True)
@@ -127,7 +130,7 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny):
     cfg, tok = tiny
     model = build_model(cfg, LABELS)
     loader = make_loader(rows(40), tok, 32, 1, shuffle=False)  # q = 1/40: about a third of batches are empty
-    res = private_train(model, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), epochs=1, lr=1e-3)
+    res = private_train(model, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), task=TASK, epochs=1, lr=1e-3)
     assert res.train.steps == 40 and res.account.steps == 40
     assert res.empty_batches > 0
     assert res.account.history == [(1.0, 1 / 40, 40)]
@@ -144,9 +147,9 @@ def test_ghost_clipping_really_clips(tiny):
         torch.manual_seed(1)  # the same dropout masks in every variant
         loader = make_loader(rows(4), tok, 32, 4, shuffle=False)
         if mode == "plain":
-            train_local(model, loader, epochs=1, lr=1e-2)
+            train_local(model, loader, task=TASK, epochs=1, lr=1e-2)
         else:
-            private_train(model, loader, SampleAccount("rdp", 1e-3, 0.0, 1e-4), epochs=1, lr=1e-2, grad_sample_mode=mode)
+            private_train(model, loader, SampleAccount("rdp", 1e-3, 0.0, 1e-4), task=TASK, epochs=1, lr=1e-2, grad_sample_mode=mode)
         return torch.cat([v.flatten() for v in get_adapter_state(model).values()])
 
     hooks, ghost, plain = update("hooks"), update("ghost"), update("plain")
@@ -172,7 +175,7 @@ def test_fail_closed_on_a_layer_opacus_cannot_handle():
     w = Wrapped()
     before = [p.detach().clone() for p in w.parameters()]
     with pytest.raises(FedHFPrivacyError):
-        private_train(w, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), epochs=1, lr=1e-2)
+        private_train(w, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), task=TASK, epochs=1, lr=1e-2)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, w.parameters()))  # nothing trained
 
 
@@ -182,7 +185,7 @@ def test_first_batch_empty_is_still_a_step(tiny, monkeypatch):
     seed = next(s for s in range(1000) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 1 / 20).any())
     monkeypatch.setattr("fedhf.privacy.dp.fresh_generator", lambda: torch.Generator().manual_seed(seed))
     model = build_model(cfg, LABELS)
-    res = private_train(model, make_loader(rows(20), tok, 32, 1, shuffle=False), SampleAccount("rdp", 1e-3, 1.0, 1.0),
+    res = private_train(model, make_loader(rows(20), tok, 32, 1, shuffle=False), SampleAccount("rdp", 1e-3, 1.0, 1.0), task=TASK,
                         epochs=1, lr=1e-3)
     assert res.empty_batches >= 1 and res.account.steps == 20
 
@@ -251,7 +254,7 @@ def test_realised_epsilon_never_exceeds_the_plan_or_the_target(tiny, n, batch, e
     model = build_model(cfg, LABELS)
     for _ in range(2):
         loader = make_loader(rows(n), tok, 16, batch, shuffle=False)
-        account = private_train(model, loader, account, epochs=epochs, lr=1e-3).account
+        account = private_train(model, loader, account, task=TASK, epochs=epochs, lr=1e-3).account
     assert account.history == [(sigma, q, 2 * steps)]
     realised = account.epsilon
     assert realised == pytest.approx(planned, rel=1e-12) and realised <= target

@@ -4,9 +4,12 @@ import torch
 
 from fedhf.config.schema import parse_config
 from fedhf.tasks.model import build_model, load_tokenizer
-from fedhf.train.loop import evaluate, macro_f1, make_loader, train_local
+from fedhf.tasks.text_classification import TextClassification, evaluate, macro_f1, make_loader
+from fedhf.train.loop import train_local
 
 from .conftest import synthetic_rows
+
+TASK = TextClassification()
 
 
 def separable(n, seed):
@@ -24,7 +27,7 @@ def test_one_local_epoch_lowers_the_loss():
     train = make_loader(separable(128, 0), tok, 32, 16, shuffle=True, seed=0)
     ev = make_loader(separable(128, 0), tok, 32, 64, shuffle=False)
     before = evaluate(model, ev, 2)
-    result = train_local(model, train, epochs=1, lr=2e-3)
+    result = train_local(model, train, task=TASK, epochs=1, lr=2e-3)
     after = evaluate(model, ev, 2)
     assert result.num_examples == 128 and result.steps == 8 and result.tokens > 128
     assert after.loss < before.loss - 0.02, (before, after)
@@ -38,7 +41,7 @@ def test_proximal_term_keeps_weights_near_the_start(tiny_model_dir):
         model = build_model(cfg, ["negative", "positive"])
         start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         loader = make_loader(separable(64, 1), tok, 32, 16, shuffle=True, seed=0)
-        train_local(model, loader, epochs=2, lr=1e-2, proximal_mu=mu)
+        train_local(model, loader, task=TASK, epochs=2, lr=1e-2, proximal_mu=mu)
         now = [p.detach() for p in model.parameters() if p.requires_grad]
         drift[mu] = sum(((a - b) ** 2).sum().item() for a, b in zip(now, start)) ** 0.5
     assert drift[100.0] < 0.5 * drift[0.0], drift
@@ -81,7 +84,7 @@ def test_train_optimizer_takes_the_step_it_names(tiny_model_dir, name):
     grads = [p.grad.detach().clone() for p in params]
     model.zero_grad(set_to_none=True)
     lr = 0.01
-    train_local(model, loader, epochs=1, lr=lr, optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
+    train_local(model, loader, task=TASK, epochs=1, lr=lr, optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
     for p, p0, g in zip(params, start, grads):
         moved = p.detach() - p0
         if name == "sgd":

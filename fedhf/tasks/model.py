@@ -1,8 +1,9 @@
 """Base model + LoRA, and the adapter state that travels between server and clients.
 
-Only the PEFT adapter state (LoRA matrices and the classifier head, which PEFT keeps
-in ``modules_to_save`` for sequence classification) is ever sent; the frozen base
-weights stay where they are.
+Where a model comes from (a local folder, the Hub or its cache, a bundled copy) is decided here;
+what the base model is (its class, its head) is the task's (``fedhf.tasks.base``). Only the PEFT
+adapter state (LoRA matrices and, for classification, the head PEFT keeps in ``modules_to_save``) is
+ever sent; the frozen base weights stay where they are.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFModelError
 from fedhf.config.env import hub_offline
+from fedhf.tasks.base import get_task
 
 log = logging.getLogger("fedhf")
 
@@ -99,78 +101,16 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model(name))
 
 
-# Model families whose sequence-classification head reads the backbone's pooler output or its first token,
-# so that mean pooling can be put in their place (decoder heads read the last token instead).
-MEAN_POOLING_FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "camembert")
-
-
-def apply_pooling(model: torch.nn.Module, pooling: str) -> None:
-    """Make a transformers sequence classifier's head read ``pooling`` features; call before LoRA wrapping.
-
-    ``cls`` keeps the model's own head. ``mean`` replaces what the head reads (BERT's pooler output, or
-    the first token for heads that pool it themselves) by the attention-mask-weighted mean of the last
-    hidden states, through a forward hook on the backbone: no new weights, so the adapter and its
-    ``save_pretrained`` format are unchanged, and a loader must apply the same pooling (``fedhf.json``
-    records it). Opacus sees only the usual layers.
-    """
-    if pooling == "cls":
-        return
-    if pooling != "mean":
-        raise FedHFModelError(f"config key 'model.pooling': got '{pooling}'; use 'cls' or 'mean'.")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MEAN_POOLING_FAMILIES:
-        raise FedHFModelError(
-            f"config key 'model.pooling': 'mean' is supported for {', '.join(MEAN_POOLING_FAMILIES)} models, and "
-            f"this model is '{model_type}'; set model.pooling = 'cls'."
-        )
-    if getattr(model, "_fedhf_pooling", None) == "mean":
-        return  # already hooked
-    backbone = model.base_model  # transformers: the encoder under the head (e.g. .bert)
-    backbone.register_forward_hook(_mean_pooling_hook, with_kwargs=True)
-    model._fedhf_pooling = "mean"
-
-
-def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``hidden`` (batch, tokens, dim) over the tokens the mask keeps (all when no mask)."""
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
-def _mean_pooling_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output):  # noqa: ANN202
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        mask = args[1]  # (input_ids, attention_mask, ...) passed positionally
-    hidden = output[0]
-    pooled = masked_mean(hidden, mask)
-    if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, pooler_output?, ...)
-        if len(output) > 1 and isinstance(output[1], torch.Tensor) and output[1].dim() == 2:
-            return (hidden, pooled, *output[2:])
-        return (torch.cat([pooled.unsqueeze(1), hidden[:, 1:]], dim=1), *output[1:])
-    if getattr(output, "pooler_output", None) is not None:  # BERT-style: the head reads the pooler output
-        output.pooler_output = pooled
-    else:  # the head reads the first token
-        output.last_hidden_state = torch.cat([pooled.unsqueeze(1), hidden[:, 1:]], dim=1)
-    return output
-
-
 def build_model(cfg: FedHFConfig, label_names: list[str], device: str | torch.device = "cpu") -> PeftModel:
     """The base classifier with LoRA adapters; initialised from ``cfg.seed`` (head and LoRA A)."""
     path = resolve_model(cfg.model.name)
-    num_labels = len(label_names)
+    task = get_task(cfg.model.task)
     with torch.random.fork_rng(devices=[]):  # seed the init without changing the caller's RNG
         torch.manual_seed(cfg.seed)
-        base = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=num_labels,
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-        )
-        apply_pooling(base, cfg.model.pooling)
+        base = task.load_base(path, label_names, cfg.model.pooling)
         base.to(device)  # before LoRA wrapping (Opacus + PEFT: wrap on the final device)
         lora = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=task.peft_task_type,
             r=cfg.model.lora.r,
             lora_alpha=cfg.model.lora.alpha,
             lora_dropout=cfg.model.lora.dropout,

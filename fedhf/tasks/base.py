@@ -1,0 +1,84 @@
+"""The task seam: what one kind of fine-tuning owns, and the registry that names the kinds.
+
+A task (today: text classification) owns the model class, tokenization and collation, the loss,
+metrics, prediction, the model card's ``pipeline_tag`` and usage code, and the per-example loss the
+audit uses. Everything else (data loading and partitions, LoRA, local training, DP-SGD, federation,
+the run record, the Hub) is shared. A second task is one new module with a class that has these
+members, plus one line in :data:`TASKS` (``model.task`` in the config names it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from fedhf.errors import FedHFConfigError
+
+
+@dataclass
+class EvalResult:
+    """A model's figures on one evaluation set (the metric names are the task's own)."""
+
+    loss: float
+    accuracy: float
+    macro_f1: float
+    num_examples: int
+
+
+class Task(Protocol):
+    """The members a task module provides (see ``fedhf.tasks.text_classification`` for the reference one)."""
+
+    name: str  # the value of model.task
+    pipeline_tag: str  # the Hub's pipeline tag for the card
+    peft_task_type: Any  # peft.TaskType for the LoRA config
+
+    def load_base(self, path: str, label_names: list[str], pooling: str) -> torch.nn.Module:
+        """The base model (no LoRA yet) from a resolved folder or Hub id."""
+
+    def make_loader(self, ds: datasets.Dataset, tokenizer: Any, max_length: int, batch_size: int, shuffle: bool,
+                    seed: int = 0, sort_by_length: bool = False) -> DataLoader:
+        """Tokenized, collated batches of the rows of ``ds`` (columns ``text`` and ``label``)."""
+
+    def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(what the model takes, the target) of a batch."""
+
+    def criterion(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The training loss over (model output, target), mean over the batch (Opacus may replace it)."""
+
+    def output(self, model_output: Any) -> torch.Tensor:
+        """What the criterion reads of the model's forward output."""
+
+    def tokens(self, inputs: dict[str, torch.Tensor]) -> int:
+        """The tokens a batch carries (for the FLOP counts of the benchmark)."""
+
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
+        """The task's figures on the loader's rows."""
+
+    def per_example_loss(self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int],
+                         max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, prediction) of each example in input order: what the membership-inference audit attacks."""
+
+    def predict(self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str],
+                max_length: int) -> list[tuple[str, float]]:
+        """What ``fedhf predict`` prints for each text."""
+
+    def describe(self, label_names: list[str]) -> str:
+        """What the adapter does, in the card's words (e.g. '2-class text classification (a, b)')."""
+
+    def usage_code(self, base_model: str | None, pooling: str) -> str:
+        """The card's 'How to use' Python code for an adapter of this task."""
+
+
+def get_task(name: str) -> Task:
+    """The task named by ``model.task`` (the config's choices are ``fedhf.config.schema.TASKS``)."""
+    from fedhf.tasks.text_classification import TextClassification
+
+    tasks: dict[str, Task] = {TextClassification.name: TextClassification()}
+    if name not in tasks:
+        raise FedHFConfigError(f"config key 'model.task': got {name!r}; allowed: {', '.join(tasks)}.")
+    return tasks[name]
