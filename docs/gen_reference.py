@@ -78,22 +78,28 @@ held-out rows.
 """
 
 _GROUP_TITLES = {
-    "": "Run", "data": "Data", "model": "Model", "train": "Local training", "strategy": "Strategy",
-    "privacy": "Differential privacy", "transport": "Transport", "hub": "Hugging Face Hub",
+    "": "Run",
+    "data": "Data",
+    "model": "Model",
+    "train": "Local training",
+    "strategy": "Strategy",
+    "privacy": "Differential privacy",
+    "transport": "Transport",
+    "hub": "Hugging Face Hub",
 }
 
 # Node-config keys that are not part of the owner's policy (fedhf.privacy.policy documents those).
 _NODE_KEY_MEANINGS = {
     "data-path": "this silo's data on this machine: a csv/tsv/json/jsonl/parquet file, or a folder "
-                 "(`train.*` for training, `test.*`/`validation.*` for local evaluation).",
+    "(`train.*` for training, `test.*`/`validation.*` for local evaluation).",
     "partition-id": "instead of `data-path`: which partition of the run's `data.dataset` this node holds "
-                    "(demos on one shared dataset); with `data-path`, the silo's name in the ledger.",
+    "(demos on one shared dataset); with `data-path`, the silo's name in the ledger.",
     "num-partitions": "with `partition-id`: how many partitions the dataset is split into.",
     "state-dir": "where this node keeps its privacy spend, per dataset, over every run "
-                 "(see [Reliability](../reliability.md)).",
+    "(see [Reliability](../reliability.md)).",
     "fail-at-round": "fault injection, for tests only: the round in which this node fails when asked to train.",
     "fail-mode": "fault injection, for tests only: how it fails (`raise`, `exit`, `hang`, or a malformed "
-                 "reply: `nan`, `inf`, `shape`, `extra`, `missing`, `norm`, `dtype`).",
+    "reply: `nan`, `inf`, `shape`, `extra`, `missing`, `norm`, `dtype`).",
     "fail-seconds": "fault injection, for tests only: how long `fail-mode=hang` sleeps (default 3600).",
 }
 
@@ -152,30 +158,46 @@ def config_page() -> str:
     policy_docs = _policy_key_docs()
     missing = [k for k in NODE_CONFIG_KEYS if k not in policy_docs and k not in _NODE_KEY_MEANINGS]
     if missing:
-        raise RuntimeError(f"docs/gen_reference.py: node-config keys without a meaning: {missing}; document them "
-                           "in fedhf.privacy.policy's docstring (policy keys) or in _NODE_KEY_MEANINGS.")
+        raise RuntimeError(
+            f"docs/gen_reference.py: node-config keys without a meaning: {missing}; document them "
+            "in fedhf.privacy.policy's docstring (policy keys) or in _NODE_KEY_MEANINGS."
+        )
     lines += [
-        "## Node config", "",
-        ("A node's own settings: its data and its owner's policy, set when the SuperNode starts "
-         "(`flower-supernode --node-config \"key=value ...\"`) or, for simulated nodes, in a `--node-config` "
-         "TOML file of `[default]` and `[nodes.N]` tables (`fedhf run --node-config FILE`); never taken from the "
-         "run config. `fedhf node-check` refuses other keys. The policy keys are documented in "
-         "`fedhf.privacy.policy`; see [Differential privacy](../privacy.md#data-owners-policy-enforced-by-the-node) "
-         "and [Deployment](../deployment.md)."), "",
-        "| key | policy | meaning |", "|---|---|---|",
+        "## Node config",
+        "",
+        (
+            "A node's own settings: its data and its owner's policy, set when the SuperNode starts "
+            '(`flower-supernode --node-config "key=value ..."`) or, for simulated nodes, in a `--node-config` '
+            "TOML file of `[default]` and `[nodes.N]` tables (`fedhf run --node-config FILE`); never taken from the "
+            "run config. `fedhf node-check` refuses other keys. The policy keys are documented in "
+            "`fedhf.privacy.policy`; see [Differential privacy](../privacy.md#data-owners-policy-enforced-by-the-node) "
+            "and [Deployment](../deployment.md)."
+        ),
+        "",
+        "| key | policy | meaning |",
+        "|---|---|---|",
     ]
     for key in NODE_CONFIG_KEYS:
         is_policy = key in POLICY_KEYS
         meaning = _cell(policy_docs[key]) if key in policy_docs else _NODE_KEY_MEANINGS[key]
         lines.append(f"| `{key}` | {'yes' if is_policy else ''} | {meaning} |")
-    lines += ["", ("What `share` can name (each is outside the sample-level guarantee, so under DP it leaves the "
-                   "node only when named):"), "", "| name | what it is |", "|---|---|"]
+    lines += [
+        "",
+        (
+            "What `share` can name (each is outside the sample-level guarantee, so under DP it leaves the "
+            "node only when named):"
+        ),
+        "",
+        "| name | what it is |",
+        "|---|---|",
+    ]
     for name, what in SHAREABLE.items():
         lines.append(f"| `{name}` | {md_escape(what)} |")
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- reference/cli.md
+
 
 def _unescape_typer(text: str) -> str:
     return text.replace("\\[", "[")
@@ -220,12 +242,18 @@ def cli_page() -> str:
     root = typer.main.get_command(app)
     ctx = click.Context(root, info_name="fedhf")
     lines = [
-        "# Command-line reference", "",
-        ("Generated from the Typer app `fedhf.cli:app` when the site is built; `fedhf --help` and "
-         "`fedhf COMMAND --help` print the same. Every user error is one line, `error: ...`, with exit code 2; "
-         "a run that fails after starting exits 1 and its `run.json` says `failed`."), "",
-        md_escape(root.help or "").strip(), "",
-        "| command | what it does |", "|---|---|",
+        "# Command-line reference",
+        "",
+        (
+            "Generated from the Typer app `fedhf.cli:app` when the site is built; `fedhf --help` and "
+            "`fedhf COMMAND --help` print the same. Every user error is one line, `error: ...`, with exit code 2; "
+            "a run that fails after starting exits 1 and its `run.json` says `failed`."
+        ),
+        "",
+        md_escape(root.help or "").strip(),
+        "",
+        "| command | what it does |",
+        "|---|---|",
     ]
     for name, sub in root.commands.items():
         lines.append(f"| [`fedhf {name}`](#fedhf-{name}) | {md_escape(sub.get_short_help_str(limit=200))} |")
@@ -327,8 +355,10 @@ def architecture_page() -> str:
         if key in stages or key in shared:
             order = shared + stages
             deps = sorted(fedhf_deps, key=order.index)
-            lines.append(f"Imports from fedhf: {', '.join(f'`{d}`' for d in deps) or 'nothing'}. "
-                         f"Third-party: {', '.join(f'`{t}`' for t in sorted(third_party)) or 'none'}.")
+            lines.append(
+                f"Imports from fedhf: {', '.join(f'`{d}`' for d in deps) or 'nothing'}. "
+                f"Third-party: {', '.join(f'`{t}`' for t in sorted(third_party)) or 'none'}."
+            )
             lines.append("")
         for path in paths:
             doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
@@ -338,11 +368,18 @@ def architecture_page() -> str:
             lines.extend([f"### `{rel}`", "", _rst_to_md(doc) if doc else "(no module docstring)", ""])
 
     section("fedhf", "fedhf")
-    lines += ["## Under every stage", "", "Any stage may import `fedhf.errors` and `fedhf._io`; they import no stage.", ""]
+    lines += [
+        "## Under every stage",
+        "",
+        "Any stage may import `fedhf.errors` and `fedhf._io`; they import no stage.",
+        "",
+    ]
     for key in shared:
         for path in by_stage.get(key, []):
             doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-            lines.extend([f"### `{path.relative_to(REPO).as_posix()}`", "", _rst_to_md(doc or "(no module docstring)"), ""])
+            lines.extend(
+                [f"### `{path.relative_to(REPO).as_posix()}`", "", _rst_to_md(doc or "(no module docstring)"), ""]
+            )
     for stage in stages:
         section(stage, stage)
     section("other modules (in no import-linter layer)", "other")
@@ -411,24 +448,26 @@ def run_json_page() -> str:
     schema_file = REPO / "fedhf" / "run" / "run.schema.json"
     schema = json.loads(schema_file.read_text())
     version = schema["properties"]["schema_version"]["const"]
-    return "\n".join([
-        "# run.json",
-        "",
-        "Every run folder holds `run.json`, the record of the run: its config, seeds, versions, data and model, "
-        "each round's figures and clients, the privacy ledger, and what later commands added (evaluations, the "
-        "audit). `fedhf.run.store.RunStore` is the only code that reads or writes it (atomically, fsynced). Keys are "
-        "snake_case throughout; maps keyed by client use the partition id; `config` holds the run config in "
-        "Flower's own keys (`num-server-rounds`).",
-        "",
-        f"This is schema version {version}. Records written by fedhf 0.1 (no `schema_version`) are read and "
-        "upgraded in memory (their per-client entries used Flower's kebab-case reply fields); a record from a "
-        "newer fedhf is refused with a message saying so. The tests validate real runs against this schema.",
-        "",
-        "```json",
-        json.dumps(schema, indent=2),
-        "```",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# run.json",
+            "",
+            "Every run folder holds `run.json`, the record of the run: its config, seeds, versions, data and model, "
+            "each round's figures and clients, the privacy ledger, and what later commands added (evaluations, the "
+            "audit). `fedhf.run.store.RunStore` is the only code that reads or writes it (atomically, fsynced). Keys are "
+            "snake_case throughout; maps keyed by client use the partition id; `config` holds the run config in "
+            "Flower's own keys (`num-server-rounds`).",
+            "",
+            f"This is schema version {version}. Records written by fedhf 0.1 (no `schema_version`) are read and "
+            "upgraded in memory (their per-client entries used Flower's kebab-case reply fields); a record from a "
+            "newer fedhf is refused with a message saying so. The tests validate real runs against this schema.",
+            "",
+            "```json",
+            json.dumps(schema, indent=2),
+            "```",
+            "",
+        ]
+    )
 
 
 def main() -> None:

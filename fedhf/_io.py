@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedhf.errors import LockTimeout
+
 
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (a rename or a new file in it) to disk."""
@@ -59,10 +61,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-class LockTimeout(OSError):
-    """Another process held the lock for longer than the caller would wait."""
 
 
 @contextlib.contextmanager

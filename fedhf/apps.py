@@ -53,6 +53,7 @@ from fedhf.run.console import RunConsole, attach_log_file
 from fedhf.run.progress import RoundProgress
 from fedhf.run.record import RunRecorder
 from fedhf.tasks.adapters import save_adapter
+from fedhf.tasks.base import get_task
 from fedhf.tasks.model import (
     adapter_nbytes,
     build_model,
@@ -64,7 +65,6 @@ from fedhf.tasks.model import (
     resolve_model,
     set_adapter_state,
 )
-from fedhf.tasks.base import get_task
 
 log = logging.getLogger("fedhf")
 
@@ -77,9 +77,16 @@ def _main(grid: Any, run_config: Mapping[str, Any]) -> None:
 server_app = server_app_for(_main)
 
 
-def simulate(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
-             resume: Checkpoint | None = None, resume_dir: Path | None = None,
-             node_configs: dict[int, dict[str, Any]] | None = None, console: RunConsole | None = None) -> Path:
+def simulate(
+    cfg: FedHFConfig,
+    num_clients: int,
+    cpus_per_client: int = 1,
+    *,
+    resume: Checkpoint | None = None,
+    resume_dir: Path | None = None,
+    node_configs: dict[int, dict[str, Any]] | None = None,
+    console: RunConsole | None = None,
+) -> Path:
     """Simulate ``num_clients`` SuperNodes (one partition each), run the federation, return the run folder.
 
     ``resume``: continue the run in ``resume_dir`` from this checkpoint. ``node_configs``: each simulated
@@ -87,21 +94,46 @@ def simulate(cfg: FedHFConfig, num_clients: int, cpus_per_client: int = 1, *,
     accountant state under RUN_DIR/client-state (and each node's own state dir, when it names one).
     ``console``: where the run's lines go (``fedhf run`` captures everything else into RUN_DIR/log.txt).
     """
-    state_roots = tuple(sorted({Path(str(nc["state-dir"])).expanduser() for nc in (node_configs or {}).values()
-                                if str(nc.get("state-dir", "")).strip()}))
+    state_roots = tuple(
+        sorted(
+            {
+                Path(str(nc["state-dir"])).expanduser()
+                for nc in (node_configs or {}).values()
+                if str(nc.get("state-dir", "")).strip()
+            }
+        )
+    )
     result: dict[str, Any] = {}
 
     def main(grid: Any, _run_config: Mapping[str, Any]) -> None:
-        run(grid, cfg, num_clients, result, resume=resume, resume_dir=resume_dir, client_state_in_run_dir=True,
-            state_roots=state_roots, console=console)
+        run(
+            grid,
+            cfg,
+            num_clients,
+            result,
+            resume=resume,
+            resume_dir=resume_dir,
+            client_state_in_run_dir=True,
+            state_roots=state_roots,
+            console=console,
+        )
 
     simulate_apps(main, make_client_app(node_configs), num_clients, cpus_per_client)
     return Path(result["run_dir"])
 
 
-def run(grid: Any, cfg: FedHFConfig, num_partitions: int | None = None, result: dict[str, Any] | None = None, *,
-        resume: Checkpoint | None = None, resume_dir: Path | None = None, client_state_in_run_dir: bool = False,
-        state_roots: tuple[Path, ...] = (), console: RunConsole | None = None) -> Path:
+def run(
+    grid: Any,
+    cfg: FedHFConfig,
+    num_partitions: int | None = None,
+    result: dict[str, Any] | None = None,
+    *,
+    resume: Checkpoint | None = None,
+    resume_dir: Path | None = None,
+    client_state_in_run_dir: bool = False,
+    state_roots: tuple[Path, ...] = (),
+    console: RunConsole | None = None,
+) -> Path:
     """Run the federation; ``num_partitions`` (when known) lets the server log partition statistics at start.
 
     ``resume``: the checkpoint of ``resume_dir`` to continue from (``fedhf run --resume``). ``console``: the
@@ -114,7 +146,9 @@ def run(grid: Any, cfg: FedHFConfig, num_partitions: int | None = None, result: 
         recorder = RunRecorder(cfg)
         log.info("fedhf run %s -> %s", recorder.run_id, recorder.dir)
     if num_partitions:
-        recorder.set_federation({"num_clients": num_partitions, "engine": "simulation" if client_state_in_run_dir else "flower"})
+        recorder.set_federation(
+            {"num_clients": num_partitions, "engine": "simulation" if client_state_in_run_dir else "flower"}
+        )
     if result is not None:
         result["run_dir"] = recorder.dir
     done = resume.round if resume is not None else 0
@@ -135,8 +169,9 @@ def run(grid: Any, cfg: FedHFConfig, num_partitions: int | None = None, result: 
             else:
                 recorder.fail(f"{type(exc).__name__}: {exc}")
             if (recorder.dir / POINTER).is_file():
-                log.error("The run stopped; its last checkpoint is kept: continue it with fedhf run --resume %s",
-                          recorder.dir)
+                log.error(
+                    "The run stopped; its last checkpoint is kept: continue it with fedhf run --resume %s", recorder.dir
+                )
             raise
         finally:
             progress.close()
@@ -155,34 +190,53 @@ def _push(cfg: FedHFConfig, recorder: RunRecorder) -> None:
     except FedHFHubError as exc:  # recorded, not raised: the run itself is complete
         recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": False, "error": str(exc)}
         recorder.write()
-        log.error("The run is complete but the push failed: %s (retry: fedhf push %s --repo-id %s)",
-                  exc, recorder.dir, cfg.hub.repo_id)
+        log.error(
+            "The run is complete but the push failed: %s (retry: fedhf push %s --repo-id %s)",
+            exc,
+            recorder.dir,
+            cfg.hub.repo_id,
+        )
         return
     recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": True, "commit_url": result.commit_url}
     recorder.write()
     log.info("Pushed %d files to %s", len(result.files), cfg.hub.repo_id)
 
 
-def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProgress, num_partitions: int | None,
-         resume: Checkpoint | None, client_state_in_run_dir: bool, state_roots: tuple[Path, ...] = ()) -> None:
+def _run(
+    grid: Any,
+    cfg: FedHFConfig,
+    recorder: RunRecorder,
+    progress: RoundProgress,
+    num_partitions: int | None,
+    resume: Checkpoint | None,
+    client_state_in_run_dir: bool,
+    state_roots: tuple[Path, ...] = (),
+) -> None:
     # 2. data
     data = load_data(cfg.data)
     eval_ds = central_eval_set(data, cfg.data, cfg.seed)
-    recorder.set_dataset({
-        "name": cfg.data.dataset,
-        "source": data.source,
-        "label_names": data.label_names,
-        "train_rows": len(data.train),
-        "central_eval_rows": len(eval_ds),
-        "preset": data.preset.name if data.preset else None,
-        "license": data.preset.license if data.preset else None,
-        "citation": data.preset.citation if data.preset else None,
-    })
+    recorder.set_dataset(
+        {
+            "name": cfg.data.dataset,
+            "source": data.source,
+            "label_names": data.label_names,
+            "train_rows": len(data.train),
+            "central_eval_rows": len(eval_ds),
+            "preset": data.preset.name if data.preset else None,
+            "license": data.preset.license if data.preset else None,
+            "citation": data.preset.citation if data.preset else None,
+        }
+    )
     if num_partitions and resume is None:
         parts = make_partitions(data, cfg.data, cfg.seed, num_partitions)
         stats = parts.stats()
         recorder.set_partitions(stats)
-        log.info("Per-client data (%s, %d clients):\n%s", cfg.data.partitioner, num_partitions, format_stats(stats, data.label_names))
+        log.info(
+            "Per-client data (%s, %d clients):\n%s",
+            cfg.data.partitioner,
+            num_partitions,
+            format_stats(stats, data.label_names),
+        )
 
     # 3. model and initial adapter
     tokenizer = load_tokenizer(cfg.model.name)
@@ -190,16 +244,18 @@ def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProg
     initial = get_adapter_state(model)
     trainable, total = count_params(model)
     resolved = resolve_model(cfg.model.name)
-    recorder.set_model({
-        "name": cfg.model.name,
-        "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
-        "base_is_local_folder": Path(cfg.model.name).expanduser().is_dir(),
-        "trainable_params": trainable,
-        "total_params": total,
-        "adapter_bytes": adapter_nbytes(initial),
-        "model_bytes": model_nbytes(model),
-        "adapter_tensors": len(initial),
-    })
+    recorder.set_model(
+        {
+            "name": cfg.model.name,
+            "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
+            "base_is_local_folder": Path(cfg.model.name).expanduser().is_dir(),
+            "trainable_params": trainable,
+            "total_params": total,
+            "adapter_bytes": adapter_nbytes(initial),
+            "model_bytes": model_nbytes(model),
+            "adapter_tensors": len(initial),
+        }
+    )
     task = get_task(cfg.model.task)
     eval_loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
     num_labels = len(data.label_names)
@@ -207,10 +263,20 @@ def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProg
     # 4. federated rounds
     p = cfg.privacy
     if p.mode != "none":
-        info: dict[str, Any] = {"mode": p.mode, "secure_rng": False, "rng": RNG_NOTE if p.sample_level else CLIENT_RNG_NOTE}
+        info: dict[str, Any] = {
+            "mode": p.mode,
+            "secure_rng": False,
+            "rng": RNG_NOTE if p.sample_level else CLIENT_RNG_NOTE,
+        }
         if p.sample_level:
-            info.update({"label": SAMPLE_LEVEL, "accountant": p.accountant, "target_epsilon": p.target_epsilon,
-                         "grad_sample_mode": p.grad_sample_mode})
+            info.update(
+                {
+                    "label": SAMPLE_LEVEL,
+                    "accountant": p.accountant,
+                    "target_epsilon": p.target_epsilon,
+                    "grad_sample_mode": p.grad_sample_mode,
+                }
+            )
             if p.client_level:
                 info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
         recorder.set_privacy(info)
@@ -233,29 +299,48 @@ def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProg
         t0 = time.perf_counter()
         set_adapter_state(model, arrays)
         res = task.evaluate(model, eval_loader, num_labels)
-        row = recorder.end_round(server_round, {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1},
-                                 time.perf_counter() - t0)
+        row = recorder.end_round(
+            server_round, {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1}, time.perf_counter() - t0
+        )
         # The round is complete: checkpoint it (global adapter, strategy state, the record so far).
         strategy_arrays, strategy_scalars = strategy_state(strategy)
-        save_checkpoint(recorder.dir, server_round, run_uid=recorder.data["run_uid"],
-                        config_sha256=recorder.data["config_sha256"],
-                        arrays={k: a.numpy() for k, a in arrays.items()}, strategy_arrays=strategy_arrays,
-                        strategy_state=strategy_scalars, run_record=json.loads(json.dumps(recorder.data)))
+        save_checkpoint(
+            recorder.dir,
+            server_round,
+            run_uid=recorder.data["run_uid"],
+            config_sha256=recorder.data["config_sha256"],
+            arrays={k: a.numpy() for k, a in arrays.items()},
+            strategy_arrays=strategy_arrays,
+            strategy_state=strategy_scalars,
+            run_record=json.loads(json.dumps(recorder.data)),
+        )
         progress.round_done(row)
         return {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1}
 
     stopped = None
     # The clients get the parsed config, the federation's label names (a silo maps its labels onto them)
     # and the run's uid (they keep their DP accountant state under it, across restarts).
-    client_config = {**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(data.label_names), RUN_UID_KEY: recorder.data["run_uid"]}
+    client_config = {
+        **cfg.to_flat(),
+        LABEL_NAMES_KEY: json.dumps(data.label_names),
+        RUN_UID_KEY: recorder.data["run_uid"],
+    }
     if client_state_in_run_dir:
         client_config[STATE_DIR_KEY] = str((recorder.dir / "client-state").resolve())
         state_roots = (recorder.dir / "client-state", *state_roots)
     remaining = cfg.num_server_rounds - done_before
     try:
         if remaining > 0:
-            final_arrays = start(strategy, grid, initial, num_rounds=remaining, timeout=cfg.strategy.round_timeout,
-                                 client_config=client_config, evaluate=central_evaluate, offset=done_before)
+            final_arrays = start(
+                strategy,
+                grid,
+                initial,
+                num_rounds=remaining,
+                timeout=cfg.strategy.round_timeout,
+                client_config=client_config,
+                evaluate=central_evaluate,
+                offset=done_before,
+            )
             # None when no round released an aggregate (e.g. SecAgg+ withheld each).
             final_arrays = final_arrays if final_arrays is not None else initial
         else:  # the interruption came after the last round's checkpoint
@@ -295,7 +380,12 @@ def _run(grid: Any, cfg: FedHFConfig, recorder: RunRecorder, progress: RoundProg
             store.drop_replies(recorder.data["run_uid"])
     if p.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
-    log.info("Run complete: %s (central accuracy %.4f, macro-F1 %.4f)", recorder.dir, final["eval_accuracy"], final["eval_f1"])
+    log.info(
+        "Run complete: %s (central accuracy %.4f, macro-F1 %.4f)",
+        recorder.dir,
+        final["eval_accuracy"],
+        final["eval_f1"],
+    )
 
 
 def _count_saved_spend(recorder: RunRecorder, state_root: Path) -> None:
@@ -319,13 +409,25 @@ def _count_saved_spend(recorder: RunRecorder, state_root: Path) -> None:
             if steps > reported:
                 first = entries[0]
                 history = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
-                log.warning("client %s: its saved spend holds %d steps, the ledger %d (a round the server did not use); "
-                            "the ledger counts them", pid, steps, reported)
-                recorder.saved_spend(str(pid), {
-                    "epsilon": epsilon_of(first["accountant"], history, float(first["delta"])), "steps": steps,
-                    "delta": float(first["delta"]), "noise_multiplier": float(first["noise_multiplier"]),
-                    "max_grad_norm": float(first["max_grad_norm"]), "sample_rate": float(entries[-1]["sample_rate"]),
-                    "accountant": first["accountant"]})
+                log.warning(
+                    "client %s: its saved spend holds %d steps, the ledger %d (a round the server did not use); "
+                    "the ledger counts them",
+                    pid,
+                    steps,
+                    reported,
+                )
+                recorder.saved_spend(
+                    str(pid),
+                    {
+                        "epsilon": epsilon_of(first["accountant"], history, float(first["delta"])),
+                        "steps": steps,
+                        "delta": float(first["delta"]),
+                        "noise_multiplier": float(first["noise_multiplier"]),
+                        "max_grad_norm": float(first["max_grad_norm"]),
+                        "sample_rate": float(entries[-1]["sample_rate"]),
+                        "accountant": first["accountant"],
+                    },
+                )
 
 
 def _plots(recorder: RunRecorder) -> None:

@@ -14,7 +14,13 @@ from typing import Annotated, Any
 
 import typer
 
-from fedhf.config.schema import FedHFConfig, describe, load_config_file, parse_config, parse_set_args
+from fedhf.config.schema import (
+    FedHFConfig,
+    describe,
+    load_config_file,
+    parse_config,
+    parse_set_args,
+)
 from fedhf.errors import FedHFConfigError, FedHFError
 
 app = typer.Typer(
@@ -24,9 +30,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of run-config keys (e.g. experiments/<name>.toml).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: --set KEY=VALUE (repeatable). 'fedhf config' lists the keys.")]
-ClientsOpt = Annotated[int, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes), one partition each.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML file of run-config keys (e.g. experiments/<name>.toml).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one key: --set KEY=VALUE (repeatable). 'fedhf config' lists the keys."),
+]
+ClientsOpt = Annotated[
+    int, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes), one partition each.")
+]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -68,20 +81,26 @@ def _check_new_run_folder(cfg: FedHFConfig) -> None:
         return
     target = Path(cfg.output_dir).expanduser() / cfg.run_name
     if (target / "run.json").exists():
-        raise FedHFConfigError(f"config key 'run-name': '{target}' already holds a run; choose another run-name or "
-                               "output-dir (or continue it with fedhf run --resume).")
+        raise FedHFConfigError(
+            f"config key 'run-name': '{target}' already holds a run; choose another run-name or "
+            "output-dir (or continue it with fedhf run --resume)."
+        )
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FedHFConfigError(f"config key 'run-name': '{target}' already exists and is not empty; fedhf creates its "
-                               "own run folders and will not adopt another one. Choose another run-name or output-dir.")
+        raise FedHFConfigError(
+            f"config key 'run-name': '{target}' already exists and is not empty; fedhf creates its "
+            "own run folders and will not adopt another one. Choose another run-name or output-dir."
+        )
 
 
 def _check_clients(cfg: FedHFConfig, num_clients: int) -> None:
     if num_clients < 1:
         raise FedHFConfigError(f"--num-clients: got {num_clients}; num-partitions must be >= 1.")
     s = cfg.strategy
-    for key, value in (("strategy.min-available-nodes", s.min_available_nodes),
-                       ("strategy.min-train-nodes", s.min_train_nodes),
-                       ("strategy.min-evaluate-nodes", s.min_evaluate_nodes if s.fraction_evaluate > 0 else 0)):
+    for key, value in (
+        ("strategy.min-available-nodes", s.min_available_nodes),
+        ("strategy.min-train-nodes", s.min_train_nodes),
+        ("strategy.min-evaluate-nodes", s.min_evaluate_nodes if s.fraction_evaluate > 0 else 0),
+    ):
         if value > num_clients:
             raise FedHFConfigError(
                 f"config key '{key}': got {value}, more than --num-clients {num_clients}; the run would wait forever. "
@@ -93,11 +112,35 @@ def _check_clients(cfg: FedHFConfig, num_clients: int) -> None:
 def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    num_clients: Annotated[int | None, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes), one partition each (default 3).")] = None,
-    cpus_per_client: Annotated[int, typer.Option(help="CPU cores Ray reserves per simulated client (whole number).")] = 1,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (RUN_DIR): same config, clients and run folder.")] = None,
-    node_config: Annotated[Path | None, typer.Option("--node-config", help="TOML file of the simulated nodes' own configs (their owners' policy): a [default] table and [nodes.N] tables, e.g. min-privacy, max-epsilon, share, state-dir. Never taken from the run config.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show everything Flower, Ray and the libraries print, live (it always goes to RUN_DIR/log.txt).")] = False,
+    num_clients: Annotated[
+        int | None,
+        typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes), one partition each (default 3)."),
+    ] = None,
+    cpus_per_client: Annotated[
+        int, typer.Option(help="CPU cores Ray reserves per simulated client (whole number).")
+    ] = 1,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run from its last checkpoint (RUN_DIR): same config, clients and run folder.",
+        ),
+    ] = None,
+    node_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--node-config",
+            help="TOML file of the simulated nodes' own configs (their owners' policy): a [default] table and [nodes.N] tables, e.g. min-privacy, max-epsilon, share, state-dir. Never taken from the run config.",
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Show everything Flower, Ray and the libraries print, live (it always goes to RUN_DIR/log.txt).",
+        ),
+    ] = False,
 ) -> None:
     """Run a federated LoRA fine-tune in Flower's simulation engine and write outputs/<run-id>/.
 
@@ -125,15 +168,24 @@ def run(
     except FedHFError as exc:
         _fail(str(exc))
     console = RunConsole(verbose)
-    log_path = resume / "log.txt" if resume is not None else Path(cfg.output_dir).expanduser() / f"fedhf-{os.getpid()}.log"
+    log_path = (
+        resume / "log.txt" if resume is not None else Path(cfg.output_dir).expanduser() / f"fedhf-{os.getpid()}.log"
+    )
     error: tuple[str, int] | None = None
     with console.capture(log_path):
         try:
             _preflight(cfg, num_clients, node_configs, console, resumed=checkpoint is not None)
             from fedhf.apps import simulate  # imports Flower's simulation stack
 
-            run_dir = simulate(cfg, num_clients, cpus_per_client, resume=checkpoint, resume_dir=resume,
-                               node_configs=node_configs, console=console)
+            run_dir = simulate(
+                cfg,
+                num_clients,
+                cpus_per_client,
+                resume=checkpoint,
+                resume_dir=resume,
+                node_configs=node_configs,
+                console=console,
+            )
         except FedHFError as exc:
             error = (str(exc), 2)
         except Exception as exc:  # the server's exception, re-raised by the simulation runtime
@@ -147,23 +199,28 @@ def run(
     if summary.get("status") == "stopped":
         _fail(f"run stopped before any round was trained: {summary['stopped_early']['reason']} ({run_dir})", code=1)
     final = summary.get("final", {})
-    typer.echo(f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
-               f"macro-F1 {final.get('eval_f1', float('nan')):.4f}")
+    typer.echo(
+        f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
+        f"macro-F1 {final.get('eval_f1', float('nan')):.4f}"
+    )
     spent = _largest_epsilon(summary)
     if spent:
         typer.echo(f"privacy: {spent}; the ledger: fedhf privacy ledger {run_dir}")
 
 
-def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
-                   num_clients: int | None) -> tuple[FedHFConfig, int, Any]:
+def _resume_target(
+    run_dir: Path, config: Path | None, sets: list[str] | None, num_clients: int | None
+) -> tuple[FedHFConfig, int, Any]:
     """The config, client count and checkpoint of an interrupted run (everything comes from RUN_DIR)."""
 
-    from fedhf.run.record import config_hash
     from fedhf.run.checkpoint import load_checkpoint
+    from fedhf.run.record import config_hash
 
     if config is not None or sets:
-        raise FedHFConfigError("--resume takes the run's configuration from RUN_DIR/run.json; drop --config and --set "
-                               "(a changed configuration is a new run).")
+        raise FedHFConfigError(
+            "--resume takes the run's configuration from RUN_DIR/run.json; drop --config and --set "
+            "(a changed configuration is a new run)."
+        )
     if not run_dir.is_dir():
         raise FedHFConfigError(f"--resume '{run_dir}': not a folder; give the run folder (outputs/<run-id>).")
     from fedhf.run.record import check_run_folder
@@ -181,20 +238,28 @@ def _resume_target(run_dir: Path, config: Path | None, sets: list[str] | None,
     if status == "complete":
         raise FedHFConfigError(f"--resume '{run_dir}': the run is already complete; nothing to resume.")
     if not uid:
-        raise FedHFConfigError(f"--resume '{run_dir}': run.json has no run_uid (written by a fedhf without checkpoints); "
-                               "start the run again.")
+        raise FedHFConfigError(
+            f"--resume '{run_dir}': run.json has no run_uid (written by a fedhf without checkpoints); "
+            "start the run again."
+        )
     cfg = parse_config(flat)
     recorded = int(run.get("federation", {}).get("num_clients", 0))
     if not recorded:
-        raise FedHFConfigError(f"--resume '{run_dir}': run.json does not say how many clients the run had; "
-                               "only runs started with fedhf run can be resumed this way.")
+        raise FedHFConfigError(
+            f"--resume '{run_dir}': run.json does not say how many clients the run had; "
+            "only runs started with fedhf run can be resumed this way."
+        )
     if num_clients is not None and num_clients != recorded:
-        raise FedHFConfigError(f"--num-clients: got {num_clients}, but the run in '{run_dir}' has {recorded} clients; "
-                               "drop --num-clients (a resumed run keeps its clients).")
+        raise FedHFConfigError(
+            f"--num-clients: got {num_clients}, but the run in '{run_dir}' has {recorded} clients; "
+            "drop --num-clients (a resumed run keeps its clients)."
+        )
     checkpoint = load_checkpoint(run_dir, run_uid=uid, config_sha256=config_hash(flat))
     if checkpoint.round > cfg.num_server_rounds:
-        raise FedHFConfigError(f"--resume '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "
-                               f"run's num-server-rounds={cfg.num_server_rounds}.")
+        raise FedHFConfigError(
+            f"--resume '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "
+            f"run's num-server-rounds={cfg.num_server_rounds}."
+        )
     typer.echo(f"resuming {run_dir} after round {checkpoint.round} of {cfg.num_server_rounds}", err=True)
     return cfg, recorded, checkpoint
 
@@ -229,7 +294,11 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
     else:
         bits = []
         if p.sample_level:
-            how = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else f"sigma {p.noise_multiplier:g}"
+            how = (
+                f"target epsilon {p.target_epsilon:g}"
+                if p.target_epsilon is not None
+                else f"sigma {p.noise_multiplier:g}"
+            )
             bits.append(f"sample-level DP-SGD ({how}, C {p.max_grad_norm:g}, {p.accountant} accountant)")
         if p.client_level:
             bits.append(f"client-level DP ({p.client_clipping} clipping, sigma {p.client_noise_multiplier:g})")
@@ -248,8 +317,14 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
     ]
 
 
-def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[str, Any]] | None = None,
-               console: Any = None, *, resumed: bool = False) -> None:
+def _preflight(
+    cfg: FedHFConfig,
+    num_clients: int,
+    node_configs: dict[int, dict[str, Any]] | None = None,
+    console: Any = None,
+    *,
+    resumed: bool = False,
+) -> None:
     """Everything that can be checked before Ray starts (data, partitions, model id), and the plan on the console."""
     from fedhf.data.load import load_data
     from fedhf.data.partitions import format_stats, make_partitions
@@ -262,7 +337,9 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
 
     data = load_data(cfg.data)
     parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
-    from fedhf.tasks.model import resolve_model  # torch and transformers: only once the data is known to be good
+    from fedhf.tasks.model import (
+        resolve_model,  # torch and transformers: only once the data is known to be good
+    )
 
     resolved = resolve_model(cfg.model.name)
     if not resumed:
@@ -270,10 +347,9 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
             say(line)
     say(format_stats(parts.stats(), data.label_names))
     if cfg.strategy.secure_aggregation:
+        from fedhf.config.schema import check_secagg_weight
         from fedhf.flower.secagg import SecAggSettings
         from fedhf.flower.strategy import min_sampled
-
-        from fedhf.config.schema import check_secagg_weight
 
         settings = SecAggSettings.from_config(cfg)
         settings.check_round(min(min_sampled(cfg, num_clients), num_clients))
@@ -290,18 +366,26 @@ def _preflight(cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[
             q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
             delta = p.delta if p.delta is not None else default_delta(n)
             sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
-            say(f"privacy plan: client {row['partition_id']}: sigma {sigma:.4f} for target epsilon "
-                f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)")
+            say(
+                f"privacy plan: client {row['partition_id']}: sigma {sigma:.4f} for target epsilon "
+                f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)"
+            )
     if node_configs:
         # Each simulated node enforces its owner's policy itself; say now which would refuse this run.
         from fedhf.privacy.policy import check_request, parse_policy
 
         for pid, nc in sorted(node_configs.items()):
             policy = parse_policy(nc)
-            refusal = check_request(policy, mode=p.mode, secure=cfg.strategy.secure_aggregation,
-                                    noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier)
-            say(f"node policy: client {pid}: {policy.describe()}"
-                + (f"; it will refuse this run: {refusal.reason}" if refusal else ""))
+            refusal = check_request(
+                policy,
+                mode=p.mode,
+                secure=cfg.strategy.secure_aggregation,
+                noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier,
+            )
+            say(
+                f"node policy: client {pid}: {policy.describe()}"
+                + (f"; it will refuse this run: {refusal.reason}" if refusal else "")
+            )
 
 
 @app.command()
@@ -312,8 +396,8 @@ def partitions(
 ) -> None:
     """Print the per-client statistics (size, label histogram) of a config, without training."""
     _setup_logging()
-    from fedhf.data.partitions import format_stats, make_partitions
     from fedhf.data.load import load_data
+    from fedhf.data.partitions import format_stats, make_partitions
 
     try:
         cfg = resolve_cli_config(config, set_)
@@ -321,8 +405,10 @@ def partitions(
         parts = make_partitions(data, cfg.data, cfg.seed, num_clients)
     except FedHFError as exc:
         _fail(str(exc))
-    typer.echo(f"dataset {cfg.data.dataset}: {len(data.train)} training rows, labels {data.label_names}; "
-               f"partitioner {cfg.data.partitioner}, {num_clients} clients, seed {cfg.seed}")
+    typer.echo(
+        f"dataset {cfg.data.dataset}: {len(data.train)} training rows, labels {data.label_names}; "
+        f"partitioner {cfg.data.partitioner}, {num_clients} clients, seed {cfg.seed}"
+    )
     typer.echo(format_stats(parts.stats(), data.label_names))
 
 
@@ -343,20 +429,31 @@ def show_config(
 
 @app.command("node-check")
 def node_check(
-    node_config: Annotated[str, typer.Option("--node-config", help="The SuperNode's node config, as given to flower-supernode: 'data-path=\"/data/silo\" max-epsilon=8'.")],
+    node_config: Annotated[
+        str,
+        typer.Option(
+            "--node-config",
+            help="The SuperNode's node config, as given to flower-supernode: 'data-path=\"/data/silo\" max-epsilon=8'.",
+        ),
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    labels: Annotated[str, typer.Option("--labels", help="A silo's federation label names, comma-separated (the server sends them in a run).")] = "",
+    labels: Annotated[
+        str,
+        typer.Option(
+            "--labels", help="A silo's federation label names, comma-separated (the server sends them in a run)."
+        ),
+    ] = "",
 ) -> None:
     """Check a SuperNode's node config on the data owner's machine before it joins: keys, data, budget, state dir."""
     _setup_logging()
     import datasets
 
     datasets.disable_progress_bars()
-    from fedhf.federation import faults
     from fedhf.config.schema import split_list
     from fedhf.data.partitions import load_partition
     from fedhf.data.silos import load_silo
+    from fedhf.federation import faults
     from fedhf.federation.node import NODE_CONFIG_KEYS, node_of
     from fedhf.federation.node_state import state_dir
     from fedhf.privacy.policy import parse_policy
@@ -366,14 +463,17 @@ def node_check(
         nc = _parse_node_config(node_config)
         unknown = sorted(set(nc) - set(NODE_CONFIG_KEYS))
         if unknown:
-            raise FedHFConfigError(f"node config key '{unknown[0]}' is not one fedhf reads; known keys: "
-                                   f"{', '.join(NODE_CONFIG_KEYS)}.")
+            raise FedHFConfigError(
+                f"node config key '{unknown[0]}' is not one fedhf reads; known keys: {', '.join(NODE_CONFIG_KEYS)}."
+            )
         node = node_of(nc, 0)
         if node.data_path is not None:
             names = split_list(labels)
             if len(names) < 2:
-                raise FedHFConfigError("--labels: a silo is checked against the federation's label names; give at "
-                                       "least two, e.g. --labels negative,positive.")
+                raise FedHFConfigError(
+                    "--labels: a silo is checked against the federation's label names; give at "
+                    "least two, e.g. --labels negative,positive."
+                )
             train, local_eval, names = load_silo(cfg.data, node.data_path, tuple(names), cfg.seed)
         else:
             train, local_eval, names = load_partition(cfg.data, cfg.seed, node.pid, node.num_partitions)
@@ -386,21 +486,27 @@ def node_check(
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise FedHFConfigError(f"node config 'state-dir': '{where}' is not writable ({exc.strerror}); this node keeps "
-                                   "its DP accountant history there. Give a writable folder.") from None
+            raise FedHFConfigError(
+                f"node config 'state-dir': '{where}' is not writable ({exc.strerror}); this node keeps "
+                "its DP accountant history there. Give a writable folder."
+            ) from None
         spent = _lifetime_spend(cfg, node, where)
     except FedHFError as exc:
         _fail(str(exc))
     what = f"silo {node.data_path}" if node.data_path else f"partition {node.pid} of {node.num_partitions}"
-    typer.echo(f"node config ok: {what}: {len(train)} training rows, {0 if local_eval is None else len(local_eval)} "
-               f"local eval rows, labels {names}; state dir {where}")
+    typer.echo(
+        f"node config ok: {what}: {len(train)} training rows, {0 if local_eval is None else len(local_eval)} "
+        f"local eval rows, labels {names}; state dir {where}"
+    )
     typer.echo(f"policy: {policy.describe()}")
     budget = f" of the budget {policy.max_epsilon:g}" if policy.max_epsilon is not None else " (no budget set)"
     if spent is None:
         typer.echo(f"lifetime privacy spend on this data: none yet{budget}")
     else:
-        typer.echo(f"lifetime privacy spend on this data: epsilon {spent['epsilon']:.4f}{budget} at delta "
-                   f"{spent['delta']:.3g} ({spent['accountant']}), {spent['steps']} DP-SGD steps in {spent['runs']} run(s)")
+        typer.echo(
+            f"lifetime privacy spend on this data: epsilon {spent['epsilon']:.4f}{budget} at delta "
+            f"{spent['delta']:.3g} ({spent['accountant']}), {spent['steps']} DP-SGD steps in {spent['runs']} run(s)"
+        )
 
 
 def _lifetime_spend(cfg: FedHFConfig, node: Any, root: Path) -> dict[str, Any] | None:
@@ -414,8 +520,13 @@ def _lifetime_spend(cfg: FedHFConfig, node: Any, root: Path) -> dict[str, Any] |
         if not spend.entries:
             return None
         kind, delta, history = spend.lifetime()
-        return {"epsilon": epsilon_of(kind, history, delta), "delta": delta, "accountant": kind,
-                "steps": sum(h[2] for h in history), "runs": len(spend.runs())}
+        return {
+            "epsilon": epsilon_of(kind, history, delta),
+            "delta": delta,
+            "accountant": kind,
+            "steps": sum(h[2] for h in history),
+            "runs": len(spend.runs()),
+        }
 
 
 def _parse_node_config(text: str) -> dict[str, Any]:
@@ -427,15 +538,19 @@ def _parse_node_config(text: str) -> dict[str, Any]:
     pattern = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # the pattern of flwr.common.config.parse_config_args
     rest = pattern.sub("", text).strip()
     if rest:
-        raise FedHFConfigError(f"--node-config: cannot read {rest!r}; write space-separated key=value pairs, e.g. "
-                               "'partition-id=0 data-path=\"/data/silo\"'.")
+        raise FedHFConfigError(
+            f"--node-config: cannot read {rest!r}; write space-separated key=value pairs, e.g. "
+            "'partition-id=0 data-path=\"/data/silo\"'."
+        )
     out: dict[str, Any] = {}
     for key, value in pattern.findall(text):
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             if value[:1] in "\"'":
-                raise FedHFConfigError(f"--node-config: value {value} of '{key}' is not a valid quoted string.") from None
+                raise FedHFConfigError(
+                    f"--node-config: value {value} of '{key}' is not a valid quoted string."
+                ) from None
             out[key] = value
     return out
 
@@ -455,11 +570,21 @@ def privacy_plan(
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
 ) -> None:
     """Print the noise multiplier for a target epsilon and the projected epsilon after each round."""
-    from fedhf.privacy.dp import FedHFPrivacyError, default_delta, epsilon_of, plan_noise_multiplier, sampling
+    from fedhf.privacy.dp import (
+        FedHFPrivacyError,
+        default_delta,
+        epsilon_of,
+        plan_noise_multiplier,
+        sampling,
+    )
 
     try:
-        for name, value in (("--num-examples", num_examples), ("--rounds", rounds), ("--local-epochs", local_epochs),
-                            ("--batch-size", batch_size)):
+        for name, value in (
+            ("--num-examples", num_examples),
+            ("--rounds", rounds),
+            ("--local-epochs", local_epochs),
+            ("--batch-size", batch_size),
+        ):
             if value < 1:
                 raise FedHFConfigError(f"{name}: got {value}; it must be >= 1.")
         if not target_epsilon > 0:
@@ -473,8 +598,10 @@ def privacy_plan(
         sigma = plan_noise_multiplier(target_epsilon, d, q, steps * rounds, accountant)
     except (FedHFError, FedHFPrivacyError) as exc:
         _fail(str(exc))
-    typer.echo(f"noise multiplier sigma = {sigma:.4f} for target epsilon {target_epsilon:g} at delta {d:.3g} "
-               f"({accountant}; sampling rate q = {q:.4f}, {steps} steps per round, {rounds} rounds)")
+    typer.echo(
+        f"noise multiplier sigma = {sigma:.4f} for target epsilon {target_epsilon:g} at delta {d:.3g} "
+        f"({accountant}; sampling rate q = {q:.4f}, {steps} steps per round, {rounds} rounds)"
+    )
     typer.echo(f"{'round':>5}  {'steps':>6}  {'epsilon':>8}")
     for r in range(1, rounds + 1):
         typer.echo(f"{r:>5}  {steps * r:>6}  {epsilon_of(accountant, [(sigma, q, steps * r)], d):>8.4f}")
@@ -501,7 +628,9 @@ def push(
     repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repo, namespace/name.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if absent).")] = None,
-    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")] = False,
+    create_pr: Annotated[
+        bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; send nothing.")] = False,
 ) -> None:
     """Upload a finished run's hub/ folder (adapter, model card, provenance) to the Hugging Face Hub.
@@ -515,7 +644,9 @@ def push(
     except FedHFError as exc:
         _fail(str(exc))
     verb = "would upload" if result.dry_run else "uploaded"
-    typer.echo(f"{verb} {len(result.files)} files to {result.repo_id}" + (f" (branch {revision})" if revision else "") + ":")
+    typer.echo(
+        f"{verb} {len(result.files)} files to {result.repo_id}" + (f" (branch {revision})" if revision else "") + ":"
+    )
     for name, size in result.files:
         typer.echo(f"  {name}  {size:,} B")
     if result.pr_url:
@@ -529,10 +660,17 @@ def predict(
     model: Annotated[str, typer.Option("--model", help="A run folder, an adapter folder, or a Hub repo id.")],
     text: Annotated[list[str] | None, typer.Option("--text", help="Text to classify (repeatable).")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="A file with one text per line.")] = None,
-    base_model: Annotated[str | None, typer.Option("--base-model", help="The base model (Hub id or local folder), when the adapter does not name it or should load another copy.")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="The base model (Hub id or local folder), when the adapter does not name it or should load another copy.",
+        ),
+    ] = None,
 ) -> None:
     """Load base model + adapter with PEFT and print label, probability and text for each input."""
-    from fedhf.tasks.adapters import load_adapter_model, predict as do_predict, resolve_adapter
+    from fedhf.tasks.adapters import load_adapter_model, resolve_adapter
+    from fedhf.tasks.adapters import predict as do_predict
 
     try:
         texts = list(text or [])
@@ -553,8 +691,16 @@ def predict(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more finished run folders (outputs/<run-id>).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder; default RUN_DIR/report for one run, ./fedhf-report for several.")] = None,
-    no_privacy_utility: Annotated[bool, typer.Option("--no-privacy-utility", help="Skip the privacy-utility plot (allows runs on different datasets).")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Report folder; default RUN_DIR/report for one run, ./fedhf-report for several."
+        ),
+    ] = None,
+    no_privacy_utility: Annotated[
+        bool,
+        typer.Option("--no-privacy-utility", help="Skip the privacy-utility plot (allows runs on different datasets)."),
+    ] = False,
 ) -> None:
     """Plots (accuracy and loss per round, epsilon per client, label distribution, privacy-utility) and report.md."""
     from fedhf.analysis.report import write_report
@@ -570,9 +716,19 @@ def report(
 @app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (outputs/<run-id>).")],
-    non_members: Annotated[Path | None, typer.Option("--non-members", help="Rows of the same distribution no client saw (file or folder, like a silo); default: the training rows the run left out.")] = None,
-    max_examples: Annotated[int, typer.Option("--max-examples", help="Members and non-members each (a seeded sample).")] = 1000,
-    confidence: Annotated[float, typer.Option("--confidence", help="Confidence level of the epsilon lower bound.")] = 0.95,
+    non_members: Annotated[
+        Path | None,
+        typer.Option(
+            "--non-members",
+            help="Rows of the same distribution no client saw (file or folder, like a silo); default: the training rows the run left out.",
+        ),
+    ] = None,
+    max_examples: Annotated[
+        int, typer.Option("--max-examples", help="Members and non-members each (a seeded sample).")
+    ] = 1000,
+    confidence: Annotated[
+        float, typer.Option("--confidence", help="Confidence level of the epsilon lower bound.")
+    ] = 0.95,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling the examples and splitting them.")] = 0,
 ) -> None:
     """Membership-inference audit of the released adapter: ROC AUC, TPR at 1% FPR, empirical epsilon lower bound.
@@ -584,7 +740,9 @@ def audit(
     from fedhf.analysis.audit import audit_lines, audit_run
 
     try:
-        result = audit_run(run_dir, non_members_file=non_members, max_examples=max_examples, confidence=confidence, seed=seed)
+        result = audit_run(
+            run_dir, non_members_file=non_members, max_examples=max_examples, confidence=confidence, seed=seed
+        )
     except FedHFError as exc:
         _fail(str(exc))
     for line in audit_lines(result):
@@ -597,7 +755,9 @@ def audit(
 def evaluate_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (outputs/<run-id>).")],
     set_: SetOpt = None,
-    no_record: Annotated[bool, typer.Option("--no-record", help="Print only; do not add the result to run.json.")] = False,
+    no_record: Annotated[
+        bool, typer.Option("--no-record", help="Print only; do not add the result to run.json.")
+    ] = False,
 ) -> None:
     """Evaluate the released adapter on the eval split of the run's dataset, with data keys changed by --set
     (e.g. --set data.languages=orm: zero-shot on another AfriSenti language)."""
@@ -610,16 +770,29 @@ def evaluate_cmd(
     except FedHFError as exc:
         _fail(str(exc))
     where = ", ".join(f"{k}={v}" for k, v in result["data"].items()) or "the run's own eval split"
-    typer.echo(f"{where}: {result['rows']} rows  accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
-               f"loss {result['loss']:.4f}")
+    typer.echo(
+        f"{where}: {result['rows']} rows  accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+        f"loss {result['loss']:.4f}"
+    )
 
 
 @app.command()
 def sweep(
-    group: Annotated[str, typer.Argument(help="An experiment group: a folder name under experiments/ (noniid, privacy, languages, communication, audit) or a path to a group folder.")],
-    smoke: Annotated[bool, typer.Option("--smoke", help="The group's small variant (a minute or two): same runs, tiny data.")] = False,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the group's runs and results go: OUT/<group>[-smoke]/.")] = Path("outputs/experiments"),
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this run of the group (repeatable).")] = None,
+    group: Annotated[
+        str,
+        typer.Argument(
+            help="An experiment group: a folder name under experiments/ (noniid, privacy, languages, communication, audit) or a path to a group folder."
+        ),
+    ],
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="The group's small variant (a minute or two): same runs, tiny data.")
+    ] = False,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where the group's runs and results go: OUT/<group>[-smoke]/.")
+    ] = Path("outputs/experiments"),
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this run of the group (repeatable).")
+    ] = None,
     list_runs: Annotated[bool, typer.Option("--list", help="List the group's runs and exit.")] = False,
 ) -> None:
     """Run a group of experiments (skipping finished runs), then write results.csv and results.md."""
@@ -632,8 +805,11 @@ def sweep(
         if list_runs:
             typer.echo(f"{g.name}: {g.description}")
             for r in g.selected(smoke, only):
-                typer.echo(f"  {r.name:<22} {r.num_clients:>3} clients  {r.config.name}"
-                           + (f"  {r.overrides}" if r.overrides else "") + ("  +audit" if r.audit else ""))
+                typer.echo(
+                    f"  {r.name:<22} {r.num_clients:>3} clients  {r.config.name}"
+                    + (f"  {r.overrides}" if r.overrides else "")
+                    + ("  +audit" if r.audit else "")
+                )
             return
         folder = run_group(g, out, smoke=smoke, only=only, log=lambda m: typer.echo(m, err=True))
     except FedHFError as exc:

@@ -43,6 +43,49 @@ class FedHFHubError(FedHFError):
     """Pushing to or loading from the Hub cannot proceed; the message says what to fix."""
 
 
+class LockTimeout(FedHFError, OSError):
+    """Another process held the lock for longer than the caller would wait."""
+
+
+class FedHFNodeStateError(FedHFError):
+    """The node's saved privacy state cannot be read or written: with DP the node refuses to train."""
+
+    def __init__(self, message: str) -> None:  # the server learns the kind of problem, not the node's paths
+        super().__init__(
+            message,
+            public="the node's saved privacy state cannot be read or written; it refuses to "
+            "train with DP until its owner fixes it (see the node's log).",
+        )
+
+
+class InjectedFault(FedHFError, RuntimeError):
+    """Raised by a client told to fail (fault injection)."""
+
+    quotable = True
+
+
+class DecodeError(FedHFError, ValueError):
+    """A reply that cannot be decoded (its reason is recorded and the reply dropped)."""
+
+
+class Malformed(FedHFError, ValueError):
+    """The reply breaks the schema; the message says which field and how."""
+
+
+class RunStopped(FedHFError):
+    """Too few clients can still train (refusals, exhausted budgets): end the run cleanly."""
+
+
+class FedHFCheckpointError(FedHFError):
+    """A checkpoint cannot be used to resume a run (missing, damaged or from another run)."""
+
+
+class FedHFPrivacyError(FedHFError):
+    """DP was asked for and cannot be applied (or a privacy setting cannot be met)."""
+
+    quotable = True  # names settings and model modules, never data
+
+
 def text_leaving_node(exc: BaseException) -> str:
     """What a node may tell the server about an error: no row values, no local paths."""
     if isinstance(exc, FedHFError):

@@ -35,14 +35,25 @@ DEPLOY = ROOT / "scripts" / "deploy"
 
 
 def settings(rounds: int) -> dict[str, str]:
-    return {"num-server-rounds": str(rounds), "data.max-train-examples": "300", "data.max-eval-examples": "400",
-            "data.max-length": "48", "train.local-epochs": "1", "strategy.fraction-evaluate": "0.0",
-            "strategy.secagg-max-weight": "200.0"}
+    return {
+        "num-server-rounds": str(rounds),
+        "data.max-train-examples": "300",
+        "data.max-eval-examples": "400",
+        "data.max-length": "48",
+        "train.local-epochs": "1",
+        "strategy.fraction-evaluate": "0.0",
+        "strategy.secagg-max-weight": "200.0",
+    }
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-             PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    e = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
     e.setdefault("FEDHF_DATA_DIR", str((ROOT.parent / "shared" / "data").resolve()))
     return e
 
@@ -61,7 +72,12 @@ def wait_for(run_json: Path, timeout: float = 1200) -> dict:
 
 
 def simulate(out: Path, name: str, rounds: int, secagg: bool) -> dict:
-    sets = {**settings(rounds), "output-dir": str(out), "run-name": name, "strategy.secure-aggregation": str(secagg).lower()}
+    sets = {
+        **settings(rounds),
+        "output-dir": str(out),
+        "run-name": name,
+        "strategy.secure-aggregation": str(secagg).lower(),
+    }
     cmd = [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "2"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -77,8 +93,21 @@ def deploy(fed: Path, out: Path, name: str, rounds: int, secagg: bool) -> dict:
     run_config = " ".join(f"{k}={v}" for k, v in sets.items()) + f' output-dir="{out}" run-name="{name}"'
     print(f"$ flwr run . fedhf-local ... secure-aggregation={secagg}", flush=True)
     e = {**env(), "FLWR_HOME": str(fed / "flwr-home")}
-    proc = subprocess.run([str(Path(sys.executable).with_name("flwr")), "run", ".", "fedhf-local", "--stream",
-                           "--run-config", run_config], cwd=ROOT, capture_output=True, text=True, env=e)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("flwr")),
+            "run",
+            ".",
+            "fedhf-local",
+            "--stream",
+            "--run-config",
+            run_config,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=e,
+    )
     if proc.returncode:
         sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
     return wait_for(out / name / "run.json")
@@ -87,9 +116,12 @@ def deploy(fed: Path, out: Path, name: str, rounds: int, secagg: bool) -> dict:
 def summarize(run: dict) -> dict:
     walls = [r["wall_seconds"] for r in run["rounds"][1:]]
     clients = [c for r in run["rounds"][1:] for c in r["clients"]]
-    row = {"round1": walls[0], "steady": statistics.mean(walls[1:]) if len(walls) > 1 else walls[0],
-           "up_per_client": statistics.mean(c["bytes-up"] for c in clients),
-           "down_per_client": run["rounds"][1]["bytes_down"]}
+    row = {
+        "round1": walls[0],
+        "steady": statistics.mean(walls[1:]) if len(walls) > 1 else walls[0],
+        "up_per_client": statistics.mean(c["bytes-up"] for c in clients),
+        "down_per_client": run["rounds"][1]["bytes_down"],
+    }
     sa = run.get("secure_aggregation")
     if sa:
         rounds = sa["rounds"]
@@ -110,8 +142,12 @@ def main() -> None:
     results = {}
     results["sim"] = summarize(simulate(out, "sim", args.rounds, False))
     results["sim+secagg"] = summarize(simulate(out, "sim-secagg", args.rounds, True))
-    start = subprocess.run([str(DEPLOY / "local_federation.sh"), "start", "--nodes", "2", "--dir", str(fed)],
-                           capture_output=True, text=True, env=env())
+    start = subprocess.run(
+        [str(DEPLOY / "local_federation.sh"), "start", "--nodes", "2", "--dir", str(fed)],
+        capture_output=True,
+        text=True,
+        env=env(),
+    )
     if start.returncode:
         sys.exit(start.stderr[-3000:])
     try:
@@ -127,15 +163,19 @@ def main() -> None:
         down = r.get("protocol_down_per_client", r["down_per_client"])
         print(f"{k:<15} {r['round1']:>10.1f} {r['steady']:>12.1f} {up:>13,.0f} {down:>14,.0f}")
     s, d = results["sim"], results["deploy"]
-    print(f"\ndeployment / simulation, steady round: {d['steady'] / s['steady']:.2f}x "
-          f"(round 1: {d['round1'] / s['round1']:.2f}x)")
+    print(
+        f"\ndeployment / simulation, steady round: {d['steady'] / s['steady']:.2f}x "
+        f"(round 1: {d['round1'] / s['round1']:.2f}x)"
+    )
     for kind in ("sim", "deploy"):
         p, q = results[kind], results[f"{kind}+secagg"]
-        print(f"SecAgg+ / plain ({kind}): round time {q['steady'] / p['steady']:.2f}x, "
-              f"bytes up per client {q['protocol_up_per_client'] / p['up_per_client']:.2f}x "
-              f"(masked vector alone {q['up_per_client'] / p['up_per_client']:.2f}x), "
-              f"bytes down per client {q['protocol_down_per_client'] / p['down_per_client']:.2f}x, "
-              f"protocol {q['protocol_seconds']:.1f} s of the round")
+        print(
+            f"SecAgg+ / plain ({kind}): round time {q['steady'] / p['steady']:.2f}x, "
+            f"bytes up per client {q['protocol_up_per_client'] / p['up_per_client']:.2f}x "
+            f"(masked vector alone {q['up_per_client'] / p['up_per_client']:.2f}x), "
+            f"bytes down per client {q['protocol_down_per_client'] / p['down_per_client']:.2f}x, "
+            f"protocol {q['protocol_seconds']:.1f} s of the round"
+        )
     print(f"\nruns under {base}")
 
 

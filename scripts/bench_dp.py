@@ -72,8 +72,9 @@ print(json.dumps({"mode": mode, "step_seconds": statistics.median(times), "mean_
 def step_figures(steps: int, threads: int) -> dict:
     out = {}
     for mode in ("plain", "hooks", "functorch", "ghost", "plain"):
-        proc = subprocess.run([sys.executable, "-c", STEP_CODE, mode, str(steps), str(threads)],
-                              capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-c", STEP_CODE, mode, str(steps), str(threads)], capture_output=True, text=True, cwd=ROOT
+        )
         if proc.returncode != 0:
             out[mode] = {"error": proc.stderr.strip().splitlines()[-1]}
             continue
@@ -83,8 +84,12 @@ def step_figures(steps: int, threads: int) -> dict:
             continue
         out[mode] = res
     plain = out["plain"]
-    print(f"\n[1] step time, default model, LoRA r=8, batch 32, sequence 64, {threads} threads (median of {steps} steps):")
-    print(f"    no DP: {plain['step_seconds'] * 1000:.0f} ms, peak training memory {(plain['peak_rss_kb'] - plain['base_rss_kb']) / 1024:.0f} MB above the loaded model")
+    print(
+        f"\n[1] step time, default model, LoRA r=8, batch 32, sequence 64, {threads} threads (median of {steps} steps):"
+    )
+    print(
+        f"    no DP: {plain['step_seconds'] * 1000:.0f} ms, peak training memory {(plain['peak_rss_kb'] - plain['base_rss_kb']) / 1024:.0f} MB above the loaded model"
+    )
     for mode in ("hooks", "functorch", "ghost"):
         r = out.get(mode, {})
         if "error" in r or not r:
@@ -93,14 +98,31 @@ def step_figures(steps: int, threads: int) -> dict:
         mem = (r["peak_rss_kb"] - r["base_rss_kb"]) / max(plain["peak_rss_kb"] - plain["base_rss_kb"], 1)
         r["time_ratio"] = r["step_seconds"] / plain["step_seconds"]
         r["memory_ratio"] = mem
-        print(f"    DP {mode}: {r['step_seconds'] * 1000:.0f} ms = {r['time_ratio']:.2f}x time; "
-              f"training memory {mem:.2f}x (targets <= 1.10x time, <= 1.2x memory)")
+        print(
+            f"    DP {mode}: {r['step_seconds'] * 1000:.0f} ms = {r['time_ratio']:.2f}x time; "
+            f"training memory {mem:.2f}x (targets <= 1.10x time, <= 1.2x memory)"
+        )
     return out
 
 
 def run_fedhf(out: Path, name: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "5", "--set", "data.max-train-examples=2000",
-           "--set", f"output-dir={out}", "--set", f"run-name={name}", "--set", "strategy.fraction-evaluate=0", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedhf.cli",
+        "run",
+        "--num-clients",
+        "5",
+        "--set",
+        "data.max-train-examples=2000",
+        "--set",
+        f"output-dir={out}",
+        "--set",
+        f"run-name={name}",
+        "--set",
+        "strategy.fraction-evaluate=0",
+        *extra,
+    ]
     run_json = out / name / "run.json"
     if run_json.is_file() and json.loads(run_json.read_text())["status"] == "complete":
         return json.loads(run_json.read_text())  # finished earlier: reuse
@@ -128,11 +150,21 @@ def accuracy_figures(out: Path) -> list[dict]:
         eps = [e["epsilon"] for e in clients.values()]
         sig = sorted({round(e["noise_multiplier"], 4) for e in clients.values()})
         delta = max((e["delta"] for e in clients.values()), default=None)
-        rows.append({"setting": label, "accuracy": run["final"]["eval_accuracy"], "f1": run["final"]["eval_f1"],
-                     "epsilon_max": max(eps) if eps else None, "sigma": sig, "delta_max": delta,
-                     "wall_seconds": run.get("_wall")})
+        rows.append(
+            {
+                "setting": label,
+                "accuracy": run["final"]["eval_accuracy"],
+                "f1": run["final"]["eval_f1"],
+                "epsilon_max": max(eps) if eps else None,
+                "sigma": sig,
+                "delta_max": delta,
+                "wall_seconds": run.get("_wall"),
+            }
+        )
     print("\n[2] SST-2, 5 IID clients x 360 training rows, 3 rounds x 2 local epochs, batch 16, C = 1, seed 42:")
-    print(f"    {'setting':<18} {'accuracy':>8} {'macro-F1':>8} {'epsilon (max over clients)':>27} {'sigma':>14} {'delta':>9}")
+    print(
+        f"    {'setting':<18} {'accuracy':>8} {'macro-F1':>8} {'epsilon (max over clients)':>27} {'sigma':>14} {'delta':>9}"
+    )
     for r in rows:
         eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
         sig = "-" if not r["sigma"] else ",".join(f"{s:g}" for s in r["sigma"])

@@ -29,8 +29,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_fedhf(out: Path, name: str, extra: list[str]) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", "3", "--set", f"output-dir={out}",
-           "--set", f"run-name={name}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedhf.cli",
+        "run",
+        "--num-clients",
+        "3",
+        "--set",
+        f"output-dir={out}",
+        "--set",
+        f"run-name={name}",
+        *extra,
+    ]
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -63,10 +74,13 @@ def non_embedding_params(run: dict) -> int:
 
 
 def ray_startup_seconds() -> float:
-    code = ("import time, ray; t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR');"
-            " print(time.perf_counter()-t); ray.shutdown()")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    code = (
+        "import time, ray; t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR');"
+        " print(time.perf_counter()-t); ray.shutdown()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    )
     return float(proc.stdout.strip().splitlines()[-1])
 
 
@@ -82,17 +96,24 @@ def main() -> None:
     # 1. quickstart default
     run, wall = run_fedhf(args.out, "quickstart", args.extra)
     final = run["rounds"][-1]
-    figures["quickstart"] = {"wall_seconds": round(wall, 1), "final_accuracy": final["eval_accuracy"],
-                             "round0_accuracy": run["rounds"][0]["eval_accuracy"],
-                             "round_wall_seconds": [r["wall_seconds"] for r in run["rounds"][1:]]}
-    print(f"\n[1] quickstart: {wall:.1f} s end to end, central accuracy {final['eval_accuracy']:.4f} "
-          f"(round 0: {run['rounds'][0]['eval_accuracy']:.4f}); target < 300 s and >= 0.75")
+    figures["quickstart"] = {
+        "wall_seconds": round(wall, 1),
+        "final_accuracy": final["eval_accuracy"],
+        "round0_accuracy": run["rounds"][0]["eval_accuracy"],
+        "round_wall_seconds": [r["wall_seconds"] for r in run["rounds"][1:]],
+    }
+    print(
+        f"\n[1] quickstart: {wall:.1f} s end to end, central accuracy {final['eval_accuracy']:.4f} "
+        f"(round 0: {run['rounds'][0]['eval_accuracy']:.4f}); target < 300 s and >= 0.75"
+    )
 
     # 3. bytes
     up = final["bytes_up"]
     full = run["model"]["model_bytes"]
     figures["bytes"] = {"bytes_up_per_client_round": up, "model_bytes": full, "ratio": up / full}
-    print(f"[3] bytes up per client per round: {up:,} B = {100 * up / full:.3f}% of the full model ({full:,} B); target <= 0.5%")
+    print(
+        f"[3] bytes up per client per round: {up:,} B = {100 * up / full:.3f}% of the full model ({full:,} B); target <= 0.5%"
+    )
 
     # 4. FLOP/s (quickstart run: 1 thread per client)
     threads = run["config"]["train.num-threads"]
@@ -102,37 +123,56 @@ def main() -> None:
     seconds = sum(c["train-seconds"] for c in clients)
     achieved = 4 * n_ne * tokens / seconds
     peak = matmul_flops(threads)
-    figures["flops"] = {"non_embedding_params": n_ne, "tokens": tokens, "train_seconds": seconds,
-                        "achieved_flops": achieved, "matmul_flops": peak, "ratio": achieved / peak, "threads": threads}
-    print(f"[4] training: 4 x {n_ne:,} non-embedding params x {tokens:,} tokens / {seconds:.1f} s = "
-          f"{achieved / 1e9:.2f} GFLOP/s per client ({threads} thread) vs torch matmul {peak / 1e9:.2f} GFLOP/s "
-          f"({threads} thread, 1024^3): {100 * achieved / peak:.1f}%")
+    figures["flops"] = {
+        "non_embedding_params": n_ne,
+        "tokens": tokens,
+        "train_seconds": seconds,
+        "achieved_flops": achieved,
+        "matmul_flops": peak,
+        "ratio": achieved / peak,
+        "threads": threads,
+    }
+    print(
+        f"[4] training: 4 x {n_ne:,} non-embedding params x {tokens:,} tokens / {seconds:.1f} s = "
+        f"{achieved / 1e9:.2f} GFLOP/s per client ({threads} thread) vs torch matmul {peak / 1e9:.2f} GFLOP/s "
+        f"({threads} thread, 1024^3): {100 * achieved / peak:.1f}%"
+    )
 
     # 2. overhead, clients one at a time
     if not args.skip_sequential:
-        seq, seq_wall = run_fedhf(args.out, "sequential", ["--cpus-per-client", "2", "--set", "train.num-threads=2", *args.extra])
+        seq, seq_wall = run_fedhf(
+            args.out, "sequential", ["--cpus-per-client", "2", "--set", "train.num-threads=2", *args.extra]
+        )
         rows = []
         for r in seq["rounds"][1:]:
             compute = sum(r["client_train_seconds"].values()) + sum(r.get("client_eval_seconds", []))
             handler = sum(r["client_handler_seconds"].values()) + sum(r.get("client_eval_seconds", []))
             fl = r["wall_seconds"] - r["central_eval_seconds"]
             rows.append((r["round"], r["wall_seconds"], r["central_eval_seconds"], compute, handler, fl))
-            print(f"    round {r['round']}: wall {r['wall_seconds']:.1f} s, central eval {r['central_eval_seconds']:.1f} s, "
-                  f"client train+eval {compute:.1f} s (handlers incl. data/model set-up {handler:.1f} s), "
-                  f"overhead {100 * (fl - compute) / compute:.1f}% of client compute, "
-                  f"{100 * (fl - handler) / handler:.1f}% of client handler time")
+            print(
+                f"    round {r['round']}: wall {r['wall_seconds']:.1f} s, central eval {r['central_eval_seconds']:.1f} s, "
+                f"client train+eval {compute:.1f} s (handlers incl. data/model set-up {handler:.1f} s), "
+                f"overhead {100 * (fl - compute) / compute:.1f}% of client compute, "
+                f"{100 * (fl - handler) / handler:.1f}% of client handler time"
+            )
         steady = rows[1:] or rows
         over = statistics.mean((fl - c) / c for _, _, _, c, _, fl in steady)
         over_h = statistics.mean((fl - h) / h for _, _, _, _, h, fl in steady)
         startup = ray_startup_seconds()
         first_excess = rows[0][5] - rows[0][3]  # round 1: wall - central eval - client compute
-        figures["overhead"] = {"steady_state_vs_train_eval": over, "steady_state_vs_handlers": over_h,
-                               "ray_init_seconds": startup, "first_round_excess_seconds": first_excess,
-                               "sequential_wall_seconds": seq_wall}
-        print(f"[2] framework overhead (rounds >= 2, clients one at a time): {100 * over:.1f}% of client train+eval "
-              f"compute; {100 * over_h:.1f}% of client handler time (target <= 10%). One-time: ray.init "
-              f"{startup:.1f} s; round 1 spent {first_excess:.1f} s outside client compute (Ray actor start-up, imports), "
-              f"later rounds {statistics.mean(fl - c for _, _, _, c, _, fl in steady):.1f} s")
+        figures["overhead"] = {
+            "steady_state_vs_train_eval": over,
+            "steady_state_vs_handlers": over_h,
+            "ray_init_seconds": startup,
+            "first_round_excess_seconds": first_excess,
+            "sequential_wall_seconds": seq_wall,
+        }
+        print(
+            f"[2] framework overhead (rounds >= 2, clients one at a time): {100 * over:.1f}% of client train+eval "
+            f"compute; {100 * over_h:.1f}% of client handler time (target <= 10%). One-time: ray.init "
+            f"{startup:.1f} s; round 1 spent {first_excess:.1f} s outside client compute (Ray actor start-up, imports), "
+            f"later rounds {statistics.mean(fl - c for _, _, _, c, _, fl in steady):.1f} s"
+        )
 
     (args.out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\nfigures written to {args.out / 'figures.json'}")

@@ -84,8 +84,19 @@ def fedhf_run(out: Path, name: str, clients: int, args: list[str], measure: bool
         import shutil
 
         shutil.rmtree(out / name)
-    cmd = [sys.executable, "-m", "fedhf.cli", "run", "--num-clients", str(clients), "--set", f"output-dir={out}",
-           "--set", f"run-name={name}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedhf.cli",
+        "run",
+        "--num-clients",
+        str(clients),
+        "--set",
+        f"output-dir={out}",
+        "--set",
+        f"run-name={name}",
+        *args,
+    ]
     print(f"$ fedhf run --num-clients {clients} {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -99,8 +110,9 @@ def fedhf_run(out: Path, name: str, clients: int, args: list[str], measure: bool
 
 
 def step_time(mode: str, steps: int, threads: int) -> float:
-    proc = subprocess.run([sys.executable, "-c", STEP_CODE, mode, str(steps), str(threads)], capture_output=True,
-                          text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", STEP_CODE, mode, str(steps), str(threads)], capture_output=True, text=True, cwd=ROOT
+    )
     if proc.returncode != 0:
         sys.exit(f"step timing ({mode}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["step_seconds"]
@@ -128,7 +140,9 @@ def main() -> None:
         seq = ["--cpus-per-client", "2", "--set", "train.num-threads=2", *QUICK]
         runs = {}
         for dtype in ("fp32", "fp16", "int8"):
-            runs[dtype], _, _ = fedhf_run(args.out, f"transport-{dtype}", 3, [*seq, "--set", f"transport.dtype={dtype}"])
+            runs[dtype], _, _ = fedhf_run(
+                args.out, f"transport-{dtype}", 3, [*seq, "--set", f"transport.dtype={dtype}"]
+            )
         run = runs["fp32"]
         if 2 in only:
             rows = []
@@ -150,52 +164,85 @@ def main() -> None:
             n_ne = non_embedding_params(run)
             achieved = 4 * n_ne * tokens / seconds
             peak = matmul_flops(2)
-            figures["flops"] = {"achieved": achieved, "matmul_peak": peak, "ratio": achieved / peak, "threads": 2,
-                                "non_embedding_params": n_ne}
+            figures["flops"] = {
+                "achieved": achieved,
+                "matmul_peak": peak,
+                "ratio": achieved / peak,
+                "threads": 2,
+                "non_embedding_params": n_ne,
+            }
         if 4 in only:
             full = run["model"]["model_bytes"]
             figures["transport"] = {
-                d: {"bytes_up": r["rounds"][-1]["bytes_up"], "ratio_to_model": r["rounds"][-1]["bytes_up"] / full,
-                    "final_accuracy": r["final"]["eval_accuracy"], "final_f1": r["final"]["eval_f1"]}
-                for d, r in runs.items()}
+                d: {
+                    "bytes_up": r["rounds"][-1]["bytes_up"],
+                    "ratio_to_model": r["rounds"][-1]["bytes_up"] / full,
+                    "final_accuracy": r["final"]["eval_accuracy"],
+                    "final_f1": r["final"]["eval_f1"],
+                }
+                for d, r in runs.items()
+            }
             figures["transport"]["model_bytes"] = full
 
     if 5 in only:
         mem = {}
-        scale = ["--set", "data.max-train-examples=2000", "--set", "num-server-rounds=2", "--set", "train.local-epochs=1",
-                 "--set", "strategy.fraction-evaluate=0"]
+        scale = [
+            "--set",
+            "data.max-train-examples=2000",
+            "--set",
+            "num-server-rounds=2",
+            "--set",
+            "train.local-epochs=1",
+            "--set",
+            "strategy.fraction-evaluate=0",
+        ]
         for n, frac in ((10, "1.0"), (100, "0.1")):
-            run, wall, peak = fedhf_run(args.out, f"scale-{n}", n, [*scale, "--set", f"strategy.fraction-train={frac}"],
-                                        measure=True)
-            mem[n] = {"peak_pss_bytes": peak, "wall_seconds": wall, "clients_per_round": run["rounds"][1]["clients_sampled"],
-                      "final_accuracy": run["final"]["eval_accuracy"]}
+            run, wall, peak = fedhf_run(
+                args.out, f"scale-{n}", n, [*scale, "--set", f"strategy.fraction-train={frac}"], measure=True
+            )
+            mem[n] = {
+                "peak_pss_bytes": peak,
+                "wall_seconds": wall,
+                "clients_per_round": run["rounds"][1]["clients_sampled"],
+                "final_accuracy": run["final"]["eval_accuracy"],
+            }
         figures["memory"] = mem
 
     figures_path.write_text(json.dumps(figures, indent=2) + "\n")
     f = figures
     if "dp_step" in f:
         d = f["dp_step"]
-        lines.append(f"[1] DP-SGD step (Opacus hooks) / non-DP step: {d['hooks_seconds'] * 1000:.0f} / "
-                     f"{d['plain_seconds'] * 1000:.0f} ms = {d['ratio']:.2f}x (target <= 1.10x)")
+        lines.append(
+            f"[1] DP-SGD step (Opacus hooks) / non-DP step: {d['hooks_seconds'] * 1000:.0f} / "
+            f"{d['plain_seconds'] * 1000:.0f} ms = {d['ratio']:.2f}x (target <= 1.10x)"
+        )
     if "round_overhead" in f:
         o = f["round_overhead"]
-        lines.append(f"[2] round overhead, steady state: {100 * o['steady_state_ratio']:.1f}% of client compute "
-                     f"({o['steady_state_seconds']:.1f} s per round; target <= 10%); one-time: ray.init "
-                     f"{o['ray_init_seconds']:.1f} s, round 1 {o['first_round_excess_seconds']:.1f} s outside client compute")
+        lines.append(
+            f"[2] round overhead, steady state: {100 * o['steady_state_ratio']:.1f}% of client compute "
+            f"({o['steady_state_seconds']:.1f} s per round; target <= 10%); one-time: ray.init "
+            f"{o['ray_init_seconds']:.1f} s, round 1 {o['first_round_excess_seconds']:.1f} s outside client compute"
+        )
     if "flops" in f:
         x = f["flops"]
-        lines.append(f"[3] training {x['achieved'] / 1e9:.1f} GFLOP/s vs torch matmul {x['matmul_peak'] / 1e9:.1f} GFLOP/s "
-                     f"({x['threads']} threads): {100 * x['ratio']:.1f}%")
+        lines.append(
+            f"[3] training {x['achieved'] / 1e9:.1f} GFLOP/s vs torch matmul {x['matmul_peak'] / 1e9:.1f} GFLOP/s "
+            f"({x['threads']} threads): {100 * x['ratio']:.1f}%"
+        )
     if "transport" in f:
         t = f["transport"]
         for d in ("fp32", "fp16", "int8"):
-            lines.append(f"[4] transport {d}: {t[d]['bytes_up']:,} B up per client per round = "
-                         f"{100 * t[d]['ratio_to_model']:.3f}% of the full model ({t['model_bytes']:,} B); final accuracy "
-                         f"{t[d]['final_accuracy']:.4f}" + (" (target <= 0.1%)" if d == "int8" else ""))
+            lines.append(
+                f"[4] transport {d}: {t[d]['bytes_up']:,} B up per client per round = "
+                f"{100 * t[d]['ratio_to_model']:.3f}% of the full model ({t['model_bytes']:,} B); final accuracy "
+                f"{t[d]['final_accuracy']:.4f}" + (" (target <= 0.1%)" if d == "int8" else "")
+            )
     if "memory" in f:
         for n, m in sorted(f["memory"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"[5] {n} clients ({m['clients_per_round']} per round): peak memory {m['peak_pss_bytes'] / 1e9:.2f} GB "
-                         f"(PSS of all processes), {m['wall_seconds']:.0f} s" + (" (target <= 8 GB)" if int(n) == 100 else ""))
+            lines.append(
+                f"[5] {n} clients ({m['clients_per_round']} per round): peak memory {m['peak_pss_bytes'] / 1e9:.2f} GB "
+                f"(PSS of all processes), {m['wall_seconds']:.0f} s" + (" (target <= 8 GB)" if int(n) == 100 else "")
+            )
     print(f"\nfedhf benchmark on {f['machine']}:")
     print("\n".join(lines))
     print(f"figures: {figures_path}")

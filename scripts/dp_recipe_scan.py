@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from fedhf.federation.client import round_seed
 from fedhf.config.schema import parse_config
-from fedhf.data.partitions import central_eval_set, make_partitions
 from fedhf.data.load import load_data
-from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.data.partitions import central_eval_set, make_partitions
+from fedhf.federation.client import round_seed
 from fedhf.privacy.dp import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
+from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
 from fedhf.tasks.text_classification import TextClassification, evaluate, make_loader
 from fedhf.train.loop import train_local
 
@@ -34,8 +34,18 @@ TASK = TextClassification()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--rows", type=int, default=1000, help="rows per client (10%% of them are held out for local evaluation, as in fedhf run)")
-    ap.add_argument("--batch", type=int, default=256, help="expected batch size (Poisson sampling q = 1 / ceil(rows / batch), as fedhf run sets it)")
+    ap.add_argument(
+        "--rows",
+        type=int,
+        default=1000,
+        help="rows per client (10%% of them are held out for local evaluation, as in fedhf run)",
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=256,
+        help="expected batch size (Poisson sampling q = 1 / ceil(rows / batch), as fedhf run sets it)",
+    )
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1, help="local epochs per round")
@@ -55,22 +65,33 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    cfg = parse_config({
-        "seed": a.seed, "num-server-rounds": a.rounds,
-        "data.max-train-examples": a.clients * a.rows, "data.max-length": a.max_length,
-        "data.max-eval-examples": a.max_eval,
-        "train.batch-size": a.batch, "train.lr": a.lr, "train.local-epochs": a.epochs,
-        "model.lora.r": a.lora_r, "model.lora.target-modules": a.target_modules, "model.lora.alpha": 2 * a.lora_r,
-        "model.pooling": a.pooling,
-        "privacy.max-grad-norm": a.clip, "privacy.accountant": a.accountant,
-    })
+    cfg = parse_config(
+        {
+            "seed": a.seed,
+            "num-server-rounds": a.rounds,
+            "data.max-train-examples": a.clients * a.rows,
+            "data.max-length": a.max_length,
+            "data.max-eval-examples": a.max_eval,
+            "train.batch-size": a.batch,
+            "train.lr": a.lr,
+            "train.local-epochs": a.epochs,
+            "model.lora.r": a.lora_r,
+            "model.lora.target-modules": a.target_modules,
+            "model.lora.alpha": 2 * a.lora_r,
+            "model.pooling": a.pooling,
+            "privacy.max-grad-norm": a.clip,
+            "privacy.accountant": a.accountant,
+        }
+    )
     data = load_data(cfg.data)
     parts = make_partitions(data, cfg.data, cfg.seed, a.clients)
     names = parts.label_names
     tok = load_tokenizer(cfg.model.name)
     model = build_model(cfg, names)
     global_state = get_adapter_state(model)
-    eval_loader = make_loader(central_eval_set(data, cfg.data, cfg.seed), tok, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
+    eval_loader = make_loader(
+        central_eval_set(data, cfg.data, cfg.seed), tok, cfg.data.max_length, 64, shuffle=False, sort_by_length=True
+    )
 
     accounts: list[SampleAccount] = []
     n = min(len(train) for train, _ in parts.parts)  # each client's training rows (a local-eval share is held out)
@@ -80,31 +101,51 @@ def main() -> None:
         delta = default_delta(n)
         sigma = plan_noise_multiplier(a.target_epsilon, delta, q, steps * a.rounds, a.accountant)
         accounts = [SampleAccount(a.accountant, delta, sigma, a.clip) for _ in range(a.clients)]
-    print(f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, {a.rounds} rounds, "
-          f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, {a.optimizer} (momentum {a.momentum}), " + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
-          flush=True)
+    print(
+        f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, {a.rounds} rounds, "
+        f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, {a.optimizer} (momentum {a.momentum}), "
+        + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
+        flush=True,
+    )
     t0 = time.perf_counter()
     res = None
     for rnd in range(1, a.rounds + 1):
         states = []
         for pid, (train_ds, _) in enumerate(parts.parts):
             set_adapter_state(model, global_state)
-            loader = make_loader(train_ds, tok, cfg.data.max_length, a.batch, shuffle=True, seed=round_seed(cfg, rnd, pid))
+            loader = make_loader(
+                train_ds, tok, cfg.data.max_length, a.batch, shuffle=True, seed=round_seed(cfg, rnd, pid)
+            )
             if a.no_dp:
-                train_local(model, loader, task=TASK, epochs=a.epochs, lr=a.lr, optimizer_name=a.optimizer, momentum=a.momentum)
+                train_local(
+                    model, loader, task=TASK, epochs=a.epochs, lr=a.lr, optimizer_name=a.optimizer, momentum=a.momentum
+                )
             else:
-                out = private_train(model, loader, accounts[pid], task=TASK, epochs=a.epochs, lr=a.lr,
-                                    optimizer_name=a.optimizer, momentum=a.momentum)
+                out = private_train(
+                    model,
+                    loader,
+                    accounts[pid],
+                    task=TASK,
+                    epochs=a.epochs,
+                    lr=a.lr,
+                    optimizer_name=a.optimizer,
+                    momentum=a.momentum,
+                )
                 accounts[pid] = out.account
             states.append(get_adapter_state(model))
         global_state = {k: torch.stack([s[k].float() for s in states]).mean(0) for k in global_state}
         set_adapter_state(model, global_state)
         res = evaluate(model, eval_loader, len(names))
         eps = max(acc.epsilon for acc in accounts) if accounts else 0.0
-        print(f"round {rnd}: accuracy {res.accuracy:.4f} loss {res.loss:.4f} epsilon {eps:.3f} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-    print(f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} momentum={a.momentum} rounds={a.rounds} "
-          f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}", flush=True)
+        print(
+            f"round {rnd}: accuracy {res.accuracy:.4f} loss {res.loss:.4f} epsilon {eps:.3f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    print(
+        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} momentum={a.momentum} rounds={a.rounds} "
+        f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -106,8 +112,14 @@ def server_identity(monkeypatch):
 def cli_env(root: Path, **extra: str) -> dict[str, str]:
     """Environment for a `fedhf` subprocess: offline, no telemetry, clients' saved state under ``root``, no
     fault injection unless ``extra`` asks for it."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
-               RAY_USAGE_STATS_ENABLED="0", FEDHF_STATE_DIR=str(root / "node-state"))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        FEDHF_STATE_DIR=str(root / "node-state"),
+    )
     env.pop("FEDHF_TEST_FAULTS", None)
     env.update(extra)
     return env

@@ -48,7 +48,9 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # ------------------------------------------------------------------ helpers
-    def _send(self, code: int, body: bytes | dict | list = b"", headers: dict | None = None, head: bool = False) -> None:
+    def _send(
+        self, code: int, body: bytes | dict | list = b"", headers: dict | None = None, head: bool = False
+    ) -> None:
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
@@ -81,10 +83,20 @@ class Handler(BaseHTTPRequestHandler):
         return sha, repo["commits"][sha]
 
     def _info(self, repo_id: str, repo: dict, sha: str, files: dict[str, bytes]) -> dict:
-        return {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo["private"], "disabled": False,
-                "gated": False, "downloads": 0, "likes": 0, "tags": [], "lastModified": "2026-01-01T00:00:00.000Z",
-                "createdAt": "2026-01-01T00:00:00.000Z",
-                "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(files.items())]}
+        return {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": sha,
+            "private": repo["private"],
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "lastModified": "2026-01-01T00:00:00.000Z",
+            "createdAt": "2026-01-01T00:00:00.000Z",
+            "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(files.items())],
+        }
 
     # ------------------------------------------------------------------ routes
     def do_POST(self) -> None:  # noqa: N802
@@ -103,8 +115,12 @@ class Handler(BaseHTTPRequestHandler):
                 if repo_id in REPOS:
                     return self._send(409, {"error": "You already created this model repo", "url": url_out})
                 sha, files = _new_commit({}, {".gitattributes": b"*.safetensors filter=lfs\n"}, "initial commit")
-                REPOS[repo_id] = {"private": bool(req.get("private")), "refs": {"main": sha}, "commits": {sha: files},
-                                  "prs": 0}
+                REPOS[repo_id] = {
+                    "private": bool(req.get("private")),
+                    "refs": {"main": sha},
+                    "commits": {sha: files},
+                    "prs": 0,
+                }
                 return self._send(200, {"url": url_out, "name": repo_id, "id": repo_id})
             if parts[:2] == ["api", "models"] and len(parts) >= 6:
                 repo_id = f"{parts[2]}/{parts[3]}"
@@ -120,15 +136,24 @@ class Handler(BaseHTTPRequestHandler):
                 if action == "preupload":
                     req = json.loads(body or b"{}")
                     head = self._head_files(repo, rev)
-                    return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                      for f in req.get("files", [])],
-                                            "commitOid": head[0] if head else None})
+                    return self._send(
+                        200,
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                for f in req.get("files", [])
+                            ],
+                            "commitOid": head[0] if head else None,
+                        },
+                    )
                 if action == "commit":
                     if OPTIONS["refuse_commits"]:
                         return self._send(403, {"error": "You don't have the rights to commit to this repo"})
                     head = self._head_files(repo, rev)
                     if head is None:
-                        return self._send(404, {"error": f"Revision not found: {rev}"}, {"X-Error-Code": "RevisionNotFound"})
+                        return self._send(
+                            404, {"error": f"Revision not found: {rev}"}, {"X-Error-Code": "RevisionNotFound"}
+                        )
                     changes: dict[str, bytes | None] = {}
                     summary = "commit"
                     for line in body.decode().splitlines():
@@ -151,8 +176,14 @@ class Handler(BaseHTTPRequestHandler):
                         repo["prs"] += 1
                         ref = f"refs/pr/{repo['prs']}"
                         repo["refs"][ref] = sha
-                        return self._send(200, {"commitUrl": f"{host}/{repo_id}/commit/{sha}", "commitOid": sha,
-                                                "pullRequestUrl": f"{host}/{repo_id}/discussions/{repo['prs']}"})
+                        return self._send(
+                            200,
+                            {
+                                "commitUrl": f"{host}/{repo_id}/commit/{sha}",
+                                "commitOid": sha,
+                                "pullRequestUrl": f"{host}/{repo_id}/discussions/{repo['prs']}",
+                            },
+                        )
                     repo["refs"][unquote(rev)] = sha
                     return self._send(200, {"commitUrl": f"{host}/{repo_id}/commit/{sha}", "commitOid": sha})
         return self._send(404, {"error": f"not implemented: POST {url.path}"})
@@ -176,15 +207,22 @@ class Handler(BaseHTTPRequestHandler):
                     rev = "/".join(parts[5:]) if len(parts) > 5 else "main"
                     found = self._head_files(repo, rev)
                     if found is None:
-                        return self._send(404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"}, head)
+                        return self._send(
+                            404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"}, head
+                        )
                     return self._send(200, self._info(repo_id, repo, *found), head=head)
                 if parts[4] == "tree":
                     found = self._head_files(repo, parts[5] if len(parts) > 5 else "main")
                     if found is None:
-                        return self._send(404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"}, head)
+                        return self._send(
+                            404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"}, head
+                        )
                     prefix = "/".join(parts[6:])
-                    entries = [{"type": "file", "path": p, "size": len(b), "oid": _sha(b)}
-                               for p, b in sorted(found[1].items()) if not prefix or p.startswith(prefix + "/")]
+                    entries = [
+                        {"type": "file", "path": p, "size": len(b), "oid": _sha(b)}
+                        for p, b in sorted(found[1].items())
+                        if not prefix or p.startswith(prefix + "/")
+                    ]
                     return self._send(200, entries, head=head)
             if len(parts) >= 5 and parts[2] == "resolve":
                 repo_id = f"{parts[0]}/{parts[1]}"
@@ -198,8 +236,12 @@ class Handler(BaseHTTPRequestHandler):
                 if path not in found[1]:
                     return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}, head)
                 data = found[1][path]
-                return self._send(200, data, {"X-Repo-Commit": found[0], "ETag": f'"{_sha(data)}"',
-                                              "Content-Type": "application/octet-stream"}, head)
+                return self._send(
+                    200,
+                    data,
+                    {"X-Repo-Commit": found[0], "ETag": f'"{_sha(data)}"', "Content-Type": "application/octet-stream"},
+                    head,
+                )
         return self._send(404, {"error": f"not implemented: GET {url.path}"}, head=head)
 
 

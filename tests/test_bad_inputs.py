@@ -21,8 +21,14 @@ pytestmark = pytest.mark.slow  # about 40 fedhf processes and one short federati
 
 
 def fedhf(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True,
-                          env=cli_env(root, **env), timeout=300, cwd=root)
+    return subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(root, **env),
+        timeout=300,
+        cwd=root,
+    )
 
 
 def check_refused(proc: subprocess.CompletedProcess, words: str, root: Path) -> None:
@@ -53,10 +59,16 @@ def corpus(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     (root / "empty").mkdir()
     (root / "empty" / "train.tsv").write_text("text\tlabel\n")
     rows = synthetic_rows(20)
-    write_tsv(root / "emptylabel" / "train.tsv", [{**r, "label": "" if i == 3 else r["label"]} for i, r in enumerate(rows)],
-              ["text", "label"])
-    write_tsv(root / "floatlabel" / "train.tsv", [{**r, "label": 0.5 * (i % 3)} for i, r in enumerate(rows)],
-              ["text", "label"])
+    write_tsv(
+        root / "emptylabel" / "train.tsv",
+        [{**r, "label": "" if i == 3 else r["label"]} for i, r in enumerate(rows)],
+        ["text", "label"],
+    )
+    write_tsv(
+        root / "floatlabel" / "train.tsv",
+        [{**r, "label": 0.5 * (i % 3)} for i, r in enumerate(rows)],
+        ["text", "label"],
+    )
     write_tsv(root / "oneclass" / "train.tsv", [{**r, "label": "positive"} for r in rows], ["text", "label"])
     (root / "nodes-key.toml").write_text('[nodes.0]\ndata-path = "/somewhere"\n')
     (root / "nodes-id.toml").write_text("[nodes.7]\nmax-epsilon = 2.0\n")
@@ -65,9 +77,25 @@ def corpus(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     (root / "occupied" / "someone-elses" / "notes.txt").write_text("not a run")
 
     out = root / "runs"
-    proc = fedhf(root, "run", "-n", "2", "--set", f"model.name={tiny_model_dir}", "--set", f"data.dataset={good}",
-                 "--set", f"output-dir={out}", "--set", "run-name=poisoned", "--set", "num-server-rounds=2",
-                 "--set", "data.max-length=16", FEDHF_TEST_FAULTS="0:1:nan,1:1:norm")
+    proc = fedhf(
+        root,
+        "run",
+        "-n",
+        "2",
+        "--set",
+        f"model.name={tiny_model_dir}",
+        "--set",
+        f"data.dataset={good}",
+        "--set",
+        f"output-dir={out}",
+        "--set",
+        "run-name=poisoned",
+        "--set",
+        "num-server-rounds=2",
+        "--set",
+        "data.max-length=16",
+        FEDHF_TEST_FAULTS="0:1:nan,1:1:norm",
+    )
     files["poisoned"] = out / "poisoned"
     files["poisoned_proc"] = proc  # type: ignore[assignment]
     return files
@@ -102,14 +130,21 @@ CASES = {
     "config-unknown-choice": (["run", "--set", "strategy.name=fedavgg"], "Did you mean 'fedavg'"),
     "config-negative-lr": (["run", "--set", "train.lr=-1"], "config key 'train.lr'"),
     "config-transport-dtype": (["run", "--set", "transport.dtype=int4"], "config key 'transport.dtype'"),
-    "config-norm-not-a-number": (["run", "--set", "strategy.max-update-norm=big"], "config key 'strategy.max-update-norm'"),
+    "config-norm-not-a-number": (
+        ["run", "--set", "strategy.max-update-norm=big"],
+        "config key 'strategy.max-update-norm'",
+    ),
     "config-unknown-key": (["run", "--set", "nosuch.key=1"], "unknown config key 'nosuch.key'"),
     "config-invalid-toml": (["run", "--config", "{root}/bad.toml"], "not valid TOML"),
-    "config-secagg-with-int8": (["run", "--set", "strategy.secure-aggregation=true", "--set", "transport.dtype=int8"],
-                                "config key 'transport.dtype'"),
+    "config-secagg-with-int8": (
+        ["run", "--set", "strategy.secure-aggregation=true", "--set", "transport.dtype=int8"],
+        "config key 'transport.dtype'",
+    ),
     "config-trim-beta": (["run", "--set", "strategy.trim-beta=0.5"], "config key 'strategy.trim-beta'"),
-    "config-client-dp-with-median": (["run", "--set", "privacy.mode=client", "--set", "strategy.name=fedmedian"],
-                                     "needs fedavg"),
+    "config-client-dp-with-median": (
+        ["run", "--set", "privacy.mode=client", "--set", "strategy.name=fedmedian"],
+        "needs fedavg",
+    ),
     # command-line arguments
     "cli-too-few-clients": (["run", "-n", "1"], "strategy.min-available-nodes"),
     "cli-cpus": (["run", "--cpus-per-client", "0"], "--cpus-per-client"),
@@ -128,33 +163,100 @@ CASES = {
     "labels-floats": (["run", "--set", "data.dataset={root}/floatlabel"], "floats"),
     "labels-one-class": (["run", "--set", "data.dataset={root}/oneclass"], "single class"),
     # node configs (what a SuperNode is started with), checked with fedhf node-check
-    "node-budget": (["node-check", "--node-config", "partition-id=0 num-partitions=2 max-epsilon=-4",
-                     "--set", "data.dataset={good}"], "node config 'max-epsilon'"),
-    "node-partition-outside": (["node-check", "--node-config", "partition-id=5 num-partitions=2",
-                                "--set", "data.dataset={good}"], "partition-id 5 is outside"),
-    "node-unknown-key": (["node-check", "--node-config", "partition-id=0 num-partitions=2 max-epsilion=4",
-                          "--set", "data.dataset={good}"], "'max-epsilion'"),
-    "node-missing-silo": (["node-check", "--node-config", 'data-path="{root}/no-silo"', "--labels", "negative,positive"],
-                          "does not exist"),
-    "node-fail-mode": (["node-check", "--node-config", "partition-id=0 num-partitions=2 fail-at-round=1 fail-mode=boom",
-                        "--set", "data.dataset={good}"], "fail-mode"),
-    "node-no-ids": (["node-check", "--node-config", "max-epsilon=4", "--set", "data.dataset={good}"], "node config needs"),
+    "node-budget": (
+        [
+            "node-check",
+            "--node-config",
+            "partition-id=0 num-partitions=2 max-epsilon=-4",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "node config 'max-epsilon'",
+    ),
+    "node-partition-outside": (
+        ["node-check", "--node-config", "partition-id=5 num-partitions=2", "--set", "data.dataset={good}"],
+        "partition-id 5 is outside",
+    ),
+    "node-unknown-key": (
+        [
+            "node-check",
+            "--node-config",
+            "partition-id=0 num-partitions=2 max-epsilion=4",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "'max-epsilion'",
+    ),
+    "node-missing-silo": (
+        ["node-check", "--node-config", 'data-path="{root}/no-silo"', "--labels", "negative,positive"],
+        "does not exist",
+    ),
+    "node-fail-mode": (
+        [
+            "node-check",
+            "--node-config",
+            "partition-id=0 num-partitions=2 fail-at-round=1 fail-mode=boom",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "fail-mode",
+    ),
+    "node-no-ids": (
+        ["node-check", "--node-config", "max-epsilon=4", "--set", "data.dataset={good}"],
+        "node config needs",
+    ),
     # the owner's policy (node config), as a SuperNode or a simulated node's file gives it
-    "node-policy-level": (["node-check", "--node-config", "partition-id=0 num-partitions=2 min-privacy=strong",
-                           "--set", "data.dataset={good}"], "node config 'min-privacy': got 'strong'"),
-    "node-policy-share": (["node-check", "--node-config", "partition-id=0 num-partitions=2 share=secrets",
-                           "--set", "data.dataset={good}"], "node config 'share': 'secrets'"),
-    "node-policy-contradiction": (["node-check", "--node-config", "partition-id=0 num-partitions=2 max-epsilon=2 "
-                                   "min-privacy=none", "--set", "data.dataset={good}"], "sample-level budget"),
-    "node-policy-delta": (["node-check", "--node-config", "partition-id=0 num-partitions=2 max-delta=2",
-                           "--set", "data.dataset={good}"], "node config 'max-delta'"),
+    "node-policy-level": (
+        [
+            "node-check",
+            "--node-config",
+            "partition-id=0 num-partitions=2 min-privacy=strong",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "node config 'min-privacy': got 'strong'",
+    ),
+    "node-policy-share": (
+        [
+            "node-check",
+            "--node-config",
+            "partition-id=0 num-partitions=2 share=secrets",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "node config 'share': 'secrets'",
+    ),
+    "node-policy-contradiction": (
+        [
+            "node-check",
+            "--node-config",
+            "partition-id=0 num-partitions=2 max-epsilon=2 min-privacy=none",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "sample-level budget",
+    ),
+    "node-policy-delta": (
+        ["node-check", "--node-config", "partition-id=0 num-partitions=2 max-delta=2", "--set", "data.dataset={good}"],
+        "node config 'max-delta'",
+    ),
     "node-file-missing": (["run", "--node-config", "{root}/nope.toml"], "--node-config"),
     "node-file-data-path": (["run", "--node-config", "{root}/nodes-key.toml"], "not one a simulated node takes"),
     "node-file-partition": (["run", "--node-config", "{root}/nodes-id.toml"], "must name a partition id 0..2"),
     "node-file-value": (["run", "--node-config", "{root}/nodes-value.toml"], "node config 'min-privacy'"),
     "config-removed-budget-key": (["run", "--set", "privacy.node-max-epsilon=0:1"], "was removed"),
-    "run-folder-not-ours": (["run", "--set", "output-dir={root}/occupied", "--set", "run-name=someone-elses",
-                             "--set", "data.dataset={good}"], "will not adopt"),
+    "run-folder-not-ours": (
+        [
+            "run",
+            "--set",
+            "output-dir={root}/occupied",
+            "--set",
+            "run-name=someone-elses",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "will not adopt",
+    ),
 }
 
 

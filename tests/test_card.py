@@ -5,8 +5,8 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 
-from fedhf.release.card import base_model_license, build_hub_folder, combined_license
 from fedhf.config.schema import parse_config
+from fedhf.release.card import base_model_license, build_hub_folder, combined_license
 
 
 def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst2", license="unknown"):
@@ -17,19 +17,45 @@ def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst
     for name in ("adapter_config.json", "adapter_model.safetensors", "fedhf.json", "tokenizer.json"):
         (adapter / name).write_text("{}")
     run = {
-        "run_id": "r1", "status": "complete", "config": cfg.to_flat(), "config_sha256": "ab" * 32,
-        "seeds": {"seed": 42}, "versions": {"flwr": "1.42.0"}, "git_commit": None,
-        "dataset": {"name": dataset, "preset": preset, "label_names": ["negative", "positive"], "central_eval_rows": 872,
-                    "license": license, "citation": "Someone 2013.",
-                    "source": source or {"kind": "preset-local", "hub_id": "stanfordnlp/sst2", "text_column": "sentence",
-                                         "label_column": "label",
-                                         "files": {"train": [{"name": "train.tsv", "sha256": "1" * 64}]}}},
+        "run_id": "r1",
+        "status": "complete",
+        "config": cfg.to_flat(),
+        "config_sha256": "ab" * 32,
+        "seeds": {"seed": 42},
+        "versions": {"flwr": "1.42.0"},
+        "git_commit": None,
+        "dataset": {
+            "name": dataset,
+            "preset": preset,
+            "label_names": ["negative", "positive"],
+            "central_eval_rows": 872,
+            "license": license,
+            "citation": "Someone 2013.",
+            "source": source
+            or {
+                "kind": "preset-local",
+                "hub_id": "stanfordnlp/sst2",
+                "text_column": "sentence",
+                "label_column": "label",
+                "files": {"train": [{"name": "train.tsv", "sha256": "1" * 64}]},
+            },
+        },
         "model": {"name": cfg.model.name, "trainable_params": 74498, "total_params": 22788484, "adapter_bytes": 297992},
-        "partitions": [{"partition_id": 0, "train_examples": 360, "label_histogram": [160, 200]},
-                       {"partition_id": 1, "train_examples": 360, "label_histogram": [170, 190]}],
-        "rounds": [{"round": 0, "eval_loss": 0.69, "eval_accuracy": 0.47, "eval_f1": 0.46},
-                   {"round": 1, "train_loss": 0.5, "eval_loss": 0.45, "eval_accuracy": 0.8, "eval_f1": 0.79,
-                    "clients": [{"status": "trained"}, {"status": "trained"}]}],
+        "partitions": [
+            {"partition_id": 0, "train_examples": 360, "label_histogram": [160, 200]},
+            {"partition_id": 1, "train_examples": 360, "label_histogram": [170, 190]},
+        ],
+        "rounds": [
+            {"round": 0, "eval_loss": 0.69, "eval_accuracy": 0.47, "eval_f1": 0.46},
+            {
+                "round": 1,
+                "train_loss": 0.5,
+                "eval_loss": 0.45,
+                "eval_accuracy": 0.8,
+                "eval_f1": 0.79,
+                "clients": [{"status": "trained"}, {"status": "trained"}],
+            },
+        ],
         "final": {"eval_loss": 0.45, "eval_accuracy": 0.8, "eval_f1": 0.79},
     }
     if privacy:
@@ -38,17 +64,42 @@ def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst
 
 
 def test_card_metadata_and_body(tmp_path):
-    privacy = {"mode": "both", "label": "sample-level (per example)", "accountant": "rdp", "rng": "not secure",
-               "clients": {"0": {"epsilon": 3.5, "delta": 2e-4, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": []},
-                           "1": {"epsilon": 2.5, "delta": 3e-4, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": [],
-                                 "stopped": {"round": 2}}},
-               "client_level": {"label": "client-level (per participant)", "epsilon": 9.1, "epsilon_no_amplification": 9.1,
-                                "delta": 0.05, "effective_noise_multiplier": 1.0, "clipping": "server-fixed",
-                                "rounds": [{"clipping_norm": 0.5}]}}
+    privacy = {
+        "mode": "both",
+        "label": "sample-level (per example)",
+        "accountant": "rdp",
+        "rng": "not secure",
+        "clients": {
+            "0": {"epsilon": 3.5, "delta": 2e-4, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": []},
+            "1": {
+                "epsilon": 2.5,
+                "delta": 3e-4,
+                "noise_multiplier": 1.0,
+                "max_grad_norm": 1.0,
+                "rounds": [],
+                "stopped": {"round": 2},
+            },
+        },
+        "client_level": {
+            "label": "client-level (per participant)",
+            "epsilon": 9.1,
+            "epsilon_no_amplification": 9.1,
+            "delta": 0.05,
+            "effective_noise_multiplier": 1.0,
+            "clipping": "server-fixed",
+            "rounds": [{"clipping_norm": 0.5}],
+        },
+    }
     run_dir, run = fake_run(tmp_path, privacy=privacy)
     hub = build_hub_folder(run_dir, run, "apache-2.0")
-    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                    "fedhf.json", "provenance.json", "tokenizer.json"]
+    assert sorted(p.name for p in hub.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "fedhf.json",
+        "provenance.json",
+        "tokenizer.json",
+    ]
     card = ModelCard.load(hub / "README.md")
     meta = card.data.to_dict()
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -72,13 +123,16 @@ def test_no_privacy_is_said_plainly(tmp_path):
     assert "differential-privacy" not in card.data.to_dict()["tags"]
 
 
-@pytest.mark.parametrize(("model", "data", "expected"), [
-    ("apache-2.0", "research and non-commercial use only", "other"),
-    ("apache-2.0", "unknown", "unknown"),
-    ("apache-2.0", "cc-by-4.0", "cc-by-4.0"),
-    ("apache-2.0", "apache-2.0", "apache-2.0"),
-    ("mit", "apache-2.0", "mit"),
-])
+@pytest.mark.parametrize(
+    ("model", "data", "expected"),
+    [
+        ("apache-2.0", "research and non-commercial use only", "other"),
+        ("apache-2.0", "unknown", "unknown"),
+        ("apache-2.0", "cc-by-4.0", "cc-by-4.0"),
+        ("apache-2.0", "apache-2.0", "apache-2.0"),
+        ("mit", "apache-2.0", "mit"),
+    ],
+)
 def test_most_restrictive_license(model, data, expected):
     lic, note = combined_license(model, data)
     assert lic == expected
@@ -86,15 +140,21 @@ def test_most_restrictive_license(model, data, expected):
 
 
 def test_non_commercial_data_is_stated_on_the_card(tmp_path):
-    run_dir, run = fake_run(tmp_path, dataset="ag_news", preset="ag_news", license="research and non-commercial use only")
+    run_dir, run = fake_run(
+        tmp_path, dataset="ag_news", preset="ag_news", license="research and non-commercial use only"
+    )
     card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
     assert card.data.to_dict()["license"] == "other"
     assert "research and non-commercial use only" in card.text
 
 
 def test_provenance_has_no_absolute_paths_and_names_local_data_by_hash(tmp_path):
-    src = {"kind": "local", "text_column": "text", "label_column": "label",
-           "files": {"train": [{"name": "train.csv", "sha256": "2" * 64}]}}
+    src = {
+        "kind": "local",
+        "text_column": "text",
+        "label_column": "label",
+        "files": {"train": [{"name": "train.csv", "sha256": "2" * 64}]},
+    }
     run_dir, run = fake_run(tmp_path, dataset=str(tmp_path / "secret" / "data"), preset=None, source=src)
     run["config"]["data.dataset"] = str(tmp_path / "secret" / "data")
     hub = build_hub_folder(run_dir, run, "apache-2.0")
@@ -112,8 +172,12 @@ def test_base_model_license():
 
 
 def test_afrisenti_card_lists_the_languages(tmp_path):
-    src = {"kind": "preset-local", "hub_id": "shmuhammad/AfriSentiData", "languages": ["hau", "yor", "pcm"],
-           "files": {"train": [{"name": "hau/train.tsv", "sha256": "3" * 64}]}}
+    src = {
+        "kind": "preset-local",
+        "hub_id": "shmuhammad/AfriSentiData",
+        "languages": ["hau", "yor", "pcm"],
+        "files": {"train": [{"name": "hau/train.tsv", "sha256": "3" * 64}]},
+    }
     run_dir, run = fake_run(tmp_path, dataset="afrisenti", preset="afrisenti", source=src, license="cc-by-4.0")
     run["config"]["data.partitioner"] = "natural"
     card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
@@ -142,9 +206,13 @@ def test_card_states_secure_aggregation_and_its_parameters(tmp_path):
     from fedhf.flower.secagg import SecAggSettings
 
     run_dir, run = fake_run(tmp_path)
-    run["secure_aggregation"] = {**SecAggSettings.from_config(parse_config({"strategy.secure-aggregation": True})).describe(),
-                                 "rounds": [{"num_shares": 3, "reconstruction_threshold": 2, "dropped": 1, "completed": True},
-                                            {"num_shares": 3, "reconstruction_threshold": 2, "dropped": 2, "completed": False}]}
+    run["secure_aggregation"] = {
+        **SecAggSettings.from_config(parse_config({"strategy.secure-aggregation": True})).describe(),
+        "rounds": [
+            {"num_shares": 3, "reconstruction_threshold": 2, "dropped": 1, "completed": True},
+            {"num_shares": 3, "reconstruction_threshold": 2, "dropped": 2, "completed": False},
+        ],
+    }
     text = (build_hub_folder(run_dir, run, "apache-2.0") / "README.md").read_text()
     assert "**On: SecAgg+" in text and "| shares per secret / reconstruction threshold | 3 / 2 |" in text
     assert "| quantization | 22 bits (4,194,304 levels) over [-8, 8], step 3.81e-06 |" in text
@@ -156,8 +224,10 @@ def test_card_states_the_wire_format_failures_and_resumes(tmp_path):
     run_dir, run = fake_run(tmp_path)
     run["config"]["transport.dtype"] = "int8"
     run["rounds"][1]["failures"] = [{"node_id": 5, "reason": "timeout"}]
-    run["rounds"][1]["rejected"] = [{"node_id": 6, "partition_id": 1, "reason": "NaN"}, {"node_id": 7, "partition_id": 2,
-                                                                                      "reason": "norm"}]
+    run["rounds"][1]["rejected"] = [
+        {"node_id": 6, "partition_id": 1, "reason": "NaN"},
+        {"node_id": 7, "partition_id": 2, "reason": "norm"},
+    ]
     run["resumes"] = [{"from_round": 1}]
     text = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md").text
     assert "| updates on the wire | int8 updates with one scale per tensor" in text

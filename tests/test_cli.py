@@ -40,32 +40,58 @@ def assert_clean_error(result, needle, out_dir: Path):
         (["--set", "train.batch-size=big"], "config key 'train.batch-size': got 'big'"),
         (["--set", "strategy.name=fedsgd"], "config key 'strategy.name': got 'fedsgd'; allowed"),
         (["--set", "data.partitioner=random"], "config key 'data.partitioner': got 'random'; allowed"),
-        (["--set", "data.partitioner=dirichlet", "--set", "data.dirichlet-alpha=0"], "'data.dirichlet-alpha': got 0.0; it must be > 0"),
+        (
+            ["--set", "data.partitioner=dirichlet", "--set", "data.dirichlet-alpha=0"],
+            "'data.dirichlet-alpha': got 0.0; it must be > 0",
+        ),
         (["--num-clients", "0"], "num-partitions must be >= 1"),
         (["--num-clients", "1"], "config key 'strategy.min-available-nodes': got 2, more than --num-clients 1"),
         (["--set", "data.dataset=./missing/train.csv"], "does not exist"),
-        (["--set", "data.dataset=nobody/no-such-dataset"], "cannot reach the Hugging Face Hub for dataset 'nobody/no-such-dataset'"),
-        (["--set", "privacy.mode=sample", "--set", "privacy.noise-multiplier=-0.5"], "'privacy.noise-multiplier': got -0.5; it must be >= 0"),
+        (
+            ["--set", "data.dataset=nobody/no-such-dataset"],
+            "cannot reach the Hugging Face Hub for dataset 'nobody/no-such-dataset'",
+        ),
+        (
+            ["--set", "privacy.mode=sample", "--set", "privacy.noise-multiplier=-0.5"],
+            "'privacy.noise-multiplier': got -0.5; it must be >= 0",
+        ),
         (["--set", "privacy.max-grad-norm=0"], "'privacy.max-grad-norm': got 0.0; it must be > 0"),
         (["--set", "privacy.delta=1"], "'privacy.delta': got 1.0; it must be < 1"),
         (["--set", "privacy.target-epsilon=0"], "'privacy.target-epsilon': got 0.0; it must be > 0"),
         (["--set", "privacy.accountant=gdp"], "'privacy.accountant': got 'gdp'; allowed: rdp, prv"),
         (["--set", "privacy.mode=local"], "'privacy.mode': got 'local'; allowed"),
-        (["--set", "privacy.node-max-epsilon=0:2"], "'privacy.node-max-epsilon' was removed: a node's budget is its owner's word"),
+        (
+            ["--set", "privacy.node-max-epsilon=0:2"],
+            "'privacy.node-max-epsilon' was removed: a node's budget is its owner's word",
+        ),
         (["--set", "strategy.max-weight=0"], "'strategy.max-weight': got 0.0; it must be > 0"),
         (["--set", "model.hub-id=not a repo id"], "config key 'model.hub-id': got 'not a repo id'"),
-        (["--set", "privacy.mode=sample", "--set", "strategy.name=fedprox"], "fedprox cannot be combined with privacy.mode='sample'"),
+        (
+            ["--set", "privacy.mode=sample", "--set", "strategy.name=fedprox"],
+            "fedprox cannot be combined with privacy.mode='sample'",
+        ),
         (["--set", "hub.push=true"], "config key 'hub.repo-id': got ''; hub.push=true needs a Hub repo id"),
         (["--set", "hub.push=true", "--set", "hub.repo-id=no spaces/x"], "config key 'hub.repo-id': got 'no spaces/x'"),
-        (["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-reconstruction-threshold=5"],
-         "config key 'strategy.secagg-reconstruction-threshold': got 5, more than the 3 shares"),
-        (["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-max-weight=10"],
-         "config key 'strategy.secagg-max-weight': this client trains on"),
-        (["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-max-weight=1e12"],
-         "rounds to zero in SecAgg+"),
-        (["--set", "strategy.secure-aggregation=true", "--set", "privacy.mode=client"],
-         "config key 'strategy.secure-aggregation': true cannot be combined with privacy.mode='client'"),
-        (["--set", "strategy.secure-aggregation=yes please"], "config key 'strategy.secure-aggregation': got 'yes please'"),
+        (
+            ["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-reconstruction-threshold=5"],
+            "config key 'strategy.secagg-reconstruction-threshold': got 5, more than the 3 shares",
+        ),
+        (
+            ["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-max-weight=10"],
+            "config key 'strategy.secagg-max-weight': this client trains on",
+        ),
+        (
+            ["--set", "strategy.secure-aggregation=true", "--set", "strategy.secagg-max-weight=1e12"],
+            "rounds to zero in SecAgg+",
+        ),
+        (
+            ["--set", "strategy.secure-aggregation=true", "--set", "privacy.mode=client"],
+            "config key 'strategy.secure-aggregation': true cannot be combined with privacy.mode='client'",
+        ),
+        (
+            ["--set", "strategy.secure-aggregation=yes please"],
+            "config key 'strategy.secure-aggregation': got 'yes please'",
+        ),
     ],
 )
 def test_bad_config_and_sources(runner, tmp_path, args, needle):
@@ -75,19 +101,36 @@ def test_bad_config_and_sources(runner, tmp_path, args, needle):
 def test_missing_columns_and_empty_partitions(runner, tmp_path):
     f = write_jsonl(tmp_path / "d" / "train.jsonl", synthetic_rows(4))
     out = tmp_path / "out"
-    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={f}", "--set", "data.text-column=review"], out),
-                       "column 'review' not found", out)
-    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={f}", "--set", "data.label-column=stars"], out),
-                       "column 'stars' not found", out)
-    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={f}", "--num-clients", "6",
-                                       "--set", "strategy.min-available-nodes=2"], out),
-                       "4 training rows cannot fill 6 partitions", out)
+    assert_clean_error(
+        invoke(runner, ["run", "--set", f"data.dataset={f}", "--set", "data.text-column=review"], out),
+        "column 'review' not found",
+        out,
+    )
+    assert_clean_error(
+        invoke(runner, ["run", "--set", f"data.dataset={f}", "--set", "data.label-column=stars"], out),
+        "column 'stars' not found",
+        out,
+    )
+    assert_clean_error(
+        invoke(
+            runner,
+            ["run", "--set", f"data.dataset={f}", "--num-clients", "6", "--set", "strategy.min-available-nodes=2"],
+            out,
+        ),
+        "4 training rows cannot fill 6 partitions",
+        out,
+    )
 
 
 def test_unreachable_model_id(runner, tmp_path, synthetic_dir):
     out = tmp_path / "out"
-    assert_clean_error(invoke(runner, ["run", "--set", f"data.dataset={synthetic_dir}", "--set", "model.name=nobody/no-such-model"], out),
-                       "model.name: cannot load 'nobody/no-such-model': the Hub is unreachable", out)
+    assert_clean_error(
+        invoke(
+            runner, ["run", "--set", f"data.dataset={synthetic_dir}", "--set", "model.name=nobody/no-such-model"], out
+        ),
+        "model.name: cannot load 'nobody/no-such-model': the Hub is unreachable",
+        out,
+    )
 
 
 def test_config_file_errors(runner, tmp_path):
@@ -95,13 +138,28 @@ def test_config_file_errors(runner, tmp_path):
     assert_clean_error(invoke(runner, ["run", "--config", str(tmp_path / "none.toml")], out), "no such file", out)
     exp = tmp_path / "exp.toml"
     exp.write_text("[train]\nlearning-rate = 0.1\n")
-    assert_clean_error(invoke(runner, ["run", "--config", str(exp)], out), "unknown config key 'train.learning-rate'", out)
+    assert_clean_error(
+        invoke(runner, ["run", "--config", str(exp)], out), "unknown config key 'train.learning-rate'", out
+    )
 
 
 def test_partitions_command_prints_statistics(runner, synthetic_dir):
-    result = runner.invoke(app, ["partitions", "--num-clients", "4", "--set", f"data.dataset={synthetic_dir}",
-                                 "--set", "data.partitioner=dirichlet", "--set", "data.dirichlet-alpha=0.3",
-                                 "--set", "data.min-partition-size=5"])
+    result = runner.invoke(
+        app,
+        [
+            "partitions",
+            "--num-clients",
+            "4",
+            "--set",
+            f"data.dataset={synthetic_dir}",
+            "--set",
+            "data.partitioner=dirichlet",
+            "--set",
+            "data.dirichlet-alpha=0.3",
+            "--set",
+            "data.min-partition-size=5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "200 training rows" in lines[0] and "dirichlet, 4 clients" in lines[0]
@@ -125,15 +183,34 @@ def test_help_on_every_command(runner):
 
 def test_real_process_exit_code(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "fedhf.cli", "run", "--set", "seed=-1"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "run", "--set", "seed=-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: config key 'seed': got -1; it must be >= 0."
 
 
 def test_unreachable_target_epsilon_fails_before_training(runner, tmp_path, synthetic_dir):
     out = tmp_path / "out"
-    result = invoke(runner, ["run", "--set", f"data.dataset={synthetic_dir}", "--set", "privacy.mode=sample",
-                             "--set", "privacy.target-epsilon=0.0001", "--set", "num-server-rounds=50"], out)
+    result = invoke(
+        runner,
+        [
+            "run",
+            "--set",
+            f"data.dataset={synthetic_dir}",
+            "--set",
+            "privacy.mode=sample",
+            "--set",
+            "privacy.target-epsilon=0.0001",
+            "--set",
+            "num-server-rounds=50",
+        ],
+        out,
+    )
     assert_clean_error(result, "privacy.target-epsilon=0.0001 is unreachable", out)
     assert not list(out.glob("*/run.json"))  # nothing started
 

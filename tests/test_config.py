@@ -25,16 +25,32 @@ def pyproject_config() -> dict:
 def test_pyproject_defaults_equal_code_defaults():
     schema = pyproject_config()
     code = default_flat()
-    assert set(schema) == set(code), f"keys only in pyproject: {set(schema) - set(code)}, only in code: {set(code) - set(schema)}"
+    assert set(schema) == set(code), (
+        f"keys only in pyproject: {set(schema) - set(code)}, only in code: {set(code) - set(schema)}"
+    )
     for key, value in code.items():
         assert schema[key] == value, key
-        assert type(schema[key]) is type(value), f"{key}: pyproject {type(schema[key]).__name__}, code {type(value).__name__}"
+        assert type(schema[key]) is type(value), (
+            f"{key}: pyproject {type(schema[key]).__name__}, code {type(value).__name__}"
+        )
 
 
 def test_issue_keys_exist():
     keys = {s.key for s in SPECS}
-    for key in ("num-server-rounds", "seed", "output-dir", "data.dataset", "data.partitioner", "data.max-length",
-                "model.name", "model.lora.r", "train.local-epochs", "train.batch-size", "train.lr", "strategy.name"):
+    for key in (
+        "num-server-rounds",
+        "seed",
+        "output-dir",
+        "data.dataset",
+        "data.partitioner",
+        "data.max-length",
+        "model.name",
+        "model.lora.r",
+        "train.local-epochs",
+        "train.batch-size",
+        "train.lr",
+        "strategy.name",
+    ):
         assert key in keys
 
 
@@ -65,7 +81,10 @@ def test_to_flat_round_trips():
         ({"num-server-rounds": 0}, "config key 'num-server-rounds': got 0; it must be >= 1"),
         ({"data.dirichlet-alpha": 0.0}, "config key 'data.dirichlet-alpha': got 0.0; it must be > 0"),
         ({"data.dirichlet-alpha": -1}, "config key 'data.dirichlet-alpha': got -1.0; it must be > 0"),
-        ({"strategy.name": "fedsgd"}, "config key 'strategy.name': got 'fedsgd'; allowed: fedavg, fedprox, fedadam, fedyogi"),
+        (
+            {"strategy.name": "fedsgd"},
+            "config key 'strategy.name': got 'fedsgd'; allowed: fedavg, fedprox, fedadam, fedyogi",
+        ),
         ({"data.partitioner": "dirichet"}, "Did you mean 'dirichlet'?"),
         ({"strategy.fraction-train": 1.5}, "config key 'strategy.fraction-train': got 1.5; it must be <= 1"),
         ({"model.lora.target-modules": " , "}, "config key 'model.lora.target-modules'"),
@@ -80,10 +99,24 @@ def test_bad_values_name_key_value_and_fix(flat, needle):
 
 
 def test_set_args_parse_like_toml_values():
-    flat = parse_set_args(["num-server-rounds=2", "data.dataset=sst2", "output-dir=/some/dir", "train.lr=5e-4",
-                           "model.lora.target-modules=query,key,value", 'run-name="a b"'])
-    assert flat == {"num-server-rounds": 2, "data.dataset": "sst2", "output-dir": "/some/dir", "train.lr": 5e-4,
-                    "model.lora.target-modules": "query,key,value", "run-name": "a b"}
+    flat = parse_set_args(
+        [
+            "num-server-rounds=2",
+            "data.dataset=sst2",
+            "output-dir=/some/dir",
+            "train.lr=5e-4",
+            "model.lora.target-modules=query,key,value",
+            'run-name="a b"',
+        ]
+    )
+    assert flat == {
+        "num-server-rounds": 2,
+        "data.dataset": "sst2",
+        "output-dir": "/some/dir",
+        "train.lr": 5e-4,
+        "model.lora.target-modules": "query,key,value",
+        "run-name": "a b",
+    }
     cfg = parse_config(flat)
     assert cfg.output_dir == "/some/dir" and cfg.num_server_rounds == 2
     with pytest.raises(FedHFConfigError, match="expected KEY=VALUE"):
@@ -94,9 +127,16 @@ def test_set_args_parse_like_toml_values():
 
 def test_config_file_with_tables_and_dotted_keys(tmp_path):
     f = tmp_path / "exp.toml"
-    f.write_text('num-server-rounds = 4\n[data]\npartitioner = "dirichlet"\ndirichlet-alpha = 0.3\n[model.lora]\nr = 16\n')
+    f.write_text(
+        'num-server-rounds = 4\n[data]\npartitioner = "dirichlet"\ndirichlet-alpha = 0.3\n[model.lora]\nr = 16\n'
+    )
     cfg = parse_config(load_config_file(f))
-    assert (cfg.num_server_rounds, cfg.data.partitioner, cfg.data.dirichlet_alpha, cfg.model.lora.r) == (4, "dirichlet", 0.3, 16)
+    assert (cfg.num_server_rounds, cfg.data.partitioner, cfg.data.dirichlet_alpha, cfg.model.lora.r) == (
+        4,
+        "dirichlet",
+        0.3,
+        16,
+    )
     with pytest.raises(FedHFConfigError, match="no such file"):
         load_config_file(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from fedhf.config.schema import parse_config
-from fedhf.data.partitions import central_eval_set, load_partition, make_partitions
 from fedhf.data.load import load_data
+from fedhf.data.partitions import central_eval_set, load_partition, make_partitions
 from fedhf.errors import FedHFDataError
 
 from .conftest import synthetic_rows, write_jsonl, write_tsv
@@ -24,9 +24,11 @@ def all_texts(parts):
 
 
 def test_tsv_with_quotes_loads_intact(tmp_path):
-    rows = [{"sentence": 'he said "great" and left', "label": 1},
-            {"sentence": "it's a \"so-so\" film, 'really'", "label": 0},
-            {"sentence": '"quoted at the start', "label": 1}]
+    rows = [
+        {"sentence": 'he said "great" and left', "label": 1},
+        {"sentence": "it's a \"so-so\" film, 'really'", "label": 0},
+        {"sentence": '"quoted at the start', "label": 1},
+    ]
     f = write_tsv(tmp_path / "train.tsv", rows, ["sentence", "label"])
     data = load_data(data_cfg(dataset=str(f)))
     assert list(data.train["text"]) == [r["sentence"] for r in rows]
@@ -58,8 +60,11 @@ def test_label_mapping_does_not_depend_on_row_order(tmp_path):
 def test_formats_and_explicit_columns(tmp_path, fmt):
     df = pd.DataFrame({"body": [f"text {i}" for i in range(12)], "y": [i % 3 for i in range(12)]})
     f = tmp_path / f"data.{fmt}"
-    {"csv": lambda: df.to_csv(f, index=False), "json": lambda: df.to_json(f, orient="records", lines=True),
-     "parquet": lambda: df.to_parquet(f)}[fmt]()
+    {
+        "csv": lambda: df.to_csv(f, index=False),
+        "json": lambda: df.to_json(f, orient="records", lines=True),
+        "parquet": lambda: df.to_parquet(f),
+    }[fmt]()
     with pytest.raises(FedHFDataError, match="no text column found .*set data.text-column"):
         load_data(data_cfg(dataset=str(f)))
     data = load_data(data_cfg(dataset=str(f), **{"text-column": "body", "label-column": "y"}))
@@ -78,12 +83,16 @@ def test_missing_columns_and_paths(tmp_path, synthetic_dir):
 
 
 def test_unreachable_hub_id_without_local_copy():
-    with pytest.raises(FedHFDataError, match="cannot reach the Hugging Face Hub for dataset 'nobody/no-such-dataset'.*FEDHF_DATA_DIR"):
+    with pytest.raises(
+        FedHFDataError, match="cannot reach the Hugging Face Hub for dataset 'nobody/no-such-dataset'.*FEDHF_DATA_DIR"
+    ):
         load_data(data_cfg(dataset="nobody/no-such-dataset"), data_dir=None)
 
 
 def test_eval_labels_must_be_known(tmp_path):
-    write_tsv(tmp_path / "d" / "train.tsv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], ["text", "label"])
+    write_tsv(
+        tmp_path / "d" / "train.tsv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], ["text", "label"]
+    )
     write_tsv(tmp_path / "d" / "test.tsv", [{"text": "c", "label": "z"}], ["text", "label"])
     with pytest.raises(FedHFDataError, match="labels \\['z'\\] that the training split does not have"):
         load_data(data_cfg(dataset=str(tmp_path / "d")))
@@ -107,8 +116,11 @@ def test_iid_partitions_are_disjoint_covering_and_seeded(synthetic_dir):
 
 
 def test_dirichlet_skews_labels_and_respects_min_size(synthetic_dir):
-    cfg = data_cfg(dataset=str(synthetic_dir), partitioner="dirichlet", **{"dirichlet-alpha": 0.1, "min-partition-size": 5,
-                                                                            "local-eval-fraction": 0.0})
+    cfg = data_cfg(
+        dataset=str(synthetic_dir),
+        partitioner="dirichlet",
+        **{"dirichlet-alpha": 0.1, "min-partition-size": 5, "local-eval-fraction": 0.0},
+    )
     parts = make_partitions(load_data(cfg), cfg, seed=0, num_partitions=4)
     sizes = [len(t) for t, _ in parts.parts]
     assert sum(sizes) == 200 and min(sizes) >= 5
@@ -125,13 +137,17 @@ def test_pathological_gives_each_client_its_classes(tmp_path):
     for row in parts.stats():
         assert sum(1 for c in row["label_histogram"] if c) == 1
     with pytest.raises(FedHFDataError, match="data.classes-per-client.*has 4 labels"):
-        make_partitions(load_data(cfg), data_cfg(dataset=str(f), partitioner="pathological", **{"classes-per-client": 5}), 0, 4)
+        make_partitions(
+            load_data(cfg), data_cfg(dataset=str(f), partitioner="pathological", **{"classes-per-client": 5}), 0, 4
+        )
 
 
 def test_natural_partition_by_language_column(tmp_path):
     rows = synthetic_rows(90, languages=("hau", "yor", "ibo"))
     f = write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = data_cfg(dataset=str(f), partitioner="natural", **{"partition-column": "language", "local-eval-fraction": 0.0})
+    cfg = data_cfg(
+        dataset=str(f), partitioner="natural", **{"partition-column": "language", "local-eval-fraction": 0.0}
+    )
     data = load_data(cfg)
     parts = make_partitions(data, cfg, seed=0, num_partitions=3)
     assert parts.natural_ids == ["hau", "ibo", "yor"]
@@ -207,14 +223,18 @@ def test_group_cap_samples_each_group_on_its_own(tmp_path):
     rows = synthetic_rows(300, seed=7, languages=("aa", "bb", "cc"))
     rows += synthetic_rows(12, seed=8, languages=("dd",))  # a small group: kept whole
     both = write_tsv(tmp_path / "all" / "train.tsv", rows, ["text", "label", "language"])
-    only = write_tsv(tmp_path / "aa" / "train.tsv", [r for r in rows if r["language"] == "aa"], ["text", "label", "language"])
+    only = write_tsv(
+        tmp_path / "aa" / "train.tsv", [r for r in rows if r["language"] == "aa"], ["text", "label", "language"]
+    )
     cfg = {"partition-column": "language", "max-examples-per-group": 40, "max-train-examples": 0}
     pooled = prepare_train_rows(load_data(data_cfg(dataset=str(both), **cfg)), data_cfg(dataset=str(both), **cfg), 5)
     alone = prepare_train_rows(load_data(data_cfg(dataset=str(only), **cfg)), data_cfg(dataset=str(only), **cfg), 5)
     counts = Counter(pooled["language"])
     assert counts == {"aa": 40, "bb": 40, "cc": 40, "dd": 12}
     assert sorted(t for t, lang in zip(pooled["text"], pooled["language"]) if lang == "aa") == sorted(alone["text"])
-    other_seed = prepare_train_rows(load_data(data_cfg(dataset=str(only), **cfg)), data_cfg(dataset=str(only), **cfg), 6)
+    other_seed = prepare_train_rows(
+        load_data(data_cfg(dataset=str(only), **cfg)), data_cfg(dataset=str(only), **cfg), 6
+    )
     assert sorted(other_seed["text"]) != sorted(alone["text"])
 
 
@@ -236,7 +256,10 @@ def test_group_cap_needs_a_partition_column(synthetic_dir):
     from fedhf.data.partitions import prepare_train_rows
 
     cfg = data_cfg(dataset=str(synthetic_dir), **{"max-examples-per-group": 10})
-    with pytest.raises(FedHFDataError, match="config key 'data.max-examples-per-group': got 10, but the dataset has no partition column"):
+    with pytest.raises(
+        FedHFDataError,
+        match="config key 'data.max-examples-per-group': got 10, but the dataset has no partition column",
+    ):
         prepare_train_rows(load_data(cfg), cfg, 0)
 
 
@@ -261,15 +284,24 @@ def test_integer_label_ids_map_onto_names_by_id_and_names_by_name(tmp_path, shar
     assert mapped.eval["label"] == preset.eval["label"] and mapped.eval["text"] == preset.eval["text"]
     assert onto_label_names(preset, preset.label_names, "evaluate") is preset
     # ids that are not 0..K-1 of the adapter's K labels, or names it does not have: refused, naming both
-    sparse = write_tsv(tmp_path / "s" / "train.tsv", [{"text": f"t {i}", "label": 1 + i % 3} for i in range(12)],
-                       ["text", "label"])
+    sparse = write_tsv(
+        tmp_path / "s" / "train.tsv", [{"text": f"t {i}", "label": 1 + i % 3} for i in range(12)], ["text", "label"]
+    )
     with pytest.raises(FedHFDataError, match=r"labels \['1', '2', '3'\] are not among the adapter's \['a', 'b', 'c'\]"):
         onto_label_names(load_data(parse_config({"data.dataset": str(sparse)}).data), ["a", "b", "c"], "evaluate")
-    sub = write_tsv(tmp_path / "n" / "train.tsv", [{"text": f"t {i}", "label": "positive"} for i in range(4)] +
-                    [{"text": "x", "label": "neutral"}], ["text", "label"])
+    sub = write_tsv(
+        tmp_path / "n" / "train.tsv",
+        [{"text": f"t {i}", "label": "positive"} for i in range(4)] + [{"text": "x", "label": "neutral"}],
+        ["text", "label"],
+    )
     with pytest.raises(FedHFDataError, match="not among the adapter's"):
         onto_label_names(load_data(parse_config({"data.dataset": str(sub)}).data), ["negative", "positive"], "evaluate")
-    names = write_tsv(tmp_path / "m" / "train.tsv", [{"text": f"t {i}", "label": "positive"} for i in range(3)] +
-                      [{"text": "y", "label": "negative"}], ["text", "label"])
-    by_name = onto_label_names(load_data(parse_config({"data.dataset": str(names)}).data), ["negative", "neutral", "positive"], "x")
+    names = write_tsv(
+        tmp_path / "m" / "train.tsv",
+        [{"text": f"t {i}", "label": "positive"} for i in range(3)] + [{"text": "y", "label": "negative"}],
+        ["text", "label"],
+    )
+    by_name = onto_label_names(
+        load_data(parse_config({"data.dataset": str(names)}).data), ["negative", "neutral", "positive"], "x"
+    )
     assert sorted(set(by_name.train["label"])) == [0, 2]

@@ -23,27 +23,40 @@ from .conftest import REPO
 
 DEPLOY = REPO / "scripts" / "deploy"
 _MISSING = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(bool(_MISSING), reason=f"the deploy scripts need {', '.join(_MISSING)} (apt install openssl openssh-client)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(_MISSING), reason=f"the deploy scripts need {', '.join(_MISSING)} (apt install openssl openssh-client)"
+    ),
+]
 FLWR = str(Path(sys.executable).with_name("flwr"))
 CONNECTION = "fedhf-test"
 
 
 def _env(data_dir: Path, fed_dir: Path) -> dict[str, str]:
-    env = dict(os.environ, FEDHF_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(fed_dir / "flwr-home"),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        FEDHF_DATA_DIR=str(data_dir),
+        HF_HUB_OFFLINE="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_HOME=str(fed_dir / "flwr-home"),
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
     return env
 
 
-def sh(script: str, *args: str, env: dict[str, str], timeout: float = 180, check: bool = True,
-       netns: str | None = None) -> subprocess.CompletedProcess:
+def sh(
+    script: str, *args: str, env: dict[str, str], timeout: float = 180, check: bool = True, netns: str | None = None
+) -> subprocess.CompletedProcess:
     cmd = [str(DEPLOY / script), *args]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     if check:
-        assert proc.returncode == 0, f"{script} {args}: rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, (
+            f"{script} {args}: rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -53,12 +66,19 @@ def stop_federation(fed_dir: Path, env: dict[str, str]) -> list[str]:
     Returns what the scripts' stop left behind (and this then killed): empty when they work.
     """
     if (fed_dir / "superlink").exists():
-        subprocess.run([str(DEPLOY / "local_federation.sh"), "stop", "--dir", str(fed_dir), "--timeout", "10"],
-                       capture_output=True, text=True, env=env, timeout=120)
+        subprocess.run(
+            [str(DEPLOY / "local_federation.sh"), "stop", "--dir", str(fed_dir), "--timeout", "10"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     leftover = []
     for p in psutil.process_iter(["pid", "environ", "status"]):
         try:
-            if (p.info["environ"] or {}).get("FLWR_HOME") == env["FLWR_HOME"] and p.info["status"] != psutil.STATUS_ZOMBIE:
+            if (p.info["environ"] or {}).get("FLWR_HOME") == env["FLWR_HOME"] and p.info[
+                "status"
+            ] != psutil.STATUS_ZOMBIE:
                 leftover.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -128,20 +148,76 @@ class Federation:
     def start(self, nodes: list[str]) -> None:
         sh("make_certs.sh", "--out", str(self.dir / "certs"), "--hosts", f"{self.host},localhost", env=self.env)
         sh("make_node_keys.sh", "--out", str(self.dir / "keys"), "--names", " ".join(nodes), env=self.env)
-        sh("start_superlink.sh", "--certs", str(self.dir / "certs"), "--host", self.host, "--port", str(self.port),
-           "--control-port", str(self.control_port), "--state", str(self.dir / "superlink"), env=self.env, netns=self._ns(0))
-        sh("connection.sh", "--name", CONNECTION, "--address", self.control, "--ca", str(self.dir / "certs" / "ca.crt"),
-           env=self.env)
+        sh(
+            "start_superlink.sh",
+            "--certs",
+            str(self.dir / "certs"),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--control-port",
+            str(self.control_port),
+            "--state",
+            str(self.dir / "superlink"),
+            env=self.env,
+            netns=self._ns(0),
+        )
+        sh(
+            "connection.sh",
+            "--name",
+            CONNECTION,
+            "--address",
+            self.control,
+            "--ca",
+            str(self.dir / "certs" / "ca.crt"),
+            env=self.env,
+        )
         for name in nodes:  # on the SuperLink's host (or through an SSH tunnel): the Control API is on its loopback
-            sh("register_node.sh", "--connection", CONNECTION, "--key", str(self.dir / "keys" / f"{name}.pub"),
-               "--name", name, env=self.env, netns=self._ns(0))
+            sh(
+                "register_node.sh",
+                "--connection",
+                CONNECTION,
+                "--key",
+                str(self.dir / "keys" / f"{name}.pub"),
+                "--name",
+                name,
+                env=self.env,
+                netns=self._ns(0),
+            )
 
-    def supernode(self, name: str, node_config: str, *, key: str | None = None, ca: Path | None = None,
-                  address: str | None = None, check: bool = True, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        return sh("start_supernode.sh", "--superlink", address or self.address, "--ca", str(ca or self.dir / "certs" / "ca.crt"),
-                  "--key", str(self.dir / "keys" / (key or name)), "--node-config", node_config, "--name", name,
-                  "--state", str(self.dir / "supernodes"), "--timeout", "90", *extra,
-                  env=self.env, check=check, netns=self._ns(1))
+    def supernode(
+        self,
+        name: str,
+        node_config: str,
+        *,
+        key: str | None = None,
+        ca: Path | None = None,
+        address: str | None = None,
+        check: bool = True,
+        extra: tuple[str, ...] = (),
+    ) -> subprocess.CompletedProcess:
+        return sh(
+            "start_supernode.sh",
+            "--superlink",
+            address or self.address,
+            "--ca",
+            str(ca or self.dir / "certs" / "ca.crt"),
+            "--key",
+            str(self.dir / "keys" / (key or name)),
+            "--node-config",
+            node_config,
+            "--name",
+            name,
+            "--state",
+            str(self.dir / "supernodes"),
+            "--timeout",
+            "90",
+            *extra,
+            env=self.env,
+            check=check,
+            netns=self._ns(1),
+        )
 
     def flwr_run(self, run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
         cmd = [FLWR, "run", ".", CONNECTION, "--stream", "--run-config", run_config]
@@ -168,31 +244,46 @@ def test_deployment_with_tls_node_auth_dp_and_secure_aggregation(sst2_dir, tmp_p
         fed.start(["node-a", "node-b", "node-c", "rogue"])
         # refused: a key the SuperLink does not know
         sh("make_node_keys.sh", "--out", str(tmp_path / "other-keys"), "--names", "stranger", env=fed.env)
-        refused = fed.supernode("stranger", "partition-id=0 num-partitions=2", key=str(tmp_path / "other-keys" / "stranger"),
-                                check=False)
+        refused = fed.supernode(
+            "stranger", "partition-id=0 num-partitions=2", key=str(tmp_path / "other-keys" / "stranger"), check=False
+        )
         assert refused.returncode != 0
         assert "Failed to activate SuperNode" in refused.stdout + refused.stderr
         # refused: a SuperNode that trusts another CA cannot even complete the TLS handshake
         sh("make_certs.sh", "--out", str(tmp_path / "other-ca"), "--hosts", "127.0.0.1", env=fed.env)
-        no_ca = fed.supernode("rogue", "partition-id=0 num-partitions=2", ca=tmp_path / "other-ca" / "ca.crt", check=False)
+        no_ca = fed.supernode(
+            "rogue", "partition-id=0 num-partitions=2", ca=tmp_path / "other-ca" / "ca.crt", check=False
+        )
         assert no_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in no_ca.stdout + no_ca.stderr
         # refused: nothing listens at the address (the node gives up after its retries, with the reason)
-        dead = fed.supernode("rogue", "partition-id=0 num-partitions=2", address=f"127.0.0.1:{free_port()}", check=False,
-                             extra=("--max-retries", "2"))
+        dead = fed.supernode(
+            "rogue",
+            "partition-id=0 num-partitions=2",
+            address=f"127.0.0.1:{free_port()}",
+            check=False,
+            extra=("--max-retries", "2"),
+        )
         assert dead.returncode != 0 and "Connection refused" in dead.stdout + dead.stderr
 
         fed.supernode("node-a", f"data-path={silo_a} max-epsilon=40")
         fed.supernode("node-b", f"data-path={silo_b}")
         fed.supernode("node-c", f"data-path={tmp_path / 'silos' / 'missing'}")  # joins, but its silo is not there
-        listed = subprocess.run([FLWR, "supernode", "list", CONNECTION, "--format", "json"], capture_output=True, text=True,
-                                env=fed.env, timeout=60)
+        listed = subprocess.run(
+            [FLWR, "supernode", "list", CONNECTION, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=fed.env,
+            timeout=60,
+        )
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.count("online") >= 3 or len(json.loads(listed.stdout).get("nodes", [])) >= 3, listed.stdout
 
-        run_config = (f'num-server-rounds=2 output-dir="{out}" run-name="deploy" data.max-eval-examples=200 '
-                      'data.max-length=48 train.local-epochs=1 strategy.fraction-evaluate=0.0 strategy.min-train-nodes=2 '
-                      'strategy.min-available-nodes=3 privacy.mode="sample" privacy.noise-multiplier=1.0 '
-                      'strategy.secure-aggregation=true strategy.secagg-max-weight=200.0')
+        run_config = (
+            f'num-server-rounds=2 output-dir="{out}" run-name="deploy" data.max-eval-examples=200 '
+            "data.max-length=48 train.local-epochs=1 strategy.fraction-evaluate=0.0 strategy.min-train-nodes=2 "
+            'strategy.min-available-nodes=3 privacy.mode="sample" privacy.noise-multiplier=1.0 '
+            "strategy.secure-aggregation=true strategy.secagg-max-weight=200.0"
+        )
         proc = fed.flwr_run(run_config)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         run = wait_for_run(out / "deploy" / "run.json", 120)
@@ -249,21 +340,41 @@ def test_an_expired_server_certificate_is_refused(sst2_dir, tmp_path):
         ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
         key = ec.generate_private_key(ec.SECP384R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         import ipaddress
 
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-                .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=30))
+            .not_valid_after(now - dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
         (certs / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (certs / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
+        (certs / "server.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         sh("make_node_keys.sh", "--out", str(fed.dir / "keys"), "--names", "node-a", env=fed.env)
-        sh("start_superlink.sh", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(fed.port),
-           "--state", str(fed.dir / "superlink"), env=fed.env)
+        sh(
+            "start_superlink.sh",
+            "--certs",
+            str(certs),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(fed.port),
+            "--state",
+            str(fed.dir / "superlink"),
+            env=fed.env,
+        )
         refused = fed.supernode("node-a", "partition-id=0 num-partitions=1", check=False)
         assert refused.returncode != 0
         assert "certificate has expired" in refused.stdout + refused.stderr
@@ -295,13 +406,19 @@ def test_superlink_and_supernodes_on_separate_namespaced_hosts(sst2_dir, tmp_pat
         pytest.skip(reason)
     suffix = str(os.getpid() % 10000)
     ns_a, ns_b, veth_a, veth_b = f"fhA{suffix}", f"fhB{suffix}", f"fhva{suffix}", f"fhvb{suffix}"
-    setup = [["ip", "netns", "add", ns_a], ["ip", "netns", "add", ns_b],
-             ["ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b],
-             ["ip", "link", "set", veth_a, "netns", ns_a], ["ip", "link", "set", veth_b, "netns", ns_b],
-             ["ip", "-n", ns_a, "addr", "add", "10.77.0.1/24", "dev", veth_a],
-             ["ip", "-n", ns_b, "addr", "add", "10.77.0.2/24", "dev", veth_b],
-             ["ip", "-n", ns_a, "link", "set", veth_a, "up"], ["ip", "-n", ns_b, "link", "set", veth_b, "up"],
-             ["ip", "-n", ns_a, "link", "set", "lo", "up"], ["ip", "-n", ns_b, "link", "set", "lo", "up"]]
+    setup = [
+        ["ip", "netns", "add", ns_a],
+        ["ip", "netns", "add", ns_b],
+        ["ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b],
+        ["ip", "link", "set", veth_a, "netns", ns_a],
+        ["ip", "link", "set", veth_b, "netns", ns_b],
+        ["ip", "-n", ns_a, "addr", "add", "10.77.0.1/24", "dev", veth_a],
+        ["ip", "-n", ns_b, "addr", "add", "10.77.0.2/24", "dev", veth_b],
+        ["ip", "-n", ns_a, "link", "set", veth_a, "up"],
+        ["ip", "-n", ns_b, "link", "set", veth_b, "up"],
+        ["ip", "-n", ns_a, "link", "set", "lo", "up"],
+        ["ip", "-n", ns_b, "link", "set", "lo", "up"],
+    ]
     fed = Federation(sst2_dir, tmp_path / "fed", host="10.77.0.1", netns=(ns_a, ns_b))
     out = tmp_path / "out"
     try:
@@ -311,18 +428,38 @@ def test_superlink_and_supernodes_on_separate_namespaced_hosts(sst2_dir, tmp_pat
         # From the SuperNodes' host the Control API cannot be reached: not on the Fleet address (refused by path),
         # not on its own port (bound to the SuperLink host's loopback).
         for name, port in (("public-fleet", fed.port), ("public-control", fed.control_port)):
-            sh("connection.sh", "--name", name, "--address", f"10.77.0.1:{port}", "--ca", str(fed.dir / "certs" / "ca.crt"),
-               env=fed.env)
-        refused = subprocess.run(["ip", "netns", "exec", ns_b, FLWR, "ls", "public-fleet"], capture_output=True, text=True,
-                                 env=fed.env, timeout=60)
+            sh(
+                "connection.sh",
+                "--name",
+                name,
+                "--address",
+                f"10.77.0.1:{port}",
+                "--ca",
+                str(fed.dir / "certs" / "ca.crt"),
+                env=fed.env,
+            )
+        refused = subprocess.run(
+            ["ip", "netns", "exec", ns_b, FLWR, "ls", "public-fleet"],
+            capture_output=True,
+            text=True,
+            env=fed.env,
+            timeout=60,
+        )
         assert refused.returncode != 0 and "not served on the Fleet address" in refused.stdout + refused.stderr
-        closed = subprocess.run(["ip", "netns", "exec", ns_b, FLWR, "ls", "public-control"], capture_output=True,
-                                text=True, env=fed.env, timeout=120)
+        closed = subprocess.run(
+            ["ip", "netns", "exec", ns_b, FLWR, "ls", "public-control"],
+            capture_output=True,
+            text=True,
+            env=fed.env,
+            timeout=120,
+        )
         assert closed.returncode != 0 and "not served" not in closed.stdout + closed.stderr
         fed.supernode("node-0", "partition-id=0 num-partitions=2")
         fed.supernode("node-1", "partition-id=1 num-partitions=2")
-        proc = fed.flwr_run(f'num-server-rounds=1 output-dir="{out}" run-name="netns" data.max-train-examples=200 '
-                            'data.max-eval-examples=200 data.max-length=48 train.local-epochs=1 strategy.fraction-evaluate=0.0')
+        proc = fed.flwr_run(
+            f'num-server-rounds=1 output-dir="{out}" run-name="netns" data.max-train-examples=200 '
+            "data.max-eval-examples=200 data.max-length=48 train.local-epochs=1 strategy.fraction-evaluate=0.0"
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         run = wait_for_run(out / "netns" / "run.json", 120)
     finally:
@@ -341,13 +478,17 @@ def test_nodes_enforce_their_owners_policy_against_the_server(sst2_dir, tiny_mod
     are refused by the nodes with the rule, no update leaves them, and each run ends cleanly with the reason. The
     compliant run trains and its realised epsilon stays within the budget. The Control API answers only on loopback."""
     fed = Federation(sst2_dir, tmp_path / "fed")
-    silos = {name: write_silo(sst2_dir, tmp_path / "silos" / name, start, 120)
-             for name, start in (("node-a", 0), ("node-b", 120))}
+    silos = {
+        name: write_silo(sst2_dir, tmp_path / "silos" / name, start, 120)
+        for name, start in (("node-a", 0), ("node-b", 120))
+    }
     out = tmp_path / "out"
-    policy = 'min-privacy=sample max-epsilon=2 require-secure-aggregation=true'
-    common = (f'output-dir="{out}" model.name="{tiny_model_dir}" data.max-length=32 data.max-eval-examples=100 '
-              'train.local-epochs=1 strategy.fraction-evaluate=0.0 strategy.min-train-nodes=2 '
-              'strategy.min-available-nodes=2 strategy.secagg-max-weight=200.0 num-server-rounds=1')
+    policy = "min-privacy=sample max-epsilon=2 require-secure-aggregation=true"
+    common = (
+        f'output-dir="{out}" model.name="{tiny_model_dir}" data.max-length=32 data.max-eval-examples=100 '
+        "train.local-epochs=1 strategy.fraction-evaluate=0.0 strategy.min-train-nodes=2 "
+        "strategy.min-available-nodes=2 strategy.secagg-max-weight=200.0 num-server-rounds=1"
+    )
     runs = {
         "a": 'privacy.mode="none" strategy.secure-aggregation=true',
         "b": 'privacy.mode="sample" privacy.delta=0.5 strategy.secure-aggregation=true',
@@ -361,8 +502,16 @@ def test_nodes_enforce_their_owners_policy_against_the_server(sst2_dir, tiny_mod
         for name, silo in silos.items():
             fed.supernode(name, f"data-path={silo} {policy}")
         # The Control API is not served on the Fleet address: the flwr CLI pointed there is refused.
-        sh("connection.sh", "--name", "fleet-address", "--address", fed.address, "--ca", str(fed.dir / "certs" / "ca.crt"),
-           env=fed.env)
+        sh(
+            "connection.sh",
+            "--name",
+            "fleet-address",
+            "--address",
+            fed.address,
+            "--ca",
+            str(fed.dir / "certs" / "ca.crt"),
+            env=fed.env,
+        )
         probe = subprocess.run([FLWR, "ls", "fleet-address"], capture_output=True, text=True, env=fed.env, timeout=60)
         assert probe.returncode != 0 and "not served on the Fleet address" in probe.stdout + probe.stderr
         for name, extra in runs.items():
@@ -376,7 +525,9 @@ def test_nodes_enforce_their_owners_policy_against_the_server(sst2_dir, tiny_mod
     for name, rule in expected_rule.items():
         run = results[name]
         assert run["status"] == "stopped", (name, run.get("error"))
-        assert "every sampled client refused" in run["stopped_early"]["reason"] and rule in run["stopped_early"]["reason"]
+        assert (
+            "every sampled client refused" in run["stopped_early"]["reason"] and rule in run["stopped_early"]["reason"]
+        )
         assert len(run["refusals"]) == 2 and {r["rule"] for r in run["refusals"]} == {rule}, (name, run["refusals"])
         assert len({r["node_id"] for r in run["refusals"]}) == 2
         assert [r["round"] for r in run["rounds"]] == [0]  # nothing trained, nothing released
@@ -397,9 +548,23 @@ def test_nodes_enforce_their_owners_policy_against_the_server(sst2_dir, tiny_mod
     for c in ok["rounds"][1]["clients"]:
         assert c["shared"] == [] and not {"num_examples", "label_histogram", "train_loss", "train_seconds"} & set(c)
     # The data owner sees the lifetime spend on its data, over both runs (the refused one spent nothing).
-    check = subprocess.run([sys.executable, "-m", "fedhf.cli", "node-check", "--labels", "negative,positive",
-                            "--node-config", f"data-path={silos['node-a']} state-dir={tmp_path / 'fed' / 'supernodes' / 'node-a-fedhf'} {policy}"],
-                           capture_output=True, text=True, env=fed.env, cwd=REPO, timeout=300)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedhf.cli",
+            "node-check",
+            "--labels",
+            "negative,positive",
+            "--node-config",
+            f"data-path={silos['node-a']} state-dir={tmp_path / 'fed' / 'supernodes' / 'node-a-fedhf'} {policy}",
+        ],
+        capture_output=True,
+        text=True,
+        env=fed.env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stderr[-2000:]
     line = next(x for x in check.stdout.splitlines() if x.startswith("lifetime privacy spend"))
     eps = float(line.split("epsilon ")[1].split()[0])

@@ -17,9 +17,18 @@ from .conftest import REPO
 
 DEPLOY = REPO / "scripts" / "deploy"
 _MISSING = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"the deploy scripts need {', '.join(_MISSING)} (apt install openssl openssh-client)")
-SCRIPTS = ["make_certs.sh", "make_node_keys.sh", "start_superlink.sh", "start_supernode.sh", "connection.sh",
-           "register_node.sh", "local_federation.sh"]
+pytestmark = pytest.mark.skipif(
+    bool(_MISSING), reason=f"the deploy scripts need {', '.join(_MISSING)} (apt install openssl openssh-client)"
+)
+SCRIPTS = [
+    "make_certs.sh",
+    "make_node_keys.sh",
+    "start_superlink.sh",
+    "start_supernode.sh",
+    "connection.sh",
+    "register_node.sh",
+    "local_federation.sh",
+]
 
 
 def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,7 +41,9 @@ def test_every_script_has_help_and_rejects_unknown_arguments(script):
     assert os.access(DEPLOY / script, os.X_OK)
     ok = run(script, "--help")
     assert ok.returncode == 0 and "Usage:" in ok.stdout
-    bad = run(script, "--no-such-option") if script != "local_federation.sh" else run(script, "start", "--no-such-option")
+    bad = (
+        run(script, "--no-such-option") if script != "local_federation.sh" else run(script, "start", "--no-such-option")
+    )
     assert bad.returncode == 2 and "error:" in bad.stderr and "--help" in bad.stderr
 
 
@@ -47,7 +58,10 @@ def test_certificates_name_every_host_and_keys_are_private(tmp_path):
     server = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
     assert server.issuer == ca.subject
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.0.0.5")}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("10.0.0.5"),
+    }
     assert "localhost" in san.get_values_for_type(x509.DNSName)
     for key in ("ca.key", "server.key"):
         assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
@@ -66,8 +80,16 @@ def test_node_keys_are_p384_pairs(tmp_path):
 def test_connection_entry_is_what_flwr_reads(tmp_path):
     home = tmp_path / "flwr-home"
     (tmp_path / "ca.crt").write_text("placeholder")
-    proc = run("connection.sh", "--name", "lab", "--address", "10.0.0.5:9093", "--ca", str(tmp_path / "ca.crt"),
-               env={"FLWR_HOME": str(home)})
+    proc = run(
+        "connection.sh",
+        "--name",
+        "lab",
+        "--address",
+        "10.0.0.5:9093",
+        "--ca",
+        str(tmp_path / "ca.crt"),
+        env={"FLWR_HOME": str(home)},
+    )
     assert proc.returncode == 0, proc.stderr
     conf = tomllib.loads((home / "config.toml").read_text())
     assert conf["superlink"]["lab"] == {"address": "10.0.0.5:9093", "root-certificates": str(tmp_path / "ca.crt")}
@@ -81,10 +103,13 @@ def test_connection_entry_is_what_flwr_reads(tmp_path):
     assert conn.address == "10.0.0.5:9093" and conn.root_certificates == str(tmp_path / "ca.crt")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--superlink", "nohostport", "--ca", "x", "--key", "y", "--node-config", "a=1"], "HOST:PORT"),
-    (["--superlink", "127.0.0.1:1", "--ca", "/nonexistent/ca.crt", "--key", "y", "--node-config", "a=1"], "ca.crt"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--superlink", "nohostport", "--ca", "x", "--key", "y", "--node-config", "a=1"], "HOST:PORT"),
+        (["--superlink", "127.0.0.1:1", "--ca", "/nonexistent/ca.crt", "--key", "y", "--node-config", "a=1"], "ca.crt"),
+    ],
+)
 def test_supernode_bad_arguments_name_the_fix(args, fragment):
     proc = run("start_supernode.sh", *args)
     assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr

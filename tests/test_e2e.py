@@ -22,21 +22,43 @@ from .conftest import REPO, synthetic_rows, write_tsv
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--set", "num-server-rounds=2", "--set", "data.max-train-examples=450", "--set", "train.local-epochs=2",
-         "--set", "train.lr=0.002", "--set", "data.max-length=48"]
+SMALL = [
+    "--set",
+    "num-server-rounds=2",
+    "--set",
+    "data.max-train-examples=450",
+    "--set",
+    "train.local-epochs=2",
+    "--set",
+    "train.lr=0.002",
+    "--set",
+    "data.max-length=48",
+]
 
 
 def _env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, FEDHF_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
-               RAY_USAGE_STATS_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env = dict(
+        os.environ,
+        FEDHF_DATA_DIR=str(data_dir),
+        HF_HUB_OFFLINE="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
     env.update(extra)
     return env
 
 
 def fedhf_run(data_dir: Path, out: Path, name: str, *args: str, env: dict[str, str] | None = None) -> dict:
     """`fedhf run` in a subprocess (as a user runs it); asserts it succeeded and returns its run.json."""
-    proc = subprocess.run([sys.executable, "-m", "fedhf.cli", "run", *args, "--set", f"output-dir={out}", "--set", f"run-name={name}"],
-                          capture_output=True, text=True, env=env or _env(data_dir), timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "run", *args, "--set", f"output-dir={out}", "--set", f"run-name={name}"],
+        capture_output=True,
+        text=True,
+        env=env or _env(data_dir),
+        timeout=900,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {**json.loads((out / name / "run.json").read_text()), "_stdout": proc.stdout, "_stderr": proc.stderr}
 
@@ -50,8 +72,13 @@ def tiny_args(model_dir: Path, tmp_path: Path) -> list[str]:
 
 
 def ledger_text(data_dir: Path, run_dir: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(run_dir)],
-                          capture_output=True, text=True, env=_env(data_dir), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "privacy", "ledger", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=_env(data_dir),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -74,8 +101,21 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     server, endpoint = start_server(tmp_path)
     env = {**{k: v for k, v in _env(shared_data_dir).items() if not k.startswith("HF_")}, **env_for(endpoint, tmp_path)}
     try:
-        run = fedhf_run(shared_data_dir, out, "e2e", "--num-clients", "3", *SMALL, "--set", "data.dataset=sst2",
-                        "--set", "hub.push=true", "--set", "hub.repo-id=fedhf-test/e2e", env=env)
+        run = fedhf_run(
+            shared_data_dir,
+            out,
+            "e2e",
+            "--num-clients",
+            "3",
+            *SMALL,
+            "--set",
+            "data.dataset=sst2",
+            "--set",
+            "hub.push=true",
+            "--set",
+            "hub.repo-id=fedhf-test/e2e",
+            env=env,
+        )
     finally:
         stop(server)
     run_dir = out / "e2e"
@@ -117,7 +157,9 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     assert "run complete" in run["_stdout"]
     assert run["hub_push"]["ok"] is True and run["hub_push"]["repo_id"] == "fedhf-test/e2e"
     hub = run_dir / "hub"
-    assert {"README.md", "provenance.json", "adapter_model.safetensors", "fedhf.json"} <= {p.name for p in hub.iterdir()}
+    assert {"README.md", "provenance.json", "adapter_model.safetensors", "fedhf.json"} <= {
+        p.name for p in hub.iterdir()
+    }
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(hub / "README.md")
@@ -125,15 +167,17 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     assert results == {"accuracy": r2["eval_accuracy"], "f1": r2["eval_f1"]}
     prov = json.loads((hub / "provenance.json").read_text())
     assert prov["dataset"]["files"] == run["dataset"]["source"]["files"]  # same fingerprints as the data loader's
-    assert prov["partitions"] == [{k: p[k] for k in ("partition_id", "train_examples", "label_histogram")} for p in run["partitions"]]
+    assert prov["partitions"] == [
+        {k: p[k] for k in ("partition_id", "train_examples", "label_histogram")} for p in run["partitions"]
+    ]
 
     # The saved adapter loads with PEFT on the base model and reproduces the final central accuracy.
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fedhf.config.schema import parse_config
-    from fedhf.data.partitions import central_eval_set
     from fedhf.data.load import load_data
+    from fedhf.data.partitions import central_eval_set
     from fedhf.tasks.model import resolve_model
     from fedhf.tasks.text_classification import evaluate, make_loader
 
@@ -141,8 +185,13 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.model.name), num_labels=2)
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     data = load_data(cfg.data, data_dir=str(shared_data_dir))
-    loader = make_loader(central_eval_set(data, cfg.data, cfg.seed), AutoTokenizer.from_pretrained(run_dir / "adapter"),
-                         cfg.data.max_length, 64, shuffle=False)
+    loader = make_loader(
+        central_eval_set(data, cfg.data, cfg.seed),
+        AutoTokenizer.from_pretrained(run_dir / "adapter"),
+        cfg.data.max_length,
+        64,
+        shuffle=False,
+    )
     torch.set_num_threads(2)
     res = evaluate(model, loader, 2)
     assert abs(res.accuracy - r2["eval_accuracy"]) < 1e-6
@@ -167,19 +216,35 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
     flwr_home = tmp_path / "flwr-home"
     out = tmp_path / "flwr-outputs"
     override = tmp_path / "override.toml"
-    override.write_text(f'num-server-rounds = 1\noutput-dir = "{out}"\nrun-name = "flwr"\n'
-                        '[data]\nmax-train-examples = 200\nmax-eval-examples = 200\n[strategy]\nfraction-evaluate = 0.0\n')
+    override.write_text(
+        f'num-server-rounds = 1\noutput-dir = "{out}"\nrun-name = "flwr"\n'
+        "[data]\nmax-train-examples = 200\nmax-eval-examples = 200\n[strategy]\nfraction-evaluate = 0.0\n"
+    )
     env = _env(shared_data_dir, FLWR_HOME=str(flwr_home))
     try:
         proc = subprocess.run(
-            [str(Path(sys.executable).with_name("flwr")), "run", ".", "--run-config", str(override),
-             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1", "--stream"],
-            capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+            [
+                str(Path(sys.executable).with_name("flwr")),
+                "run",
+                ".",
+                "--run-config",
+                str(override),
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+                "--stream",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            cwd=REPO,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         run_json = out / "flwr" / "run.json"
         deadline = time.time() + 60
-        while time.time() < deadline and not (run_json.is_file() and json.loads(run_json.read_text())["status"] == "complete"):
+        while time.time() < deadline and not (
+            run_json.is_file() and json.loads(run_json.read_text())["status"] == "complete"
+        ):
             time.sleep(1)
         run = json.loads(run_json.read_text())
         assert run["status"] == "complete"
@@ -203,12 +268,30 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
     out = tmp_path / "outputs"
     nodes = tmp_path / "nodes.toml"
     nodes.write_text("[nodes.1]\nmax-epsilon = 3.0\n")
-    run = fedhf_run(shared_data_dir, out, "dp", *tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=3",
-                    "--set", "data.max-train-examples=300", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
-                    "--node-config", str(nodes))
+    run = fedhf_run(
+        shared_data_dir,
+        out,
+        "dp",
+        *tiny_args(tiny_model_dir, tmp_path),
+        "--num-clients",
+        "3",
+        "--set",
+        "num-server-rounds=3",
+        "--set",
+        "data.max-train-examples=300",
+        "--set",
+        "train.local-epochs=1",
+        "--set",
+        "privacy.mode=sample",
+        "--node-config",
+        str(nodes),
+    )
     assert run["status"] == "complete" and [r["round"] for r in run["rounds"]] == [0, 1, 2, 3]
     ledger = run["privacy"]["clients"]
-    assert run["privacy"]["label"] == "sample-level (per example)" and "not a cryptographically secure" in run["privacy"]["rng"]
+    assert (
+        run["privacy"]["label"] == "sample-level (per example)"
+        and "not a cryptographically secure" in run["privacy"]["rng"]
+    )
     from opacus.accountants import RDPAccountant
 
     for pid in ("0", "2"):
@@ -233,7 +316,12 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
         assert r["train_loss"] is None and r["client_train_seconds"] == {} and r["weighting"] == "uniform"
         for c in r["clients"]:
             if c["status"] == "trained":
-                assert c["shared"] == [] and not {"train_loss", "num_examples", "label_histogram", "train_seconds"} & set(c)
+                assert c["shared"] == [] and not {
+                    "train_loss",
+                    "num_examples",
+                    "label_histogram",
+                    "train_seconds",
+                } & set(c)
     card = (out / "dp" / "hub" / "README.md").read_text()
     assert "| training rows per client | not shared, not shared, not shared |" in card
     prov = json.loads((out / "dp" / "hub" / "provenance.json").read_text())
@@ -243,9 +331,26 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
 def test_both_guarantees_reported_side_by_side(shared_data_dir, tiny_model_dir, tmp_path):
     """privacy.mode=both: sample-level per client and client-level per round, labelled, never combined."""
     out = tmp_path / "outputs"
-    run = fedhf_run(shared_data_dir, out, "both", *tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=2",
-                    "--set", "data.max-train-examples=240", "--set", "train.local-epochs=1", "--set", "privacy.mode=both",
-                    "--set", "privacy.client-noise-multiplier=0.8", "--set", "strategy.fraction-evaluate=0")
+    run = fedhf_run(
+        shared_data_dir,
+        out,
+        "both",
+        *tiny_args(tiny_model_dir, tmp_path),
+        "--num-clients",
+        "3",
+        "--set",
+        "num-server-rounds=2",
+        "--set",
+        "data.max-train-examples=240",
+        "--set",
+        "train.local-epochs=1",
+        "--set",
+        "privacy.mode=both",
+        "--set",
+        "privacy.client-noise-multiplier=0.8",
+        "--set",
+        "strategy.fraction-evaluate=0",
+    )
     assert run["status"] == "complete"
     privacy = run["privacy"]
     assert privacy["label"] == "sample-level (per example)"
@@ -278,9 +383,26 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tiny_model_dir, 
     one, two = (epsilon_of("rdp", [(1.0, q, steps * k)], default_delta(n)) for k in (1, 2))
     budget = (one + two) / 2
     out = tmp_path / "outputs"
-    run = fedhf_run(shared_data_dir, out, "stop", *tiny_args(tiny_model_dir, tmp_path), "--num-clients", "2", "--set", "num-server-rounds=3",
-                    "--set", "data.max-train-examples=120", "--set", "train.local-epochs=1", "--set", "privacy.mode=sample",
-                    "--set", f"privacy.max-epsilon={budget}", "--set", "strategy.fraction-evaluate=0")
+    run = fedhf_run(
+        shared_data_dir,
+        out,
+        "stop",
+        *tiny_args(tiny_model_dir, tmp_path),
+        "--num-clients",
+        "2",
+        "--set",
+        "num-server-rounds=3",
+        "--set",
+        "data.max-train-examples=120",
+        "--set",
+        "train.local-epochs=1",
+        "--set",
+        "privacy.mode=sample",
+        "--set",
+        f"privacy.max-epsilon={budget}",
+        "--set",
+        "strategy.fraction-evaluate=0",
+    )
     assert run["status"] == "complete"
     assert run["stopped_early"]["after_round"] == 1 and "every sampled client refused" in run["stopped_early"]["reason"]
     assert "privacy.max-epsilon" in run["stopped_early"]["reason"]
@@ -300,12 +422,32 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shar
     from fedhf.flower.secagg import SecAggSettings, quantization_tolerance
 
     out = tmp_path / "outputs"
-    common = [*tiny_args(tiny_model_dir, tmp_path), "--num-clients", "3", "--set", "num-server-rounds=1",
-              "--set", "data.max-train-examples=240",
-              "--set", "train.local-epochs=1", "--set", "strategy.fraction-evaluate=0", "--set", "data.max-length=48"]
+    common = [
+        *tiny_args(tiny_model_dir, tmp_path),
+        "--num-clients",
+        "3",
+        "--set",
+        "num-server-rounds=1",
+        "--set",
+        "data.max-train-examples=240",
+        "--set",
+        "train.local-epochs=1",
+        "--set",
+        "strategy.fraction-evaluate=0",
+        "--set",
+        "data.max-length=48",
+    ]
     plain = fedhf_run(shared_data_dir, out, "plain", *common)
-    secure = fedhf_run(shared_data_dir, out, "secure", *common, "--set", "strategy.secure-aggregation=true",
-                       "--set", "strategy.secagg-max-weight=100")
+    secure = fedhf_run(
+        shared_data_dir,
+        out,
+        "secure",
+        *common,
+        "--set",
+        "strategy.secure-aggregation=true",
+        "--set",
+        "strategy.secagg-max-weight=100",
+    )
     assert plain["status"] == secure["status"] == "complete"
     sa = secure["secure_aggregation"]
     assert sa["quantization_bits"] == 22 and sa["max_weight"] == 100
@@ -319,7 +461,9 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shar
     b = load_file(str(out / "secure" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     max_abs = max(float(abs(v).max()) for v in a.values())
-    tol = quantization_tolerance(sizes, SecAggSettings.from_config(parse_config({"strategy.secagg-max-weight": 100.0})), max_abs)
+    tol = quantization_tolerance(
+        sizes, SecAggSettings.from_config(parse_config({"strategy.secagg-max-weight": 100.0})), max_abs
+    )
     worst = max(float(abs(a[k].astype("float64") - b[k].astype("float64")).max()) for k in a)
     assert 0 < worst <= tol, (worst, tol)  # not bit-identical (masked, quantized), but within the bound
     changed = max(float(abs(a[k]).max()) for k in a if "lora_B" in k)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fedhf.release.card import build_hub_folder
 from fedhf.config.schema import parse_config
-from fedhf.tasks.model import build_model
+from fedhf.release.card import build_hub_folder
 from fedhf.tasks.adapters import save_adapter
+from fedhf.tasks.model import build_model
 
 from .conftest import REPO
 from .test_card import fake_run
@@ -27,7 +27,9 @@ TOKEN = "hf_fedhf-test-token_must-never-be-printed_0042"
 
 def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port_file = tmp_path / f"port-{time.time_ns()}"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "hubserver.py"), "--port-file", str(port_file), *extra])
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "hubserver.py"), "--port-file", str(port_file), *extra]
+    )
     deadline = time.time() + 30
     while not port_file.exists():
         if time.time() > deadline or proc.poll() is not None:
@@ -54,25 +56,37 @@ def hub(tmp_path):
 
 def env_for(endpoint: str, tmp_path: Path, token: str | None = TOKEN) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf-home"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
     if token:
         env["HF_TOKEN"] = token
     return env
 
 
 def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.fixture()
 def finished_run(tmp_path, tiny_model_dir):
     """A finished run folder with a real (tiny) trained adapter and its hub/ folder."""
-    privacy = {"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp", "rng": "not secure",
-               "clients": {"0": {"epsilon": 3.25, "delta": 2.5e-4, "noise_multiplier": 1.1, "max_grad_norm": 1.0,
-                                 "rounds": []},
-                           "1": {"epsilon": 2.75, "delta": 2.5e-4, "noise_multiplier": 1.1, "max_grad_norm": 1.0,
-                                 "rounds": []}}}
+    privacy = {
+        "mode": "sample",
+        "label": "sample-level (per example)",
+        "accountant": "rdp",
+        "rng": "not secure",
+        "clients": {
+            "0": {"epsilon": 3.25, "delta": 2.5e-4, "noise_multiplier": 1.1, "max_grad_norm": 1.0, "rounds": []},
+            "1": {"epsilon": 2.75, "delta": 2.5e-4, "noise_multiplier": 1.1, "max_grad_norm": 1.0, "rounds": []},
+        },
+    }
     run_dir, run = fake_run(tmp_path, privacy=privacy)
     cfg = parse_config({"model.name": str(tiny_model_dir)})
     run["config"] = cfg.to_flat()
@@ -84,7 +98,9 @@ def finished_run(tmp_path, tiny_model_dir):
                 p.add_(torch.randn_like(p) * 0.5)
     for f in (run_dir / "adapter").iterdir():
         f.unlink()
-    save_adapter(model, AutoTokenizer.from_pretrained(tiny_model_dir), cfg, ["negative", "positive"], run_dir / "adapter")
+    save_adapter(
+        model, AutoTokenizer.from_pretrained(tiny_model_dir), cfg, ["negative", "positive"], run_dir / "adapter"
+    )
     (run_dir / "run.json").write_text(json.dumps(run))
     build_hub_folder(run_dir, run, "apache-2.0")
     return run_dir, run
@@ -103,14 +119,18 @@ def test_push_then_download_gives_the_same_predictions_and_card(hub, finished_ru
     local = cli(["predict", "--model", str(run_dir), *args], env)
     no_base = cli(["predict", "--model", "fedhf-test/sst2-adapter", *args], env)
     assert no_base.returncode == 2 and "give --base-model" in no_base.stderr  # trained from a local folder: not named
-    remote = cli(["predict", "--model", "fedhf-test/sst2-adapter", "--base-model", run["config"]["model.name"], *args], env)
+    remote = cli(
+        ["predict", "--model", "fedhf-test/sst2-adapter", "--base-model", run["config"]["model.name"], *args], env
+    )
     assert local.returncode == remote.returncode == 0, remote.stderr
     assert local.stdout == remote.stdout and len(local.stdout.splitlines()) == 3
     # The card, downloaded with the unmodified client, parses, and states the run's facts.
-    code = ("import json; from huggingface_hub import ModelCard, snapshot_download; "
-            "p = snapshot_download('fedhf-test/sst2-adapter', local_dir='" + str(tmp_path / "dl") + "'); "
-            "c = ModelCard.load('fedhf-test/sst2-adapter'); "
-            "print(json.dumps({'meta': c.data.to_dict(), 'text': c.text}))")
+    code = (
+        "import json; from huggingface_hub import ModelCard, snapshot_download; "
+        "p = snapshot_download('fedhf-test/sst2-adapter', local_dir='" + str(tmp_path / "dl") + "'); "
+        "c = ModelCard.load('fedhf-test/sst2-adapter'); "
+        "print(json.dumps({'meta': c.data.to_dict(), 'text': c.text}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     card = json.loads(out.stdout.strip().splitlines()[-1])
@@ -166,11 +186,15 @@ def test_bad_input(hub, finished_run, tmp_path):
         lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], res.stderr
 
-    error(cli(["push", str(run_dir), "--repo-id", "fedhf-test/c"], env_for(hub, tmp_path, token=None)),
-          "no Hugging Face token: set HF_TOKEN")
+    error(
+        cli(["push", str(run_dir), "--repo-id", "fedhf-test/c"], env_for(hub, tmp_path, token=None)),
+        "no Hugging Face token: set HF_TOKEN",
+    )
     error(cli(["push", str(run_dir), "--repo-id", "not a repo"], env), "is not a valid Hub repo id")
-    error(cli(["push", str(run_dir), "--repo-id", "fedhf-test/c"], env_for(hub, tmp_path, token="hf_wrong")),
-          "the Hub refused the upload to 'fedhf-test/c' (HTTP 401)")
+    error(
+        cli(["push", str(run_dir), "--repo-id", "fedhf-test/c"], env_for(hub, tmp_path, token="hf_wrong")),
+        "the Hub refused the upload to 'fedhf-test/c' (HTTP 401)",
+    )
     running = tmp_path / "running"
     running.mkdir()
     (running / "run.json").write_text(json.dumps({**run, "status": "running"}))
@@ -180,10 +204,14 @@ def test_bad_input(hub, finished_run, tmp_path):
     (no_adapter / "run.json").write_text(json.dumps(run))
     error(cli(["push", str(no_adapter), "--repo-id", "fedhf-test/c"], env), "lacks adapter_config.json")
     error(cli(["predict", "--model", str(no_adapter), "--text", "hi"], env), "no adapter there")
-    error(cli(["predict", "--model", "fedhf-test/does-not-exist", "--text", "hi"], env), "cannot download it from the Hub")
+    error(
+        cli(["predict", "--model", "fedhf-test/does-not-exist", "--text", "hi"], env), "cannot download it from the Hub"
+    )
     closed = _closed_port()
-    error(cli(["push", str(run_dir), "--repo-id", "fedhf-test/c"], env_for(f"http://127.0.0.1:{closed}", tmp_path)),
-          f"cannot reach the Hub at http://127.0.0.1:{closed} to push 'fedhf-test/c' (ConnectError)")
+    error(
+        cli(["push", str(run_dir), "--repo-id", "fedhf-test/c"], env_for(f"http://127.0.0.1:{closed}", tmp_path)),
+        f"cannot reach the Hub at http://127.0.0.1:{closed} to push 'fedhf-test/c' (ConnectError)",
+    )
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "run.json").write_text('{"status": "comp')

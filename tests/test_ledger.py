@@ -9,8 +9,18 @@ from fedhf.privacy.ledger import ledger_entry, over_budget, round_summary, with_
 
 
 def report(epsilon: float, steps: int, acc_id: str = "a", **extra) -> dict:
-    return {"epsilon": epsilon, "delta": 1e-3, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.1,
-            "steps": steps, "accountant": "rdp", "accountant_id": acc_id, "max_epsilon": 0.0, **extra}
+    return {
+        "epsilon": epsilon,
+        "delta": 1e-3,
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.1,
+        "steps": steps,
+        "accountant": "rdp",
+        "accountant_id": acc_id,
+        "max_epsilon": 0.0,
+        **extra,
+    }
 
 
 def test_an_entry_follows_the_reports_and_takes_the_servers_floor():
@@ -34,14 +44,26 @@ def test_a_restarted_accountant_composes_by_adding():
     assert e2["delta"] == pytest.approx(2e-3)
     assert e2["steps"] == 60 and "restarted" in warnings[0]
     assert over_budget({"0": {**e2, "max_epsilon": 5.0}, "1": {**e1, "max_epsilon": 5.0}}) == {0}  # 6.4 vs 3.2
-    assert round_summary({"0": e2, "1": e1}) == {"sample_level_epsilon": {"0": e2["epsilon"], "1": EPS30},
-                                                 "sample_level_epsilon_max": e2["epsilon"],
-                                                 "sample_level_epsilon_mean": (e2["epsilon"] + EPS30) / 2}
+    assert round_summary({"0": e2, "1": e1}) == {
+        "sample_level_epsilon": {"0": e2["epsilon"], "1": EPS30},
+        "sample_level_epsilon_max": e2["epsilon"],
+        "sample_level_epsilon_mean": (e2["epsilon"] + EPS30) / 2,
+    }
 
 
 def test_steps_only_the_clients_own_accountant_holds_are_counted():
     e1, _ = ledger_entry(None, report(EPS30, 30), 1, "trained")
-    spent = with_saved_spend(e1, {"epsilon": 4.0, "steps": 40, "delta": 1e-3, "noise_multiplier": 1.0,
-                                  "max_grad_norm": 1.0, "sample_rate": 0.1, "accountant": "rdp"})
+    spent = with_saved_spend(
+        e1,
+        {
+            "epsilon": 4.0,
+            "steps": 40,
+            "delta": 1e-3,
+            "noise_multiplier": 1.0,
+            "max_grad_norm": 1.0,
+            "sample_rate": 0.1,
+            "accountant": "rdp",
+        },
+    )
     assert spent["epsilon"] == 4.0 and spent["steps"] == 40 and spent["unreported_steps"] == 10
     assert e1["epsilon"] == EPS30

@@ -7,6 +7,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFModelError
+from fedhf.tasks.adapters import save_adapter
 from fedhf.tasks.model import (
     DEFAULT_MODEL,
     adapter_nbytes,
@@ -16,7 +17,6 @@ from fedhf.tasks.model import (
     resolve_model,
     set_adapter_state,
 )
-from fedhf.tasks.adapters import save_adapter
 
 LABELS = ["negative", "positive"]
 
@@ -93,7 +93,9 @@ def test_model_resolution(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FedHFModelError, match="has no config.json"):
         resolve_model(str(tmp_path / "empty"))
-    with pytest.raises(FedHFModelError, match="cannot load 'nobody/no-such-model': the Hub is unreachable .* no local copy"):
+    with pytest.raises(
+        FedHFModelError, match="cannot load 'nobody/no-such-model': the Hub is unreachable .* no local copy"
+    ):
         resolve_model("nobody/no-such-model")
 
 
@@ -131,6 +133,7 @@ def test_saved_adapter_loads_with_peft(tiny_model_dir, tmp_path):
 
 # --- model.pooling -----------------------------------------------------------------------------------------------
 
+
 def _backbone_mean(model, enc):
     """The masked mean of the backbone's last hidden states, computed by hand (no fedhf hook involved)."""
     base = model.get_base_model()
@@ -150,7 +153,9 @@ def test_mean_pooling_head_reads_the_masked_token_mean(tiny_model_dir):
     cfg = tiny_cfg(tiny_model_dir, **{"model.pooling": "mean"})
     model = build_model(cfg, LABELS).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    enc = tok(["a good film", "a much longer and rather dull film about nothing at all"], padding=True, return_tensors="pt")
+    enc = tok(
+        ["a good film", "a much longer and rather dull film about nothing at all"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         logits = model(**enc).logits
         by_hand = model.get_base_model().classifier(_backbone_mean(model, enc))
@@ -173,11 +178,15 @@ def test_mean_pooling_for_a_first_token_head(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
     torch.manual_seed(0)
-    DistilBertModel(DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
-                                     max_position_embeddings=64)).save_pretrained(tmp_path / "d")
+    DistilBertModel(
+        DistilBertConfig(
+            vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64
+        )
+    ).save_pretrained(tmp_path / "d")
     tok.save_pretrained(tmp_path / "d")
-    model = build_model(tiny_cfg(tmp_path / "d", **{"model.pooling": "mean", "model.lora.target-modules": "q_lin,v_lin"}),
-                        LABELS).eval()
+    model = build_model(
+        tiny_cfg(tmp_path / "d", **{"model.pooling": "mean", "model.lora.target-modules": "q_lin,v_lin"}), LABELS
+    ).eval()
     enc = tok(["a good film", "a much longer and rather dull film"], padding=True, return_tensors="pt")
     base = model.get_base_model()
     with torch.no_grad():
@@ -189,9 +198,13 @@ def test_mean_pooling_for_a_first_token_head(tmp_path):
 def test_mean_pooling_refuses_a_model_whose_head_reads_the_last_token(tmp_path):
     from transformers import GPT2Config, GPT2Model
 
-    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=100, n_positions=32)).save_pretrained(tmp_path / "g")
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=100, n_positions=32)).save_pretrained(
+        tmp_path / "g"
+    )
     with pytest.raises(FedHFModelError, match=r"model\.pooling.*'gpt2'.*set model.pooling = 'cls'"):
-        build_model(tiny_cfg(tmp_path / "g", **{"model.pooling": "mean", "model.lora.target-modules": "c_attn"}), LABELS)
+        build_model(
+            tiny_cfg(tmp_path / "g", **{"model.pooling": "mean", "model.lora.target-modules": "c_attn"}), LABELS
+        )
 
 
 def test_bad_pooling_value_names_the_key():
@@ -227,20 +240,34 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
     with torch.no_grad():
         assert torch.allclose(loaded(**x).logits.softmax(-1), want, atol=1e-6)
     # loading it as a plain CLS classifier gives other outputs: the pooling must travel with the adapter
-    plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2),
-                                      run_dir / "adapter").eval()
+    plain = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2), run_dir / "adapter"
+    ).eval()
     with torch.no_grad():
         assert not torch.allclose(plain(**x).logits.softmax(-1), want, atol=1e-4)
 
-    run = {"run_id": "r1", "status": "complete", "config": cfg.to_flat(), "config_sha256": "ab" * 32,
-           "seeds": {"seed": 42}, "versions": {}, "git_commit": None,
-           "dataset": {"name": "sst2", "preset": "sst2", "label_names": LABELS, "central_eval_rows": 10,
-                       "license": "unknown", "citation": "", "source": {"kind": "preset-local", "hub_id": "stanfordnlp/sst2",
-                                                                         "files": {}}},
-           "model": {"name": cfg.model.name, "trainable_params": 1, "total_params": 2, "adapter_bytes": 3},
-           "partitions": [{"partition_id": 0, "train_examples": 5, "label_histogram": [2, 3]}],
-           "rounds": [{"round": 0, "eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}],
-           "final": {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}}
+    run = {
+        "run_id": "r1",
+        "status": "complete",
+        "config": cfg.to_flat(),
+        "config_sha256": "ab" * 32,
+        "seeds": {"seed": 42},
+        "versions": {},
+        "git_commit": None,
+        "dataset": {
+            "name": "sst2",
+            "preset": "sst2",
+            "label_names": LABELS,
+            "central_eval_rows": 10,
+            "license": "unknown",
+            "citation": "",
+            "source": {"kind": "preset-local", "hub_id": "stanfordnlp/sst2", "files": {}},
+        },
+        "model": {"name": cfg.model.name, "trainable_params": 1, "total_params": 2, "adapter_bytes": 3},
+        "partitions": [{"partition_id": 0, "train_examples": 5, "label_histogram": [2, 3]}],
+        "rounds": [{"round": 0, "eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}],
+        "final": {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5},
+    }
     (run_dir / ".fedhf-run").write_text(json.dumps({"run_uid": "u1"}))  # a run folder fedhf made
     hub = build_hub_folder(run_dir, run, "apache-2.0")
     card = (hub / "README.md").read_text()

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from fedhf.federation.node import node_of
 from fedhf.config.schema import parse_config
 from fedhf.data.silos import load_silo
 from fedhf.errors import FedHFConfigError, FedHFDataError
+from fedhf.federation.node import node_of
 
 from .conftest import synthetic_rows, write_jsonl, write_tsv
 
@@ -46,14 +46,21 @@ def test_a_silo_whose_labels_are_a_subset_keeps_the_federation_ids(tmp_path):
     assert set(train["label"]) == {1}
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda d: d / "nope", "does not exist on this node"),
-    (lambda d: write_tsv(d / "odd" / "train.tsv", [{"text": "x", "label": "neutral"}], ["text", "label"]).parent,
-     "not among the federation's labels"),
-    (lambda d: write_tsv(d / "cols" / "train.tsv", [{"words": "x", "y": "positive"}], ["words", "y"]).parent,
-     "no text column found"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "holds no"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: d / "nope", "does not exist on this node"),
+        (
+            lambda d: write_tsv(d / "odd" / "train.tsv", [{"text": "x", "label": "neutral"}], ["text", "label"]).parent,
+            "not among the federation's labels",
+        ),
+        (
+            lambda d: write_tsv(d / "cols" / "train.tsv", [{"words": "x", "y": "positive"}], ["words", "y"]).parent,
+            "no text column found",
+        ),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "holds no"),
+    ],
+)
 def test_bad_silos_name_the_node_config_key(tmp_path, make, fragment):
     cfg = parse_config({})
     with pytest.raises(FedHFDataError, match=fragment) as info:
@@ -81,16 +88,16 @@ def test_an_unreadable_silo_says_so_even_for_root(tmp_path, monkeypatch):
 
 
 def test_node_config_forms():
-    silo = _node(({"data-path": "/data/silo"}))
+    silo = _node({"data-path": "/data/silo"})
     assert (silo.data_path, silo.num_partitions, silo.pid) == ("/data/silo", None, 987654321)
-    named = _node(({"data-path": "/data/silo", "partition-id": 3}))
+    named = _node({"data-path": "/data/silo", "partition-id": 3})
     assert named.pid == 3
-    part = _node(({"partition-id": 1, "num-partitions": 4}))
+    part = _node({"partition-id": 1, "num-partitions": 4})
     assert (part.pid, part.num_partitions, part.data_path) == (1, 4, None)
     with pytest.raises(FedHFConfigError, match="data-path"):
-        _node(({}))
+        _node({})
     with pytest.raises(FedHFConfigError, match="partition-id"):
-        _node(({"data-path": "/x", "partition-id": "first"}))
+        _node({"data-path": "/x", "partition-id": "first"})
 
 
 def test_a_silo_gets_the_label_names_from_the_server(synthetic_dir):
@@ -119,11 +126,15 @@ def test_simulated_nodes_take_their_policy_from_the_owners_file(tmp_path):
     from .conftest import REPO
 
     f = tmp_path / "nodes.toml"
-    f.write_text('[default]\nmin-privacy = "sample"\nshare = "num-examples"\n[nodes.1]\nmax-epsilon = 2.0\n'
-                 'require-secure-aggregation = true\n')
+    f.write_text(
+        '[default]\nmin-privacy = "sample"\nshare = "num-examples"\n[nodes.1]\nmax-epsilon = 2.0\n'
+        "require-secure-aggregation = true\n"
+    )
     nodes = load_node_config_file(f, 3)
     assert sorted(nodes) == [0, 1, 2]
     assert parse_policy(nodes[0]).max_epsilon is None and parse_policy(nodes[1]).max_epsilon == 2.0
-    assert parse_policy(nodes[1]).require_secure_aggregation and parse_policy(nodes[2]).shared(dp=True) == {"num-examples"}
+    assert parse_policy(nodes[1]).require_secure_aggregation and parse_policy(nodes[2]).shared(dp=True) == {
+        "num-examples"
+    }
     for shipped in (REPO / "experiments" / "node-configs").glob("*.toml"):
         assert load_node_config_file(shipped, 3), shipped.name

@@ -21,18 +21,24 @@ def test_a_budget_implies_sample_level_dp_and_contradictions_are_refused():
         parse_policy({"max-epsilon": 2, "min-privacy": "none"})
 
 
-@pytest.mark.parametrize(("node", "match"), [
-    ({"max-epsilon": "abc"}, "node config 'max-epsilon': got 'abc'; give a positive number"),
-    ({"max-epsilon": -1}, "node config 'max-epsilon': got -1"),
-    ({"max-epsilon": "inf"}, "node config 'max-epsilon'"),
-    ({"max-epsilon": True}, "node config 'max-epsilon'"),
-    ({"max-delta": 0}, "node config 'max-delta': got 0"),
-    ({"max-delta": 1.5}, "node config 'max-delta': got 1.5; delta must be below 1"),
-    ({"min-privacy": "strong"}, "node config 'min-privacy': got 'strong'; allowed: none, client, sample"),
-    ({"require-secure-aggregation": "yes"}, "node config 'require-secure-aggregation': got 'yes'; give true or false"),
-    ({"share": "passwords"}, "node config 'share': 'passwords' is not something fedhf can share"),
-    ({"share": 3}, "node config 'share': got 3"),
-])
+@pytest.mark.parametrize(
+    ("node", "match"),
+    [
+        ({"max-epsilon": "abc"}, "node config 'max-epsilon': got 'abc'; give a positive number"),
+        ({"max-epsilon": -1}, "node config 'max-epsilon': got -1"),
+        ({"max-epsilon": "inf"}, "node config 'max-epsilon'"),
+        ({"max-epsilon": True}, "node config 'max-epsilon'"),
+        ({"max-delta": 0}, "node config 'max-delta': got 0"),
+        ({"max-delta": 1.5}, "node config 'max-delta': got 1.5; delta must be below 1"),
+        ({"min-privacy": "strong"}, "node config 'min-privacy': got 'strong'; allowed: none, client, sample"),
+        (
+            {"require-secure-aggregation": "yes"},
+            "node config 'require-secure-aggregation': got 'yes'; give true or false",
+        ),
+        ({"share": "passwords"}, "node config 'share': 'passwords' is not something fedhf can share"),
+        ({"share": 3}, "node config 'share': got 3"),
+    ],
+)
 def test_bad_policy_values_name_the_key_and_the_fix(node, match):
     with pytest.raises(FedHFConfigError, match=match):
         parse_policy(node)
@@ -45,24 +51,38 @@ def test_share_lists_all_and_none():
     assert parse_policy({"share": ""}).shared(dp=False) == frozenset()
 
 
-@pytest.mark.parametrize(("node", "mode", "secure", "sigma", "rule"), [
-    ({"min-privacy": "sample"}, "none", True, None, "min-privacy"),
-    ({"min-privacy": "sample"}, "client", True, None, "min-privacy"),
-    ({"max-epsilon": 1}, "none", True, None, "min-privacy"),
-    ({"min-privacy": "sample"}, "sample", True, 0.0, "min-privacy"),
-    ({"min-privacy": "client"}, "sample", True, 1.0, "min-privacy"),
-    ({"require-secure-aggregation": True}, "sample", False, 1.0, "require-secure-aggregation"),
-    ({"require-secure-aggregation": "true", "min-privacy": "sample"}, "sample", False, 1.0, "require-secure-aggregation"),
-])
+@pytest.mark.parametrize(
+    ("node", "mode", "secure", "sigma", "rule"),
+    [
+        ({"min-privacy": "sample"}, "none", True, None, "min-privacy"),
+        ({"min-privacy": "sample"}, "client", True, None, "min-privacy"),
+        ({"max-epsilon": 1}, "none", True, None, "min-privacy"),
+        ({"min-privacy": "sample"}, "sample", True, 0.0, "min-privacy"),
+        ({"min-privacy": "client"}, "sample", True, 1.0, "min-privacy"),
+        ({"require-secure-aggregation": True}, "sample", False, 1.0, "require-secure-aggregation"),
+        (
+            {"require-secure-aggregation": "true", "min-privacy": "sample"},
+            "sample",
+            False,
+            1.0,
+            "require-secure-aggregation",
+        ),
+    ],
+)
 def test_requests_that_break_the_policy_are_refused_by_rule(node, mode, secure, sigma, rule):
     refusal = check_request(parse_policy(node), mode=mode, secure=secure, noise_multiplier=sigma)
     assert refusal is not None and refusal.rule == rule
 
 
-@pytest.mark.parametrize(("node", "mode", "secure"), [
-    ({"min-privacy": "sample"}, "sample", False), ({"min-privacy": "sample"}, "both", False),
-    ({"min-privacy": "client"}, "client", False), ({"require-secure-aggregation": True}, "none", True),
-])
+@pytest.mark.parametrize(
+    ("node", "mode", "secure"),
+    [
+        ({"min-privacy": "sample"}, "sample", False),
+        ({"min-privacy": "sample"}, "both", False),
+        ({"min-privacy": "client"}, "client", False),
+        ({"require-secure-aggregation": True}, "none", True),
+    ],
+)
 def test_compliant_requests_pass(node, mode, secure):
     assert check_request(parse_policy(node), mode=mode, secure=secure, noise_multiplier=1.0) is None
 
@@ -78,5 +98,7 @@ def test_the_delta_ceiling_defaults_to_one_over_n_and_the_refusal_does_not_quote
 
 
 def test_the_removed_run_config_budget_says_where_a_budget_belongs():
-    with pytest.raises(FedHFConfigError, match="privacy.node-max-epsilon' was removed: a node's budget is its owner's word"):
+    with pytest.raises(
+        FedHFConfigError, match="privacy.node-max-epsilon' was removed: a node's budget is its owner's word"
+    ):
         parse_config({"privacy.node-max-epsilon": "0:2.5"})

@@ -8,7 +8,6 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedhf.config.schema import parse_config
-from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
 from fedhf.privacy.dp import (
     FedHFPrivacyError,
     SampleAccount,
@@ -20,6 +19,7 @@ from fedhf.privacy.dp import (
     private_train,
     sampling,
 )
+from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
 from fedhf.tasks.text_classification import TextClassification, make_loader
 from fedhf.train.loop import train_local
 
@@ -32,7 +32,9 @@ LABELS = ["negative", "positive"]
 
 def rows(n, seed=0):
     r = synthetic_rows(n, seed=seed)
-    return datasets.Dataset.from_dict({"text": [x["text"] for x in r], "label": [int(x["label"] == "positive") for x in r]})
+    return datasets.Dataset.from_dict(
+        {"text": [x["text"] for x in r], "label": [int(x["label"] == "positive") for x in r]}
+    )
 
 
 @pytest.fixture()
@@ -51,7 +53,7 @@ def test_history_epsilon_equals_opacus_in_one_go(kind):
         acc = SampleAccount(kind, 1e-5, 1.0, 1.0, [(1.0, 0.04, sum(h[2] for h in history))])
         eps.append(acc.epsilon)
     assert eps[0] < eps[1] < eps[2]
-    ref = (RDPAccountant() if kind == "rdp" else PRVAccountant())
+    ref = RDPAccountant() if kind == "rdp" else PRVAccountant()
     ref.history = [(1.0, 0.04, 75)]
     assert eps[2] == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-6)
     assert SampleAccount.from_state(acc.to_state()) == acc
@@ -73,7 +75,9 @@ def test_planned_sigma_meets_the_target_within_ten_percent(target, kind):
 
 
 def test_unreachable_target_names_the_knobs():
-    with pytest.raises(FedHFPrivacyError, match="unreachable.*raise privacy.target-epsilon.*num-server-rounds.*train.batch-size"):
+    with pytest.raises(
+        FedHFPrivacyError, match="unreachable.*raise privacy.target-epsilon.*num-server-rounds.*train.batch-size"
+    ):
         plan_noise_multiplier(0.001, 0.01, 1.0, 60, "rdp")
 
 
@@ -93,7 +97,7 @@ def test_clipping_bounds_the_per_example_gradient(tiny, monkeypatch, pooling):
     original = _Guard.after_step
 
     def record(self):
-        norms.append(torch.sqrt(sum((p.grad ** 2).sum() for _, p in self.trainable)).item())
+        norms.append(torch.sqrt(sum((p.grad**2).sum() for _, p in self.trainable)).item())
         original(self)
 
     monkeypatch.setattr(_Guard, "after_step", record)
@@ -149,7 +153,15 @@ def test_ghost_clipping_really_clips(tiny):
         if mode == "plain":
             train_local(model, loader, task=TASK, epochs=1, lr=1e-2)
         else:
-            private_train(model, loader, SampleAccount("rdp", 1e-3, 0.0, 1e-4), task=TASK, epochs=1, lr=1e-2, grad_sample_mode=mode)
+            private_train(
+                model,
+                loader,
+                SampleAccount("rdp", 1e-3, 0.0, 1e-4),
+                task=TASK,
+                epochs=1,
+                lr=1e-2,
+                grad_sample_mode=mode,
+            )
         return torch.cat([v.flatten() for v in get_adapter_state(model).values()])
 
     hooks, ghost, plain = update("hooks"), update("ghost"), update("plain")
@@ -182,11 +194,19 @@ def test_fail_closed_on_a_layer_opacus_cannot_handle():
 def test_first_batch_empty_is_still_a_step(tiny, monkeypatch):
     """Opacus' own empty-batch collate cannot rebuild dict batches when the very first batch is empty."""
     cfg, tok = tiny
-    seed = next(s for s in range(1000) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 1 / 20).any())
+    seed = next(
+        s for s in range(1000) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 1 / 20).any()
+    )
     monkeypatch.setattr("fedhf.privacy.dp.fresh_generator", lambda: torch.Generator().manual_seed(seed))
     model = build_model(cfg, LABELS)
-    res = private_train(model, make_loader(rows(20), tok, 32, 1, shuffle=False), SampleAccount("rdp", 1e-3, 1.0, 1.0), task=TASK,
-                        epochs=1, lr=1e-3)
+    res = private_train(
+        model,
+        make_loader(rows(20), tok, 32, 1, shuffle=False),
+        SampleAccount("rdp", 1e-3, 1.0, 1.0),
+        task=TASK,
+        epochs=1,
+        lr=1e-3,
+    )
     assert res.empty_batches >= 1 and res.account.steps == 20
 
 
@@ -219,7 +239,7 @@ def test_per_sample_gradients_are_right_with_mean_pooling(tiny):
     for i, text in enumerate(texts):
         model.zero_grad(set_to_none=True)
         one = tok([text], return_tensors="pt")
-        torch.nn.functional.cross_entropy(model(**one).logits, labels[i:i + 1], reduction="sum").backward()
+        torch.nn.functional.cross_entropy(model(**one).logits, labels[i : i + 1], reduction="sum").backward()
         for n in names:
             assert torch.allclose(batched[n][i], params[n].grad, atol=1e-5), n
 
@@ -241,7 +261,9 @@ def test_the_poisson_loader_takes_exactly_the_planned_steps_over_a_large_grid():
     assert (steps, int(1 / q)) == (93, 92)
 
 
-@pytest.mark.parametrize(("n", "batch", "epochs"), [(7, 1, 2), (93, 1, 1), (150, 16, 2), (31, 4, 1), (50, 8, 3), (1488, 16, 1)])
+@pytest.mark.parametrize(
+    ("n", "batch", "epochs"), [(7, 1, 2), (93, 1, 1), (150, 16, 2), (31, 4, 1), (50, 8, 3), (1488, 16, 1)]
+)
 def test_realised_epsilon_never_exceeds_the_plan_or_the_target(tiny, n, batch, epochs):
     """Plan sigma for a target over two rounds, train two real private rounds, and compare the accountant's own
     record with the plan: realised = planned (same q, same steps), and <= the target."""

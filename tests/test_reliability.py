@@ -10,13 +10,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from fedhf.federation import faults
-from fedhf.run.record import RunRecorder
-from fedhf.run.checkpoint import FedHFCheckpointError, load_checkpoint, save_checkpoint
 from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
+from fedhf.federation import faults
 from fedhf.federation.node_state import FedHFNodeStateError, SpendStore, arrays_digest, legacy_key
-from fedhf.flower.strategy import build_strategy, restore_strategy_state, strategy_state
 from fedhf.federation.updates import (
     FP16_ABSOLUTE_ERROR,
     FP16_RELATIVE_ERROR,
@@ -25,6 +22,9 @@ from fedhf.federation.updates import (
     encode,
     payload_nbytes,
 )
+from fedhf.flower.strategy import build_strategy, restore_strategy_state, strategy_state
+from fedhf.run.checkpoint import FedHFCheckpointError, load_checkpoint, save_checkpoint
+from fedhf.run.record import RunRecorder
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -58,9 +58,9 @@ def test_compressed_updates_decode_within_the_documented_tolerance(dtype):
         delta = v - base[k]
         err = np.abs(decoded[k] - v)
         if dtype == "fp16":
-            bound = np.abs(delta) * FP16_RELATIVE_ERROR + FP16_ABSOLUTE_ERROR + np.abs(v) * 2 ** -23
+            bound = np.abs(delta) * FP16_RELATIVE_ERROR + FP16_ABSOLUTE_ERROR + np.abs(v) * 2**-23
         else:
-            bound = np.full(v.shape, np.max(np.abs(delta)) / 127 / 2 + np.abs(v).max() * 2 ** -23)
+            bound = np.full(v.shape, np.max(np.abs(delta)) / 127 / 2 + np.abs(v).max() * 2**-23)
         assert (err <= bound).all(), (k, float(err.max()))
         assert decoded[k].dtype == np.float32
     fp32 = payload_nbytes(encode(trained, base, "fp32").arrays)
@@ -107,22 +107,50 @@ def test_check_update_names_every_problem():
 
 
 def _meta(node: int) -> Metadata:
-    return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+    return Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
 
 
-def reply(node: int, trained: dict[str, np.ndarray], base: dict[str, np.ndarray], n: int, *,
-          dtype: str = "fp32", poison: str | None = None) -> Message:
+def reply(
+    node: int,
+    trained: dict[str, np.ndarray],
+    base: dict[str, np.ndarray],
+    n: int,
+    *,
+    dtype: str = "fp32",
+    poison: str | None = None,
+) -> Message:
     enc = encode(faults.poison_values(poison, trained), base, dtype)
     payload = faults.poison_structure(poison, enc.arrays)
-    info = {"partition-id": node, "train-seconds": 1.0, "handler-seconds": 1.5, "train-steps": 3, "train-tokens": 40,
-            "label-histogram": [n // 2, n - n // 2], "transport": dtype, "status": "trained",
-            "shared": ["label-histogram", "num-examples", "timings", "train-loss", "train-tokens"]}
+    info = {
+        "partition-id": node,
+        "train-seconds": 1.0,
+        "handler-seconds": 1.5,
+        "train-steps": 3,
+        "train-tokens": 40,
+        "label-histogram": [n // 2, n - n // 2],
+        "transport": dtype,
+        "status": "trained",
+        "shared": ["label-histogram", "num-examples", "timings", "train-loss", "train-tokens"],
+    }
     if enc.scales:
         info["int8-scales"] = enc.scales
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
-                          "metrics": MetricRecord({"weight": float(n), "train-loss": 0.5, "num-examples": n}),
-                          "client-info": ConfigRecord(info)})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+            "metrics": MetricRecord({"weight": float(n), "train-loss": 0.5, "num-examples": n}),
+            "client-info": ConfigRecord(info),
+        }
+    )
     return Message(content=content, metadata=_meta(node))
 
 
@@ -135,18 +163,29 @@ class FakeGrid:
 
 
 def start(tmp_path, nodes: list[int], base: dict[str, np.ndarray], **keys):
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "strategy.min-train-nodes": 2,
-                        "strategy.min-available-nodes": 2, **keys})
+    cfg = parse_config(
+        {
+            "output-dir": str(tmp_path),
+            "run-name": "r",
+            "strategy.min-train-nodes": 2,
+            "strategy.min-available-nodes": 2,
+            **keys,
+        }
+    )
     rec = RunRecorder(cfg)
     s = build_strategy(cfg, rec)
-    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in base.items()}), ConfigRecord({}), FakeGrid(nodes)))
+    msgs = list(
+        s.configure_train(1, ArrayRecord({k: Array(v) for k, v in base.items()}), ConfigRecord({}), FakeGrid(nodes))
+    )
     assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(nodes)
     return s, rec
 
 
 def fedavg(states: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:
     total = sum(weights)
-    return {k: sum(s[k].astype(np.float64) * w for s, w in zip(states, weights, strict=True)) / total for k in states[0]}
+    return {
+        k: sum(s[k].astype(np.float64) * w for s, w in zip(states, weights, strict=True)) / total for k in states[0]
+    }
 
 
 def test_malformed_and_poisoned_replies_are_dropped_and_the_rest_averaged(tmp_path):
@@ -164,8 +203,15 @@ def test_malformed_and_poisoned_replies_are_dropped_and_the_rest_averaged(tmp_pa
     row = rec._round
     assert {r["node_id"]: r["reason"] for r in row["rejected"]}.keys() == set(poisons)
     reasons = {r["node_id"]: r["reason"] for r in row["rejected"]}
-    for node, words in {3: "NaN", 4: "Inf", 5: "shape", 6: "unexpected tensor", 7: "max-update-norm",
-                        8: "missing tensor", 9: "float64"}.items():
+    for node, words in {
+        3: "NaN",
+        4: "Inf",
+        5: "shape",
+        6: "unexpected tensor",
+        7: "max-update-norm",
+        8: "missing tensor",
+        9: "float64",
+    }.items():
         assert words in reasons[node], (node, reasons[node])
     statuses = {c["partition_id"]: c["status"] for c in row["clients"]}
     assert statuses == {1: "trained", 2: "trained", **{n: "rejected" for n in poisons}}
@@ -177,7 +223,9 @@ def test_compressed_replies_are_decoded_before_aggregation(tmp_path, dtype):
     base = adapter_like()
     states = [trained_from(base, 0.01, 21), trained_from(base, 0.01, 22)]
     s, rec = start(tmp_path, [1, 2], base, **{"transport.dtype": dtype})
-    arrays, _ = s.aggregate_train(1, [reply(1, states[0], base, 10, dtype=dtype), reply(2, states[1], base, 30, dtype=dtype)])
+    arrays, _ = s.aggregate_train(
+        1, [reply(1, states[0], base, 10, dtype=dtype), reply(2, states[1], base, 30, dtype=dtype)]
+    )
     expected = fedavg(states, [10, 30])
     worst = max(float(np.abs(arrays[k].numpy() - expected[k]).max()) for k in expected)
     assert worst < (2e-5 if dtype == "fp16" else 0.05 * 4 / 127)  # int8: half a step of the largest update, with margin
@@ -192,13 +240,20 @@ def test_compressed_replies_are_decoded_before_aggregation(tmp_path, dtype):
 def test_a_silent_client_is_a_failure_and_too_few_updates_stop_the_round(tmp_path):
     base = adapter_like()
     s, rec = start(tmp_path, [1, 2, 3], base)
-    s.aggregate_train(1, [reply(1, trained_from(base, 0.01, 1), base, 10), reply(2, trained_from(base, 0.01, 2), base, 10)])
+    s.aggregate_train(
+        1, [reply(1, trained_from(base, 0.01, 1), base, 10), reply(2, trained_from(base, 0.01, 2), base, 10)]
+    )
     assert [f["node_id"] for f in rec._round["failures"]] == [3]
     assert "no reply within strategy.round-timeout" in rec._round["failures"][0]["reason"]
     s2, _ = start(tmp_path / "b", [1, 2, 3], base)
     with pytest.raises(FedHFRunError, match="only 1 valid update.*strategy.min-train-nodes=2.*--resume"):
-        s2.aggregate_train(1, [reply(1, trained_from(base, 0.01, 1), base, 10),
-                               reply(2, trained_from(base, 0.01, 2), base, 10, poison="nan")])
+        s2.aggregate_train(
+            1,
+            [
+                reply(1, trained_from(base, 0.01, 1), base, 10),
+                reply(2, trained_from(base, 0.01, 2), base, 10, poison="nan"),
+            ],
+        )
 
 
 def test_median_ignores_a_bounded_outlier_that_fedavg_would_follow(tmp_path):
@@ -220,9 +275,16 @@ def test_median_ignores_a_bounded_outlier_that_fedavg_would_follow(tmp_path):
 def _checkpoint(tmp_path, rnd: int = 2, uid: str = "u1"):
     (tmp_path / ".fedhf-run").write_text(json.dumps({"run_uid": uid}))  # a run folder fedhf made
     arrays = adapter_like()
-    save_checkpoint(tmp_path, rnd, run_uid=uid, config_sha256="c", arrays=arrays,
-                    strategy_arrays={"m_t/x": np.ones(3)}, strategy_state={"class": "FedAvg"},
-                    run_record={"rounds": [{"round": r} for r in range(rnd + 1)]})
+    save_checkpoint(
+        tmp_path,
+        rnd,
+        run_uid=uid,
+        config_sha256="c",
+        arrays=arrays,
+        strategy_arrays={"m_t/x": np.ones(3)},
+        strategy_state={"class": "FedAvg"},
+        run_record={"rounds": [{"round": r} for r in range(rnd + 1)]},
+    )
     return arrays
 
 
@@ -240,8 +302,16 @@ def test_checkpoint_round_trip_keeps_only_the_latest(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     with pytest.raises(FedHFRunError, match="was not created by fedhf as a run folder"):
-        save_checkpoint(foreign, 1, run_uid="u1", config_sha256="c", arrays=adapter_like(), strategy_arrays={},
-                        strategy_state={}, run_record={})
+        save_checkpoint(
+            foreign,
+            1,
+            run_uid="u1",
+            config_sha256="c",
+            arrays=adapter_like(),
+            strategy_arrays={},
+            strategy_state={},
+            run_record={},
+        )
     assert list(foreign.iterdir()) == []
 
 
@@ -285,8 +355,10 @@ def test_server_optimizer_moments_survive_a_restart(tmp_path, name):
     restore_strategy_state(b, saved_arrays, saved_state)
     resumed = play(b, 3, arrays)
     assert all(np.array_equal(resumed[k].numpy(), straight[k].numpy()) for k in base)
-    fresh = build_strategy(parse_config({"output-dir": str(tmp_path), "run-name": "c", **keys}),
-                           RunRecorder(parse_config({"output-dir": str(tmp_path), "run-name": "c2"})))
+    fresh = build_strategy(
+        parse_config({"output-dir": str(tmp_path), "run-name": "c", **keys}),
+        RunRecorder(parse_config({"output-dir": str(tmp_path), "run-name": "c2"})),
+    )
     not_restored = play(fresh, 3, arrays)
     assert not all(np.allclose(not_restored[k].numpy(), straight[k].numpy()) for k in base)
     with pytest.raises(FedHFRunError, match="strategy 'FedAvg'"):
@@ -312,10 +384,30 @@ def test_a_resumed_recorder_keeps_the_ledger_and_records_the_resume(tmp_path):
 # ----------------------------------------------------------------------------- a client's own disk
 
 
-def _entry(run_uid: str, rnd: int, steps: int, *, sigma: float = 1.0, q: float = 0.1, delta: float = 1e-3,
-           pid: int = 0, acc: str = "rdp", acc_id: str = "a1") -> dict:
-    return {"run_uid": run_uid, "round": rnd, "partition_id": pid, "accountant": acc, "accountant_id": acc_id,
-            "delta": delta, "noise_multiplier": sigma, "max_grad_norm": 1.0, "sample_rate": q, "steps": steps}
+def _entry(
+    run_uid: str,
+    rnd: int,
+    steps: int,
+    *,
+    sigma: float = 1.0,
+    q: float = 0.1,
+    delta: float = 1e-3,
+    pid: int = 0,
+    acc: str = "rdp",
+    acc_id: str = "a1",
+) -> dict:
+    return {
+        "run_uid": run_uid,
+        "round": rnd,
+        "partition_id": pid,
+        "accountant": acc,
+        "accountant_id": acc_id,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "max_grad_norm": 1.0,
+        "sample_rate": q,
+        "steps": steps,
+    }
 
 
 def test_the_spend_store_keeps_every_run_on_the_data_and_replays_the_same_reply(tmp_path):
@@ -337,7 +429,9 @@ def test_the_spend_store_keeps_every_run_on_the_data_and_replays_the_same_reply(
         assert spend.lifetime(extra=_entry("uid3", 1, 1, acc="prv"))[0] == "rdp"  # mixed accountants: RDP
     assert again.replay("uid1", 1, "d") is None
     payload = adapter_like()
-    again.save_reply("uid1", {"round": 2, "global_digest": "abc", "metrics": {"weight": 1.0}, "info": {"x": 1}}, payload)
+    again.save_reply(
+        "uid1", {"round": 2, "global_digest": "abc", "metrics": {"weight": 1.0}, "info": {"x": 1}}, payload
+    )
     assert again.replay("uid1", 2, "other") is None and again.replay("uid1", 3, "abc") is None
     arrays, meta = again.replay("uid1", 2, "abc")
     assert all(np.array_equal(arrays[k], payload[k]) for k in payload) and meta["metrics"] == {"weight": 1.0}
@@ -379,8 +473,21 @@ def _reserve_many(root: str, run_uid: str, n: int, start_evt) -> None:
 def test_spend_saved_by_an_older_fedhf_is_imported_once(tmp_path):
     old = tmp_path / "olduid" / f"{legacy_key(3, None)}.json"
     old.parent.mkdir()
-    old.write_text(json.dumps({"privacy": {"accountant": "rdp", "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0,
-                                           "history-sigma": [1.0], "history-q": [0.1], "history-steps": [30]}}))
+    old.write_text(
+        json.dumps(
+            {
+                "privacy": {
+                    "accountant": "rdp",
+                    "delta": 1e-3,
+                    "noise-multiplier": 1.0,
+                    "max-grad-norm": 1.0,
+                    "history-sigma": [1.0],
+                    "history-q": [0.1],
+                    "history-steps": [30],
+                }
+            }
+        )
+    )
     store = SpendStore(tmp_path, "data-abc")
     for _ in range(2):
         with store.transaction(legacy=legacy_key(3, None)) as spend:
@@ -394,14 +501,20 @@ def test_legacy_keys_and_digests(tmp_path):
     silo.mkdir()
     assert legacy_key(7, str(silo)) == legacy_key(99, str(silo)) != legacy_key(7, str(tmp_path))
     assert legacy_key(7, None) == "partition-7"
-    assert arrays_digest({"a": b"1", "b": b"2"}) == arrays_digest({"b": b"2", "a": b"1"}) != arrays_digest({"a": b"2", "b": b"1"})
+    assert (
+        arrays_digest({"a": b"1", "b": b"2"})
+        == arrays_digest({"b": b"2", "a": b"1"})
+        != arrays_digest({"a": b"2", "b": b"1"})
+    )
 
 
 def test_fault_plans(monkeypatch):
     assert faults.planned({"fail-at-round": "2", "fail-mode": "nan"}, 0, 2) == "nan"
     assert faults.planned({"fail-at-round": "2"}, 0, 3) is None
     monkeypatch.setenv(faults.ENV, "1:2:raise,0:3:inf")
-    assert faults.planned({}, 1, 2) == "raise" and faults.planned({}, 0, 3) == "inf" and faults.planned({}, 0, 2) is None
+    assert (
+        faults.planned({}, 1, 2) == "raise" and faults.planned({}, 0, 3) == "inf" and faults.planned({}, 0, 2) is None
+    )
     with pytest.raises(FedHFConfigError, match="fail-mode"):
         faults.planned({"fail-at-round": "1", "fail-mode": "explode"}, 0, 1)
     with pytest.raises(faults.InjectedFault):
@@ -417,20 +530,29 @@ def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_mod
     second run on the same data, which starts from the first one's spend."""
     from flwr.app import Context
 
-    from fedhf.flower.client_app import _train
     from fedhf.config.schema import LABEL_NAMES_KEY
-    from fedhf.tasks.model import build_model, get_adapter_state
     from fedhf.federation.node_state import RUN_UID_KEY
+    from fedhf.flower.client_app import _train
     from fedhf.privacy.dp import epsilon_of
+    from fedhf.tasks.model import build_model, get_adapter_state
 
-    cfg = parse_config({"model.name": str(tiny_model_dir), "data.dataset": str(synthetic_dir), "privacy.mode": "sample",
-                        "train.batch-size": 8, "train.local-epochs": 1, "data.max-length": 16})
+    cfg = parse_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "data.dataset": str(synthetic_dir),
+            "privacy.mode": "sample",
+            "train.batch-size": 8,
+            "train.local-epochs": 1,
+            "data.max-length": 16,
+        }
+    )
     initial = ArrayRecord(get_adapter_state(build_model(cfg, ["negative", "positive"])))
     node_config = {"data-path": str(synthetic_dir), "state-dir": str(tmp_path / "state")}
 
     def message_config(rnd: int, uid: str = "run1") -> ConfigRecord:
-        return ConfigRecord({**cfg.to_flat(), LABEL_NAMES_KEY: '["negative", "positive"]', RUN_UID_KEY: uid,
-                             "server-round": rnd})
+        return ConfigRecord(
+            {**cfg.to_flat(), LABEL_NAMES_KEY: '["negative", "positive"]', RUN_UID_KEY: uid, "server-round": rnd}
+        )
 
     def context(node_id: int) -> Context:
         return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
@@ -443,7 +565,9 @@ def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_mod
     assert int(info["steps"]) == 2 * steps_1  # continued, not started again
     assert info["accountant-id"] == r1["client-info"]["accountant-id"]
     q = float(info["sample-rate"])
-    assert float(info["epsilon"]) == pytest.approx(epsilon_of("rdp", [(1.0, q, 2 * steps_1)], float(info["delta"])), rel=1e-9)
+    assert float(info["epsilon"]) == pytest.approx(
+        epsilon_of("rdp", [(1.0, q, 2 * steps_1)], float(info["delta"])), rel=1e-9
+    )
 
     again = _train(r1["arrays"], message_config(2), context(303), secure=False)  # the server resumed, repeats round 2
     assert again["client-info"]["replayed"] is True and int(again["client-info"]["steps"]) == 2 * steps_1
@@ -462,9 +586,9 @@ def test_a_restarted_supernode_continues_its_epsilon_from_its_state_dir(tiny_mod
 def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_path):
     """Simulation: client 0 trained a round whose reply the server did not use (cut off by a restart, or too late),
     client 1 only ever trained in such a round. The ledger takes their own saved spend."""
-    from fedhf.privacy.ledger import ledger_table
-    from fedhf.privacy.dp import SampleAccount
     from fedhf.apps import _count_saved_spend
+    from fedhf.privacy.dp import SampleAccount
+    from fedhf.privacy.ledger import ledger_table
 
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
@@ -472,10 +596,19 @@ def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_pa
     uid = rec.data["run_uid"]
     reported = SampleAccount("rdp", 1e-3, 1.0, 1.0, [(1.0, 0.1, 10)])
     rec.data["privacy"]["clients"]["0"] = {
-        "delta": 1e-3, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.1, "accountant": "rdp",
-        "max_epsilon": None, "rounds": [{"round": 1, "epsilon": reported.epsilon, "steps": 10, "status": "trained"}],
-        "reported_epsilon": reported.epsilon, "reported_steps": 10, "reported_delta": 1e-3,
-        "epsilon": reported.epsilon, "steps": 10}
+        "delta": 1e-3,
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.1,
+        "accountant": "rdp",
+        "max_epsilon": None,
+        "rounds": [{"round": 1, "epsilon": reported.epsilon, "steps": 10, "status": "trained"}],
+        "reported_epsilon": reported.epsilon,
+        "reported_steps": 10,
+        "reported_delta": 1e-3,
+        "epsilon": reported.epsilon,
+        "steps": 10,
+    }
     state = tmp_path / "client-state"
     with SpendStore(state, "data-0").transaction() as spend:
         spend.add(_entry(uid, 1, 10, pid=0))

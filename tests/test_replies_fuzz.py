@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedhf.run.record import RunRecorder
 from fedhf.config.schema import parse_config
 from fedhf.flower.strategy import build_strategy
+from fedhf.run.record import RunRecorder
 
 from .test_reliability import FakeGrid, _meta, adapter_like, fedavg, trained_from
 
@@ -25,25 +25,44 @@ SHARED = ["label-histogram", "num-examples", "train-loss"]
 
 
 def good_reply(node: int, trained: dict[str, np.ndarray], n: int) -> Message:
-    info = {"partition-id": node, "status": "trained", "shared": SHARED, "transport": "fp32", "train-steps": 4,
-            "label-histogram": [n // 2, n - n // 2], "epsilon": 0.8, "delta": 1e-3, "noise-multiplier": 20.0,
-            "max-grad-norm": 1.0, "sample-rate": 0.25, "steps": 4, "accountant": "rdp", "accountant-id": f"id{node}",
-            "max-epsilon": 0.0}
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in trained.items()}),
-                          "metrics": MetricRecord({"weight": float(n), "num-examples": n, "train-loss": 0.5}),
-                          "client-info": ConfigRecord(info)})
+    info = {
+        "partition-id": node,
+        "status": "trained",
+        "shared": SHARED,
+        "transport": "fp32",
+        "train-steps": 4,
+        "label-histogram": [n // 2, n - n // 2],
+        "epsilon": 0.8,
+        "delta": 1e-3,
+        "noise-multiplier": 20.0,
+        "max-grad-norm": 1.0,
+        "sample-rate": 0.25,
+        "steps": 4,
+        "accountant": "rdp",
+        "accountant-id": f"id{node}",
+        "max-epsilon": 0.0,
+    }
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in trained.items()}),
+            "metrics": MetricRecord({"weight": float(n), "num-examples": n, "train-loss": 0.5}),
+            "client-info": ConfigRecord(info),
+        }
+    )
     return Message(content=content, metadata=_meta(node))
 
 
 def _set(record: str, key: str, value):
     def mutate(msg: Message) -> None:
         msg.content[record][key] = value
+
     return mutate
 
 
 def _drop(record: str, key: str):
     def mutate(msg: Message) -> None:
         del msg.content[record][key]
+
     return mutate
 
 
@@ -52,6 +71,7 @@ def _arrays(fn):
         arrays = {k: a.numpy().copy() for k, a in msg.content["arrays"].items()}
         fn(arrays)
         msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
     return mutate
 
 
@@ -99,17 +119,36 @@ CASES = {
     "histogram as text": (_set("client-info", "label-histogram", "[1, 2]"), "field 'label-histogram' must be a list"),
     "histogram too long": (_set("client-info", "label-histogram", [1, 2, 3]), "one count per label (2)"),
     "histogram negative": (_set("client-info", "label-histogram", [-5, 20]), "field 'label-histogram' must be a list"),
-    "histogram not shared": (_set("client-info", "shared", ["num-examples", "train-loss"]), "'label-histogram' is not listed"),
-    "epsilon without sigma": (_drop("client-info", "noise-multiplier"), "privacy accounting without 'noise-multiplier'"),
+    "histogram not shared": (
+        _set("client-info", "shared", ["num-examples", "train-loss"]),
+        "'label-histogram' is not listed",
+    ),
+    "epsilon without sigma": (
+        _drop("client-info", "noise-multiplier"),
+        "privacy accounting without 'noise-multiplier'",
+    ),
     "epsilon NaN": (_set("client-info", "epsilon", float("nan")), "field 'epsilon' must be a finite number"),
     "delta above one": (_set("client-info", "delta", 2.0), "field 'delta' must be in (0, 1)"),
     "sample-rate zero": (_set("client-info", "sample-rate", 0.0), "field 'sample-rate' must be in (0, 1]"),
     "unknown accountant": (_set("client-info", "accountant", "gdp"), "field 'accountant' must be one of"),
     "negative steps": (_set("client-info", "steps", -1), "field 'steps' must be a whole number"),
-    "no accounting under DP": (lambda m: [m.content["client-info"].pop(k) for k in
-                                          ("epsilon", "delta", "noise-multiplier", "max-grad-norm", "sample-rate",
-                                           "steps", "accountant", "accountant-id", "max-epsilon")],
-                               "needs the client's privacy accounting"),
+    "no accounting under DP": (
+        lambda m: [
+            m.content["client-info"].pop(k)
+            for k in (
+                "epsilon",
+                "delta",
+                "noise-multiplier",
+                "max-grad-norm",
+                "sample-rate",
+                "steps",
+                "accountant",
+                "accountant-id",
+                "max-epsilon",
+            )
+        ],
+        "needs the client's privacy accounting",
+    ),
     "epsilon above its own budget": (_set("client-info", "max-epsilon", 0.5), "above the node's own budget"),
     "extra info key": (_set("client-info", "password", "hunter2"), "unexpected field 'password' in client-info"),
     "unknown transport": (_set("client-info", "transport", "bf16"), "field 'transport' must be one of"),
@@ -119,13 +158,17 @@ CASES = {
     "negative seconds": (_set("client-info", "handler-seconds", -1.0), "field 'handler-seconds' must be >= 0"),
     "replayed as text": (_set("client-info", "replayed", "yes"), "field 'replayed' must be true or false"),
     "refusal with an update": (_refusal_with_arrays, "a refusal must not carry an update"),
-    "refusal without a rule": (lambda m: m.content["client-info"].__setitem__("status", "refused"),
-                               "a refusal must name its 'rule'"),
+    "refusal without a rule": (
+        lambda m: m.content["client-info"].__setitem__("status", "refused"),
+        "a refusal must name its 'rule'",
+    ),
     "trained without arrays": (_no_arrays, "status 'trained' without an update"),
     "an extra record": (_extra_record, "unexpected record 'evil'"),
     "info is not a ConfigRecord": (_info_as_metrics, "no ConfigRecord 'client-info'"),
-    "oversized array": (_arrays(lambda a: a.__setitem__("q.lora_A.weight", np.zeros((8, 384 * 50), np.float32))),
-                        "has shape"),
+    "oversized array": (
+        _arrays(lambda a: a.__setitem__("q.lora_A.weight", np.zeros((8, 384 * 50), np.float32))),
+        "has shape",
+    ),
     "NaN in the update": (_arrays(lambda a: _first(a, np.nan)), "non-finite"),
     "float64 update": (_arrays(lambda a: a.__setitem__("classifier.bias", np.zeros(2, np.float64))), "dtype"),
     "missing tensor": (_arrays(lambda a: a.pop("classifier.bias")), "missing tensor"),
@@ -136,8 +179,15 @@ CASES = {
 def test_malformed_replies_are_that_clients_failure_and_the_aggregate_is_the_good_ones(tmp_path):
     assert len(CASES) >= 30
     base = adapter_like()
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "fuzz", "privacy.mode": "sample",
-                        "strategy.min-train-nodes": 2, "strategy.min-available-nodes": 2})
+    cfg = parse_config(
+        {
+            "output-dir": str(tmp_path),
+            "run-name": "fuzz",
+            "privacy.mode": "sample",
+            "strategy.min-train-nodes": 2,
+            "strategy.min-available-nodes": 2,
+        }
+    )
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
     s = build_strategy(cfg, rec, num_labels=2)
@@ -167,10 +217,17 @@ def test_malformed_replies_are_that_clients_failure_and_the_aggregate_is_the_goo
         assert row["weighting"] == "examples"
         base = {k: v.astype(np.float32) for k, v in got.items()}
     # the ledger holds only what passed the schema
-    assert sorted(rec.data["privacy"]["clients"]) == sorted(["1", "2", *[str(n) for n, c in bad_nodes.items()
-                                                                           if c in ("oversized array", "NaN in the update",
-                                                                                    "float64 update", "missing tensor",
-                                                                                    "extra tensor")]])
+    assert sorted(rec.data["privacy"]["clients"]) == sorted(
+        [
+            "1",
+            "2",
+            *[
+                str(n)
+                for n, c in bad_nodes.items()
+                if c in ("oversized array", "NaN in the update", "float64 update", "missing tensor", "extra tensor")
+            ],
+        ]
+    )
 
 
 def test_malformed_evaluation_replies_are_dropped_and_the_rest_averaged(tmp_path):
@@ -183,14 +240,23 @@ def test_malformed_evaluation_replies_are_dropped_and_the_rest_averaged(tmp_path
         metrics = {"eval-loss": loss, "eval-accuracy": acc, "eval-f1": acc, "num-examples": n, "weight": float(n)}
         metrics.update(extra.pop("metrics", {}))
         info = {"partition-id": node, "status": "evaluated", **extra}
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics), "client-info": ConfigRecord(info)}),
-                       metadata=_meta(node))
+        return Message(
+            content=RecordDict({"metrics": MetricRecord(metrics), "client-info": ConfigRecord(info)}),
+            metadata=_meta(node),
+        )
 
-    replies = [ev(1, 0.4, 0.8, 30), ev(2, 0.6, 0.6, 10),
-               ev(3, float("nan"), 0.5, 10), ev(4, 0.5, 1.5, 10), ev(5, 0.5, 0.5, 10, metrics={"weight": 99.0}),
-               ev(6, 0.5, 0.5, 10, secret="x"),
-               Message(content=RecordDict({"client-info": ConfigRecord({"partition-id": 7, "status": "not-shared"})}),
-                       metadata=_meta(7))]
+    replies = [
+        ev(1, 0.4, 0.8, 30),
+        ev(2, 0.6, 0.6, 10),
+        ev(3, float("nan"), 0.5, 10),
+        ev(4, 0.5, 1.5, 10),
+        ev(5, 0.5, 0.5, 10, metrics={"weight": 99.0}),
+        ev(6, 0.5, 0.5, 10, secret="x"),
+        Message(
+            content=RecordDict({"client-info": ConfigRecord({"partition-id": 7, "status": "not-shared"})}),
+            metadata=_meta(7),
+        ),
+    ]
     agg = s.aggregate_evaluate(1, replies)
     assert agg["num-examples"] == 40
     assert agg["eval-loss"] == pytest.approx((0.4 * 30 + 0.6 * 10) / 40)

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow  # one real simulation (module fixture), then CLI 
 
 def subprocess_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env, timeout=600, cwd=REPO
+    )
 
 
 class Result:
@@ -54,11 +55,35 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     data = root / "data"
     write_tsv(data / "train.tsv", synthetic_rows(300, seed=11), ["text", "label"])
     write_tsv(data / "test.tsv", synthetic_rows(80, seed=12), ["text", "label"])
-    proc = subprocess_cli("run", "-n", "2", "--set", f"data.dataset={data}", "--set", f"model.name={tiny_model_dir}",
-               "--set", "num-server-rounds=2", "--set", "data.max-train-examples=0", "--set", "data.local-eval-fraction=0.0",
-               "--set", "train.local-epochs=1", "--set", "privacy.mode=sample", "--set", "privacy.noise-multiplier=0.8",
-               "--set", "data.max-length=24", "--set", "train.lr=0.01",
-               "--set", f"output-dir={root / 'out'}", "--set", "run-name=tiny")
+    proc = subprocess_cli(
+        "run",
+        "-n",
+        "2",
+        "--set",
+        f"data.dataset={data}",
+        "--set",
+        f"model.name={tiny_model_dir}",
+        "--set",
+        "num-server-rounds=2",
+        "--set",
+        "data.max-train-examples=0",
+        "--set",
+        "data.local-eval-fraction=0.0",
+        "--set",
+        "train.local-epochs=1",
+        "--set",
+        "privacy.mode=sample",
+        "--set",
+        "privacy.noise-multiplier=0.8",
+        "--set",
+        "data.max-length=24",
+        "--set",
+        "train.lr=0.01",
+        "--set",
+        f"output-dir={root / 'out'}",
+        "--set",
+        "run-name=tiny",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "out" / "tiny"
 
@@ -133,7 +158,9 @@ def test_report_refuses_mixed_datasets_and_unfinished_runs(tiny_run, tmp_path):
     other = copy_run(tiny_run, tmp_path / "agnews", run_id="agnews", dataset=ds)
     line = one_error_line(cli("report", str(tiny_run), str(other), "--out", str(tmp_path / "r")))
     assert "different datasets" in line and "--no-privacy-utility" in line
-    assert cli("report", str(tiny_run), str(other), "--out", str(tmp_path / "r"), "--no-privacy-utility").returncode == 0
+    assert (
+        cli("report", str(tiny_run), str(other), "--out", str(tmp_path / "r"), "--no-privacy-utility").returncode == 0
+    )
     running = copy_run(tiny_run, tmp_path / "running", status="running")
     assert "is not a finished run (status 'running')" in one_error_line(cli("report", str(running)))
     assert "no run.json" in one_error_line(cli("report", str(tmp_path)))
@@ -154,7 +181,9 @@ def test_evaluate_reproduces_the_servers_central_evaluation(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "data.max-eval-examples=20: 20 rows" in proc.stdout
     assert len(run_json(work)["evaluations"]) == 2
-    assert "cannot change train.lr after training" in one_error_line(cli("evaluate", str(work), "--set", "train.lr=0.1"))
+    assert "cannot change train.lr after training" in one_error_line(
+        cli("evaluate", str(work), "--set", "train.lr=0.1")
+    )
 
 
 def test_evaluate_maps_integer_label_ids_onto_the_adapters_names(tiny_run, tmp_path):
@@ -166,8 +195,11 @@ def test_evaluate_maps_integer_label_ids_onto_the_adapters_names(tiny_run, tmp_p
     ids = tmp_path / "glue-like"
     to_id = {"negative": 0, "positive": 1}
     for split, seed, n in (("train", 11, 300), ("test", 12, 80)):
-        write_tsv(ids / f"{split}.tsv", [dict(r, label=to_id[r["label"]]) for r in synthetic_rows(n, seed=seed)],
-                  ["text", "label"])
+        write_tsv(
+            ids / f"{split}.tsv",
+            [dict(r, label=to_id[r["label"]]) for r in synthetic_rows(n, seed=seed)],
+            ["text", "label"],
+        )
     by_id = evaluate_run(work, {"data.dataset": str(ids)}, record=False)
     assert by_id["rows"] == by_name["rows"] == 80
     assert by_id["accuracy"] == by_name["accuracy"] and by_id["loss"] == pytest.approx(by_name["loss"], rel=1e-6)
@@ -204,10 +236,10 @@ def test_audit_needs_held_out_data_then_uses_the_file_given(tiny_run, tmp_path):
 
 
 def test_audit_members_are_exactly_the_clients_training_rows(tiny_run, tmp_path):
-    from fedhf.run.record import load_finished_run
     from fedhf.analysis.audit import audit_sets
-    from fedhf.data.load import load_data
     from fedhf.analysis.evaluation import run_config
+    from fedhf.data.load import load_data
+    from fedhf.run.record import load_finished_run
 
     run = load_finished_run(tiny_run, "test")
     non = write_tsv(tmp_path / "nm.tsv", held_out_rows(120, seed=5) + synthetic_rows(30, seed=11), ["text", "label"])

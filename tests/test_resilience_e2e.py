@@ -19,14 +19,22 @@ pytestmark = pytest.mark.slow
 
 
 def _args(model: Path, data: Path, out: Path, name: str, *sets: str) -> list[str]:
-    base = [f"model.name={model}", f"data.dataset={data}", f"output-dir={out}", f"run-name={name}",
-            "train.batch-size=8", "data.max-length=24", *sets]
+    base = [
+        f"model.name={model}",
+        f"data.dataset={data}",
+        f"output-dir={out}",
+        f"run-name={name}",
+        "train.batch-size=8",
+        "data.max-length=24",
+        *sets,
+    ]
     return [x for s in base for x in ("--set", s)]
 
 
 def fedhf(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -47,8 +55,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _actor_pids() -> set[int]:
-    return {p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-            if "ClientAppActor" in " ".join(p.info["cmdline"] or []) or "raylet" in " ".join(p.info["cmdline"] or [])}
+    return {
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if "ClientAppActor" in " ".join(p.info["cmdline"] or []) or "raylet" in " ".join(p.info["cmdline"] or [])
+    }
 
 
 def _pgid(pid: int) -> int | None:
@@ -68,18 +79,26 @@ def test_a_killed_dp_run_resumes_without_losing_or_double_counting_privacy(tiny_
     straight = json.loads((out / "straight" / "run.json").read_text())
 
     run_dir = out / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "fedhf.cli", "run", "-n", "3",
-                             *_args(tiny_model_dir, synthetic_dir, out, "cut", *dp)],
-                            env=cli_env(tmp_path, FEDHF_TEST_FAULTS="0:3:hang"), cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedhf.cli", "run", "-n", "3", *_args(tiny_model_dir, synthetic_dir, out, "cut", *dp)],
+        env=cli_env(tmp_path, FEDHF_TEST_FAULTS="0:3:hang"),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
             pointer = run_dir / "checkpoint.json"
             if pointer.is_file() and json.loads(pointer.read_text())["round"] == 2:
                 uid = json.loads((run_dir / "run.json").read_text())["run_uid"]
-                replied = [p for p in (run_dir / "client-state").glob(f"*/replies/{uid}.json")
-                           if json.loads(p.read_text()).get("round") == 3]
+                replied = [
+                    p
+                    for p in (run_dir / "client-state").glob(f"*/replies/{uid}.json")
+                    if json.loads(p.read_text()).get("round") == 3
+                ]
                 if len(replied) == 2:  # clients 1 and 2 have trained round 3 and sent their replies
                     break
             assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -127,16 +146,30 @@ def test_failing_and_poisoned_clients_do_not_end_the_run(tiny_model_dir, synthet
     why, and no process is left behind."""
     out = tmp_path / "out"
     before = _actor_pids()
-    proc = fedhf("run", "-n", "4", *_args(tiny_model_dir, synthetic_dir, out, "faulty", "num-server-rounds=3",
-                                           "transport.dtype=int8", "strategy.round-timeout=20"),
-                 env=cli_env(tmp_path, FEDHF_TEST_FAULTS="1:2:raise,2:2:nan,3:3:hang"))
+    proc = fedhf(
+        "run",
+        "-n",
+        "4",
+        *_args(
+            tiny_model_dir,
+            synthetic_dir,
+            out,
+            "faulty",
+            "num-server-rounds=3",
+            "transport.dtype=int8",
+            "strategy.round-timeout=20",
+        ),
+        env=cli_env(tmp_path, FEDHF_TEST_FAULTS="1:2:raise,2:2:nan,3:3:hang"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _actor_pids() - before == set()  # the hung client's actor was stopped when the run ended
     run = json.loads((out / "faulty" / "run.json").read_text())
     assert run["status"] == "complete"
     r1, r2, r3 = run["rounds"][1:]
     assert len(r2["failures"]) == 1 and "injected fault" in r2["failures"][0]["reason"]
-    assert [(r["partition_id"], "NaN" in r["reason"] or "non-finite" in r["reason"]) for r in r2["rejected"]] == [(2, True)]
+    assert [(r["partition_id"], "NaN" in r["reason"] or "non-finite" in r["reason"]) for r in r2["rejected"]] == [
+        (2, True)
+    ]
     assert sorted(c["partition_id"] for c in r2["clients"] if c["status"] == "trained") == [0, 3]
     assert r1["failures"] == [] and r1["rejected"] == []
     assert sorted(c["partition_id"] for c in r1["clients"] if c["status"] == "trained") == [0, 1, 2, 3]

@@ -34,20 +34,51 @@ def recorded_run(tmp_path) -> dict:
     """A record made by the RunRecorder from replies as the strategy hands them over (Flower's kebab-case words)."""
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
-    rec.set_dataset({"name": "x", "source": {"files": {"train": [{"name": "train.tsv", "sha256": "0" * 64}]}},
-                     "label_names": ["a", "b"], "train_rows": 20, "central_eval_rows": 10})
+    rec.set_dataset(
+        {
+            "name": "x",
+            "source": {"files": {"train": [{"name": "train.tsv", "sha256": "0" * 64}]}},
+            "label_names": ["a", "b"],
+            "train_rows": 20,
+            "central_eval_rows": 10,
+        }
+    )
     rec.set_model({"name": "m", "trainable_params": 1, "total_params": 2, "adapter_bytes": 4, "model_bytes": 8})
     rec.set_partitions([{"partition-id": 0, "train-examples": 10, "eval-examples": 0, "label-histogram": [5, 5]}])
     rec.set_privacy({"mode": "sample", "accountant": "rdp"})
     rec.end_round(0, {"loss": 0.7, "accuracy": 0.5, "f1": 0.5}, 0.1)
     rec.start_round(1, 100, 2)
-    dp = {"epsilon": 4.0, "delta": 1e-3, "noise-multiplier": 1.0, "max-grad-norm": 1.0, "sample-rate": 0.5, "steps": 2,
-          "accountant": "rdp", "accountant-id": "ab", "max-epsilon": 0.0}
-    rec.train_replies([{"node-id": 7, "partition-id": 0, "status": "trained", "shared": ["num-examples", "train-loss"],
-                        "weight": 10.0, "num-examples": 10, "train-loss": 0.6, "train-steps": 2, "transport": "fp32",
-                        "bytes-up": 100, "privacy": dp}],
-                      [{"node-id": 8, "reason": "no reply within strategy.round-timeout=1 s"}], [],
-                      refused=[{"node-id": 9, "partition-id": 1, "rule": "min-privacy", "reason": "no"}])
+    dp = {
+        "epsilon": 4.0,
+        "delta": 1e-3,
+        "noise-multiplier": 1.0,
+        "max-grad-norm": 1.0,
+        "sample-rate": 0.5,
+        "steps": 2,
+        "accountant": "rdp",
+        "accountant-id": "ab",
+        "max-epsilon": 0.0,
+    }
+    rec.train_replies(
+        [
+            {
+                "node-id": 7,
+                "partition-id": 0,
+                "status": "trained",
+                "shared": ["num-examples", "train-loss"],
+                "weight": 10.0,
+                "num-examples": 10,
+                "train-loss": 0.6,
+                "train-steps": 2,
+                "transport": "fp32",
+                "bytes-up": 100,
+                "privacy": dp,
+            }
+        ],
+        [{"node-id": 8, "reason": "no reply within strategy.round-timeout=1 s"}],
+        [],
+        refused=[{"node-id": 9, "partition-id": 1, "rule": "min-privacy", "reason": "no"}],
+    )
     rec.end_round(1, {"loss": 0.6, "accuracy": 0.6, "f1": 0.6}, 0.1)
     rec.data["final"] = {"eval_loss": 0.6, "eval_accuracy": 0.6, "eval_f1": 0.6}
     rec.finish({"hub_folder": "hub"})
@@ -82,14 +113,22 @@ def test_a_schema_1_record_is_upgraded_and_a_newer_one_refused(tmp_path):
     run = recorded_run(tmp_path)
     old = json.loads(json.dumps(run))  # as fedhf 0.1 wrote it: no version, Flower's words in the per-client entries
     del old["schema_version"]
-    kebab = {"partition_id": "partition-id", "num_examples": "num-examples", "train_loss": "train-loss",
-             "node_id": "node-id", "bytes_up": "bytes-up", "train_steps": "train-steps", "noise_multiplier": "noise-multiplier"}
+    kebab = {
+        "partition_id": "partition-id",
+        "num_examples": "num-examples",
+        "train_loss": "train-loss",
+        "node_id": "node-id",
+        "bytes_up": "bytes-up",
+        "train_steps": "train-steps",
+        "noise_multiplier": "noise-multiplier",
+    }
     for entry in old["rounds"][1]["clients"] + old["rounds"][1]["failures"] + old["partitions"] + old["refusals"]:
         for new_key, old_key in kebab.items():
             if new_key in entry:
                 entry[old_key] = entry.pop(new_key)
     old["rounds"][1]["clients"][0]["privacy"]["noise-multiplier"] = old["rounds"][1]["clients"][0]["privacy"].pop(
-        "noise_multiplier")
+        "noise_multiplier"
+    )
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "run.json").write_text(json.dumps(old))

@@ -17,10 +17,9 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedhf.run.record import RunRecorder
-from fedhf.flower.client_app import PolicyRefusal, guard_mod
 from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFConfigError
+from fedhf.flower.client_app import PolicyRefusal, guard_mod
 from fedhf.flower.secagg import (
     SecAggSettings,
     SecureAggregationGrid,
@@ -30,13 +29,16 @@ from fedhf.flower.secagg import (
     secure_aggregation_mod,
 )
 from fedhf.flower.strategy import build_strategy
+from fedhf.run.record import RunRecorder
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
 
-SHAPES = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": (4, 12),
-          "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": (12, 4),
-          "base_model.model.classifier.modules_to_save.default.bias": (2,)}
+SHAPES = {
+    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": (4, 12),
+    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": (12, 4),
+    "base_model.model.classifier.modules_to_save.default.bias": (2,),
+}
 
 
 class InProcessGrid(Grid):
@@ -44,8 +46,10 @@ class InProcessGrid(Grid):
 
     def __init__(self, app: ClientApp, node_configs: dict[int, dict]) -> None:
         self.app = app
-        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config=nc, state=RecordDict(), run_config={})
-                         for nid, nc in node_configs.items()}
+        self.contexts = {
+            nid: Context(run_id=1, node_id=nid, node_config=nc, state=RecordDict(), run_config={})
+            for nid, nc in node_configs.items()
+        }
         self.sent: list[Message] = []
 
     def set_run(self, run):  # pragma: no cover - not used
@@ -71,8 +75,12 @@ class InProcessGrid(Grid):
         replies = []
         for m in messages:
             self.sent.append(m)
-            delivered = Message(copy.deepcopy(m.content), dst_node_id=m.metadata.dst_node_id,
-                                message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+            delivered = Message(
+                copy.deepcopy(m.content),
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=m.metadata.message_type,
+                group_id=m.metadata.group_id,
+            )
             try:
                 out = self.app(delivered, self.contexts[m.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - a client crash is an error reply, as on a SuperNode
@@ -104,14 +112,23 @@ def toy_app(cfg, extra_mods=()) -> ClientApp:
         n = int(node["n"])
         if not n:  # this node's policy refuses the round: it drops out of the protocol, naming the rule
             raise PolicyRefusal(int(node["seed"]), "max-epsilon", "the node's budget would be exceeded")
-        content = RecordDict({
-            "metrics": MetricRecord({"weight": float(n), "train-loss": 0.5, "num-examples": n}),
-            "client-info": ConfigRecord({"partition-id": int(node["seed"]), "label-histogram": [n, 0],
-                                         "handler-seconds": 0.1, "status": "trained", "train-seconds": 0.1,
-                                         "train-steps": 1, "train-tokens": 10,
-                                         "shared": ["label-histogram", "num-examples", "timings", "train-loss",
-                                                    "train-tokens"]}),
-        })
+        content = RecordDict(
+            {
+                "metrics": MetricRecord({"weight": float(n), "train-loss": 0.5, "num-examples": n}),
+                "client-info": ConfigRecord(
+                    {
+                        "partition-id": int(node["seed"]),
+                        "label-histogram": [n, 0],
+                        "handler-seconds": 0.1,
+                        "status": "trained",
+                        "train-seconds": 0.1,
+                        "train-steps": 1,
+                        "train-tokens": 10,
+                        "shared": ["label-histogram", "num-examples", "timings", "train-loss", "train-tokens"],
+                    }
+                ),
+            }
+        )
         content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in client_update(node).items()})
         return Message(fitres_content(content, arrays, cfg), reply_to=msg)
 
@@ -121,8 +138,15 @@ def toy_app(cfg, extra_mods=()) -> ClientApp:
 def _train_messages(grid: Grid, server_round: int = 1) -> list[Message]:
     initial = ArrayRecord(array_dict={k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
     config = ConfigRecord({"server-round": server_round})
-    return [Message(RecordDict({"arrays": initial, "config": config}), dst_node_id=nid,
-                    message_type=MessageType.TRAIN, group_id=str(server_round)) for nid in grid.get_node_ids()]
+    return [
+        Message(
+            RecordDict({"arrays": initial, "config": config}),
+            dst_node_id=nid,
+            message_type=MessageType.TRAIN,
+            group_id=str(server_round),
+        )
+        for nid in grid.get_node_ids()
+    ]
 
 
 def _cfg(**overrides):
@@ -178,7 +202,9 @@ def test_secagg_aggregate_equals_weighted_fedavg_within_quantization_tolerance()
     # each masked vector travels as uint32: about the size of the fp32 adapter, not twice it
     values = sum(int(np.prod(s)) for s in SHAPES.values())
     for r in replies:
-        assert 4 * values < int(r.content["client-info"]["secagg-bytes-up"]) < 4 * values + 200 * (len(SHAPES) + 1) + 2000
+        assert (
+            4 * values < int(r.content["client-info"]["secagg-bytes-up"]) < 4 * values + 200 * (len(SHAPES) + 1) + 2000
+        )
     # metrics still arrive per client, in the clear
     assert sorted(int(r.content["metrics"]["num-examples"]) for r in replies) == [45, 120, 300]
 
@@ -201,8 +227,11 @@ def test_the_server_never_sees_an_individual_update():
     from flwr.common import bytes_to_ndarray
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-    masked = [bytes_to_ndarray(b) for content in seen
-              for b in content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, [])]
+    masked = [
+        bytes_to_ndarray(b)
+        for content in seen
+        for b in content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, [])
+    ]
     assert masked and all(m.dtype == np.uint32 for m in masked)  # on the wire: uint32
     values = np.concatenate([m.ravel() for m in masked]).astype(np.float64)
     # masked values are uniform over [0, 2^32); quantized but unmasked ones would all sit below clients x 2^22
@@ -221,7 +250,12 @@ def test_the_server_never_sees_an_individual_update():
 
 def test_a_dropped_client_below_the_threshold_does_not_stop_the_round():
     cfg = _cfg(**{"strategy.secagg-reconstruction-threshold": 2})
-    nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 200}, 3: {"seed": 3, "n": 150}, 4: {"seed": 4, "n": 80, "fail-at-stage2": 1}}
+    nodes = {
+        1: {"seed": 1, "n": 100},
+        2: {"seed": 2, "n": 200},
+        3: {"seed": 3, "n": 150},
+        4: {"seed": 4, "n": 80, "fail-at-stage2": 1},
+    }
     settings = SecAggSettings.from_config(cfg)
     rounds = []
     grid = SecureAggregationGrid(InProcessGrid(toy_app(cfg), nodes), settings, rounds.append)
@@ -286,32 +320,42 @@ def test_evaluate_messages_pass_through_untouched():
             return []
 
     grid = SecureAggregationGrid(Counting(toy_app(cfg), {1: {"seed": 1, "n": 1}}), SecAggSettings.from_config(cfg))
-    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
-                  message_type=MessageType.EVALUATE, group_id="1")
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+        group_id="1",
+    )
     grid.send_and_receive([msg])
     assert calls == [[MessageType.EVALUATE]]
 
 
-@pytest.mark.parametrize("overrides, sampled, fragment", [
-    ({"strategy.secagg-reconstruction-threshold": 5}, 3, "secagg-reconstruction-threshold': got 5"),
-    ({"strategy.secagg-num-shares": 5}, 3, "secagg-num-shares': got 5"),
-    ({}, 1, "at least 2"),
-    ({"strategy.secagg-quantization-range": 2**31 - 1}, 3, "secagg-quantization-range"),
-])
+@pytest.mark.parametrize(
+    "overrides, sampled, fragment",
+    [
+        ({"strategy.secagg-reconstruction-threshold": 5}, 3, "secagg-reconstruction-threshold': got 5"),
+        ({"strategy.secagg-num-shares": 5}, 3, "secagg-num-shares': got 5"),
+        ({}, 1, "at least 2"),
+        ({"strategy.secagg-quantization-range": 2**31 - 1}, 3, "secagg-quantization-range"),
+    ],
+)
 def test_rounds_the_protocol_cannot_complete_are_refused_before_any_message(overrides, sampled, fragment):
     settings = SecAggSettings.from_config(_cfg(**overrides))
     with pytest.raises(FedHFConfigError, match=fragment.replace("'", ".")):
         settings.check_round(sampled)
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    ({"privacy.mode": "client"}, "strategy.secure-aggregation"),
-    ({"privacy.mode": "both"}, "strategy.secure-aggregation"),
-    ({"strategy.secagg-num-shares": 2}, "strategy.secagg-num-shares"),
-    ({"strategy.secagg-reconstruction-threshold": 1}, "strategy.secagg-reconstruction-threshold"),
-    ({"strategy.secagg-num-shares": 3, "strategy.secagg-reconstruction-threshold": 3}, "not below"),
-    ({"strategy.min-train-nodes": 1}, "strategy.min-train-nodes"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"privacy.mode": "client"}, "strategy.secure-aggregation"),
+        ({"privacy.mode": "both"}, "strategy.secure-aggregation"),
+        ({"strategy.secagg-num-shares": 2}, "strategy.secagg-num-shares"),
+        ({"strategy.secagg-reconstruction-threshold": 1}, "strategy.secagg-reconstruction-threshold"),
+        ({"strategy.secagg-num-shares": 3, "strategy.secagg-reconstruction-threshold": 3}, "not below"),
+        ({"strategy.min-train-nodes": 1}, "strategy.min-train-nodes"),
+    ],
+)
 def test_bad_secagg_config_names_the_key(overrides, fragment):
     with pytest.raises(FedHFConfigError, match=fragment):
         _cfg(**overrides)
@@ -320,8 +364,9 @@ def test_bad_secagg_config_names_the_key(overrides, fragment):
 def test_a_client_above_max_weight_stops_with_the_key_to_raise():
     cfg = _cfg(**{"strategy.secagg-max-weight": 50.0})
     received = ArrayRecord(array_dict={k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
-    content = RecordDict({"metrics": MetricRecord({"weight": 51.0}),
-                          "client-info": ConfigRecord({}), "arrays": received})
+    content = RecordDict(
+        {"metrics": MetricRecord({"weight": 51.0}), "client-info": ConfigRecord({}), "arrays": received}
+    )
     with pytest.raises(FedHFConfigError, match="raise strategy.secagg-max-weight to at least 51"):
         fitres_content(content, received, cfg)
 
@@ -385,10 +430,20 @@ def test_a_weight_that_rounds_to_zero_is_refused_before_training():
 def test_a_plain_train_message_is_refused_when_the_run_asks_for_secure_aggregation():
     from fedhf.flower.client_app import app
 
-    msg = Message(RecordDict({"arrays": ArrayRecord(array_dict={"w": Array(np.zeros(2, np.float32))}),
-                              "config": ConfigRecord({**_cfg().to_flat(), "server-round": 1})}),
-                  dst_node_id=1, message_type=MessageType.TRAIN, group_id="1")
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    msg = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(array_dict={"w": Array(np.zeros(2, np.float32))}),
+                "config": ConfigRecord({**_cfg().to_flat(), "server-round": 1}),
+            }
+        ),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+        group_id="1",
+    )
+    ctx = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={}
+    )
     reply = app(msg, ctx)
     info = reply.content["client-info"]
     assert (info["status"], info["rule"]) == ("refused", "strategy.secure-aggregation")
@@ -401,8 +456,10 @@ def test_a_node_that_requires_secure_aggregation_refuses_before_sending_any_key(
     from fedhf.flower.client_app import make_client_app
 
     cfg = _cfg(**{"privacy.mode": "none"})
-    nodes = {1: {"partition-id": 0, "num-partitions": 2, "min-privacy": "sample"},
-             2: {"partition-id": 1, "num-partitions": 2, "min-privacy": "sample"}}
+    nodes = {
+        1: {"partition-id": 0, "num-partitions": 2, "min-privacy": "sample"},
+        2: {"partition-id": 1, "num-partitions": 2, "min-privacy": "sample"},
+    }
     inner = InProcessGrid(make_client_app(), nodes)
     grid = SecureAggregationGrid(inner, SecAggSettings.from_config(cfg))
     replies = list(grid.send_and_receive(_train_messages(grid)))
@@ -427,7 +484,12 @@ def test_a_node_refusing_at_set_up_does_not_break_the_others_round():
         return call_next(msg, context)
 
     app = toy_app(cfg, extra_mods=[refuse_setup])  # after guard_mod, before the SecAgg+ mod
-    nodes = {1: {"seed": 1, "n": 100}, 2: {"seed": 2, "n": 50}, 3: {"seed": 3, "n": 80}, 4: {"seed": 4, "n": 10, "refuse": 1}}
+    nodes = {
+        1: {"seed": 1, "n": 100},
+        2: {"seed": 2, "n": 50},
+        3: {"seed": 3, "n": 80},
+        4: {"seed": 4, "n": 10, "refuse": 1},
+    }
     settings = SecAggSettings.from_config(cfg)
     rounds = []
     grid = SecureAggregationGrid(InProcessGrid(app, nodes), settings, rounds.append)

@@ -8,11 +8,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 
-from fedhf.release.card import build_hub_folder, disclosure_text
 from fedhf.config.schema import LABEL_NAMES_KEY, parse_config
-from fedhf.tasks.model import build_model, get_adapter_state
 from fedhf.federation.node_state import RUN_UID_KEY
 from fedhf.federation.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
+from fedhf.release.card import build_hub_folder, disclosure_text
+from fedhf.tasks.model import build_model, get_adapter_state
 
 from .conftest import synthetic_rows, write_tsv
 from .test_card import fake_run
@@ -24,14 +24,30 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 def _dp_round(tiny_model_dir, silo, tmp_path, **node):
     from fedhf.flower.client_app import make_client_app
 
-    cfg = parse_config({"model.name": str(tiny_model_dir), "privacy.mode": "sample", "train.batch-size": 8,
-                        "train.local-epochs": 1, "data.max-length": 16, "strategy.fraction-evaluate": 0.0})
+    cfg = parse_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "privacy.mode": "sample",
+            "train.batch-size": 8,
+            "train.local-epochs": 1,
+            "data.max-length": 16,
+            "strategy.fraction-evaluate": 0.0,
+        }
+    )
     initial = ArrayRecord(get_adapter_state(build_model(cfg, LABELS)))
-    config = ConfigRecord({**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(LABELS), RUN_UID_KEY: "run1", "server-round": 1})
-    msg = Message(RecordDict({"arrays": initial, "config": config}), dst_node_id=7, message_type=MessageType.TRAIN,
-                  group_id="1")
-    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(silo), "state-dir": str(tmp_path / "state"), **node},
-                  state=RecordDict(), run_config={})
+    config = ConfigRecord(
+        {**cfg.to_flat(), LABEL_NAMES_KEY: json.dumps(LABELS), RUN_UID_KEY: "run1", "server-round": 1}
+    )
+    msg = Message(
+        RecordDict({"arrays": initial, "config": config}), dst_node_id=7, message_type=MessageType.TRAIN, group_id="1"
+    )
+    ctx = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(silo), "state-dir": str(tmp_path / "state"), **node},
+        state=RecordDict(),
+        run_config={},
+    )
     return make_client_app()(msg, ctx)
 
 
@@ -51,23 +67,51 @@ def test_a_dp_client_sends_the_update_the_accounting_and_nothing_else_by_default
     reply = _dp_round(tiny_model_dir, silo, tmp_path)
     assert not reply.has_error(), reply.error if reply.has_error() else None
     sent = sent_fields(reply)
-    assert sent == {"arrays", "weight", "partition-id", "status", "shared", "transport", "train-steps", "epsilon",
-                    "delta", "noise-multiplier", "max-grad-norm", "sample-rate", "steps", "accountant", "accountant-id",
-                    "max-epsilon", "lifetime-epsilon", "lifetime-delta"}
+    assert sent == {
+        "arrays",
+        "weight",
+        "partition-id",
+        "status",
+        "shared",
+        "transport",
+        "train-steps",
+        "epsilon",
+        "delta",
+        "noise-multiplier",
+        "max-grad-norm",
+        "sample-rate",
+        "steps",
+        "accountant",
+        "accountant-id",
+        "max-epsilon",
+        "lifetime-epsilon",
+        "lifetime-delta",
+    }
     assert sent <= set(COVERED) | set(ACCOUNTING) | set(BOOKKEEPING)  # every field in one of the card's lists
     assert reply.content["metrics"]["weight"] == 1.0 and list(reply.content["client-info"]["shared"]) == []
 
     # The card lists every one of these fields by name, in its category, and says the client shared nothing.
-    run_dir, run = fake_run(tmp_path / "card", privacy={
-        "mode": "sample", "label": "sample-level (per example)", "accountant": "rdp", "rng": "x",
-        "clients": {"0": {"epsilon": 1.0, "delta": 1e-3, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": []}}})
+    run_dir, run = fake_run(
+        tmp_path / "card",
+        privacy={
+            "mode": "sample",
+            "label": "sample-level (per example)",
+            "accountant": "rdp",
+            "rng": "x",
+            "clients": {
+                "0": {"epsilon": 1.0, "delta": 1e-3, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": []}
+            },
+        },
+    )
     run["partitions"] = run["partitions"][:1]
     run["shared"] = {"0": []}
     text = (build_hub_folder(run_dir, run, "apache-2.0") / "README.md").read_text()
     for field in sent:
         assert f"`{field}`" in text, field
     assert "client 0: nothing" in text and "| training rows per client | not shared |" in text
-    assert "label_histogram" not in json.dumps(json.loads((run_dir / "hub" / "provenance.json").read_text())["partitions"])
+    assert "label_histogram" not in json.dumps(
+        json.loads((run_dir / "hub" / "provenance.json").read_text())["partitions"]
+    )
 
 
 def test_what_the_owner_shares_by_name_is_sent_and_stated(tiny_model_dir, silo, tmp_path):
@@ -76,8 +120,12 @@ def test_what_the_owner_shares_by_name_is_sent_and_stated(tiny_model_dir, silo, 
     extra = sent - set(COVERED) - set(ACCOUNTING) - set(BOOKKEEPING)
     assert extra == {"num-examples", "train-loss", "train-seconds", "handler-seconds"}
     assert reply.content["metrics"]["weight"] == reply.content["metrics"]["num-examples"] == 54  # 60 rows, 10% held out
-    run = {"privacy": {"mode": "sample"}, "partitions": [{"partition_id": 0}], "rounds": [],
-           "shared": {"0": ["num-examples", "timings", "train-loss"]}}
+    run = {
+        "privacy": {"mode": "sample"},
+        "partitions": [{"partition_id": 0}],
+        "rounds": [],
+        "shared": {"0": ["num-examples", "timings", "train-loss"]},
+    }
     text = disclosure_text(run)
     for group in ("num-examples", "timings", "train-loss"):
         for field in SHARED_FIELDS[group]:

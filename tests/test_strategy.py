@@ -8,15 +8,24 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
-from fedhf.run.record import RunRecorder
 from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFRunError
 from fedhf.flower.strategy import build_strategy, train_metrics_aggr
+from fedhf.run.record import RunRecorder
 
 
 def _meta(node: int) -> Metadata:
-    return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+    return Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
 
 
 ALL_SHARED = ["label-histogram", "num-examples", "timings", "train-loss", "train-tokens"]
@@ -36,8 +45,13 @@ def train_reply(node: int, pid: int, value: float, n: int, loss: float, shared: 
         info["train-tokens"] = 40
     if "label-histogram" in shared:
         info["label-histogram"] = [n // 2, n - n // 2]
-    content = RecordDict({"arrays": ArrayRecord({"w": torch.full((2, 2), value)}), "metrics": MetricRecord(metrics),
-                          "client-info": ConfigRecord(info)})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": torch.full((2, 2), value)}),
+            "metrics": MetricRecord(metrics),
+            "client-info": ConfigRecord(info),
+        }
+    )
     return Message(content=content, metadata=_meta(node))
 
 
@@ -54,10 +68,20 @@ def error_reply(node: int, reason: str) -> Message:
     return Message(error=Error(code=1, reason=reason), metadata=_meta(node))
 
 
-@pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)])
+@pytest.mark.parametrize(
+    ("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)]
+)
 def test_build_strategy_from_config(tmp_path, name, cls):
-    cfg = parse_config({"strategy.name": name, "output-dir": str(tmp_path), "strategy.fraction-train": 0.5,
-                        "strategy.proximal-mu": 0.3, "strategy.server-lr": 0.05, "strategy.min-available-nodes": 3})
+    cfg = parse_config(
+        {
+            "strategy.name": name,
+            "output-dir": str(tmp_path),
+            "strategy.fraction-train": 0.5,
+            "strategy.proximal-mu": 0.3,
+            "strategy.server-lr": 0.05,
+            "strategy.min-available-nodes": 3,
+        }
+    )
     s = build_strategy(cfg, RunRecorder(cfg)).inner  # fedhf's wrapper holds Flower's strategy
     assert type(s) is cls and s.fraction_train == 0.5 and s.min_available_nodes == 3
     if name == "fedprox":
@@ -141,8 +165,15 @@ def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
 
     from fedhf.privacy.dp import ClientLevelAccount
 
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "cl", "privacy.mode": "client",
-                        "privacy.client-noise-multiplier": 1e-6, "privacy.client-clipping-norm": 100.0})
+    cfg = parse_config(
+        {
+            "output-dir": str(tmp_path),
+            "run-name": "cl",
+            "privacy.mode": "client",
+            "privacy.client-noise-multiplier": 1e-6,
+            "privacy.client-clipping-norm": 100.0,
+        }
+    )
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "client"})
     s = build_strategy(cfg, rec, population=4)
@@ -160,14 +191,17 @@ def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
     assert cl["rounds"][0]["clients_sampled"] == 3
     assert cl["delta"] == 1e-5  # min(1e-5, 0.1 / 4)
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-    eps, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=0.75, noise_multiplier=1e-6, steps=1, orders=orders),
-                               delta=cl["delta"])
+    eps, _ = get_privacy_spent(
+        orders=orders, rdp=compute_rdp(q=0.75, noise_multiplier=1e-6, steps=1, orders=orders), delta=cl["delta"]
+    )
     assert cl["epsilon"] == pytest.approx(eps, rel=1e-6)
     acc = ClientLevelAccount(1.0, 1e-3)
     acc.add_round(0.5)
     acc.add_round(0.5)
     acc.add_round(1.0)
-    rdp = compute_rdp(q=0.5, noise_multiplier=1.0, steps=2, orders=orders) + compute_rdp(q=1.0, noise_multiplier=1.0, steps=1, orders=orders)
+    rdp = compute_rdp(q=0.5, noise_multiplier=1.0, steps=2, orders=orders) + compute_rdp(
+        q=1.0, noise_multiplier=1.0, steps=1, orders=orders
+    )
     assert acc.epsilon == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3)[0], rel=1e-6)
     assert acc.epsilon < acc.epsilon_no_amplification
 
@@ -177,7 +211,9 @@ def test_client_level_dp_needs_fedavg_and_a_sane_count_noise(tmp_path):
 
     with pytest.raises(FedHFConfigError, match="client-level DP .* needs fedavg"):
         parse_config({"privacy.mode": "client", "strategy.name": "fedadam"})
-    cfg = parse_config({"output-dir": str(tmp_path), "privacy.mode": "client", "privacy.client-clipping": "server-adaptive"})
+    cfg = parse_config(
+        {"output-dir": str(tmp_path), "privacy.mode": "client", "privacy.client-clipping": "server-adaptive"}
+    )
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "client"})
     with pytest.raises(FedHFConfigError, match="client-clipped-count-stddev.*too small"):
@@ -187,15 +223,21 @@ def test_client_level_dp_needs_fedavg_and_a_sane_count_noise(tmp_path):
 def test_adaptive_clipping_accounts_the_count_release(tmp_path):
     from fedhf.privacy.dp import effective_client_sigma
 
-    cfg = parse_config({"output-dir": str(tmp_path), "privacy.mode": "client", "privacy.client-clipping": "server-adaptive",
-                        "privacy.client-clipped-count-stddev": 2.0})
+    cfg = parse_config(
+        {
+            "output-dir": str(tmp_path),
+            "privacy.mode": "client",
+            "privacy.client-clipping": "server-adaptive",
+            "privacy.client-clipped-count-stddev": 2.0,
+        }
+    )
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "client"})
     s = build_strategy(cfg, rec, population=3)
     cl = rec.data["privacy"]["client_level"]
     # Flower raises the update noise; the count is a second Gaussian release (sensitivity 1).
     assert s.dp.noise_multiplier > 1.0
-    assert cl["effective_noise_multiplier"] == pytest.approx((s.dp.noise_multiplier ** -2 + 2.0 ** -2) ** -0.5)
+    assert cl["effective_noise_multiplier"] == pytest.approx((s.dp.noise_multiplier**-2 + 2.0**-2) ** -0.5)
     assert cl["effective_noise_multiplier"] < 1.0 == effective_client_sigma(1.0, None)
 
 
@@ -208,8 +250,18 @@ def dp_strategy(tmp_path, name: str):
 
 
 def refused_reply(node: int, pid: int, rule: str = "max-epsilon") -> Message:
-    content = RecordDict({"client-info": ConfigRecord({"partition-id": pid, "status": "refused", "rule": rule,
-                                                       "reason": "the node's budget would be exceeded"})})
+    content = RecordDict(
+        {
+            "client-info": ConfigRecord(
+                {
+                    "partition-id": pid,
+                    "status": "refused",
+                    "rule": rule,
+                    "reason": "the node's budget would be exceeded",
+                }
+            )
+        }
+    )
     return Message(content=content, metadata=_meta(node))
 
 
@@ -222,11 +274,14 @@ def test_refusing_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
     rec.end_round(1, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
     begin(s, rec, 2, 3)
     arrays, _ = s.aggregate_train(2, [train_dp(11, 0, 1.0), train_dp(12, 1, 3.0), refused_reply(13, 2)])
-    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # the refusing client is not averaged
+    assert torch.allclose(
+        arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0)
+    )  # the refusing client is not averaged
     assert s.exhausted == {13} and "max-epsilon" in s.excluded[13]
     row = rec.end_round(2, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
     assert row["privacy"]["exhausted"] == [2] and row["refused"] == [
-        {"node_id": 13, "partition_id": 2, "rule": "max-epsilon", "reason": "the node's budget would be exceeded"}]
+        {"node_id": 13, "partition_id": 2, "rule": "max-epsilon", "reason": "the node's budget would be exceeded"}
+    ]
     entry = rec.data["privacy"]["clients"]["2"]
     assert entry["stopped"]["round"] == 2 and entry["stopped"]["reason"] == "max-epsilon"
     begin(s, rec, 3, 2)
@@ -245,19 +300,38 @@ def test_too_few_nodes_left_after_refusals_end_the_run_before_the_round(tmp_path
     rec = RunRecorder(cfg)
     s = build_strategy(cfg, rec)
     begin(s, rec, 1, 3)
-    s.aggregate_train(1, [train_reply(11, 0, 1.0, 10, 0.5), refused_reply(12, 1, "min-privacy"),
-                          refused_reply(13, 2, "require-secure-aggregation")])
-    with pytest.raises(RunStopped, match="only 1 client\\(s\\) can still train.*min-privacy.*require-secure-aggregation"):
+    s.aggregate_train(
+        1,
+        [
+            train_reply(11, 0, 1.0, 10, 0.5),
+            refused_reply(12, 1, "min-privacy"),
+            refused_reply(13, 2, "require-secure-aggregation"),
+        ],
+    )
+    with pytest.raises(
+        RunStopped, match="only 1 client\\(s\\) can still train.*min-privacy.*require-secure-aggregation"
+    ):
         s.configure_train(2, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord({}), Grid3())
 
 
-def dp_reply(node: int, pid: int, epsilon: float, steps: int, budget: float = 0.0, acc_id: str = "acc",
-             sigma: float = 20.0) -> Message:
+def dp_reply(
+    node: int, pid: int, epsilon: float, steps: int, budget: float = 0.0, acc_id: str = "acc", sigma: float = 20.0
+) -> Message:
     msg = train_reply(node, pid, 1.0, 10, 0.5, shared=[])
     info = msg.content["client-info"]
-    info.update({"epsilon": epsilon, "delta": 1e-3, "noise-multiplier": sigma, "max-grad-norm": 1.0,
-                 "sample-rate": 0.1, "steps": steps, "accountant": "rdp", "accountant-id": f"{acc_id}-{pid}",
-                 "max-epsilon": budget})
+    info.update(
+        {
+            "epsilon": epsilon,
+            "delta": 1e-3,
+            "noise-multiplier": sigma,
+            "max-grad-norm": 1.0,
+            "sample-rate": 0.1,
+            "steps": steps,
+            "accountant": "rdp",
+            "accountant-id": f"{acc_id}-{pid}",
+            "max-epsilon": budget,
+        }
+    )
     return msg
 
 
@@ -273,12 +347,19 @@ def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_b
     plan = [(5.0, 10, "acc"), (7.5, 20, "acc"), (5.0, 10, "new")]  # round 3: client 0's accountant is new
     for rnd, (eps0, steps0, acc) in enumerate(plan, start=1):
         begin(s, rec, rnd, 2)
-        s.aggregate_train(rnd, [dp_reply(11, 0, eps0, steps0, budget=15.0, acc_id=acc), dp_reply(12, 1, 2.5 * rnd, 10 * rnd)])
+        s.aggregate_train(
+            rnd, [dp_reply(11, 0, eps0, steps0, budget=15.0, acc_id=acc), dp_reply(12, 1, 2.5 * rnd, 10 * rnd)]
+        )
         rec.end_round(rnd, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
     e = rec.data["privacy"]["clients"]["0"]
     assert [r["epsilon"] for r in e["rounds"]] == [5.0, 7.5, 12.5]  # 7.5 spent before the restart + 5.0 after
-    assert e["epsilon"] == 12.5 and e["steps"] == 30 and e["delta"] == pytest.approx(2e-3) and e["accountant_resets"] == 1
-    assert rec.data["privacy"]["clients"]["1"]["epsilon"] == 7.5 and "accountant_resets" not in rec.data["privacy"]["clients"]["1"]
+    assert (
+        e["epsilon"] == 12.5 and e["steps"] == 30 and e["delta"] == pytest.approx(2e-3) and e["accountant_resets"] == 1
+    )
+    assert (
+        rec.data["privacy"]["clients"]["1"]["epsilon"] == 7.5
+        and "accountant_resets" not in rec.data["privacy"]["clients"]["1"]
+    )
     assert s.exhausted == set()
     # a new id with *more* steps than before is a restart too (step counts alone would miss it)
     begin(s, rec, 4, 2)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from fedhf.analysis.experiments import check_targets, load_group
 from fedhf.config.schema import load_config_file, parse_config
 from fedhf.errors import FedHFConfigError
-from fedhf.analysis.experiments import check_targets, load_group
 
 from .conftest import REPO, synthetic_rows, write_tsv
 
@@ -23,8 +23,9 @@ GROUPS = ("noniid", "privacy", "languages", "communication", "audit")
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", *args], capture_output=True, text=True, env=env, timeout=900, cwd=cwd
+    )
 
 
 @pytest.mark.parametrize("name", GROUPS)
@@ -60,18 +61,37 @@ def test_groups_compare_like_with_like():
     # privacy: the same rows, rounds, epochs, batch, model and head in every run; the DP runs differ only in epsilon
     priv = load_group("privacy", REPO / "experiments")
     pf = {r.name: parse_config(priv.flat_config(r, False)) for r in priv.runs}
-    shared = {(f.data.max_train_examples, f.num_server_rounds, f.train.local_epochs, f.train.batch_size, f.model.pooling,
-               f.model.lora.r, f.data.max_length) for f in pf.values()}
+    shared = {
+        (
+            f.data.max_train_examples,
+            f.num_server_rounds,
+            f.train.local_epochs,
+            f.train.batch_size,
+            f.model.pooling,
+            f.model.lora.r,
+            f.data.max_length,
+        )
+        for f in pf.values()
+    }
     assert shared == {(3000, 5, 2, 64, "mean", 8, 48)}
     dp = {n: f for n, f in pf.items() if f.privacy.sample_level}
     assert sorted(f.privacy.target_epsilon for f in dp.values()) == [1.0, 4.0, 8.0]
-    assert len({(f.train.optimizer, f.train.lr, f.privacy.max_grad_norm, f.privacy.accountant) for f in dp.values()}) == 1
+    assert (
+        len({(f.train.optimizer, f.train.lr, f.privacy.max_grad_norm, f.privacy.accountant) for f in dp.values()}) == 1
+    )
     assert {(f.train.optimizer, f.train.lr) for n, f in pf.items() if n not in dp} == {("adamw", 0.002)}
     # audit: the DP run trains on the overfit run's rows for as many rounds and epochs
     audit = load_group("audit", REPO / "experiments")
     af = {r.name: parse_config(audit.flat_config(r, False)) for r in audit.runs}
-    assert len({(f.data.max_train_examples, f.num_server_rounds, f.train.local_epochs, f.model.lora.r, f.seed)
-                for f in af.values()}) == 1
+    assert (
+        len(
+            {
+                (f.data.max_train_examples, f.num_server_rounds, f.train.local_epochs, f.model.lora.r, f.seed)
+                for f in af.values()
+            }
+        )
+        == 1
+    )
     assert af["dp"].privacy.target_epsilon <= 8 and af["overfit"].privacy.mode == "none"
 
 
@@ -89,15 +109,21 @@ def test_unknown_key_in_an_experiment_file_is_refused_before_any_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("manifest", "needle"), [
-    ('[[runs]]\nname = "a"\nconfig = "a.toml"\n', "runs[0] lacks 'num-clients'"),
-    ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 0\n', "num-clients must be an integer >= 1"),
-    ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\nclients = 3\n', "unknown key(s) clients"),
-    ('colour = "red"\n[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n', "unknown key(s) colour"),
-    ('description = "x"\n', "no [[runs]]"),
-    ('[[runs]]\nname = "a"\nconfig = "missing.toml"\nnum-clients = 2\n', "no such file"),
-    ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n[[targets]]\nkind = "better"\n', "target kind 'better'"),
-])
+@pytest.mark.parametrize(
+    ("manifest", "needle"),
+    [
+        ('[[runs]]\nname = "a"\nconfig = "a.toml"\n', "runs[0] lacks 'num-clients'"),
+        ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 0\n', "num-clients must be an integer >= 1"),
+        ('[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\nclients = 3\n', "unknown key(s) clients"),
+        ('colour = "red"\n[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n', "unknown key(s) colour"),
+        ('description = "x"\n', "no [[runs]]"),
+        ('[[runs]]\nname = "a"\nconfig = "missing.toml"\nnum-clients = 2\n', "no such file"),
+        (
+            '[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n[[targets]]\nkind = "better"\n',
+            "target kind 'better'",
+        ),
+    ],
+)
 def test_bad_manifests(tmp_path, manifest, needle):
     (tmp_path / "a.toml").write_text("num-server-rounds = 1\n")
     (tmp_path / "group.toml").write_text(manifest)
@@ -115,8 +141,12 @@ def test_unknown_group_lists_the_groups():
 
 def test_targets_are_checked_on_the_numbers():
     group = load_group("noniid", REPO / "experiments")
-    rows = [{"name": "centralized", "accuracy": 0.84}, {"name": "iid", "accuracy": 0.825},
-            {"name": "dirichlet-1.0", "accuracy": 0.80}, {"name": "dirichlet-0.3", "accuracy": 0.70}]
+    rows = [
+        {"name": "centralized", "accuracy": 0.84},
+        {"name": "iid", "accuracy": 0.825},
+        {"name": "dirichlet-1.0", "accuracy": 0.80},
+        {"name": "dirichlet-0.3", "accuracy": 0.70},
+    ]
     lines = check_targets(group, rows)
     assert lines[0] == "iid: accuracy 82.5% vs centralized 84.0%: drop +1.5 points (target ≤ 2): met"
     assert lines[1] == "dirichlet-1.0: accuracy 80.0% vs centralized 84.0%: drop +4.0 points"
@@ -124,16 +154,22 @@ def test_targets_are_checked_on_the_numbers():
     rows[1]["accuracy"] = 0.81
     assert check_targets(group, rows)[0].endswith("(target ≤ 2): MISSED")
     audit = load_group("audit", REPO / "experiments")
-    lines = check_targets(audit, [{"name": "overfit", "audit_auc_loss": 0.62, "audit_auc_calibrated": 0.7},
-                                  {"name": "dp", "audit_auc_loss": 0.48, "audit_auc_calibrated": 0.71}])
+    lines = check_targets(
+        audit,
+        [
+            {"name": "overfit", "audit_auc_loss": 0.62, "audit_auc_calibrated": 0.7},
+            {"name": "dp", "audit_auc_loss": 0.48, "audit_auc_calibrated": 0.71},
+        ],
+    )
     assert lines[0].endswith("(|AUC − 0.5|: 0.020 vs 0.120): met")
     assert lines[1].endswith("MISSED")
     langs = load_group("languages", REPO / "experiments")
     codes = ["amh", "arq", "ary", "hau", "ibo", "kin", "pcm", "por", "swa", "tso", "twi", "yor"]
     rows = [{"name": "federated", **{f"f1_{c}": 0.5 for c in codes}}]
     rows += [{"name": f"local-{c}", f"f1_{c}": 0.4 if i < 7 else 0.6} for i, c in enumerate(codes)]
-    assert check_targets(langs, rows)[0] == ("federated beats local-<lang> macro-F1 on 7 of 12 languages "
-                                             "(target ≥ 8): MISSED")
+    assert check_targets(langs, rows)[0] == (
+        "federated beats local-<lang> macro-F1 on 7 of 12 languages (target ≥ 8): MISSED"
+    )
 
 
 @pytest.mark.slow
@@ -143,15 +179,20 @@ def test_sweep_runs_skips_reruns_and_tabulates(tmp_path, tiny_model_dir):
     write_tsv(data / "test.tsv", synthetic_rows(60, seed=4), ["text", "label"])
     g = tmp_path / "tiny"
     g.mkdir()
-    common = (f'num-server-rounds = 1\n[data]\ndataset = "{data}"\nmax-train-examples = 200\nmax-length = 24\n'
-              f'[model]\nname = "{tiny_model_dir}"\n[train]\nlocal-epochs = 1\nlr = 0.01\n')
-    (g / "central.toml").write_text(common + "[strategy]\nmin-available-nodes = 1\nmin-train-nodes = 1\nmin-evaluate-nodes = 0\n")
+    common = (
+        f'num-server-rounds = 1\n[data]\ndataset = "{data}"\nmax-train-examples = 200\nmax-length = 24\n'
+        f'[model]\nname = "{tiny_model_dir}"\n[train]\nlocal-epochs = 1\nlr = 0.01\n'
+    )
+    (g / "central.toml").write_text(
+        common + "[strategy]\nmin-available-nodes = 1\nmin-train-nodes = 1\nmin-evaluate-nodes = 0\n"
+    )
     (g / "fed.toml").write_text(common)
     (g / "group.toml").write_text(
         'description = "tiny"\n'
         '[[runs]]\nname = "central"\nconfig = "central.toml"\nnum-clients = 1\n'
         '[[runs]]\nname = "fed"\nconfig = "fed.toml"\nnum-clients = 2\naudit = true\n'
-        '[[targets]]\nkind = "within"\nbaseline = "central"\nruns = ["fed"]\npoints = 100\n')
+        '[[targets]]\nkind = "within"\nbaseline = "central"\nruns = ["fed"]\npoints = 100\n'
+    )
     out = tmp_path / "out"
     proc = cli("sweep", str(g), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,11 @@ from fedhf.train.loop import train_local
 
 from .conftest import synthetic_rows
 
-PROTOCOL = [name for name, _ in inspect.getmembers(Task, inspect.isfunction)] + ["name", "pipeline_tag", "peft_task_type"]
+PROTOCOL = [name for name, _ in inspect.getmembers(Task, inspect.isfunction)] + [
+    "name",
+    "pipeline_tag",
+    "peft_task_type",
+]
 
 
 def test_every_configurable_task_is_built_and_has_every_member():

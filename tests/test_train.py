@@ -14,8 +14,9 @@ TASK = TextClassification()
 
 def separable(n, seed):
     rows = synthetic_rows(n, seed=seed)
-    return datasets.Dataset.from_dict({"text": [r["text"] for r in rows],
-                                       "label": [int(r["label"] == "positive") for r in rows]})
+    return datasets.Dataset.from_dict(
+        {"text": [r["text"] for r in rows], "label": [int(r["label"] == "positive") for r in rows]}
+    )
 
 
 def test_one_local_epoch_lowers_the_loss():
@@ -84,7 +85,9 @@ def test_train_optimizer_takes_the_step_it_names(tiny_model_dir, name):
     grads = [p.grad.detach().clone() for p in params]
     model.zero_grad(set_to_none=True)
     lr = 0.01
-    train_local(model, loader, task=TASK, epochs=1, lr=lr, optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
+    train_local(
+        model, loader, task=TASK, epochs=1, lr=lr, optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum
+    )
     for p, p0, g in zip(params, start, grads):
         moved = p.detach() - p0
         if name == "sgd":

@@ -35,7 +35,7 @@ def blocks() -> list[tuple[int, str, str | None]]:
                 j += 1
             prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
             m = SKIP.search(prev)
-            out.append((start + 1, "\n".join(lines[start + 1:j]), m.group(1) if m else None))
+            out.append((start + 1, "\n".join(lines[start + 1 : j]), m.group(1) if m else None))
             i = j
         i += 1
     return out
@@ -46,7 +46,9 @@ def test_only_the_install_block_is_skipped_and_it_matches_the_install_script():
     assert len(skipped) == 1, skipped
     _, code, _ = skipped[0]
     env_sh = (REPO / "scripts" / "_env.sh").read_text()
-    assert '-m pip install --quiet "torch==2.13.0"' in env_sh and '.venv/bin/python -m pip install "torch==2.13.0"' in code
+    assert (
+        '-m pip install --quiet "torch==2.13.0"' in env_sh and '.venv/bin/python -m pip install "torch==2.13.0"' in code
+    )
     assert '-m pip install --quiet -e "$FEDHF_ROOT[offline,test]"' in env_sh
     assert '.venv/bin/python -m pip install -e ".[offline,test]"' in code
     assert len([b for b in blocks() if not b[2]]) >= 10
@@ -65,8 +67,11 @@ def _script() -> str:
 
 def _stop_federation() -> None:
     if (FED_DIR / "superlink").exists():
-        subprocess.run(["bash", str(REPO / "scripts" / "deploy" / "local_federation.sh"), "stop", "--dir", str(FED_DIR)],
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["bash", str(REPO / "scripts" / "deploy" / "local_federation.sh"), "stop", "--dir", str(FED_DIR)],
+            capture_output=True,
+            timeout=120,
+        )
 
 
 @pytest.mark.slow
@@ -74,25 +79,45 @@ def test_every_tutorial_command_runs_as_written(tmp_path, shared_data_dir):
     from .test_hub import TOKEN, start_server, stop
 
     work = tmp_path / "fedhf"
-    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", "*.egg-info",
-                                                                ".pytest_cache", "fedhf-report"))
+    shutil.copytree(
+        REPO,
+        work,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "outputs", "__pycache__", "*.egg-info", ".pytest_cache", "fedhf-report"
+        ),
+    )
     shutil.rmtree(FED_DIR, ignore_errors=True)
     hub, endpoint = start_server(tmp_path, "--token", TOKEN)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FLWR_HOME"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", FEDHF_DATA_DIR=str(shared_data_dir),
-               HF_ENDPOINT=endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1",
-               HF_HUB_DISABLE_TELEMETRY="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
-               RAY_USAGE_STATS_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        FEDHF_DATA_DIR=str(shared_data_dir),
+        HF_ENDPOINT=endpoint,
+        HF_TOKEN=TOKEN,
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_DATASETS_OFFLINE="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
     (tmp_path / "tutorial.sh").write_text(_script())
     try:
-        proc = subprocess.run(["bash", str(tmp_path / "tutorial.sh")], cwd=work, env=env, capture_output=True,
-                              text=True, timeout=1500)
+        proc = subprocess.run(
+            ["bash", str(tmp_path / "tutorial.sh")], cwd=work, env=env, capture_output=True, text=True, timeout=1500
+        )
     finally:
         _stop_federation()
         stop(hub)
-    assert proc.returncode == 0, ("the tutorial stopped in " + ([line for line in proc.stderr.splitlines()
-                                  if line.startswith("=== tutorial block")] or ["?"])[-1] + "\n" + proc.stdout[-3000:]
-                                  + "\n" + proc.stderr[-5000:])
+    assert proc.returncode == 0, (
+        "the tutorial stopped in "
+        + ([line for line in proc.stderr.splitlines() if line.startswith("=== tutorial block")] or ["?"])[-1]
+        + "\n"
+        + proc.stdout[-3000:]
+        + "\n"
+        + proc.stderr[-5000:]
+    )
     assert "=== tutorial finished" in proc.stderr
 
     out = work / "outputs"
@@ -105,7 +130,9 @@ def test_every_tutorial_command_runs_as_written(tmp_path, shared_data_dir):
     budget = json.loads((out / "budget" / "run.json").read_text())["privacy"]["clients"]
     assert budget["0"]["stopped"]["reason"] == "max-epsilon" and budget["0"]["epsilon"] <= 3.0
     assert [len(budget[p]["rounds"]) for p in ("1", "2")] == [3, 3]
-    langs = {e["data"]["data.languages"] for e in json.loads((out / "afrisenti" / "run.json").read_text())["evaluations"]}
+    langs = {
+        e["data"]["data.languages"] for e in json.loads((out / "afrisenti" / "run.json").read_text())["evaluations"]
+    }
     assert langs == {"hau", "orm"}
     assert (out / "report" / "privacy_utility.png").is_file()
     assert re.search(r"^uploaded \d+ files to your-name/fedhf-tutorial-dp:$", proc.stdout, re.M), proc.stdout[-2000:]

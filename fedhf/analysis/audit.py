@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from scipy.stats import beta
 
+from fedhf.analysis.evaluation import released_model, run_config, task_of
+from fedhf.errors import FedHFRunError
 from fedhf.run.record import check_run_folder
 from fedhf.run.store import RunStore, load_finished_run
-from fedhf.errors import FedHFRunError
-from fedhf.analysis.evaluation import released_model, run_config, task_of
 
 log = logging.getLogger("fedhf")
 MIN_EXAMPLES = 50
@@ -61,7 +61,7 @@ def roc_auc(members: np.ndarray, non_members: np.ndarray) -> float:
         j = i
         while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     m, n = len(members), len(non_members)
     return float((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
@@ -90,13 +90,14 @@ def _eps_bound(fp: int, n_neg: int, fn: int, n_pos: int, delta: float, alpha: fl
     return best
 
 
-def epsilon_lower_bound(members: np.ndarray, non_members: np.ndarray, delta: float, confidence: float,
-                        rng: np.random.Generator) -> tuple[float, float, float, float, str]:
+def epsilon_lower_bound(
+    members: np.ndarray, non_members: np.ndarray, delta: float, confidence: float, rng: np.random.Generator
+) -> tuple[float, float, float, float, str]:
     """(eps lower bound, threshold, test FPR, test FNR, direction): threshold picked on one half, bound on the other."""
     alpha = 1 - confidence
     pm, pn = rng.permutation(len(members)), rng.permutation(len(non_members))
-    mc, mt = members[pm[: len(pm) // 2]], members[pm[len(pm) // 2:]]
-    nc, nt = non_members[pn[: len(pn) // 2]], non_members[pn[len(pn) // 2:]]
+    mc, mt = members[pm[: len(pm) // 2]], members[pm[len(pm) // 2 :]]
+    nc, nt = non_members[pn[: len(pn) // 2]], non_members[pn[len(pn) // 2 :]]
     candidates = np.unique(np.concatenate([mc, nc]))
     if len(candidates) > 400:
         candidates = np.quantile(candidates, np.linspace(0, 1, 401))
@@ -116,8 +117,12 @@ def epsilon_lower_bound(members: np.ndarray, non_members: np.ndarray, delta: flo
 
 
 def attack(members: np.ndarray, non_members: np.ndarray, delta: float, confidence: float, seed: int) -> AttackResult:
-    eps, t, fpr, fnr, direction = epsilon_lower_bound(members, non_members, delta, confidence, np.random.default_rng(seed))
-    return AttackResult(roc_auc(members, non_members), tpr_at_fpr(members, non_members, 0.01), eps, t, fpr, fnr, direction)
+    eps, t, fpr, fnr, direction = epsilon_lower_bound(
+        members, non_members, delta, confidence, np.random.default_rng(seed)
+    )
+    return AttackResult(
+        roc_auc(members, non_members), tpr_at_fpr(members, non_members, 0.01), eps, t, fpr, fnr, direction
+    )
 
 
 # --------------------------------------------------------------------------- members and non-members
@@ -128,20 +133,23 @@ def audit_sets(run: dict[str, Any], non_members_file: str | Path | None) -> tupl
     import datasets
 
     from fedhf.data.load import load_data
-    from fedhf.data.silos import load_silo
     from fedhf.data.partitions import make_partitions, split_train_rows
+    from fedhf.data.silos import load_silo
 
     cfg = run_config(run)
     data = load_data(cfg.data)
     recorded = run.get("partitions") or []
     if list(data.label_names) != list(run["dataset"]["label_names"]):
-        raise FedHFRunError(f"audit: the dataset's labels now are {data.label_names}, not the run's "
-                            f"{run['dataset']['label_names']}; the data changed since the run.")
+        raise FedHFRunError(
+            f"audit: the dataset's labels now are {data.label_names}, not the run's "
+            f"{run['dataset']['label_names']}; the data changed since the run."
+        )
     _check_same_files(run, data.source)
     parts = make_partitions(data, cfg.data, cfg.seed, max(len(recorded), 1))
     rebuilt = parts.stats()
-    if [(p["train_examples"], p["label_histogram"]) for p in rebuilt] != \
-            [(p["train_examples"], p["label_histogram"]) for p in recorded]:
+    if [(p["train_examples"], p["label_histogram"]) for p in rebuilt] != [
+        (p["train_examples"], p["label_histogram"]) for p in recorded
+    ]:
         raise FedHFRunError(
             "audit: the clients' training rows cannot be rebuilt from the run's config (partition sizes or labels differ "
             "from run.json: the clients used their own silos, or the data changed); the audit needs the members."
@@ -158,10 +166,14 @@ def audit_sets(run: dict[str, Any], non_members_file: str | Path | None) -> tupl
         _, unused = split_train_rows(data, cfg.data, cfg.seed)
         held = [ev.select_columns(["text", "label"]) for _, ev in parts.parts if ev is not None]
         pool = [unused.select_columns(["text", "label"])] + held
-        where = ("rows of the training split no client trained on (left out by the run's sampling"
-                 + (", and the clients' local-evaluation hold-outs)" if held else ")"))
-    non = datasets.concatenate_datasets([d.select_columns(["text", "label"]) for d in pool if len(d)]) \
-        if any(len(d) for d in pool) else None
+        where = "rows of the training split no client trained on (left out by the run's sampling" + (
+            ", and the clients' local-evaluation hold-outs)" if held else ")"
+        )
+    non = (
+        datasets.concatenate_datasets([d.select_columns(["text", "label"]) for d in pool if len(d)])
+        if any(len(d) for d in pool)
+        else None
+    )
     if non is not None:
         seen = set(members["text"])
         non = non.filter(lambda row: row["text"] not in seen)
@@ -180,8 +192,10 @@ def _check_same_files(run: dict[str, Any], source: dict[str, Any]) -> None:
     new = {f["name"]: f["sha256"] for fs in (source.get("files") or {}).values() for f in fs}
     changed = sorted(name for name in old.keys() & new.keys() if old[name] != new[name])
     if changed:
-        raise FedHFRunError(f"audit: the data files changed since the run (sha256 differs: {', '.join(changed[:3])}); "
-                            "the members cannot be rebuilt.")
+        raise FedHFRunError(
+            f"audit: the data files changed since the run (sha256 differs: {', '.join(changed[:3])}); "
+            "the members cannot be rebuilt."
+        )
 
 
 def label_matched(members: Any, non: Any, max_examples: int, rng: np.random.Generator) -> tuple[Any, Any]:
@@ -215,8 +229,15 @@ def claimed_privacy(run: dict[str, Any]) -> tuple[float | None, float]:
     return max(c["epsilon"] for c in clients.values()), max(c["delta"] for c in clients.values())
 
 
-def audit_run(run_dir: str | Path, *, non_members_file: str | Path | None = None, max_examples: int = 1000,
-              confidence: float = 0.95, seed: int = 0, record: bool = True) -> dict[str, Any]:
+def audit_run(
+    run_dir: str | Path,
+    *,
+    non_members_file: str | Path | None = None,
+    max_examples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    record: bool = True,
+) -> dict[str, Any]:
     from fedhf.tasks.model import build_model, load_tokenizer
 
     if max_examples < MIN_EXAMPLES:
@@ -230,8 +251,10 @@ def audit_run(run_dir: str | Path, *, non_members_file: str | Path | None = None
     members, non = label_matched(members, non, max_examples, np.random.default_rng(seed))
     n = len(members)
     if n < MIN_EXAMPLES:
-        raise FedHFRunError(f"audit: only {n} members could be matched with non-members of the same labels; give "
-                            f"--non-members FILE with more rows (at least {MIN_EXAMPLES} per side are needed).")
+        raise FedHFRunError(
+            f"audit: only {n} members could be matched with non-members of the same labels; give "
+            f"--non-members FILE with more rows (at least {MIN_EXAMPLES} per side are needed)."
+        )
     cfg = run_config(run)
     model, tokenizer, labels, max_length = released_model(run)
     reference = build_model(cfg, labels)  # the round-0 adapter: same seed, same initialisation
@@ -249,19 +272,27 @@ def audit_run(run_dir: str | Path, *, non_members_file: str | Path | None = None
         "calibrated": attack((ref_m - loss_m).numpy(), (ref_n - loss_n).numpy(), delta, confidence, seed),
     }
     out: dict[str, Any] = {
-        "members": n, "non_members": n, "non_member_source": where, "label_matched": True,
-        "confidence": confidence, "delta": delta,
-        "seed": seed, "claimed_epsilon": claimed,
+        "members": n,
+        "non_members": n,
+        "non_member_source": where,
+        "label_matched": True,
+        "confidence": confidence,
+        "delta": delta,
+        "seed": seed,
+        "claimed_epsilon": claimed,
         "member_accuracy": float((pred_m == torch.tensor(y_m)).float().mean()),
         "non_member_accuracy": float((pred_n == torch.tensor(y_n)).float().mean()),
-        "member_loss": float(loss_m.mean()), "non_member_loss": float(loss_n.mean()),
+        "member_loss": float(loss_m.mean()),
+        "non_member_loss": float(loss_n.mean()),
         **{name: asdict(r) for name, r in results.items()},
     }
     best = max(r.epsilon_lower_bound for r in results.values())
     out["epsilon_lower_bound"] = best
     if claimed is not None and best > claimed:
-        out["violation"] = (f"the empirical lower bound {best:.3f} exceeds the claimed epsilon {claimed:.3f}: the "
-                            "guarantee does not hold as stated (or the accounting is wrong)")
+        out["violation"] = (
+            f"the empirical lower bound {best:.3f} exceeds the claimed epsilon {claimed:.3f}: the "
+            "guarantee does not hold as stated (or the accounting is wrong)"
+        )
         log.error("audit: %s", out["violation"])
     if record:
         _record(Path(run_dir), out)
@@ -279,17 +310,25 @@ def _record(run_dir: Path, audit: dict[str, Any]) -> None:
 
 
 def audit_lines(audit: dict[str, Any]) -> list[str]:
-    lines = [f"membership inference on {audit['members']} members and {audit['non_members']} non-members "
-             f"({audit['non_member_source']}; label-matched)",
-             f"accuracy members {audit['member_accuracy']:.4f} / non-members {audit['non_member_accuracy']:.4f}; "
-             f"mean loss {audit['member_loss']:.4f} / {audit['non_member_loss']:.4f}",
-             f"{'attack':<11} {'AUC':>6} {'TPR@1%FPR':>10} {'eps lower bound':>16}"]
+    lines = [
+        f"membership inference on {audit['members']} members and {audit['non_members']} non-members "
+        f"({audit['non_member_source']}; label-matched)",
+        f"accuracy members {audit['member_accuracy']:.4f} / non-members {audit['non_member_accuracy']:.4f}; "
+        f"mean loss {audit['member_loss']:.4f} / {audit['non_member_loss']:.4f}",
+        f"{'attack':<11} {'AUC':>6} {'TPR@1%FPR':>10} {'eps lower bound':>16}",
+    ]
     for name in ("loss", "calibrated"):
         a = audit[name]
         lines.append(f"{name:<11} {a['auc']:>6.3f} {a['tpr_at_1pct_fpr']:>10.3f} {a['epsilon_lower_bound']:>16.3f}")
     claimed = audit.get("claimed_epsilon")
-    lines.append(f"lower bounds hold with {audit['confidence']:.0%} confidence at delta {audit['delta']:.3g}; "
-                 + (f"claimed sample-level epsilon {claimed:.3f}" if claimed is not None else "the run claims no sample-level DP"))
+    lines.append(
+        f"lower bounds hold with {audit['confidence']:.0%} confidence at delta {audit['delta']:.3g}; "
+        + (
+            f"claimed sample-level epsilon {claimed:.3f}"
+            if claimed is not None
+            else "the run claims no sample-level DP"
+        )
+    )
     if audit.get("violation"):
         lines.append(f"VIOLATION: {audit['violation']}")
     return lines

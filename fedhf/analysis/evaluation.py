@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-from fedhf.run.record import check_run_folder
-from fedhf.run.store import RunStore, load_finished_run
 from fedhf.config.schema import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
+from fedhf.run.record import check_run_folder
+from fedhf.run.store import RunStore, load_finished_run
 from fedhf.tasks.base import Task, get_task
 
 
@@ -40,28 +39,39 @@ def task_of(run: dict[str, Any]) -> Task:
     return get_task(run["config"].get("model.task", "text-classification"))
 
 
-EVAL_KEYS = ("data.dataset", "data.languages", "data.max-eval-examples", "data.text-column", "data.label-column",
-             "data.max-length")
+EVAL_KEYS = (
+    "data.dataset",
+    "data.languages",
+    "data.max-eval-examples",
+    "data.text-column",
+    "data.label-column",
+    "data.max-length",
+)
 
 
 def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = True) -> dict[str, Any]:
     """Evaluate the released adapter on the eval split named by the run's config with ``overrides``."""
-    from fedhf.data.partitions import central_eval_set
     from fedhf.data.load import load_data, onto_label_names
+    from fedhf.data.partitions import central_eval_set
 
     run = load_finished_run(run_dir, "evaluate")
     if record:  # the result is written into run.json: only into a run folder fedhf made
         check_run_folder(Path(run_dir), "evaluate")
     bad = [k for k in overrides if k not in EVAL_KEYS]
     if bad:
-        raise FedHFConfigError(f"evaluate: cannot change {', '.join(bad)} after training; allowed: {', '.join(EVAL_KEYS)}.")
+        raise FedHFConfigError(
+            f"evaluate: cannot change {', '.join(bad)} after training; allowed: {', '.join(EVAL_KEYS)}."
+        )
     cfg = run_config(run, overrides)
     data = onto_label_names(load_data(cfg.data), run["dataset"]["label_names"], "evaluate")
     ds = central_eval_set(data, cfg.data, cfg.seed)
     model, tokenizer, _labels, _max_len = released_model(run)
     task = task_of(run)
-    res = task.evaluate(model, task.make_loader(ds, tokenizer, cfg.data.max_length, 64, shuffle=False,
-                                                sort_by_length=True), len(data.label_names))
+    res = task.evaluate(
+        model,
+        task.make_loader(ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True),
+        len(data.label_names),
+    )
     result = {
         "data": {k: overrides[k] for k in sorted(overrides)},
         "rows": res.num_examples,
@@ -70,6 +80,7 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
         "macro_f1": res.macro_f1,
     }
     if record:
+
         def add(record: dict[str, Any]) -> None:
             kept = [e for e in record.get("evaluations", []) if e.get("data") != result["data"]]
             record["evaluations"] = kept + [result]

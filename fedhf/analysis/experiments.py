@@ -77,8 +77,10 @@ class Group:
         if only:
             unknown = sorted(set(only) - {r.name for r in self.runs})
             if unknown:
-                raise FedHFConfigError(f"--only {', '.join(unknown)}: no such run in group '{self.name}' "
-                                       f"(runs: {', '.join(r.name for r in self.runs)}).")
+                raise FedHFConfigError(
+                    f"--only {', '.join(unknown)}: no such run in group '{self.name}' "
+                    f"(runs: {', '.join(r.name for r in self.runs)})."
+                )
             runs = [r for r in runs if r.name in only]
         return runs
 
@@ -107,31 +109,51 @@ def load_group(name_or_path: str | Path, experiments_dir: str | Path = "experime
     manifest = folder / "group.toml"
     if not manifest.is_file():
         known = sorted(p.parent.name for p in Path(experiments_dir).glob("*/group.toml"))
-        raise FedHFConfigError(f"sweep: no experiment group '{name_or_path}' (no {manifest}); groups: {', '.join(known) or 'none'}.")
+        raise FedHFConfigError(
+            f"sweep: no experiment group '{name_or_path}' (no {manifest}); groups: {', '.join(known) or 'none'}."
+        )
     try:
         spec = tomllib.loads(manifest.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise FedHFConfigError(f"{manifest}: not valid TOML ({exc}).") from None
     unknown = sorted(set(spec) - {"description", "smoke", "smoke-num-clients", "smoke-languages", "runs", "targets"})
     if unknown:
-        raise FedHFConfigError(_where(folder, f"unknown key(s) {', '.join(unknown)}; allowed: description, smoke, "
-                                              "smoke-num-clients, smoke-languages, runs, targets."))
+        raise FedHFConfigError(
+            _where(
+                folder,
+                f"unknown key(s) {', '.join(unknown)}; allowed: description, smoke, "
+                "smoke-num-clients, smoke-languages, runs, targets.",
+            )
+        )
     runs = []
     for i, r in enumerate(spec.get("runs", [])):
         bad = sorted(set(r) - RUN_KEYS)
         if bad:
-            raise FedHFConfigError(_where(folder, f"runs[{i}] has unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(RUN_KEYS))}."))
+            raise FedHFConfigError(
+                _where(
+                    folder, f"runs[{i}] has unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(RUN_KEYS))}."
+                )
+            )
         for key in ("name", "config", "num-clients"):
             if key not in r:
                 raise FedHFConfigError(_where(folder, f"runs[{i}] lacks '{key}'."))
         n = r["num-clients"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise FedHFConfigError(_where(folder, f"runs[{i}] ({r['name']}): num-clients must be an integer >= 1, got {n!r}."))
-        runs.append(ExperimentRun(
-            name=str(r["name"]), config=folder / r["config"], num_clients=n,
-            cpus_per_client=int(r.get("cpus-per-client", 1)), overrides=flatten(r.get("set", {})),
-            audit=bool(r.get("audit", False)), evaluate_languages=tuple(r.get("evaluate-languages", ())),
-            smoke=bool(r.get("smoke", True))))
+            raise FedHFConfigError(
+                _where(folder, f"runs[{i}] ({r['name']}): num-clients must be an integer >= 1, got {n!r}.")
+            )
+        runs.append(
+            ExperimentRun(
+                name=str(r["name"]),
+                config=folder / r["config"],
+                num_clients=n,
+                cpus_per_client=int(r.get("cpus-per-client", 1)),
+                overrides=flatten(r.get("set", {})),
+                audit=bool(r.get("audit", False)),
+                evaluate_languages=tuple(r.get("evaluate-languages", ())),
+                smoke=bool(r.get("smoke", True)),
+            )
+        )
     if not runs:
         raise FedHFConfigError(_where(folder, "no [[runs]]."))
     names = [r.name for r in runs]
@@ -139,17 +161,28 @@ def load_group(name_or_path: str | Path, experiments_dir: str | Path = "experime
         raise FedHFConfigError(_where(folder, f"run names repeat: {names}."))
     for t in spec.get("targets", []):
         if t.get("kind") not in TARGET_KINDS:
-            raise FedHFConfigError(_where(folder, f"target kind {t.get('kind')!r}; allowed: {', '.join(TARGET_KINDS)}."))
-    group = Group(folder.name, folder, str(spec.get("description", "")), tuple(runs), flatten(spec.get("smoke", {})),
-                  spec.get("smoke-num-clients"),
-                  tuple(spec["smoke-languages"]) if "smoke-languages" in spec else None, tuple(spec.get("targets", [])))
+            raise FedHFConfigError(
+                _where(folder, f"target kind {t.get('kind')!r}; allowed: {', '.join(TARGET_KINDS)}.")
+            )
+    group = Group(
+        folder.name,
+        folder,
+        str(spec.get("description", "")),
+        tuple(runs),
+        flatten(spec.get("smoke", {})),
+        spec.get("smoke-num-clients"),
+        tuple(spec["smoke-languages"]) if "smoke-languages" in spec else None,
+        tuple(spec.get("targets", [])),
+    )
     for run in runs:  # every file parses, with and without the smoke keys
         for smoke in (False, True):
             try:
                 parse_config(group.flat_config(run, smoke))
             except FedHFConfigError as exc:
-                raise FedHFConfigError(f"experiment '{group.name}/{run.name}' ({run.config.name}"
-                                       f"{', smoke variant' if smoke else ''}): {exc}") from None
+                raise FedHFConfigError(
+                    f"experiment '{group.name}/{run.name}' ({run.config.name}"
+                    f"{', smoke variant' if smoke else ''}): {exc}"
+                ) from None
     return group
 
 
@@ -163,8 +196,9 @@ def _status(run_dir: Path) -> str | None:
         return None
 
 
-def run_group(group: Group, out_root: str | Path, *, smoke: bool = False, only: list[str] | None = None,
-              log: Any = print) -> Path:
+def run_group(
+    group: Group, out_root: str | Path, *, smoke: bool = False, only: list[str] | None = None, log: Any = print
+) -> Path:
     """Run (or skip) every selected run, then its audit and evaluations; write the results table. Returns its folder."""
     out = Path(out_root) / (group.name + ("-smoke" if smoke else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -179,8 +213,11 @@ def run_group(group: Group, out_root: str | Path, *, smoke: bool = False, only: 
                 kind = "stale" if changed else "failed"
                 aside = run_dir.with_name(f"{run.name}.{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}")
                 run_dir.rename(aside)
-                why = (f"a finished run with another config ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})"
-                       if changed else "an unfinished run")
+                why = (
+                    f"a finished run with another config ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})"
+                    if changed
+                    else "an unfinished run"
+                )
                 log(f"[{group.name}] {run.name}: {why} was moved to {aside.name}; running again")
             if not _execute(group, run, out, smoke, log):
                 failed.append(run.name)
@@ -188,18 +225,29 @@ def run_group(group: Group, out_root: str | Path, *, smoke: bool = False, only: 
         _post(group, run, run_dir, smoke, log)
     table = collect(group, out, smoke)
     if failed:
-        raise FedHFRunError(f"sweep '{group.name}': run(s) {', '.join(failed)} failed (see their .log files in {out}); "
-                            "the others are in results.md. Run the sweep again to retry only those.")
+        raise FedHFRunError(
+            f"sweep '{group.name}': run(s) {', '.join(failed)} failed (see their .log files in {out}); "
+            "the others are in results.md. Run the sweep again to retry only those."
+        )
     return table
 
 
 def _run_settings(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> tuple[int, dict[str, Any]]:
     """(clients, --set overrides) of one run of the group."""
-    clients = min(run.num_clients, group.smoke_clients) if smoke and group.smoke_clients and run.num_clients > 1 else run.num_clients
+    clients = (
+        min(run.num_clients, group.smoke_clients)
+        if smoke and group.smoke_clients and run.num_clients > 1
+        else run.num_clients
+    )
     sets = {**(group.smoke if smoke else {}), **run.overrides, "output-dir": str(out), "run-name": run.name}
     if smoke and clients != run.num_clients:
-        sets.update({"strategy.min-available-nodes": clients, "strategy.min-train-nodes": min(clients, 2),
-                     "strategy.min-evaluate-nodes": min(clients, 2)})
+        sets.update(
+            {
+                "strategy.min-available-nodes": clients,
+                "strategy.min-train-nodes": min(clients, 2),
+                "strategy.min-evaluate-nodes": min(clients, 2),
+            }
+        )
     return clients, sets
 
 
@@ -222,8 +270,18 @@ def _changed_keys(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> l
 
 def _execute(group: Group, run: ExperimentRun, out: Path, smoke: bool, log: Any) -> bool:
     clients, sets = _run_settings(group, run, out, smoke)
-    args = [sys.executable, "-m", "fedhf.cli", "run", "--config", str(run.config), "--num-clients", str(clients),
-            "--cpus-per-client", str(run.cpus_per_client)]
+    args = [
+        sys.executable,
+        "-m",
+        "fedhf.cli",
+        "run",
+        "--config",
+        str(run.config),
+        "--num-clients",
+        str(clients),
+        "--cpus-per-client",
+        str(run.cpus_per_client),
+    ]
     for key, value in sets.items():
         args += ["--set", f"{key}={_toml_value(value)}"]
     log(f"[{group.name}] {run.name}: running ({clients} clients) ...")
@@ -260,14 +318,28 @@ def _post(group: Group, run: ExperimentRun, run_dir: Path, smoke: bool, log: Any
         log(f"[{group.name}] {run.name}: {lang} macro-F1 {res['macro_f1']:.4f} ({res['rows']} rows)")
     if run.audit and "audit" not in data:
         res = audit_run(run_dir)
-        log(f"[{group.name}] {run.name}: audit AUC {res['loss']['auc']:.3f} (loss), {res['calibrated']['auc']:.3f} (calibrated)")
+        log(
+            f"[{group.name}] {run.name}: audit AUC {res['loss']['auc']:.3f} (loss), {res['calibrated']['auc']:.3f} (calibrated)"
+        )
 
 
 # --------------------------------------------------------------------------- results
 
 
-COLUMNS = ("name", "clients", "accuracy", "macro_f1", "epsilon_sample_max", "epsilon_client", "bytes_up_per_client_round",
-           "wall_seconds", "audit_auc_loss", "audit_auc_calibrated", "audit_epsilon_lower_bound", "status")
+COLUMNS = (
+    "name",
+    "clients",
+    "accuracy",
+    "macro_f1",
+    "epsilon_sample_max",
+    "epsilon_client",
+    "bytes_up_per_client_round",
+    "wall_seconds",
+    "audit_auc_loss",
+    "audit_auc_calibrated",
+    "audit_epsilon_lower_bound",
+    "status",
+)
 
 
 def _row(name: str, run: dict[str, Any] | None) -> dict[str, Any]:
@@ -277,12 +349,20 @@ def _row(name: str, run: dict[str, Any] | None) -> dict[str, Any]:
         return {"name": name, "status": (run or {}).get("status", "not run")}
     s = summary_row(run)
     audit = run.get("audit") or {}
-    row = {"name": name, "clients": s["clients"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
-           "epsilon_sample_max": s["epsilon_sample_max"], "epsilon_client": s["epsilon_client"],
-           "bytes_up_per_client_round": s["bytes_up_per_client_round"], "wall_seconds": s["wall_seconds"],
-           "audit_auc_loss": (audit.get("loss") or {}).get("auc"),
-           "audit_auc_calibrated": (audit.get("calibrated") or {}).get("auc"),
-           "audit_epsilon_lower_bound": audit.get("epsilon_lower_bound"), "status": "complete"}
+    row = {
+        "name": name,
+        "clients": s["clients"],
+        "accuracy": s["accuracy"],
+        "macro_f1": s["macro_f1"],
+        "epsilon_sample_max": s["epsilon_sample_max"],
+        "epsilon_client": s["epsilon_client"],
+        "bytes_up_per_client_round": s["bytes_up_per_client_round"],
+        "wall_seconds": s["wall_seconds"],
+        "audit_auc_loss": (audit.get("loss") or {}).get("auc"),
+        "audit_auc_calibrated": (audit.get("calibrated") or {}).get("auc"),
+        "audit_epsilon_lower_bound": audit.get("epsilon_lower_bound"),
+        "status": "complete",
+    }
     for e in run.get("evaluations", []):
         if list(e["data"]) == ["data.languages"]:
             row[f"f1_{e['data']['data.languages']}"] = e["macro_f1"]
@@ -306,16 +386,28 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in fields})
-    md = [f"# Experiment group `{group.name}`{' (smoke variant)' if smoke else ''}", "", group.description, "",
-          "| run | clients | accuracy | macro-F1 | ε sample (max) | ε client | bytes up / client / round | wall s | MIA AUC loss / calibrated | status |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"# Experiment group `{group.name}`{' (smoke variant)' if smoke else ''}",
+        "",
+        group.description,
+        "",
+        "| run | clients | accuracy | macro-F1 | ε sample (max) | ε client | bytes up / client / round | wall s | MIA AUC loss / calibrated | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['name']} | {r.get('clients', '–')} | {_f(r.get('accuracy'))} | {_f(r.get('macro_f1'))} "
-                  f"| {_f(r.get('epsilon_sample_max'), 2)} | {_f(r.get('epsilon_client'), 2)} | {r.get('bytes_up_per_client_round') or '–'} "
-                  f"| {r.get('wall_seconds', '–')} | {_f(r.get('audit_auc_loss'), 3)} / {_f(r.get('audit_auc_calibrated'), 3)} | {r['status']} |")
+        md.append(
+            f"| {r['name']} | {r.get('clients', '–')} | {_f(r.get('accuracy'))} | {_f(r.get('macro_f1'))} "
+            f"| {_f(r.get('epsilon_sample_max'), 2)} | {_f(r.get('epsilon_client'), 2)} | {r.get('bytes_up_per_client_round') or '–'} "
+            f"| {r.get('wall_seconds', '–')} | {_f(r.get('audit_auc_loss'), 3)} / {_f(r.get('audit_auc_calibrated'), 3)} | {r['status']} |"
+        )
     if langs:
-        md += ["", "Macro-F1 per language (each language's test split):", "",
-               "| run | " + " | ".join(lang[3:] for lang in langs) + " |", "|---|" + "---|" * len(langs)]
+        md += [
+            "",
+            "Macro-F1 per language (each language's test split):",
+            "",
+            "| run | " + " | ".join(lang[3:] for lang in langs) + " |",
+            "|---|" + "---|" * len(langs),
+        ]
         for r in rows:
             if any(lang in r for lang in langs):
                 md.append(f"| {r['name']} | " + " | ".join(_f(r.get(lang)) for lang in langs) + " |")
@@ -330,8 +422,9 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
     return out
 
 
-def group_plots(group: Group, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], langs: list[str],
-                folder: Path) -> list[Path]:
+def group_plots(
+    group: Group, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], langs: list[str], folder: Path
+) -> list[Path]:
     """The plots of a group's story: accuracy per round of every run; privacy-utility when a run has DP;
     bytes vs accuracy when the runs send different amounts; macro-F1 per language when measured."""
     from fedhf.analysis.plots import (
@@ -384,7 +477,9 @@ def check_targets(group: Group, rows: list[dict[str, Any]]) -> list[str]:
                     out.append(f"{name}: {metric} vs {t['baseline']}: not measured yet")
                     continue
                 drop = 100 * (base - value)
-                line = f"{name}: {metric} {100 * value:.1f}% vs {t['baseline']} {100 * base:.1f}%: drop {drop:+.1f} points"
+                line = (
+                    f"{name}: {metric} {100 * value:.1f}% vs {t['baseline']} {100 * base:.1f}%: drop {drop:+.1f} points"
+                )
                 if not math.isnan(points):
                     line += f" (target ≤ {points:g}): {'met' if drop <= points else 'MISSED'}"
                 out.append(line)
@@ -395,8 +490,10 @@ def check_targets(group: Group, rows: list[dict[str, Any]]) -> list[str]:
                 out.append(f"audit: {t['run']} vs {t['baseline']}: not measured yet")
                 continue
             verdict = "met" if abs(a - 0.5) < abs(b - 0.5) else "MISSED"
-            out.append(f"audit ({t.get('attack', 'loss')} attack): {t['run']} AUC {a:.3f} vs {t['baseline']} AUC {b:.3f} "
-                       f"(|AUC − 0.5|: {abs(a - 0.5):.3f} vs {abs(b - 0.5):.3f}): {verdict}")
+            out.append(
+                f"audit ({t.get('attack', 'loss')} attack): {t['run']} AUC {a:.3f} vs {t['baseline']} AUC {b:.3f} "
+                f"(|AUC − 0.5|: {abs(a - 0.5):.3f} vs {abs(b - 0.5):.3f}): {verdict}"
+            )
         elif kind == "beats":  # run beats the per-language baselines on at least `at-least` languages
             wins, total, missing = 0, 0, []
             for lang in t["languages"]:
@@ -409,9 +506,13 @@ def check_targets(group: Group, rows: list[dict[str, Any]]) -> list[str]:
                 wins += a > b
             need = int(t["at-least"])
             if missing:
-                out.append(f"{t['run']} beats local-only macro-F1 on {wins} of {total} languages measured so far "
-                           f"(not yet: {', '.join(missing)}; target ≥ {need})")
+                out.append(
+                    f"{t['run']} beats local-only macro-F1 on {wins} of {total} languages measured so far "
+                    f"(not yet: {', '.join(missing)}; target ≥ {need})"
+                )
             else:
-                out.append(f"{t['run']} beats {t['baseline-pattern'].format(lang='<lang>')} macro-F1 on {wins} of {total} "
-                           f"languages (target ≥ {need}): {'met' if wins >= need else 'MISSED'}")
+                out.append(
+                    f"{t['run']} beats {t['baseline-pattern'].format(lang='<lang>')} macro-F1 on {wins} of {total} "
+                    f"languages (target ≥ {need}): {'met' if wins >= need else 'MISSED'}"
+                )
     return out

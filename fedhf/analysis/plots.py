@@ -49,7 +49,9 @@ def plot_metrics(run: dict[str, Any], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{run_label(run)}: {run['dataset'].get('name', '')}, {len(run.get('partitions', []))} clients", fontsize=10)
+    fig.suptitle(
+        f"{run_label(run)}: {run['dataset'].get('name', '')}, {len(run.get('partitions', []))} clients", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -66,7 +68,7 @@ def plot_epsilon(run: dict[str, Any], path: Path) -> Path | None:
     for pid in sorted(clients, key=int):
         e = clients[pid]
         pts = [(0, 0.0)] + [(r["round"], r["epsilon"]) for r in e["rounds"]]
-        line, = ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=f"client {pid}")
+        (line,) = ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=f"client {pid}")
         if e.get("max_epsilon"):
             ax.axhline(e["max_epsilon"], color=line.get_color(), linestyle="--", linewidth=0.8)
         if e.get("stopped"):
@@ -100,8 +102,9 @@ def plot_label_heatmap(run: dict[str, Any], path: Path) -> Path | None:
     if len(parts) * len(names) <= 300:
         for i, row in enumerate(counts):
             for j, c in enumerate(row):
-                ax.text(j, i, str(c), ha="center", va="center", fontsize=6,
-                        color="white" if shares[i][j] < 0.6 else "black")
+                ax.text(
+                    j, i, str(c), ha="center", va="center", fontsize=6, color="white" if shares[i][j] < 0.6 else "black"
+                )
     fig.colorbar(im, ax=ax, label="share of the client's rows")
     ax.set_title(f"Label distribution ({run['config'].get('data.partitioner', '')})", fontsize=9)
     return _save(fig, path)
@@ -150,8 +153,11 @@ def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
         ax.annotate(f"{name} (no DP)", (right, acc), fontsize=6, xytext=(-4, 4), textcoords="offset points", ha="right")
     if log_x:
         ax.set_xscale("log")
-    ax.set(xlabel="ε (lower = more private)" + (", log scale" if log_x else ""), ylabel="central accuracy",
-           title=f"Privacy–utility ({runs[0]['dataset'].get('name', '')})")
+    ax.set(
+        xlabel="ε (lower = more private)" + (", log scale" if log_x else ""),
+        ylabel="central accuracy",
+        title=f"Privacy–utility ({runs[0]['dataset'].get('name', '')})",
+    )
     ax.grid(alpha=0.3)
     if sample or client:
         ax.legend(fontsize=8, loc="lower right")
@@ -160,9 +166,11 @@ def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
 
 def run_plots(run: dict[str, Any], folder: Path) -> list[Path]:
     """The per-run plots (metrics, epsilon, label distribution) in ``folder``; returns those written."""
-    out = [plot_metrics(run, folder / "metrics.png"),
-           plot_epsilon(run, folder / "epsilon.png"),
-           plot_label_heatmap(run, folder / "label_distribution.png")]
+    out = [
+        plot_metrics(run, folder / "metrics.png"),
+        plot_epsilon(run, folder / "epsilon.png"),
+        plot_label_heatmap(run, folder / "label_distribution.png"),
+    ]
     return [p for p in out if p is not None]
 
 

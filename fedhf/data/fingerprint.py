@@ -31,8 +31,11 @@ def partition_fingerprint(cfg: DataConfig, partition_id: int, data_dir: str | No
         data_dir = os.environ.get(DATA_DIR_ENV) or None
     src = load_data(cfg, data_dir).source
     files = src.get("files", {}).get("train")
-    ident: list[Any] = [(Path(f["name"]).name, f["sha256"]) for f in files] if files else \
-        [("hub", src.get("hub_id"), src.get("config"), src.get("revision"), tuple(src.get("languages") or ()))]
+    ident: list[Any] = (
+        [(Path(f["name"]).name, f["sha256"]) for f in files]
+        if files
+        else [("hub", src.get("hub_id"), src.get("config"), src.get("revision"), tuple(src.get("languages") or ()))]
+    )
     return _fingerprint(f"partition-{int(partition_id)}", ident)
 
 

@@ -53,23 +53,41 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "sst2": Preset(
-        name="sst2", hub_id="stanfordnlp/sst2", text_column="sentence", label_column="label",
-        label_names=("negative", "positive"), hub_eval_split="validation", license="unknown",
-        citation=("Socher et al. 2013, Recursive Deep Models for Semantic Compositionality Over a "
-                  "Sentiment Treebank, EMNLP."),
+        name="sst2",
+        hub_id="stanfordnlp/sst2",
+        text_column="sentence",
+        label_column="label",
+        label_names=("negative", "positive"),
+        hub_eval_split="validation",
+        license="unknown",
+        citation=(
+            "Socher et al. 2013, Recursive Deep Models for Semantic Compositionality Over a Sentiment Treebank, EMNLP."
+        ),
     ),
     "ag_news": Preset(
-        name="ag_news", hub_id="fancyzhx/ag_news", text_column="text", label_column="label",
-        label_names=("World", "Sports", "Business", "Sci/Tech"), hub_eval_split="test",
+        name="ag_news",
+        hub_id="fancyzhx/ag_news",
+        text_column="text",
+        label_column="label",
+        label_names=("World", "Sports", "Business", "Sci/Tech"),
+        hub_eval_split="test",
         license="research and non-commercial use only",
         citation="Zhang, Zhao and LeCun 2015, Character-level Convolutional Networks for Text Classification, NeurIPS.",
     ),
     "afrisenti": Preset(
-        name="afrisenti", hub_id="shmuhammad/AfriSentiData", text_column="tweet", label_column="label",
-        label_names=("negative", "neutral", "positive"), hub_eval_split="test", license="cc-by-4.0",
-        citation=("Muhammad et al. 2023, AfriSenti: A Twitter Sentiment Analysis Benchmark for African "
-                  "Languages, EMNLP; SemEval-2023 Task 12."),
-        partition_column="language", languages=AFRISENTI_LANGUAGES,
+        name="afrisenti",
+        hub_id="shmuhammad/AfriSentiData",
+        text_column="tweet",
+        label_column="label",
+        label_names=("negative", "neutral", "positive"),
+        hub_eval_split="test",
+        license="cc-by-4.0",
+        citation=(
+            "Muhammad et al. 2023, AfriSenti: A Twitter Sentiment Analysis Benchmark for African "
+            "Languages, EMNLP; SemEval-2023 Task 12."
+        ),
+        partition_column="language",
+        languages=AFRISENTI_LANGUAGES,
     ),
 }
 
@@ -112,8 +130,16 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
         raw_train, raw_eval, source = load_local(name)
     else:
         raw_train, raw_eval, source = _load_hub(name, None)
-    text_col = cfg.text_column or (preset.text_column if preset else "") or detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
-    label_col = cfg.label_column or (preset.label_column if preset else "") or detect(raw_train, LABEL_CANDIDATES, "label", "data.label-column")
+    text_col = (
+        cfg.text_column
+        or (preset.text_column if preset else "")
+        or detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
+    )
+    label_col = (
+        cfg.label_column
+        or (preset.label_column if preset else "")
+        or detect(raw_train, LABEL_CANDIDATES, "label", "data.label-column")
+    )
     for col, key in ((text_col, "data.text-column"), (label_col, "data.label-column")):
         if col not in raw_train.column_names:
             raise FedHFDataError(
@@ -125,8 +151,10 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
     bare = not isinstance(raw_train.features[label_col], datasets.ClassLabel) and label_names == [str(v) for v in to_id]
     label_ids = tuple(int(v) for v in to_id) if bare and all(isinstance(v, int) for v in to_id) else ()
     if len(label_names) < 2:
-        raise FedHFDataError(f"label column '{label_col}' holds a single class ({label_names}); a classifier needs at "
-                             "least two; check the file or set data.label-column.")
+        raise FedHFDataError(
+            f"label column '{label_col}' holds a single class ({label_names}); a classifier needs at "
+            "least two; check the file or set data.label-column."
+        )
     train = normalise(raw_train, text_col, label_col, to_id, part_col, "train")
     eval_ds = normalise(raw_eval, text_col, label_col, to_id, part_col, "eval") if raw_eval is not None else None
     source.update({"text_column": text_col, "label_column": label_col})
@@ -146,14 +174,20 @@ def onto_label_names(data: LoadedData, names: list[str] | tuple[str, ...], what:
         new_id = list(data.label_ids)
     else:
         ids = f" or integer ids 0..{len(names) - 1}" if names else ""
-        raise FedHFDataError(f"{what}: the data's labels {mine} are not among the adapter's {names}{ids}; "
-                             "use data with the same label set (names, or ids in the adapter's order).")
+        raise FedHFDataError(
+            f"{what}: the data's labels {mine} are not among the adapter's {names}{ids}; "
+            "use data with the same label set (names, or ids in the adapter's order)."
+        )
 
     def remap(ds: datasets.Dataset | None) -> datasets.Dataset | None:
         if ds is None:
             return None
-        out = ds.map(lambda b: {"label": [new_id[i] for i in b["label"]]}, batched=True, load_from_cache_file=False,
-                     desc="mapping labels")
+        out = ds.map(
+            lambda b: {"label": [new_id[i] for i in b["label"]]},
+            batched=True,
+            load_from_cache_file=False,
+            desc="mapping labels",
+        )
         return out.cast_column("label", datasets.Value("int64"))
 
     return dataclasses.replace(data, train=remap(data.train), eval=remap(data.eval), label_names=names, label_ids=())
@@ -165,12 +199,16 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).suffix.lower() in FILE_FORMATS
 
 
-def _read_files(files: dict[str, list[str]], header: bool = True, names: list[str] | None = None) -> datasets.DatasetDict:
+def _read_files(
+    files: dict[str, list[str]], header: bool = True, names: list[str] | None = None
+) -> datasets.DatasetDict:
     """Read local files with ``datasets``; TSVs with quoting disabled so quotes stay in the text."""
     suffixes = {Path(f).suffix.lower() for fs in files.values() for f in fs}
     formats = {FILE_FORMATS[s] for s in suffixes}
     if len(formats) != 1:
-        raise FedHFDataError(f"mixed file formats {sorted(suffixes)} in one dataset; keep one format per dataset folder.")
+        raise FedHFDataError(
+            f"mixed file formats {sorted(suffixes)} in one dataset; keep one format per dataset folder."
+        )
     fmt = formats.pop()
     kwargs: dict[str, Any] = {}
     if fmt == "csv":
@@ -205,7 +243,9 @@ def load_local(name: str) -> tuple[datasets.Dataset, datasets.Dataset | None, di
         )
     if path.is_file():
         if path.suffix.lower() not in FILE_FORMATS:
-            raise FedHFDataError(f"data.dataset: '{path}' has an unsupported extension; use one of {', '.join(sorted(FILE_FORMATS))}.")
+            raise FedHFDataError(
+                f"data.dataset: '{path}' has an unsupported extension; use one of {', '.join(sorted(FILE_FORMATS))}."
+            )
         files = {"train": [str(path)]}
         base = path.parent
     else:
@@ -229,7 +269,9 @@ def load_local(name: str) -> tuple[datasets.Dataset, datasets.Dataset | None, di
     return dd["train"], dd.get("eval"), _file_source("local", files, base)
 
 
-def _load_preset(preset: Preset, cfg: DataConfig, data_dir: str | None) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+def _load_preset(
+    preset: Preset, cfg: DataConfig, data_dir: str | None
+) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
     if data_dir is None:
         if preset.name == "afrisenti":
             return _load_afrisenti_hub(preset, cfg)
@@ -262,9 +304,10 @@ def _load_preset(preset: Preset, cfg: DataConfig, data_dir: str | None) -> tuple
         for split, bucket in (("train", trains), ("eval", evals)):
             # Each split on its own: orm and tir have an extra ID column in dev/test (and an empty train).
             if _has_no_rows(lf[split][0]):  # orm, tir: a train file with a header only (zero-shot languages)
-                ds = datasets.Dataset.from_dict({"tweet": [], "label": []},
-                                                features=datasets.Features({"tweet": datasets.Value("string"),
-                                                                            "label": datasets.Value("string")}))
+                ds = datasets.Dataset.from_dict(
+                    {"tweet": [], "label": []},
+                    features=datasets.Features({"tweet": datasets.Value("string"), "label": datasets.Value("string")}),
+                )
             else:
                 ds = _read_files({split: lf[split]})[split].select_columns(["tweet", "label"])
             bucket.append(ds.add_column("language", [lang] * len(ds)))
@@ -294,7 +337,9 @@ def _require(files: dict[str, list[str]]) -> dict[str, list[str]]:
     for fs in files.values():
         for f in fs:
             if not Path(f).is_file():
-                raise FedHFDataError(f"missing data file '{f}'; check {DATA_DIR_ENV} and the layout described in the README.")
+                raise FedHFDataError(
+                    f"missing data file '{f}'; check {DATA_DIR_ENV} and the layout described in the README."
+                )
     return files
 
 
@@ -316,12 +361,16 @@ def _hub_revision(repo: str) -> str | None:
     try:
         return HfApi().dataset_info(repo).sha
     except RepositoryNotFoundError:
-        raise FedHFDataError(f"data.dataset: '{repo}' is not a dataset on the Hub, a preset ({', '.join(PRESETS)}) or an existing local path.") from None
+        raise FedHFDataError(
+            f"data.dataset: '{repo}' is not a dataset on the Hub, a preset ({', '.join(PRESETS)}) or an existing local path."
+        ) from None
     except Exception as exc:  # connection errors of several kinds
         raise _hub_unreachable(repo, exc) from None
 
 
-def _load_hub(repo: str, name: str | None, eval_split: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+def _load_hub(
+    repo: str, name: str | None, eval_split: str | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
     revision = _hub_revision(repo)
     try:
         dd = datasets.load_dataset(repo, name, revision=revision)
@@ -331,10 +380,16 @@ def _load_hub(repo: str, name: str | None, eval_split: str | None = None) -> tup
         raise FedHFDataError(f"Hub dataset '{repo}' has no 'train' split (splits: {', '.join(dd)}).")
     if eval_split is None:
         eval_split = next((s for s in ("test", "validation", "valid", "dev") if s in dd), None)
-    return dd["train"], dd[eval_split] if eval_split else None, {"kind": "hub", "hub_id": repo, "config": name, "revision": revision, "eval_split": eval_split}
+    return (
+        dd["train"],
+        dd[eval_split] if eval_split else None,
+        {"kind": "hub", "hub_id": repo, "config": name, "revision": revision, "eval_split": eval_split},
+    )
 
 
-def _load_afrisenti_hub(preset: Preset, cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+def _load_afrisenti_hub(
+    preset: Preset, cfg: DataConfig
+) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
     langs = _afrisenti_languages(cfg)
     trains, evals, revision = [], [], None
     for lang in langs:
@@ -343,8 +398,11 @@ def _load_afrisenti_hub(preset: Preset, cfg: DataConfig) -> tuple[datasets.Datas
         for ds, bucket in ((train, trains), (eval_ds, evals)):
             ds = ds.select_columns(["tweet", "label"])
             bucket.append(ds.add_column("language", [lang] * len(ds)))
-    return (datasets.concatenate_datasets(trains), datasets.concatenate_datasets(evals),
-            {"kind": "hub", "hub_id": preset.hub_id, "revision": revision, "languages": langs, "preset": preset.name})
+    return (
+        datasets.concatenate_datasets(trains),
+        datasets.concatenate_datasets(evals),
+        {"kind": "hub", "hub_id": preset.hub_id, "revision": revision, "languages": langs, "preset": preset.name},
+    )
 
 
 def detect(ds: datasets.Dataset, candidates: tuple[str, ...], what: str, key: str) -> str:
@@ -352,8 +410,10 @@ def detect(ds: datasets.Dataset, candidates: tuple[str, ...], what: str, key: st
     for c in candidates:
         if c in lower:
             return lower[c]
-    msg = (f"no {what} column found (columns: {', '.join(ds.column_names)}; looked for {', '.join(candidates)}); "
-           f"set {key} to the right one.")
+    msg = (
+        f"no {what} column found (columns: {', '.join(ds.column_names)}; looked for {', '.join(candidates)}); "
+        f"set {key} to the right one."
+    )
     raise FedHFDataError(msg, public=msg)  # column names only
 
 
@@ -384,7 +444,9 @@ def _label_mapping(ds: datasets.Dataset, col: str, preset: Preset | None) -> tup
     )
 
 
-def normalise(ds: datasets.Dataset, text_col: str, label_col: str, to_id: dict[Any, int], part_col: str, split: str) -> datasets.Dataset:
+def normalise(
+    ds: datasets.Dataset, text_col: str, label_col: str, to_id: dict[Any, int], part_col: str, split: str
+) -> datasets.Dataset:
     missing = [c for c in (text_col, label_col) if c not in ds.column_names]
     if missing:
         msg = f"the {split} split lacks column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)})."
@@ -397,7 +459,7 @@ def normalise(ds: datasets.Dataset, text_col: str, label_col: str, to_id: dict[A
             f"the {split} split has labels {unknown[:5]} that the training split does not have; "
             f"known labels: {list(to_id)[:10]}.",
             public=f"the {split} split has {len(unknown)} label value(s) in column '{label_col}' that the training split "
-                   "does not have.",
+            "does not have.",
         )
     texts = ["" if t is None else str(t) for t in ds[text_col]]
     labels = [to_id[v] for v in ds[label_col]]

@@ -90,14 +90,14 @@ def _train_order(data: LoadedData, cfg: DataConfig, seed: int) -> tuple[list[int
         for value, idx in groups.items():
             digest = int.from_bytes(hashlib.sha256(f"{seed}:{value}".encode()).digest()[:8], "little")
             perm = np.random.default_rng(digest).permutation(len(idx))
-            keep += [idx[j] for j in perm[:cfg.max_examples_per_group]]
-            dropped += [idx[j] for j in perm[cfg.max_examples_per_group:]]
+            keep += [idx[j] for j in perm[: cfg.max_examples_per_group]]
+            dropped += [idx[j] for j in perm[cfg.max_examples_per_group :]]
         order = sorted(keep)
     perm = np.random.default_rng(seed).permutation(len(order))
     order = [order[j] for j in perm]
     if cfg.max_train_examples and len(order) > cfg.max_train_examples:
-        dropped += order[cfg.max_train_examples:]
-        order = order[:cfg.max_train_examples]
+        dropped += order[cfg.max_train_examples :]
+        order = order[: cfg.max_train_examples]
     return order, dropped
 
 
@@ -116,21 +116,34 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
         if kind == "iid":
             part = IidPartitioner(num_partitions=num_partitions)
         elif kind == "dirichlet":
-            part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=cfg.dirichlet_alpha,
-                                        min_partition_size=cfg.min_partition_size, self_balancing=True, shuffle=True, seed=seed)
+            part = DirichletPartitioner(
+                num_partitions=num_partitions,
+                partition_by="label",
+                alpha=cfg.dirichlet_alpha,
+                min_partition_size=cfg.min_partition_size,
+                self_balancing=True,
+                shuffle=True,
+                seed=seed,
+            )
         elif kind == "inner-dirichlet":
             sizes = [len(rows) // num_partitions + (i < len(rows) % num_partitions) for i in range(num_partitions)]
-            part = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label", alpha=cfg.dirichlet_alpha,
-                                             shuffle=True, seed=seed)
+            part = InnerDirichletPartitioner(
+                partition_sizes=sizes, partition_by="label", alpha=cfg.dirichlet_alpha, shuffle=True, seed=seed
+            )
         elif kind == "pathological":
             k = len(data.label_names)
             if cfg.classes_per_client > k:
                 raise FedHFDataError(
                     f"config key 'data.classes-per-client': got {cfg.classes_per_client}, but the dataset has {k} labels; use at most {k}."
                 )
-            part = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
-                                           num_classes_per_partition=cfg.classes_per_client,
-                                           class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+            part = PathologicalPartitioner(
+                num_partitions=num_partitions,
+                partition_by="label",
+                num_classes_per_partition=cfg.classes_per_client,
+                class_assignment_mode="first-deterministic",
+                shuffle=True,
+                seed=seed,
+            )
         elif kind == "natural":
             col = data.partition_column
             if not col or col not in rows.column_names:
@@ -156,9 +169,11 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
     except ValueError as exc:  # flwr-datasets' own checks (e.g. Dirichlet min size never reached)
         hint = ""
         if kind == "dirichlet":
-            hint = (f"; raise data.dirichlet-alpha (now {cfg.dirichlet_alpha}), lower data.min-partition-size (now "
-                    f"{cfg.min_partition_size}), use fewer clients, or use data.partitioner=inner-dirichlet (equal-size "
-                    "clients, works at any alpha)")
+            hint = (
+                f"; raise data.dirichlet-alpha (now {cfg.dirichlet_alpha}), lower data.min-partition-size (now "
+                f"{cfg.min_partition_size}), use fewer clients, or use data.partitioner=inner-dirichlet (equal-size "
+                "clients, works at any alpha)"
+            )
         raise FedHFDataError(f"partitioner '{kind}' failed for {num_partitions} clients: {exc}{hint}") from None
     for pid, shard in enumerate(shards):
         if len(shard) == 0:
@@ -170,7 +185,9 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
     return Partitions(parts, data.label_names, natural_ids)
 
 
-def split_local(shard: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def split_local(
+    shard: datasets.Dataset, fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     n_eval = int(round(len(shard) * fraction))
     if fraction <= 0 or n_eval < 1 or len(shard) - n_eval < 1:
         return shard, None
@@ -183,8 +200,9 @@ def _partitions_cached(cfg: DataConfig, seed: int, num_partitions: int, data_dir
     return make_partitions(load_data(cfg, data_dir), cfg, seed, num_partitions)
 
 
-def load_partition(cfg: DataConfig, seed: int, partition_id: int, num_partitions: int,
-                   data_dir: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+def load_partition(
+    cfg: DataConfig, seed: int, partition_id: int, num_partitions: int, data_dir: str | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     """One client's (train, local eval) rows and the label names. Cached per process, keyed on every argument."""
     if not 0 <= partition_id < num_partitions:
         raise FedHFDataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the node config.")
@@ -214,5 +232,7 @@ def format_stats(stats: list[dict[str, Any]], label_names: list[str]) -> str:
     lines = [head]
     for row in stats:
         hist = "  ".join(f"{c:>10}" for c in row["label_histogram"])
-        lines.append(f"{row['partition_id']:>6}  {str(row.get('natural_id', '')):<8} {row['train_examples']:>6} {row['eval_examples']:>5}  {hist}")
+        lines.append(
+            f"{row['partition_id']:>6}  {str(row.get('natural_id', '')):<8} {row['train_examples']:>6} {row['eval_examples']:>5}  {hist}"
+        )
     return "\n".join(lines)

@@ -22,8 +22,9 @@ from fedhf.data.partitions import split_local
 from fedhf.errors import FedHFDataError
 
 
-def load_silo(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int
-              ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+def load_silo(
+    cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     """A SuperNode's own data (node config ``data-path``): its train rows and a local eval hold-out.
 
     Labels are mapped onto the federation's label names (sent by the server), so every silo
@@ -43,30 +44,41 @@ def _files_signature(path: Path) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int, signature: tuple
-                 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+def _silo_cached(
+    cfg: DataConfig, path: str, label_names: tuple[str, ...], seed: int, signature: tuple
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     p = Path(path).expanduser()
     where = f"node config 'data-path': '{path}'"
     # The public texts (what the server learns) name the key, never the path or a row.
     if not p.exists():
-        raise FedHFDataError(f"{where} does not exist on this node; give this silo's data file or folder "
-                             f"({', '.join(sorted(FILE_FORMATS))}).",
-                             public="node config 'data-path' does not exist on this node.")
+        raise FedHFDataError(
+            f"{where} does not exist on this node; give this silo's data file or folder "
+            f"({', '.join(sorted(FILE_FORMATS))}).",
+            public="node config 'data-path' does not exist on this node.",
+        )
     if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
-        raise FedHFDataError(f"{where} is not readable by this SuperNode's user; fix its permissions.",
-                             public="node config 'data-path' is not readable by the SuperNode's user.")
+        raise FedHFDataError(
+            f"{where} is not readable by this SuperNode's user; fix its permissions.",
+            public="node config 'data-path' is not readable by the SuperNode's user.",
+        )
     try:
         raw_train, raw_eval, _ = load_local(str(p))
     except FedHFDataError as exc:
-        raise FedHFDataError(f"{where}: {str(exc).removeprefix('data.dataset: ')}",
-                             public="node config 'data-path': the silo's files cannot be read as a dataset.") from None
+        raise FedHFDataError(
+            f"{where}: {str(exc).removeprefix('data.dataset: ')}",
+            public="node config 'data-path': the silo's files cannot be read as a dataset.",
+        ) from None
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
-        raise FedHFDataError(f"{where} could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
-                             "check the file's format and permissions.",
-                             public=f"node config 'data-path' could not be read ({type(exc).__name__}).") from None
+        raise FedHFDataError(
+            f"{where} could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
+            "check the file's format and permissions.",
+            public=f"node config 'data-path' could not be read ({type(exc).__name__}).",
+        ) from None
     text_col = cfg.text_column or detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
     label_col = cfg.label_column or detect(raw_train, LABEL_CANDIDATES, "label", "data.label-column")
-    values = set(raw_train.unique(label_col)) | (set(raw_eval.unique(label_col)) if raw_eval is not None and label_col in raw_eval.column_names else set())
+    values = set(raw_train.unique(label_col)) | (
+        set(raw_eval.unique(label_col)) if raw_eval is not None and label_col in raw_eval.column_names else set()
+    )
     names = list(label_names)
     if all(isinstance(v, str) for v in values):
         to_id: dict[Any, int] = {n: i for i, n in enumerate(names)}
@@ -80,11 +92,13 @@ def _silo_cached(cfg: DataConfig, path: str, label_names: tuple[str, ...], seed:
             f"{where}: labels {unknown[:5]} in column '{label_col}' are not among the federation's labels "
             f"{names} (names, or ids 0..{len(names) - 1}); relabel the silo or fix data.label-column.",
             public=f"node config 'data-path': {len(unknown)} label value(s) in column '{label_col}' are not among the "
-                   f"federation's {len(names)} labels; relabel the silo or fix data.label-column.",
+            f"federation's {len(names)} labels; relabel the silo or fix data.label-column.",
         )
     train = normalise(raw_train, text_col, label_col, to_id, "", "train")
     if len(train) == 0:
-        raise FedHFDataError(f"{where} holds no training rows.", public="node config 'data-path' holds no training rows.")
+        raise FedHFDataError(
+            f"{where} holds no training rows.", public="node config 'data-path' holds no training rows."
+        )
     if raw_eval is not None:
         return train, normalise(raw_eval, text_col, label_col, to_id, "", "eval"), names
     local_train, local_eval = split_local(train.shuffle(seed=seed).flatten_indices(), cfg.local_eval_fraction, seed)

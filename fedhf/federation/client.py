@@ -23,14 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedhf.federation import faults
 from fedhf.config.schema import FedHFConfig, check_secagg_weight
-from fedhf.data.partitions import label_histogram
 from fedhf.data.fingerprint import partition_fingerprint, silo_fingerprint
-from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
+from fedhf.data.partitions import label_histogram
+from fedhf.federation import faults
 from fedhf.federation.node import Node, node_of  # noqa: F401  (node_of: the ClientApp's entry to node configs)
 from fedhf.federation.node_state import SpendStore, legacy_key, new_accountant_id
-from fedhf.privacy.policy import NodePolicy, Refusal, check_delta, check_request, parse_policy
+from fedhf.federation.updates import encode
 from fedhf.privacy.dp import (
     SampleAccount,
     _merge,
@@ -40,9 +39,21 @@ from fedhf.privacy.dp import (
     private_train,
     sampling,
 )
+from fedhf.privacy.policy import (
+    NodePolicy,
+    Refusal,
+    check_delta,
+    check_request,
+    parse_policy,
+)
 from fedhf.tasks.base import get_task
+from fedhf.tasks.model import (
+    build_model,
+    get_adapter_state,
+    load_tokenizer,
+    set_adapter_state,
+)
 from fedhf.train.loop import train_local
-from fedhf.federation.updates import encode
 
 log = logging.getLogger("fedhf")
 
@@ -94,11 +105,18 @@ def data_key(cfg: FedHFConfig, node: Node) -> str:
 def _request_refusal(policy: NodePolicy, req: RoundRequest) -> Refusal | None:
     """The rules that need no data: the owner's privacy level and secure aggregation, and the run's own claim."""
     p = req.cfg.privacy
-    refusal = check_request(policy, mode=p.mode, secure=req.secure,
-                            noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier)
+    refusal = check_request(
+        policy,
+        mode=p.mode,
+        secure=req.secure,
+        noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier,
+    )
     if refusal is None and req.cfg.strategy.secure_aggregation and not req.secure:
-        refusal = Refusal("strategy.secure-aggregation", "the run asks for secure aggregation but this train message is "
-                                                         "not part of the SecAgg+ protocol; the update is not sent in the clear.")
+        refusal = Refusal(
+            "strategy.secure-aggregation",
+            "the run asks for secure aggregation but this train message is "
+            "not part of the SecAgg+ protocol; the update is not sent in the clear.",
+        )
     return refusal
 
 
@@ -117,13 +135,28 @@ def _project(req: RoundRequest, spend: Any, pid: int, n: int, delta: float) -> P
     cfg = req.cfg
     account, accountant_id = _run_account(cfg, spend.run_account(req.run_uid), n, delta)
     q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
-    entry = {"run_uid": req.run_uid, "round": req.server_round, "partition_id": pid, "accountant": account.accountant,
-             "accountant_id": accountant_id, "delta": account.delta, "noise_multiplier": account.noise_multiplier,
-             "max_grad_norm": account.max_grad_norm, "sample_rate": q, "steps": steps}
-    run_eps = epsilon_of(account.accountant, _merge(account.history, (account.noise_multiplier, q, steps)), account.delta)
+    entry = {
+        "run_uid": req.run_uid,
+        "round": req.server_round,
+        "partition_id": pid,
+        "accountant": account.accountant,
+        "accountant_id": accountant_id,
+        "delta": account.delta,
+        "noise_multiplier": account.noise_multiplier,
+        "max_grad_norm": account.max_grad_norm,
+        "sample_rate": q,
+        "steps": steps,
+    }
+    run_eps = epsilon_of(
+        account.accountant, _merge(account.history, (account.noise_multiplier, q, steps)), account.delta
+    )
     kind, life_delta, life_history = spend.lifetime(extra=entry)
-    lifetime = {"epsilon": epsilon_of(kind, life_history, life_delta), "delta": life_delta, "accountant": kind,
-                "runs": len(set(spend.runs()) | {req.run_uid})}
+    lifetime = {
+        "epsilon": epsilon_of(kind, life_history, life_delta),
+        "delta": life_delta,
+        "accountant": kind,
+        "runs": len(set(spend.runs()) | {req.run_uid}),
+    }
     return Projection(account, accountant_id, entry, run_eps, lifetime)
 
 
@@ -149,8 +182,14 @@ def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], 
     return _budget_refusal(policy, req.cfg, proj.run_epsilon, proj.lifetime["epsilon"])
 
 
-def train_round(req: RoundRequest, node: Node, global_state: dict[str, torch.Tensor], *,
-                node_config: Mapping[str, Any], state_root: Any) -> TrainOutcome:
+def train_round(
+    req: RoundRequest,
+    node: Node,
+    global_state: dict[str, torch.Tensor],
+    *,
+    node_config: Mapping[str, Any],
+    state_root: Any,
+) -> TrainOutcome:
     """One round of local training under the owner's policy; refusals and replays included."""
     t0 = time.perf_counter()
     cfg, server_round, pid = req.cfg, req.server_round, node.pid
@@ -197,13 +236,28 @@ def train_round(req: RoundRequest, node: Node, global_state: dict[str, torch.Ten
     model = build_model(cfg, names)
     set_adapter_state(model, global_state)
     task = get_task(cfg.model.task)
-    loader = task.make_loader(train_ds, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True,
-                         seed=round_seed(cfg, server_round, pid))
+    loader = task.make_loader(
+        train_ds,
+        tokenizer,
+        cfg.data.max_length,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=round_seed(cfg, server_round, pid),
+    )
     if account is not None:
         # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
-        private = private_train(model, loader, account, task=task, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
-                                weight_decay=cfg.train.weight_decay, grad_sample_mode=p.grad_sample_mode,
-                                optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
+        private = private_train(
+            model,
+            loader,
+            account,
+            task=task,
+            epochs=cfg.train.local_epochs,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            grad_sample_mode=p.grad_sample_mode,
+            optimizer_name=cfg.train.optimizer,
+            momentum=cfg.train.momentum,
+        )
         result = private.train
         account = private.account
         log.info("round %d: %d empty Poisson batches (noise only)", server_round, private.empty_batches)
@@ -212,15 +266,31 @@ def train_round(req: RoundRequest, node: Node, global_state: dict[str, torch.Ten
         # non-private training, inside a forked RNG so the process's own stream is left alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed(cfg, server_round, pid))
-            result = train_local(model, loader, task=task, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
-                                 weight_decay=cfg.train.weight_decay, proximal_mu=req.proximal_mu,
-                                 optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum)
+            result = train_local(
+                model,
+                loader,
+                task=task,
+                epochs=cfg.train.local_epochs,
+                lr=cfg.train.lr,
+                weight_decay=cfg.train.weight_decay,
+                proximal_mu=req.proximal_mu,
+                optimizer_name=cfg.train.optimizer,
+                momentum=cfg.train.momentum,
+            )
     trained = faults.poison_values(fault, {k: v.numpy() for k, v in get_adapter_state(model).items()})
     encoded = encode(trained, {k: v.numpy() for k, v in global_state.items()}, cfg.transport.dtype)
     state = faults.poison_structure(fault, encoded.arrays)
-    metrics, info = reply_fields(shared, pid=pid, weight=weight, num_examples=n, loss=result.loss,
-                                 histogram=label_histogram(train_ds["label"], len(names)), tokens=result.tokens,
-                                 train_seconds=result.seconds, handler_seconds=time.perf_counter() - t0)
+    metrics, info = reply_fields(
+        shared,
+        pid=pid,
+        weight=weight,
+        num_examples=n,
+        loss=result.loss,
+        histogram=label_histogram(train_ds["label"], len(names)),
+        tokens=result.tokens,
+        train_seconds=result.seconds,
+        handler_seconds=time.perf_counter() - t0,
+    )
     info.update({"status": "trained", "transport": encoded.dtype, "train-steps": result.steps})
     if encoded.scales:
         info["int8-scales"] = encoded.scales
@@ -228,8 +298,11 @@ def train_round(req: RoundRequest, node: Node, global_state: dict[str, torch.Ten
         info.update(privacy_info(account, accountant_id, policy, lifetime))
     outcome = TrainOutcome(state, metrics, info)
     if store is not None and not req.secure:  # before the reply leaves: a resumed server gets the same reply
-        store.save_reply(req.run_uid, {"round": server_round, "global_digest": req.global_digest,
-                                       "metrics": metrics, "info": info}, state)
+        store.save_reply(
+            req.run_uid,
+            {"round": server_round, "global_digest": req.global_digest, "metrics": metrics, "info": info},
+            state,
+        )
     return outcome
 
 
@@ -237,8 +310,9 @@ def _run_account(cfg: FedHFConfig, saved: Any, n: int, delta: float) -> tuple[Sa
     """This run's accountant on this node: continued from its saved entries, or created (sigma planned) now."""
     p = cfg.privacy
     if saved is not None:
-        return SampleAccount(saved.accountant, saved.delta, saved.noise_multiplier, saved.max_grad_norm,
-                             list(saved.history)), saved.accountant_id
+        return SampleAccount(
+            saved.accountant, saved.delta, saved.noise_multiplier, saved.max_grad_norm, list(saved.history)
+        ), saved.accountant_id
     q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
     sigma = p.noise_multiplier
     if p.target_epsilon is not None:
@@ -248,20 +322,36 @@ def _run_account(cfg: FedHFConfig, saved: Any, n: int, delta: float) -> tuple[Sa
 
 def _budget_refusal(policy: NodePolicy, cfg: FedHFConfig, run_eps: float, life_eps: float) -> Refusal | None:
     if not math.isfinite(run_eps):
-        return Refusal("min-privacy", "this round's epsilon would be infinite (no noise): that is not differential privacy.")
+        return Refusal(
+            "min-privacy", "this round's epsilon would be infinite (no noise): that is not differential privacy."
+        )
     if policy.max_epsilon is not None and life_eps > policy.max_epsilon:
-        return Refusal("max-epsilon", f"this round would take the node's lifetime privacy spend on its data above its "
-                                      f"budget (max-epsilon={policy.max_epsilon:g}, over every run on this data).")
+        return Refusal(
+            "max-epsilon",
+            f"this round would take the node's lifetime privacy spend on its data above its "
+            f"budget (max-epsilon={policy.max_epsilon:g}, over every run on this data).",
+        )
     budget = cfg.privacy.max_epsilon
     if budget is not None and run_eps > budget:
-        return Refusal("privacy.max-epsilon", f"this round would take the run's epsilon above the run's own budget "
-                                              f"(privacy.max-epsilon={budget:g}).")
+        return Refusal(
+            "privacy.max-epsilon",
+            f"this round would take the run's epsilon above the run's own budget (privacy.max-epsilon={budget:g}).",
+        )
     return None
 
 
-def reply_fields(shared: frozenset[str], *, pid: int, weight: float, num_examples: int, loss: float,
-                 histogram: list[int], tokens: int, train_seconds: float, handler_seconds: float
-                 ) -> tuple[dict[str, float | int], dict[str, Any]]:
+def reply_fields(
+    shared: frozenset[str],
+    *,
+    pid: int,
+    weight: float,
+    num_examples: int,
+    loss: float,
+    histogram: list[int],
+    tokens: int,
+    train_seconds: float,
+    handler_seconds: float,
+) -> tuple[dict[str, float | int], dict[str, Any]]:
     """(metrics, client-info) of a train reply: the averaging weight always, the optional fields only when shared."""
     metrics: dict[str, float | int] = {"weight": float(weight)}
     info: dict[str, Any] = {"partition-id": pid, "shared": sorted(shared)}
@@ -279,7 +369,9 @@ def reply_fields(shared: frozenset[str], *, pid: int, weight: float, num_example
     return metrics, info
 
 
-def privacy_info(account: SampleAccount, accountant_id: str, policy: NodePolicy, lifetime: dict[str, Any] | None) -> dict[str, Any]:
+def privacy_info(
+    account: SampleAccount, accountant_id: str, policy: NodePolicy, lifetime: dict[str, Any] | None
+) -> dict[str, Any]:
     """The privacy accounting a DP client reports (computed from the run's parameters and its batch count)."""
     out = {
         "epsilon": account.epsilon,
@@ -298,14 +390,20 @@ def privacy_info(account: SampleAccount, accountant_id: str, policy: NodePolicy,
     return out
 
 
-def evaluate_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.Tensor], label_names: list[str] | None,
-                   node_config: Mapping[str, Any]) -> tuple[dict[str, float | int], dict[str, Any]]:
+def evaluate_round(
+    cfg: FedHFConfig,
+    node: Node,
+    global_state: dict[str, torch.Tensor],
+    label_names: list[str] | None,
+    node_config: Mapping[str, Any],
+) -> tuple[dict[str, float | int], dict[str, Any]]:
     """Local evaluation on the node's held-out rows; under DP only when its owner shares 'local-eval'."""
     t0 = time.perf_counter()
     policy = parse_policy(node_config)
     p = cfg.privacy
-    refusal = check_request(policy, mode=p.mode, secure=True,
-                            noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier)
+    refusal = check_request(
+        policy, mode=p.mode, secure=True, noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier
+    )
     if refusal is not None:  # a run this node does not train for learns nothing from its data either
         return {}, {"partition-id": node.pid, "status": REFUSED, "rule": refusal.rule, "reason": refusal.reason}
     if "local-eval" not in policy.shared(p.mode != "none"):
@@ -321,8 +419,13 @@ def evaluate_round(cfg: FedHFConfig, node: Node, global_state: dict[str, torch.T
         task = get_task(cfg.model.task)
         loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
         res = task.evaluate(model, loader, len(names))
-        metrics = {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1,
-                   "num-examples": res.num_examples, "weight": float(res.num_examples)}
+        metrics = {
+            "eval-loss": res.loss,
+            "eval-accuracy": res.accuracy,
+            "eval-f1": res.macro_f1,
+            "num-examples": res.num_examples,
+            "weight": float(res.num_examples),
+        }
     info: dict[str, Any] = {"partition-id": node.pid, "status": "evaluated"}
     if "timings" in policy.shared(p.mode != "none"):
         info["handler-seconds"] = time.perf_counter() - t0

@@ -18,8 +18,15 @@ class RoundObserver(Protocol):
 
     def start_round(self, server_round: int, bytes_down: int, num_sampled: int) -> None: ...
 
-    def train_replies(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]],
-                      rejected: list[dict[str, Any]], *, refused: list[dict[str, Any]], weighting: str) -> None: ...
+    def train_replies(
+        self,
+        clients: list[dict[str, Any]],
+        failures: list[dict[str, Any]],
+        rejected: list[dict[str, Any]],
+        *,
+        refused: list[dict[str, Any]],
+        weighting: str,
+    ) -> None: ...
 
     def over_budget(self) -> set[int]: ...
 

@@ -21,18 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from fedhf.errors import FedHFConfigError
+from fedhf.errors import FedHFConfigError, InjectedFault
 
 BEFORE = ("raise", "exit", "hang")
 POISON = ("nan", "inf", "shape", "extra", "missing", "norm", "dtype")
 MODES = BEFORE + POISON
 ENV = "FEDHF_TEST_FAULTS"
-
-
-class InjectedFault(RuntimeError):
-    """Raised by a client told to fail (fault injection)."""
-
-    quotable = True
 
 
 def planned(node_config: Mapping[str, Any], partition_id: int, server_round: int) -> str | None:

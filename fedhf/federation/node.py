@@ -18,8 +18,16 @@ from fedhf.errors import FedHFConfigError
 from fedhf.privacy.policy import POLICY_KEYS
 
 # Every node-config key fedhf reads (fedhf node-check refuses others; fault injection is for tests).
-NODE_CONFIG_KEYS = ("data-path", "partition-id", "num-partitions", *POLICY_KEYS, "state-dir",
-                    "fail-at-round", "fail-mode", "fail-seconds")
+NODE_CONFIG_KEYS = (
+    "data-path",
+    "partition-id",
+    "num-partitions",
+    *POLICY_KEYS,
+    "state-dir",
+    "fail-at-round",
+    "fail-mode",
+    "fail-seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,10 @@ class Node:
         """(train rows, local eval rows or None, label names)."""
         if self.data_path is not None:
             if not label_names:
-                raise FedHFConfigError("node config 'data-path' needs the federation's label names from the server; "
-                                       "run the same fedhf version on the server and the nodes.")
+                raise FedHFConfigError(
+                    "node config 'data-path' needs the federation's label names from the server; "
+                    "run the same fedhf version on the server and the nodes."
+                )
             return load_silo(cfg.data, self.data_path, tuple(label_names), cfg.seed)
         return load_partition(cfg.data, cfg.seed, self.pid, self.num_partitions)
 
@@ -48,8 +58,10 @@ def node_of(node_config: Mapping[str, Any], node_id: int) -> Node:
         try:
             pid = int(raw_pid) if raw_pid not in (None, "") else int(node_id)
         except (TypeError, ValueError):
-            raise FedHFConfigError(f"node config 'partition-id': got {raw_pid!r}; give an integer or leave it out "
-                                   "with data-path (the node id is used).") from None
+            raise FedHFConfigError(
+                f"node config 'partition-id': got {raw_pid!r}; give an integer or leave it out "
+                "with data-path (the node id is used)."
+            ) from None
         return Node(pid, None, str(path))
     try:
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
@@ -57,7 +69,7 @@ def node_of(node_config: Mapping[str, Any], node_id: int) -> Node:
         raise FedHFConfigError(
             f"node config needs 'data-path' (this silo's data) or integer 'partition-id' and 'num-partitions' "
             f"(got {dict(node_config)}); start the SuperNode with --node-config 'data-path=\"/data/silo\"' or "
-            "--node-config \"partition-id=0 num-partitions=2\".",
+            '--node-config "partition-id=0 num-partitions=2".',
             public="node config needs 'data-path' or integer 'partition-id' and 'num-partitions'.",
         ) from None
     return Node(pid, n, None)
@@ -80,8 +92,10 @@ def load_node_config_file(path: str | Path, num_clients: int) -> dict[int, dict[
 
     p = Path(path)
     if not p.is_file():
-        raise FedHFConfigError(f"--node-config {str(path)!r}: no such file; give a TOML file with [default] and "
-                               "[nodes.N] tables of node-config keys.")
+        raise FedHFConfigError(
+            f"--node-config {str(path)!r}: no such file; give a TOML file with [default] and "
+            "[nodes.N] tables of node-config keys."
+        )
     try:
         with p.open("rb") as fh:
             raw = tomllib.load(fh)
@@ -89,7 +103,9 @@ def load_node_config_file(path: str | Path, num_clients: int) -> dict[int, dict[
         raise FedHFConfigError(f"--node-config {str(path)!r}: not valid TOML ({exc}).") from None
     unknown = sorted(set(raw) - {"default", "nodes"})
     if unknown:
-        raise FedHFConfigError(f"--node-config {str(path)!r}: unknown table '{unknown[0]}'; use [default] and [nodes.N].")
+        raise FedHFConfigError(
+            f"--node-config {str(path)!r}: unknown table '{unknown[0]}'; use [default] and [nodes.N]."
+        )
     default = raw.get("default", {})
     nodes = raw.get("nodes", {})
     if not isinstance(default, dict) or not isinstance(nodes, dict):
@@ -101,15 +117,19 @@ def load_node_config_file(path: str | Path, num_clients: int) -> dict[int, dict[
         except ValueError:
             pid = -1
         if not 0 <= pid < num_clients or not isinstance(table, dict):
-            raise FedHFConfigError(f"--node-config {str(path)!r}: [nodes.{key}] must name a partition id 0..{num_clients - 1} "
-                                   "and hold node-config keys.")
+            raise FedHFConfigError(
+                f"--node-config {str(path)!r}: [nodes.{key}] must name a partition id 0..{num_clients - 1} "
+                "and hold node-config keys."
+            )
         out[pid] = table
     merged = {pid: {**default, **out.get(pid, {})} for pid in range(num_clients)}
     for pid, entries in merged.items():
         bad = sorted(set(entries) - set(SIMULATED_KEYS))
         if bad:
-            raise FedHFConfigError(f"--node-config {str(path)!r}: node config key '{bad[0]}' (partition {pid}) is not one "
-                                   f"a simulated node takes; allowed: {', '.join(SIMULATED_KEYS)}.")
+            raise FedHFConfigError(
+                f"--node-config {str(path)!r}: node config key '{bad[0]}' (partition {pid}) is not one "
+                f"a simulated node takes; allowed: {', '.join(SIMULATED_KEYS)}."
+            )
         parse_policy(entries)
         faults.planned(entries, pid, 1)
     return merged

@@ -38,19 +38,11 @@ from typing import Any
 import numpy as np
 
 from fedhf._io import LockTimeout, atomic_write, atomic_write_json, locked
-from fedhf.errors import FedHFConfigError, FedHFError
+from fedhf.errors import FedHFConfigError, FedHFNodeStateError
 
 RUN_UID_KEY = "fedhf.run-uid"
 STATE_DIR_KEY = "fedhf.state-dir"
 FORMAT = 1
-
-
-class FedHFNodeStateError(FedHFError):
-    """The node's saved privacy state cannot be read or written: with DP the node refuses to train."""
-
-    def __init__(self, message: str) -> None:  # the server learns the kind of problem, not the node's paths
-        super().__init__(message, public="the node's saved privacy state cannot be read or written; it refuses to "
-                                         "train with DP until its owner fixes it (see the node's log).")
 
 
 def state_dir(node_config: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
@@ -119,9 +111,14 @@ class Spend:
         if not mine:
             return None
         first = mine[0]
-        return RunAccount(str(first["accountant"]), str(first["accountant_id"]), float(first["delta"]),
-                          float(first["noise_multiplier"]), float(first["max_grad_norm"]),
-                          _merged([(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in mine]))
+        return RunAccount(
+            str(first["accountant"]),
+            str(first["accountant_id"]),
+            float(first["delta"]),
+            float(first["noise_multiplier"]),
+            float(first["max_grad_norm"]),
+            _merged([(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in mine]),
+        )
 
     def lifetime(self, extra: dict[str, Any] | None = None) -> tuple[str, float, list[tuple[float, float, int]]]:
         """(accountant, delta, history) of every entry (and ``extra``): what the lifetime epsilon composes."""
@@ -129,10 +126,14 @@ class Spend:
         kinds = {str(e["accountant"]) for e in entries}
         kind = kinds.pop() if len(kinds) == 1 else "rdp"
         delta = min((float(e["delta"]) for e in entries), default=1.0)
-        return kind, delta, _merged([(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries])
+        return (
+            kind,
+            delta,
+            _merged([(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]),
+        )
 
     def add(self, entry: dict[str, Any]) -> None:
-        self.entries.append({**entry, "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        self.entries.append({**entry, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
         self.changed = True
 
     def runs(self) -> list[str]:
@@ -176,12 +177,15 @@ class SpendStore:
                 if spend.changed:
                     atomic_write_json(self.file, spend.data, indent=1)
         except LockTimeout as exc:
-            raise FedHFNodeStateError(f"another ClientApp of this node holds its privacy state ({exc}); this round is "
-                                      "refused rather than risk losing a spend. Try again when it has finished.") from None
+            raise FedHFNodeStateError(
+                f"another ClientApp of this node holds its privacy state ({exc}); this round is "
+                "refused rather than risk losing a spend. Try again when it has finished."
+            ) from None
         except OSError as exc:
             raise FedHFNodeStateError(
                 f"cannot read or write this node's privacy state under '{self.dir}' ({exc.strerror or exc}); with DP the "
-                "node does not send an update whose spend it cannot record. Give a writable node config 'state-dir'.") from None
+                "node does not send an update whose spend it cannot record. Give a writable node config 'state-dir'."
+            ) from None
 
     def _load(self) -> dict[str, Any]:
         if not self.file.is_file():
@@ -191,13 +195,22 @@ class SpendStore:
             if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), list):
                 raise ValueError("not a fedhf spend file of this format")
             for e in data["entries"]:
-                for key in ("run_uid", "accountant", "accountant_id", "delta", "noise_multiplier", "sample_rate", "steps"):
+                for key in (
+                    "run_uid",
+                    "accountant",
+                    "accountant_id",
+                    "delta",
+                    "noise_multiplier",
+                    "sample_rate",
+                    "steps",
+                ):
                     if key not in e:
                         raise ValueError(f"an entry lacks '{key}'")
         except (OSError, ValueError, UnicodeDecodeError, TypeError) as exc:
             raise FedHFNodeStateError(
                 f"this node's saved privacy spend '{self.file}' cannot be read ({exc}); it holds what earlier runs spent "
-                "on this data, so the node will not train without it. Restore the file from a backup.") from None
+                "on this data, so the node will not train without it. Restore the file from a backup."
+            ) from None
         data.setdefault("imported", [])
         return data
 
@@ -209,27 +222,46 @@ class SpendStore:
                 continue
             try:
                 privacy = json.loads(old.read_text()).get("privacy")
-                history = list(zip(privacy["history-sigma"], privacy["history-q"], privacy["history-steps"], strict=True))
+                history = list(
+                    zip(privacy["history-sigma"], privacy["history-q"], privacy["history-steps"], strict=True)
+                )
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise FedHFNodeStateError(f"this node's saved privacy state '{old}' (written by an older fedhf) cannot be "
-                                          f"read ({type(exc).__name__}); restore it or remove it knowingly.") from None
+                raise FedHFNodeStateError(
+                    f"this node's saved privacy state '{old}' (written by an older fedhf) cannot be "
+                    f"read ({type(exc).__name__}); restore it or remove it knowingly."
+                ) from None
             acc_id = new_accountant_id()
             for s, q, n in history:
-                spend.add({"run_uid": old.parent.name, "round": None, "partition_id": None, "accountant": privacy["accountant"],
-                           "accountant_id": acc_id, "delta": privacy["delta"], "noise_multiplier": float(s),
-                           "max_grad_norm": privacy["max-grad-norm"], "sample_rate": float(q), "steps": int(n),
-                           "imported_from": name})
+                spend.add(
+                    {
+                        "run_uid": old.parent.name,
+                        "round": None,
+                        "partition_id": None,
+                        "accountant": privacy["accountant"],
+                        "accountant_id": acc_id,
+                        "delta": privacy["delta"],
+                        "noise_multiplier": float(s),
+                        "max_grad_norm": privacy["max-grad-norm"],
+                        "sample_rate": float(q),
+                        "steps": int(n),
+                        "imported_from": name,
+                    }
+                )
             spend.data["imported"].append(name)
             spend.changed = True
 
     # ------------------------------------------------------------------ the last reply of a run
     def _reply_paths(self, run_uid: str) -> tuple[Path, Path]:
         if not run_uid or "/" in run_uid or run_uid.startswith("."):
-            raise FedHFConfigError(f"the server sent run uid {run_uid!r}; run the same fedhf version on server and nodes.")
+            raise FedHFConfigError(
+                f"the server sent run uid {run_uid!r}; run the same fedhf version on server and nodes."
+            )
         base = self.dir / "replies"
         return base / f"{run_uid}.json", base / f"{run_uid}.safetensors"
 
-    def replay(self, run_uid: str, server_round: int, digest: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    def replay(
+        self, run_uid: str, server_round: int, digest: str
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """The reply already sent for this round and global adapter, if any: (arrays, {metrics, info})."""
         meta_file, payload_file = self._reply_paths(run_uid)
         if not meta_file.is_file():
@@ -260,8 +292,10 @@ class SpendStore:
             atomic_write(payload_file, payload)
             atomic_write_json(meta_file, {**reply, "payload_sha256": hashlib.sha256(payload).hexdigest()}, indent=None)
         except OSError as exc:
-            raise FedHFNodeStateError(f"cannot save this node's reply under '{meta_file.parent}' ({exc.strerror or exc}); "
-                                      "give a writable node config 'state-dir'.") from None
+            raise FedHFNodeStateError(
+                f"cannot save this node's reply under '{meta_file.parent}' ({exc.strerror or exc}); "
+                "give a writable node config 'state-dir'."
+            ) from None
 
     def drop_replies(self, run_uid: str) -> None:
         for f in self._reply_paths(run_uid):

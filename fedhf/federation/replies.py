@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedhf.errors import Malformed
 from fedhf.privacy.policy import SHAREABLE
 
 STATUSES = ("trained", "refused", "not-aggregated")
@@ -67,13 +68,20 @@ INFO_FIELDS = {
     **{k: kind for k, (_, kind) in PRIVACY_FIELDS.items()},
 }
 METRIC_FIELDS = {"weight": "pos", "num-examples": "count", "train-loss": "finite"}
-EVAL_METRIC_FIELDS = {"weight": "nonneg", "num-examples": "count", "eval-loss": "nonneg", "eval-accuracy": "unit",
-                      "eval-f1": "unit"}
-EVAL_INFO_FIELDS = {"partition-id": "id", "status": "text", "rule": "text", "reason": "text", "handler-seconds": "nonneg"}
-
-
-class Malformed(ValueError):
-    """The reply breaks the schema; the message says which field and how."""
+EVAL_METRIC_FIELDS = {
+    "weight": "nonneg",
+    "num-examples": "count",
+    "eval-loss": "nonneg",
+    "eval-accuracy": "unit",
+    "eval-f1": "unit",
+}
+EVAL_INFO_FIELDS = {
+    "partition-id": "id",
+    "status": "text",
+    "rule": "text",
+    "reason": "text",
+    "handler-seconds": "nonneg",
+}
 
 
 def _is_number(v: Any) -> bool:
@@ -82,23 +90,42 @@ def _is_number(v: Any) -> bool:
 
 def _check(name: str, value: Any, kind: str, num_labels: int | None) -> Any:
     """The value, normalised, or Malformed naming the field."""
+
     def bad(why: str) -> Malformed:
         shown = repr(value)
         return Malformed(f"field '{name}' {why} (got {shown[:60]}{'...' if len(shown) > 60 else ''})")
 
     if kind in ("id", "count"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > (MAX_ID if kind == "id" else 2**53):
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < 0
+            or value > (MAX_ID if kind == "id" else 2**53)
+        ):
             raise bad("must be a whole number >= 0")
         return int(value)
     if kind in ("nonneg", "pos", "finite", "unit", "unit-open", "unit-half-open"):
         if not _is_number(value) or not math.isfinite(float(value)):
             raise bad("must be a finite number")
         v = float(value)
-        ok = {"nonneg": v >= 0, "pos": v > 0, "finite": True, "unit": 0 <= v <= 1, "unit-open": 0 < v < 1,
-              "unit-half-open": 0 < v <= 1}[kind]
+        ok = {
+            "nonneg": v >= 0,
+            "pos": v > 0,
+            "finite": True,
+            "unit": 0 <= v <= 1,
+            "unit-open": 0 < v < 1,
+            "unit-half-open": 0 < v <= 1,
+        }[kind]
         if not ok:
-            raise bad({"nonneg": "must be >= 0", "pos": "must be > 0", "unit": "must be in [0, 1]",
-                       "unit-open": "must be in (0, 1)", "unit-half-open": "must be in (0, 1]"}[kind])
+            raise bad(
+                {
+                    "nonneg": "must be >= 0",
+                    "pos": "must be > 0",
+                    "unit": "must be in [0, 1]",
+                    "unit-open": "must be in (0, 1)",
+                    "unit-half-open": "must be in (0, 1]",
+                }[kind]
+            )
         return v
     if kind == "text":
         if not isinstance(value, str) or len(value) > MAX_TEXT:
@@ -125,7 +152,9 @@ def _check(name: str, value: Any, kind: str, num_labels: int | None) -> Any:
             raise bad("must be a list of numbers")
         return [float(x) for x in value]  # finiteness is the decoder's to judge (a NaN scale: a non-finite update)
     if kind == "histogram":
-        if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+        if not isinstance(value, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
+        ):
             raise bad("must be a list of whole numbers >= 0")
         if num_labels is not None and len(value) != num_labels:
             raise bad(f"must have one count per label ({num_labels})")
@@ -136,13 +165,21 @@ def _check(name: str, value: Any, kind: str, num_labels: int | None) -> Any:
 def _fields(where: str, record: Mapping[str, Any], schema: Mapping[str, str], num_labels: int | None) -> dict[str, Any]:
     unknown = sorted(set(record) - set(schema))
     if unknown:
-        raise Malformed(f"unexpected field '{unknown[0]}' in {where}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        raise Malformed(
+            f"unexpected field '{unknown[0]}' in {where}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
     return {k: _check(k, v, schema[k], num_labels) for k, v in record.items()}
 
 
-def _head(metrics: Mapping[str, Any], info: Mapping[str, Any], metric_schema: Mapping[str, str],
-          info_schema: Mapping[str, str], statuses: tuple[str, ...], node_id: int, num_labels: int | None
-          ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _head(
+    metrics: Mapping[str, Any],
+    info: Mapping[str, Any],
+    metric_schema: Mapping[str, str],
+    info_schema: Mapping[str, str],
+    statuses: tuple[str, ...],
+    node_id: int,
+    num_labels: int | None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(metrics, client info, the record's head) of any reply: known fields only, a partition id, a known status
     (the first of ``statuses`` when absent)."""
     m = _fields("metrics", metrics, metric_schema, num_labels)
@@ -166,8 +203,16 @@ class Screened:
     shared: list[str] = field(default_factory=list)
 
 
-def screen_train(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id: int, has_arrays: bool,
-                 num_labels: int | None, sample_level: bool, max_weight: float) -> Screened:
+def screen_train(
+    metrics: Mapping[str, Any],
+    info: Mapping[str, Any],
+    *,
+    node_id: int,
+    has_arrays: bool,
+    num_labels: int | None,
+    sample_level: bool,
+    max_weight: float,
+) -> Screened:
     """Check a train reply's metrics and client info; Malformed with the reason when it breaks the schema."""
     m, i, rec = _head(metrics, info, METRIC_FIELDS, INFO_FIELDS, STATUSES, node_id, num_labels)
     status = rec["status"]
@@ -182,8 +227,13 @@ def screen_train(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id
     rec["shared"] = shared
     if "num-examples" in m and "num-examples" not in shared:
         raise Malformed("field 'num-examples' is sent but not listed in 'shared'")
-    for name, group in (("train-loss", "train-loss"), ("label-histogram", "label-histogram"),
-                        ("train-tokens", "train-tokens"), ("train-seconds", "timings"), ("handler-seconds", "timings")):
+    for name, group in (
+        ("train-loss", "train-loss"),
+        ("label-histogram", "label-histogram"),
+        ("train-tokens", "train-tokens"),
+        ("train-seconds", "timings"),
+        ("handler-seconds", "timings"),
+    ):
         present = name in m or name in i
         if present and group not in shared:
             raise Malformed(f"field '{name}' is sent but '{group}' is not listed in 'shared'")
@@ -204,8 +254,18 @@ def screen_train(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id
     for name in ("num-examples", "train-loss"):
         if name in m:
             rec[name] = m[name]
-    for name in ("label-histogram", "train-tokens", "train-seconds", "handler-seconds", "train-steps", "transport",
-                 "replayed", "secagg-bytes-up", "secagg-clipped-values", "secagg-withheld"):
+    for name in (
+        "label-histogram",
+        "train-tokens",
+        "train-seconds",
+        "handler-seconds",
+        "train-steps",
+        "transport",
+        "replayed",
+        "secagg-bytes-up",
+        "secagg-clipped-values",
+        "secagg-withheld",
+    ):
         if name in i:
             rec[name] = i[name]
     if "int8-scales" in i:
@@ -218,7 +278,9 @@ def screen_train(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id
             raise Malformed(f"privacy accounting without '{missing[0]}'")
         privacy = {k: i[k] for k in present}
         if privacy["max-epsilon"] and privacy["epsilon"] > privacy["max-epsilon"] * (1 + 1e-9):
-            raise Malformed(f"epsilon {privacy['epsilon']:.4g} is above the node's own budget {privacy['max-epsilon']:g}")
+            raise Malformed(
+                f"epsilon {privacy['epsilon']:.4g} is above the node's own budget {privacy['max-epsilon']:g}"
+            )
     elif sample_level and status == "trained":
         raise Malformed("a sample-level DP run needs the client's privacy accounting (epsilon, delta, sigma, ...)")
     return Screened(status, rec, weight, privacy, shared)
@@ -251,19 +313,31 @@ COVERED = {
     "int8-scales": "one scale per tensor of an int8 update, computed from the update alone",
 }
 ACCOUNTING = {
-    "epsilon": "the run's epsilon on this node", "delta": "its delta", "noise-multiplier": "sigma",
-    "max-grad-norm": "the clipping norm C", "sample-rate": "q = 1 / ceil(n / B)", "steps": "DP-SGD steps so far",
-    "train-steps": "DP-SGD steps this round", "accountant": "rdp or prv", "accountant-id": "a random id of this run's accountant",
-    "max-epsilon": "the owner's budget (0 = none)", "lifetime-epsilon": "the node's spend on its data over every run",
+    "epsilon": "the run's epsilon on this node",
+    "delta": "its delta",
+    "noise-multiplier": "sigma",
+    "max-grad-norm": "the clipping norm C",
+    "sample-rate": "q = 1 / ceil(n / B)",
+    "steps": "DP-SGD steps so far",
+    "train-steps": "DP-SGD steps this round",
+    "accountant": "rdp or prv",
+    "accountant-id": "a random id of this run's accountant",
+    "max-epsilon": "the owner's budget (0 = none)",
+    "lifetime-epsilon": "the node's spend on its data over every run",
     "lifetime-delta": "the delta of that lifetime figure",
 }
 BOOKKEEPING = {
-    "partition-id": "the node's id in the records", "status": "trained / refused / not-aggregated",
-    "shared": "which optional fields the owner's policy lets out", "transport": "fp32 / fp16 / int8",
+    "partition-id": "the node's id in the records",
+    "status": "trained / refused / not-aggregated",
+    "shared": "which optional fields the owner's policy lets out",
+    "transport": "fp32 / fp16 / int8",
     "weight": "the averaging weight: 1, or num-examples when shared",
 }
 SHARED_FIELDS = {
-    "num-examples": ("num-examples",), "label-histogram": ("label-histogram",), "train-loss": ("train-loss",),
-    "train-tokens": ("train-tokens",), "timings": ("train-seconds", "handler-seconds"),
+    "num-examples": ("num-examples",),
+    "label-histogram": ("label-histogram",),
+    "train-loss": ("train-loss",),
+    "train-tokens": ("train-tokens",),
+    "timings": ("train-seconds", "handler-seconds"),
     "local-eval": ("eval-loss", "eval-accuracy", "eval-f1"),
 }

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FP16_RELATIVE_ERROR = 2.0 ** -11
-FP16_ABSOLUTE_ERROR = 2.0 ** -25  # half of fp16's smallest subnormal step
+from fedhf.errors import DecodeError
+
+FP16_RELATIVE_ERROR = 2.0**-11
+FP16_ABSOLUTE_ERROR = 2.0**-25  # half of fp16's smallest subnormal step
 INT8_LEVELS = 127
 
 
@@ -56,20 +58,19 @@ def encode(trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], dt
 WIRE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 
 
-class DecodeError(ValueError):
-    """A reply that cannot be decoded (its reason is recorded and the reply dropped)."""
-
-
-def decode(arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], dtype: str,
-           scales: list[float] | None) -> dict[str, np.ndarray]:
+def decode(
+    arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], dtype: str, scales: list[float] | None
+) -> dict[str, np.ndarray]:
     """The trained adapter (fp32) from a reply payload. Raises DecodeError for a payload that does not fit."""
     wire = WIRE_DTYPES.get(dtype)
     if wire is None:
         raise DecodeError(f"unknown transport dtype {dtype!r} (the server expects {sorted(WIRE_DTYPES)})")
     bad = [k for k, v in arrays.items() if v.dtype != wire]
     if bad:
-        raise DecodeError(f"tensor '{bad[0]}' has dtype {arrays[bad[0]].dtype}, expected {np.dtype(wire).name} "
-                          f"(transport.dtype={dtype})")
+        raise DecodeError(
+            f"tensor '{bad[0]}' has dtype {arrays[bad[0]].dtype}, expected {np.dtype(wire).name} "
+            f"(transport.dtype={dtype})"
+        )
     if dtype == "fp32":
         return dict(arrays)
     _check_names(arrays, base)
@@ -91,11 +92,14 @@ def _check_names(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
     if extra:
         raise DecodeError(f"unexpected tensor '{extra[0]}'" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
     if missing:
-        raise DecodeError(f"missing tensor '{missing[0]}'" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise DecodeError(
+            f"missing tensor '{missing[0]}'" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
 
 
-def check_update(trained: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                 max_update_norm: float) -> tuple[str | None, float | None]:
+def check_update(
+    trained: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_update_norm: float
+) -> tuple[str | None, float | None]:
     """(reason to drop the reply or None, L2 norm of trained - reference when it could be computed)."""
     try:
         _check_names(trained, reference)

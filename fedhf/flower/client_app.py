@@ -90,15 +90,16 @@ def setup_check_mod(msg: Message, context: Context, call_next: ClientAppCallable
         Stage,
     )
 
-    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.metadata.message_type == MessageType.TRAIN else None
+    configs = (
+        msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.metadata.message_type == MessageType.TRAIN else None
+    )
     if configs is not None and configs.get(Key.STAGE) == Stage.SETUP and RUN_CONFIG_KEY in msg.content.config_records:
         from fedhf.federation import client
 
         config = msg.content.config_records[RUN_CONFIG_KEY]
         node = client.node_of(context.node_config, context.node_id)
         req = _request(config, digest="", secure=True)
-        refusal = client.preflight(req, node, node_config=context.node_config,
-                                   state_root=_state_root(context, config))
+        refusal = client.preflight(req, node, node_config=context.node_config, state_root=_state_root(context, config))
         if refusal is not None:
             log.warning("SecAgg+ set-up refused: %s", refusal.text())
             raise PolicyRefusal(node.pid, refusal.rule, refusal.reason)
@@ -111,12 +112,19 @@ def _request(config: ConfigRecord, *, digest: str, secure: bool) -> Any:
 
     cfg = _config(config)
     req = client.RoundRequest(
-        cfg=cfg, server_round=int(config.get("server-round", 0)), run_uid=str(config.get(RUN_UID_KEY, "") or ""),
-        global_digest=digest, secure=secure, label_names=_label_names(config),
-        proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy.name == "fedprox" else 0.0)
+        cfg=cfg,
+        server_round=int(config.get("server-round", 0)),
+        run_uid=str(config.get(RUN_UID_KEY, "") or ""),
+        global_digest=digest,
+        secure=secure,
+        label_names=_label_names(config),
+        proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy.name == "fedprox" else 0.0,
+    )
     if cfg.privacy.sample_level and not req.run_uid:
-        raise FedHFError("the server sent no run uid with a DP train request; run the same fedhf version on server "
-                         "and nodes.", public="the server sent no run uid with a DP train request.")
+        raise FedHFError(
+            "the server sent no run uid with a DP train request; run the same fedhf version on server and nodes.",
+            public="the server sent no run uid with a DP train request.",
+        )
     return req
 
 
@@ -158,8 +166,13 @@ def make_client_app(node_configs: Mapping[int, Mapping[str, Any]] | None = None)
 
         config = msg.content["config"]
         node = client.node_of(context.node_config, context.node_id)
-        metrics, info = client.evaluate_round(_config(config), node, msg.content["arrays"].to_torch_state_dict(),
-                                              _label_names(config), context.node_config)
+        metrics, info = client.evaluate_round(
+            _config(config),
+            node,
+            msg.content["arrays"].to_torch_state_dict(),
+            _label_names(config),
+            context.node_config,
+        )
         return Message(RecordDict({"metrics": MetricRecord(metrics), "client-info": ConfigRecord(info)}), reply_to=msg)
 
     return client_app
@@ -171,8 +184,13 @@ def _train(arrays: ArrayRecord, config: ConfigRecord, context: Context, *, secur
 
     node = client.node_of(context.node_config, context.node_id)
     req = _request(config, digest=arrays_digest({k: a.data for k, a in arrays.items()}), secure=secure)
-    outcome = client.train_round(req, node, arrays.to_torch_state_dict(), node_config=context.node_config,
-                                 state_root=_state_root(context, config))
+    outcome = client.train_round(
+        req,
+        node,
+        arrays.to_torch_state_dict(),
+        node_config=context.node_config,
+        state_root=_state_root(context, config),
+    )
     content = RecordDict({"metrics": MetricRecord(outcome.metrics), "client-info": ConfigRecord(outcome.info)})
     if outcome.state is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in outcome.state.items()})

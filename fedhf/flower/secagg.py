@@ -104,8 +104,14 @@ class SecAggSettings:
     @classmethod
     def from_config(cls, cfg: FedHFConfig) -> SecAggSettings:
         s = cfg.strategy
-        return cls(s.secagg_num_shares, s.secagg_reconstruction_threshold, s.secagg_clipping_range,
-                   s.secagg_quantization_range, s.secagg_max_weight, s.round_timeout)
+        return cls(
+            s.secagg_num_shares,
+            s.secagg_reconstruction_threshold,
+            s.secagg_clipping_range,
+            s.secagg_quantization_range,
+            s.secagg_max_weight,
+            s.round_timeout,
+        )
 
     def workflow(self) -> SecAggPlusWorkflow:
         return SecAggPlusWorkflow(
@@ -160,9 +166,11 @@ class SecAggSettings:
             "max_weight": self.max_weight,
             "quantization_step": self.step,
             "tolerance": "per value: clients x quantization_step / sum(num_examples / max_weight)",
-            "server_sees": ("masked vectors; in the clear, each client's averaging weight (its number of examples "
-                            "when its policy shares them, else 1) and the client info its policy lets out; never one "
-                            "client's adapter"),
+            "server_sees": (
+                "masked vectors; in the clear, each client's averaging weight (its number of examples "
+                "when its policy shares them, else 1) and the client info its policy lets out; never one "
+                "client's adapter"
+            ),
             "mask_prg": f"{MASK_PRG} (replaces Flower 1.42's 32-bit-seeded mask generator, flwrlabs/flower#7522)",
         }
 
@@ -201,7 +209,7 @@ def shake_rand_gen(seed: bytes, num_range: int, dimensions_list: list[tuple[int,
     stream = stream.astype(np.int64) % num_range
     out, start = [], 0
     for dims, n in zip(dimensions_list, sizes, strict=True):
-        chunk = stream[start:start + n]
+        chunk = stream[start : start + n]
         start += n
         out.append(np.array(chunk[0], dtype=np.int64) if len(dims) == 0 else chunk.reshape(dims))
     return out
@@ -239,10 +247,14 @@ class _LegacyStrategy:
         self.fitins = fitins
         self.aggregate: list[np.ndarray] | None = None
 
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[tuple[_Proxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: Any
+    ) -> list[tuple[_Proxy, FitIns]]:
         return [(_Proxy(nid), ins) for nid, ins in self.fitins.items()]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[_Proxy, FitRes]], failures: list) -> tuple[Parameters | None, dict]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[_Proxy, FitRes]], failures: list
+    ) -> tuple[Parameters | None, dict]:
         if results:
             self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
             return results[0][1].parameters, {}
@@ -253,10 +265,12 @@ class _WorkflowContext:
     """The parts of a LegacyContext that the SecAgg+ stages read."""
 
     def __init__(self, server_round: int, fitins: dict[int, FitIns], first: ArrayRecord) -> None:
-        self.state = RecordDict({
-            MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
-            MAIN_PARAMS_RECORD: first,
-        })
+        self.state = RecordDict(
+            {
+                MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+                MAIN_PARAMS_RECORD: first,
+            }
+        )
         self.strategy = _LegacyStrategy(fitins)
         self.client_manager = _NodeCount(len(fitins))
         self.history = self  # the workflow logs the aggregated fit metrics; fedhf records its own
@@ -330,7 +344,9 @@ class SecureAggregationGrid(Grid):
     bytes each way and seconds.
     """
 
-    def __init__(self, grid: Grid, settings: SecAggSettings, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self, grid: Grid, settings: SecAggSettings, on_round: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self._grid = grid
         self.settings = settings
         self.on_round = on_round
@@ -361,8 +377,10 @@ class SecureAggregationGrid(Grid):
         if not any(train):
             return self._grid.send_and_receive(messages, timeout=timeout)
         if not all(train):
-            raise RuntimeError("secure aggregation: a batch mixes train messages with others; refusing to send "
-                               "any adapter outside the protocol")
+            raise RuntimeError(
+                "secure aggregation: a batch mixes train messages with others; refusing to send "
+                "any adapter outside the protocol"
+            )
         return self._secure_round(messages)
 
     # -- one SecAgg+ round
@@ -409,8 +427,10 @@ class SecureAggregationGrid(Grid):
             contributors = [nid for nid, r in collected.items() if _weight(r) > 0]
             if withheld is None and len(contributors) == 1:
                 # The weights travel in the clear: a "sum" of one update is that client's update.
-                withheld = ("only one client's update would be in the sum (the others dropped out or are out of "
-                            "privacy budget); a single update is never unmasked")
+                withheld = (
+                    "only one client's update would be in the sum (the others dropped out or are out of "
+                    "privacy budget); a single update is never unmasked"
+                )
             if withheld is None and contributors:
                 if not workflow.unmask_stage(tap, context, state) or context.strategy.aggregate is None:  # type: ignore[arg-type]
                     withheld = "too few key shares came back to unmask the sum"
@@ -420,35 +440,58 @@ class SecureAggregationGrid(Grid):
         dropped = {nid: tap.errors.get(nid, stage) for nid in by_node if nid not in collected}
         for nid, reason in dropped.items():
             log.warning("secure aggregation, round %d: node %d dropped out: %s", server_round, nid, reason[-300:])
-        record.update({
-            "participants": len(collected),
-            "contributors": len(contributors) if withheld is None else 0,
-            "dropped": len(dropped),
-            "completed": withheld is None,
-            "bytes_down": tap.bytes_down,
-            "bytes_up": tap.bytes_up,
-            "seconds": time.perf_counter() - t0,
-        })
+        record.update(
+            {
+                "participants": len(collected),
+                "contributors": len(contributors) if withheld is None else 0,
+                "dropped": len(dropped),
+                "completed": withheld is None,
+                "bytes_down": tap.bytes_down,
+                "bytes_up": tap.bytes_up,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         if withheld:
             record["withheld"] = withheld
-            log.warning("secure aggregation, round %d: nothing released: %s; the global adapter stays as it was",
-                        server_round, withheld)
+            log.warning(
+                "secure aggregation, round %d: nothing released: %s; the global adapter stays as it was",
+                server_round,
+                withheld,
+            )
         if self.on_round:
             self.on_round(record)
-        log.info("secure aggregation, round %d: %d sampled, %d in the sum, %d dropped (shares %d, threshold %d)",
-                 server_round, len(messages), record["contributors"], len(dropped), state.num_shares, state.threshold)
+        log.info(
+            "secure aggregation, round %d: %d sampled, %d in the sum, %d dropped (shares %d, threshold %d)",
+            server_round,
+            len(messages),
+            record["contributors"],
+            len(dropped),
+            state.num_shares,
+            state.threshold,
+        )
 
         replies = []
         for nid, original in by_node.items():
             if nid not in collected:
                 refusal = parse_refusal(dropped[nid])
                 if refusal is not None:  # the node's policy refused the round: a refusal, not a failure
-                    replies.append(Message(RecordDict({"client-info": ConfigRecord({**refusal, "status": "refused"})}),
-                                           reply_to=original))
+                    replies.append(
+                        Message(
+                            RecordDict({"client-info": ConfigRecord({**refusal, "status": "refused"})}),
+                            reply_to=original,
+                        )
+                    )
                     continue
-                replies.append(Message(Error(code=0, reason="secure aggregation: the client dropped out of the protocol, "
-                                                            f"its update is not in the sum: {dropped[nid]}"),
-                                       reply_to=original))
+                replies.append(
+                    Message(
+                        Error(
+                            code=0,
+                            reason="secure aggregation: the client dropped out of the protocol, "
+                            f"its update is not in the sum: {dropped[nid]}",
+                        ),
+                        reply_to=original,
+                    )
+                )
                 continue
             reply = collected[nid]
             info = reply.content["client-info"]
@@ -478,9 +521,12 @@ def parse_refusal(reason: str) -> dict[str, Any] | None:
     if not reason.startswith(REFUSED_PREFIX):
         return None
     try:
-        data = json.loads(reason[len(REFUSED_PREFIX):])
-        return {"partition-id": int(data["partition-id"]), "rule": str(data["rule"])[:100],
-                "reason": str(data["reason"])[:500]}
+        data = json.loads(reason[len(REFUSED_PREFIX) :])
+        return {
+            "partition-id": int(data["partition-id"]),
+            "rule": str(data["rule"])[:100],
+            "reason": str(data["reason"])[:500],
+        }
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -497,12 +543,16 @@ def _require_fedhf_masks(setup_replies: list[Message]) -> None:
             )
 
 
-def _rebuild(ndarrays: list[np.ndarray], names: list[str], specs: dict[str, tuple[str, tuple[int, ...]]]) -> ArrayRecord:
+def _rebuild(
+    ndarrays: list[np.ndarray], names: list[str], specs: dict[str, tuple[str, tuple[int, ...]]]
+) -> ArrayRecord:
     if len(ndarrays) != len(names):
         raise RuntimeError(f"secure aggregation returned {len(ndarrays)} arrays for {len(names)} adapter tensors")
     if not all(np.isfinite(a).all() for a in ndarrays):
-        raise RuntimeError("secure aggregation reconstructed non-finite values; the round is not released "
-                           "(check strategy.secagg-max-weight and strategy.secagg-quantization-range)")
+        raise RuntimeError(
+            "secure aggregation reconstructed non-finite values; the round is not released "
+            "(check strategy.secagg-max-weight and strategy.secagg-quantization-range)"
+        )
     arrays = {}
     for name, arr in zip(names, ndarrays, strict=True):
         dtype, shape = specs[name]
@@ -558,9 +608,13 @@ def _widen_masked_vector(reply: Message) -> None:
     widened = []
     for raw in configs[Key.MASKED_PARAMETERS]:
         arr = bytes_to_ndarray(raw)
-        if arr.dtype not in (np.uint32, np.int64) or (arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MODULUS_RANGE)):
-            raise FedHFRunError(f"secure aggregation: node {reply.metadata.src_node_id} sent a masked vector that is not "
-                                f"integers in [0, 2^32) (dtype {arr.dtype}); refusing the round")
+        if arr.dtype not in (np.uint32, np.int64) or (
+            arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MODULUS_RANGE)
+        ):
+            raise FedHFRunError(
+                f"secure aggregation: node {reply.metadata.src_node_id} sent a masked vector that is not "
+                f"integers in [0, 2^32) (dtype {arr.dtype}); refusing the round"
+            )
         widened.append(ndarray_to_bytes(arr.astype(np.int64)))
     configs[Key.MASKED_PARAMETERS] = widened
 
@@ -601,8 +655,12 @@ def fitres_content(content: RecordDict, received: ArrayRecord, cfg: FedHFConfig)
     info: ConfigRecord = content["client-info"]
     info["secagg-clipped-values"] = clipped
     if clipped:
-        log.warning("secure aggregation: %d weighted adapter values exceed strategy.secagg-clipping-range=%g and are "
-                    "clipped; raise it", clipped, s.secagg_clipping_range)
+        log.warning(
+            "secure aggregation: %d weighted adapter values exceed strategy.secagg-clipping-range=%g and are "
+            "clipped; raise it",
+            clipped,
+            s.secagg_clipping_range,
+        )
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(ndarrays), num_examples, {})
     out = compat.fitres_to_recorddict(fitres, keep_input=False)
     out["metrics"] = metrics

@@ -36,9 +36,17 @@ def server_app_for(main: ServerMain, on_exit: Callable[[], None] | None = None) 
     return app
 
 
-def start(strategy: Screened | ClientLevel, grid: Grid, initial: dict[str, torch.Tensor], *, num_rounds: int,
-          timeout: float, client_config: dict[str, Any], evaluate: Evaluate, offset: int = 0
-          ) -> dict[str, torch.Tensor] | None:
+def start(
+    strategy: Screened | ClientLevel,
+    grid: Grid,
+    initial: dict[str, torch.Tensor],
+    *,
+    num_rounds: int,
+    timeout: float,
+    client_config: dict[str, Any],
+    evaluate: Evaluate,
+    offset: int = 0,
+) -> dict[str, torch.Tensor] | None:
     """Run ``num_rounds`` rounds through Flower's ``Strategy.start``; the last global adapter, or None when no
     round released one. ``offset``: rounds done before a resume (the strategy sees the run's real round numbers).
     """

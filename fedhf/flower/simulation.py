@@ -53,8 +53,9 @@ def _stop_stuck_actors(server_done: threading.Event, finished: threading.Event, 
 
     stuck = [p for p in psutil.Process().children(recursive=True) if _is_actor(p)]
     if stuck:
-        log.warning("the run has ended but %d client actor(s) are still busy (a client that hung?); stopping them",
-                    len(stuck))
+        log.warning(
+            "the run has ended but %d client actor(s) are still busy (a client that hung?); stopping them", len(stuck)
+        )
         for p in stuck:
             p.kill()
 

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedhf.config.schema import FedHFConfig
-from fedhf.errors import FedHFConfigError, FedHFRunError
+from fedhf.errors import FedHFConfigError, FedHFRunError, RunStopped
 from fedhf.federation.events import RoundObserver
 from fedhf.federation.replies import Malformed, screen_evaluate, screen_train
 from fedhf.federation.updates import DecodeError, check_update, decode
@@ -41,8 +41,14 @@ from fedhf.privacy.ledger import CLIENT as CLIENT_LEVEL
 
 log = logging.getLogger("fedhf")
 
-BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-                                   "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg}
+BASES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+}
 
 
 def train_metrics_aggr(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -71,10 +77,6 @@ def as_dtypes(arrays: ArrayRecord | None, dtypes: dict[str, np.dtype]) -> ArrayR
 
 def _payload_bytes(arrays: ArrayRecord) -> int:
     return sum(len(a.data) for a in arrays.values())
-
-
-class RunStopped(Exception):
-    """Too few clients can still train (refusals, exhausted budgets): end the run cleanly."""
 
 
 def _records(msg: Message) -> tuple[dict[str, Any], dict[str, Any], ArrayRecord | None]:
@@ -136,26 +138,34 @@ class Screened(Strategy):
     def exhausted(self) -> set[int]:
         return set(self.excluded)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.latest_arrays = arrays
         nodes = list(grid.get_node_ids())
         self.population = len(nodes)
         able = [n for n in nodes if n not in self.excluded]
         if self.excluded and len(able) < self.min_train_nodes:
             reasons = "; ".join(sorted(set(self.excluded.values())))[:500]
-            raise RunStopped(f"before round {server_round}: only {len(able)} client(s) can still train "
-                             f"(strategy.min-train-nodes={self.min_train_nodes}); the others refused or ran out of "
-                             f"budget: {reasons}")
-        messages = [m for m in self.inner.configure_train(server_round, arrays, config, grid)
-                    if m.metadata.dst_node_id not in self.excluded]
+            raise RunStopped(
+                f"before round {server_round}: only {len(able)} client(s) can still train "
+                f"(strategy.min-train-nodes={self.min_train_nodes}); the others refused or ran out of "
+                f"budget: {reasons}"
+            )
+        messages = [
+            m
+            for m in self.inner.configure_train(server_round, arrays, config, grid)
+            if m.metadata.dst_node_id not in self.excluded
+        ]
         self.sampled = [m.metadata.dst_node_id for m in messages]
         if not self.dtypes:  # the adapter's own dtypes (float32), from the initial / resumed adapter
             self.dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
         self.recorder.start_round(server_round, _payload_bytes(arrays), len(messages))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         if self.recorded_round != server_round:  # a client-level DP wrapper may have recorded them already
             replies = self.record_replies(server_round, replies)
@@ -167,8 +177,11 @@ class Screened(Strategy):
         validated update and weight, nothing else). Raises when no update is left."""
         self.recorded_round = server_round
         records, failures, trained, rejected, refused = [], [], [], [], []
-        reference = {k: a.numpy().astype(self.dtypes.get(k), copy=False) for k, a in self.latest_arrays.items()} \
-            if self.latest_arrays is not None else {}
+        reference = (
+            {k: a.numpy().astype(self.dtypes.get(k), copy=False) for k, a in self.latest_arrays.items()}
+            if self.latest_arrays is not None
+            else {}
+        )
         weights: dict[int, float] = {}
         shared_counts: list[bool] = []
         for msg in replies:
@@ -178,9 +191,15 @@ class Screened(Strategy):
                 continue
             try:
                 metrics, info, arrays = _records(msg)
-                screened = screen_train(metrics, info, node_id=node, has_arrays=arrays is not None,
-                                        num_labels=self.num_labels, sample_level=self.sample_level,
-                                        max_weight=self.max_weight)
+                screened = screen_train(
+                    metrics,
+                    info,
+                    node_id=node,
+                    has_arrays=arrays is not None,
+                    num_labels=self.num_labels,
+                    sample_level=self.sample_level,
+                    max_weight=self.max_weight,
+                )
             except Malformed as exc:
                 failures.append({"node-id": node, "reason": f"malformed reply: {exc}"})
                 continue
@@ -192,30 +211,54 @@ class Screened(Strategy):
                 if reason is not None:
                     rec["status"], rec["reason"] = "rejected", reason
                     rejected.append({"node-id": node, "partition-id": rec["partition-id"], "reason": reason})
-                    log.warning("round %d: dropped the update of client %d (node %d): %s", server_round,
-                                rec["partition-id"], node, reason)
+                    log.warning(
+                        "round %d: dropped the update of client %d (node %d): %s",
+                        server_round,
+                        rec["partition-id"],
+                        node,
+                        reason,
+                    )
                 else:
-                    rec["bytes-up"] = int(rec["secagg-bytes-up"]) if "secagg-bytes-up" in rec else _payload_bytes(arrays)
+                    rec["bytes-up"] = (
+                        int(rec["secagg-bytes-up"]) if "secagg-bytes-up" in rec else _payload_bytes(arrays)
+                    )
                     # Flower aggregates exactly the validated update and weight, nothing else of the reply.
-                    msg.content = RecordDict({"arrays": decoded, "metrics": MetricRecord({self.weighted_by_key: screened.weight})})
+                    msg.content = RecordDict(
+                        {"arrays": decoded, "metrics": MetricRecord({self.weighted_by_key: screened.weight})}
+                    )
                     weights[node] = screened.weight
                     shared_counts.append("num-examples" in screened.shared)
                     trained.append(msg)
             elif screened.status == "refused":
                 self.excluded[node] = f"{rec['rule']}: {rec['reason']}"
-                refused.append({"node-id": node, "partition-id": rec["partition-id"], "rule": rec["rule"],
-                                "reason": rec["reason"]})
-                log.warning("round %d: client %d (node %d) refused: %s (%s); it is no longer sampled", server_round,
-                            rec["partition-id"], node, rec["reason"], rec["rule"])
+                refused.append(
+                    {"node-id": node, "partition-id": rec["partition-id"], "rule": rec["rule"], "reason": rec["reason"]}
+                )
+                log.warning(
+                    "round %d: client %d (node %d) refused: %s (%s); it is no longer sampled",
+                    server_round,
+                    rec["partition-id"],
+                    node,
+                    rec["reason"],
+                    rec["rule"],
+                )
             else:
                 rec["bytes-up"] = 0
             records.append(rec)
             if "privacy" in rec and rec["partition-id"] not in self.announced:
                 self.announced.add(rec["partition-id"])
                 p = rec["privacy"]
-                log.info("client %d: sample-level DP with sigma %.4f, C %g, sampling rate %.4f, delta %.3g, %s accountant, "
-                         "budget %s", rec["partition-id"], p["noise-multiplier"], p["max-grad-norm"], p["sample-rate"],
-                         p["delta"], p["accountant"], p["max-epsilon"] or "none")
+                log.info(
+                    "client %d: sample-level DP with sigma %.4f, C %g, sampling rate %.4f, delta %.3g, %s accountant, "
+                    "budget %s",
+                    rec["partition-id"],
+                    p["noise-multiplier"],
+                    p["max-grad-norm"],
+                    p["sample-rate"],
+                    p["delta"],
+                    p["accountant"],
+                    p["max-epsilon"] or "none",
+                )
         # FedAvg weights by examples only when every client of the round shares its count; otherwise (and always
         # under client-level DP) the server imposes equal weights: a weight a client chose is never mixed with counts.
         uniform = self.uniform_weights or not all(shared_counts)
@@ -225,13 +268,20 @@ class Screened(Strategy):
         replied = {m.metadata.src_node_id for m in replies}
         for node in self.sampled:
             if node not in replied:
-                failures.append({"node-id": node, "reason": f"no reply within strategy.round-timeout={self.timeout:g} s"})
+                failures.append(
+                    {"node-id": node, "reason": f"no reply within strategy.round-timeout={self.timeout:g} s"}
+                )
         for f in failures:
-            log.warning("round %d: node %d failed: %s", server_round, f["node-id"],
-                        (f["reason"] or "").strip().splitlines()[-1][:300] if f["reason"] else "no reason given")
+            log.warning(
+                "round %d: node %d failed: %s",
+                server_round,
+                f["node-id"],
+                (f["reason"] or "").strip().splitlines()[-1][:300] if f["reason"] else "no reason given",
+            )
         records.sort(key=lambda c: c["partition-id"])
-        self.recorder.train_replies(records, failures, rejected, refused=refused,
-                                    weighting="uniform" if uniform else "examples")
+        self.recorder.train_replies(
+            records, failures, rejected, refused=refused, weighting="uniform" if uniform else "examples"
+        )
         for rec in records:  # a client whose accountant restarted may have passed its budget in truth
             if rec["partition-id"] in self.recorder.over_budget():
                 self.excluded[rec["node-id"]] = "max-epsilon: the ledger's composed epsilon reached the node's budget"
@@ -239,13 +289,17 @@ class Screened(Strategy):
             raise FedHFRunError(
                 f"round {server_round}: only {len(trained)} valid update(s) ({len(failures)} client(s) failed, "
                 f"{len(rejected)} update(s) rejected); strategy.min-train-nodes={self.min_train_nodes}. The last "
-                f"checkpoint is kept: continue with fedhf run --resume {self.recorder.dir} once the clients are back.")
+                f"checkpoint is kept: continue with fedhf run --resume {self.recorder.dir} once the clients are back."
+            )
         if not trained and rejected and not failures:
             raise FedHFRunError(f"round {server_round}: every update was rejected ({rejected[0]['reason']}).")
         if not trained:
             if any(r["status"] == "not-aggregated" for r in records):
-                log.warning("round %d: no update released (secure aggregation withheld the round); the global "
-                            "adapter is unchanged", server_round)
+                log.warning(
+                    "round %d: no update released (secure aggregation withheld the round); the global "
+                    "adapter is unchanged",
+                    server_round,
+                )
                 return []
             if refused and not failures:
                 rules = "; ".join(sorted({f"{r['rule']}: {r['reason']}" for r in refused}))
@@ -254,8 +308,9 @@ class Screened(Strategy):
             raise FedHFRunError(f"round {server_round}: no client returned an update ({reasons[:500]}).")
         return trained
 
-    def screen_update(self, arrays: ArrayRecord, rec: dict[str, Any], reference: dict[str, np.ndarray]
-                     ) -> tuple[str | None, ArrayRecord | None]:
+    def screen_update(
+        self, arrays: ArrayRecord, rec: dict[str, Any], reference: dict[str, np.ndarray]
+    ) -> tuple[str | None, ArrayRecord | None]:
         """Decode the update (transport.dtype) and check it: (reason to drop it or None, the decoded adapter)."""
         try:
             payload = {k: a.numpy() for k, a in arrays.items()}
@@ -269,8 +324,9 @@ class Screened(Strategy):
             return reason, None
         return None, ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in trained.items()})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -284,15 +340,24 @@ class Screened(Strategy):
                     raise Malformed("an evaluation reply must not carry arrays")
                 screened = screen_evaluate(metrics, info, node_id=msg.metadata.src_node_id)
             except Malformed as exc:
-                log.warning("round %d: dropped a malformed evaluation reply of node %d: %s", server_round,
-                            msg.metadata.src_node_id, exc)
+                log.warning(
+                    "round %d: dropped a malformed evaluation reply of node %d: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    exc,
+                )
                 continue
             if "handler-seconds" in screened.record:
                 seconds.append(screened.record["handler-seconds"])
             if screened.status == "evaluated":
                 m = screened.record
-                msg.content = RecordDict({"metrics": MetricRecord({k: m[k] for k in ("eval-loss", "eval-accuracy", "eval-f1",
-                                                                                     "num-examples", "weight")})})
+                msg.content = RecordDict(
+                    {
+                        "metrics": MetricRecord(
+                            {k: m[k] for k in ("eval-loss", "eval-accuracy", "eval-f1", "num-examples", "weight")}
+                        )
+                    }
+                )
                 good.append(msg)
         agg = self.inner.aggregate_evaluate(server_round, good) if good else None
         if agg is not None and int(agg["num-examples"]) > 0:
@@ -337,8 +402,14 @@ class ClientLevel(Strategy):
       does not lower q.
     """
 
-    def __init__(self, dp: DifferentialPrivacyServerSideFixedClipping | _AdaptiveClipping, screened: Screened,
-                 account: ClientLevelAccount, recorder: RoundObserver, delta_given: bool) -> None:
+    def __init__(
+        self,
+        dp: DifferentialPrivacyServerSideFixedClipping | _AdaptiveClipping,
+        screened: Screened,
+        account: ClientLevelAccount,
+        recorder: RoundObserver,
+        delta_given: bool,
+    ) -> None:
         self.dp = dp
         self.screened = screened
         self.account = account
@@ -356,8 +427,9 @@ class ClientLevel(Strategy):
     def summary(self) -> None:
         self.dp.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(self.dp.configure_train(server_round, arrays, config, grid))
         self.fix_delta(self.screened.population)
         return messages
@@ -372,9 +444,12 @@ class ClientLevel(Strategy):
         if self.account.delta >= 1 / population:
             raise FedHFConfigError(
                 f"config key 'privacy.client-delta': {self.account.delta:g} is not below 1 / {population} clients; such "
-                f"a delta allows releasing one client's update outright. Use at most {0.1 / population:.3g}.")
+                f"a delta allows releasing one client's update outright. Use at most {0.1 / population:.3g}."
+            )
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         s = self.screened
         trained = s.record_replies(server_round, list(replies))
         self.dp.num_sampled_clients = len(trained)
@@ -393,15 +468,22 @@ class ClientLevel(Strategy):
         population = max(s.population, len(s.sampled), 1)
         q = len(s.sampled) / population
         self.account.add_round(q)
-        self.recorder.client_level_round({
-            "clients_sampled": len(s.sampled), "clients_aggregated": len(trained),
-            "population": population, "sample_rate": q, "epsilon": self.account.epsilon,
-            "epsilon_no_amplification": self.account.epsilon_no_amplification, "clipping_norm": clip_used,
-        })
+        self.recorder.client_level_round(
+            {
+                "clients_sampled": len(s.sampled),
+                "clients_aggregated": len(trained),
+                "population": population,
+                "sample_rate": q,
+                "epsilon": self.account.epsilon,
+                "epsilon_no_amplification": self.account.epsilon_no_amplification,
+                "clipping_norm": clip_used,
+            }
+        )
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.dp.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -413,8 +495,9 @@ def default_client_delta(population: int) -> float:
     return min(1e-5, 0.1 / max(population, 1))
 
 
-def build_strategy(cfg: FedHFConfig, recorder: RoundObserver, population: int | None = None,
-                   num_labels: int | None = None) -> Screened | ClientLevel:
+def build_strategy(
+    cfg: FedHFConfig, recorder: RoundObserver, population: int | None = None, num_labels: int | None = None
+) -> Screened | ClientLevel:
     s = cfg.strategy
     common: dict[str, Any] = dict(
         fraction_train=s.fraction_train,
@@ -439,7 +522,11 @@ def build_strategy(cfg: FedHFConfig, recorder: RoundObserver, population: int | 
     m = max(1, min_sampled(cfg, population))
     if p.client_clipping == "server-fixed":
         dp: DifferentialPrivacyServerSideFixedClipping | _AdaptiveClipping = DifferentialPrivacyServerSideFixedClipping(
-            strategy, noise_multiplier=p.client_noise_multiplier, clipping_norm=p.client_clipping_norm, num_sampled_clients=m)
+            strategy,
+            noise_multiplier=p.client_noise_multiplier,
+            clipping_norm=p.client_clipping_norm,
+            num_sampled_clients=m,
+        )
         count_std = None
     else:
         count_std = p.client_clipped_count_stddev if p.client_clipped_count_stddev is not None else m / 20
@@ -450,23 +537,37 @@ def build_strategy(cfg: FedHFConfig, recorder: RoundObserver, population: int | 
                 f"{p.client_noise_multiplier / 2:g} (the count noise must be at least half the update noise) or use server-fixed."
             )
         dp = _AdaptiveClipping(
-            strategy, noise_multiplier=p.client_noise_multiplier, num_sampled_clients=m,
-            initial_clipping_norm=p.client_clipping_norm, clipped_count_stddev=count_std)
+            strategy,
+            noise_multiplier=p.client_noise_multiplier,
+            num_sampled_clients=m,
+            initial_clipping_norm=p.client_clipping_norm,
+            clipped_count_stddev=count_std,
+        )
     # Flower raises the update noise under adaptive clipping (wrapper.noise_multiplier); the noisy
     # clipped count is a second Gaussian release, composed conservatively (sensitivity 1).
     sigma_eff = effective_client_sigma(dp.noise_multiplier, count_std)
     delta = p.client_delta if p.client_delta is not None else default_client_delta(population or 1)
     wrapper = ClientLevel(dp, strategy, ClientLevelAccount(sigma_eff, delta), recorder, p.client_delta is not None)
-    recorder.set_client_level({
-        "label": CLIENT_LEVEL, "clipping": p.client_clipping, "noise_multiplier": p.client_noise_multiplier,
-        "clipped_count_stddev": count_std, "effective_noise_multiplier": sigma_eff, "delta": delta,
-        "accountant": "rdp",
-        "sampling": ("q = clients sampled / clients in the federation, accounted as Poisson subsampling (Flower "
-                     "samples a fixed number of clients: an approximation); epsilon_no_amplification (q = 1) holds "
-                     "for any way of picking clients"),
-        "aggregation": ("uniform average of updates clipped to C (L2; equal weights imposed by the server), Gaussian "
-                        "noise sigma * C / clients aggregated, C being the norm that clipped that round"),
-    })
+    recorder.set_client_level(
+        {
+            "label": CLIENT_LEVEL,
+            "clipping": p.client_clipping,
+            "noise_multiplier": p.client_noise_multiplier,
+            "clipped_count_stddev": count_std,
+            "effective_noise_multiplier": sigma_eff,
+            "delta": delta,
+            "accountant": "rdp",
+            "sampling": (
+                "q = clients sampled / clients in the federation, accounted as Poisson subsampling (Flower "
+                "samples a fixed number of clients: an approximation); epsilon_no_amplification (q = 1) holds "
+                "for any way of picking clients"
+            ),
+            "aggregation": (
+                "uniform average of updates clipped to C (L2; equal weights imposed by the server), Gaussian "
+                "noise sigma * C / clients aggregated, C being the norm that clipped that round"
+            ),
+        }
+    )
     if population:
         wrapper.fix_delta(population)
     return wrapper
@@ -504,13 +605,17 @@ def strategy_state(strategy: Screened | ClientLevel) -> tuple[dict[str, np.ndarr
     return arrays, state
 
 
-def restore_strategy_state(strategy: Screened | ClientLevel, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+def restore_strategy_state(
+    strategy: Screened | ClientLevel, arrays: dict[str, np.ndarray], state: dict[str, Any]
+) -> None:
     screened = screened_of(strategy)
     # Checkpoints of fedhf 0.1 named the Flower class ("FedAdam"); later ones the config's strategy.name.
     written = state.get("strategy", state.get("class"))
     if written not in (screened.name, type(screened.inner).__name__):
-        raise FedHFRunError(f"the checkpoint was written by strategy {written!r}, this run builds "
-                            f"{screened.name!r}; resume with the run's own configuration.")
+        raise FedHFRunError(
+            f"the checkpoint was written by strategy {written!r}, this run builds "
+            f"{screened.name!r}; resume with the run's own configuration."
+        )
     for name in ("m_t", "v_t"):
         moments = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(name + "/")}
         if moments:
@@ -536,13 +641,19 @@ class Resumed(Strategy):
     def summary(self) -> None:
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.strategy.aggregate_train(server_round + self.offset, replies)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

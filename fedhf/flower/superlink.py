@@ -46,7 +46,9 @@ class FleetOnlyOn:
         self.public_port = public_port
         self.expose_control = expose_control
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
         if scope["type"] in ("http", "websocket") and not self.expose_control:
             server = scope.get("server") or (None, None)
             path = str(scope.get("path", ""))
@@ -57,14 +59,23 @@ class FleetOnlyOn:
 
 
 async def _refuse(scope: Scope, send: Callable[[Any], Awaitable[None]], path: str) -> None:
-    body = json.dumps({"detail": f"{path} is not served on the Fleet address: the Control and Runtime APIs listen on "
-                                 "the SuperLink's loopback address only (fedhf.flower.superlink). Reach them through an SSH "
-                                 "tunnel."}).encode()
+    body = json.dumps(
+        {
+            "detail": f"{path} is not served on the Fleet address: the Control and Runtime APIs listen on "
+            "the SuperLink's loopback address only (fedhf.flower.superlink). Reach them through an SSH "
+            "tunnel."
+        }
+    ).encode()
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -76,25 +87,35 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(f"error: cannot listen on {host}:{port} ({exc.strerror}); choose another address or port.") from None
+        raise SystemExit(
+            f"error: cannot listen on {host}:{port} ({exc.strerror}); choose another address or port."
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m fedhf.flower.superlink", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedhf.flower.superlink", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--fleet-host", default="127.0.0.1", help="address SuperNodes connect to (0.0.0.0: all)")
     parser.add_argument("--fleet-port", type=int, default=9092, help="port of the Fleet listener")
-    parser.add_argument("--control-host", default="127.0.0.1", help="address of the Control listener (keep it loopback)")
+    parser.add_argument(
+        "--control-host", default="127.0.0.1", help="address of the Control listener (keep it loopback)"
+    )
     parser.add_argument("--control-port", type=int, default=9093, help="port of the Control listener")
-    parser.add_argument("--expose-control-api", action="store_true",
-                        help="also serve the Control API on the Fleet listener: anyone who reaches it can submit runs")
+    parser.add_argument(
+        "--expose-control-api",
+        action="store_true",
+        help="also serve the Control API on the Fleet listener: anyone who reaches it can submit runs",
+    )
     ours, rest = parser.parse_known_args(argv)
     for flag in ("--host", "--port"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
-            parser.error(f"{flag} is set by fedhf.flower.superlink; use --fleet-host/--fleet-port and --control-host/--control-port")
+            parser.error(
+                f"{flag} is set by fedhf.flower.superlink; use --fleet-host/--fleet-port and --control-host/--control-port"
+            )
     for name in ("fleet_port", "control_port"):
         if not 1 <= getattr(ours, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')}: {getattr(ours, name)} is not a port (1-65535)")
@@ -118,17 +139,32 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = ["flower-superlink", *flower_args, "--host", ours.control_host, "--port", str(ours.control_port)]
     config = _parse_superlink_lifespan_config()
     if ours.expose_control_api:
-        print(f"WARNING fedhf.flower.superlink: --expose-control-api: the Control API (submit runs, register node keys) is served "
-              f"on {ours.fleet_host}:{ours.fleet_port} too, without authentication. Anyone who reaches it can run code "
-              "on every SuperNode.", file=sys.stderr, flush=True)
+        print(
+            f"WARNING fedhf.flower.superlink: --expose-control-api: the Control API (submit runs, register node keys) is served "
+            f"on {ours.fleet_host}:{ours.fleet_port} too, without authentication. Anyone who reaches it can run code "
+            "on every SuperNode.",
+            file=sys.stderr,
+            flush=True,
+        )
     app = FleetOnlyOn(create_app(config, SuperLinkLifespan), ours.fleet_port, ours.expose_control_api)
     sockets = [_bind(ours.control_host, ours.control_port), _bind(ours.fleet_host, ours.fleet_port)]
-    print(f"fedhf.flower.superlink: Fleet API on {ours.fleet_host}:{ours.fleet_port}; Control and Runtime APIs on "
-          f"{ours.control_host}:{ours.control_port}" + (" (and on the Fleet address)" if ours.expose_control_api else ""),
-          file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(
-        app, lifespan="on", access_log=True, log_config=get_uvicorn_log_config(console_handler.level),
-        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1))
+    print(
+        f"fedhf.flower.superlink: Fleet API on {ours.fleet_host}:{ours.fleet_port}; Control and Runtime APIs on "
+        f"{ours.control_host}:{ours.control_port}" + (" (and on the Fleet address)" if ours.expose_control_api else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            lifespan="on",
+            access_log=True,
+            log_config=get_uvicorn_log_config(console_handler.level),
+            ssl_keyfile=config.ssl_keyfile,
+            ssl_certfile=config.ssl_certfile,
+            workers=1,
+        )
+    )
     server.run(sockets=sockets)
 
 

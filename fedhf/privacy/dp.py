@@ -31,21 +31,20 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from fedhf.errors import FedHFError
+from fedhf.errors import FedHFPrivacyError
 from fedhf.tasks.base import Task
 from fedhf.train.loop import TrainResult, make_optimizer, train_local
-RNG_NOTE = ("DP noise and Poisson sampling draw from torch generators seeded from OS randomness (secrets), never "
-            "from the run's seed; torch's generator is not a cryptographically secure RNG (Opacus' secure_mode needs "
-            "torchcsprng, which is not installed).")
-CLIENT_RNG_NOTE = ("Client-level noise is added by Flower's DP strategy wrapper with numpy's global generator, "
-                   "which is not a cryptographically secure RNG.")
+
+RNG_NOTE = (
+    "DP noise and Poisson sampling draw from torch generators seeded from OS randomness (secrets), never "
+    "from the run's seed; torch's generator is not a cryptographically secure RNG (Opacus' secure_mode needs "
+    "torchcsprng, which is not installed)."
+)
+CLIENT_RNG_NOTE = (
+    "Client-level noise is added by Flower's DP strategy wrapper with numpy's global generator, "
+    "which is not a cryptographically secure RNG."
+)
 MAX_SIGMA = 100.0
-
-
-class FedHFPrivacyError(FedHFError):
-    """DP was asked for and cannot be applied (or a privacy setting cannot be met)."""
-
-    quotable = True  # names settings and model modules, never data
 
 
 def make_accountant(kind: str) -> RDPAccountant | PRVAccountant:
@@ -76,7 +75,9 @@ def sampling(num_examples: int, batch_size: int, local_epochs: int) -> tuple[flo
     return 1.0 / batches, batches * local_epochs
 
 
-def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str) -> float:
+def plan_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str
+) -> float:
     """The smallest sigma (to Opacus' tolerance) whose epsilon after ``total_steps`` is <= target."""
     if target_epsilon <= 0:
         raise FedHFPrivacyError(f"privacy.target-epsilon must be > 0, got {target_epsilon}.")
@@ -87,8 +88,14 @@ def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: floa
             f"after {total_steps} steps at sampling rate {sample_rate:.4g} (delta={delta:.3g}); raise privacy.target-epsilon, "
             f"or take fewer steps (num-server-rounds, train.local-epochs) or a smaller sampling rate (train.batch-size)."
         )
-    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                 steps=total_steps, accountant=accountant, epsilon_tolerance=0.01 * target_epsilon)
+    sigma = get_noise_multiplier(
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate,
+        steps=total_steps,
+        accountant=accountant,
+        epsilon_tolerance=0.01 * target_epsilon,
+    )
     return float(sigma)
 
 
@@ -112,7 +119,9 @@ class SampleAccount:
 
     def epsilon_after(self, sample_rate: float, steps: int) -> float:
         """What epsilon would be after one more round of ``steps`` at ``sample_rate``."""
-        return epsilon_of(self.accountant, _merge(self.history, (self.noise_multiplier, sample_rate, steps)), self.delta)
+        return epsilon_of(
+            self.accountant, _merge(self.history, (self.noise_multiplier, sample_rate, steps)), self.delta
+        )
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -128,8 +137,13 @@ class SampleAccount:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> SampleAccount:
         history = list(zip(state["history-sigma"], state["history-q"], state["history-steps"], strict=True))
-        return cls(str(state["accountant"]), float(state["delta"]), float(state["noise-multiplier"]),
-                   float(state["max-grad-norm"]), [(float(s), float(q), int(n)) for s, q, n in history])
+        return cls(
+            str(state["accountant"]),
+            float(state["delta"]),
+            float(state["noise-multiplier"]),
+            float(state["max-grad-norm"]),
+            [(float(s), float(q), int(n)) for s, q, n in history],
+        )
 
 
 def _merge(history: list[tuple[float, float, int]], entry: tuple[float, float, int]) -> list[tuple[float, float, int]]:
@@ -152,8 +166,10 @@ def check_opacus_compatible(model: torch.nn.Module) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         names = "; ".join(str(e).splitlines()[0][:160] for e in errors[:3])
-        raise FedHFPrivacyError(f"differential privacy cannot be applied to this model: {names}. "
-                                f"Replace or freeze those modules (e.g. BatchNorm -> GroupNorm/LayerNorm).")
+        raise FedHFPrivacyError(
+            f"differential privacy cannot be applied to this model: {names}. "
+            f"Replace or freeze those modules (e.g. BatchNorm -> GroupNorm/LayerNorm)."
+        )
 
 
 @dataclass
@@ -163,10 +179,19 @@ class PrivateResult:
     empty_batches: int
 
 
-def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAccount, *, task: Task, epochs: int,
-                  lr: float,
-                  weight_decay: float = 0.0, grad_sample_mode: str = "hooks", optimizer_name: str = "adamw",
-                  momentum: float = 0.0) -> PrivateResult:
+def private_train(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    account: SampleAccount,
+    *,
+    task: Task,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    grad_sample_mode: str = "hooks",
+    optimizer_name: str = "adamw",
+    momentum: float = 0.0,
+) -> PrivateResult:
     """DP-SGD (Poisson sampling, per-example clipping at C, Gaussian noise sigma*C) for ``epochs`` epochs.
 
     The accountant starts from ``account.history`` (earlier rounds), so the epsilon it reports
@@ -188,35 +213,62 @@ def private_train(model: torch.nn.Module, loader: DataLoader, account: SampleAcc
     poisson = poisson_loader(loader.dataset, loader.collate_fn, loader.batch_size)
     try:
         made = engine.make_private(
-            module=model, optimizer=optimizer, criterion=task.criterion(), data_loader=poisson,
-            noise_multiplier=account.noise_multiplier, max_grad_norm=account.max_grad_norm, poisson_sampling=False,
-            noise_generator=fresh_generator(), grad_sample_mode=grad_sample_mode,
+            module=model,
+            optimizer=optimizer,
+            criterion=task.criterion(),
+            data_loader=poisson,
+            noise_multiplier=account.noise_multiplier,
+            max_grad_norm=account.max_grad_norm,
+            poisson_sampling=False,
+            noise_generator=fresh_generator(),
+            grad_sample_mode=grad_sample_mode,
         )
     except FedHFPrivacyError:
         raise
     except Exception as exc:  # Opacus raises several types for unsupported layers and modes
-        raise FedHFPrivacyError(f"Opacus cannot make this model private ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+        raise FedHFPrivacyError(
+            f"Opacus cannot make this model private ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
+        ) from None
     # make_private returns 4 values in ghost mode (with the criterion that does the clipping), else 3.
     if len(made) == 4:
         dp_model, dp_optimizer, criterion, dp_loader = made
     else:
         (dp_model, dp_optimizer, dp_loader), criterion = made, task.criterion()
     guard = _Guard(trainable, grad_sample_mode)
-    result = train_local(dp_model, dp_loader, task=task, epochs=epochs, lr=lr, optimizer=dp_optimizer, criterion=criterion,
-                         before_step=guard.before_step, after_step=guard.after_step, empty_batch=guard.empty_batch)
+    result = train_local(
+        dp_model,
+        dp_loader,
+        task=task,
+        epochs=epochs,
+        lr=lr,
+        optimizer=dp_optimizer,
+        criterion=criterion,
+        before_step=guard.before_step,
+        after_step=guard.after_step,
+        empty_batch=guard.empty_batch,
+    )
     if guard.steps == 0:
         raise FedHFPrivacyError("no DP-SGD step was taken; check the partition size and train.batch-size.")
     history = [tuple(h) for h in engine.accountant.history]
-    new_account = SampleAccount(account.accountant, account.delta, account.noise_multiplier, account.max_grad_norm,
-                                [(float(s), float(q), int(n)) for s, q, n in history])
+    new_account = SampleAccount(
+        account.accountant,
+        account.delta,
+        account.noise_multiplier,
+        account.max_grad_norm,
+        [(float(s), float(q), int(n)) for s, q, n in history],
+    )
     if new_account.steps != account.steps + guard.steps:
-        raise FedHFPrivacyError(f"the accountant counted {new_account.steps - account.steps} steps but {guard.steps} were taken.")
+        raise FedHFPrivacyError(
+            f"the accountant counted {new_account.steps - account.steps} steps but {guard.steps} were taken."
+        )
     # What was realised must be exactly what was planned and reserved: q and steps as sampling() says.
     q, steps = sampling(num_examples, loader.batch_size, epochs)
     expected = _merge(account.history, (account.noise_multiplier, q, steps))
     if new_account.history != expected:
-        raise FedHFPrivacyError(f"the accountant recorded {new_account.history[-1]} for this round, not the planned "
-                                f"(sigma {account.noise_multiplier}, q {q}, {steps} steps); the spend is not what was checked.")
+        raise FedHFPrivacyError(
+            f"the accountant recorded {new_account.history[-1]} for this round, not the planned "
+            f"(sigma {account.noise_multiplier}, q {q}, {steps} steps); the spend is not what was checked."
+        )
     _unwrap_hooks(dp_model)
     return PrivateResult(result, new_account, guard.empty)
 
@@ -230,8 +282,9 @@ def poisson_loader(dataset: Any, collate_fn: Any, batch_size: int) -> DataLoader
     """
     num_examples = len(dataset)
     sample_rate, steps = sampling(num_examples, batch_size, 1)
-    sampler = UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate, steps=steps,
-                                            generator=fresh_generator())
+    sampler = UniformWithReplacementSampler(
+        num_samples=num_examples, sample_rate=sample_rate, steps=steps, generator=fresh_generator()
+    )
     return DataLoader(dataset, collate_fn=_empty_safe(collate_fn), batch_sampler=sampler)
 
 
@@ -276,8 +329,10 @@ class _Guard:
             check = lora or [(n, b) for (n, _), b in zip(self.trainable, self._before)]
             params = dict(self.trainable)
             if all(torch.equal(params[n].detach(), b) for n, b in check):
-                raise FedHFPrivacyError("the first private step left every LoRA weight unchanged; Opacus is not "
-                                        "updating the adapter (was the model wrapped before LoRA, or on another device?).")
+                raise FedHFPrivacyError(
+                    "the first private step left every LoRA weight unchanged; Opacus is not "
+                    "updating the adapter (was the model wrapped before LoRA, or on another device?)."
+                )
             self._before = None
         self.steps += 1
 
@@ -301,7 +356,7 @@ def effective_client_sigma(noise_multiplier: float, clipped_count_stddev: float 
     """
     if clipped_count_stddev is None:
         return noise_multiplier
-    return (noise_multiplier ** -2 + clipped_count_stddev ** -2) ** -0.5
+    return (noise_multiplier**-2 + clipped_count_stddev**-2) ** -0.5
 
 
 @dataclass

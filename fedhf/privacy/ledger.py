@@ -37,23 +37,34 @@ def ledger_table(run: dict[str, Any]) -> str:
 
 
 def _client_level_lines(cl: dict[str, Any]) -> list[str]:
-    lines = [f"privacy ledger: {CLIENT} ({cl['clipping']} clipping, C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'}, "
-             f"sigma {cl['noise_multiplier']:g}, effective sigma {cl['effective_noise_multiplier']:.4g}, delta {cl['delta']:.3g}, rdp)"]
+    lines = [
+        f"privacy ledger: {CLIENT} ({cl['clipping']} clipping, C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'}, "
+        f"sigma {cl['noise_multiplier']:g}, effective sigma {cl['effective_noise_multiplier']:.4g}, delta {cl['delta']:.3g}, rdp)"
+    ]
     lines.append(f"{'round':>6} {'clients':>8} {'q':>7} {'epsilon':>9} {'eps (q=1)':>10}")
     for r in cl["rounds"]:
-        lines.append(f"{r['round']:>6} {r['clients_aggregated']:>3}/{r['population']:<4} {r['sample_rate']:>7.3f} "
-                     f"{r['epsilon']:>9.3f} {r['epsilon_no_amplification']:>10.3f}")
-    lines.append(f"{CLIENT}: epsilon {cl.get('epsilon', 0.0):.3f} with sampling amplification (assumes Poisson sampling of "
-                 f"clients), {cl.get('epsilon_no_amplification', 0.0):.3f} without (holds for any client selection)")
+        lines.append(
+            f"{r['round']:>6} {r['clients_aggregated']:>3}/{r['population']:<4} {r['sample_rate']:>7.3f} "
+            f"{r['epsilon']:>9.3f} {r['epsilon_no_amplification']:>10.3f}"
+        )
+    lines.append(
+        f"{CLIENT}: epsilon {cl.get('epsilon', 0.0):.3f} with sampling amplification (assumes Poisson sampling of "
+        f"clients), {cl.get('epsilon_no_amplification', 0.0):.3f} without (holds for any client selection)"
+    )
     return lines
 
 
 def _sample_table(privacy: dict[str, Any], clients: dict[str, Any]) -> list[str]:
     rounds = sorted({r["round"] for e in clients.values() for r in e["rounds"]})
-    lines = [f"privacy ledger: {privacy['label']}, accountant {privacy['accountant']}"
-             + (f", sigma planned for target epsilon {privacy['target_epsilon']:g}" if privacy.get("target_epsilon") else "")]
-    head = f"{'client':>6}  " + "  ".join(f"{'eps r' + str(r):>8}" for r in rounds) + \
-        f"  {'delta':>9} {'sigma':>7} {'C':>6} {'q':>7} {'steps':>6} {'budget':>7}  status"
+    lines = [
+        f"privacy ledger: {privacy['label']}, accountant {privacy['accountant']}"
+        + (f", sigma planned for target epsilon {privacy['target_epsilon']:g}" if privacy.get("target_epsilon") else "")
+    ]
+    head = (
+        f"{'client':>6}  "
+        + "  ".join(f"{'eps r' + str(r):>8}" for r in rounds)
+        + f"  {'delta':>9} {'sigma':>7} {'C':>6} {'q':>7} {'steps':>6} {'budget':>7}  status"
+    )
     lines.append(head)
     for pid in sorted(clients, key=int):
         e = clients[pid]
@@ -61,18 +72,25 @@ def _sample_table(privacy: dict[str, Any], clients: dict[str, Any]) -> list[str]
         cells = []
         for r in rounds:
             rr = by_round.get(r)
-            cells.append(f"{'-':>8}" if rr is None else f"{rr['epsilon']:>8.3f}" + ("" if rr["status"] == "trained" else "*"))
-        status = "trained" if "stopped" not in e else f"stopped in round {e['stopped']['round']}: {e['stopped']['reason']}"
+            cells.append(
+                f"{'-':>8}" if rr is None else f"{rr['epsilon']:>8.3f}" + ("" if rr["status"] == "trained" else "*")
+            )
+        status = (
+            "trained" if "stopped" not in e else f"stopped in round {e['stopped']['round']}: {e['stopped']['reason']}"
+        )
         budget = f"{e['max_epsilon']:>7.3g}" if e.get("max_epsilon") else f"{'-':>7}"
-        lines.append(f"{pid:>6}  " + "  ".join(cells) +
-                     f"  {e['delta']:>9.2e} {e['noise_multiplier']:>7.3f} {e['max_grad_norm']:>6.3g} {e['sample_rate']:>7.4f} "
-                     f"{e['steps']:>6} {budget}  {status}")
+        lines.append(
+            f"{pid:>6}  "
+            + "  ".join(cells)
+            + f"  {e['delta']:>9.2e} {e['noise_multiplier']:>7.3f} {e['max_grad_norm']:>6.3g} {e['sample_rate']:>7.4f} "
+            f"{e['steps']:>6} {budget}  {status}"
+        )
     eps = [e["epsilon"] for e in clients.values()]
-    lines.append(f"{SAMPLE:s}: epsilon max {max(eps):.3f}, mean {sum(eps) / len(eps):.3f} over {len(eps)} clients "
-                 f"(each at its own delta); * = did not train that round")
+    lines.append(
+        f"{SAMPLE:s}: epsilon max {max(eps):.3f}, mean {sum(eps) / len(eps):.3f} over {len(eps)} clients "
+        f"(each at its own delta); * = did not train that round"
+    )
     return lines
-
-
 
 
 def privacy_line(row: dict[str, Any]) -> str | None:
@@ -83,10 +101,14 @@ def privacy_line(row: dict[str, Any]) -> str | None:
     parts = []
     if "sample_level_epsilon_max" in p:
         ex = f", budget exhausted: clients {p['exhausted']}" if p["exhausted"] else ""
-        parts.append(f"{SAMPLE} epsilon max {p['sample_level_epsilon_max']:.3f}, mean {p['sample_level_epsilon_mean']:.3f}{ex}")
+        parts.append(
+            f"{SAMPLE} epsilon max {p['sample_level_epsilon_max']:.3f}, mean {p['sample_level_epsilon_mean']:.3f}{ex}"
+        )
     if "client_level_epsilon" in p:
-        parts.append(f"{CLIENT} epsilon {p['client_level_epsilon']:.3f} ({p['client_level_epsilon_no_amplification']:.3f} "
-                     f"without sampling amplification)")
+        parts.append(
+            f"{CLIENT} epsilon {p['client_level_epsilon']:.3f} ({p['client_level_epsilon_no_amplification']:.3f} "
+            f"without sampling amplification)"
+        )
     return f"[fedhf] privacy after round {row['round']}: " + "; ".join(parts)
 
 
@@ -98,30 +120,43 @@ def reported_floor(report: dict[str, Any]) -> float:
         return 0.0
     if report["noise_multiplier"] <= 0:
         return float("inf")
-    return epsilon_of(report["accountant"], [(report["noise_multiplier"], report["sample_rate"], int(report["steps"]))],
-                      report["delta"])
+    return epsilon_of(
+        report["accountant"],
+        [(report["noise_multiplier"], report["sample_rate"], int(report["steps"]))],
+        report["delta"],
+    )
 
 
-def ledger_entry(entry: dict[str, Any] | None, report: dict[str, Any], server_round: int,
-                 status: str) -> tuple[dict[str, Any], list[str]]:
+def ledger_entry(
+    entry: dict[str, Any] | None, report: dict[str, Any], server_round: int, status: str
+) -> tuple[dict[str, Any], list[str]]:
     """One client's ledger entry after its round-``server_round`` report (snake_case keys); the warnings to log.
 
     ``entry`` is not changed; the returned entry is a new dict.
     """
     p = report
     warnings: list[str] = []
-    entry = dict(entry) if entry is not None else {
-        "delta": p["delta"], "noise_multiplier": p["noise_multiplier"], "max_grad_norm": p["max_grad_norm"],
-        "sample_rate": p["sample_rate"], "accountant": p["accountant"], "max_epsilon": p["max_epsilon"] or None,
-        "rounds": [],
-    }
+    entry = (
+        dict(entry)
+        if entry is not None
+        else {
+            "delta": p["delta"],
+            "noise_multiplier": p["noise_multiplier"],
+            "max_grad_norm": p["max_grad_norm"],
+            "sample_rate": p["sample_rate"],
+            "accountant": p["accountant"],
+            "max_epsilon": p["max_epsilon"] or None,
+            "rounds": [],
+        }
+    )
     entry["rounds"] = list(entry["rounds"])
     # The server's own floor: one run on one node has one sigma and one q.
     floor = reported_floor(p)
     epsilon, steps = max(float(p["epsilon"]), floor), int(p["steps"])
     if floor > float(p["epsilon"]) * (1 + 1e-6):
-        entry["note_floor"] = ("the client reported less than its sigma, q and steps give; the ledger counts the "
-                               "computed value")
+        entry["note_floor"] = (
+            "the client reported less than its sigma, q and steps give; the ledger counts the computed value"
+        )
         warnings.append(f"reported epsilon {p['epsilon']:.4f}; its sigma, q and steps give {floor:.4f}: counting that")
     acc_id = p["accountant_id"]
     restarted = entry["rounds"] and (acc_id != entry.get("accountant_id") or steps < entry["reported_steps"])
@@ -132,12 +167,17 @@ def ledger_entry(entry: dict[str, Any] | None, report: dict[str, Any], server_ro
         entry["offset_delta"] = entry.get("offset_delta", 0.0) + entry["reported_delta"]
         entry["offset_steps"] = entry.get("offset_steps", 0) + entry["reported_steps"]
         entry["accountant_resets"] = entry.get("accountant_resets", 0) + 1
-        entry["note"] = ("the client's accountant restarted; epsilon and delta are the sums over its accounting "
-                         "periods (basic composition)")
-        warnings.append(f"its privacy accountant restarted (accountant id {acc_id} after {entry.get('accountant_id')}, "
-                        f"steps {steps} after {entry['reported_steps']}); its epsilon is now composed conservatively")
-    entry.update({"reported_epsilon": epsilon, "reported_steps": steps, "reported_delta": p["delta"],
-                  "accountant_id": acc_id})
+        entry["note"] = (
+            "the client's accountant restarted; epsilon and delta are the sums over its accounting "
+            "periods (basic composition)"
+        )
+        warnings.append(
+            f"its privacy accountant restarted (accountant id {acc_id} after {entry.get('accountant_id')}, "
+            f"steps {steps} after {entry['reported_steps']}); its epsilon is now composed conservatively"
+        )
+    entry.update(
+        {"reported_epsilon": epsilon, "reported_steps": steps, "reported_delta": p["delta"], "accountant_id": acc_id}
+    )
     if "lifetime_epsilon" in p:
         entry["lifetime_epsilon"] = p["lifetime_epsilon"]
         entry["lifetime_delta"] = p.get("lifetime_delta", p["delta"])
@@ -153,15 +193,27 @@ def ledger_entry(entry: dict[str, Any] | None, report: dict[str, Any], server_ro
 def with_saved_spend(entry: dict[str, Any] | None, spend: dict[str, Any]) -> dict[str, Any]:
     """The entry once a client's saved accountant (``spend``: epsilon, steps, delta, sigma, C, q, accountant) shows
     more steps than it reported: the ledger takes the client's figure."""
-    entry = dict(entry) if entry is not None else {
-        "delta": spend["delta"], "noise_multiplier": spend["noise_multiplier"],
-        "max_grad_norm": spend["max_grad_norm"], "sample_rate": spend["sample_rate"],
-        "accountant": spend["accountant"], "max_epsilon": None, "rounds": [],
-        "reported_epsilon": 0.0, "reported_steps": 0, "reported_delta": spend["delta"],
-    }
+    entry = (
+        dict(entry)
+        if entry is not None
+        else {
+            "delta": spend["delta"],
+            "noise_multiplier": spend["noise_multiplier"],
+            "max_grad_norm": spend["max_grad_norm"],
+            "sample_rate": spend["sample_rate"],
+            "accountant": spend["accountant"],
+            "max_epsilon": None,
+            "rounds": [],
+            "reported_epsilon": 0.0,
+            "reported_steps": 0,
+            "reported_delta": spend["delta"],
+        }
+    )
     entry["unreported_steps"] = spend["steps"] - entry["reported_steps"]
-    entry["note_unreported"] = ("the client's own accountant holds steps of a round whose update the server did not "
-                                "aggregate (cut off by a restart or too late); they are counted")
+    entry["note_unreported"] = (
+        "the client's own accountant holds steps of a round whose update the server did not "
+        "aggregate (cut off by a restart or too late); they are counted"
+    )
     entry.update({"reported_epsilon": spend["epsilon"], "reported_steps": spend["steps"]})
     entry["epsilon"] = spend["epsilon"] + entry.get("offset_epsilon", 0.0)
     entry["steps"] = spend["steps"] + entry.get("offset_steps", 0)

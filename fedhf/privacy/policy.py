@@ -106,19 +106,24 @@ def parse_policy(node_config: Mapping[str, Any]) -> NodePolicy:
     budget = _number(node_config, "max-epsilon", "4.0")
     delta = _number(node_config, "max-delta", "1e-5")
     if delta is not None and delta >= 1:
-        raise FedHFConfigError(f"node config 'max-delta': got {node_config['max-delta']!r}; delta must be below 1, "
-                               "e.g. max-delta=1e-5 (the default is 1 / the node's training rows).")
+        raise FedHFConfigError(
+            f"node config 'max-delta': got {node_config['max-delta']!r}; delta must be below 1, "
+            "e.g. max-delta=1e-5 (the default is 1 / the node's training rows)."
+        )
     raw_level = node_config.get("min-privacy")
     if raw_level is None or (isinstance(raw_level, str) and not raw_level.strip()):
         level = "sample" if budget is not None else "none"
     else:
         level = str(raw_level).strip().lower()
         if level not in PRIVACY_LEVELS:
-            raise FedHFConfigError(f"node config 'min-privacy': got {raw_level!r}; allowed: {', '.join(PRIVACY_LEVELS)}.")
+            raise FedHFConfigError(
+                f"node config 'min-privacy': got {raw_level!r}; allowed: {', '.join(PRIVACY_LEVELS)}."
+            )
         if budget is not None and level != "sample":
             raise FedHFConfigError(
                 f"node config 'max-epsilon' is a sample-level budget, but 'min-privacy' is {level!r}: a run without "
-                "sample-level DP would spend outside it. Use min-privacy=sample (the default with max-epsilon).")
+                "sample-level DP would spend outside it. Use min-privacy=sample (the default with max-epsilon)."
+            )
     raw_secagg = node_config.get("require-secure-aggregation", False)
     if isinstance(raw_secagg, bool):
         secagg = raw_secagg
@@ -133,8 +138,9 @@ def _parse_share(raw: Any) -> frozenset[str] | None:
     if raw is None:
         return None
     if not isinstance(raw, str):
-        raise FedHFConfigError(f"node config 'share': got {raw!r}; give a comma list of {', '.join(SHAREABLE)}, "
-                               "or all, or none.")
+        raise FedHFConfigError(
+            f"node config 'share': got {raw!r}; give a comma list of {', '.join(SHAREABLE)}, or all, or none."
+        )
     names = [n.strip() for n in raw.split(",") if n.strip()]
     if names in (["none"], []):
         return frozenset()
@@ -142,8 +148,10 @@ def _parse_share(raw: Any) -> frozenset[str] | None:
         return frozenset(SHAREABLE)
     unknown = [n for n in names if n not in SHAREABLE]
     if unknown:
-        raise FedHFConfigError(f"node config 'share': '{unknown[0]}' is not something fedhf can share; allowed: "
-                               f"{', '.join(SHAREABLE)}, all, none.")
+        raise FedHFConfigError(
+            f"node config 'share': '{unknown[0]}' is not something fedhf can share; allowed: "
+            f"{', '.join(SHAREABLE)}, all, none."
+        )
     return frozenset(names)
 
 
@@ -156,18 +164,28 @@ def check_request(policy: NodePolicy, *, mode: str, secure: bool, noise_multipli
     sample = mode in ("sample", "both")
     client = mode in ("client", "both")
     if policy.min_privacy == "sample" and not sample:
-        return Refusal("min-privacy", f"this node trains only with sample-level DP (min-privacy=sample); the run asks "
-                                      f"privacy.mode={mode!r}.")
+        return Refusal(
+            "min-privacy",
+            f"this node trains only with sample-level DP (min-privacy=sample); the run asks privacy.mode={mode!r}.",
+        )
     if policy.min_privacy == "sample" and noise_multiplier is not None and not noise_multiplier > 0:
-        return Refusal("min-privacy", f"privacy.noise-multiplier={noise_multiplier:g} adds no noise: that is not "
-                                      "differential privacy (min-privacy=sample).")
+        return Refusal(
+            "min-privacy",
+            f"privacy.noise-multiplier={noise_multiplier:g} adds no noise: that is not "
+            "differential privacy (min-privacy=sample).",
+        )
     if policy.min_privacy == "client" and not client:
-        return Refusal("min-privacy", f"this node trains only with client-level DP (min-privacy=client); the run asks "
-                                      f"privacy.mode={mode!r}.")
+        return Refusal(
+            "min-privacy",
+            f"this node trains only with client-level DP (min-privacy=client); the run asks privacy.mode={mode!r}.",
+        )
     if policy.require_secure_aggregation and not secure:
-        return Refusal("require-secure-aggregation", "this node sends its update only inside SecAgg+ "
-                                                     "(require-secure-aggregation=true); this train request is not "
-                                                     "part of the SecAgg+ protocol.")
+        return Refusal(
+            "require-secure-aggregation",
+            "this node sends its update only inside SecAgg+ "
+            "(require-secure-aggregation=true); this train request is not "
+            "part of the SecAgg+ protocol.",
+        )
     return None
 
 
@@ -175,6 +193,9 @@ def check_delta(policy: NodePolicy, delta: float, num_examples: int) -> Refusal 
     """The run's delta against the node's ceiling (the ceiling's value is not quoted: by default it is 1/n)."""
     if not 0 < delta < 1 or delta > policy.delta_ceiling(num_examples):
         what = f"max-delta={policy.max_delta:g}" if policy.max_delta is not None else "1 / its training rows"
-        return Refusal("max-delta", f"the run's delta {delta:.3g} is above this node's ceiling ({what}); a delta that "
-                                    "large allows releasing training rows outright.")
+        return Refusal(
+            "max-delta",
+            f"the run's delta {delta:.3g} is above this node's ceiling ({what}); a delta that "
+            "large allows releasing training rows outright.",
+        )
     return None

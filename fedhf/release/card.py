@@ -16,17 +16,38 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from fedhf import __version__
-from fedhf.privacy.policy import SHAREABLE
 from fedhf.federation.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
+from fedhf.privacy.policy import SHAREABLE
 from fedhf.tasks.base import get_task
 
-AFRISENTI_ISO = {"amh": "am", "arq": "arq", "ary": "ary", "hau": "ha", "ibo": "ig", "kin": "rw", "orm": "om",
-                 "pcm": "pcm", "por": "pt", "swa": "sw", "tir": "ti", "tso": "ts", "twi": "tw", "yor": "yo"}
+AFRISENTI_ISO = {
+    "amh": "am",
+    "arq": "arq",
+    "ary": "ary",
+    "hau": "ha",
+    "ibo": "ig",
+    "kin": "rw",
+    "orm": "om",
+    "pcm": "pcm",
+    "por": "pt",
+    "swa": "sw",
+    "tir": "ti",
+    "tso": "ts",
+    "twi": "tw",
+    "yor": "yo",
+}
 KNOWN_MODEL_LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0"}
 PERMISSIVE = {"apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause"}
 NON_COMMERCIAL = "research and non-commercial use only"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.txt", "fedhf.json")
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "fedhf.json",
+)
 
 
 def display_name(run: dict[str, Any]) -> str:
@@ -47,17 +68,23 @@ def _data_license(run: dict[str, Any]) -> str:
 def combined_license(model_license: str, data_license: str) -> tuple[str, str | None]:
     """(Hub license id, note): the most restrictive of the base model's and the data's licences."""
     if data_license == NON_COMMERCIAL or model_license == NON_COMMERCIAL:
-        return "other", ("The training data is licensed for research and non-commercial use only, so this adapter "
-                         "is too, whatever the base model's licence.")
+        return "other", (
+            "The training data is licensed for research and non-commercial use only, so this adapter "
+            "is too, whatever the base model's licence."
+        )
     for lic in (model_license, data_license):
         if lic == "unknown":
-            return "unknown", (f"The licence of the {'base model' if lic is model_license else 'training data'} is "
-                               "not stated by its authors; check it before any use beyond research.")
+            return "unknown", (
+                f"The licence of the {'base model' if lic is model_license else 'training data'} is "
+                "not stated by its authors; check it before any use beyond research."
+            )
     if model_license == data_license:
         return model_license, None
     if data_license not in PERMISSIVE:  # e.g. cc-by-4.0: attribution required
-        return data_license, (f"The base model is {model_license} and the training data {data_license}: the adapter "
-                              f"follows the more restrictive data licence ({data_license}).")
+        return data_license, (
+            f"The base model is {model_license} and the training data {data_license}: the adapter "
+            f"follows the more restrictive data licence ({data_license})."
+        )
     return model_license, f"The base model is {model_license} and the training data {data_license}."
 
 
@@ -74,8 +101,11 @@ def _reliability_text(run: dict[str, Any]) -> str:
     failed = sum(len(r.get("failures", [])) for r in rounds)
     rejected = sum(len(r.get("rejected", [])) for r in rounds)
     resumes = len(run.get("resumes", []))
-    parts = [f"{failed} client failure(s) (error or timeout)", f"{rejected} update(s) rejected by the server's checks "
-             f"(names, shapes, dtypes, finite values, update norm <= {run['config'].get('strategy.max-update-norm', '-')})"]
+    parts = [
+        f"{failed} client failure(s) (error or timeout)",
+        f"{rejected} update(s) rejected by the server's checks "
+        f"(names, shapes, dtypes, finite values, update norm <= {run['config'].get('strategy.max-update-norm', '-')})",
+    ]
     if resumes:
         parts.append(f"resumed {resumes} time(s) from a checkpoint")
     refusals = run.get("refusals", [])
@@ -97,6 +127,7 @@ _POOLING_TEXT = {
     "mean": "the attention-mask-weighted mean of the last hidden states (model.pooling = mean)",
 }
 
+
 def base_model_license(name: str, resolved: str | None = None) -> str:
     if name in KNOWN_MODEL_LICENSES:
         return KNOWN_MODEL_LICENSES[name]
@@ -110,13 +141,20 @@ def base_model_license(name: str, resolved: str | None = None) -> str:
 def provenance(run: dict[str, Any]) -> dict[str, Any]:
     """Where the model came from: data identity, partitions, seeds, config hash, versions. No paths, no hosts."""
     src = run["dataset"].get("source", {})
-    data: dict[str, Any] = {"name": run["dataset"]["name"], "preset": run["dataset"].get("preset"),
-                            "hub_id": src.get("hub_id"), "revision": src.get("revision"),
-                            "label_names": run["dataset"]["label_names"],
-                            "text_column": src.get("text_column"), "label_column": src.get("label_column")}
+    data: dict[str, Any] = {
+        "name": run["dataset"]["name"],
+        "preset": run["dataset"].get("preset"),
+        "hub_id": src.get("hub_id"),
+        "revision": src.get("revision"),
+        "label_names": run["dataset"]["label_names"],
+        "text_column": src.get("text_column"),
+        "label_column": src.get("label_column"),
+    }
     if src.get("files"):
-        data["files"] = {split: [{"name": Path(f["name"]).as_posix(), "sha256": f["sha256"]} for f in fs]
-                         for split, fs in src["files"].items()}
+        data["files"] = {
+            split: [{"name": Path(f["name"]).as_posix(), "sha256": f["sha256"]} for f in fs]
+            for split, fs in src["files"].items()
+        }
     if src.get("languages"):
         data["languages"] = src["languages"]
     data["name"] = display_name(run)  # never the configured path, which may be absolute
@@ -129,8 +167,11 @@ def provenance(run: dict[str, Any]) -> dict[str, Any]:
         "versions": run["versions"],
         "dataset": data,
         "partitions": published_partitions(run),
-        "model": {"base_model": published_base_model(run), "trainable_params": run["model"]["trainable_params"],
-                  "total_params": run["model"]["total_params"]},
+        "model": {
+            "base_model": published_base_model(run),
+            "trainable_params": run["model"]["trainable_params"],
+            "total_params": run["model"]["total_params"],
+        },
     }
 
 
@@ -188,8 +229,10 @@ def client_ids(run: dict[str, Any]) -> list[int]:
 def _privacy_section(run: dict[str, Any]) -> str:
     p = run.get("privacy")
     if not p or p.get("mode", "none") == "none":
-        return ("**No differential privacy.** The clients' raw data never left them, but the adapter and every update "
-                "were trained without a formal privacy guarantee: they can memorise and reveal training examples.\n")
+        return (
+            "**No differential privacy.** The clients' raw data never left them, but the adapter and every update "
+            "were trained without a formal privacy guarantee: they can memorise and reveal training examples.\n"
+        )
     out = []
     clients = p.get("clients", {})
     if clients:
@@ -197,9 +240,11 @@ def _privacy_section(run: dict[str, Any]) -> str:
         deltas = [e["delta"] for e in clients.values()]
         sig = sorted({round(e["noise_multiplier"], 4) for e in clients.values()})
         stopped = [pid for pid, e in clients.items() if "stopped" in e]
-        out.append("| guarantee | ε (max over clients) | ε (mean) | δ (max) | σ | C | accountant |\n|---|---|---|---|---|---|---|\n"
-                   f"| {p['label']} | {max(eps):.3f} | {sum(eps) / len(eps):.3f} | {max(deltas):.2e} | "
-                   f"{', '.join(f'{s:g}' for s in sig)} | {next(iter(clients.values()))['max_grad_norm']:g} | {p['accountant']} |")
+        out.append(
+            "| guarantee | ε (max over clients) | ε (mean) | δ (max) | σ | C | accountant |\n|---|---|---|---|---|---|---|\n"
+            f"| {p['label']} | {max(eps):.3f} | {sum(eps) / len(eps):.3f} | {max(deltas):.2e} | "
+            f"{', '.join(f'{s:g}' for s in sig)} | {next(iter(clients.values()))['max_grad_norm']:g} | {p['accountant']} |"
+        )
         out.append(
             "\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example gradients "
             "clipped to C, Gaussian noise σ·C, Poisson-sampled batches, one accountant per client over all rounds. For any "
@@ -207,23 +252,33 @@ def _privacy_section(run: dict[str, Any]) -> str:
             "they would be without that example, at that client's ε and δ (above: the worst client); so is the released "
             "adapter, which is computed from those updates only. It does not protect a client's data set as a whole (see "
             "client-level), nor properties shared by many examples."
-            + (f" Client(s) {', '.join(stopped)} stopped training when their privacy budget ran out." if stopped else ""))
+            + (
+                f" Client(s) {', '.join(stopped)} stopped training when their privacy budget ran out."
+                if stopped
+                else ""
+            )
+        )
         lifetime = {pid: e["lifetime_epsilon"] for pid, e in clients.items() if "lifetime_epsilon" in e}
         if lifetime:
-            out.append("\nEach node keeps its spend per dataset over every run on the same data; after this run: "
-                       + ", ".join(f"client {pid} ε {v:.3f}" for pid, v in sorted(lifetime.items(), key=lambda x: int(x[0])))
-                       + " (lifetime, at the smallest δ any run on that data used).")
+            out.append(
+                "\nEach node keeps its spend per dataset over every run on the same data; after this run: "
+                + ", ".join(f"client {pid} ε {v:.3f}" for pid, v in sorted(lifetime.items(), key=lambda x: int(x[0])))
+                + " (lifetime, at the smallest δ any run on that data used)."
+            )
     cl = p.get("client_level")
     if cl:
-        out.append("\n| guarantee | ε (with sampling amplification) | ε (no amplification) | δ | σ (effective) | clipping |\n|---|---|---|---|---|---|\n"
-                   f"| {cl['label']} | {cl.get('epsilon', 0.0):.3f} | {cl.get('epsilon_no_amplification', 0.0):.3f} | "
-                   f"{cl['delta']:.2e} | {cl['effective_noise_multiplier']:.4g} | {cl['clipping']}, C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'} |")
+        out.append(
+            "\n| guarantee | ε (with sampling amplification) | ε (no amplification) | δ | σ (effective) | clipping |\n|---|---|---|---|---|---|\n"
+            f"| {cl['label']} | {cl.get('epsilon', 0.0):.3f} | {cl.get('epsilon_no_amplification', 0.0):.3f} | "
+            f"{cl['delta']:.2e} | {cl['effective_noise_multiplier']:.4g} | {cl['clipping']}, C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'} |"
+        )
         out.append(
             "\n**What the client-level guarantee means.** The server clipped each client's adapter update, averaged them with "
             "equal weights and added Gaussian noise, so the released adapter is (ε, δ)-indistinguishable whether or not any "
             "one client took part, whatever its data. The amplified ε assumes clients were sampled independently each round; "
             "the unamplified ε holds for any selection. The server saw each client's clipped update before noise: this "
-            "guarantee protects the clients from the readers of this adapter, not from the server.")
+            "guarantee protects the clients from the readers of this adapter, not from the server."
+        )
         verdict = client_level_verdict(cl, len(client_ids(run)))
         if verdict:
             out.append("\n" + verdict)
@@ -241,6 +296,7 @@ def _rows_text(run: dict[str, Any]) -> str:
 
 def disclosure_text(run: dict[str, Any]) -> str:
     """What each sample-level DP client sent, field by field: covered, accounting, bookkeeping, shared by its owner."""
+
     def names(fields: dict[str, str]) -> str:
         return ", ".join(f"`{k}`" for k in fields)
 
@@ -249,17 +305,25 @@ def disclosure_text(run: dict[str, Any]) -> str:
         shared = sorted(shared_by(run, pid))
         fields = [f for group in shared for f in SHARED_FIELDS[group]]
         per_client.append(f"client {pid}: " + (", ".join(f"`{f}`" for f in fields) if fields else "nothing"))
-    shared_text = ("only because the client's owner shared them (node config `share`): " + "; ".join(per_client) +
-                   ". A reply's arrival time is visible to the server. Per-client figures in this card and in "
-                   "provenance.json are those the clients shared.")
+    shared_text = (
+        "only because the client's owner shared them (node config `share`): "
+        + "; ".join(per_client)
+        + ". A reply's arrival time is visible to the server. Per-client figures in this card and in "
+        "provenance.json are those the clients shared."
+    )
     if not run.get("privacy", {}).get("clients"):  # client-level only: the server saw each update before noise
-        return ("**What each client sent to the server.** Its update and the bookkeeping fields " + names(BOOKKEEPING) +
-                " (the client-level guarantee covers the released adapter, not what the server received); besides, "
-                + shared_text)
-    return ("**What each client sent.** Covered by the guarantee: " + names(COVERED) + ". Outside it, by design: "
-            "the privacy accounting (" + names(ACCOUNTING) + "), which is computed from the run's settings and the "
-            "client's number of Poisson batches per epoch ⌈n / B⌉, so it reveals each client's training rows to within "
-            "the batch size; and the bookkeeping fields " + names(BOOKKEEPING) + ". Outside it, " + shared_text)
+        return (
+            "**What each client sent to the server.** Its update and the bookkeeping fields "
+            + names(BOOKKEEPING)
+            + " (the client-level guarantee covers the released adapter, not what the server received); besides, "
+            + shared_text
+        )
+    return (
+        "**What each client sent.** Covered by the guarantee: " + names(COVERED) + ". Outside it, by design: "
+        "the privacy accounting (" + names(ACCOUNTING) + "), which is computed from the run's settings and the "
+        "client's number of Poisson batches per epoch ⌈n / B⌉, so it reveals each client's training rows to within "
+        "the batch size; and the bookkeeping fields " + names(BOOKKEEPING) + ". Outside it, " + shared_text
+    )
 
 
 def client_level_verdict(cl: dict[str, Any], num_clients: int) -> str | None:
@@ -267,35 +331,41 @@ def client_level_verdict(cl: dict[str, Any], num_clients: int) -> str | None:
     eps = cl.get("epsilon_no_amplification", cl.get("epsilon", 0.0))
     delta = cl.get("delta", 0.0)
     if num_clients and delta >= 1 / num_clients:
-        return (f"**This client-level guarantee protects no one:** δ = {delta:.2e} is not below 1 / {num_clients} "
-                "clients, which allows releasing one client's update outright.")
+        return (
+            f"**This client-level guarantee protects no one:** δ = {delta:.2e} is not below 1 / {num_clients} "
+            "clients, which allows releasing one client's update outright."
+        )
     if eps > 10:
-        return (f"**With {num_clients} clients this client-level guarantee protects no one in practice:** ε = {eps:.3g} "
-                f"(without sampling amplification) lets an observer's odds that a given client took part grow by up to "
-                f"e^ε; client-level DP needs many clients per round to reach a small ε at a noise level that still "
-                "learns.")
+        return (
+            f"**With {num_clients} clients this client-level guarantee protects no one in practice:** ε = {eps:.3g} "
+            f"(without sampling amplification) lets an observer's odds that a given client took part grow by up to "
+            f"e^ε; client-level DP needs many clients per round to reach a small ε at a noise level that still "
+            "learns."
+        )
     return None
 
 
 def _secure_aggregation_section(run: dict[str, Any]) -> str:
     sa = run.get("secure_aggregation")
     if not sa:
-        return ("**Off.** The server received each client's adapter update in the clear (over TLS in a deployment) "
-                "before averaging.\n")
+        return (
+            "**Off.** The server received each client's adapter update in the clear (over TLS in a deployment) "
+            "before averaging.\n"
+        )
     rounds = sa.get("rounds", [])
     used = sorted({(r["num_shares"], r["reconstruction_threshold"]) for r in rounds})
     dropped = sum(r["dropped"] for r in rounds)
     withheld = sum(1 for r in rounds if not r.get("completed", True))
-    return f"""**On: {sa['protocol']}.** The server learned only the weighted average of each round's client adapters,
+    return f"""**On: {sa["protocol"]}.** The server learned only the weighted average of each round's client adapters,
 never an individual client's: each client uploaded its adapter masked with pairwise and private masks that cancel
 only in the sum; secrets are Shamir-shared among neighbours so that dropped clients' masks can be removed.
 
 | | |
 |---|---|
-| shares per secret / reconstruction threshold | {', '.join(f"{a} / {b}" for a, b in used) or f"{sa['num_shares']} / {sa['reconstruction_threshold']}"} |
-| quantization | {sa['quantization_bits']} bits ({sa['quantization_range']:,} levels) over [-{sa['clipping_range']:g}, {sa['clipping_range']:g}], step {sa['quantization_step']:.3g} |
+| shares per secret / reconstruction threshold | {", ".join(f"{a} / {b}" for a, b in used) or f"{sa['num_shares']} / {sa['reconstruction_threshold']}"} |
+| quantization | {sa["quantization_bits"]} bits ({sa["quantization_range"]:,} levels) over [-{sa["clipping_range"]:g}, {sa["clipping_range"]:g}], step {sa["quantization_step"]:.3g} |
 | modulus | 2^32 |
-| max client weight | {sa['max_weight']:g} examples |
+| max client weight | {sa["max_weight"]:g} examples |
 | rounds / clients dropped during the protocol / rounds withheld (nothing released) | {len(rounds)} / {dropped} / {withheld} |
 
 What the server still sees, in the clear: each client's averaging weight (its number of training examples when it
@@ -309,30 +379,46 @@ privacy: the average itself can still reveal information unless DP is on (see Pr
 def _audit_section(run: dict[str, Any]) -> str:
     audit = run.get("audit")
     if not audit:
-        return ("Not audited. `fedhf audit RUN_DIR` runs a membership-inference attack on this adapter and adds its "
-                "results here.\n")
+        return (
+            "Not audited. `fedhf audit RUN_DIR` runs a membership-inference attack on this adapter and adds its "
+            "results here.\n"
+        )
     rows = ["| attack | ROC AUC | TPR at 1% FPR | empirical ε lower bound |", "|---|---|---|---|"]
     for name, what in (("loss", "loss threshold"), ("calibrated", "loss calibrated by the untrained model")):
         a = audit[name]
         rows.append(f"| {what} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | {a['epsilon_lower_bound']:.3f} |")
     claimed = audit.get("claimed_epsilon")
-    verdict = (f"The lower bounds hold with {audit['confidence']:.0%} confidence (δ = {audit['delta']:.3g}) and are "
-               + (f"{'**above**' if audit.get('violation') else 'below'} the claimed sample-level ε = {claimed:.3f}."
-                  if claimed is not None else "the only privacy statement for this run: it claims no sample-level DP."))
-    return (f"A membership-inference attack on this adapter (fedhf audit): {audit['members']} training rows of the "
-            f"clients (members) against {audit['non_members']} rows of the same distribution that no client saw "
-            f"(non-members: {audit['non_member_source']}), the same number of each label on both sides. AUC 0.5 means "
-            "the attack cannot tell them apart.\n\n"
-            + "\n".join(rows) + "\n\n" + verdict + " An attack on natural examples gives a loose bound: it can show "
-            "leakage, it cannot prove its absence.\n")
+    verdict = f"The lower bounds hold with {audit['confidence']:.0%} confidence (δ = {audit['delta']:.3g}) and are " + (
+        f"{'**above**' if audit.get('violation') else 'below'} the claimed sample-level ε = {claimed:.3f}."
+        if claimed is not None
+        else "the only privacy statement for this run: it claims no sample-level DP."
+    )
+    return (
+        f"A membership-inference attack on this adapter (fedhf audit): {audit['members']} training rows of the "
+        f"clients (members) against {audit['non_members']} rows of the same distribution that no client saw "
+        f"(non-members: {audit['non_member_source']}), the same number of each label on both sides. AUC 0.5 means "
+        "the attack cannot tell them apart.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + verdict
+        + " An attack on natural examples gives a loose bound: it can show "
+        "leakage, it cannot prove its absence.\n"
+    )
 
 
 def _rounds_table(run: dict[str, Any]) -> str:
-    rows = ["| round | train loss | eval loss | eval accuracy | eval macro-F1 | clients trained |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| round | train loss | eval loss | eval accuracy | eval macro-F1 | clients trained |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in run["rounds"]:
         tl = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
-        trained = "-" if r["round"] == 0 else str(sum(c.get("status", "trained") == "trained" for c in r.get("clients", [])))
-        rows.append(f"| {r['round']} | {tl} | {r['eval_loss']:.4f} | {r['eval_accuracy']:.4f} | {r['eval_f1']:.4f} | {trained} |")
+        trained = (
+            "-" if r["round"] == 0 else str(sum(c.get("status", "trained") == "trained" for c in r.get("clients", [])))
+        )
+        rows.append(
+            f"| {r['round']} | {tl} | {r['eval_loss']:.4f} | {r['eval_accuracy']:.4f} | {r['eval_f1']:.4f} | {trained} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -358,25 +444,41 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     final = run["final"]
     eval_name = display_name(run)
     results = [
-        EvalResult(task_type=task.pipeline_tag, dataset_type=hub_id or eval_name, dataset_name=eval_name,
-                   dataset_split=src.get("eval_split") or "test", dataset_revision=src.get("revision"),
-                   metric_type=metric, metric_name=name, metric_value=float(final[key]))
+        EvalResult(
+            task_type=task.pipeline_tag,
+            dataset_type=hub_id or eval_name,
+            dataset_name=eval_name,
+            dataset_split=src.get("eval_split") or "test",
+            dataset_revision=src.get("revision"),
+            metric_type=metric,
+            metric_name=name,
+            metric_value=float(final[key]),
+        )
         for metric, name, key in (("accuracy", "Accuracy", "eval_accuracy"), ("f1", "Macro F1", "eval_f1"))
     ]
     data = ModelCardData(
-        base_model=published_base_model(run), library_name="peft", pipeline_tag=task.pipeline_tag,
-        datasets=[hub_id] if hub_id else None, language=languages, license=license_id,
+        base_model=published_base_model(run),
+        library_name="peft",
+        pipeline_tag=task.pipeline_tag,
+        datasets=[hub_id] if hub_id else None,
+        language=languages,
+        license=license_id,
         license_name="research-and-non-commercial-only" if license_id == "other" else None,
-        tags=tags, metrics=["accuracy", "f1"], model_name=f"fedhf-{run['run_id']}", eval_results=results,
+        tags=tags,
+        metrics=["accuracy", "f1"],
+        model_name=f"fedhf-{run['run_id']}",
+        eval_results=results,
     )
     n_clients = len(client_ids(run))
     base_model = published_base_model(run)
     part = cfg["data.partitioner"]
-    part_params = {"dirichlet": f"α = {cfg['data.dirichlet-alpha']}, minimum partition size {cfg['data.min-partition-size']}",
-                   "inner-dirichlet": f"equal-size clients, each client's label mix drawn from Dir(α = {cfg['data.dirichlet-alpha']})",
-                   "pathological": f"{cfg['data.classes-per-client']} classes per client",
-                   "natural": f"one client per value of '{src.get('partition_column') or cfg['data.partition-column'] or 'language'}'",
-                   "iid": "equal random shares"}[part]
+    part_params = {
+        "dirichlet": f"α = {cfg['data.dirichlet-alpha']}, minimum partition size {cfg['data.min-partition-size']}",
+        "inner-dirichlet": f"equal-size clients, each client's label mix drawn from Dir(α = {cfg['data.dirichlet-alpha']})",
+        "pathological": f"{cfg['data.classes-per-client']} classes per client",
+        "natural": f"one client per value of '{src.get('partition_column') or cfg['data.partition-column'] or 'language'}'",
+        "iid": "equal random shares",
+    }[part]
     label_names = ds["label_names"]
     plots = sorted(p.name for p in (Path(run.get("_dir", ".")) / "plots").glob("*.png")) if run.get("_dir") else []
     stopped = run.get("stopped_early")
@@ -387,7 +489,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
 A LoRA adapter for {f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "a base model loaded from a local folder (its Hub id was not given: set model.hub-id when training, or name it in adapter_config.json's base_model_name_or_path)"} fine-tuned for
 {task.describe(label_names)} by **federated learning** with
 fedhf {__version__} on [Flower](https://flower.ai): {n_clients} clients trained
-on their own data, which never left them; only adapter updates ({run['model']['adapter_bytes']:,} bytes each) were
+on their own data, which never left them; only adapter updates ({run["model"]["adapter_bytes"]:,} bytes each) were
 exchanged.
 
 ## Federation
@@ -395,17 +497,17 @@ exchanged.
 | | |
 |---|---|
 | clients | {n_clients} |
-| rounds | {len(run['rounds']) - 1} of {cfg['num-server-rounds']}{f" (stopped early: {stopped['reason']})" if stopped else ""} |
-| strategy | {cfg['strategy.name']} |
-| fraction of clients per round | {cfg['strategy.fraction-train']} |
+| rounds | {len(run["rounds"]) - 1} of {cfg["num-server-rounds"]}{f" (stopped early: {stopped['reason']})" if stopped else ""} |
+| strategy | {cfg["strategy.name"]} |
+| fraction of clients per round | {cfg["strategy.fraction-train"]} |
 | partitioner | {part} ({part_params}) |
-| local training | {cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, {_optimizer_text(cfg)} |
-| LoRA | r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, modules {cfg['model.lora.target-modules']} |
+| local training | {cfg["train.local-epochs"]} epoch(s) per round, batch {cfg["train.batch-size"]}, {_optimizer_text(cfg)} |
+| LoRA | r {cfg["model.lora.r"]}, alpha {cfg["model.lora.alpha"]}, dropout {cfg["model.lora.dropout"]}, modules {cfg["model.lora.target-modules"]} |
 | head reads | {_POOLING_TEXT[pooling]} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg.get("transport.dtype", "fp32")]} |
 | failures | {_reliability_text(run)} |
 | training rows per client | {_rows_text(run)} |
-| seed | {cfg['seed']} |
+| seed | {cfg["seed"]} |
 
 ## Privacy
 
@@ -418,7 +520,7 @@ exchanged.
 {_secure_aggregation_section(run)}
 ## Results
 
-Central evaluation of the global adapter by the server on {ds['central_eval_rows']} rows of the evaluation split,
+Central evaluation of the global adapter by the server on {ds["central_eval_rows"]} rows of the evaluation split,
 before training (round 0) and after every round:
 
 {_rounds_table(run)}
@@ -436,14 +538,14 @@ Or `fedhf predict --model REPO_ID --text "an example sentence"`.
 Research on federated and private fine-tuning; {len(label_names)}-class classification of text like the training data
 ({eval_name}). Not evaluated for any other domain or language, for fairness across groups, or for deployment decisions.
 {"The adapter was trained without differential privacy and may reveal training examples." if privacy.get("mode", "none") == "none" else "Privacy guarantees hold only as stated above."}
-Accuracy is measured on {ds['central_eval_rows']} rows and carries sampling error.
+Accuracy is measured on {ds["central_eval_rows"]} rows and carries sampling error.
 
 ## Data, licences and citations
 
 - Data: {eval_name}{f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""}, licence: {data_license}.
 - Base model licence: {model_license}. This adapter: **{license_id if license_id != "other" else "research and non-commercial use only"}**.
 {f"- {license_note}" if license_note else ""}
-{f"- Cite the data: {ds['citation']}" if ds.get('citation') else ""}
+{f"- Cite the data: {ds['citation']}" if ds.get("citation") else ""}
 - Provenance (data fingerprints, partition statistics, seeds, config hash, versions): `provenance.json`.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -458,18 +560,21 @@ def build_hub_folder(run_dir: str | Path, run: dict[str, Any], model_license: st
     Only a folder fedhf created as a run folder is written to, and the old hub/ is removed only when it
     holds nothing but what fedhf puts there (a file someone added stops the rebuild, named).
     """
-    from fedhf.run.record import check_run_folder
     from fedhf.errors import FedHFRunError
+    from fedhf.run.record import check_run_folder
 
     run_dir = Path(run_dir)
     check_run_folder(run_dir, "building the Hub folder")
     hub = run_dir / "hub"
     if hub.exists():
-        foreign = sorted(p.name for p in hub.iterdir() if p.name not in HUB_NAMES) + \
-            sorted(f"plots/{p.name}" for p in (hub / "plots").glob("*") if p.suffix != ".png")
+        foreign = sorted(p.name for p in hub.iterdir() if p.name not in HUB_NAMES) + sorted(
+            f"plots/{p.name}" for p in (hub / "plots").glob("*") if p.suffix != ".png"
+        )
         if foreign:
-            raise FedHFRunError(f"'{hub}' holds '{foreign[0]}', which fedhf did not write; move it out of the run folder "
-                                "before fedhf rebuilds hub/.")
+            raise FedHFRunError(
+                f"'{hub}' holds '{foreign[0]}', which fedhf did not write; move it out of the run folder "
+                "before fedhf rebuilds hub/."
+            )
     tmp = run_dir / f".hub.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

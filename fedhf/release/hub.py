@@ -47,7 +47,9 @@ def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     except FedHFRunError as exc:
         raise FedHFHubError(f"{exc} There is nothing trustworthy to publish.") from None
     if run.get("status") != "complete":
-        raise FedHFHubError(f"'{run_dir}' is not a finished run (status '{run.get('status')}'); push only complete runs.")
+        raise FedHFHubError(
+            f"'{run_dir}' is not a finished run (status '{run.get('status')}'); push only complete runs."
+        )
     hub = run_dir / "hub"
     missing = [name for name in REQUIRED if not (hub / name).is_file()]
     if missing:
@@ -55,8 +57,15 @@ def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     return hub, run
 
 
-def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         create_pr: bool = False, dry_run: bool = False) -> PushResult:
+def push(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    dry_run: bool = False,
+) -> PushResult:
     """Create the repo (if needed) and upload the run's hub/ folder in one commit."""
     import httpx
     from huggingface_hub import HfApi, get_token
@@ -65,15 +74,19 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
 
     hub, run = hub_folder(run_dir)
     if create_pr and revision:
-        raise FedHFHubError("--create-pr opens a pull request against the default branch; drop --revision, or push to "
-                            "the branch without --create-pr.")
+        raise FedHFHubError(
+            "--create-pr opens a pull request against the default branch; drop --revision, or push to "
+            "the branch without --create-pr."
+        )
     try:
         validate_repo_id(repo_id)
         if "/" not in repo_id:
             raise HFValidationError("it must be 'namespace/name'")
     except HFValidationError as exc:
-        raise FedHFHubError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({str(exc).splitlines()[0][:160]}); "
-                            f"use namespace/name, e.g. my-org/fedhf-sst2.") from None
+        raise FedHFHubError(
+            f"--repo-id '{repo_id}' is not a valid Hub repo id ({str(exc).splitlines()[0][:160]}); "
+            f"use namespace/name, e.g. my-org/fedhf-sst2."
+        ) from None
     files = sorted((p.relative_to(hub).as_posix(), p.stat().st_size) for p in hub.rglob("*") if p.is_file())
     if dry_run:
         return PushResult(repo_id, files, dry_run=True)
@@ -85,13 +98,23 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=hub, revision=revision, create_pr=create_pr,
-                                 commit_message=f"fedhf run {run['run_id']}", repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=hub,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=f"fedhf run {run['run_id']}",
+            repo_type="model",
+        )
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         first = (_scrub(str(exc), token).splitlines() or [""])[0][:200]
         raise FedHFHubError(f"the Hub refused the upload to '{repo_id}' (HTTP {status}): {first}") from None
     except (httpx.HTTPError, OSError) as exc:  # connection errors: httpx's are not OSErrors
-        raise FedHFHubError(f"cannot reach the Hub at {_endpoint()} to push '{repo_id}' ({type(exc).__name__}); check "
-                            "HF_ENDPOINT and the network, then run fedhf push again.") from None
-    return PushResult(repo_id, files, commit_url=getattr(info, "commit_url", None), pr_url=getattr(info, "pr_url", None))
+        raise FedHFHubError(
+            f"cannot reach the Hub at {_endpoint()} to push '{repo_id}' ({type(exc).__name__}); check "
+            "HF_ENDPOINT and the network, then run fedhf push again."
+        ) from None
+    return PushResult(
+        repo_id, files, commit_url=getattr(info, "commit_url", None), pr_url=getattr(info, "pr_url", None)
+    )

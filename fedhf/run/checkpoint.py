@@ -31,16 +31,12 @@ from typing import Any
 import numpy as np
 
 from fedhf._io import atomic_write, fsync_dir, sha256_file
+from fedhf.errors import FedHFCheckpointError
 from fedhf.run.record import check_run_folder
-from fedhf.errors import FedHFError
 
 POINTER = "checkpoint.json"
 FOLDER = "checkpoints"
 FORMAT = 1
-
-
-class FedHFCheckpointError(FedHFError):
-    """A checkpoint cannot be used to resume a run (missing, damaged or from another run)."""
 
 
 @dataclass
@@ -71,9 +67,17 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     _fsync_write(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
 
 
-def save_checkpoint(run_dir: Path, server_round: int, *, run_uid: str, config_sha256: str,
-                    arrays: dict[str, np.ndarray], strategy_arrays: dict[str, np.ndarray],
-                    strategy_state: dict[str, Any], run_record: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    server_round: int,
+    *,
+    run_uid: str,
+    config_sha256: str,
+    arrays: dict[str, np.ndarray],
+    strategy_arrays: dict[str, np.ndarray],
+    strategy_state: dict[str, Any],
+    run_record: dict[str, Any],
+) -> Path:
     """Write round ``server_round``'s checkpoint (temporary folder, rename, then the pointer); drop older ones.
 
     Every file and both folders are fsynced; only folders named as fedhf names them are ever removed.
@@ -88,8 +92,14 @@ def save_checkpoint(run_dir: Path, server_round: int, *, run_uid: str, config_sh
     tmp.mkdir()
     _save_arrays(tmp / "adapter.safetensors", arrays)
     _save_arrays(tmp / "strategy.safetensors", strategy_arrays)
-    state = {"format": FORMAT, "round": server_round, "run_uid": run_uid, "config_sha256": config_sha256,
-             "strategy": strategy_state, "run": run_record}
+    state = {
+        "format": FORMAT,
+        "round": server_round,
+        "run_uid": run_uid,
+        "config_sha256": config_sha256,
+        "strategy": strategy_state,
+        "run": run_record,
+    }
     _fsync_write(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
     fsync_dir(tmp)
     final = root / name
@@ -97,9 +107,14 @@ def save_checkpoint(run_dir: Path, server_round: int, *, run_uid: str, config_sh
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)
-    pointer = {"format": FORMAT, "round": server_round, "folder": f"{FOLDER}/{name}", "run_uid": run_uid,
-               "config_sha256": config_sha256,
-               "sha256": {f.name: _sha256(f) for f in sorted(final.iterdir())}}
+    pointer = {
+        "format": FORMAT,
+        "round": server_round,
+        "folder": f"{FOLDER}/{name}",
+        "run_uid": run_uid,
+        "config_sha256": config_sha256,
+        "sha256": {f.name: _sha256(f) for f in sorted(final.iterdir())},
+    }
     atomic_write(run_dir / POINTER, (json.dumps(pointer, indent=1) + "\n").encode())
     for old in root.iterdir():  # only the pointed-to checkpoint is kept; nothing fedhf did not name is touched
         if old.name != name and old.is_dir() and (ROUND_NAME.match(old.name) or TMP_NAME.match(old.name)):
@@ -116,23 +131,30 @@ def load_checkpoint(run_dir: Path, *, run_uid: str | None = None, config_sha256:
     if not pointer_path.is_file():
         raise FedHFCheckpointError(
             f"--resume '{run_dir}': no {POINTER}; the run stopped before its first checkpoint (the initial "
-            "evaluation). Start it again with fedhf run.")
+            "evaluation). Start it again with fedhf run."
+        )
     try:
         pointer = json.loads(pointer_path.read_text())
         folder = run_dir / str(pointer["folder"])
         hashes = dict(pointer["sha256"])
         server_round = int(pointer["round"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise FedHFCheckpointError(f"--resume '{run_dir}': {POINTER} is damaged ({type(exc).__name__}: {exc}); "
-                                   "the run cannot be resumed, start it again.") from None
+        raise FedHFCheckpointError(
+            f"--resume '{run_dir}': {POINTER} is damaged ({type(exc).__name__}: {exc}); "
+            "the run cannot be resumed, start it again."
+        ) from None
     for name in ("adapter.safetensors", "strategy.safetensors", "state.json"):
         f = folder / name
         if not f.is_file():
-            raise FedHFCheckpointError(f"--resume '{run_dir}': checkpoint file '{f}' is missing; the checkpoint is "
-                                       "incomplete, start the run again.")
+            raise FedHFCheckpointError(
+                f"--resume '{run_dir}': checkpoint file '{f}' is missing; the checkpoint is "
+                "incomplete, start the run again."
+            )
         if hashes.get(name) != _sha256(f):
-            raise FedHFCheckpointError(f"--resume '{run_dir}': checkpoint file '{f}' does not match its recorded "
-                                       "sha256 (truncated or altered); start the run again.")
+            raise FedHFCheckpointError(
+                f"--resume '{run_dir}': checkpoint file '{f}' does not match its recorded "
+                "sha256 (truncated or altered); start the run again."
+            )
     try:
         state = json.loads((folder / "state.json").read_text())
         arrays = load_file(str(folder / "adapter.safetensors"))
@@ -143,7 +165,8 @@ def load_checkpoint(run_dir: Path, *, run_uid: str | None = None, config_sha256:
         if expected is not None and (state.get(key) != expected or pointer.get(key) != expected):
             raise FedHFCheckpointError(
                 f"--resume '{run_dir}': the checkpoint belongs to another {what} ({key} {state.get(key)!r}, the run "
-                f"folder's run.json says {expected!r}); was it copied from another run folder?")
+                f"folder's run.json says {expected!r}); was it copied from another run folder?"
+            )
     if state.get("round") != server_round or not isinstance(state.get("run"), dict):
         raise FedHFCheckpointError(f"--resume '{run_dir}': the checkpoint's state.json does not match its pointer.")
     return Checkpoint(server_round, arrays, strategy_arrays, dict(state.get("strategy", {})), state["run"], folder)

@@ -58,8 +58,9 @@ class RunConsole:
         read_fd = None
         if self.verbose:  # a pipe into the log and the terminal
             read_fd, write_fd = os.pipe()
-            self._tee = threading.Thread(target=_copy, args=(read_fd, log_fd, self._saved[2]), daemon=True,
-                                         name="fedhf-log-tee")
+            self._tee = threading.Thread(
+                target=_copy, args=(read_fd, log_fd, self._saved[2]), daemon=True, name="fedhf-log-tee"
+            )
             self._tee.start()
             target = write_fd
         else:

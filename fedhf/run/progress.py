@@ -29,11 +29,21 @@ def round_line(row: dict[str, Any], total: int) -> str:
 class RoundProgress:
     """A bar over rounds (on ``bar_file``, shown only on a terminal) and one line per round (on ``file``)."""
 
-    def __init__(self, total: int, done: int = 0, *, file: TextIO | None = None, bar_file: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, done: int = 0, *, file: TextIO | None = None, bar_file: TextIO | None = None
+    ) -> None:
         self.total = total
         self.file = file
-        self.bar = tqdm(total=total, initial=done, desc="fedhf rounds", unit="round", dynamic_ncols=True,
-                        file=bar_file, disable=None, leave=False)
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc="fedhf rounds",
+            unit="round",
+            dynamic_ncols=True,
+            file=bar_file,
+            disable=None,
+            leave=False,
+        )
 
     def round_done(self, row: dict[str, Any]) -> None:
         tqdm.write(round_line(row, self.total), file=self.file)

@@ -26,15 +26,33 @@ from typing import Any
 from fedhf._io import atomic_write, atomic_write_json
 from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFRunError
-from fedhf.privacy.ledger import ledger_entry, over_budget, round_summary, with_saved_spend
+from fedhf.privacy.ledger import (
+    ledger_entry,
+    over_budget,
+    round_summary,
+    with_saved_spend,
+)
 from fedhf.run.store import SCHEMA_VERSION, RunStore, snake_keys, upgrade
 
 log = logging.getLogger("fedhf")
 
 PACKAGES = ("fedhf", "flwr", "flwr-datasets", "torch", "transformers", "peft", "opacus", "datasets", "huggingface-hub")
-CSV_FIELDS = ("round", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "local_eval_loss", "local_eval_accuracy",
-              "bytes_up", "bytes_down", "wall_seconds", "clients_trained", "clients_failed", "clients_rejected",
-              "clients_refused")
+CSV_FIELDS = (
+    "round",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "eval_f1",
+    "local_eval_loss",
+    "local_eval_accuracy",
+    "bytes_up",
+    "bytes_down",
+    "wall_seconds",
+    "clients_trained",
+    "clients_failed",
+    "clients_rejected",
+    "clients_refused",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -76,8 +94,10 @@ def check_run_folder(run_dir: Path, what: str) -> dict[str, Any]:
     """The marker of a folder fedhf created as a run folder; FedHFRunError otherwise."""
     marker = Path(run_dir) / MARKER
     if not marker.is_file():
-        raise FedHFRunError(f"{what}: '{run_dir}' was not created by fedhf as a run folder (no {MARKER}); fedhf "
-                            "writes into and deletes from its own run folders only.")
+        raise FedHFRunError(
+            f"{what}: '{run_dir}' was not created by fedhf as a run folder (no {MARKER}); fedhf "
+            "writes into and deletes from its own run folders only."
+        )
     try:
         data = json.loads(marker.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("run_uid"), str):
@@ -90,7 +110,9 @@ def check_run_folder(run_dir: Path, what: str) -> dict[str, Any]:
 class RunRecorder:
     """Collects what a run did, round by round, and writes it to the run folder."""
 
-    def __init__(self, cfg: FedHFConfig, run_dir: Path | None = None, *, resume_from: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, cfg: FedHFConfig, run_dir: Path | None = None, *, resume_from: dict[str, Any] | None = None
+    ) -> None:
         self.cfg = cfg
         self._round: dict[str, Any] | None = None
         self._round_start = 0.0
@@ -100,8 +122,11 @@ class RunRecorder:
             self.dir = run_dir
             try:  # how the interrupted attempt ended, as its run.json says ("running": it was killed)
                 before = RunStore(run_dir).read()
-                ended = {"status": before.get("status"), "error": before.get("error"),
-                         "last_round_recorded": max((r["round"] for r in before.get("rounds", [])), default=0)}
+                ended = {
+                    "status": before.get("status"),
+                    "error": before.get("error"),
+                    "last_round_recorded": max((r["round"] for r in before.get("rounds", [])), default=0),
+                }
             except (FedHFRunError, TypeError, KeyError):
                 ended = {"status": "unreadable run.json"}
             self.data = upgrade(resume_from, "the checkpoint's run record")
@@ -110,8 +135,12 @@ class RunRecorder:
             self.data.update(status="running", finished=None)
             self.data.pop("error", None)
             self.data.setdefault("resumes", []).append(
-                {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "from_round": last,
-                 "interrupted_attempt": ended})
+                {
+                    "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "from_round": last,
+                    "interrupted_attempt": ended,
+                }
+            )
             self.write()
             self.write_csv()
             return
@@ -135,12 +164,16 @@ class RunRecorder:
             "run_id": self.run_id,
             "run_uid": run_uid,
             "status": "running",
-            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "finished": None,
             "config": flat,
             "config_sha256": config_hash(flat),
-            "seeds": {"seed": cfg.seed, "partition": cfg.seed, "model_init": cfg.seed,
-                      "client_shuffle_and_dropout": "seed * 100003 + round * 1009 + partition-id"},
+            "seeds": {
+                "seed": cfg.seed,
+                "partition": cfg.seed,
+                "model_init": cfg.seed,
+                "client_shuffle_and_dropout": "seed * 100003 + round * 1009 + partition-id",
+            },
             "versions": package_versions(),
             "git_commit": git_commit(),
             "python": platform.python_version(),
@@ -191,9 +224,15 @@ class RunRecorder:
         self.data["federation"] = info
         self.write()
 
-    def train_replies(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]],
-                      rejected: list[dict[str, Any]] | None = None, *, refused: list[dict[str, Any]] | None = None,
-                      weighting: str = "examples") -> None:
+    def train_replies(
+        self,
+        clients: list[dict[str, Any]],
+        failures: list[dict[str, Any]],
+        rejected: list[dict[str, Any]] | None = None,
+        *,
+        refused: list[dict[str, Any]] | None = None,
+        weighting: str = "examples",
+    ) -> None:
         """Record a round's screened replies (only fields each client's policy shared are present)."""
         r = self._require_round()
         clients, failures = snake_keys(clients), snake_keys(failures)
@@ -204,10 +243,12 @@ class RunRecorder:
         r["rejected"] = rejected
         r["refused"] = refused
         r["weighting"] = weighting
-        r["client_train_seconds"] = {str(c["partition_id"]): round(c["train_seconds"], 3) for c in trained
-                                     if "train_seconds" in c}
-        r["client_handler_seconds"] = {str(c["partition_id"]): round(c["handler_seconds"], 3) for c in trained
-                                       if "handler_seconds" in c}
+        r["client_train_seconds"] = {
+            str(c["partition_id"]): round(c["train_seconds"], 3) for c in trained if "train_seconds" in c
+        }
+        r["client_handler_seconds"] = {
+            str(c["partition_id"]): round(c["handler_seconds"], 3) for c in trained if "handler_seconds" in c
+        }
         # The round's train loss only when every client that trained shared its loss and its count.
         if trained and all("train_loss" in c and "num_examples" in c for c in trained):
             n = sum(c["num_examples"] for c in trained)
@@ -219,10 +260,19 @@ class RunRecorder:
             if "shared" in c:
                 shared[str(c["partition_id"])] = c["shared"]
         known = {s["partition_id"] for s in self.data["partitions"]}
-        new = [{"partition_id": c["partition_id"], "train_examples": sum(c["label_histogram"]),
-                "label_histogram": c["label_histogram"], "source": "client"}
-               for c in clients if c["partition_id"] not in known and "label_histogram" in c]
-        if new:  # clients report what they hold when their policy shares it; keep it when the server could not compute it
+        new = [
+            {
+                "partition_id": c["partition_id"],
+                "train_examples": sum(c["label_histogram"]),
+                "label_histogram": c["label_histogram"],
+                "source": "client",
+            }
+            for c in clients
+            if c["partition_id"] not in known and "label_histogram" in c
+        ]
+        if (
+            new
+        ):  # clients report what they hold when their policy shares it; keep it when the server could not compute it
             self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition_id"])
         if "privacy" in self.data:
             self._privacy_round(r, clients)
@@ -236,13 +286,16 @@ class RunRecorder:
                     entry["stopped"] = {"round": r["round"], "reason": c["rule"], "text": c["reason"]}
         if "privacy" in self.data and self.data["privacy"].get("clients"):
             r.setdefault("privacy", {})["exhausted"] = sorted(
-                int(pid) for pid, e in self.data["privacy"]["clients"].items() if "stopped" in e)
+                int(pid) for pid, e in self.data["privacy"]["clients"].items() if "stopped" in e
+            )
 
     # ------------------------------------------------------------------ privacy ledger
     # The set_* methods below keep what earlier rounds recorded: a resumed run calls them again.
     def set_secure_aggregation(self, info: dict[str, Any]) -> None:
-        self.data["secure_aggregation"] = {**snake_keys(info),
-                                           "rounds": self.data.get("secure_aggregation", {}).get("rounds", [])}
+        self.data["secure_aggregation"] = {
+            **snake_keys(info),
+            "rounds": self.data.get("secure_aggregation", {}).get("rounds", []),
+        }
         self.write()
 
     def secure_aggregation_round(self, info: dict[str, Any]) -> None:
@@ -299,13 +352,22 @@ class RunRecorder:
 
     def end_round(self, server_round: int, central: dict[str, float], eval_seconds: float) -> dict[str, Any]:
         if server_round == 0:
-            row = {"round": 0, "eval_loss": central["loss"], "eval_accuracy": central["accuracy"],
-                   "eval_f1": central["f1"], "central_eval_seconds": round(eval_seconds, 3)}
+            row = {
+                "round": 0,
+                "eval_loss": central["loss"],
+                "eval_accuracy": central["accuracy"],
+                "eval_f1": central["f1"],
+                "central_eval_seconds": round(eval_seconds, 3),
+            }
         else:
             row = self._require_round()
-            row.update(eval_loss=central["loss"], eval_accuracy=central["accuracy"], eval_f1=central["f1"],
-                       central_eval_seconds=round(eval_seconds, 3),
-                       wall_seconds=round(time.perf_counter() - self._round_start, 3))
+            row.update(
+                eval_loss=central["loss"],
+                eval_accuracy=central["accuracy"],
+                eval_f1=central["f1"],
+                central_eval_seconds=round(eval_seconds, 3),
+                wall_seconds=round(time.perf_counter() - self._round_start, 3),
+            )
             self._round = None
         self.data["rounds"].append(row)
         self.write()
@@ -326,20 +388,20 @@ class RunRecorder:
         if extra:
             self.data.update(extra)
         self.data["status"] = "complete"
-        self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.write()
 
     def stop(self, reason: str) -> None:
         """The run ended cleanly before any round was trained (every node refused, or none could train)."""
         self.data["status"] = "stopped"
         self.data["stopped_early"] = {"after_round": 0, "reason": reason}
-        self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.write()
 
     def fail(self, reason: str) -> None:
         self.data["status"] = "failed"
         self.data["error"] = reason
-        self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.write()
 
     def write(self) -> None:

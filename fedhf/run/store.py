@@ -43,8 +43,10 @@ def upgrade(record: dict[str, Any], where: str = "run.json") -> dict[str, Any]:
     if not isinstance(version, int) or version < 1:
         raise FedHFRunError(f"'{where}' has schema_version {version!r}; it was not written by fedhf.")
     if version > SCHEMA_VERSION:
-        raise FedHFRunError(f"'{where}' has schema_version {version}, newer than this fedhf reads ({SCHEMA_VERSION}); "
-                            "upgrade fedhf to read it.")
+        raise FedHFRunError(
+            f"'{where}' has schema_version {version}, newer than this fedhf reads ({SCHEMA_VERSION}); "
+            "upgrade fedhf to read it."
+        )
     if version == 1:
         record = dict(record)
         for r in record.get("rounds", []):
@@ -80,8 +82,10 @@ class RunStore:
         try:
             record = json.loads(self.path.read_text())
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise FedHFRunError(f"{prefix}'{self.path}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); the "
-                                "run folder is damaged.") from None
+            raise FedHFRunError(
+                f"{prefix}'{self.path}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); the "
+                "run folder is damaged."
+            ) from None
         if not isinstance(record, dict) or "status" not in record:
             raise FedHFRunError(f"{prefix}'{self.path}' is not a fedhf run.json (no status).")
         return upgrade(record, str(self.path))
@@ -91,11 +95,14 @@ class RunStore:
         record = self.read(what)
         if record["status"] != "complete":
             why = f": {record['error']}" if record.get("error") else ""
-            raise FedHFRunError(f"{what}: '{self.dir}' is not a finished run (status '{record['status']}'{why}); "
-                                "wait for it to complete or run it again.")
+            raise FedHFRunError(
+                f"{what}: '{self.dir}' is not a finished run (status '{record['status']}'{why}); "
+                "wait for it to complete or run it again."
+            )
         if not (self.dir / "adapter" / "adapter_model.safetensors").is_file():
-            raise FedHFRunError(f"{what}: '{self.dir}' has no adapter/adapter_model.safetensors; the run folder is "
-                                "incomplete.")
+            raise FedHFRunError(
+                f"{what}: '{self.dir}' has no adapter/adapter_model.safetensors; the run folder is incomplete."
+            )
         for key in ("config", "dataset", "rounds", "final"):
             if key not in record:
                 raise FedHFRunError(f"{what}: '{self.path}' lacks '{key}'; it was not written by a complete fedhf run.")

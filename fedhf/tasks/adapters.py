@@ -19,7 +19,9 @@ def resolve_adapter(model: str) -> Path:
         for candidate in (path / "adapter", path / "hub", path):
             if (candidate / "adapter_config.json").is_file():
                 return candidate
-        raise FedHFHubError(f"--model '{model}': no adapter there (no adapter_config.json in it, its hub/ or adapter/).")
+        raise FedHFHubError(
+            f"--model '{model}': no adapter there (no adapter_config.json in it, its hub/ or adapter/)."
+        )
     if model.startswith((".", "/", "~")):
         raise FedHFHubError(f"--model '{model}': no such folder.")
     from huggingface_hub import snapshot_download
@@ -27,8 +29,10 @@ def resolve_adapter(model: str) -> Path:
     try:
         local = Path(snapshot_download(model, repo_type="model"))
     except Exception as exc:  # not found, offline, refused
-        raise FedHFHubError(f"--model '{model}': cannot download it from the Hub ({type(exc).__name__}); "
-                            f"check the repo id, HF_ENDPOINT and the token.") from None
+        raise FedHFHubError(
+            f"--model '{model}': cannot download it from the Hub ({type(exc).__name__}); "
+            f"check the repo id, HF_ENDPOINT and the token."
+        ) from None
     if not (local / "adapter_config.json").is_file():
         raise FedHFHubError(f"--model '{model}': the repo holds no adapter (no adapter_config.json).")
     return local
@@ -49,16 +53,19 @@ def load_adapter_model(folder: Path, base_model: str | None = None) -> tuple[Any
     labels = meta["label_names"]
     base_name = base_model or meta.get("base_model")
     if not base_name:
-        raise FedHFHubError(f"'{folder}' does not name its base model (it was trained from a local folder whose Hub id "
-                            "was not given); give --base-model with the Hub id or a local folder of that base.")
+        raise FedHFHubError(
+            f"'{folder}' does not name its base model (it was trained from a local folder whose Hub id "
+            "was not given); give --base-model with the Hub id or a local folder of that base."
+        )
     task = get_task(meta.get("task", "text-classification"))  # adapters from before model.task classify
     base = task.load_base(resolve_model(base_name), labels, meta.get("pooling", "cls"))  # before model.pooling: cls
     model = PeftModel.from_pretrained(base, folder).eval()
     return model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128))
 
 
-def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int,
-            task: str = "text-classification") -> list[tuple[str, float]]:
+def predict(
+    model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int, task: str = "text-classification"
+) -> list[tuple[str, float]]:
     """What ``fedhf predict`` prints for each text (the task's own prediction)."""
     from fedhf.tasks.base import get_task
 
@@ -76,11 +83,17 @@ def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list
     finally:
         peft_config.base_model_name_or_path = local_base
     tokenizer.save_pretrained(path)
-    (path / "fedhf.json").write_text(json.dumps({
-        "base_model": cfg.model.name,
-        "label_names": label_names,
-        "max_length": cfg.data.max_length,
-        "num_labels": len(label_names),
-        "pooling": cfg.model.pooling,
-        "task": cfg.model.task,
-    }, indent=2) + "\n")
+    (path / "fedhf.json").write_text(
+        json.dumps(
+            {
+                "base_model": cfg.model.name,
+                "label_names": label_names,
+                "max_length": cfg.data.max_length,
+                "num_labels": len(label_names),
+                "pooling": cfg.model.pooling,
+                "task": cfg.model.task,
+            },
+            indent=2,
+        )
+        + "\n"
+    )

@@ -40,8 +40,16 @@ class Task(Protocol):
     def load_base(self, path: str, label_names: list[str], pooling: str) -> torch.nn.Module:
         """The base model (no LoRA yet) from a resolved folder or Hub id."""
 
-    def make_loader(self, ds: datasets.Dataset, tokenizer: Any, max_length: int, batch_size: int, shuffle: bool,
-                    seed: int = 0, sort_by_length: bool = False) -> DataLoader:
+    def make_loader(
+        self,
+        ds: datasets.Dataset,
+        tokenizer: Any,
+        max_length: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        sort_by_length: bool = False,
+    ) -> DataLoader:
         """Tokenized, collated batches of the rows of ``ds`` (columns ``text`` and ``label``)."""
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -59,12 +67,14 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
         """The task's figures on the loader's rows."""
 
-    def per_example_loss(self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int],
-                         max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_example_loss(
+        self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, prediction) of each example in input order: what the membership-inference audit attacks."""
 
-    def predict(self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str],
-                max_length: int) -> list[tuple[str, float]]:
+    def predict(
+        self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str], max_length: int
+    ) -> list[tuple[str, float]]:
         """What ``fedhf predict`` prints for each text."""
 
     def describe(self, label_names: list[str]) -> str:

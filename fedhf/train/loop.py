@@ -26,8 +26,9 @@ class TrainResult:
     seconds: float
 
 
-def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
-                   momentum: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
+) -> torch.optim.Optimizer:
     """The client optimizer named by ``train.optimizer``."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -36,12 +37,23 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weigh
     raise ValueError(f"config key 'train.optimizer': got '{name}'; use 'adamw' or 'sgd'.")
 
 
-def train_local(model: torch.nn.Module, loader: DataLoader, *, task: Task, epochs: int, lr: float,
-                weight_decay: float = 0.0,
-                optimizer_name: str = "adamw", momentum: float = 0.0,
-                proximal_mu: float = 0.0, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                optimizer: torch.optim.Optimizer | None = None, before_step: Callable[[], None] | None = None,
-                after_step: Callable[[], None] | None = None, empty_batch: Callable[[], None] | None = None) -> TrainResult:
+def train_local(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    *,
+    task: Task,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    optimizer_name: str = "adamw",
+    momentum: float = 0.0,
+    proximal_mu: float = 0.0,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    empty_batch: Callable[[], None] | None = None,
+) -> TrainResult:
     """Train the trainable parameters (``optimizer_name`` unless an optimizer is given); optional FedProx term.
 
     The hooks let a privacy engine check each step (``before_step``/``after_step``) and handle

@@ -29,10 +29,17 @@ def test_adaptive_clipping_moves_the_norm_before_it_adds_noise():
             seen.append(self.clipping_norm)
             return super()._add_noise_to_aggregated_arrays(aggregated)
 
-    assert len(inspect.signature(DifferentialPrivacyServerSideAdaptiveClipping._add_noise_to_aggregated_arrays)
-               .parameters) == 2  # (self, the aggregated ArrayRecord) -> ArrayRecord
-    dp = Spy(FedAvg(min_available_nodes=1, min_train_nodes=1), noise_multiplier=1.0, num_sampled_clients=3,
-             initial_clipping_norm=0.1, clipped_count_stddev=2.0)
+    assert (
+        len(inspect.signature(DifferentialPrivacyServerSideAdaptiveClipping._add_noise_to_aggregated_arrays).parameters)
+        == 2
+    )  # (self, the aggregated ArrayRecord) -> ArrayRecord
+    dp = Spy(
+        FedAvg(min_available_nodes=1, min_train_nodes=1),
+        noise_multiplier=1.0,
+        num_sampled_clients=3,
+        initial_clipping_norm=0.1,
+        clipped_count_stddev=2.0,
+    )
     dp.current_arrays = ArrayRecord({"w": torch.zeros(2, 2)})
     before = dp.clipping_norm
     replies = [train_reply(11 + i, i, 5.0, 10, 0.5) for i in range(3)]
@@ -52,9 +59,16 @@ def test_fedhf_noises_with_the_norm_that_clipped_the_round(tmp_path, monkeypatch
     seen = []
     real = dpa.compute_stdv
     monkeypatch.setattr(dpa, "compute_stdv", lambda sigma, c, m: seen.append(c) or real(sigma, c, m))
-    cfg = parse_config({"output-dir": str(tmp_path), "run-name": "ad", "privacy.mode": "client",
-                        "privacy.client-clipping": "server-adaptive", "privacy.client-clipped-count-stddev": 2.0,
-                        "privacy.client-clipping-norm": 0.1})
+    cfg = parse_config(
+        {
+            "output-dir": str(tmp_path),
+            "run-name": "ad",
+            "privacy.mode": "client",
+            "privacy.client-clipping": "server-adaptive",
+            "privacy.client-clipped-count-stddev": 2.0,
+            "privacy.client-clipping-norm": 0.1,
+        }
+    )
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "client"})
     s = build_strategy(cfg, rec, population=3)
@@ -62,7 +76,9 @@ def test_fedhf_noises_with_the_norm_that_clipped_the_round(tmp_path, monkeypatch
     s.screened.population = 3
     begin(s, rec, 1, 3, nodes=[11, 12, 13])
     before = s.clipping_norm
-    s.aggregate_train(1, [train_reply(11, 0, 5.0, 10, 0.5), train_reply(12, 1, 5.0, 10, 0.5), train_reply(13, 2, 5.0, 10, 0.5)])
+    s.aggregate_train(
+        1, [train_reply(11, 0, 5.0, 10, 0.5), train_reply(12, 1, 5.0, 10, 0.5), train_reply(13, 2, 5.0, 10, 0.5)]
+    )
     assert seen == [before]  # noise calibrated to the C that clipped these updates
     assert s.clipping_norm != before  # ... while C itself did adapt for the next round
     assert rec.data["privacy"]["client_level"]["rounds"][0]["clipping_norm"] == before
@@ -71,23 +87,39 @@ def test_fedhf_noises_with_the_norm_that_clipped_the_round(tmp_path, monkeypatch
 def test_the_dp_wrappers_hold_the_inner_strategy_as_strategy():
     """fedhf composes: ClientLevel -> Flower's DP wrapper -> Screened -> Flower's FedAvg. Flower's wrapper calls
     ``self.strategy`` for configure/aggregate and reads ``weighted_by_key`` from it when it accounts."""
-    dp = DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), noise_multiplier=1.0, num_sampled_clients=2,
-                                                    clipped_count_stddev=2.0)
+    dp = DifferentialPrivacyServerSideAdaptiveClipping(
+        FedAvg(), noise_multiplier=1.0, num_sampled_clients=2, clipped_count_stddev=2.0
+    )
     assert isinstance(dp.strategy, FedAvg)
     src = inspect.getsource(type(dp).__mro__[1]) + inspect.getsource(type(dp))
     assert "self.strategy.aggregate_train" in src and "self.strategy.configure_train" in src
 
 
-@pytest.mark.parametrize(("module", "names", "why"), [
-    ("flwr.common.secure_aggregation.secaggplus_constants", ["RECORD_KEY_CONFIGS", "RECORD_KEY_STATE", "Key", "Stage"],
-     "the SecAgg+ stage names a node checks to refuse at the set-up stage, before any key is sent"),
-    ("flwr.compat.common.recorddict_compat", ["arrayrecord_to_parameters", "recorddict_to_fitins", "fitres_to_recorddict"],
-     "SecAgg+ runs on the legacy FitIns/FitRes records (stack facts: the Message-API handler fails with KeyError)"),
-    ("flwr.server.workflow.constant", ["MAIN_CONFIGS_RECORD", "MAIN_PARAMS_RECORD", "Key"],
-     "the record names SecAggPlusWorkflow reads its round and parameters from"),
-    ("flwr.server.workflow.secure_aggregation.secaggplus_workflow", ["WorkflowState"],
-     "the state object SecAggPlusWorkflow's stages share; fedhf drives the stages one round at a time"),
-])
+@pytest.mark.parametrize(
+    ("module", "names", "why"),
+    [
+        (
+            "flwr.common.secure_aggregation.secaggplus_constants",
+            ["RECORD_KEY_CONFIGS", "RECORD_KEY_STATE", "Key", "Stage"],
+            "the SecAgg+ stage names a node checks to refuse at the set-up stage, before any key is sent",
+        ),
+        (
+            "flwr.compat.common.recorddict_compat",
+            ["arrayrecord_to_parameters", "recorddict_to_fitins", "fitres_to_recorddict"],
+            "SecAgg+ runs on the legacy FitIns/FitRes records (stack facts: the Message-API handler fails with KeyError)",
+        ),
+        (
+            "flwr.server.workflow.constant",
+            ["MAIN_CONFIGS_RECORD", "MAIN_PARAMS_RECORD", "Key"],
+            "the record names SecAggPlusWorkflow reads its round and parameters from",
+        ),
+        (
+            "flwr.server.workflow.secure_aggregation.secaggplus_workflow",
+            ["WorkflowState"],
+            "the state object SecAggPlusWorkflow's stages share; fedhf drives the stages one round at a time",
+        ),
+    ],
+)
 def test_the_non_top_level_flower_names_fedhf_imports_exist(module, names, why):
     import importlib
 

@@ -23,8 +23,19 @@ def test_the_private_entry_points_exist_with_the_shape_fedhf_uses(monkeypatch):
     assert callable(flower_superlink._parse_superlink_lifespan_config)
     assert inspect.isclass(flower_superlink.SuperLinkLifespan)
     assert list(inspect.signature(create_app).parameters)[:2] == ["config", "superlink_lifespan_class"]
-    monkeypatch.setattr(sys, "argv", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", "19999",
-                                      "--disable-runtime-dependency-installation"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "flower-superlink",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "19999",
+            "--disable-runtime-dependency-installation",
+        ],
+    )
     config = flower_superlink._parse_superlink_lifespan_config()
     assert (config.host, config.port) == ("127.0.0.1", 19999)
     for field in ("ssl_keyfile", "ssl_certfile", "isolation", "runtime_dependency_install"):
@@ -51,10 +62,17 @@ def test_every_fleet_route_and_every_supernode_call_is_under_the_public_prefix()
     assert called and all(p.startswith("/v1/fleet/") for p in called), called
 
 
-@pytest.mark.parametrize(("port", "path", "status"), [
-    (9092, "/v1/fleet/pull-messages", 200), (9092, "/health", 200), (9092, "/v1/control/start-run", 403),
-    (9092, "/v1/runtime/x", 403), (9092, "/docs", 403), (9093, "/v1/control/start-run", 200),
-])
+@pytest.mark.parametrize(
+    ("port", "path", "status"),
+    [
+        (9092, "/v1/fleet/pull-messages", 200),
+        (9092, "/health", 200),
+        (9092, "/v1/control/start-run", 403),
+        (9092, "/v1/runtime/x", 403),
+        (9092, "/docs", 403),
+        (9093, "/v1/control/start-run", 200),
+    ],
+)
 def test_the_fleet_listener_refuses_everything_but_the_fleet_api(port, path, status):
     from fedhf.flower.superlink import FleetOnlyOn
 
