@@ -454,7 +454,8 @@ def run_json_page() -> str:
             "",
             "Every run folder holds `run.json`, the record of the run: its config, seeds, versions, data and model, "
             "each round's figures and clients, the privacy ledger, and what later commands added (evaluations, the "
-            "audit). `fedhf.run.store.RunStore` is the only code that reads or writes it (atomically, fsynced). Keys are "
+            "audit). `fedhf.run.store.RunStore` is the only code that reads or writes it "
+            "(atomically, fsynced). Keys are "
             "snake_case throughout; maps keyed by client use the partition id; `config` holds the run config in "
             "Flower's own keys (`num-server-rounds`).",
             "",

@@ -31,7 +31,7 @@ import torch
 from fedhf.config.schema import LABEL_NAMES_KEY, FedHFConfig, parse_config
 from fedhf.data.load import load_data
 from fedhf.data.partitions import central_eval_set, format_stats, make_partitions
-from fedhf.errors import FedHFError, FedHFHubError
+from fedhf.errors import FedHFConfigError, FedHFError, FedHFHubError
 from fedhf.federation.node_state import RUN_UID_KEY, STATE_DIR_KEY, stores_in
 from fedhf.flower.client_app import make_client_app
 from fedhf.flower.secagg import SecAggSettings, SecureAggregationGrid
@@ -52,6 +52,7 @@ from fedhf.run.checkpoint import POINTER, Checkpoint, save_checkpoint
 from fedhf.run.console import RunConsole, attach_log_file
 from fedhf.run.progress import RoundProgress
 from fedhf.run.record import RunRecorder
+from fedhf.run.resume import changed_keys, resume_target
 from fedhf.tasks.adapters import save_adapter
 from fedhf.tasks.base import get_task
 from fedhf.tasks.model import (
@@ -70,8 +71,23 @@ log = logging.getLogger("fedhf")
 
 
 def _main(grid: Any, run_config: Mapping[str, Any]) -> None:
-    """Under ``flwr run``: the config is the app's run_config (pyproject defaults + overrides)."""
-    run(grid, parse_config(run_config))
+    """Under ``flwr run``: the config is the app's run_config (pyproject defaults + overrides).
+
+    ``--run-config "resume='RUN_DIR'"`` continues that run from its last checkpoint, with its own config.
+    """
+    cfg = parse_config(run_config)
+    if not cfg.resume:
+        run(grid, cfg)
+        return
+    target = resume_target(Path(cfg.resume), "config key 'resume'")
+    changed = changed_keys(run_config, target)
+    if changed:
+        raise FedHFConfigError(
+            f"config key 'resume': the run in '{target.run_dir}' keeps its own configuration, and this request "
+            f"changes {', '.join(changed)}; drop those (a changed configuration is a new run)."
+        )
+    log.info("resuming %s after round %d of %d", target.run_dir, target.checkpoint.round, target.cfg.num_server_rounds)
+    run(grid, target.cfg, resume=target.checkpoint, resume_dir=target.run_dir)
 
 
 server_app = server_app_for(_main)

@@ -130,7 +130,8 @@ def run(
         Path | None,
         typer.Option(
             "--node-config",
-            help="TOML file of the simulated nodes' own configs (their owners' policy): a [default] table and [nodes.N] tables, e.g. min-privacy, max-epsilon, share, state-dir. Never taken from the run config.",
+            help="TOML file of the simulated nodes' own configs (their owners' policy): a [default] table and "
+            "[nodes.N] tables, e.g. min-privacy, max-epsilon, share, state-dir. Never taken from the run config.",
         ),
     ] = None,
     verbose: Annotated[
@@ -152,10 +153,19 @@ def run(
     checkpoint = None
     node_configs = None
     try:
+        asked = parse_set_args(set_ or [])
+        if resume is None and "resume" in asked:  # --set resume=RUN_DIR is --resume RUN_DIR
+            resume = Path(str(asked["resume"])).expanduser()
+            set_ = [s for s in set_ or [] if not s.strip().startswith("resume=")]
         if resume is not None:
             cfg, num_clients, checkpoint = _resume_target(resume, config, set_, num_clients)
         else:
             cfg = resolve_cli_config(config, set_)
+            if cfg.resume:
+                raise FedHFConfigError(
+                    f"config key 'resume': '{cfg.resume}' continues an earlier run with that run's own config; give "
+                    "it alone, as fedhf run --resume RUN_DIR (without --config or other --set keys)."
+                )
             num_clients = 3 if num_clients is None else num_clients
             _check_new_run_folder(cfg)
         _check_clients(cfg, num_clients)
@@ -212,56 +222,27 @@ def _resume_target(
     run_dir: Path, config: Path | None, sets: list[str] | None, num_clients: int | None
 ) -> tuple[FedHFConfig, int, Any]:
     """The config, client count and checkpoint of an interrupted run (everything comes from RUN_DIR)."""
-
-    from fedhf.run.checkpoint import load_checkpoint
-    from fedhf.run.record import config_hash
+    from fedhf.run.resume import resume_target
 
     if config is not None or sets:
         raise FedHFConfigError(
             "--resume takes the run's configuration from RUN_DIR/run.json; drop --config and --set "
             "(a changed configuration is a new run)."
         )
-    if not run_dir.is_dir():
-        raise FedHFConfigError(f"--resume '{run_dir}': not a folder; give the run folder (outputs/<run-id>).")
-    from fedhf.run.record import check_run_folder
-
-    check_run_folder(run_dir, "--resume")
-    from fedhf.run.store import RunStore
-
-    if not RunStore(run_dir).exists():
-        raise FedHFConfigError(f"--resume '{run_dir}': no run.json; give a fedhf run folder (outputs/<run-id>).")
-    try:
-        run = RunStore(run_dir).read("--resume")
-        flat, status, uid = run["config"], run["status"], run.get("run_uid")
-    except (FedHFError, KeyError, TypeError) as exc:
-        raise FedHFConfigError(f"--resume '{run_dir}': run.json is damaged ({type(exc).__name__}: {exc}).") from None
-    if status == "complete":
-        raise FedHFConfigError(f"--resume '{run_dir}': the run is already complete; nothing to resume.")
-    if not uid:
-        raise FedHFConfigError(
-            f"--resume '{run_dir}': run.json has no run_uid (written by a fedhf without checkpoints); "
-            "start the run again."
-        )
-    cfg = parse_config(flat)
-    recorded = int(run.get("federation", {}).get("num_clients", 0))
-    if not recorded:
+    target = resume_target(run_dir)
+    if not target.num_clients:
         raise FedHFConfigError(
             f"--resume '{run_dir}': run.json does not say how many clients the run had; "
-            "only runs started with fedhf run can be resumed this way."
+            "only runs started with fedhf run can be resumed this way (a run started with flwr run resumes with "
+            f"flwr run --run-config \"resume='{run_dir}'\")."
         )
-    if num_clients is not None and num_clients != recorded:
+    if num_clients is not None and num_clients != target.num_clients:
         raise FedHFConfigError(
-            f"--num-clients: got {num_clients}, but the run in '{run_dir}' has {recorded} clients; "
+            f"--num-clients: got {num_clients}, but the run in '{run_dir}' has {target.num_clients} clients; "
             "drop --num-clients (a resumed run keeps its clients)."
         )
-    checkpoint = load_checkpoint(run_dir, run_uid=uid, config_sha256=config_hash(flat))
-    if checkpoint.round > cfg.num_server_rounds:
-        raise FedHFConfigError(
-            f"--resume '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "
-            f"run's num-server-rounds={cfg.num_server_rounds}."
-        )
-    typer.echo(f"resuming {run_dir} after round {checkpoint.round} of {cfg.num_server_rounds}", err=True)
-    return cfg, recorded, checkpoint
+    typer.echo(f"resuming {run_dir} after round {target.checkpoint.round} of {target.cfg.num_server_rounds}", err=True)
+    return target.cfg, target.num_clients, target.checkpoint
 
 
 def _largest_epsilon(run: dict[str, Any]) -> str | None:
@@ -664,7 +645,8 @@ def predict(
         str | None,
         typer.Option(
             "--base-model",
-            help="The base model (Hub id or local folder), when the adapter does not name it or should load another copy.",
+            help="The base model (Hub id or local folder), when the adapter does not name it or should load "
+            "another copy.",
         ),
     ] = None,
 ) -> None:
@@ -720,7 +702,8 @@ def audit(
         Path | None,
         typer.Option(
             "--non-members",
-            help="Rows of the same distribution no client saw (file or folder, like a silo); default: the training rows the run left out.",
+            help="Rows of the same distribution no client saw (file or folder, like a silo); default: the training "
+            "rows the run left out.",
         ),
     ] = None,
     max_examples: Annotated[
@@ -781,7 +764,8 @@ def sweep(
     group: Annotated[
         str,
         typer.Argument(
-            help="An experiment group: a folder name under experiments/ (noniid, privacy, languages, communication, audit) or a path to a group folder."
+            help="An experiment group: a folder name under experiments/ (noniid, privacy, languages, communication, "
+            "audit) or a path to a group folder."
         ),
     ],
     smoke: Annotated[

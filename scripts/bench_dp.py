@@ -88,7 +88,8 @@ def step_figures(steps: int, threads: int) -> dict:
         f"\n[1] step time, default model, LoRA r=8, batch 32, sequence 64, {threads} threads (median of {steps} steps):"
     )
     print(
-        f"    no DP: {plain['step_seconds'] * 1000:.0f} ms, peak training memory {(plain['peak_rss_kb'] - plain['base_rss_kb']) / 1024:.0f} MB above the loaded model"
+        f"    no DP: {plain['step_seconds'] * 1000:.0f} ms, peak training memory "
+        f"{(plain['peak_rss_kb'] - plain['base_rss_kb']) / 1024:.0f} MB above the loaded model"
     )
     for mode in ("hooks", "functorch", "ghost"):
         r = out.get(mode, {})
@@ -163,7 +164,8 @@ def accuracy_figures(out: Path) -> list[dict]:
         )
     print("\n[2] SST-2, 5 IID clients x 360 training rows, 3 rounds x 2 local epochs, batch 16, C = 1, seed 42:")
     print(
-        f"    {'setting':<18} {'accuracy':>8} {'macro-F1':>8} {'epsilon (max over clients)':>27} {'sigma':>14} {'delta':>9}"
+        f"    {'setting':<18} {'accuracy':>8} {'macro-F1':>8} {'epsilon (max over clients)':>27} "
+        f"{'sigma':>14} {'delta':>9}"
     )
     for r in rows:
         eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"

@@ -112,7 +112,8 @@ def main() -> None:
     full = run["model"]["model_bytes"]
     figures["bytes"] = {"bytes_up_per_client_round": up, "model_bytes": full, "ratio": up / full}
     print(
-        f"[3] bytes up per client per round: {up:,} B = {100 * up / full:.3f}% of the full model ({full:,} B); target <= 0.5%"
+        f"[3] bytes up per client per round: {up:,} B = {100 * up / full:.3f}% of the full model ({full:,} B); "
+        f"target <= 0.5%"
     )
 
     # 4. FLOP/s (quickstart run: 1 thread per client)
@@ -150,7 +151,8 @@ def main() -> None:
             fl = r["wall_seconds"] - r["central_eval_seconds"]
             rows.append((r["round"], r["wall_seconds"], r["central_eval_seconds"], compute, handler, fl))
             print(
-                f"    round {r['round']}: wall {r['wall_seconds']:.1f} s, central eval {r['central_eval_seconds']:.1f} s, "
+                f"    round {r['round']}: wall {r['wall_seconds']:.1f} s, central eval "
+                f"{r['central_eval_seconds']:.1f} s, "
                 f"client train+eval {compute:.1f} s (handlers incl. data/model set-up {handler:.1f} s), "
                 f"overhead {100 * (fl - compute) / compute:.1f}% of client compute, "
                 f"{100 * (fl - handler) / handler:.1f}% of client handler time"
@@ -170,7 +172,8 @@ def main() -> None:
         print(
             f"[2] framework overhead (rounds >= 2, clients one at a time): {100 * over:.1f}% of client train+eval "
             f"compute; {100 * over_h:.1f}% of client handler time (target <= 10%). One-time: ray.init "
-            f"{startup:.1f} s; round 1 spent {first_excess:.1f} s outside client compute (Ray actor start-up, imports), "
+            f"{startup:.1f} s; round 1 spent {first_excess:.1f} s outside client compute "
+            f"(Ray actor start-up, imports), "
             f"later rounds {statistics.mean(fl - c for _, _, _, c, _, fl in steady):.1f} s"
         )
 

@@ -62,7 +62,7 @@ for pool in ("mean", "cls-pooler"):
         g = torch.Generator().manual_seed(1)
         W = torch.zeros(Xtr.shape[1], 2)
         bvec = torch.zeros(2)
-        for t in range(T):
+        for _t in range(T):
             idx = (torch.rand(n, generator=g) < q).nonzero().squeeze(1)
             X, y = Xtr[idx], ytr[idx]
             logits = X @ W + bvec

@@ -102,8 +102,10 @@ def main() -> None:
         sigma = plan_noise_multiplier(a.target_epsilon, delta, q, steps * a.rounds, a.accountant)
         accounts = [SampleAccount(a.accountant, delta, sigma, a.clip) for _ in range(a.clients)]
     print(
-        f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, {a.rounds} rounds, "
-        f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, {a.optimizer} (momentum {a.momentum}), "
+        f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, "
+        f"{a.rounds} rounds, "
+        f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, "
+        f"{a.optimizer} (momentum {a.momentum}), "
         + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
         flush=True,
     )
@@ -138,11 +140,14 @@ def main() -> None:
         res = evaluate(model, eval_loader, len(names))
         eps = max(acc.epsilon for acc in accounts) if accounts else 0.0
         print(
-            f"round {rnd}: accuracy {res.accuracy:.4f} loss {res.loss:.4f} epsilon {eps:.3f} ({time.perf_counter() - t0:.0f} s)",
+            f"round {rnd}: accuracy {res.accuracy:.4f} loss {res.loss:.4f} epsilon {eps:.3f} "
+            f"({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
     print(
-        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} momentum={a.momentum} rounds={a.rounds} "
+        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} "
+        f"targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} "
+        f"momentum={a.momentum} rounds={a.rounds} "
         f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}",
         flush=True,
     )

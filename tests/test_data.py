@@ -41,7 +41,10 @@ def test_folder_with_splits_string_labels_and_provenance(synthetic_dir):
     assert len(data.train) == 200 and len(data.eval) == 60
     assert set(data.train["label"]) == {0, 1}
     truth = {r["text"]: r["label"] for r in synthetic_rows(200, seed=1)}
-    assert all(data.label_names[label] == truth[text] for text, label in zip(data.train["text"], data.train["label"]))
+    assert all(
+        data.label_names[label] == truth[text]
+        for text, label in zip(data.train["text"], data.train["label"], strict=True)
+    )
     files = data.source["files"]
     assert [f["name"] for f in files["train"]] == ["train.tsv"] and len(files["train"][0]["sha256"]) == 64
 
@@ -51,8 +54,8 @@ def test_label_mapping_does_not_depend_on_row_order(tmp_path):
     a = load_data(data_cfg(dataset=str(write_jsonl(tmp_path / "a" / "train.jsonl", rows))))
     b = load_data(data_cfg(dataset=str(write_jsonl(tmp_path / "b" / "train.jsonl", rows[::-1]))))
     assert a.label_names == b.label_names == ["negative", "positive"]
-    ma = dict(zip(a.train["text"], a.train["label"]))
-    mb = dict(zip(b.train["text"], b.train["label"]))
+    ma = dict(zip(a.train["text"], a.train["label"], strict=True))
+    mb = dict(zip(b.train["text"], b.train["label"], strict=True))
     assert ma == mb
 
 
@@ -110,7 +113,7 @@ def test_iid_partitions_are_disjoint_covering_and_seeded(synthetic_dir):
     assert all_texts(make_partitions(data, cfg, seed=7, num_partitions=4)) == texts  # deterministic
     assert all_texts(make_partitions(data, cfg, seed=8, num_partitions=4)) != texts  # the seed matters
     stats = p1.stats()
-    for row, (train, local_eval) in zip(stats, p1.parts):
+    for row, (train, local_eval) in zip(stats, p1.parts, strict=True):
         assert sum(row["label_histogram"]) == row["train_examples"] == len(train)
         assert row["eval_examples"] == len(local_eval) == round((len(train) + len(local_eval)) * 0.1)
 
@@ -152,7 +155,7 @@ def test_natural_partition_by_language_column(tmp_path):
     parts = make_partitions(data, cfg, seed=0, num_partitions=3)
     assert parts.natural_ids == ["hau", "ibo", "yor"]
     by_lang = Counter(r["language"] for r in rows)
-    for (train, _), lang in zip(parts.parts, parts.natural_ids):
+    for (train, _), lang in zip(parts.parts, parts.natural_ids, strict=True):
         assert set(train["language"]) == {lang} and len(train) == by_lang[lang]
     with pytest.raises(FedHFDataError, match="gives 3 clients, but the run has 2.*--num-clients 3"):
         make_partitions(data, cfg, seed=0, num_partitions=2)
@@ -231,7 +234,9 @@ def test_group_cap_samples_each_group_on_its_own(tmp_path):
     alone = prepare_train_rows(load_data(data_cfg(dataset=str(only), **cfg)), data_cfg(dataset=str(only), **cfg), 5)
     counts = Counter(pooled["language"])
     assert counts == {"aa": 40, "bb": 40, "cc": 40, "dd": 12}
-    assert sorted(t for t, lang in zip(pooled["text"], pooled["language"]) if lang == "aa") == sorted(alone["text"])
+    assert sorted(t for t, lang in zip(pooled["text"], pooled["language"], strict=True) if lang == "aa") == sorted(
+        alone["text"]
+    )
     other_seed = prepare_train_rows(
         load_data(data_cfg(dataset=str(only), **cfg)), data_cfg(dataset=str(only), **cfg), 6
     )

@@ -47,7 +47,7 @@ def test_seed_fixes_initialisation(tiny_model_dir):
 def test_adapter_state_round_trip_changes_outputs(tiny_model_dir):
     src = build_model(tiny_cfg(tiny_model_dir, seed=1), LABELS)
     with torch.no_grad():
-        for name, p in src.named_parameters():
+        for _name, p in src.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
     dst = build_model(tiny_cfg(tiny_model_dir, seed=2), LABELS)

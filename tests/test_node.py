@@ -114,7 +114,10 @@ def test_the_client_app_module_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, fedhf.flower.client_app; print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'datasets') if m in sys.modules))"
+    code = (
+        "import sys, fedhf.flower.client_app; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'datasets') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

@@ -141,7 +141,7 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny):
 
 
 def test_ghost_clipping_really_clips(tiny):
-    """q = 1 and sigma = 0 make the batch and noise fixed: ghost and hooks give the same clipped update, plain differs."""
+    "q = 1 and sigma = 0 make the batch and noise fixed: ghost and hooks give the same clipped update, plain differs."
     cfg, tok = tiny
     start = get_adapter_state(build_model(cfg, LABELS))
 
@@ -188,7 +188,7 @@ def test_fail_closed_on_a_layer_opacus_cannot_handle():
     before = [p.detach().clone() for p in w.parameters()]
     with pytest.raises(FedHFPrivacyError):
         private_train(w, loader, SampleAccount("rdp", 1e-3, 1.0, 1.0), task=TASK, epochs=1, lr=1e-2)
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, w.parameters()))  # nothing trained
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, w.parameters(), strict=True))  # nothing trained
 
 
 def test_first_batch_empty_is_still_a_step(tiny, monkeypatch):

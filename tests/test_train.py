@@ -44,7 +44,7 @@ def test_proximal_term_keeps_weights_near_the_start(tiny_model_dir):
         loader = make_loader(separable(64, 1), tok, 32, 16, shuffle=True, seed=0)
         train_local(model, loader, task=TASK, epochs=2, lr=1e-2, proximal_mu=mu)
         now = [p.detach() for p in model.parameters() if p.requires_grad]
-        drift[mu] = sum(((a - b) ** 2).sum().item() for a, b in zip(now, start)) ** 0.5
+        drift[mu] = sum(((a - b) ** 2).sum().item() for a, b in zip(now, start, strict=True)) ** 0.5
     assert drift[100.0] < 0.5 * drift[0.0], drift
 
 
@@ -88,7 +88,7 @@ def test_train_optimizer_takes_the_step_it_names(tiny_model_dir, name):
     train_local(
         model, loader, task=TASK, epochs=1, lr=lr, optimizer_name=cfg.train.optimizer, momentum=cfg.train.momentum
     )
-    for p, p0, g in zip(params, start, grads):
+    for p, p0, g in zip(params, start, grads, strict=True):
         moved = p.detach() - p0
         if name == "sgd":
             assert torch.allclose(moved, -lr * g, atol=1e-7)

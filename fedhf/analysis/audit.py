@@ -151,7 +151,8 @@ def audit_sets(run: dict[str, Any], non_members_file: str | Path | None) -> tupl
         (p["train_examples"], p["label_histogram"]) for p in recorded
     ]:
         raise FedHFRunError(
-            "audit: the clients' training rows cannot be rebuilt from the run's config (partition sizes or labels differ "
+            "audit: the clients' training rows cannot be rebuilt from the run's config (partition sizes or labels "
+            "differ "
             "from run.json: the clients used their own silos, or the data changed); the audit needs the members."
         )
     members = datasets.concatenate_datasets([train.select_columns(["text", "label"]) for train, _ in parts.parts])

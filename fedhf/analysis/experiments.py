@@ -214,7 +214,8 @@ def run_group(
                 aside = run_dir.with_name(f"{run.name}.{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}")
                 run_dir.rename(aside)
                 why = (
-                    f"a finished run with another config ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})"
+                    f"a finished run with another config ({', '.join(changed[:4])}"
+                    f"{', ...' if len(changed) > 4 else ''})"
                     if changed
                     else "an unfinished run"
                 )
@@ -319,7 +320,8 @@ def _post(group: Group, run: ExperimentRun, run_dir: Path, smoke: bool, log: Any
     if run.audit and "audit" not in data:
         res = audit_run(run_dir)
         log(
-            f"[{group.name}] {run.name}: audit AUC {res['loss']['auc']:.3f} (loss), {res['calibrated']['auc']:.3f} (calibrated)"
+            f"[{group.name}] {run.name}: audit AUC {res['loss']['auc']:.3f} (loss), "
+            f"{res['calibrated']['auc']:.3f} (calibrated)"
         )
 
 
@@ -391,14 +393,17 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
         "",
         group.description,
         "",
-        "| run | clients | accuracy | macro-F1 | ε sample (max) | ε client | bytes up / client / round | wall s | MIA AUC loss / calibrated | status |",
+        "| run | clients | accuracy | macro-F1 | ε sample (max) | ε client "
+        "| bytes up / client / round | wall s | MIA AUC loss / calibrated | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         md.append(
             f"| {r['name']} | {r.get('clients', '–')} | {_f(r.get('accuracy'))} | {_f(r.get('macro_f1'))} "
-            f"| {_f(r.get('epsilon_sample_max'), 2)} | {_f(r.get('epsilon_client'), 2)} | {r.get('bytes_up_per_client_round') or '–'} "
-            f"| {r.get('wall_seconds', '–')} | {_f(r.get('audit_auc_loss'), 3)} / {_f(r.get('audit_auc_calibrated'), 3)} | {r['status']} |"
+            f"| {_f(r.get('epsilon_sample_max'), 2)} | {_f(r.get('epsilon_client'), 2)} "
+            f"| {r.get('bytes_up_per_client_round') or '–'} "
+            f"| {r.get('wall_seconds', '–')} "
+            f"| {_f(r.get('audit_auc_loss'), 3)} / {_f(r.get('audit_auc_calibrated'), 3)} | {r['status']} |"
         )
     if langs:
         md += [

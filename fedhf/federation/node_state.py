@@ -183,7 +183,8 @@ class SpendStore:
             ) from None
         except OSError as exc:
             raise FedHFNodeStateError(
-                f"cannot read or write this node's privacy state under '{self.dir}' ({exc.strerror or exc}); with DP the "
+                f"cannot read or write this node's privacy state under '{self.dir}' ({exc.strerror or exc}); "
+                f"with DP the "
                 "node does not send an update whose spend it cannot record. Give a writable node config 'state-dir'."
             ) from None
 
@@ -208,7 +209,8 @@ class SpendStore:
                         raise ValueError(f"an entry lacks '{key}'")
         except (OSError, ValueError, UnicodeDecodeError, TypeError) as exc:
             raise FedHFNodeStateError(
-                f"this node's saved privacy spend '{self.file}' cannot be read ({exc}); it holds what earlier runs spent "
+                f"this node's saved privacy spend '{self.file}' cannot be read ({exc}); "
+                f"it holds what earlier runs spent "
                 "on this data, so the node will not train without it. Restore the file from a backup."
             ) from None
         data.setdefault("imported", [])

@@ -144,13 +144,15 @@ class SecAggSettings:
             )
         if self.reconstruction_threshold > shares:
             raise FedHFConfigError(
-                f"config key 'strategy.secagg-reconstruction-threshold': got {self.reconstruction_threshold}, more than "
+                f"config key 'strategy.secagg-reconstruction-threshold': got {self.reconstruction_threshold}, "
+                f"more than "
                 f"the {shares} shares of each secret ({sampled} clients sampled this round); the round could never "
                 f"unmask. Use at most {shares} (0 = two thirds of the shares)."
             )
         if sampled * self.quantization_range >= MODULUS_RANGE:
             raise FedHFConfigError(
-                f"config key 'strategy.secagg-quantization-range': {self.quantization_range} levels x {sampled} clients "
+                f"config key 'strategy.secagg-quantization-range': {self.quantization_range} levels "
+                f"x {sampled} clients "
                 f"overflow the 2^32 modulus; use at most {MODULUS_RANGE // sampled - 1}."
             )
 
@@ -538,7 +540,8 @@ def _require_fedhf_masks(setup_replies: list[Message]) -> None:
         prg = r.content.config_records[RECORD_KEY_CONFIGS].get(MASK_PRG_KEY)
         if prg != MASK_PRG:
             raise FedHFRunError(
-                f"secure aggregation: node {r.metadata.src_node_id} masks with {prg or 'Flower 1.42 default (32-bit seeds)'}, "
+                f"secure aggregation: node {r.metadata.src_node_id} masks with "
+                f"{prg or 'Flower 1.42 default (32-bit seeds)'}, "
                 f"not fedhf's {MASK_PRG}; its masks would not cancel. Run this fedhf version on every SuperNode."
             )
 

@@ -80,7 +80,7 @@ def _payload_bytes(arrays: ArrayRecord) -> int:
 
 
 def _records(msg: Message) -> tuple[dict[str, Any], dict[str, Any], ArrayRecord | None]:
-    """(metrics, client info, arrays) of a reply, as plain dicts; Malformed when the records are not as sent by fedhf."""
+    "(metrics, client info, arrays) of a reply, as plain dicts; Malformed when the records are not as sent by fedhf."
     content = msg.content
     extra = sorted(set(content.keys()) - {"arrays", "metrics", "client-info"})
     if extra:
@@ -443,7 +443,8 @@ class ClientLevel(Strategy):
             self.recorder.set_client_level({"delta": self.account.delta})
         if self.account.delta >= 1 / population:
             raise FedHFConfigError(
-                f"config key 'privacy.client-delta': {self.account.delta:g} is not below 1 / {population} clients; such "
+                f"config key 'privacy.client-delta': {self.account.delta:g} is not below 1 / {population} clients; "
+                f"such "
                 f"a delta allows releasing one client's update outright. Use at most {0.1 / population:.3g}."
             )
 
@@ -534,7 +535,8 @@ def build_strategy(
             raise FedHFConfigError(
                 f"config key 'privacy.client-clipped-count-stddev': {count_std:g} is too small for "
                 f"privacy.client-noise-multiplier={p.client_noise_multiplier:g} with adaptive clipping; set it above "
-                f"{p.client_noise_multiplier / 2:g} (the count noise must be at least half the update noise) or use server-fixed."
+                f"{p.client_noise_multiplier / 2:g} (the count noise must be at least half the update noise) "
+                f"or use server-fixed."
             )
         dp = _AdaptiveClipping(
             strategy,

@@ -114,7 +114,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag in ("--host", "--port"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             parser.error(
-                f"{flag} is set by fedhf.flower.superlink; use --fleet-host/--fleet-port and --control-host/--control-port"
+                f"{flag} is set by fedhf.flower.superlink; use --fleet-host/--fleet-port "
+                f"and --control-host/--control-port"
             )
     for name in ("fleet_port", "control_port"):
         if not 1 <= getattr(ours, name) <= 65535:
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     config = _parse_superlink_lifespan_config()
     if ours.expose_control_api:
         print(
-            f"WARNING fedhf.flower.superlink: --expose-control-api: the Control API (submit runs, register node keys) is served "
+            f"WARNING fedhf.flower.superlink: --expose-control-api: the Control API (submit runs, register node keys) "
+            f"is served "
             f"on {ours.fleet_host}:{ours.fleet_port} too, without authentication. Anyone who reaches it can run code "
             "on every SuperNode.",
             file=sys.stderr,

@@ -84,9 +84,12 @@ def plan_noise_multiplier(
     at_max = epsilon_of(accountant, [(MAX_SIGMA, sample_rate, total_steps)], delta)
     if at_max > target_epsilon:
         raise FedHFPrivacyError(
-            f"privacy.target-epsilon={target_epsilon} is unreachable: even sigma={MAX_SIGMA:g} gives epsilon={at_max:.3g} "
-            f"after {total_steps} steps at sampling rate {sample_rate:.4g} (delta={delta:.3g}); raise privacy.target-epsilon, "
-            f"or take fewer steps (num-server-rounds, train.local-epochs) or a smaller sampling rate (train.batch-size)."
+            f"privacy.target-epsilon={target_epsilon} is unreachable: even sigma={MAX_SIGMA:g} "
+            f"gives epsilon={at_max:.3g} "
+            f"after {total_steps} steps at sampling rate {sample_rate:.4g} (delta={delta:.3g}); "
+            f"raise privacy.target-epsilon, "
+            f"or take fewer steps (num-server-rounds, train.local-epochs) or a smaller sampling rate "
+            f"(train.batch-size)."
         )
     sigma = get_noise_multiplier(
         target_epsilon=target_epsilon,
@@ -325,8 +328,8 @@ class _Guard:
 
     def after_step(self) -> None:
         if self.steps == 0 and self._before is not None:
-            lora = [(n, b) for (n, _), b in zip(self.trainable, self._before) if "lora_" in n]
-            check = lora or [(n, b) for (n, _), b in zip(self.trainable, self._before)]
+            lora = [(n, b) for (n, _), b in zip(self.trainable, self._before, strict=True) if "lora_" in n]
+            check = lora or [(n, b) for (n, _), b in zip(self.trainable, self._before, strict=True)]
             params = dict(self.trainable)
             if all(torch.equal(params[n].detach(), b) for n, b in check):
                 raise FedHFPrivacyError(

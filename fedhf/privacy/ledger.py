@@ -38,8 +38,10 @@ def ledger_table(run: dict[str, Any]) -> str:
 
 def _client_level_lines(cl: dict[str, Any]) -> list[str]:
     lines = [
-        f"privacy ledger: {CLIENT} ({cl['clipping']} clipping, C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'}, "
-        f"sigma {cl['noise_multiplier']:g}, effective sigma {cl['effective_noise_multiplier']:.4g}, delta {cl['delta']:.3g}, rdp)"
+        f"privacy ledger: {CLIENT} ({cl['clipping']} clipping, "
+        f"C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'}, "
+        f"sigma {cl['noise_multiplier']:g}, effective sigma {cl['effective_noise_multiplier']:.4g}, "
+        f"delta {cl['delta']:.3g}, rdp)"
     ]
     lines.append(f"{'round':>6} {'clients':>8} {'q':>7} {'epsilon':>9} {'eps (q=1)':>10}")
     for r in cl["rounds"]:

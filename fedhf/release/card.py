@@ -241,17 +241,19 @@ def _privacy_section(run: dict[str, Any]) -> str:
         sig = sorted({round(e["noise_multiplier"], 4) for e in clients.values()})
         stopped = [pid for pid, e in clients.items() if "stopped" in e]
         out.append(
-            "| guarantee | ε (max over clients) | ε (mean) | δ (max) | σ | C | accountant |\n|---|---|---|---|---|---|---|\n"
+            "| guarantee | ε (max over clients) | ε (mean) | δ (max) | σ | C | accountant |\n"
+            "|---|---|---|---|---|---|---|\n"
             f"| {p['label']} | {max(eps):.3f} | {sum(eps) / len(eps):.3f} | {max(deltas):.2e} | "
-            f"{', '.join(f'{s:g}' for s in sig)} | {next(iter(clients.values()))['max_grad_norm']:g} | {p['accountant']} |"
+            f"{', '.join(f'{s:g}' for s in sig)} | {next(iter(clients.values()))['max_grad_norm']:g} | "
+            f"{p['accountant']} |"
         )
         out.append(
-            "\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example gradients "
-            "clipped to C, Gaussian noise σ·C, Poisson-sampled batches, one accountant per client over all rounds. For any "
-            "one training example of a client, the adapter updates that client sent are (ε, δ)-indistinguishable from what "
-            "they would be without that example, at that client's ε and δ (above: the worst client); so is the released "
-            "adapter, which is computed from those updates only. It does not protect a client's data set as a whole (see "
-            "client-level), nor properties shared by many examples."
+            "\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example "
+            "gradients clipped to C, Gaussian noise σ·C, Poisson-sampled batches, one accountant per client over all "
+            "rounds. For any one training example of a client, the adapter updates that client sent are "
+            "(ε, δ)-indistinguishable from what they would be without that example, at that client's ε and δ (above: "
+            "the worst client); so is the released adapter, which is computed from those updates only. It does not "
+            "protect a client's data set as a whole (see client-level), nor properties shared by many examples."
             + (
                 f" Client(s) {', '.join(stopped)} stopped training when their privacy budget ran out."
                 if stopped
@@ -268,16 +270,19 @@ def _privacy_section(run: dict[str, Any]) -> str:
     cl = p.get("client_level")
     if cl:
         out.append(
-            "\n| guarantee | ε (with sampling amplification) | ε (no amplification) | δ | σ (effective) | clipping |\n|---|---|---|---|---|---|\n"
+            "\n| guarantee | ε (with sampling amplification) | ε (no amplification) | δ | σ (effective) | clipping |\n"
+            "|---|---|---|---|---|---|\n"
             f"| {cl['label']} | {cl.get('epsilon', 0.0):.3f} | {cl.get('epsilon_no_amplification', 0.0):.3f} | "
-            f"{cl['delta']:.2e} | {cl['effective_noise_multiplier']:.4g} | {cl['clipping']}, C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'} |"
+            f"{cl['delta']:.2e} | {cl['effective_noise_multiplier']:.4g} | {cl['clipping']}, "
+            f"C {cl['rounds'][-1]['clipping_norm'] if cl['rounds'] else '-'} |"
         )
         out.append(
-            "\n**What the client-level guarantee means.** The server clipped each client's adapter update, averaged them with "
-            "equal weights and added Gaussian noise, so the released adapter is (ε, δ)-indistinguishable whether or not any "
-            "one client took part, whatever its data. The amplified ε assumes clients were sampled independently each round; "
-            "the unamplified ε holds for any selection. The server saw each client's clipped update before noise: this "
-            "guarantee protects the clients from the readers of this adapter, not from the server."
+            "\n**What the client-level guarantee means.** The server clipped each client's adapter update, averaged "
+            "them with equal weights and added Gaussian noise, so the released adapter is (ε, δ)-indistinguishable "
+            "whether or not any one client took part, whatever its data. The amplified ε assumes clients were sampled "
+            "independently each round; the unamplified ε holds for any selection. The server saw each client's clipped "
+            "update before noise: this guarantee protects the clients from the readers of this adapter, not from the "
+            "server."
         )
         verdict = client_level_verdict(cl, len(client_ids(run)))
         if verdict:
@@ -356,17 +361,23 @@ def _secure_aggregation_section(run: dict[str, Any]) -> str:
     used = sorted({(r["num_shares"], r["reconstruction_threshold"]) for r in rounds})
     dropped = sum(r["dropped"] for r in rounds)
     withheld = sum(1 for r in rounds if not r.get("completed", True))
+    shares = ", ".join(f"{a} / {b}" for a, b in used) or f"{sa['num_shares']} / {sa['reconstruction_threshold']}"
+    quantization = (
+        f"{sa['quantization_bits']} bits ({sa['quantization_range']:,} levels) over "
+        f"[-{sa['clipping_range']:g}, {sa['clipping_range']:g}], step {sa['quantization_step']:.3g}"
+    )
+    outcome = f"{len(rounds)} / {dropped} / {withheld}"
     return f"""**On: {sa["protocol"]}.** The server learned only the weighted average of each round's client adapters,
 never an individual client's: each client uploaded its adapter masked with pairwise and private masks that cancel
 only in the sum; secrets are Shamir-shared among neighbours so that dropped clients' masks can be removed.
 
 | | |
 |---|---|
-| shares per secret / reconstruction threshold | {", ".join(f"{a} / {b}" for a, b in used) or f"{sa['num_shares']} / {sa['reconstruction_threshold']}"} |
-| quantization | {sa["quantization_bits"]} bits ({sa["quantization_range"]:,} levels) over [-{sa["clipping_range"]:g}, {sa["clipping_range"]:g}], step {sa["quantization_step"]:.3g} |
+| shares per secret / reconstruction threshold | {shares} |
+| quantization | {quantization} |
 | modulus | 2^32 |
 | max client weight | {sa["max_weight"]:g} examples |
-| rounds / clients dropped during the protocol / rounds withheld (nothing released) | {len(rounds)} / {dropped} / {withheld} |
+| rounds / clients dropped during the protocol / rounds withheld (nothing released) | {outcome} |
 
 What the server still sees, in the clear: each client's averaging weight (its number of training examples when it
 shares them, else 1) and the client info it sends (see Privacy). Masks are expanded from each full 256-bit secret with
@@ -417,7 +428,8 @@ def _rounds_table(run: dict[str, Any]) -> str:
             "-" if r["round"] == 0 else str(sum(c.get("status", "trained") == "trained" for c in r.get("clients", [])))
         )
         rows.append(
-            f"| {r['round']} | {tl} | {r['eval_loss']:.4f} | {r['eval_accuracy']:.4f} | {r['eval_f1']:.4f} | {trained} |"
+            f"| {r['round']} | {tl} | {r['eval_loss']:.4f} | {r['eval_accuracy']:.4f} | {r['eval_f1']:.4f} | "
+            f"{trained} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -472,21 +484,45 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     n_clients = len(client_ids(run))
     base_model = published_base_model(run)
     part = cfg["data.partitioner"]
+    natural_column = src.get("partition_column") or cfg["data.partition-column"] or "language"
     part_params = {
         "dirichlet": f"α = {cfg['data.dirichlet-alpha']}, minimum partition size {cfg['data.min-partition-size']}",
-        "inner-dirichlet": f"equal-size clients, each client's label mix drawn from Dir(α = {cfg['data.dirichlet-alpha']})",
+        "inner-dirichlet": (
+            f"equal-size clients, each client's label mix drawn from Dir(α = {cfg['data.dirichlet-alpha']})"
+        ),
         "pathological": f"{cfg['data.classes-per-client']} classes per client",
-        "natural": f"one client per value of '{src.get('partition_column') or cfg['data.partition-column'] or 'language'}'",
+        "natural": f"one client per value of '{natural_column}'",
         "iid": "equal random shares",
     }[part]
     label_names = ds["label_names"]
     plots = sorted(p.name for p in (Path(run.get("_dir", ".")) / "plots").glob("*.png")) if run.get("_dir") else []
     stopped = run.get("stopped_early")
     pooling = cfg.get("model.pooling", "cls")  # runs from before model.pooling existed are cls
+    base_text = (
+        f"[`{base_model}`](https://huggingface.co/{base_model})"
+        if base_model
+        else "a base model loaded from a local folder (its Hub id was not given: set model.hub-id when training, "
+        "or name it in adapter_config.json's base_model_name_or_path)"
+    )
+    stopped_text = f" (stopped early: {stopped['reason']})" if stopped else ""
+    local_training = (
+        f"{cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, {_optimizer_text(cfg)}"
+    )
+    lora_text = (
+        f"r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, "
+        f"modules {cfg['model.lora.target-modules']}"
+    )
+    privacy_note = (
+        "The adapter was trained without differential privacy and may reveal training examples."
+        if privacy.get("mode", "none") == "none"
+        else "Privacy guarantees hold only as stated above."
+    )
+    hub_link = f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""
+    adapter_license = license_id if license_id != "other" else "research and non-commercial use only"
     body = f"""
 # {data.model_name}
 
-A LoRA adapter for {f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "a base model loaded from a local folder (its Hub id was not given: set model.hub-id when training, or name it in adapter_config.json's base_model_name_or_path)"} fine-tuned for
+A LoRA adapter for {base_text} fine-tuned for
 {task.describe(label_names)} by **federated learning** with
 fedhf {__version__} on [Flower](https://flower.ai): {n_clients} clients trained
 on their own data, which never left them; only adapter updates ({run["model"]["adapter_bytes"]:,} bytes each) were
@@ -497,12 +533,12 @@ exchanged.
 | | |
 |---|---|
 | clients | {n_clients} |
-| rounds | {len(run["rounds"]) - 1} of {cfg["num-server-rounds"]}{f" (stopped early: {stopped['reason']})" if stopped else ""} |
+| rounds | {len(run["rounds"]) - 1} of {cfg["num-server-rounds"]}{stopped_text} |
 | strategy | {cfg["strategy.name"]} |
 | fraction of clients per round | {cfg["strategy.fraction-train"]} |
 | partitioner | {part} ({part_params}) |
-| local training | {cfg["train.local-epochs"]} epoch(s) per round, batch {cfg["train.batch-size"]}, {_optimizer_text(cfg)} |
-| LoRA | r {cfg["model.lora.r"]}, alpha {cfg["model.lora.alpha"]}, dropout {cfg["model.lora.dropout"]}, modules {cfg["model.lora.target-modules"]} |
+| local training | {local_training} |
+| LoRA | {lora_text} |
 | head reads | {_POOLING_TEXT[pooling]} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg.get("transport.dtype", "fp32")]} |
 | failures | {_reliability_text(run)} |
@@ -537,13 +573,13 @@ Or `fedhf predict --model REPO_ID --text "an example sentence"`.
 
 Research on federated and private fine-tuning; {len(label_names)}-class classification of text like the training data
 ({eval_name}). Not evaluated for any other domain or language, for fairness across groups, or for deployment decisions.
-{"The adapter was trained without differential privacy and may reveal training examples." if privacy.get("mode", "none") == "none" else "Privacy guarantees hold only as stated above."}
+{privacy_note}
 Accuracy is measured on {ds["central_eval_rows"]} rows and carries sampling error.
 
 ## Data, licences and citations
 
-- Data: {eval_name}{f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""}, licence: {data_license}.
-- Base model licence: {model_license}. This adapter: **{license_id if license_id != "other" else "research and non-commercial use only"}**.
+- Data: {eval_name}{hub_link}, licence: {data_license}.
+- Base model licence: {model_license}. This adapter: **{adapter_license}**.
 {f"- {license_note}" if license_note else ""}
 {f"- Cite the data: {ds['citation']}" if ds.get("citation") else ""}
 - Provenance (data fingerprints, partition statistics, seeds, config hash, versions): `provenance.json`.

@@ -15,7 +15,10 @@ def _fmt(value: Any, spec: str) -> str:
 
 def round_line(row: dict[str, Any], total: int) -> str:
     if row["round"] == 0:
-        return f"[fedhf] round 0/{total}  central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f} (initial adapter)"
+        return (
+            f"[fedhf] round 0/{total}  central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  "
+            f"loss {row['eval_loss']:.4f} (initial adapter)"
+        )
     loss = "train loss not shared" if row["train_loss"] is None else f"train loss {row['train_loss']:.4f}"
     refused = f" ({len(row['refused'])} refused)" if row.get("refused") else ""
     return (

@@ -91,7 +91,7 @@ class RunStore:
         return upgrade(record, str(self.path))
 
     def read_finished(self, what: str) -> dict[str, Any]:
-        """The record of a complete run with its adapter (for report, audit, evaluate, push); a clear error otherwise."""
+        "The record of a complete run with its adapter (for report, audit, evaluate, push); a clear error otherwise."
         record = self.read(what)
         if record["status"] != "complete":
             why = f": {record['error']}" if record.get("error") else ""

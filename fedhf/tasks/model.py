@@ -135,7 +135,8 @@ def build_model(cfg: FedHFConfig, label_names: list[str], device: str | torch.de
         except ValueError as exc:
             raise FedHFModelError(
                 f"config key 'model.lora.target-modules': got '{cfg.model.lora.target_modules}', which does not match "
-                f"the model ({str(exc).splitlines()[0][:200]}); name linear layers of the model, e.g. 'query,value' for BERT."
+                f"the model ({str(exc).splitlines()[0][:200]}); "
+                f"name linear layers of the model, e.g. 'query,value' for BERT."
             ) from None
     return model
 

@@ -106,7 +106,8 @@ def test_the_dp_wrappers_hold_the_inner_strategy_as_strategy():
         (
             "flwr.compat.common.recorddict_compat",
             ["arrayrecord_to_parameters", "recorddict_to_fitins", "fitres_to_recorddict"],
-            "SecAgg+ runs on the legacy FitIns/FitRes records (stack facts: the Message-API handler fails with KeyError)",
+            "SecAgg+ runs on the legacy FitIns/FitRes records (stack facts: "
+            "the Message-API handler fails with KeyError)",
         ),
         (
             "flwr.server.workflow.constant",

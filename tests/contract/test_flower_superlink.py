@@ -1,4 +1,5 @@
-"""Contract: the Flower 1.42 internals that ``fedhf.flower.superlink`` builds on. These fail first when Flower changes them.
+"""Contract: the Flower 1.42 internals that ``fedhf.flower.superlink`` builds on. These fail first when Flower \
+changes them.
 
 fedhf.flower.superlink runs Flower's own SuperLink app on two listeners so that the unauthenticated Control API stays on
 loopback; Flower 1.42 has no public way to bind it apart (one --host/--port serves every API).
