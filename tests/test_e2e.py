@@ -127,7 +127,8 @@ def test_fedhf_run_three_clients_two_rounds(shared_data_dir, tmp_path):
     lines = [line for line in console if line.strip()]
     assert len(lines) <= 40, lines
     assert len(set(lines)) == len(lines), [line for line in lines if lines.count(line) > 1]
-    assert lines[0].startswith("fedhf run: 3 simulated clients, 2 rounds of fedavg")
+    plan = [line for line in run["_stderr"].split("\n") if line.strip()]
+    assert plan[0].startswith("fedhf run: 3 simulated clients, 2 rounds of fedavg"), plan[:3]
     assert any(line.startswith("  privacy  none") for line in lines)
     assert [line.split()[2] for line in lines if line.startswith("[fedhf] round")] == ["0/2", "1/2", "2/2"]
     for noise in ("LOAD REPORT", "ClientAppActor", "Warning", "DEBUG", "INFO", "configure_train"):

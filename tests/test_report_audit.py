@@ -239,7 +239,7 @@ def test_audit_members_are_exactly_the_clients_training_rows(tiny_run, tmp_path)
     from fedhf.analysis.audit import audit_sets
     from fedhf.analysis.evaluation import run_config
     from fedhf.data.load import load_data
-    from fedhf.run.record import load_finished_run
+    from fedhf.run.store import load_finished_run
 
     run = load_finished_run(tiny_run, "test")
     non = write_tsv(tmp_path / "nm.tsv", held_out_rows(120, seed=5) + synthetic_rows(30, seed=11), ["text", "label"])

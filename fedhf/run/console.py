@@ -145,8 +145,10 @@ class RunConsole:
 
 
 class _ConsoleFormatter(logging.Formatter):
+    """``[fedhf] warning: ...``: a line starting ``error:`` is the command's own final error (one per failure)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        return f"[fedhf] {record.levelname.lower()}: {record.getMessage()}"
 
 
 def _copy(read_fd: int, log_fd: int, terminal_fd: int) -> None:
