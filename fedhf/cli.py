@@ -340,16 +340,13 @@ def _preflight(
     p = cfg.privacy
     if p.sample_level and p.target_epsilon is not None:
         # Each client plans its own sigma in round 1; check now that every client can meet the target.
-        from fedhf.privacy.dp import default_delta, plan_noise_multiplier, sampling
+        from fedhf.privacy.dp import plan_for
 
         for row in parts.stats():
-            n = row["train_examples"]
-            q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
-            delta = p.delta if p.delta is not None else default_delta(n)
-            sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
+            plan = plan_for(cfg, row["train_examples"])
             say(
-                f"privacy plan: client {row['partition_id']}: sigma {sigma:.4f} for target epsilon "
-                f"{p.target_epsilon:g} at delta {delta:.3g} (q {q:.4f}, {steps * cfg.num_server_rounds} steps)"
+                f"privacy plan: client {row['partition_id']}: sigma {plan.noise_multiplier:.4f} for target epsilon "
+                f"{p.target_epsilon:g} at delta {plan.delta:.3g} (q {plan.sample_rate:.4f}, {plan.total_steps} steps)"
             )
     if node_configs:
         # Each simulated node enforces its owner's policy itself; say now which would refuse this run.
@@ -551,13 +548,7 @@ def privacy_plan(
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
 ) -> None:
     """Print the noise multiplier for a target epsilon and the projected epsilon after each round."""
-    from fedhf.privacy.dp import (
-        FedHFPrivacyError,
-        default_delta,
-        epsilon_of,
-        plan_noise_multiplier,
-        sampling,
-    )
+    from fedhf.privacy.dp import FedHFPrivacyError, epsilon_of, plan_sample_level
 
     try:
         for name, value in (
@@ -574,9 +565,17 @@ def privacy_plan(
             raise FedHFConfigError(f"--delta: got {delta}; it must be in (0, 1).")
         if accountant not in ("rdp", "prv"):
             raise FedHFConfigError(f"--accountant: got {accountant!r}; allowed: rdp, prv.")
-        d = delta if delta is not None else default_delta(num_examples)
-        q, steps = sampling(num_examples, batch_size, local_epochs)
-        sigma = plan_noise_multiplier(target_epsilon, d, q, steps * rounds, accountant)
+        plan = plan_sample_level(
+            num_examples,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            rounds=rounds,
+            accountant=accountant,
+            target_epsilon=target_epsilon,
+            noise_multiplier=0.0,
+            delta=delta,
+        )
+        d, q, steps, sigma = plan.delta, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier
     except (FedHFError, FedHFPrivacyError) as exc:
         _fail(str(exc))
     typer.echo(

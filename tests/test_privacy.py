@@ -280,3 +280,27 @@ def test_realised_epsilon_never_exceeds_the_plan_or_the_target(tiny, n, batch, e
     assert account.history == [(sigma, q, 2 * steps)]
     realised = account.epsilon
     assert realised == pytest.approx(planned, rel=1e-12) and realised <= target
+
+
+def test_one_plan_for_the_cli_the_preflight_and_the_client():
+    from fedhf.config.schema import parse_config
+    from fedhf.privacy.dp import plan_for, plan_sample_level
+
+    cfg = parse_config({"privacy.mode": "sample", "privacy.target-epsilon": 4.0, "num-server-rounds": 3})
+    plan = plan_for(cfg, 360)
+    assert (plan.sample_rate, plan.steps_per_round, plan.total_steps) == (1 / 23, 46, 138)
+    assert plan.delta == default_delta(360)
+    eps = epsilon_of("rdp", [(plan.noise_multiplier, plan.sample_rate, plan.total_steps)], plan.delta)
+    assert 0.95 * 4.0 <= eps <= 4.0
+    assert plan == plan_sample_level(
+        360,
+        batch_size=16,
+        local_epochs=2,
+        rounds=3,
+        accountant="rdp",
+        target_epsilon=4.0,
+        noise_multiplier=1.0,
+        delta=None,
+    )
+    fixed = plan_for(parse_config({"privacy.mode": "sample", "privacy.noise-multiplier": 0.7}), 360, delta=1e-4)
+    assert fixed.noise_multiplier == 0.7 and fixed.delta == 1e-4

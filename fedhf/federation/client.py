@@ -35,7 +35,7 @@ from fedhf.privacy.dp import (
     _merge,
     default_delta,
     epsilon_of,
-    plan_noise_multiplier,
+    plan_for,
     private_train,
     sampling,
 )
@@ -313,11 +313,8 @@ def _run_account(cfg: FedHFConfig, saved: Any, n: int, delta: float) -> tuple[Sa
         return SampleAccount(
             saved.accountant, saved.delta, saved.noise_multiplier, saved.max_grad_norm, list(saved.history)
         ), saved.accountant_id
-    q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
-    sigma = p.noise_multiplier
-    if p.target_epsilon is not None:
-        sigma = plan_noise_multiplier(p.target_epsilon, delta, q, steps * cfg.num_server_rounds, p.accountant)
-    return SampleAccount(p.accountant, delta, sigma, p.max_grad_norm), new_accountant_id()
+    plan = plan_for(cfg, n, delta)
+    return SampleAccount(p.accountant, plan.delta, plan.noise_multiplier, p.max_grad_norm), new_accountant_id()
 
 
 def _budget_refusal(policy: NodePolicy, cfg: FedHFConfig, run_eps: float, life_eps: float) -> Refusal | None:

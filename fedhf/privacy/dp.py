@@ -31,6 +31,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
+from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFPrivacyError
 from fedhf.tasks.base import Task
 from fedhf.train.loop import TrainResult, make_optimizer, train_local
@@ -73,6 +74,52 @@ def sampling(num_examples: int, batch_size: int, local_epochs: int) -> tuple[flo
     """(Poisson sampling rate q, DP-SGD steps per round), as Opacus' DP data loader sets them."""
     batches = math.ceil(num_examples / batch_size)
     return 1.0 / batches, batches * local_epochs
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """A client's sample-level DP plan for a run: what it will spend, decided once (by the node, never the server)."""
+
+    sample_rate: float  # Poisson q = 1 / ceil(n / B)
+    steps_per_round: int
+    total_steps: int  # over the run's rounds
+    delta: float
+    noise_multiplier: float  # planned for privacy.target-epsilon, else privacy.noise-multiplier
+
+
+def plan_sample_level(
+    num_examples: int,
+    *,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    accountant: str,
+    target_epsilon: float | None,
+    noise_multiplier: float,
+    delta: float | None,
+) -> SamplePlan:
+    """The one place sigma is planned: for ``target_epsilon`` over every step of the run, else the given sigma."""
+    d = delta if delta is not None else default_delta(num_examples)
+    q, steps = sampling(num_examples, batch_size, local_epochs)
+    sigma = noise_multiplier
+    if target_epsilon is not None:
+        sigma = plan_noise_multiplier(target_epsilon, d, q, steps * rounds, accountant)
+    return SamplePlan(q, steps, steps * rounds, d, sigma)
+
+
+def plan_for(cfg: FedHFConfig, num_examples: int, delta: float | None = None) -> SamplePlan:
+    """A client's plan under the run config (``delta``: the one the node settled on, else the config's)."""
+    p = cfg.privacy
+    return plan_sample_level(
+        num_examples,
+        batch_size=cfg.train.batch_size,
+        local_epochs=cfg.train.local_epochs,
+        rounds=cfg.num_server_rounds,
+        accountant=p.accountant,
+        target_epsilon=p.target_epsilon,
+        noise_multiplier=p.noise_multiplier,
+        delta=delta if delta is not None else p.delta,
+    )
 
 
 def plan_noise_multiplier(
