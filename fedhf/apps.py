@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,7 @@ from fedhf.flower.strategy import (
     restore_strategy_state,
     strategy_state,
 )
-from fedhf.privacy.dp import CLIENT_RNG_NOTE, RNG_NOTE
-from fedhf.privacy.ledger import SAMPLE as SAMPLE_LEVEL
+from fedhf.privacy.dp import run_privacy_info
 from fedhf.privacy.ledger import ledger_table
 from fedhf.release.card import base_model_license, build_hub_folder, published_view
 from fedhf.release.hub import push
@@ -229,72 +228,15 @@ def _run(
     state_roots: tuple[Path, ...] = (),
 ) -> None:
     # 2. data
-    data = load_data(cfg.data)
-    eval_ds = central_eval_set(data, cfg.data, cfg.seed)
-    recorder.set_dataset(
-        {
-            "name": cfg.data.dataset,
-            "source": data.source,
-            "label_names": data.label_names,
-            "train_rows": len(data.train),
-            "central_eval_rows": len(eval_ds),
-            "preset": data.preset.name if data.preset else None,
-            "license": data.preset.license if data.preset else None,
-            "citation": data.preset.citation if data.preset else None,
-        }
-    )
-    if num_partitions and resume is None:
-        parts = make_partitions(data, cfg.data, cfg.seed, num_partitions)
-        stats = parts.stats()
-        recorder.set_partitions(stats)
-        log.info(
-            "Per-client data (%s, %d clients):\n%s",
-            cfg.data.partitioner,
-            num_partitions,
-            format_stats(stats, data.label_names),
-        )
-
+    data, eval_ds = _record_data(cfg, recorder, num_partitions, resume)
     # 3. model and initial adapter
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_model(cfg, data.label_names)
+    resolved = _record_model(cfg, recorder, model)
     initial = get_adapter_state(model)
-    trainable, total = count_params(model)
-    resolved = resolve_model(cfg.model.name)
-    recorder.set_model(
-        {
-            "name": cfg.model.name,
-            "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
-            "base_is_local_folder": Path(cfg.model.name).expanduser().is_dir(),
-            "trainable_params": trainable,
-            "total_params": total,
-            "adapter_bytes": adapter_nbytes(initial),
-            "model_bytes": model_nbytes(model),
-            "adapter_tensors": len(initial),
-        }
-    )
-    task = get_task(cfg.model.task)
-    eval_loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
-    num_labels = len(data.label_names)
-
     # 4. federated rounds
-    p = cfg.privacy
-    if p.mode != "none":
-        info: dict[str, Any] = {
-            "mode": p.mode,
-            "secure_rng": False,
-            "rng": RNG_NOTE if p.sample_level else CLIENT_RNG_NOTE,
-        }
-        if p.sample_level:
-            info.update(
-                {
-                    "label": SAMPLE_LEVEL,
-                    "accountant": p.accountant,
-                    "target_epsilon": p.target_epsilon,
-                    "grad_sample_mode": p.grad_sample_mode,
-                }
-            )
-            if p.client_level:
-                info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
+    info = run_privacy_info(cfg.privacy)
+    if info is not None:
         recorder.set_privacy(info)
     strategy = build_strategy(cfg, recorder, num_partitions, num_labels=len(data.label_names))
     if resume is not None:
@@ -305,16 +247,132 @@ def _run(
         settings = SecAggSettings.from_config(cfg)
         recorder.set_secure_aggregation(settings.describe())
         grid = SecureAggregationGrid(grid, settings, recorder.secure_aggregation_round)
-
     done_before = resume.round if resume is not None else 0
+    evaluate = _central_evaluation(
+        cfg, recorder, progress, strategy, model, tokenizer, eval_ds, data.label_names, done_before, resume is not None
+    )
+    # The clients get the parsed config, the federation's label names (a silo maps its labels onto them)
+    # and the run's uid (they keep their DP accountant state under it, across restarts).
+    client_config = {
+        **cfg.to_flat(),
+        LABEL_NAMES_KEY: json.dumps(data.label_names),
+        RUN_UID_KEY: recorder.data["run_uid"],
+    }
+    if client_state_in_run_dir:
+        client_config[STATE_DIR_KEY] = str((recorder.dir / "client-state").resolve())
+        state_roots = (recorder.dir / "client-state", *state_roots)
+    stopped = None
+    remaining = cfg.num_server_rounds - done_before
+    try:
+        final_arrays = initial  # when the interruption came after the last round's checkpoint
+        if remaining > 0:
+            released = start(
+                strategy,
+                grid,
+                initial,
+                num_rounds=remaining,
+                timeout=cfg.strategy.round_timeout,
+                client_config=client_config,
+                evaluate=evaluate,
+                offset=done_before,
+            )
+            final_arrays = released if released is not None else initial  # None: no round released an aggregate
+        done = [r["round"] for r in recorder.data["rounds"]]
+        if done[-1:] != [cfg.num_server_rounds]:
+            raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")
+    except RunStopped as exc:
+        stopped = str(exc)
+        log.warning("Ending the run early: %s. The last global adapter is kept.", stopped)
+        recorder.abandon_round()
+        final_arrays = latest_adapter(strategy, initial)
+    if cfg.privacy.sample_level:
+        for root in state_roots:
+            _count_saved_spend(recorder, root)
+    if stopped and recorder.data["rounds"][-1]["round"] == 0:
+        # Nothing was trained (every node refused, or none could train): no adapter to release.
+        recorder.stop(stopped)
+        log.warning("Run stopped before any round was trained: %s", stopped)
+        return
+    # 5. artifacts
+    set_adapter_state(model, final_arrays)
+    _release(cfg, recorder, model, tokenizer, data.label_names, resolved, stopped, state_roots)
+
+
+def _record_data(
+    cfg: FedHFConfig, recorder: RunRecorder, num_partitions: int | None, resume: Checkpoint | None
+) -> tuple[Any, Any]:
+    """The dataset and the central eval rows, recorded (and the partitions, when this server can see them)."""
+    data = load_data(cfg.data)
+    eval_ds = central_eval_set(data, cfg.data, cfg.seed)
+    preset = data.preset
+    recorder.set_dataset(
+        {
+            "name": cfg.data.dataset,
+            "source": data.source,
+            "label_names": data.label_names,
+            "train_rows": len(data.train),
+            "central_eval_rows": len(eval_ds),
+            "preset": preset.name if preset else None,
+            "license": preset.license if preset else None,
+            "citation": preset.citation if preset else None,
+        }
+    )
+    if num_partitions and resume is None:
+        stats = make_partitions(data, cfg.data, cfg.seed, num_partitions).stats()
+        recorder.set_partitions(stats)
+        log.info(
+            "Per-client data (%s, %d clients):\n%s",
+            cfg.data.partitioner,
+            num_partitions,
+            format_stats(stats, data.label_names),
+        )
+    return data, eval_ds
+
+
+def _record_model(cfg: FedHFConfig, recorder: RunRecorder, model: Any) -> str:
+    """The model's facts, recorded; where it was loaded from."""
+    initial = get_adapter_state(model)
+    trainable, total = count_params(model)
+    resolved = resolve_model(cfg.model.name)
+    recorder.set_model(
+        {
+            "name": cfg.model.name,
+            "task": cfg.model.task,
+            "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
+            "base_is_local_folder": Path(cfg.model.name).expanduser().is_dir(),
+            "trainable_params": trainable,
+            "total_params": total,
+            "adapter_bytes": adapter_nbytes(initial),
+            "model_bytes": model_nbytes(model),
+            "adapter_tensors": len(initial),
+        }
+    )
+    return resolved
+
+
+def _central_evaluation(
+    cfg: FedHFConfig,
+    recorder: RunRecorder,
+    progress: RoundProgress,
+    strategy: Any,
+    model: Any,
+    tokenizer: Any,
+    eval_ds: Any,
+    label_names: list[str],
+    done_before: int,
+    resumed: bool,
+) -> Callable[[int, dict[str, torch.Tensor]], dict[str, float] | None]:
+    """After every round: evaluate the global adapter on the central rows, record the round, checkpoint it."""
+    task = get_task(cfg.model.task)
+    loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
 
     def central_evaluate(server_round: int, arrays: dict[str, torch.Tensor]) -> dict[str, float] | None:
         server_round += done_before
-        if resume is not None and server_round == done_before:
+        if resumed and server_round == done_before:
             return None  # evaluated (and checkpointed) before the interruption
         t0 = time.perf_counter()
         set_adapter_state(model, arrays)
-        res = task.evaluate(model, eval_loader, num_labels)
+        res = task.evaluate(model, loader, len(label_names))
         row = recorder.end_round(
             server_round, {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1}, time.perf_counter() - t0
         )
@@ -333,55 +391,21 @@ def _run(
         progress.round_done(row)
         return {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1}
 
-    stopped = None
-    # The clients get the parsed config, the federation's label names (a silo maps its labels onto them)
-    # and the run's uid (they keep their DP accountant state under it, across restarts).
-    client_config = {
-        **cfg.to_flat(),
-        LABEL_NAMES_KEY: json.dumps(data.label_names),
-        RUN_UID_KEY: recorder.data["run_uid"],
-    }
-    if client_state_in_run_dir:
-        client_config[STATE_DIR_KEY] = str((recorder.dir / "client-state").resolve())
-        state_roots = (recorder.dir / "client-state", *state_roots)
-    remaining = cfg.num_server_rounds - done_before
-    try:
-        if remaining > 0:
-            final_arrays = start(
-                strategy,
-                grid,
-                initial,
-                num_rounds=remaining,
-                timeout=cfg.strategy.round_timeout,
-                client_config=client_config,
-                evaluate=central_evaluate,
-                offset=done_before,
-            )
-            # None when no round released an aggregate (e.g. SecAgg+ withheld each).
-            final_arrays = final_arrays if final_arrays is not None else initial
-        else:  # the interruption came after the last round's checkpoint
-            final_arrays = initial
-        done = [r["round"] for r in recorder.data["rounds"]]
-        if done[-1:] != [cfg.num_server_rounds]:
-            raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")
-    except RunStopped as exc:
-        stopped = str(exc)
-        log.warning("Ending the run early: %s. The last global adapter is kept.", stopped)
-        recorder.abandon_round()
-        final_arrays = latest_adapter(strategy, initial)
+    return central_evaluate
 
-    if p.sample_level:
-        for root in state_roots:
-            _count_saved_spend(recorder, root)
-    if stopped and recorder.data["rounds"][-1]["round"] == 0:
-        # Nothing was trained (every node refused, or none could train): no adapter to release.
-        recorder.stop(stopped)
-        log.warning("Run stopped before any round was trained: %s", stopped)
-        return
 
-    # 5. artifacts
-    set_adapter_state(model, final_arrays)
-    save_adapter(model, tokenizer, cfg, data.label_names, recorder.dir / "adapter")
+def _release(
+    cfg: FedHFConfig,
+    recorder: RunRecorder,
+    model: Any,
+    tokenizer: Any,
+    label_names: list[str],
+    resolved: str,
+    stopped: str | None,
+    state_roots: tuple[Path, ...],
+) -> None:
+    """The run's folder, complete: the adapter, plots, the Hub-ready folder; then the run is marked complete."""
+    save_adapter(model, tokenizer, cfg, label_names, recorder.dir / "adapter")
     final = recorder.data["rounds"][-1]
     recorder.data["final"] = {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}
     if stopped:
@@ -394,7 +418,7 @@ def _run(
     for root in state_roots:
         for store in stores_in(root):
             store.drop_replies(recorder.data["run_uid"])
-    if p.mode != "none":
+    if cfg.privacy.mode != "none":
         log.info("\n%s", ledger_table(recorder.data))
     log.info(
         "Run complete: %s (central accuracy %.4f, macro-F1 %.4f)",

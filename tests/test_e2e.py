@@ -252,6 +252,38 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
         assert run["config"]["num-server-rounds"] == 1 and run["config"]["data.max-train-examples"] == 200
         assert [p["train_examples"] for p in run["partitions"]] == [90, 90]  # reported by the clients (10% held out)
         assert (out / "flwr" / "adapter" / "adapter_model.safetensors").is_file()
+        # resume is a run-config key: a run whose server died after its last checkpoint continues under flwr run
+        record = {**run, "status": "failed", "error": "killed after the checkpoint of round 1"}
+        del record["final"]
+        run_json.write_text(json.dumps(record))
+        resume = tmp_path / "resume.toml"
+        resume.write_text(f'resume = "{out / "flwr"}"\n' + override.read_text())
+        again = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("flwr")),
+                "run",
+                ".",
+                "--run-config",
+                str(resume),
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+                "--stream",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            cwd=REPO,
+        )
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        deadline = time.time() + 60
+        while time.time() < deadline and json.loads(run_json.read_text())["status"] != "complete":
+            time.sleep(1)
+        resumed = json.loads(run_json.read_text())
+        assert resumed["status"] == "complete" and resumed["run_uid"] == run["run_uid"]
+        assert [(r["from_round"], r["interrupted_attempt"]["status"]) for r in resumed["resumes"]] == [(1, "failed")]
+        assert resumed["final"]["eval_accuracy"] == run["final"]["eval_accuracy"]  # the same adapter, not retrained
+        assert [r["round"] for r in resumed["rounds"]] == [0, 1]
     finally:
         # `flwr run` leaves its local SuperLink running: stop everything it started, by PID.
         for p in _processes_with_env("FLWR_HOME", str(flwr_home)):

@@ -31,7 +31,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from fedhf.config.schema import FedHFConfig
+from fedhf.config.schema import FedHFConfig, PrivacyConfig
 from fedhf.errors import FedHFPrivacyError
 from fedhf.tasks.base import Task
 from fedhf.train.loop import TrainResult, make_optimizer, train_local
@@ -74,6 +74,28 @@ def sampling(num_examples: int, batch_size: int, local_epochs: int) -> tuple[flo
     """(Poisson sampling rate q, DP-SGD steps per round), as Opacus' DP data loader sets them."""
     batches = math.ceil(num_examples / batch_size)
     return 1.0 / batches, batches * local_epochs
+
+
+def run_privacy_info(p: PrivacyConfig) -> dict[str, Any] | None:
+    """What the run record states of the run's privacy at its start (None without DP): the guarantees asked for,
+    the accountant, and what randomness the noise comes from."""
+    from fedhf.privacy.ledger import SAMPLE
+
+    if p.mode == "none":
+        return None
+    info: dict[str, Any] = {"mode": p.mode, "secure_rng": False, "rng": RNG_NOTE if p.sample_level else CLIENT_RNG_NOTE}
+    if p.sample_level:
+        info.update(
+            {
+                "label": SAMPLE,
+                "accountant": p.accountant,
+                "target_epsilon": p.target_epsilon,
+                "grad_sample_mode": p.grad_sample_mode,
+            }
+        )
+        if p.client_level:
+            info["rng"] = RNG_NOTE + " " + CLIENT_RNG_NOTE
+    return info
 
 
 @dataclass(frozen=True)
