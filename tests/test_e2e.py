@@ -222,32 +222,34 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
         "[data]\nmax-train-examples = 200\nmax-eval-examples = 200\n[strategy]\nfraction-evaluate = 0.0\n"
     )
     env = _env(shared_data_dir, FLWR_HOME=str(flwr_home))
-    try:
-        proc = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("flwr")),
-                "run",
-                ".",
-                "--run-config",
-                str(override),
-                "--federation-config",
-                "num-supernodes=2 client-resources-num-cpus=1",
-                "--stream",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            cwd=REPO,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        run_json = out / "flwr" / "run.json"
+
+    def flwr_run(run_config: Path) -> subprocess.CompletedProcess:
+        cmd = [
+            str(Path(sys.executable).with_name("flwr")),
+            "run",
+            ".",
+            "--run-config",
+            str(run_config),
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+            "--stream",
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+    def completed(run_json: Path) -> dict:
+        """run.json once the ServerApp marked it complete (flwr run returns when the run is submitted and streamed)."""
         deadline = time.time() + 60
         while time.time() < deadline and not (
             run_json.is_file() and json.loads(run_json.read_text())["status"] == "complete"
         ):
             time.sleep(1)
-        run = json.loads(run_json.read_text())
+        return json.loads(run_json.read_text())
+
+    try:
+        proc = flwr_run(override)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run_json = out / "flwr" / "run.json"
+        run = completed(run_json)
         assert run["status"] == "complete"
         assert run["config"]["num-server-rounds"] == 1 and run["config"]["data.max-train-examples"] == 200
         assert [p["train_examples"] for p in run["partitions"]] == [90, 90]  # reported by the clients (10% held out)
@@ -258,28 +260,9 @@ def test_flwr_run_uses_the_app_from_pyproject(shared_data_dir, tmp_path):
         run_json.write_text(json.dumps(record))
         resume = tmp_path / "resume.toml"
         resume.write_text(f'resume = "{out / "flwr"}"\n' + override.read_text())
-        again = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("flwr")),
-                "run",
-                ".",
-                "--run-config",
-                str(resume),
-                "--federation-config",
-                "num-supernodes=2 client-resources-num-cpus=1",
-                "--stream",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            cwd=REPO,
-        )
+        again = flwr_run(resume)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-        deadline = time.time() + 60
-        while time.time() < deadline and json.loads(run_json.read_text())["status"] != "complete":
-            time.sleep(1)
-        resumed = json.loads(run_json.read_text())
+        resumed = completed(run_json)
         assert resumed["status"] == "complete" and resumed["run_uid"] == run["run_uid"]
         assert [(r["from_round"], r["interrupted_attempt"]["status"]) for r in resumed["resumes"]] == [(1, "failed")]
         assert resumed["final"]["eval_accuracy"] == run["final"]["eval_accuracy"]  # the same adapter, not retrained

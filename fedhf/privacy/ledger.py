@@ -129,6 +129,12 @@ def reported_floor(report: dict[str, Any]) -> float:
     )
 
 
+def _new_entry(src: dict[str, Any], max_epsilon: float | None = None) -> dict[str, Any]:
+    """A client's first ledger entry, from its first report or its saved spend (both in snake_case)."""
+    keys = ("delta", "noise_multiplier", "max_grad_norm", "sample_rate", "accountant")
+    return {**{k: src[k] for k in keys}, "max_epsilon": max_epsilon, "rounds": []}
+
+
 def ledger_entry(
     entry: dict[str, Any] | None, report: dict[str, Any], server_round: int, status: str
 ) -> tuple[dict[str, Any], list[str]]:
@@ -138,19 +144,7 @@ def ledger_entry(
     """
     p = report
     warnings: list[str] = []
-    entry = (
-        dict(entry)
-        if entry is not None
-        else {
-            "delta": p["delta"],
-            "noise_multiplier": p["noise_multiplier"],
-            "max_grad_norm": p["max_grad_norm"],
-            "sample_rate": p["sample_rate"],
-            "accountant": p["accountant"],
-            "max_epsilon": p["max_epsilon"] or None,
-            "rounds": [],
-        }
-    )
+    entry = dict(entry) if entry is not None else _new_entry(p, max_epsilon=p["max_epsilon"] or None)
     entry["rounds"] = list(entry["rounds"])
     # The server's own floor: one run on one node has one sigma and one q.
     floor = reported_floor(p)
@@ -198,18 +192,7 @@ def with_saved_spend(entry: dict[str, Any] | None, spend: dict[str, Any]) -> dic
     entry = (
         dict(entry)
         if entry is not None
-        else {
-            "delta": spend["delta"],
-            "noise_multiplier": spend["noise_multiplier"],
-            "max_grad_norm": spend["max_grad_norm"],
-            "sample_rate": spend["sample_rate"],
-            "accountant": spend["accountant"],
-            "max_epsilon": None,
-            "rounds": [],
-            "reported_epsilon": 0.0,
-            "reported_steps": 0,
-            "reported_delta": spend["delta"],
-        }
+        else {**_new_entry(spend), "reported_epsilon": 0.0, "reported_steps": 0, "reported_delta": spend["delta"]}
     )
     entry["unreported_steps"] = spend["steps"] - entry["reported_steps"]
     entry["note_unreported"] = (
