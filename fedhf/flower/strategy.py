@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,18 @@ def _records(msg: Message) -> tuple[dict[str, Any], dict[str, Any], ArrayRecord 
     return dict(metrics), dict(info), arrays
 
 
+@dataclass
+class _Round:
+    """What the replies of one round came to, as they are screened."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)  # one per client that replied validly
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    trained: list[Message] = field(default_factory=list)  # rebuilt to the validated update and weight
+    shared_counts: list[bool] = field(default_factory=list)
+
+
 class Screened(Strategy):
     """The fedhf side of a strategy: what it sends, which replies it accepts, what it records.
 
@@ -176,115 +189,112 @@ class Screened(Strategy):
         """Screen and record every reply of a round; return those that carry a valid update (rebuilt to the
         validated update and weight, nothing else). Raises when no update is left."""
         self.recorded_round = server_round
-        records, failures, trained, rejected, refused = [], [], [], [], []
         reference = (
             {k: a.numpy().astype(self.dtypes.get(k), copy=False) for k, a in self.latest_arrays.items()}
             if self.latest_arrays is not None
             else {}
         )
-        weights: dict[int, float] = {}
-        shared_counts: list[bool] = []
+        seen = _Round()
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                failures.append({"node-id": node, "reason": _reason(msg.error.reason)})
-                continue
-            try:
-                metrics, info, arrays = _records(msg)
-                screened = screen_train(
-                    metrics,
-                    info,
-                    node_id=node,
-                    has_arrays=arrays is not None,
-                    num_labels=self.num_labels,
-                    sample_level=self.sample_level,
-                    max_weight=self.max_weight,
-                )
-            except Malformed as exc:
-                failures.append({"node-id": node, "reason": f"malformed reply: {exc}"})
-                continue
-            rec = screened.record
-            if screened.privacy is not None:
-                rec["privacy"] = screened.privacy
-            if screened.status == "trained":
-                reason, decoded = self.screen_update(arrays, rec, reference)
-                if reason is not None:
-                    rec["status"], rec["reason"] = "rejected", reason
-                    rejected.append({"node-id": node, "partition-id": rec["partition-id"], "reason": reason})
-                    log.warning(
-                        "round %d: dropped the update of client %d (node %d): %s",
-                        server_round,
-                        rec["partition-id"],
-                        node,
-                        reason,
-                    )
-                else:
-                    rec["bytes-up"] = (
-                        int(rec["secagg-bytes-up"]) if "secagg-bytes-up" in rec else _payload_bytes(arrays)
-                    )
-                    # Flower aggregates exactly the validated update and weight, nothing else of the reply.
-                    msg.content = RecordDict(
-                        {"arrays": decoded, "metrics": MetricRecord({self.weighted_by_key: screened.weight})}
-                    )
-                    weights[node] = screened.weight
-                    shared_counts.append("num-examples" in screened.shared)
-                    trained.append(msg)
-            elif screened.status == "refused":
-                self.excluded[node] = f"{rec['rule']}: {rec['reason']}"
-                refused.append(
-                    {"node-id": node, "partition-id": rec["partition-id"], "rule": rec["rule"], "reason": rec["reason"]}
-                )
-                log.warning(
-                    "round %d: client %d (node %d) refused: %s (%s); it is no longer sampled",
-                    server_round,
-                    rec["partition-id"],
-                    node,
-                    rec["reason"],
-                    rec["rule"],
-                )
-            else:
-                rec["bytes-up"] = 0
-            records.append(rec)
-            if "privacy" in rec and rec["partition-id"] not in self.announced:
-                self.announced.add(rec["partition-id"])
-                p = rec["privacy"]
-                log.info(
-                    "client %d: sample-level DP with sigma %.4f, C %g, sampling rate %.4f, delta %.3g, %s accountant, "
-                    "budget %s",
-                    rec["partition-id"],
-                    p["noise-multiplier"],
-                    p["max-grad-norm"],
-                    p["sample-rate"],
-                    p["delta"],
-                    p["accountant"],
-                    p["max-epsilon"] or "none",
-                )
+            self._screen_reply(server_round, msg, reference, seen)
         # FedAvg weights by examples only when every client of the round shares its count; otherwise (and always
         # under client-level DP) the server imposes equal weights: a weight a client chose is never mixed with counts.
-        uniform = self.uniform_weights or not all(shared_counts)
+        uniform = self.uniform_weights or not all(seen.shared_counts)
         if uniform:
-            for msg in trained:
+            for msg in seen.trained:
                 msg.content["metrics"] = MetricRecord({self.weighted_by_key: 1.0})
         replied = {m.metadata.src_node_id for m in replies}
         for node in self.sampled:
             if node not in replied:
-                failures.append(
+                seen.failures.append(
                     {"node-id": node, "reason": f"no reply within strategy.round-timeout={self.timeout:g} s"}
                 )
-        for f in failures:
-            log.warning(
-                "round %d: node %d failed: %s",
-                server_round,
-                f["node-id"],
-                (f["reason"] or "").strip().splitlines()[-1][:300] if f["reason"] else "no reason given",
-            )
-        records.sort(key=lambda c: c["partition-id"])
+        for f in seen.failures:
+            last = (f["reason"] or "").strip().splitlines()[-1][:300] if f["reason"] else "no reason given"
+            log.warning("round %d: node %d failed: %s", server_round, f["node-id"], last)
+        seen.records.sort(key=lambda c: c["partition-id"])
         self.recorder.train_replies(
-            records, failures, rejected, refused=refused, weighting="uniform" if uniform else "examples"
+            seen.records,
+            seen.failures,
+            seen.rejected,
+            refused=seen.refused,
+            weighting="uniform" if uniform else "examples",
         )
-        for rec in records:  # a client whose accountant restarted may have passed its budget in truth
+        for rec in seen.records:  # a client whose accountant restarted may have passed its budget in truth
             if rec["partition-id"] in self.recorder.over_budget():
                 self.excluded[rec["node-id"]] = "max-epsilon: the ledger's composed epsilon reached the node's budget"
+        return self._enough_updates(server_round, seen)
+
+    def _screen_reply(self, server_round: int, msg: Message, reference: dict[str, np.ndarray], seen: _Round) -> None:
+        """One reply: a failure, a refusal, a rejected update, or a valid update rebuilt for Flower's aggregation."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            seen.failures.append({"node-id": node, "reason": _reason(msg.error.reason)})
+            return
+        try:
+            metrics, info, arrays = _records(msg)
+            screened = screen_train(
+                metrics,
+                info,
+                node_id=node,
+                has_arrays=arrays is not None,
+                num_labels=self.num_labels,
+                sample_level=self.sample_level,
+                max_weight=self.max_weight,
+            )
+        except Malformed as exc:
+            seen.failures.append({"node-id": node, "reason": f"malformed reply: {exc}"})
+            return
+        rec = screened.record
+        pid = rec["partition-id"]
+        if screened.privacy is not None:
+            rec["privacy"] = screened.privacy
+        if screened.status == "trained":
+            reason, decoded = self.screen_update(arrays, rec, reference)
+            if reason is not None:
+                rec["status"], rec["reason"] = "rejected", reason
+                seen.rejected.append({"node-id": node, "partition-id": pid, "reason": reason})
+                log.warning("round %d: dropped the update of client %d (node %d): %s", server_round, pid, node, reason)
+            else:
+                rec["bytes-up"] = int(rec["secagg-bytes-up"]) if "secagg-bytes-up" in rec else _payload_bytes(arrays)
+                # Flower aggregates exactly the validated update and weight, nothing else of the reply.
+                msg.content = RecordDict(
+                    {"arrays": decoded, "metrics": MetricRecord({self.weighted_by_key: screened.weight})}
+                )
+                seen.shared_counts.append("num-examples" in screened.shared)
+                seen.trained.append(msg)
+        elif screened.status == "refused":
+            self.excluded[node] = f"{rec['rule']}: {rec['reason']}"
+            seen.refused.append({"node-id": node, "partition-id": pid, "rule": rec["rule"], "reason": rec["reason"]})
+            log.warning(
+                "round %d: client %d (node %d) refused: %s (%s); it is no longer sampled",
+                server_round,
+                pid,
+                node,
+                rec["reason"],
+                rec["rule"],
+            )
+        else:
+            rec["bytes-up"] = 0
+        seen.records.append(rec)
+        if "privacy" in rec and pid not in self.announced:
+            self.announced.add(pid)
+            p = rec["privacy"]
+            log.info(
+                "client %d: sample-level DP with sigma %.4f, C %g, sampling rate %.4f, delta %.3g, %s accountant, "
+                "budget %s",
+                pid,
+                p["noise-multiplier"],
+                p["max-grad-norm"],
+                p["sample-rate"],
+                p["delta"],
+                p["accountant"],
+                p["max-epsilon"] or "none",
+            )
+
+    def _enough_updates(self, server_round: int, seen: _Round) -> list[Message]:
+        """The round's valid updates; raises (stopping or failing the run) when too few are left to aggregate."""
+        trained, failures, rejected, refused = seen.trained, seen.failures, seen.rejected, seen.refused
         if trained and len(trained) < self.min_train_nodes and (failures or rejected):
             raise FedHFRunError(
                 f"round {server_round}: only {len(trained)} valid update(s) ({len(failures)} client(s) failed, "
@@ -294,7 +304,7 @@ class Screened(Strategy):
         if not trained and rejected and not failures:
             raise FedHFRunError(f"round {server_round}: every update was rejected ({rejected[0]['reason']}).")
         if not trained:
-            if any(r["status"] == "not-aggregated" for r in records):
+            if any(r["status"] == "not-aggregated" for r in seen.records):
                 log.warning(
                     "round %d: no update released (secure aggregation withheld the round); the global "
                     "adapter is unchanged",
