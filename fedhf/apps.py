@@ -79,6 +79,12 @@ def _main(grid: Any, run_config: Mapping[str, Any]) -> None:
         run(grid, cfg)
         return
     target = resume_target(Path(cfg.resume), "config key 'resume'")
+    if target.engine == "simulation":
+        raise FedHFConfigError(
+            f"config key 'resume': the run in '{target.run_dir}' was started with fedhf run, whose simulated clients "
+            "keep their privacy state in its client-state folder; continue it with "
+            f"fedhf run --resume {target.run_dir}."
+        )
     changed = changed_keys(run_config, target)
     if changed:
         raise FedHFConfigError(

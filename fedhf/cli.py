@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -154,9 +155,10 @@ def run(
     node_configs = None
     try:
         asked = parse_set_args(set_ or [])
-        if resume is None and "resume" in asked:  # --set resume=RUN_DIR is --resume RUN_DIR
-            resume = Path(str(asked["resume"])).expanduser()
+        if resume is None and "resume" in asked:  # --set resume=RUN_DIR is --resume RUN_DIR (empty: a new run)
             set_ = [s for s in set_ or [] if not s.strip().startswith("resume=")]
+            if str(asked["resume"]).strip():
+                resume = Path(str(asked["resume"])).expanduser()
         if resume is not None:
             cfg, num_clients, checkpoint = _resume_target(resume, config, set_, num_clients)
         else:
@@ -179,29 +181,25 @@ def run(
         _fail(str(exc))
     console = RunConsole(verbose)
     log_path = (
-        resume / "log.txt" if resume is not None else Path(cfg.output_dir).expanduser() / f"fedhf-{os.getpid()}.log"
+        resume / "log.txt"
+        if resume is not None
+        else Path(cfg.output_dir).expanduser() / f"fedhf-{os.getpid()}-{secrets.token_hex(3)}.log"
     )
     error: tuple[str, int] | None = None
     with console.capture(log_path):
         try:
             _preflight(cfg, num_clients, node_configs, console, resumed=checkpoint is not None)
-            from fedhf.apps import simulate  # imports Flower's simulation stack
-
-            run_dir = simulate(
-                cfg,
-                num_clients,
-                cpus_per_client,
-                resume=checkpoint,
-                resume_dir=resume,
-                node_configs=node_configs,
-                console=console,
-            )
-        except FedHFError as exc:
+        except FedHFError as exc:  # bad input found before the run starts: exit 2
             error = (str(exc), 2)
-        except Exception as exc:  # the server's exception, re-raised by the simulation runtime
-            cause = exc.__cause__ or exc
-            error = (f"run failed: {type(cause).__name__}: {cause} (full log: {console.log_path})", 1)
+        if error is None:
+            try:
+                run_dir = _simulate(cfg, num_clients, cpus_per_client, checkpoint, resume, node_configs, console)
+            except Exception as exc:  # the server's exception, re-raised by the simulation runtime: exit 1
+                cause = exc.__cause__ or exc
+                error = (f"run failed: {type(cause).__name__}: {cause} (full log: {console.log_path})", 1)
     if error is not None:
+        if error[1] == 2 and resume is None:  # nothing ran: the temporary log holds only what loading the data said
+            log_path.unlink(missing_ok=True)
         _fail(*error)
     from fedhf.run.store import load_run
 
@@ -213,9 +211,39 @@ def run(
         f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
         f"macro-F1 {final.get('eval_f1', float('nan')):.4f}"
     )
+    push = summary.get("hub_push")
+    if push:
+        typer.echo(
+            f"pushed to {push['repo_id']}: {push.get('commit_url')}"
+            if push.get("ok")
+            else f"the push to {push['repo_id']} failed: {push.get('error')} (retry: fedhf push {run_dir} --repo-id "
+            f"{push['repo_id']})"
+        )
     spent = _largest_epsilon(summary)
     if spent:
         typer.echo(f"privacy: {spent}; the ledger: fedhf privacy ledger {run_dir}")
+
+
+def _simulate(
+    cfg: FedHFConfig,
+    num_clients: int,
+    cpus_per_client: int,
+    checkpoint: Any,
+    resume: Path | None,
+    node_configs: dict[int, dict[str, Any]] | None,
+    console: Any,
+) -> Path:
+    from fedhf.apps import simulate  # imports Flower's simulation stack
+
+    return simulate(
+        cfg,
+        num_clients,
+        cpus_per_client,
+        resume=checkpoint,
+        resume_dir=resume,
+        node_configs=node_configs,
+        console=console,
+    )
 
 
 def _resume_target(

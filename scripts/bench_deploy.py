@@ -21,7 +21,6 @@ Usage: python scripts/bench_deploy.py [--out DIR] [--rounds 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedhf.run.store import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy"
@@ -62,7 +63,7 @@ def wait_for(run_json: Path, timeout: float = 1200) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if run_json.is_file():
-            run = json.loads(run_json.read_text())
+            run = load_run(run_json.parent)
             if run["status"] != "running":
                 if run["status"] != "complete":
                     sys.exit(f"{run_json}: {run['status']}: {run.get('error')}")
@@ -119,7 +120,7 @@ def summarize(run: dict) -> dict:
     row = {
         "round1": walls[0],
         "steady": statistics.mean(walls[1:]) if len(walls) > 1 else walls[0],
-        "up_per_client": statistics.mean(c["bytes-up"] for c in clients),
+        "up_per_client": statistics.mean(c["bytes_up"] for c in clients),
         "down_per_client": run["rounds"][1]["bytes_down"],
     }
     sa = run.get("secure_aggregation")

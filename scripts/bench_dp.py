@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedhf.run.store import load_run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 STEP_CODE = r"""
@@ -125,14 +127,14 @@ def run_fedhf(out: Path, name: str, extra: list[str]) -> dict:
         *extra,
     ]
     run_json = out / name / "run.json"
-    if run_json.is_file() and json.loads(run_json.read_text())["status"] == "complete":
-        return json.loads(run_json.read_text())  # finished earlier: reuse
+    if run_json.is_file() and load_run(run_json.parent)["status"] == "complete":
+        return load_run(run_json.parent)  # finished earlier: reuse
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"run {name} failed:\n{proc.stderr[-3000:]}")
-    run = json.loads(run_json.read_text())
+    run = load_run(run_json.parent)
     run["_wall"] = time.perf_counter() - t0
     return run
 

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedhf.run.store import load_run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,7 +50,7 @@ def run_fedhf(out: Path, name: str, extra: list[str]) -> tuple[dict, float]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"run {name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads((out / name / "run.json").read_text()), wall
+    return load_run(out / name), wall
 
 
 def matmul_flops(threads: int, n: int = 1024, repeats: int = 20) -> float:
@@ -120,8 +122,8 @@ def main() -> None:
     threads = run["config"]["train.num-threads"]
     n_ne = non_embedding_params(run)
     clients = [c for r in run["rounds"][1:] for c in r["clients"]]
-    tokens = sum(c["train-tokens"] for c in clients)
-    seconds = sum(c["train-seconds"] for c in clients)
+    tokens = sum(c["train_tokens"] for c in clients)
+    seconds = sum(c["train_seconds"] for c in clients)
     achieved = 4 * n_ne * tokens / seconds
     peak = matmul_flops(threads)
     figures["flops"] = {

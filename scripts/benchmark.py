@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from fedhf.run.store import load_run
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -78,8 +80,8 @@ class TreeMemory:
 
 def fedhf_run(out: Path, name: str, clients: int, args: list[str], measure: bool = False) -> tuple[dict, float, int]:
     run_json = out / name / "run.json"
-    if run_json.is_file() and json.loads(run_json.read_text()).get("status") == "complete" and not measure:
-        return json.loads(run_json.read_text()), float("nan"), 0
+    if run_json.is_file() and load_run(run_json.parent).get("status") == "complete" and not measure:
+        return load_run(run_json.parent), float("nan"), 0
     if (out / name).exists():
         import shutil
 
@@ -106,7 +108,7 @@ def fedhf_run(out: Path, name: str, clients: int, args: list[str], measure: bool
     peak = mem.stop() if mem else 0
     if proc.returncode != 0:
         sys.exit(f"run {name} failed:\n{err[-4000:]}")
-    return json.loads(run_json.read_text()), wall, peak
+    return load_run(run_json.parent), wall, peak
 
 
 def step_time(mode: str, steps: int, threads: int) -> float:
@@ -159,8 +161,8 @@ def main() -> None:
             }
         if 3 in only:
             clients = [c for r in run["rounds"][1:] for c in r["clients"]]
-            tokens = sum(c["train-tokens"] for c in clients)
-            seconds = sum(c["train-seconds"] for c in clients)
+            tokens = sum(c["train_tokens"] for c in clients)
+            seconds = sum(c["train_seconds"] for c in clients)
             n_ne = non_embedding_params(run)
             achieved = 4 * n_ne * tokens / seconds
             peak = matmul_flops(2)

@@ -14,11 +14,11 @@ from fedhf.run.record import RunRecorder
 from fedhf.run.resume import changed_keys, resume_target
 
 
-def interrupted(tmp_path, **keys):
+def interrupted(tmp_path, engine="simulation", **keys):
     """A run that recorded round 1 of 3 and its checkpoint, then stopped (status running)."""
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", **keys})
     rec = RunRecorder(cfg)
-    rec.set_federation({"num_clients": 3, "engine": "simulation"})
+    rec.set_federation({"num_clients": 3, "engine": engine})
     rec.end_round(0, {"loss": 0.7, "accuracy": 0.5, "f1": 0.5}, 0.1)
     save_checkpoint(
         rec.dir,
@@ -59,7 +59,10 @@ def test_what_cannot_be_resumed_is_refused_naming_the_key(tmp_path):
 def test_the_server_app_refuses_a_changed_configuration(tmp_path):
     from fedhf.apps import _main
 
-    run_dir = interrupted(tmp_path)
+    simulated = interrupted(tmp_path / "sim")
+    with pytest.raises(FedHFConfigError, match="was started with fedhf run.*fedhf run --resume"):
+        _main(None, {**FedHFConfig().to_flat(), "resume": str(simulated)})
+    run_dir = interrupted(tmp_path, engine="flower")
     asked = {**FedHFConfig().to_flat(), "resume": str(run_dir), "num-server-rounds": 9}
     with pytest.raises(FedHFConfigError, match="config key 'resume': .* changes num-server-rounds"):
         _main(None, asked)

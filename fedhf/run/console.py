@@ -55,11 +55,13 @@ class RunConsole:
         self.out = os.fdopen(os.dup(self._saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
         self.err = os.fdopen(os.dup(self._saved[2]), "w", buffering=1, encoding="utf-8", errors="replace")
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        read_fd = None
-        if self.verbose:  # a pipe into the log and the terminal
+        if self.verbose:  # a pipe into the log and the terminal; the thread owns its own descriptors
             read_fd, write_fd = os.pipe()
             self._tee = threading.Thread(
-                target=_copy, args=(read_fd, log_fd, self._saved[2]), daemon=True, name="fedhf-log-tee"
+                target=_copy,
+                args=(read_fd, os.dup(log_fd), os.dup(self._saved[2])),
+                daemon=True,
+                name="fedhf-log-tee",
             )
             self._tee.start()
             target = write_fd
@@ -73,7 +75,7 @@ class RunConsole:
         try:
             yield self
         finally:
-            self._restore(log_fd, read_fd)
+            self._restore(log_fd)
 
     def _configure_logging(self) -> None:
         # Every library logger reaches the log through the root logger, once. A root handler set here first
@@ -82,6 +84,7 @@ class RunConsole:
         to_log = logging.StreamHandler(sys.stderr)  # fd 2: the log file
         to_log.setFormatter(logging.Formatter(LOG_FORMAT))
         self._add(root, to_log)
+        self._levels = {"": root.level}
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
         # Flower has its own console handler (on fd 2, the log); it must not also propagate to ours.
@@ -91,35 +94,41 @@ class RunConsole:
             lg.propagate = False
         fedhf = logging.getLogger("fedhf")
         self._propagate["fedhf"] = fedhf.propagate
+        self._levels["fedhf"] = fedhf.level
         fedhf.propagate = True
         fedhf.setLevel(logging.INFO)
-        warn = logging.StreamHandler(self.err)  # a warning is shown as it happens, and kept in the log
-        warn.setLevel(logging.WARNING)
-        warn.setFormatter(_ConsoleFormatter())
-        self._add(fedhf, warn)
+        if not self.verbose:  # a warning is shown as it happens, and kept in the log (verbose shows the log itself)
+            warn = logging.StreamHandler(self.err)
+            warn.setLevel(logging.WARNING)
+            warn.setFormatter(_ConsoleFormatter())
+            self._add(fedhf, warn)
 
     def _add(self, logger: logging.Logger, handler: logging.Handler) -> None:
         logger.addHandler(handler)
         self._handlers.append((logger, handler))
 
-    def _restore(self, log_fd: int, read_fd: int | None) -> None:
+    def _restore(self, log_fd: int) -> None:
         for logger, handler in self._handlers:
             logger.removeHandler(handler)
         self._handlers.clear()
         for name, value in self._propagate.items():
             logging.getLogger(name).propagate = value
+        for name, level in getattr(self, "_levels", {}).items():
+            logging.getLogger(name or None).setLevel(level)
         sys.stdout.flush()
         sys.stderr.flush()
         for fd, saved in self._saved.items():
-            os.dup2(saved, fd)
-            os.close(saved)
-        self._saved.clear()
+            os.dup2(saved, fd)  # closes this process's end of the tee's pipe (fds 1 and 2)
         if self._tee is not None:
             self._tee.join(timeout=2.0)  # a child process may still hold the pipe open; the thread is a daemon
             self._tee = None
-        elif read_fd is not None:
-            os.close(read_fd)
+        for saved in self._saved.values():
+            os.close(saved)
+        self._saved.clear()
         os.close(log_fd)
+        for stream in (self.out, self.err):
+            stream.close()
+        self.out, self.err = sys.stdout, sys.stderr
 
     # ------------------------------------------------------------------ the run's lines
 
@@ -137,11 +146,16 @@ class RunConsole:
         return self.log_path if self.log_path is not None else target
 
     def line(self, text: str, *, err: bool = True) -> None:
-        """One line for the user (stderr by default; results on stdout), above the progress bar."""
+        """One line for the user (stderr by default; results on stdout), above the progress bar, and in the log."""
+        if self.verbose and self._saved:  # the tee shows the log: write it there once
+            print(text, file=sys.stderr, flush=True)
+            return
         tqdm.write(text, file=self.err if err else self.out)
+        if self._saved:
+            print(text, file=sys.stderr, flush=True)
 
     def progress(self, total: int, done: int = 0) -> RoundProgress:
-        return RoundProgress(total, done, file=self.out, bar_file=self.err)
+        return RoundProgress(total, done, write=lambda text: self.line(text, err=False), bar_file=self.err)
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -152,19 +166,23 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 def _copy(read_fd: int, log_fd: int, terminal_fd: int) -> None:
-    while True:
-        try:
-            chunk = os.read(read_fd, 1 << 16)
-        except OSError:
-            break
-        if not chunk:
-            break
-        for fd in (log_fd, terminal_fd):
+    """The verbose tee: the pipe's bytes into the log and onto the terminal, until every writer has closed it."""
+    try:
+        while True:
             try:
-                os.write(fd, chunk)
+                chunk = os.read(read_fd, 1 << 16)
             except OSError:
-                pass
-    os.close(read_fd)
+                break
+            if not chunk:
+                break
+            for fd in (log_fd, terminal_fd):
+                try:
+                    os.write(fd, chunk)
+                except OSError:
+                    pass
+    finally:
+        for fd in (read_fd, log_fd, terminal_fd):
+            os.close(fd)
 
 
 def attach_log_file(run_dir: Path) -> Any:
@@ -172,11 +190,16 @@ def attach_log_file(run_dir: Path) -> Any:
     Returns a function that detaches the handler again."""
     handler = logging.FileHandler(run_dir / LOG_NAME, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
     logger = logging.getLogger("fedhf")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
     logger.addHandler(handler)
 
     def detach() -> None:
         logger.removeHandler(handler)
+        logger.setLevel(level)
         handler.close()
 
     return detach

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
@@ -30,13 +31,19 @@ def round_line(row: dict[str, Any], total: int) -> str:
 
 
 class RoundProgress:
-    """A bar over rounds (on ``bar_file``, shown only on a terminal) and one line per round (on ``file``)."""
+    """A bar over rounds (on ``bar_file``, shown only on a terminal) and one line per round (through ``write``,
+    by default above the bar on stdout)."""
 
     def __init__(
-        self, total: int, done: int = 0, *, file: TextIO | None = None, bar_file: TextIO | None = None
+        self,
+        total: int,
+        done: int = 0,
+        *,
+        write: Callable[[str], None] | None = None,
+        bar_file: TextIO | None = None,
     ) -> None:
         self.total = total
-        self.file = file
+        self.write = write or (lambda text: tqdm.write(text))
         self.bar = tqdm(
             total=total,
             initial=done,
@@ -49,10 +56,10 @@ class RoundProgress:
         )
 
     def round_done(self, row: dict[str, Any]) -> None:
-        tqdm.write(round_line(row, self.total), file=self.file)
+        self.write(round_line(row, self.total))
         line = privacy_line(row)
         if line:
-            tqdm.write(line, file=self.file)
+            self.write(line)
         if row["round"] > 0:
             self.bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}")
             self.bar.update(1)

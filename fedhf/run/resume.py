@@ -31,6 +31,7 @@ class ResumeTarget:
     cfg: FedHFConfig  # the run's own config
     num_clients: int  # as recorded by fedhf run (0: not recorded, e.g. a run started with flwr run)
     checkpoint: Checkpoint
+    engine: str  # "simulation" for fedhf run (its clients keep their state in RUN_DIR/client-state), else "flower"
 
 
 def resume_target(run_dir: Path, what: str = "--resume") -> ResumeTarget:
@@ -61,8 +62,10 @@ def resume_target(run_dir: Path, what: str = "--resume") -> ResumeTarget:
             f"{what} '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "
             f"run's num-server-rounds={cfg.num_server_rounds}."
         )
-    recorded = int(run.get("federation", {}).get("num_clients", 0))
-    return ResumeTarget(run_dir, cfg, recorded, checkpoint)
+    federation = run.get("federation", {})
+    return ResumeTarget(
+        run_dir, cfg, int(federation.get("num_clients", 0)), checkpoint, str(federation.get("engine", "flower"))
+    )
 
 
 def changed_keys(run_config: Mapping[str, Any], target: ResumeTarget) -> list[str]:
