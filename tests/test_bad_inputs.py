@@ -120,6 +120,7 @@ def _edit_run_json(run_dir: Path, **changes) -> None:
 def test_updates_every_reply_poisoned_fails_the_run_with_the_reasons(corpus):
     proc = corpus["poisoned_proc"]
     check_refused(proc, "every update was rejected", corpus["root"])
+    assert proc.returncode == 1  # it failed after it started (bad input exits 2)
     run = json.loads((corpus["poisoned"] / "run.json").read_text())
     assert run["status"] == "failed" and "every update was rejected" in run["error"]
     assert json.loads((corpus["poisoned"] / "checkpoint.json").read_text())["round"] == 0

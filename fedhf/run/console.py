@@ -71,6 +71,7 @@ class RunConsole:
             os.dup2(target, fd)
         if target != log_fd:
             os.close(target)
+        self._log = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # the log
         self._configure_logging()
         try:
             yield self
@@ -81,7 +82,7 @@ class RunConsole:
         # Every library logger reaches the log through the root logger, once. A root handler set here first
         # also turns Opacus' import-time logging.basicConfig into a no-op (it doubled every Flower line).
         root = logging.getLogger()
-        to_log = logging.StreamHandler(sys.stderr)  # fd 2: the log file
+        to_log = logging.StreamHandler(self._log)  # fd 2: the log file
         to_log.setFormatter(logging.Formatter(LOG_FORMAT))
         self._add(root, to_log)
         self._levels = {"": root.level}
@@ -90,8 +91,9 @@ class RunConsole:
         # Flower has its own console handler (on fd 2, the log); it must not also propagate to ours.
         for name in ("flwr",):
             lg = logging.getLogger(name)
-            self._propagate[name] = lg.propagate
-            lg.propagate = False
+            if lg.handlers:
+                self._propagate[name] = lg.propagate
+                lg.propagate = False
         fedhf = logging.getLogger("fedhf")
         self._propagate["fedhf"] = fedhf.propagate
         self._levels["fedhf"] = fedhf.level
@@ -115,8 +117,11 @@ class RunConsole:
             logging.getLogger(name).propagate = value
         for name, level in getattr(self, "_levels", {}).items():
             logging.getLogger(name or None).setLevel(level)
+        self._propagate.clear()
+        self._levels = {}
         sys.stdout.flush()
         sys.stderr.flush()
+        self._log.flush()
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)  # closes this process's end of the tee's pipe (fds 1 and 2)
         if self._tee is not None:
@@ -148,11 +153,11 @@ class RunConsole:
     def line(self, text: str, *, err: bool = True) -> None:
         """One line for the user (stderr by default; results on stdout), above the progress bar, and in the log."""
         if self.verbose and self._saved:  # the tee shows the log: write it there once
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=self._log, flush=True)
             return
         tqdm.write(text, file=self.err if err else self.out)
         if self._saved:
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=self._log, flush=True)
 
     def progress(self, total: int, done: int = 0) -> RoundProgress:
         return RoundProgress(total, done, write=lambda text: self.line(text, err=False), bar_file=self.err)
