@@ -315,7 +315,8 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
     if s.secure_aggregation:
         privacy += "; SecAgg+ (the server sees only the sum)"
     return [
-        f"fedhf run: {num_clients} simulated clients, {cfg.num_server_rounds} rounds of {s.name}, "
+        f"fedhf run: {num_clients} simulated clients, {cfg.num_server_rounds} "
+        f"round{'s' * (cfg.num_server_rounds != 1)} of {s.name}, "
         f"{cfg.train.local_epochs} local epoch(s) each",
         f"  data     {d.dataset}: {train_rows + local_eval:,} rows over {num_clients} clients ({d.partitioner}; "
         f"{train_rows:,} train, {local_eval:,} local eval), {eval_rows:,} central eval rows; "

@@ -11,7 +11,12 @@ from fedhf.run.console import RunConsole
 def _speak(console: RunConsole, run_dir) -> None:
     os.write(1, b"library stdout\n")
     os.write(2, b"library stderr\n")
-    logging.getLogger("flwr").warning("flower says")
+    flwr = logging.getLogger("flwr")
+    flwr.warning("flower says")  # Flower not imported yet: its records reach the log through fedhf's handler
+    own = logging.StreamHandler(os.fdopen(2, "w", closefd=False))  # as Flower's console handler, on fd 2
+    flwr.addHandler(own)  # Flower imported during the run: its own handler prints, fedhf's does not print it again
+    flwr.warning("flower again")
+    flwr.removeHandler(own)
     logging.getLogger("fedhf").info("fedhf info")
     logging.getLogger("fedhf").warning("careful")
     console.line("plan line")
@@ -20,7 +25,12 @@ def _speak(console: RunConsole, run_dir) -> None:
     console.line("round line", err=False)
 
 
-def test_quiet_capture_keeps_the_terminal_calm_and_the_log_complete(tmp_path, capfd):
+def _without_flowers_handlers(monkeypatch) -> None:
+    monkeypatch.setattr(logging.getLogger("flwr"), "handlers", [])  # hermetic: no handler of an earlier test's
+
+
+def test_quiet_capture_keeps_the_terminal_calm_and_the_log_complete(tmp_path, capfd, monkeypatch):
+    _without_flowers_handlers(monkeypatch)
     console = RunConsole()
     before = logging.getLogger().level, logging.getLogger("fedhf").level, logging.getLogger("flwr").propagate
     with console.capture(tmp_path / "fedhf-1.log"):
@@ -30,7 +40,16 @@ def test_quiet_capture_keeps_the_terminal_calm_and_the_log_complete(tmp_path, ca
     assert err.splitlines() == ["[fedhf] warning: careful", "plan line"]
     log = (tmp_path / "run" / "log.txt").read_text()
     assert not (tmp_path / "fedhf-1.log").exists()  # moved into the run folder
-    for text in ("library stdout", "library stderr", "flower says", "fedhf info", "careful", "plan line", "round line"):
+    for text in (
+        "library stdout",
+        "library stderr",
+        "flower says",
+        "flower again",
+        "fedhf info",
+        "careful",
+        "plan line",
+        "round line",
+    ):
         assert log.count(text) == 1, text
     after = logging.getLogger().level, logging.getLogger("fedhf").level, logging.getLogger("flwr").propagate
     assert after == before  # nothing left behind
@@ -38,13 +57,22 @@ def test_quiet_capture_keeps_the_terminal_calm_and_the_log_complete(tmp_path, ca
     assert "after the run" in capfd.readouterr().err
 
 
-def test_verbose_shows_the_log_live_once(tmp_path, capfd):
+def test_verbose_shows_the_log_live_once(tmp_path, capfd, monkeypatch):
+    _without_flowers_handlers(monkeypatch)
     console = RunConsole(verbose=True)
     with console.capture(tmp_path / "fedhf-2.log"):
         _speak(console, tmp_path / "run")
     out, err = capfd.readouterr()
     shown = out + err
-    for text in ("library stdout", "library stderr", "flower says", "careful", "plan line", "round line"):
+    for text in (
+        "library stdout",
+        "library stderr",
+        "flower says",
+        "flower again",
+        "careful",
+        "plan line",
+        "round line",
+    ):
         assert shown.count(text) == 1, (text, shown)
     log = (tmp_path / "run" / "log.txt").read_text()
     for text in ("library stdout", "library stderr", "flower says", "fedhf info", "careful", "plan line"):

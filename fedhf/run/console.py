@@ -88,12 +88,9 @@ class RunConsole:
         self._levels = {"": root.level}
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
-        # Flower has its own console handler (on fd 2, the log); it must not also propagate to ours.
-        for name in ("flwr",):
-            lg = logging.getLogger(name)
-            if lg.handlers:
-                self._propagate[name] = lg.propagate
-                lg.propagate = False
+        # Flower has its own console handler (on fd 2, the log) once it is imported: its records must not be
+        # written a second time by ours (checked when each record comes, since Flower may be imported later).
+        to_log.addFilter(_not_flowers_own)
         fedhf = logging.getLogger("fedhf")
         self._propagate["fedhf"] = fedhf.propagate
         self._levels["fedhf"] = fedhf.level
@@ -161,6 +158,13 @@ class RunConsole:
 
     def progress(self, total: int, done: int = 0) -> RoundProgress:
         return RoundProgress(total, done, write=lambda text: self.line(text, err=False), bar_file=self.err)
+
+
+def _not_flowers_own(record: logging.LogRecord) -> bool:
+    """False for a Flower record while Flower's logger prints it itself."""
+    if record.name != "flwr" and not record.name.startswith("flwr."):
+        return True
+    return not logging.getLogger("flwr").handlers
 
 
 class _ConsoleFormatter(logging.Formatter):
