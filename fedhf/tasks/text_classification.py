@@ -180,20 +180,9 @@ class TextClassification:
         apply_pooling(base, pooling)
         return base
 
-    def make_loader(
-        self,
-        ds: datasets.Dataset,
-        tokenizer: Any,
-        max_length: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        sort_by_length: bool = False,
-    ) -> DataLoader:
-        return make_loader(ds, tokenizer, max_length, batch_size, shuffle, seed, sort_by_length)
-
-    def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return split(batch)
+    make_loader = staticmethod(make_loader)
+    split = staticmethod(split)
+    evaluate = staticmethod(evaluate)
 
     def criterion(self) -> torch.nn.Module:
         return torch.nn.CrossEntropyLoss()
@@ -203,9 +192,6 @@ class TextClassification:
 
     def tokens(self, inputs: dict[str, torch.Tensor]) -> int:
         return int(inputs["attention_mask"].sum())
-
-    def evaluate(self, model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
-        return evaluate(model, loader, num_labels)
 
     def per_example_loss(
         self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int
