@@ -441,6 +441,30 @@ PAGES = {
 }
 
 
+def record_tables() -> list[str]:
+    """One table per dataclass of the run record: its fields, their types, whether run.json always holds them."""
+    import dataclasses
+    import typing
+
+    from fedhf.privacy.ledger import Privacy, RoundPrivacy
+    from fedhf.run import store
+
+    lines: list[str] = []
+    classes = [store.RunRecord, store.Seeds, store.Dataset, store.Model, store.Partition, store.Round, RoundPrivacy]
+    classes += [store.Federation, Privacy, store.Refusal, store.Resume, store.Final, store.StoppedEarly, store.HubPush]
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        lines += [f"### {cls.__name__}", "", doc, "", "| field | type | in run.json |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            kind = str(hints[f.name]).replace("typing.", "").replace("fedhf.run.store.", "")
+            kind = kind.replace("fedhf.privacy.ledger.", "").replace("<class '", "").replace("'>", "")
+            kind = kind.replace("|", "\\|")
+            lines.append(f"| `{f.name}` | `{kind}` | {'optional' if f.metadata.get('omit_empty') else 'always'} |")
+        lines.append("")
+    return lines
+
+
 def run_json_page() -> str:
     """run.json's JSON Schema (fedhf/run/run.schema.json), as the store and the tests use it."""
     import json
@@ -460,8 +484,22 @@ def run_json_page() -> str:
             "Flower's own keys (`num-server-rounds`).",
             "",
             f"This is schema version {version}. Records written by fedhf 0.1 (no `schema_version`) are read and "
-            "upgraded in memory (their per-client entries used Flower's kebab-case reply fields); a record from a "
-            "newer fedhf is refused with a message saying so. The tests validate real runs against this schema.",
+            "upgraded in memory (their per-client entries used Flower's kebab-case reply fields; config keys "
+            "added since read at the values those runs used); a record from a "
+            "newer fedhf, or one with a key this schema does not have, is refused with a message saying so. The "
+            "tests validate real runs against this schema.",
+            "",
+            "## In Python",
+            "",
+            "`RunStore(run_dir).read()` (or `fedhf.run.store.load_run`) returns the record typed: a `RunRecord` "
+            "dataclass and its parts below; `RunStore.write` and `RunStore.update` take one. Four parts stay maps, "
+            "because another stage decides their keys: the flat config, a client's reply entry (its fields are those "
+            "its owner's policy shares), a client's sample-level ledger entry and the client-level account, and the "
+            "results of `fedhf evaluate` and `fedhf audit`. A field marked *optional* is left out of run.json while "
+            "it is empty.",
+            "",
+            *record_tables(),
+            "## JSON Schema",
             "",
             "```json",
             json.dumps(schema, indent=2),

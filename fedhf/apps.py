@@ -52,6 +52,7 @@ from fedhf.run.console import RunConsole, attach_log_file
 from fedhf.run.progress import RoundProgress
 from fedhf.run.record import RunRecorder
 from fedhf.run.resume import changed_keys, resume_target
+from fedhf.run.store import Dataset, Federation, HubPush, Model
 from fedhf.tasks.adapters import save_adapter
 from fedhf.tasks.base import get_task
 from fedhf.tasks.model import (
@@ -168,7 +169,7 @@ def run(
         log.info("fedhf run %s -> %s", recorder.run_id, recorder.dir)
     if num_partitions:
         recorder.set_federation(
-            {"num_clients": num_partitions, "engine": "simulation" if client_state_in_run_dir else "flower"}
+            Federation(engine="simulation" if client_state_in_run_dir else "flower", num_clients=num_partitions)
         )
     if result is not None:
         result["run_dir"] = recorder.dir
@@ -196,7 +197,7 @@ def run(
             raise
         finally:
             progress.close()
-        if cfg.hub.push and recorder.data["status"] == "complete":
+        if cfg.hub.push and recorder.record.status == "complete":
             _push(cfg, recorder)
     finally:
         if detach is not None:
@@ -209,8 +210,7 @@ def _push(cfg: FedHFConfig, recorder: RunRecorder) -> None:
     try:
         result = push(recorder.dir, cfg.hub.repo_id, private=cfg.hub.private)
     except FedHFHubError as exc:  # recorded, not raised: the run itself is complete
-        recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": False, "error": str(exc)}
-        recorder.write()
+        recorder.pushed(HubPush(repo_id=cfg.hub.repo_id, ok=False, error=str(exc)))
         log.error(
             "The run is complete but the push failed: %s (retry: fedhf push %s --repo-id %s)",
             exc,
@@ -218,8 +218,7 @@ def _push(cfg: FedHFConfig, recorder: RunRecorder) -> None:
             cfg.hub.repo_id,
         )
         return
-    recorder.data["hub_push"] = {"repo_id": cfg.hub.repo_id, "ok": True, "commit_url": result.commit_url}
-    recorder.write()
+    recorder.pushed(HubPush(repo_id=cfg.hub.repo_id, ok=True, commit_url=result.commit_url))
     log.info("Pushed %d files to %s", len(result.files), cfg.hub.repo_id)
 
 
@@ -262,7 +261,7 @@ def _run(
     client_config = {
         **cfg.to_flat(),
         LABEL_NAMES_KEY: json.dumps(data.label_names),
-        RUN_UID_KEY: recorder.data["run_uid"],
+        RUN_UID_KEY: recorder.record.run_uid,
     }
     if client_state_in_run_dir:
         client_config[STATE_DIR_KEY] = str((recorder.dir / "client-state").resolve())
@@ -283,7 +282,7 @@ def _run(
                 offset=done_before,
             )
             final_arrays = released if released is not None else initial  # None: no round released an aggregate
-        done = [r["round"] for r in recorder.data["rounds"]]
+        done = [r.round for r in recorder.record.rounds]
         if done[-1:] != [cfg.num_server_rounds]:
             raise RuntimeError(f"the strategy ended after rounds {done}, not {cfg.num_server_rounds}")
     except RunStopped as exc:
@@ -294,7 +293,7 @@ def _run(
     if cfg.privacy.sample_level:
         for root in state_roots:
             _count_saved_spend(recorder, root)
-    if stopped and recorder.data["rounds"][-1]["round"] == 0:
+    if stopped and recorder.record.rounds[-1].round == 0:
         # Nothing was trained (every node refused, or none could train): no adapter to release.
         recorder.stop(stopped)
         log.warning("Run stopped before any round was trained: %s", stopped)
@@ -312,16 +311,16 @@ def _record_data(
     eval_ds = central_eval_set(data, cfg.data, cfg.seed)
     preset = data.preset
     recorder.set_dataset(
-        {
-            "name": cfg.data.dataset,
-            "source": data.source,
-            "label_names": data.label_names,
-            "train_rows": len(data.train),
-            "central_eval_rows": len(eval_ds),
-            "preset": preset.name if preset else None,
-            "license": preset.license if preset else None,
-            "citation": preset.citation if preset else None,
-        }
+        Dataset(
+            name=cfg.data.dataset,
+            source=data.source,
+            label_names=data.label_names,
+            train_rows=len(data.train),
+            central_eval_rows=len(eval_ds),
+            preset=preset.name if preset else None,
+            license=preset.license if preset else None,
+            citation=preset.citation if preset else None,
+        )
     )
     if num_partitions and resume is None:
         stats = make_partitions(data, cfg.data, cfg.seed, num_partitions).stats()
@@ -341,17 +340,17 @@ def _record_model(cfg: FedHFConfig, recorder: RunRecorder, model: Any) -> str:
     trainable, total = count_params(model)
     resolved = resolve_model(cfg.model.name)
     recorder.set_model(
-        {
-            "name": cfg.model.name,
-            "task": cfg.model.task,
-            "resolved_from": "bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
-            "base_is_local_folder": Path(cfg.model.name).expanduser().is_dir(),
-            "trainable_params": trainable,
-            "total_params": total,
-            "adapter_bytes": adapter_nbytes(initial),
-            "model_bytes": model_nbytes(model),
-            "adapter_tensors": len(initial),
-        }
+        Model(
+            name=cfg.model.name,
+            task=cfg.model.task,
+            resolved_from="bundled" if is_bundled(resolved) else "local" if Path(resolved).is_dir() else "hub",
+            base_is_local_folder=Path(cfg.model.name).expanduser().is_dir(),
+            trainable_params=trainable,
+            total_params=total,
+            adapter_bytes=adapter_nbytes(initial),
+            model_bytes=model_nbytes(model),
+            adapter_tensors=len(initial),
+        )
     )
     return resolved
 
@@ -387,12 +386,12 @@ def _central_evaluation(
         save_checkpoint(
             recorder.dir,
             server_round,
-            run_uid=recorder.data["run_uid"],
-            config_sha256=recorder.data["config_sha256"],
+            run_uid=recorder.record.run_uid,
+            config_sha256=recorder.record.config_sha256,
             arrays={k: a.numpy() for k, a in arrays.items()},
             strategy_arrays=strategy_arrays,
             strategy_state=strategy_scalars,
-            run_record=json.loads(json.dumps(recorder.data)),
+            run_record=recorder.record.to_dict(),
         )
         progress.round_done(row)
         return {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1}
@@ -412,25 +411,22 @@ def _release(
 ) -> None:
     """The run's folder, complete: the adapter, plots, the Hub-ready folder; then the run is marked complete."""
     save_adapter(model, tokenizer, cfg, label_names, recorder.dir / "adapter")
-    final = recorder.data["rounds"][-1]
-    recorder.data["final"] = {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}
-    if stopped:
-        recorder.data["stopped_early"] = {"after_round": final["round"], "reason": stopped}
+    recorder.set_final(stopped)
     _plots(recorder)
-    hub = build_hub_folder(recorder.dir, recorder.data, base_model_license(cfg.model.name, resolved))
-    recorder.finish({"hub_folder": hub.name})
+    hub = build_hub_folder(recorder.dir, recorder.record, base_model_license(cfg.model.name, resolved))
+    recorder.finish(hub_folder=hub.name)
     # The simulated clients' cached replies (their individual updates, kept for a resume) are not needed any
     # more; their spend stays, next to the ledger.
     for root in state_roots:
         for store in stores_in(root):
-            store.drop_replies(recorder.data["run_uid"])
+            store.drop_replies(recorder.record.run_uid)
     if cfg.privacy.mode != "none":
-        log.info("\n%s", ledger_table(recorder.data))
+        log.info("\n%s", ledger_table(recorder.record.privacy))
     log.info(
         "Run complete: %s (central accuracy %.4f, macro-F1 %.4f)",
         recorder.dir,
-        final["eval_accuracy"],
-        final["eval_f1"],
+        recorder.record.final.eval_accuracy,
+        recorder.record.final.eval_f1,
     )
 
 
@@ -439,8 +435,8 @@ def _count_saved_spend(recorder: RunRecorder, state_root: Path) -> None:
     holds (a client that trained in a round cut off by a restart, or replied too late, and was not asked again)."""
     from fedhf.privacy.dp import epsilon_of
 
-    ledger = recorder.data.get("privacy", {}).get("clients", {})
-    uid = recorder.data["run_uid"]
+    ledger = recorder.record.privacy.clients if recorder.record.privacy else {}
+    uid = recorder.record.run_uid
     for store in stores_in(state_root):
         try:
             with store.transaction() as spend:
@@ -485,7 +481,7 @@ def _plots(recorder: RunRecorder) -> None:
     from fedhf.analysis.plots import run_plots
 
     try:
-        run_plots(published_view(recorder.data), recorder.dir / "plots")  # per-client figures only where shared
+        run_plots(published_view(recorder.record), recorder.dir / "plots")  # per-client figures only where shared
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        recorder.data["plots_error"] = f"{type(exc).__name__}: {exc}"
+        recorder.record.plots_error = f"{type(exc).__name__}: {exc}"
         log.error("Could not draw the run's plots (%s); run `fedhf report %s` to retry.", exc, recorder.dir)

@@ -204,20 +204,20 @@ def run(
     from fedhf.run.store import load_run
 
     summary = load_run(run_dir)
-    if summary.get("status") == "stopped":
-        _fail(f"run stopped before any round was trained: {summary['stopped_early']['reason']} ({run_dir})", code=1)
-    final = summary.get("final", {})
-    typer.echo(
-        f"run complete: {run_dir}  central accuracy {final.get('eval_accuracy', float('nan')):.4f}  "
-        f"macro-F1 {final.get('eval_f1', float('nan')):.4f}"
-    )
-    push = summary.get("hub_push")
+    if summary.status == "stopped":
+        why = summary.stopped_early.reason if summary.stopped_early else "no round trained"
+        _fail(f"run stopped before any round was trained: {why} ({run_dir})", code=1)
+    final = summary.final
+    if final is None:
+        _fail(f"run failed: {summary.error or summary.status} ({run_dir})", code=1)
+    typer.echo(f"run complete: {run_dir}  central accuracy {final.eval_accuracy:.4f}  macro-F1 {final.eval_f1:.4f}")
+    push = summary.hub_push
     if push:
         typer.echo(
-            f"pushed to {push['repo_id']}: {push.get('commit_url')}"
-            if push.get("ok")
-            else f"the push to {push['repo_id']} failed: {push.get('error')} (retry: fedhf push {run_dir} --repo-id "
-            f"{push['repo_id']})"
+            f"pushed to {push.repo_id}: {push.commit_url}"
+            if push.ok
+            else f"the push to {push.repo_id} failed: {push.error} (retry: fedhf push {run_dir} --repo-id "
+            f"{push.repo_id})"
         )
     spent = _largest_epsilon(summary)
     if spent:
@@ -273,14 +273,15 @@ def _resume_target(
     return target.cfg, target.num_clients, target.checkpoint
 
 
-def _largest_epsilon(run: dict[str, Any]) -> str | None:
+def _largest_epsilon(run: Any) -> str | None:  # a fedhf.run.store.RunRecord (imported when needed)
     """The summary's privacy line: the largest per-client sample-level epsilon, the client-level epsilon."""
-    p = run.get("privacy") or {}
+    if run.privacy is None:
+        return None
     parts = []
-    eps = [float(c["epsilon"]) for c in (p.get("clients") or {}).values() if c.get("epsilon") is not None]
+    eps = [float(c["epsilon"]) for c in run.privacy.clients.values() if c.get("epsilon") is not None]
     if eps:
         parts.append(f"sample-level epsilon at most {max(eps):.3f} per client")
-    cl = p.get("client_level") or {}
+    cl = run.privacy.client_level or {}
     if cl.get("epsilon") is not None:
         parts.append(f"client-level epsilon {float(cl['epsilon']):.3f}")
     return "; ".join(parts) or None
@@ -626,9 +627,9 @@ def privacy_ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (o
         run = load_run(run_dir)
     except FedHFError as exc:
         _fail(str(exc))
-    if run.get("status") != "complete":
-        typer.echo(f"warning: run status is {run.get('status')!r}, not complete", err=True)
-    typer.echo(ledger_table(run))
+    if run.status != "complete":
+        typer.echo(f"warning: run status is {run.status!r}, not complete", err=True)
+    typer.echo(ledger_table(run.privacy))
 
 
 @app.command()

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedhf.run.store import load_run
+from fedhf.run.store import RunRecord, load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy"
@@ -59,14 +59,14 @@ def env() -> dict[str, str]:
     return e
 
 
-def wait_for(run_json: Path, timeout: float = 1200) -> dict:
+def wait_for(run_json: Path, timeout: float = 1200) -> RunRecord:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if run_json.is_file():
             run = load_run(run_json.parent)
-            if run["status"] != "running":
-                if run["status"] != "complete":
-                    sys.exit(f"{run_json}: {run['status']}: {run.get('error')}")
+            if run.status != "running":
+                if run.status != "complete":
+                    sys.exit(f"{run_json}: {run.status}: {run.error}")
                 return run
         time.sleep(2)
     sys.exit(f"{run_json} did not finish")
@@ -114,16 +114,16 @@ def deploy(fed: Path, out: Path, name: str, rounds: int, secagg: bool) -> dict:
     return wait_for(out / name / "run.json")
 
 
-def summarize(run: dict) -> dict:
-    walls = [r["wall_seconds"] for r in run["rounds"][1:]]
-    clients = [c for r in run["rounds"][1:] for c in r["clients"]]
+def summarize(run: RunRecord) -> dict:
+    walls = [r.wall_seconds for r in run.trained_rounds]
+    clients = [c for r in run.trained_rounds for c in r.clients]
     row = {
         "round1": walls[0],
         "steady": statistics.mean(walls[1:]) if len(walls) > 1 else walls[0],
         "up_per_client": statistics.mean(c["bytes_up"] for c in clients),
-        "down_per_client": run["rounds"][1]["bytes_down"],
+        "down_per_client": run.rounds[1].bytes_down,
     }
-    sa = run.get("secure_aggregation")
+    sa = run.secure_aggregation
     if sa:
         rounds = sa["rounds"]
         n = rounds[0]["sampled"]

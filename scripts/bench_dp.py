@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedhf.run.store import load_run
+from fedhf.run.store import RunRecord, load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def step_figures(steps: int, threads: int) -> dict:
     return out
 
 
-def run_fedhf(out: Path, name: str, extra: list[str]) -> dict:
+def run_fedhf(out: Path, name: str, extra: list[str]) -> tuple[RunRecord, float | None]:
     cmd = [
         sys.executable,
         "-m",
@@ -127,16 +127,14 @@ def run_fedhf(out: Path, name: str, extra: list[str]) -> dict:
         *extra,
     ]
     run_json = out / name / "run.json"
-    if run_json.is_file() and load_run(run_json.parent)["status"] == "complete":
-        return load_run(run_json.parent)  # finished earlier: reuse
+    if run_json.is_file() and load_run(run_json.parent).status == "complete":
+        return load_run(run_json.parent), None  # finished earlier: reuse
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"run {name} failed:\n{proc.stderr[-3000:]}")
-    run = load_run(run_json.parent)
-    run["_wall"] = time.perf_counter() - t0
-    return run
+    return load_run(run_json.parent), time.perf_counter() - t0
 
 
 def accuracy_figures(out: Path) -> list[dict]:
@@ -148,20 +146,20 @@ def accuracy_figures(out: Path) -> list[dict]:
     ]
     rows = []
     for label, name, extra in settings:
-        run = run_fedhf(out, name, extra)
-        clients = run.get("privacy", {}).get("clients", {})
+        run, wall = run_fedhf(out, name, extra)
+        clients = run.privacy.clients if run.privacy else {}
         eps = [e["epsilon"] for e in clients.values()]
         sig = sorted({round(e["noise_multiplier"], 4) for e in clients.values()})
         delta = max((e["delta"] for e in clients.values()), default=None)
         rows.append(
             {
                 "setting": label,
-                "accuracy": run["final"]["eval_accuracy"],
-                "f1": run["final"]["eval_f1"],
+                "accuracy": run.final.eval_accuracy,
+                "f1": run.final.eval_f1,
                 "epsilon_max": max(eps) if eps else None,
                 "sigma": sig,
                 "delta_max": delta,
-                "wall_seconds": run.get("_wall"),
+                "wall_seconds": wall,
             }
         )
     print("\n[2] SST-2, 5 IID clients x 360 training rows, 3 rounds x 2 local epochs, batch 16, C = 1, seed 42:")

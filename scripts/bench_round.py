@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from fedhf.run.store import load_run
+from fedhf.run.store import RunRecord, load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_fedhf(out: Path, name: str, extra: list[str]) -> tuple[dict, float]:
+def run_fedhf(out: Path, name: str, extra: list[str]) -> tuple[RunRecord, float]:
     cmd = [
         sys.executable,
         "-m",
@@ -66,12 +66,12 @@ def matmul_flops(threads: int, n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def non_embedding_params(run: dict) -> int:
+def non_embedding_params(run: RunRecord) -> int:
     from fedhf.config.schema import parse_config
     from fedhf.tasks.model import build_model
 
-    cfg = parse_config(run["config"])
-    model = build_model(cfg, run["dataset"]["label_names"])
+    cfg = parse_config(run.config)
+    model = build_model(cfg, run.dataset.label_names)
     return sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
 
 
@@ -97,21 +97,21 @@ def main() -> None:
 
     # 1. quickstart default
     run, wall = run_fedhf(args.out, "quickstart", args.extra)
-    final = run["rounds"][-1]
+    final = run.rounds[-1]
     figures["quickstart"] = {
         "wall_seconds": round(wall, 1),
-        "final_accuracy": final["eval_accuracy"],
-        "round0_accuracy": run["rounds"][0]["eval_accuracy"],
-        "round_wall_seconds": [r["wall_seconds"] for r in run["rounds"][1:]],
+        "final_accuracy": final.eval_accuracy,
+        "round0_accuracy": run.rounds[0].eval_accuracy,
+        "round_wall_seconds": [r.wall_seconds for r in run.trained_rounds],
     }
     print(
-        f"\n[1] quickstart: {wall:.1f} s end to end, central accuracy {final['eval_accuracy']:.4f} "
-        f"(round 0: {run['rounds'][0]['eval_accuracy']:.4f}); target < 300 s and >= 0.75"
+        f"\n[1] quickstart: {wall:.1f} s end to end, central accuracy {final.eval_accuracy:.4f} "
+        f"(round 0: {run.rounds[0].eval_accuracy:.4f}); target < 300 s and >= 0.75"
     )
 
     # 3. bytes
-    up = final["bytes_up"]
-    full = run["model"]["model_bytes"]
+    up = final.bytes_up
+    full = run.model.model_bytes
     figures["bytes"] = {"bytes_up_per_client_round": up, "model_bytes": full, "ratio": up / full}
     print(
         f"[3] bytes up per client per round: {up:,} B = {100 * up / full:.3f}% of the full model ({full:,} B); "
@@ -119,9 +119,9 @@ def main() -> None:
     )
 
     # 4. FLOP/s (quickstart run: 1 thread per client)
-    threads = run["config"]["train.num-threads"]
+    threads = run.config["train.num-threads"]
     n_ne = non_embedding_params(run)
-    clients = [c for r in run["rounds"][1:] for c in r["clients"]]
+    clients = [c for r in run.trained_rounds for c in r.clients]
     tokens = sum(c["train_tokens"] for c in clients)
     seconds = sum(c["train_seconds"] for c in clients)
     achieved = 4 * n_ne * tokens / seconds
@@ -147,14 +147,14 @@ def main() -> None:
             args.out, "sequential", ["--cpus-per-client", "2", "--set", "train.num-threads=2", *args.extra]
         )
         rows = []
-        for r in seq["rounds"][1:]:
-            compute = sum(r["client_train_seconds"].values()) + sum(r.get("client_eval_seconds", []))
-            handler = sum(r["client_handler_seconds"].values()) + sum(r.get("client_eval_seconds", []))
-            fl = r["wall_seconds"] - r["central_eval_seconds"]
-            rows.append((r["round"], r["wall_seconds"], r["central_eval_seconds"], compute, handler, fl))
+        for r in seq.trained_rounds:
+            compute = sum(r.client_train_seconds.values()) + sum(r.client_eval_seconds)
+            handler = sum(r.client_handler_seconds.values()) + sum(r.client_eval_seconds)
+            fl = r.wall_seconds - r.central_eval_seconds
+            rows.append((r.round, r.wall_seconds, r.central_eval_seconds, compute, handler, fl))
             print(
-                f"    round {r['round']}: wall {r['wall_seconds']:.1f} s, central eval "
-                f"{r['central_eval_seconds']:.1f} s, "
+                f"    round {r.round}: wall {r.wall_seconds:.1f} s, central eval "
+                f"{r.central_eval_seconds:.1f} s, "
                 f"client train+eval {compute:.1f} s (handlers incl. data/model set-up {handler:.1f} s), "
                 f"overhead {100 * (fl - compute) / compute:.1f}% of client compute, "
                 f"{100 * (fl - handler) / handler:.1f}% of client handler time"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from fedhf.run.store import load_run
+from fedhf.run.store import RunRecord, load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -78,9 +78,11 @@ class TreeMemory:
         return self.peak
 
 
-def fedhf_run(out: Path, name: str, clients: int, args: list[str], measure: bool = False) -> tuple[dict, float, int]:
+def fedhf_run(
+    out: Path, name: str, clients: int, args: list[str], measure: bool = False
+) -> tuple[RunRecord, float, int]:
     run_json = out / name / "run.json"
-    if run_json.is_file() and load_run(run_json.parent).get("status") == "complete" and not measure:
+    if run_json.is_file() and load_run(run_json.parent).status == "complete" and not measure:
         return load_run(run_json.parent), float("nan"), 0
     if (out / name).exists():
         import shutil
@@ -148,9 +150,9 @@ def main() -> None:
         run = runs["fp32"]
         if 2 in only:
             rows = []
-            for r in run["rounds"][1:]:
-                compute = sum(r["client_train_seconds"].values()) + sum(r.get("client_eval_seconds", []))
-                fl = r["wall_seconds"] - r["central_eval_seconds"]
+            for r in run.trained_rounds:
+                compute = sum(r.client_train_seconds.values()) + sum(r.client_eval_seconds)
+                fl = r.wall_seconds - r.central_eval_seconds
                 rows.append((compute, fl))
             steady = rows[1:] or rows
             figures["round_overhead"] = {
@@ -160,7 +162,7 @@ def main() -> None:
                 "ray_init_seconds": ray_startup_seconds(),
             }
         if 3 in only:
-            clients = [c for r in run["rounds"][1:] for c in r["clients"]]
+            clients = [c for r in run.trained_rounds for c in r.clients]
             tokens = sum(c["train_tokens"] for c in clients)
             seconds = sum(c["train_seconds"] for c in clients)
             n_ne = non_embedding_params(run)
@@ -174,13 +176,13 @@ def main() -> None:
                 "non_embedding_params": n_ne,
             }
         if 4 in only:
-            full = run["model"]["model_bytes"]
+            full = run.model.model_bytes
             figures["transport"] = {
                 d: {
-                    "bytes_up": r["rounds"][-1]["bytes_up"],
-                    "ratio_to_model": r["rounds"][-1]["bytes_up"] / full,
-                    "final_accuracy": r["final"]["eval_accuracy"],
-                    "final_f1": r["final"]["eval_f1"],
+                    "bytes_up": r.rounds[-1].bytes_up,
+                    "ratio_to_model": r.rounds[-1].bytes_up / full,
+                    "final_accuracy": r.final.eval_accuracy,
+                    "final_f1": r.final.eval_f1,
                 }
                 for d, r in runs.items()
             }
@@ -205,8 +207,8 @@ def main() -> None:
             mem[n] = {
                 "peak_pss_bytes": peak,
                 "wall_seconds": wall,
-                "clients_per_round": run["rounds"][1]["clients_sampled"],
-                "final_accuracy": run["final"]["eval_accuracy"],
+                "clients_per_round": run.rounds[1].clients_sampled,
+                "final_accuracy": run.final.eval_accuracy,
             }
         figures["memory"] = mem
 

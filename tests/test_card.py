@@ -7,6 +7,7 @@ from huggingface_hub import ModelCard
 
 from fedhf.config.schema import parse_config
 from fedhf.release.card import base_model_license, build_hub_folder, combined_license
+from fedhf.run.store import RunRecord
 
 
 def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst2", license="unknown"):
@@ -18,7 +19,10 @@ def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst
         (adapter / name).write_text("{}")
     run = {
         "run_id": "r1",
+        "run_uid": "u1",
         "status": "complete",
+        "started": "2026-12-01T00:00:00+00:00",
+        "python": "3.11.7",
         "config": cfg.to_flat(),
         "config_sha256": "ab" * 32,
         "seeds": {"seed": 42},
@@ -28,6 +32,7 @@ def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst
             "name": dataset,
             "preset": preset,
             "label_names": ["negative", "positive"],
+            "train_rows": 720,
             "central_eval_rows": 872,
             "license": license,
             "citation": "Someone 2013.",
@@ -40,7 +45,13 @@ def fake_run(tmp_path, *, dataset="sst2", privacy=None, source=None, preset="sst
                 "files": {"train": [{"name": "train.tsv", "sha256": "1" * 64}]},
             },
         },
-        "model": {"name": cfg.model.name, "trainable_params": 74498, "total_params": 22788484, "adapter_bytes": 297992},
+        "model": {
+            "name": cfg.model.name,
+            "trainable_params": 74498,
+            "total_params": 22788484,
+            "adapter_bytes": 297992,
+            "model_bytes": 91153936,
+        },
         "partitions": [
             {"partition_id": 0, "train_examples": 360, "label_histogram": [160, 200]},
             {"partition_id": 1, "train_examples": 360, "label_histogram": [170, 190]},
@@ -91,7 +102,7 @@ def test_card_metadata_and_body(tmp_path):
         },
     }
     run_dir, run = fake_run(tmp_path, privacy=privacy)
-    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    hub = build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     assert sorted(p.name for p in hub.iterdir()) == [
         "README.md",
         "adapter_config.json",
@@ -118,7 +129,7 @@ def test_card_metadata_and_body(tmp_path):
 
 def test_no_privacy_is_said_plainly(tmp_path):
     run_dir, run = fake_run(tmp_path)
-    card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
+    card = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md")
     assert "**No differential privacy.**" in card.text
     assert "differential-privacy" not in card.data.to_dict()["tags"]
 
@@ -143,7 +154,7 @@ def test_non_commercial_data_is_stated_on_the_card(tmp_path):
     run_dir, run = fake_run(
         tmp_path, dataset="ag_news", preset="ag_news", license="research and non-commercial use only"
     )
-    card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
+    card = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md")
     assert card.data.to_dict()["license"] == "other"
     assert "research and non-commercial use only" in card.text
 
@@ -157,7 +168,7 @@ def test_provenance_has_no_absolute_paths_and_names_local_data_by_hash(tmp_path)
     }
     run_dir, run = fake_run(tmp_path, dataset=str(tmp_path / "secret" / "data"), preset=None, source=src)
     run["config"]["data.dataset"] = str(tmp_path / "secret" / "data")
-    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    hub = build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     prov = json.loads((hub / "provenance.json").read_text())
     blob = (hub / "provenance.json").read_text() + (hub / "README.md").read_text()
     assert str(tmp_path) not in blob and "/secret/" not in blob
@@ -180,7 +191,7 @@ def test_afrisenti_card_lists_the_languages(tmp_path):
     }
     run_dir, run = fake_run(tmp_path, dataset="afrisenti", preset="afrisenti", source=src, license="cc-by-4.0")
     run["config"]["data.partitioner"] = "natural"
-    card = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md")
+    card = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md")
     meta = card.data.to_dict()
     assert meta["language"] == ["ha", "yo", "pcm"] and meta["license"] == "cc-by-4.0"
     assert "| partitioner | natural (one client per value of 'language') |" in card.text
@@ -213,7 +224,7 @@ def test_card_states_secure_aggregation_and_its_parameters(tmp_path):
             {"num_shares": 3, "reconstruction_threshold": 2, "dropped": 2, "completed": False},
         ],
     }
-    text = (build_hub_folder(run_dir, run, "apache-2.0") / "README.md").read_text()
+    text = (build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").read_text()
     assert "**On: SecAgg+" in text and "| shares per secret / reconstruction threshold | 3 / 2 |" in text
     assert "| quantization | 22 bits (4,194,304 levels) over [-8, 8], step 3.81e-06 |" in text
     assert "| 2 / 3 / 1 |" in text  # rounds / clients dropped / rounds withheld
@@ -228,13 +239,14 @@ def test_card_states_the_wire_format_failures_and_resumes(tmp_path):
         {"node_id": 6, "partition_id": 1, "reason": "NaN"},
         {"node_id": 7, "partition_id": 2, "reason": "norm"},
     ]
-    run["resumes"] = [{"from_round": 1}]
-    text = ModelCard.load(build_hub_folder(run_dir, run, "apache-2.0") / "README.md").text
+    run["resumes"] = [{"at": "2026-12-01T00:00:00+00:00", "from_round": 1}]
+    text = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").text
     assert "| updates on the wire | int8 updates with one scale per tensor" in text
     assert "| failures | 1 client failure(s) (error or timeout); 2 update(s) rejected" in text
     assert "update norm <= 1000.0" in text and "resumed 1 time(s) from a checkpoint" in text
     plain_dir, plain = fake_run(tmp_path / "plain")
-    plain_text = ModelCard.load(build_hub_folder(plain_dir, plain, "apache-2.0") / "README.md").text
+    plain_hub = build_hub_folder(plain_dir, RunRecord.from_dict(plain), "apache-2.0")
+    plain_text = ModelCard.load(plain_hub / "README.md").text
     assert "| updates on the wire | fp32 adapters |" in plain_text and "resumed" not in plain_text
     assert "| failures | 0 client failure(s) (error or timeout); 0 update(s) rejected" in plain_text
 
@@ -243,16 +255,16 @@ def test_hub_folder_rebuilds_only_over_what_fedhf_wrote_and_only_in_its_own_run_
     from fedhf.errors import FedHFRunError
 
     run_dir, run = fake_run(tmp_path)
-    hub = build_hub_folder(run_dir, run, "apache-2.0")
-    build_hub_folder(run_dir, run, "apache-2.0")  # a rebuild replaces fedhf's own files
+    hub = build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
+    build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")  # a rebuild replaces fedhf's own files
     (hub / "my-notes.txt").write_text("mine")
     with pytest.raises(FedHFRunError, match="holds 'my-notes.txt', which fedhf did not write"):
-        build_hub_folder(run_dir, run, "apache-2.0")
+        build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     assert (hub / "my-notes.txt").read_text() == "mine" and (hub / "README.md").is_file()
     (run_dir / ".fedhf-run").unlink()
     (hub / "my-notes.txt").unlink()
     with pytest.raises(FedHFRunError, match="was not created by fedhf as a run folder"):
-        build_hub_folder(run_dir, run, "apache-2.0")
+        build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     assert not list(run_dir.glob(".hub.*"))  # no temporary folder left behind
 
 
@@ -263,13 +275,13 @@ def test_a_local_base_model_path_is_never_published(tmp_path):
     run["model"]["base_is_local_folder"] = True
     (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": local}))
     (run_dir / "adapter" / "fedhf.json").write_text(json.dumps({"base_model": local, "label_names": ["a", "b"]}))
-    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    hub = build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     published = "".join(p.read_text() for p in hub.rglob("*") if p.is_file())
     assert local not in published and "secret-base" not in published
     assert json.loads((hub / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     assert "loaded from a local folder" in (hub / "README.md").read_text()
     assert json.loads((run_dir / "adapter" / "fedhf.json").read_text())["base_model"] == local  # kept for local use
     run["config"]["model.hub-id"] = "my-org/secret-base"
-    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    hub = build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     assert json.loads((hub / "fedhf.json").read_text())["base_model"] == "my-org/secret-base"
     assert ModelCard.load(hub / "README.md").data.to_dict()["base_model"] == "my-org/secret-base"

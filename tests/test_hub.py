@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from fedhf.config.schema import parse_config
 from fedhf.release.card import build_hub_folder
+from fedhf.run.store import RunRecord, RunStore
 from fedhf.tasks.adapters import save_adapter
 from fedhf.tasks.model import build_model
 
@@ -102,7 +103,7 @@ def finished_run(tmp_path, tiny_model_dir):
         model, AutoTokenizer.from_pretrained(tiny_model_dir), cfg, ["negative", "positive"], run_dir / "adapter"
     )
     (run_dir / "run.json").write_text(json.dumps(run))
-    build_hub_folder(run_dir, run, "apache-2.0")
+    build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     return run_dir, run
 
 
@@ -239,10 +240,11 @@ def test_a_run_whose_push_fails_records_it_and_stays_complete(finished_run, tmp_
 
     class Recorder:
         dir = run_dir
-        data = dict(run)
+        record = RunRecord.from_dict(run)
 
-        def write(self):
-            (run_dir / "run.json").write_text(json.dumps(self.data))
+        def pushed(self, push):
+            self.record.hub_push = push
+            RunStore(run_dir).write(self.record)
 
     cfg = parse_config({"hub.push": True, "hub.repo-id": "fedhf-test/unreachable"})
     rec = Recorder()

@@ -220,6 +220,7 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
     import re
 
     from fedhf.release.card import build_hub_folder
+    from fedhf.run.store import RunRecord
     from fedhf.tasks.adapters import load_adapter_model
 
     cfg = tiny_cfg(tiny_model_dir, **{"model.pooling": "mean"})
@@ -248,7 +249,10 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
 
     run = {
         "run_id": "r1",
+        "run_uid": "u1",
         "status": "complete",
+        "started": "2026-12-01T00:00:00+00:00",
+        "python": "3.11.7",
         "config": cfg.to_flat(),
         "config_sha256": "ab" * 32,
         "seeds": {"seed": 42},
@@ -258,18 +262,25 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
             "name": "sst2",
             "preset": "sst2",
             "label_names": LABELS,
+            "train_rows": 5,
             "central_eval_rows": 10,
             "license": "unknown",
             "citation": "",
             "source": {"kind": "preset-local", "hub_id": "stanfordnlp/sst2", "files": {}},
         },
-        "model": {"name": cfg.model.name, "trainable_params": 1, "total_params": 2, "adapter_bytes": 3},
+        "model": {
+            "name": cfg.model.name,
+            "trainable_params": 1,
+            "total_params": 2,
+            "adapter_bytes": 3,
+            "model_bytes": 4,
+        },
         "partitions": [{"partition_id": 0, "train_examples": 5, "label_histogram": [2, 3]}],
         "rounds": [{"round": 0, "eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5}],
         "final": {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1": 0.5},
     }
     (run_dir / ".fedhf-run").write_text(json.dumps({"run_uid": "u1"}))  # a run folder fedhf made
-    hub = build_hub_folder(run_dir, run, "apache-2.0")
+    hub = build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     card = (hub / "README.md").read_text()
     assert "model.pooling = mean" in card
     code = re.search(r"## How to use\n\n```python\n(.*?)```", card, re.S).group(1)

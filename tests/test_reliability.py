@@ -25,6 +25,7 @@ from fedhf.federation.updates import (
 from fedhf.flower.strategy import build_strategy, restore_strategy_state, strategy_state
 from fedhf.run.checkpoint import FedHFCheckpointError, load_checkpoint, save_checkpoint
 from fedhf.run.record import RunRecorder
+from fedhf.run.store import Round
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -201,8 +202,8 @@ def test_malformed_and_poisoned_replies_are_dropped_and_the_rest_averaged(tmp_pa
     assert all(np.allclose(got[k], expected[k], atol=1e-7) for k in expected)
     assert metrics["weight"] == 40
     row = rec._round
-    assert {r["node_id"]: r["reason"] for r in row["rejected"]}.keys() == set(poisons)
-    reasons = {r["node_id"]: r["reason"] for r in row["rejected"]}
+    assert {r["node_id"]: r["reason"] for r in row.rejected}.keys() == set(poisons)
+    reasons = {r["node_id"]: r["reason"] for r in row.rejected}
     for node, words in {
         3: "NaN",
         4: "Inf",
@@ -213,9 +214,9 @@ def test_malformed_and_poisoned_replies_are_dropped_and_the_rest_averaged(tmp_pa
         9: "float64",
     }.items():
         assert words in reasons[node], (node, reasons[node])
-    statuses = {c["partition_id"]: c["status"] for c in row["clients"]}
+    statuses = {c["partition_id"]: c["status"] for c in row.clients}
     assert statuses == {1: "trained", 2: "trained", **{n: "rejected" for n in poisons}}
-    assert all(c["update_norm"] > 0 for c in row["clients"] if c["status"] == "trained")
+    assert all(c["update_norm"] > 0 for c in row.clients if c["status"] == "trained")
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
@@ -232,7 +233,7 @@ def test_compressed_replies_are_decoded_before_aggregation(tmp_path, dtype):
     assert arrays["q.lora_A.weight"].numpy().dtype == np.float32
     # bytes on the wire, serialisation headers (128 B per tensor) included, against the same reply in fp32
     fp32_bytes = sum(len(a.data) for a in reply(1, states[0], base, 10).content["arrays"].values())
-    got = rec._round["clients"][0]["bytes_up"]
+    got = rec._round.clients[0]["bytes_up"]
     headers = 128 * len(base)
     assert got - headers == (fp32_bytes - headers) // (2 if dtype == "fp16" else 4)
 
@@ -243,8 +244,8 @@ def test_a_silent_client_is_a_failure_and_too_few_updates_stop_the_round(tmp_pat
     s.aggregate_train(
         1, [reply(1, trained_from(base, 0.01, 1), base, 10), reply(2, trained_from(base, 0.01, 2), base, 10)]
     )
-    assert [f["node_id"] for f in rec._round["failures"]] == [3]
-    assert "no reply within strategy.round-timeout" in rec._round["failures"][0]["reason"]
+    assert [f["node_id"] for f in rec._round.failures] == [3]
+    assert "no reply within strategy.round-timeout" in rec._round.failures[0]["reason"]
     s2, _ = start(tmp_path / "b", [1, 2, 3], base)
     with pytest.raises(FedHFRunError, match="only 1 valid update.*strategy.min-train-nodes=2.*--resume"):
         s2.aggregate_train(
@@ -369,14 +370,14 @@ def test_a_resumed_recorder_keeps_the_ledger_and_records_the_resume(tmp_path):
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "x"})
-    rec.data["privacy"]["clients"]["0"] = {"epsilon": 1.5}
-    rec.data["rounds"] = [{"round": 0}, {"round": 1}]
-    snapshot = json.loads(json.dumps(rec.data))
+    rec.record.privacy.clients["0"] = {"epsilon": 1.5}
+    rec.record.rounds = [Round(round=0), Round(round=1)]
+    snapshot = rec.record.to_dict()
     rec.fail("killed")
     again = RunRecorder(cfg, rec.dir, resume_from=snapshot)
     again.set_privacy({"mode": "sample", "label": "x"})
     data = json.loads((rec.dir / "run.json").read_text())
-    assert data["status"] == "running" and "error" not in data and data["run_uid"] == rec.data["run_uid"]
+    assert data["status"] == "running" and "error" not in data and data["run_uid"] == rec.record.run_uid
     assert data["privacy"]["clients"]["0"]["epsilon"] == 1.5
     assert data["resumes"][0]["from_round"] == 1
 
@@ -593,9 +594,9 @@ def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_pa
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "sample", "label": "sample-level (per example)", "accountant": "rdp"})
-    uid = rec.data["run_uid"]
+    uid = rec.record.run_uid
     reported = SampleAccount("rdp", 1e-3, 1.0, 1.0, [(1.0, 0.1, 10)])
-    rec.data["privacy"]["clients"]["0"] = {
+    rec.record.privacy.clients["0"] = {
         "delta": 1e-3,
         "noise_multiplier": 1.0,
         "max_grad_norm": 1.0,
@@ -624,6 +625,6 @@ def test_the_ledger_counts_spend_a_client_saved_but_the_server_never_used(tmp_pa
     assert ledger["0"]["epsilon"] > reported.epsilon and ledger["0"]["unreported_steps"] == 10
     assert ledger["1"]["epsilon"] == pytest.approx(only.epsilon, rel=1e-12) and ledger["1"]["sample_rate"] == 0.2
     assert set(ledger) == {"0", "1"}
-    assert "epsilon max" in ledger_table(rec.data)
+    assert "epsilon max" in ledger_table(rec.record.privacy)
     _count_saved_spend(rec, state)  # nothing more to count: unchanged
     assert json.loads((rec.dir / "run.json").read_text())["privacy"]["clients"]["0"]["steps"] == 20

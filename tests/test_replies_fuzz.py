@@ -208,16 +208,16 @@ def test_malformed_replies_are_that_clients_failure_and_the_aggregate_is_the_goo
         got = {k: a.numpy() for k, a in arrays.items()}
         assert all(np.allclose(got[k], expected[k], atol=1e-7) for k in expected)
         row = rec.end_round(rnd, {"loss": 0.5, "accuracy": 0.5, "f1": 0.5}, 0.1)
-        reasons = {f["node_id"]: f["reason"] for f in row["failures"]}
-        reasons.update({r["node_id"]: r["reason"] for r in row["rejected"]})
+        reasons = {f["node_id"]: f["reason"] for f in row.failures}
+        reasons.update({r["node_id"]: r["reason"] for r in row.rejected})
         for node, name in bad_nodes.items():
             assert node in reasons, name
             assert CASES[name][1] in reasons[node], (name, reasons[node])
-        assert sorted(c["partition_id"] for c in row["clients"] if c["status"] == "trained") == [1, 2]
-        assert row["weighting"] == "examples"
+        assert sorted(c["partition_id"] for c in row.clients if c["status"] == "trained") == [1, 2]
+        assert row.weighting == "examples"
         base = {k: v.astype(np.float32) for k, v in got.items()}
     # the ledger holds only what passed the schema
-    assert sorted(rec.data["privacy"]["clients"]) == sorted(
+    assert sorted(rec.record.privacy.clients) == sorted(
         [
             "1",
             "2",

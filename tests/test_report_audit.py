@@ -130,9 +130,11 @@ def test_run_draws_its_plots_and_the_card_shows_them(tiny_run):
 
 def test_plots_skip_what_a_run_does_not_have(tmp_path, tiny_run):
     from fedhf.analysis.plots import plot_epsilon, run_plots
+    from fedhf.run.store import RunRecord
 
-    run = run_json(tiny_run)
-    run.pop("privacy")
+    raw = run_json(tiny_run)
+    raw.pop("privacy")
+    run = RunRecord.from_dict(raw)
     assert plot_epsilon(run, tmp_path / "e.png") is None
     assert sorted(p.name for p in run_plots(run, tmp_path)) == ["label_distribution.png", "metrics.png"]
 
@@ -246,7 +248,7 @@ def test_audit_members_are_exactly_the_clients_training_rows(tiny_run, tmp_path)
     members, non_members, _ = audit_sets(run, non)
     data = load_data(run_config(run).data)
     assert sorted(members["text"]) == sorted(data.train["text"])  # all 300 rows were trained on, none twice
-    assert sum(p["train_examples"] for p in run["partitions"]) == len(members)
+    assert sum(p.train_examples for p in run.partitions) == len(members)
     assert not set(members["text"]) & set(non_members["text"])  # seed-11 rows are members: dropped from non-members
     assert len(non_members) == 120
 

@@ -12,23 +12,24 @@ from fedhf.errors import FedHFConfigError
 from fedhf.run.checkpoint import save_checkpoint
 from fedhf.run.record import RunRecorder
 from fedhf.run.resume import changed_keys, resume_target
+from fedhf.run.store import Federation
 
 
 def interrupted(tmp_path, engine="simulation", **keys):
     """A run that recorded round 1 of 3 and its checkpoint, then stopped (status running)."""
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", **keys})
     rec = RunRecorder(cfg)
-    rec.set_federation({"num_clients": 3, "engine": engine})
+    rec.set_federation(Federation(engine=engine, num_clients=3))
     rec.end_round(0, {"loss": 0.7, "accuracy": 0.5, "f1": 0.5}, 0.1)
     save_checkpoint(
         rec.dir,
         1,
-        run_uid=rec.data["run_uid"],
-        config_sha256=rec.data["config_sha256"],
+        run_uid=rec.record.run_uid,
+        config_sha256=rec.record.config_sha256,
         arrays={"w": np.zeros(2, dtype=np.float32)},
         strategy_arrays={},
         strategy_state={"strategy": "fedavg"},
-        run_record=json.loads(json.dumps(rec.data)),
+        run_record=rec.record.to_dict(),
     )
     return rec.dir
 

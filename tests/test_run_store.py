@@ -10,7 +10,7 @@ import pytest
 from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFRunError
 from fedhf.run.record import RunRecorder
-from fedhf.run.store import SCHEMA_VERSION, RunStore, schema, upgrade
+from fedhf.run.store import SCHEMA_VERSION, Dataset, Model, RunStore, schema, upgrade
 
 FREE = {"config", "versions", "source", "data"}  # maps whose keys are not the record's own (config keys, file names)
 
@@ -35,15 +35,15 @@ def recorded_run(tmp_path) -> dict:
     cfg = parse_config({"output-dir": str(tmp_path), "run-name": "r", "privacy.mode": "sample"})
     rec = RunRecorder(cfg)
     rec.set_dataset(
-        {
-            "name": "x",
-            "source": {"files": {"train": [{"name": "train.tsv", "sha256": "0" * 64}]}},
-            "label_names": ["a", "b"],
-            "train_rows": 20,
-            "central_eval_rows": 10,
-        }
+        Dataset(
+            name="x",
+            source={"files": {"train": [{"name": "train.tsv", "sha256": "0" * 64}]}},
+            label_names=["a", "b"],
+            train_rows=20,
+            central_eval_rows=10,
+        )
     )
-    rec.set_model({"name": "m", "trainable_params": 1, "total_params": 2, "adapter_bytes": 4, "model_bytes": 8})
+    rec.set_model(Model(name="m", trainable_params=1, total_params=2, adapter_bytes=4, model_bytes=8))
     rec.set_partitions([{"partition-id": 0, "train-examples": 10, "eval-examples": 0, "label-histogram": [5, 5]}])
     rec.set_privacy({"mode": "sample", "accountant": "rdp"})
     rec.end_round(0, {"loss": 0.7, "accuracy": 0.5, "f1": 0.5}, 0.1)
@@ -80,8 +80,8 @@ def recorded_run(tmp_path) -> dict:
         refused=[{"node-id": 9, "partition-id": 1, "rule": "min-privacy", "reason": "no"}],
     )
     rec.end_round(1, {"loss": 0.6, "accuracy": 0.6, "f1": 0.6}, 0.1)
-    rec.data["final"] = {"eval_loss": 0.6, "eval_accuracy": 0.6, "eval_f1": 0.6}
-    rec.finish({"hub_folder": "hub"})
+    rec.set_final(None)
+    rec.finish(hub_folder="hub")
     return json.loads((rec.dir / "run.json").read_text())
 
 
@@ -132,7 +132,7 @@ def test_a_schema_1_record_is_upgraded_and_a_newer_one_refused(tmp_path):
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "run.json").write_text(json.dumps(old))
-    got = RunStore(folder).read()
+    got = RunStore(folder).read().to_dict()
     jsonschema.validate(got, schema())
     assert got == run
     assert upgrade(json.loads(json.dumps(run))) == run  # the current layout passes through unchanged
@@ -147,7 +147,96 @@ def test_a_schema_1_record_is_upgraded_and_a_newer_one_refused(tmp_path):
 def test_post_run_commands_write_through_the_store(tmp_path):
     run = recorded_run(tmp_path)
     store = RunStore(tmp_path / "r")
-    store.update("evaluate", lambda record: record.setdefault("evaluations", []).append({"data": {}, "rows": 3}))
-    again = store.read()
+    store.update("evaluate", lambda record: record.evaluations.append({"data": {}, "rows": 3}))
+    again = store.read().to_dict()
     assert again["evaluations"] == [{"data": {}, "rows": 3}] and again["rounds"] == run["rounds"]
     jsonschema.validate(again, schema())
+
+
+def _schema_objects():
+    """(dataclass, the schema object that describes it) for every typed part of the record."""
+    import dataclasses
+
+    from fedhf.privacy.ledger import Privacy, RoundPrivacy
+    from fedhf.run import store
+
+    top = schema()
+    p = top["properties"]
+    pairs = [
+        (store.RunRecord, top),
+        (store.Seeds, p["seeds"]),
+        (store.Dataset, p["dataset"]),
+        (store.Model, p["model"]),
+        (store.Partition, p["partitions"]["items"]),
+        (store.Round, p["rounds"]["items"]),
+        (RoundPrivacy, p["rounds"]["items"]["properties"]["privacy"]),
+        (store.Federation, p["federation"]),
+        (Privacy, p["privacy"]),
+        (store.Refusal, p["refusals"]["items"]),
+        (store.Resume, p["resumes"]["items"]),
+        (store.Final, p["final"]),
+        (store.StoppedEarly, p["stopped_early"]),
+        (store.HubPush, p["hub_push"]),
+    ]
+    return [(cls, node, dataclasses.fields(cls)) for cls, node in pairs]
+
+
+def test_the_schema_names_exactly_the_dataclasses_fields_and_requires_those_always_written():
+    for cls, node, fields in _schema_objects():
+        assert list(node["properties"]) == [f.name for f in fields], cls.__name__
+        always = [f.name for f in fields if not f.metadata.get("omit_empty")]
+        assert node.get("required", []) == always, cls.__name__
+
+
+def test_a_record_reads_back_as_the_same_typed_record(tmp_path):
+    from fedhf.run.store import Round, RunRecord
+
+    run = recorded_run(tmp_path)
+    record = RunStore(tmp_path / "r").read()
+    assert isinstance(record, RunRecord) and all(isinstance(r, Round) for r in record.rounds)
+    assert record.rounds[1].trained[0]["partition_id"] == 0 and record.final.eval_accuracy == 0.6
+    assert record.privacy.clients["0"]["epsilon"] == 4.0 and record.refusals[0].rule == "min-privacy"
+    assert record.to_dict() == run and RunRecord.from_dict(record.to_dict()) == record
+    assert "audit" not in run and "stopped_early" not in run  # empty optional parts are left out, not null
+
+
+def test_a_record_with_an_unknown_or_a_missing_key_is_refused_by_name(tmp_path):
+    run = recorded_run(tmp_path)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({**run, "colour": "blue"}))
+    with pytest.raises(FedHFRunError, match=r"has /colour, which schema 2 does not have.*upgrade fedhf"):
+        RunStore(folder).read()
+    bad = json.loads(json.dumps(run))
+    bad["rounds"][1]["clients_trained"] = 1
+    (folder / "run.json").write_text(json.dumps(bad))
+    with pytest.raises(FedHFRunError, match=r"/rounds\[1\]/clients_trained"):
+        RunStore(folder).read("report")
+    del bad["rounds"][1]["clients_trained"]
+    del bad["run_uid"]
+    (folder / "run.json").write_text(json.dumps(bad))
+    with pytest.raises(FedHFRunError, match="report: .*lacks '/run_uid'"):
+        RunStore(folder).read("report")
+
+
+def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_used(tmp_path):
+    from fedhf.run.store import CONFIG_BEFORE_KEY
+
+    run = recorded_run(tmp_path)
+    old = json.loads(json.dumps(run))
+    del old["schema_version"]
+    for key in CONFIG_BEFORE_KEY:
+        del old["config"][key]
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps(old))
+    config = RunStore(folder).read().config
+    assert {k: config[k] for k in CONFIG_BEFORE_KEY} == {
+        "model.task": "text-classification",
+        "model.pooling": "cls",
+        "model.hub-id": "",
+        "train.optimizer": "adamw",
+        "train.momentum": 0.0,
+        "transport.dtype": "fp32",
+    }
+    assert config == run["config"]  # today's defaults are what those runs used

@@ -11,7 +11,9 @@ from flwr.app.message_type import MessageType
 from fedhf.config.schema import LABEL_NAMES_KEY, parse_config
 from fedhf.federation.node_state import RUN_UID_KEY
 from fedhf.federation.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
+from fedhf.privacy.ledger import Privacy
 from fedhf.release.card import build_hub_folder, disclosure_text
+from fedhf.run.store import Partition, RunRecord, Seeds
 from fedhf.tasks.model import build_model, get_adapter_state
 
 from .conftest import synthetic_rows, write_tsv
@@ -105,7 +107,7 @@ def test_a_dp_client_sends_the_update_the_accounting_and_nothing_else_by_default
     )
     run["partitions"] = run["partitions"][:1]
     run["shared"] = {"0": []}
-    text = (build_hub_folder(run_dir, run, "apache-2.0") / "README.md").read_text()
+    text = (build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").read_text()
     for field in sent:
         assert f"`{field}`" in text, field
     assert "client 0: nothing" in text and "| training rows per client | not shared |" in text
@@ -120,12 +122,20 @@ def test_what_the_owner_shares_by_name_is_sent_and_stated(tiny_model_dir, silo, 
     extra = sent - set(COVERED) - set(ACCOUNTING) - set(BOOKKEEPING)
     assert extra == {"num-examples", "train-loss", "train-seconds", "handler-seconds"}
     assert reply.content["metrics"]["weight"] == reply.content["metrics"]["num-examples"] == 54  # 60 rows, 10% held out
-    run = {
-        "privacy": {"mode": "sample"},
-        "partitions": [{"partition_id": 0}],
-        "rounds": [],
-        "shared": {"0": ["num-examples", "timings", "train-loss"]},
-    }
+    run = RunRecord(
+        run_id="r",
+        run_uid="u",
+        status="complete",
+        started="",
+        config={},
+        config_sha256="",
+        seeds=Seeds(seed=0),
+        versions={},
+        python="",
+        privacy=Privacy(mode="sample"),
+        partitions=[Partition(partition_id=0)],
+        shared={"0": ["num-examples", "timings", "train-loss"]},
+    )
     text = disclosure_text(run)
     for group in ("num-examples", "timings", "train-loss"):
         for field in SHARED_FIELDS[group]:

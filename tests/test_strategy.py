@@ -101,12 +101,12 @@ def test_fedavg_weights_by_examples_and_records_clients(tmp_path):
     assert torch.allclose(w, torch.full((2, 2), (1.0 * 30 + 4.0 * 10) / 40))
     assert metrics["weight"] == 40
     row = rec.end_round(1, {"loss": 0.4, "accuracy": 0.8, "f1": 0.79}, 0.1)
-    assert row["weighting"] == "examples"
-    assert [c["partition_id"] for c in row["clients"]] == [0, 1]
-    assert row["failures"] == [{"node_id": 13, "reason": "client crashed"}]
-    assert row["client_train_seconds"] == {"0": 1.5, "1": 1.5}
+    assert row.weighting == "examples"
+    assert [c["partition_id"] for c in row.clients] == [0, 1]
+    assert row.failures == [{"node_id": 13, "reason": "client crashed"}]
+    assert row.client_train_seconds == {"0": 1.5, "1": 1.5}
     wire = len(ArrayRecord({"w": torch.zeros(2, 2)})["w"].data)  # serialised bytes: 16 B of data + the array header
-    assert abs(row["train_loss"] - 0.6) < 1e-12 and row["bytes_up"] == wire
+    assert abs(row.train_loss - 0.6) < 1e-12 and row.bytes_up == wire
 
 
 def test_round_with_no_update_fails_the_run(tmp_path):
@@ -133,9 +133,9 @@ def test_a_client_that_keeps_its_count_private_gets_equal_weights_for_everyone(t
     arrays, _ = s.aggregate_train(1, [train_reply(11, 0, 1.0, 30, 0.5), train_reply(12, 1, 4.0, 10, 0.9, shared=[])])
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.5))  # (1 + 4) / 2
     row = rec.end_round(1, {"loss": 0.4, "accuracy": 0.8, "f1": 0.79}, 0.1)
-    assert row["weighting"] == "uniform" and row["train_loss"] is None
-    assert rec.data["shared"] == {"0": ALL_SHARED, "1": []}
-    assert [c.get("label_histogram") for c in row["clients"]] == [[15, 15], None]
+    assert row.weighting == "uniform" and row.train_loss is None
+    assert rec.record.shared == {"0": ALL_SHARED, "1": []}
+    assert [c.get("label_histogram") for c in row.clients] == [[15, 15], None]
 
 
 def test_run_json_status_and_atomic_rewrites(tmp_path):
@@ -185,7 +185,7 @@ def test_client_level_dp_averages_uniformly_and_accounts_each_round(tmp_path):
     w = arrays.to_torch_state_dict()["w"]
     assert torch.allclose(w, torch.full((2, 2), 2.5), atol=1e-3)  # (1 + 4) / 2: equal weights, not 30:10
     assert s.dp.num_sampled_clients == 2  # noise scaled to the updates actually averaged
-    cl = rec.data["privacy"]["client_level"]
+    cl = rec.record.privacy.client_level
     # q = clients sampled / population: the client that failed after being sampled does not lower it
     assert cl["rounds"][0]["sample_rate"] == 0.75 and cl["rounds"][0]["clients_aggregated"] == 2
     assert cl["rounds"][0]["clients_sampled"] == 3
@@ -234,7 +234,7 @@ def test_adaptive_clipping_accounts_the_count_release(tmp_path):
     rec = RunRecorder(cfg)
     rec.set_privacy({"mode": "client"})
     s = build_strategy(cfg, rec, population=3)
-    cl = rec.data["privacy"]["client_level"]
+    cl = rec.record.privacy.client_level
     # Flower raises the update noise; the count is a second Gaussian release (sensitivity 1).
     assert s.dp.noise_multiplier > 1.0
     assert cl["effective_noise_multiplier"] == pytest.approx((s.dp.noise_multiplier**-2 + 2.0**-2) ** -0.5)
@@ -279,10 +279,10 @@ def test_refusing_clients_are_left_out_and_the_run_stops_cleanly(tmp_path):
     )  # the refusing client is not averaged
     assert s.exhausted == {13} and "max-epsilon" in s.excluded[13]
     row = rec.end_round(2, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
-    assert row["privacy"]["exhausted"] == [2] and row["refused"] == [
+    assert row.privacy.exhausted == [2] and row.refused == [
         {"node_id": 13, "partition_id": 2, "rule": "max-epsilon", "reason": "the node's budget would be exceeded"}
     ]
-    entry = rec.data["privacy"]["clients"]["2"]
+    entry = rec.record.privacy.clients["2"]
     assert entry["stopped"]["round"] == 2 and entry["stopped"]["reason"] == "max-epsilon"
     begin(s, rec, 3, 2)
     with pytest.raises(RunStopped, match="every sampled client refused \\(max-epsilon: the node's budget"):
@@ -351,21 +351,20 @@ def test_a_restarted_accountant_never_lowers_the_ledger_and_counts_against_the_b
             rnd, [dp_reply(11, 0, eps0, steps0, budget=15.0, acc_id=acc), dp_reply(12, 1, 2.5 * rnd, 10 * rnd)]
         )
         rec.end_round(rnd, {"loss": 0.5, "accuracy": 0.7, "f1": 0.7}, 0.1)
-    e = rec.data["privacy"]["clients"]["0"]
+    e = rec.record.privacy.clients["0"]
     assert [r["epsilon"] for r in e["rounds"]] == [5.0, 7.5, 12.5]  # 7.5 spent before the restart + 5.0 after
     assert (
         e["epsilon"] == 12.5 and e["steps"] == 30 and e["delta"] == pytest.approx(2e-3) and e["accountant_resets"] == 1
     )
     assert (
-        rec.data["privacy"]["clients"]["1"]["epsilon"] == 7.5
-        and "accountant_resets" not in rec.data["privacy"]["clients"]["1"]
+        rec.record.privacy.clients["1"]["epsilon"] == 7.5 and "accountant_resets" not in rec.record.privacy.clients["1"]
     )
     assert s.exhausted == set()
     # a new id with *more* steps than before is a restart too (step counts alone would miss it)
     begin(s, rec, 4, 2)
     s.aggregate_train(4, [dp_reply(11, 0, 7.5, 20, budget=15.0, acc_id="third"), dp_reply(12, 1, 10.0, 40)])
-    assert rec.data["privacy"]["clients"]["0"]["accountant_resets"] == 2
-    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == 20.0  # 7.5 + 5.0 + 7.5 reached the budget 15
+    assert rec.record.privacy.clients["0"]["accountant_resets"] == 2
+    assert rec.record.privacy.clients["0"]["epsilon"] == 20.0  # 7.5 + 5.0 + 7.5 reached the budget 15
     assert s.exhausted == {11}  # the server stops sampling it, whatever its fresh accountant says
 
 
@@ -376,7 +375,7 @@ def test_the_ledger_never_takes_less_than_the_reported_sigma_q_and_steps_give(tm
     begin(s, rec, 1, 2)
     s.aggregate_train(1, [dp_reply(11, 0, 0.01, 10, sigma=0.2), dp_reply(12, 1, 0.01, 10, sigma=0.2)])  # far below
     want = epsilon_of("rdp", [(0.2, 0.1, 10)], 1e-3)
-    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == pytest.approx(want) and want > 1.0
+    assert rec.record.privacy.clients["0"]["epsilon"] == pytest.approx(want) and want > 1.0
 
 
 def test_a_round_secure_aggregation_withheld_keeps_the_adapter_and_the_privacy_spend(tmp_path):
@@ -388,5 +387,5 @@ def test_a_round_secure_aggregation_withheld_keeps_the_adapter_and_the_privacy_s
     withheld.content["metrics"]["weight"] = 1.0
     arrays, metrics = s.aggregate_train(1, [withheld, refused_reply(12, 1)])
     assert arrays is None and metrics is None  # Flower keeps the previous global adapter
-    assert rec.data["privacy"]["clients"]["0"]["epsilon"] == 5.0  # spent, recorded, though not released
-    assert "stopped" not in rec.data["privacy"]["clients"]["0"] and s.exhausted == {12}
+    assert rec.record.privacy.clients["0"]["epsilon"] == 5.0  # spent, recorded, though not released
+    assert "stopped" not in rec.record.privacy.clients["0"] and s.exhausted == {12}

@@ -33,7 +33,7 @@ from scipy.stats import beta
 from fedhf.analysis.evaluation import released_model, run_config, task_of
 from fedhf.errors import FedHFRunError
 from fedhf.run.record import check_run_folder
-from fedhf.run.store import RunStore, load_finished_run
+from fedhf.run.store import RunRecord, RunStore, load_finished_run
 
 log = logging.getLogger("fedhf")
 MIN_EXAMPLES = 50
@@ -128,7 +128,7 @@ def attack(members: np.ndarray, non_members: np.ndarray, delta: float, confidenc
 # --------------------------------------------------------------------------- members and non-members
 
 
-def audit_sets(run: dict[str, Any], non_members_file: str | Path | None) -> tuple[Any, Any, str]:
+def audit_sets(run: RunRecord, non_members_file: str | Path | None) -> tuple[Any, Any, str]:
     """(members, non-members, where the non-members come from), as datasets with text/label columns."""
     import datasets
 
@@ -138,17 +138,17 @@ def audit_sets(run: dict[str, Any], non_members_file: str | Path | None) -> tupl
 
     cfg = run_config(run)
     data = load_data(cfg.data)
-    recorded = run.get("partitions") or []
-    if list(data.label_names) != list(run["dataset"]["label_names"]):
+    recorded = run.partitions
+    if list(data.label_names) != list(run.dataset.label_names):
         raise FedHFRunError(
             f"audit: the dataset's labels now are {data.label_names}, not the run's "
-            f"{run['dataset']['label_names']}; the data changed since the run."
+            f"{run.dataset.label_names}; the data changed since the run."
         )
     _check_same_files(run, data.source)
     parts = make_partitions(data, cfg.data, cfg.seed, max(len(recorded), 1))
     rebuilt = parts.stats()
     if [(p["train_examples"], p["label_histogram"]) for p in rebuilt] != [
-        (p["train_examples"], p["label_histogram"]) for p in recorded
+        (p.train_examples, p.label_histogram) for p in recorded
     ]:
         raise FedHFRunError(
             "audit: the clients' training rows cannot be rebuilt from the run's config (partition sizes or labels "
@@ -188,8 +188,8 @@ def audit_sets(run: dict[str, Any], non_members_file: str | Path | None) -> tupl
     return members, non, where
 
 
-def _check_same_files(run: dict[str, Any], source: dict[str, Any]) -> None:
-    old = {f["name"]: f["sha256"] for fs in (run["dataset"].get("source", {}).get("files") or {}).values() for f in fs}
+def _check_same_files(run: RunRecord, source: dict[str, Any]) -> None:
+    old = {f["name"]: f["sha256"] for fs in (run.dataset.source.get("files") or {}).values() for f in fs}
     new = {f["name"]: f["sha256"] for fs in (source.get("files") or {}).values() for f in fs}
     changed = sorted(name for name in old.keys() & new.keys() if old[name] != new[name])
     if changed:
@@ -222,9 +222,9 @@ def label_matched(members: Any, non: Any, max_examples: int, rng: np.random.Gene
 # --------------------------------------------------------------------------- the audit
 
 
-def claimed_privacy(run: dict[str, Any]) -> tuple[float | None, float]:
+def claimed_privacy(run: RunRecord) -> tuple[float | None, float]:
     """(the run's sample-level epsilon, its delta): the largest over clients; (None, 0) without sample-level DP."""
-    clients = (run.get("privacy") or {}).get("clients") or {}
+    clients = run.privacy.clients if run.privacy else {}
     if not clients:
         return None, 0.0
     return max(c["epsilon"] for c in clients.values()), max(c["delta"] for c in clients.values())
@@ -257,7 +257,7 @@ def audit_run(
             f"--non-members FILE with more rows (at least {MIN_EXAMPLES} per side are needed)."
         )
     cfg = run_config(run)
-    model, tokenizer, labels, max_length = released_model(run)
+    model, tokenizer, labels, max_length = released_model(run_dir, run)
     reference = build_model(cfg, labels)  # the round-0 adapter: same seed, same initialisation
     ref_tok = load_tokenizer(cfg.model.name)
     texts_m, texts_n = list(members["text"]), list(non["text"])
@@ -305,9 +305,12 @@ def _record(run_dir: Path, audit: dict[str, Any]) -> None:
     from fedhf.release.card import base_model_license, build_hub_folder
     from fedhf.tasks.model import resolve_model
 
-    raw = RunStore(run_dir).update("audit", lambda record: record.update(audit=audit))
-    name = raw["config"]["model.name"]
-    build_hub_folder(run_dir, raw, base_model_license(name, resolve_model(name)))
+    def add(record: RunRecord) -> None:
+        record.audit = audit
+
+    record = RunStore(run_dir).update("audit", add)
+    name = record.config["model.name"]
+    build_hub_folder(run_dir, record, base_model_license(name, resolve_model(name)))
 
 
 def audit_lines(audit: dict[str, Any]) -> list[str]:

@@ -13,30 +13,28 @@ from typing import Any
 from fedhf.config.schema import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
 from fedhf.run.record import check_run_folder
-from fedhf.run.store import RunStore, load_finished_run
+from fedhf.run.store import RunRecord, RunStore, load_finished_run
 from fedhf.tasks.base import Task, get_task
 
 
-def run_config(run: dict[str, Any], overrides: dict[str, Any] | None = None) -> FedHFConfig:
+def run_config(run: RunRecord, overrides: dict[str, Any] | None = None) -> FedHFConfig:
     """The run's own config (as recorded), with ``overrides`` applied."""
-    flat = dict(run["config"])
-    flat.update(overrides or {})
-    return parse_config(flat)
+    return parse_config({**run.config, **(overrides or {})})
 
 
-def released_model(run: dict[str, Any]) -> tuple[Any, Any, list[str], int]:
+def released_model(run_dir: str | Path, run: RunRecord) -> tuple[Any, Any, list[str], int]:
     """The adapter as released (the run's hub/ folder, else adapter/), loaded with PEFT on its base model."""
     from fedhf.tasks.adapters import load_adapter_model
 
-    d = Path(run["_dir"])
+    d = Path(run_dir)
     folder = d / "hub" if (d / "hub" / "adapter_config.json").is_file() else d / "adapter"
     # The base as the run configured it on this machine (the published copy names only a Hub id).
-    return load_adapter_model(folder, base_model=run["config"]["model.name"])
+    return load_adapter_model(folder, base_model=run.config["model.name"])
 
 
-def task_of(run: dict[str, Any]) -> Task:
-    """The task the run trained (runs from before model.task classified text)."""
-    return get_task(run["config"].get("model.task", "text-classification"))
+def task_of(run: RunRecord) -> Task:
+    """The task the run trained."""
+    return get_task(run.config["model.task"])
 
 
 EVAL_KEYS = (
@@ -63,9 +61,9 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
             f"evaluate: cannot change {', '.join(bad)} after training; allowed: {', '.join(EVAL_KEYS)}."
         )
     cfg = run_config(run, overrides)
-    data = onto_label_names(load_data(cfg.data), run["dataset"]["label_names"], "evaluate")
+    data = onto_label_names(load_data(cfg.data), run.dataset.label_names, "evaluate")
     ds = central_eval_set(data, cfg.data, cfg.seed)
-    model, tokenizer, _labels, _max_len = released_model(run)
+    model, tokenizer, _labels, _max_len = released_model(run_dir, run)
     task = task_of(run)
     res = task.evaluate(
         model,
@@ -81,9 +79,9 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
     }
     if record:
 
-        def add(record: dict[str, Any]) -> None:
-            kept = [e for e in record.get("evaluations", []) if e.get("data") != result["data"]]
-            record["evaluations"] = kept + [result]
+        def add(record: RunRecord) -> None:
+            kept = [e for e in record.evaluations if e.get("data") != result["data"]]
+            record.evaluations = kept + [result]
 
         RunStore(run_dir).update("evaluate", add)
     return result

@@ -30,6 +30,7 @@ run again. Results go to ``results.csv`` and ``results.md`` in the group's outpu
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -43,7 +44,7 @@ from typing import Any
 
 from fedhf.config.schema import flatten, load_config_file, parse_config
 from fedhf.errors import FedHFConfigError, FedHFError, FedHFRunError
-from fedhf.run.store import RunStore
+from fedhf.run.store import RunRecord, RunStore
 
 TARGET_KINDS = ("within", "auc-closer", "beats")
 RUN_KEYS = {"name", "config", "num-clients", "cpus-per-client", "set", "audit", "evaluate-languages", "smoke"}
@@ -191,7 +192,7 @@ def load_group(name_or_path: str | Path, experiments_dir: str | Path = "experime
 
 def _status(run_dir: Path) -> str | None:
     try:
-        return RunStore(run_dir).read().get("status")
+        return RunStore(run_dir).read().status
     except FedHFError:
         return None
 
@@ -260,11 +261,11 @@ def _changed_keys(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> l
     want = parse_config({**load_config_file(run.config), **sets}).to_flat()
     try:
         made = RunStore(out / run.name).read()
-        had = parse_config(made["config"]).to_flat()
+        had = parse_config(made.config).to_flat()
     except (FedHFError, KeyError, TypeError):
         return ["(a config this fedhf cannot read)"]
     changed = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
-    if len(made.get("partitions", [])) != clients:
+    if len(made.partitions) != clients:
         changed.append("num-clients")
     return changed
 
@@ -311,13 +312,13 @@ def _post(group: Group, run: ExperimentRun, run_dir: Path, smoke: bool, log: Any
     from fedhf.analysis.evaluation import evaluate_run
 
     data = RunStore(run_dir).read()
-    done = {json.dumps(e["data"], sort_keys=True) for e in data.get("evaluations", [])}
+    done = {json.dumps(e["data"], sort_keys=True) for e in data.evaluations}
     for lang in group.languages(run, smoke):
         if json.dumps({"data.languages": lang}, sort_keys=True) in done:
             continue
         res = evaluate_run(run_dir, {"data.languages": lang})
         log(f"[{group.name}] {run.name}: {lang} macro-F1 {res['macro_f1']:.4f} ({res['rows']} rows)")
-    if run.audit and "audit" not in data:
+    if run.audit and data.audit is None:
         res = audit_run(run_dir)
         log(
             f"[{group.name}] {run.name}: audit AUC {res['loss']['auc']:.3f} (loss), "
@@ -344,13 +345,13 @@ COLUMNS = (
 )
 
 
-def _row(name: str, run: dict[str, Any] | None) -> dict[str, Any]:
+def _row(name: str, run: RunRecord | None) -> dict[str, Any]:
     from fedhf.analysis.report import summary_row
 
-    if run is None or run.get("status") != "complete":
-        return {"name": name, "status": (run or {}).get("status", "not run")}
+    if run is None or run.status != "complete":
+        return {"name": name, "status": run.status if run else "not run"}
     s = summary_row(run)
-    audit = run.get("audit") or {}
+    audit = run.audit or {}
     row = {
         "name": name,
         "clients": s["clients"],
@@ -365,7 +366,7 @@ def _row(name: str, run: dict[str, Any] | None) -> dict[str, Any]:
         "audit_epsilon_lower_bound": audit.get("epsilon_lower_bound"),
         "status": "complete",
     }
-    for e in run.get("evaluations", []):
+    for e in run.evaluations:
         if list(e["data"]) == ["data.languages"]:
             row[f"f1_{e['data']['data.languages']}"] = e["macro_f1"]
     return row
@@ -374,7 +375,7 @@ def _row(name: str, run: dict[str, Any] | None) -> dict[str, Any]:
 def collect(group: Group, out: Path, smoke: bool) -> Path:
     """results.csv and results.md from the run folders (whatever has finished)."""
     rows = []
-    runs: dict[str, dict[str, Any]] = {}
+    runs: dict[str, RunRecord] = {}
     for run in group.selected(smoke):
         store = RunStore(out / run.name)
         data = store.read() if store.exists() else None
@@ -428,7 +429,7 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
 
 
 def group_plots(
-    group: Group, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], langs: list[str], folder: Path
+    group: Group, runs: dict[str, RunRecord], rows: list[dict[str, Any]], langs: list[str], folder: Path
 ) -> list[Path]:
     """The plots of a group's story: accuracy per round of every run; privacy-utility when a run has DP;
     bytes vs accuracy when the runs send different amounts; macro-F1 per language when measured."""
@@ -440,12 +441,13 @@ def group_plots(
         plot_runs_accuracy,
     )
 
-    done = [(name, run) for name, run in runs.items() if run.get("status") == "complete"]
+    done = [(name, run) for name, run in runs.items() if run.status == "complete"]
     if not done:
         return []
     out = [plot_runs_accuracy(done, folder / "accuracy_per_round.png")]
     if any(final_epsilon(run) != (None, None) for _, run in done):
-        out.append(plot_privacy_utility([dict(run, run_id=name) for name, run in done], folder / "privacy_utility.png"))
+        named = [dataclasses.replace(run, run_id=name) for name, run in done]
+        out.append(plot_privacy_utility(named, folder / "privacy_utility.png"))
     sizes = {r.get("bytes_up_per_client_round") for r in rows if r.get("status") == "complete"}
     if len(sizes) > 1:
         out.append(plot_bytes_accuracy(done, folder / "bytes_vs_accuracy.png"))

@@ -1,6 +1,6 @@
 """Plots of a run (and across runs), as PNG files. Matplotlib's object API only: no pyplot, no global state.
 
-Each function takes run.json dictionaries (``artifacts.load_run``) and writes one PNG;
+Each function takes run records (``fedhf.run.store.RunRecord``) and writes one PNG;
 it returns the path, or None when the run has nothing to draw (e.g. no DP: no epsilon plot).
 """
 
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 from matplotlib.figure import Figure
+
+from fedhf.run.store import RunRecord
 
 DPI = 110
 
@@ -23,25 +24,25 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def run_label(run: dict[str, Any]) -> str:
-    return str(run.get("run_id", "run"))
+def run_label(run: RunRecord) -> str:
+    return run.run_id
 
 
-def plot_metrics(run: dict[str, Any], path: Path) -> Path:
+def plot_metrics(run: RunRecord, path: Path) -> Path:
     """Central accuracy and macro-F1 (left) and losses (right) per round; round 0 is the untrained adapter."""
-    rounds = [r for r in run["rounds"] if r.get("eval_accuracy") is not None]
-    x = [r["round"] for r in rounds]
+    rounds = [r for r in run.rounds if r.eval_accuracy is not None]
+    x = [r.round for r in rounds]
     fig = Figure(figsize=(9, 3.4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(x, [r["eval_accuracy"] for r in rounds], marker="o", label="accuracy")
-    ax1.plot(x, [r["eval_f1"] for r in rounds], marker="s", linestyle="--", label="macro-F1")
-    local = [(r["round"], r["local_eval_accuracy"]) for r in rounds if r.get("local_eval_accuracy") is not None]
+    ax1.plot(x, [r.eval_accuracy for r in rounds], marker="o", label="accuracy")
+    ax1.plot(x, [r.eval_f1 for r in rounds], marker="s", linestyle="--", label="macro-F1")
+    local = [(r.round, r.local_eval_accuracy) for r in rounds if r.local_eval_accuracy is not None]
     if local:
         ax1.plot(*zip(*local, strict=True), marker=".", linestyle=":", label="clients' local accuracy")
     ax1.set(xlabel="round", ylabel="score", title="Central evaluation", ylim=(0, 1))
     ax1.legend(loc="lower right", fontsize=8)
-    ax2.plot(x, [r["eval_loss"] for r in rounds], marker="o", label="central eval loss")
-    train = [(r["round"], r["train_loss"]) for r in rounds if r.get("train_loss") is not None]
+    ax2.plot(x, [r.eval_loss for r in rounds], marker="o", label="central eval loss")
+    train = [(r.round, r.train_loss) for r in rounds if r.train_loss is not None]
     if train:
         ax2.plot(*zip(*train, strict=True), marker="s", linestyle="--", label="clients' train loss")
     ax2.set(xlabel="round", ylabel="cross-entropy", title="Loss")
@@ -49,18 +50,16 @@ def plot_metrics(run: dict[str, Any], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
-    fig.suptitle(
-        f"{run_label(run)}: {run['dataset'].get('name', '')}, {len(run.get('partitions', []))} clients", fontsize=10
-    )
+    name = run.dataset.name if run.dataset else ""
+    fig.suptitle(f"{run_label(run)}: {name}, {len(run.partitions)} clients", fontsize=10)
     return _save(fig, path)
 
 
-def plot_epsilon(run: dict[str, Any], path: Path) -> Path | None:
+def plot_epsilon(run: RunRecord, path: Path) -> Path | None:
     """Each client's cumulative sample-level epsilon after every round (dashed: its budget), and the
     client-level epsilon of the federation when that mode is on."""
-    privacy = run.get("privacy") or {}
-    clients = privacy.get("clients") or {}
-    cl = privacy.get("client_level") or {}
+    clients = run.privacy.clients if run.privacy else {}
+    cl = (run.privacy.client_level if run.privacy else None) or {}
     if not clients and not cl.get("rounds"):
         return None
     fig = Figure(figsize=(6.5, 3.6))
@@ -84,19 +83,19 @@ def plot_epsilon(run: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_label_heatmap(run: dict[str, Any], path: Path) -> Path | None:
+def plot_label_heatmap(run: RunRecord, path: Path) -> Path | None:
     """Share of each label in each client's training rows (numbers: rows)."""
-    parts = [p for p in run.get("partitions") or [] if "label_histogram" in p]  # only the histograms shared
-    names = run["dataset"].get("label_names") or []
+    parts = [p for p in run.partitions if p.label_histogram is not None]  # only the histograms shared
+    names = run.dataset.label_names if run.dataset else []
     if not parts or not names:
         return None
-    counts = [p["label_histogram"] for p in parts]
+    counts = [p.label_histogram for p in parts]
     shares = [[c / max(sum(row), 1) for c in row] for row in counts]
     fig = Figure(figsize=(1.2 + 0.9 * len(names), 1.0 + 0.32 * len(parts)))
     ax = fig.subplots()
     im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ylabels = [f"{p['partition_id']}" + (f" ({p['natural_id']})" if p.get("natural_id") else "") for p in parts]
+    ylabels = [f"{p.partition_id}" + (f" ({p.natural_id})" if p.natural_id else "") for p in parts]
     ax.set_yticks(range(len(parts)), ylabels, fontsize=7)
     ax.set(xlabel="label", ylabel="client")
     if len(parts) * len(names) <= 300:
@@ -106,20 +105,19 @@ def plot_label_heatmap(run: dict[str, Any], path: Path) -> Path | None:
                     j, i, str(c), ha="center", va="center", fontsize=6, color="white" if shares[i][j] < 0.6 else "black"
                 )
     fig.colorbar(im, ax=ax, label="share of the client's rows")
-    ax.set_title(f"Label distribution ({run['config'].get('data.partitioner', '')})", fontsize=9)
+    ax.set_title(f"Label distribution ({run.config['data.partitioner']})", fontsize=9)
     return _save(fig, path)
 
 
-def final_epsilon(run: dict[str, Any]) -> tuple[float | None, float | None]:
+def final_epsilon(run: RunRecord) -> tuple[float | None, float | None]:
     """(max sample-level epsilon over clients, client-level epsilon); None where the mode is off."""
-    privacy = run.get("privacy") or {}
-    clients = privacy.get("clients") or {}
+    clients = run.privacy.clients if run.privacy else {}
     sample = max((c["epsilon"] for c in clients.values()), default=None) if clients else None
-    cl = privacy.get("client_level") or {}
+    cl = (run.privacy.client_level if run.privacy else None) or {}
     return sample, cl.get("epsilon") if cl.get("rounds") else None
 
 
-def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
+def plot_privacy_utility(runs: list[RunRecord], path: Path) -> Path:
     """Final central accuracy against the privacy guarantee, one point per run.
 
     Sample-level and client-level runs are separate series (their epsilons mean different
@@ -129,7 +127,7 @@ def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
     ax = fig.subplots()
     sample, client, none = [], [], []
     for run in runs:
-        acc = run["final"]["eval_accuracy"]
+        acc = run.final.eval_accuracy
         eps_s, eps_c = final_epsilon(run)
         if eps_s is not None:
             sample.append((eps_s, acc, run_label(run)))
@@ -156,7 +154,7 @@ def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
     ax.set(
         xlabel="ε (lower = more private)" + (", log scale" if log_x else ""),
         ylabel="central accuracy",
-        title=f"Privacy–utility ({runs[0]['dataset'].get('name', '')})",
+        title=f"Privacy–utility ({runs[0].dataset.name})",
     )
     ax.grid(alpha=0.3)
     if sample or client:
@@ -164,7 +162,7 @@ def plot_privacy_utility(runs: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def run_plots(run: dict[str, Any], folder: Path) -> list[Path]:
+def run_plots(run: RunRecord, folder: Path) -> list[Path]:
     """The per-run plots (metrics, epsilon, label distribution) in ``folder``; returns those written."""
     out = [
         plot_metrics(run, folder / "metrics.png"),
@@ -174,12 +172,12 @@ def run_plots(run: dict[str, Any], folder: Path) -> list[Path]:
     return [p for p in out if p is not None]
 
 
-def plot_runs_accuracy(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
-    """Central accuracy per round of several runs on one axis (name, run.json)."""
+def plot_runs_accuracy(runs: list[tuple[str, RunRecord]], path: Path) -> Path:
+    """Central accuracy per round of several runs on one axis (name, record)."""
     fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.subplots()
     for name, run in runs:
-        pts = [(r["round"], r["eval_accuracy"]) for r in run["rounds"] if r.get("eval_accuracy") is not None]
+        pts = [(r.round, r.eval_accuracy) for r in run.rounds if r.eval_accuracy is not None]
         ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
     ax.set(xlabel="round", ylabel="central accuracy", title="Central accuracy per round")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -188,14 +186,14 @@ def plot_runs_accuracy(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Pa
     return _save(fig, path)
 
 
-def plot_bytes_accuracy(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
+def plot_bytes_accuracy(runs: list[tuple[str, RunRecord]], path: Path) -> Path:
     """Final central accuracy against the adapter bytes one client sends per round."""
     fig = Figure(figsize=(6.0, 3.6), layout="constrained")
     ax = fig.subplots()
     for name, run in runs:
-        ups = [r["bytes_up"] for r in run["rounds"] if r["round"] > 0 and r.get("bytes_up")]
+        ups = [r.bytes_up for r in run.trained_rounds if r.bytes_up]
         if ups:
-            x, y = sum(ups) / len(ups) / 1e3, run["final"]["eval_accuracy"]
+            x, y = sum(ups) / len(ups) / 1e3, run.final.eval_accuracy
             ax.plot([x], [y], marker="o")
             ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="kB sent per client per round", ylabel="central accuracy", title="Communication vs accuracy")

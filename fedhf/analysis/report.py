@@ -12,40 +12,39 @@ from typing import Any
 from fedhf.analysis.plots import final_epsilon, plot_privacy_utility, run_plots
 from fedhf.errors import FedHFRunError
 from fedhf.release.card import client_ids
-from fedhf.run.store import load_finished_run
+from fedhf.run.store import RunRecord, load_finished_run
 
 
-def dataset_key(run: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+def dataset_key(run: RunRecord) -> tuple[str, tuple[str, ...]]:
     """What makes two runs comparable on one axis: the dataset and its label set."""
-    ds = run["dataset"]
-    return str(ds.get("preset") or ds.get("name")), tuple(ds.get("label_names") or ())
+    return str(run.dataset.preset or run.dataset.name), tuple(run.dataset.label_names)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def summary_row(run: dict[str, Any]) -> dict[str, Any]:
+def summary_row(run: RunRecord) -> dict[str, Any]:
     """The facts of a run that a results table compares."""
-    cfg = run["config"]
+    cfg = run.config
     eps_s, eps_c = final_epsilon(run)
-    rounds = [r for r in run["rounds"] if r["round"] > 0]
-    ups = [r["bytes_up"] for r in rounds if r.get("bytes_up")]
-    audit = run.get("audit") or {}
+    rounds = run.trained_rounds
+    ups = [r.bytes_up for r in rounds if r.bytes_up]
+    audit = run.audit or {}
     return {
-        "run": run["run_id"],
+        "run": run.run_id,
         "dataset": dataset_key(run)[0],
         "clients": len(client_ids(run)),
-        "partitioner": cfg.get("data.partitioner"),
+        "partitioner": cfg["data.partitioner"],
         "rounds": len(rounds),
-        "strategy": cfg.get("strategy.name"),
-        "privacy": cfg.get("privacy.mode"),
+        "strategy": cfg["strategy.name"],
+        "privacy": cfg["privacy.mode"],
         "epsilon_sample_max": eps_s,
         "epsilon_client": eps_c,
-        "accuracy": run["final"]["eval_accuracy"],
-        "macro_f1": run["final"]["eval_f1"],
+        "accuracy": run.final.eval_accuracy,
+        "macro_f1": run.final.eval_f1,
         "bytes_up_per_client_round": int(sum(ups) / len(ups)) if ups else None,
-        "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in rounds), 1),
+        "wall_seconds": round(sum(r.wall_seconds or 0 for r in rounds), 1),
         "audit_auc": (audit.get("loss") or {}).get("auc"),
     }
 
@@ -57,7 +56,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
     runs = [load_finished_run(d, "report") for d in run_dirs]
     keys = {dataset_key(r) for r in runs}
     if privacy_utility and len(runs) > 1 and len(keys) > 1:
-        listing = ", ".join(f"{r['_dir']}: {dataset_key(r)[0]}" for r in runs)
+        listing = ", ".join(f"{d}: {dataset_key(r)[0]}" for d, r in zip(run_dirs, runs, strict=True))
         raise FedHFRunError(
             f"report: the runs use different datasets ({listing}); a privacy–utility plot compares runs on one "
             "dataset. Report each dataset's runs separately, or pass --no-privacy-utility."
@@ -92,21 +91,20 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
             "",
         ]
     used: set[str] = set()
-    for run in runs:
-        name = run["run_id"]
+    for run_dir, run in zip(run_dirs, runs, strict=True):
+        name = run.run_id
         sub = name if name not in used else f"{name}-{len(used)}"
         used.add(sub)
         plots = run_plots(run, out / sub)
         lines += [
             f"## {name}",
             "",
-            f"Folder: `{run['_dir']}`. Status {run['status']}, finished {run.get('finished')}.",
+            f"Folder: `{run_dir}`. Status {run.status}, finished {run.finished}.",
             "",
         ]
         lines += [f"![{p.stem}]({sub}/{p.name})" for p in plots]
-        audit = run.get("audit")
-        if audit:
-            lines += ["", audit_summary(audit)]
+        if run.audit:
+            lines += ["", audit_summary(run.audit)]
         lines.append("")
     md = out / "report.md"
     md.write_text("\n".join(lines))

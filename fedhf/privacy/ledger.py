@@ -1,4 +1,5 @@
-"""The privacy ledger of a run: its arithmetic (pure functions over plain dicts) and its table. No Flower.
+"""The privacy ledger of a run: its part of the run record, its arithmetic (pure functions over the entries, which
+are plain maps) and its table. No Flower.
 
 A ledger entry is one client's sample-level spend in a run, built from what it reports each round
 (``ledger_entry``) and from its own saved accountant when that holds more (``with_saved_spend``).
@@ -13,26 +14,54 @@ Opacus is imported only to compute an epsilon (``fedhf.privacy.dp.epsilon_of``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
+
+# The run record (fedhf.run.store) leaves a field with this metadata out of run.json while it is empty.
+OPTIONAL = {"omit_empty": True}
 
 SAMPLE = "sample-level (per example)"
 CLIENT = "client-level (per participant)"
 
 
-def ledger_table(run: dict[str, Any]) -> str:
+@dataclass
+class Privacy:
+    """The run's privacy as stated at its start, and the ledgers its rounds filled in."""
+
+    mode: str
+    rng: str | None = field(default=None, metadata=OPTIONAL)
+    secure_rng: bool | None = field(default=None, metadata=OPTIONAL)
+    label: str | None = field(default=None, metadata=OPTIONAL)
+    accountant: str | None = field(default=None, metadata=OPTIONAL)
+    target_epsilon: float | None = field(default=None, metadata=OPTIONAL)
+    grad_sample_mode: str | None = field(default=None, metadata=OPTIONAL)
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample-level ledger entries, by partition id
+    client_level: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # the account and its rounds
+
+
+@dataclass
+class RoundPrivacy:
+    """A round's privacy figures: the sample-level spend over clients and the client-level epsilon, side by side."""
+
+    sample_level_epsilon: dict[str, float] | None = field(default=None, metadata=OPTIONAL)
+    sample_level_epsilon_max: float | None = field(default=None, metadata=OPTIONAL)
+    sample_level_epsilon_mean: float | None = field(default=None, metadata=OPTIONAL)
+    exhausted: list[int] | None = field(default=None, metadata=OPTIONAL)
+    client_level_epsilon: float | None = field(default=None, metadata=OPTIONAL)
+    client_level_epsilon_no_amplification: float | None = field(default=None, metadata=OPTIONAL)
+
+
+def ledger_table(privacy: Privacy | None) -> str:
     """Per client: epsilon after each round it was asked to train, delta, sigma, C, q, steps, budget, status."""
-    privacy = run.get("privacy")
-    if not privacy or privacy.get("mode", "none") == "none":
+    if privacy is None or privacy.mode == "none":
         return "privacy: none (this run has no differential-privacy guarantee)"
     lines: list[str] = []
-    clients = privacy.get("clients", {})
-    if clients:
-        lines += _sample_table(privacy, clients)
-    cl = privacy.get("client_level")
-    if cl:
-        lines += _client_level_lines(cl)
-    if privacy.get("rng"):
-        lines.append(f"note: {privacy['rng']}")
+    if privacy.clients:
+        lines += _sample_table(privacy)
+    if privacy.client_level:
+        lines += _client_level_lines(privacy.client_level)
+    if privacy.rng:
+        lines.append(f"note: {privacy.rng}")
     return "\n".join(lines)
 
 
@@ -56,12 +85,11 @@ def _client_level_lines(cl: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _sample_table(privacy: dict[str, Any], clients: dict[str, Any]) -> list[str]:
+def _sample_table(privacy: Privacy) -> list[str]:
+    clients = privacy.clients
     rounds = sorted({r["round"] for e in clients.values() for r in e["rounds"]})
-    lines = [
-        f"privacy ledger: {privacy['label']}, accountant {privacy['accountant']}"
-        + (f", sigma planned for target epsilon {privacy['target_epsilon']:g}" if privacy.get("target_epsilon") else "")
-    ]
+    planned = f", sigma planned for target epsilon {privacy.target_epsilon:g}" if privacy.target_epsilon else ""
+    lines = [f"privacy ledger: {privacy.label}, accountant {privacy.accountant}{planned}"]
     head = (
         f"{'client':>6}  "
         + "  ".join(f"{'eps r' + str(r):>8}" for r in rounds)
@@ -95,23 +123,22 @@ def _sample_table(privacy: dict[str, Any], clients: dict[str, Any]) -> list[str]
     return lines
 
 
-def privacy_line(row: dict[str, Any]) -> str | None:
+def privacy_line(server_round: int, p: RoundPrivacy | None) -> str | None:
     """One console line per round; the two guarantees side by side, never combined."""
-    p = row.get("privacy")
-    if not p:
+    if p is None:
         return None
     parts = []
-    if "sample_level_epsilon_max" in p:
-        ex = f", budget exhausted: clients {p['exhausted']}" if p["exhausted"] else ""
+    if p.sample_level_epsilon_max is not None:
+        ex = f", budget exhausted: clients {p.exhausted}" if p.exhausted else ""
         parts.append(
-            f"{SAMPLE} epsilon max {p['sample_level_epsilon_max']:.3f}, mean {p['sample_level_epsilon_mean']:.3f}{ex}"
+            f"{SAMPLE} epsilon max {p.sample_level_epsilon_max:.3f}, mean {p.sample_level_epsilon_mean:.3f}{ex}"
         )
-    if "client_level_epsilon" in p:
+    if p.client_level_epsilon is not None:
         parts.append(
-            f"{CLIENT} epsilon {p['client_level_epsilon']:.3f} ({p['client_level_epsilon_no_amplification']:.3f} "
+            f"{CLIENT} epsilon {p.client_level_epsilon:.3f} ({p.client_level_epsilon_no_amplification:.3f} "
             f"without sampling amplification)"
         )
-    return f"[fedhf] privacy after round {row['round']}: " + "; ".join(parts)
+    return f"[fedhf] privacy after round {server_round}: " + "; ".join(parts) if parts else None
 
 
 def reported_floor(report: dict[str, Any]) -> float:

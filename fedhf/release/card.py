@@ -7,6 +7,7 @@ privacy guarantee, and ``provenance.json``. Pushing (``fedhf.release.hub``) only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from fedhf import __version__
 from fedhf.federation.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
 from fedhf.privacy.policy import SHAREABLE
+from fedhf.run.store import Partition, RunRecord, as_json
 from fedhf.tasks.base import get_task
 
 AFRISENTI_ISO = {
@@ -50,19 +52,19 @@ ADAPTER_FILES = (
 )
 
 
-def display_name(run: dict[str, Any]) -> str:
+def display_name(run: RunRecord) -> str:
     """The dataset's name for a card: the preset or Hub id; local files are not named by their (maybe absolute) path."""
-    ds = run["dataset"]
-    src = ds.get("source", {})
-    if ds.get("preset"):
-        return ds["preset"]
+    ds = run.dataset
+    src = ds.source
+    if ds.preset:
+        return ds.preset
     if src.get("kind") == "hub":
         return src["hub_id"]
     return "local files (see provenance.json for their sha256)"
 
 
-def _data_license(run: dict[str, Any]) -> str:
-    return run["dataset"].get("license") or "unknown"
+def _data_license(run: RunRecord) -> str:
+    return run.dataset.license or "unknown"
 
 
 def combined_license(model_license: str, data_license: str) -> tuple[str, str | None]:
@@ -95,30 +97,29 @@ _TRANSPORT_TEXT = {
 }
 
 
-def _reliability_text(run: dict[str, Any]) -> str:
+def _reliability_text(run: RunRecord) -> str:
     """Client failures, rejected updates and resumes over the run (every reply was checked by the server)."""
-    rounds = run["rounds"][1:]
-    failed = sum(len(r.get("failures", [])) for r in rounds)
-    rejected = sum(len(r.get("rejected", [])) for r in rounds)
-    resumes = len(run.get("resumes", []))
+    rounds = run.trained_rounds
+    failed = sum(len(r.failures) for r in rounds)
+    rejected = sum(len(r.rejected) for r in rounds)
+    resumes = len(run.resumes)
     parts = [
         f"{failed} client failure(s) (error or timeout)",
         f"{rejected} update(s) rejected by the server's checks "
-        f"(names, shapes, dtypes, finite values, update norm <= {run['config'].get('strategy.max-update-norm', '-')})",
+        f"(names, shapes, dtypes, finite values, update norm <= {run.config['strategy.max-update-norm']})",
     ]
     if resumes:
         parts.append(f"resumed {resumes} time(s) from a checkpoint")
-    refusals = run.get("refusals", [])
+    refusals = run.refusals
     if refusals:
-        rules = sorted({r["rule"] for r in refusals})
+        rules = sorted({r.rule for r in refusals})
         parts.append(f"{len(refusals)} round(s) refused by a node's own policy ({', '.join(rules)})")
     return "; ".join(parts)
 
 
 def _optimizer_text(cfg: dict[str, Any]) -> str:
-    name = cfg.get("train.optimizer", "adamw")  # runs from before train.optimizer existed used AdamW
-    if name == "sgd":
-        return f"SGD lr {cfg['train.lr']}, momentum {cfg.get('train.momentum', 0.0)}"
+    if cfg["train.optimizer"] == "sgd":
+        return f"SGD lr {cfg['train.lr']}, momentum {cfg['train.momentum']}"
     return f"AdamW lr {cfg['train.lr']}"
 
 
@@ -138,15 +139,15 @@ def base_model_license(name: str, resolved: str | None = None) -> str:
     return "unknown"
 
 
-def provenance(run: dict[str, Any]) -> dict[str, Any]:
+def provenance(run: RunRecord) -> dict[str, Any]:
     """Where the model came from: data identity, partitions, seeds, config hash, versions. No paths, no hosts."""
-    src = run["dataset"].get("source", {})
+    src = run.dataset.source
     data: dict[str, Any] = {
-        "name": run["dataset"]["name"],
-        "preset": run["dataset"].get("preset"),
+        "name": run.dataset.name,
+        "preset": run.dataset.preset,
         "hub_id": src.get("hub_id"),
         "revision": src.get("revision"),
-        "label_names": run["dataset"]["label_names"],
+        "label_names": run.dataset.label_names,
         "text_column": src.get("text_column"),
         "label_column": src.get("label_column"),
     }
@@ -160,81 +161,78 @@ def provenance(run: dict[str, Any]) -> dict[str, Any]:
     data["name"] = display_name(run)  # never the configured path, which may be absolute
     return {
         "fedhf_version": __version__,
-        "git_commit": run.get("git_commit"),
-        "run_id": run["run_id"],
-        "config_sha256": run["config_sha256"],
-        "seeds": run["seeds"],
-        "versions": run["versions"],
+        "git_commit": run.git_commit,
+        "run_id": run.run_id,
+        "config_sha256": run.config_sha256,
+        "seeds": as_json(run.seeds),
+        "versions": run.versions,
         "dataset": data,
-        "partitions": published_partitions(run),
+        "partitions": [as_json(p) for p in published_partitions(run)],
         "model": {
             "base_model": published_base_model(run),
-            "trainable_params": run["model"]["trainable_params"],
-            "total_params": run["model"]["total_params"],
+            "trainable_params": run.model.trainable_params,
+            "total_params": run.model.total_params,
         },
     }
 
 
-def published_base_model(run: dict[str, Any]) -> str | None:
+def published_base_model(run: RunRecord) -> str | None:
     """The base model's Hub id as it may be published; None for a local folder whose Hub id was not given."""
-    cfg = run["config"]
+    cfg = run.config
     name = str(cfg["model.name"])
-    local = run["model"].get("base_is_local_folder")
+    local = run.model.base_is_local_folder
     if local is None:  # runs from before this was recorded: a path-like name is a local folder
         local = name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir()
-    return (str(cfg.get("model.hub-id") or "") or None) if local else name
+    return (str(cfg["model.hub-id"] or "") or None) if local else name
 
 
-def dp_run(run: dict[str, Any]) -> bool:
-    return run.get("privacy", {}).get("mode", "none") != "none"
-
-
-def shared_by(run: dict[str, Any], pid: int | str) -> set[str]:
+def shared_by(run: RunRecord, pid: int | str) -> set[str]:
     """What client ``pid`` shared besides its update: as it said in its replies; without DP, everything by default."""
-    said = run.get("shared", {}).get(str(pid))
+    said = run.shared.get(str(pid))
     if said is not None:
         return set(said)
-    return set() if dp_run(run) else set(SHAREABLE)
+    return set() if run.dp else set(SHAREABLE)
 
 
-def published_partitions(run: dict[str, Any]) -> list[dict[str, Any]]:
+def published_partitions(run: RunRecord) -> list[Partition]:
     """Per-client sizes and label histograms, each only where that client shared it."""
     out = []
-    for p in run["partitions"]:
-        shared = shared_by(run, p["partition_id"])
-        row = {"partition_id": p["partition_id"]}
-        if "num-examples" in shared and "train_examples" in p:
-            row["train_examples"] = p["train_examples"]
-        if "label-histogram" in shared and "label_histogram" in p:
-            row["label_histogram"] = p["label_histogram"]
-        if "natural_id" in p:
-            row["natural_id"] = p["natural_id"]
-        out.append(row)
+    for p in run.partitions:
+        shared = shared_by(run, p.partition_id)
+        out.append(
+            Partition(
+                partition_id=p.partition_id,
+                train_examples=p.train_examples if "num-examples" in shared else None,
+                label_histogram=p.label_histogram if "label-histogram" in shared else None,
+                natural_id=p.natural_id,
+            )
+        )
     return out
 
 
-def published_view(run: dict[str, Any]) -> dict[str, Any]:
+def published_view(run: RunRecord) -> RunRecord:
     """The run record as the card, provenance and plots may show it: per-client figures only where shared."""
-    return {**run, "partitions": published_partitions(run)}
+    return dataclasses.replace(run, partitions=published_partitions(run))
 
 
-def client_ids(run: dict[str, Any]) -> list[int]:
-    ids = {int(p["partition_id"]) for p in run["partitions"]}
-    for r in run["rounds"]:
-        ids |= {int(c["partition_id"]) for c in r.get("clients", []) if "partition_id" in c}
-    ids |= {int(pid) for pid in run.get("privacy", {}).get("clients", {})}
+def client_ids(run: RunRecord) -> list[int]:
+    ids = {p.partition_id for p in run.partitions}
+    for r in run.rounds:
+        ids |= {int(c["partition_id"]) for c in r.clients if "partition_id" in c}
+    if run.privacy is not None:
+        ids |= {int(pid) for pid in run.privacy.clients}
     return sorted(ids)
 
 
-def _privacy_section(run: dict[str, Any]) -> str:
-    p = run.get("privacy")
-    if not p or p.get("mode", "none") == "none":
+def _privacy_section(run: RunRecord) -> str:
+    p = run.privacy
+    if p is None or p.mode == "none":
         return (
             "**No differential privacy.** The clients' raw data never left them, but the adapter and every update "
             "were trained without a formal privacy guarantee: they can memorise and reveal training examples.\n"
         )
     out = []
-    clients = p.get("clients", {})
+    clients = p.clients
     if clients:
         eps = [e["epsilon"] for e in clients.values()]
         deltas = [e["delta"] for e in clients.values()]
@@ -243,9 +241,9 @@ def _privacy_section(run: dict[str, Any]) -> str:
         out.append(
             "| guarantee | ε (max over clients) | ε (mean) | δ (max) | σ | C | accountant |\n"
             "|---|---|---|---|---|---|---|\n"
-            f"| {p['label']} | {max(eps):.3f} | {sum(eps) / len(eps):.3f} | {max(deltas):.2e} | "
+            f"| {p.label} | {max(eps):.3f} | {sum(eps) / len(eps):.3f} | {max(deltas):.2e} | "
             f"{', '.join(f'{s:g}' for s in sig)} | {next(iter(clients.values()))['max_grad_norm']:g} | "
-            f"{p['accountant']} |"
+            f"{p.accountant} |"
         )
         out.append(
             "\n**What the sample-level guarantee means.** Each client trained with DP-SGD (Opacus): per-example "
@@ -267,7 +265,7 @@ def _privacy_section(run: dict[str, Any]) -> str:
                 + ", ".join(f"client {pid} ε {v:.3f}" for pid, v in sorted(lifetime.items(), key=lambda x: int(x[0])))
                 + " (lifetime, at the smallest δ any run on that data used)."
             )
-    cl = p.get("client_level")
+    cl = p.client_level
     if cl:
         out.append(
             "\n| guarantee | ε (with sampling amplification) | ε (no amplification) | δ | σ (effective) | clipping |\n"
@@ -288,18 +286,18 @@ def _privacy_section(run: dict[str, Any]) -> str:
         if verdict:
             out.append("\n" + verdict)
     out.append("\n" + disclosure_text(run))
-    out.append(f"\nRandomness: {p.get('rng', '')}")
+    out.append(f"\nRandomness: {p.rng or ''}")
     return "\n".join(out) + "\n"
 
 
-def _rows_text(run: dict[str, Any]) -> str:
+def _rows_text(run: RunRecord) -> str:
     rows = published_partitions(run)
     if not rows:
         return "not shared"
-    return ", ".join(str(p["train_examples"]) if "train_examples" in p else "not shared" for p in rows)
+    return ", ".join("not shared" if p.train_examples is None else str(p.train_examples) for p in rows)
 
 
-def disclosure_text(run: dict[str, Any]) -> str:
+def disclosure_text(run: RunRecord) -> str:
     """What each sample-level DP client sent, field by field: covered, accounting, bookkeeping, shared by its owner."""
 
     def names(fields: dict[str, str]) -> str:
@@ -316,7 +314,7 @@ def disclosure_text(run: dict[str, Any]) -> str:
         + ". A reply's arrival time is visible to the server. Per-client figures in this card and in "
         "provenance.json are those the clients shared."
     )
-    if not run.get("privacy", {}).get("clients"):  # client-level only: the server saw each update before noise
+    if run.privacy is None or not run.privacy.clients:  # client-level only: the server saw each update before noise
         return (
             "**What each client sent to the server.** Its update and the bookkeeping fields "
             + names(BOOKKEEPING)
@@ -350,8 +348,8 @@ def client_level_verdict(cl: dict[str, Any], num_clients: int) -> str | None:
     return None
 
 
-def _secure_aggregation_section(run: dict[str, Any]) -> str:
-    sa = run.get("secure_aggregation")
+def _secure_aggregation_section(run: RunRecord) -> str:
+    sa = run.secure_aggregation
     if not sa:
         return (
             "**Off.** The server received each client's adapter update in the clear (over TLS in a deployment) "
@@ -387,8 +385,8 @@ privacy: the average itself can still reveal information unless DP is on (see Pr
 """
 
 
-def _audit_section(run: dict[str, Any]) -> str:
-    audit = run.get("audit")
+def _audit_section(run: RunRecord) -> str:
+    audit = run.audit
     if not audit:
         return (
             "Not audited. `fedhf audit RUN_DIR` runs a membership-inference attack on this adapter and adds its "
@@ -417,43 +415,38 @@ def _audit_section(run: dict[str, Any]) -> str:
     )
 
 
-def _rounds_table(run: dict[str, Any]) -> str:
+def _rounds_table(run: RunRecord) -> str:
     rows = [
         "| round | train loss | eval loss | eval accuracy | eval macro-F1 | clients trained |",
         "|---|---|---|---|---|---|",
     ]
-    for r in run["rounds"]:
-        tl = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
-        trained = (
-            "-" if r["round"] == 0 else str(sum(c.get("status", "trained") == "trained" for c in r.get("clients", [])))
-        )
-        rows.append(
-            f"| {r['round']} | {tl} | {r['eval_loss']:.4f} | {r['eval_accuracy']:.4f} | {r['eval_f1']:.4f} | "
-            f"{trained} |"
-        )
+    for r in run.rounds:
+        tl = "-" if r.train_loss is None else f"{r.train_loss:.4f}"
+        trained = "-" if r.round == 0 else str(len(r.trained))
+        rows.append(f"| {r.round} | {tl} | {r.eval_loss:.4f} | {r.eval_accuracy:.4f} | {r.eval_f1:.4f} | {trained} |")
     return "\n".join(rows) + "\n"
 
 
-def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
-    cfg = run["config"]
-    task = get_task(cfg.get("model.task", "text-classification"))  # runs from before model.task classified text
-    ds = run["dataset"]
+def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str, ...] = ()) -> ModelCard:
+    """The card of a finished run; ``plots``: the names of the PNGs in the Hub folder's plots/ to show."""
+    cfg = run.config
+    task = get_task(cfg["model.task"])
+    ds = run.dataset
     data_license = _data_license(run)
     license_id, license_note = combined_license(model_license, data_license)
-    src = ds.get("source", {})
+    src = ds.source
     hub_id = src.get("hub_id")
     languages = ["en"]
-    if ds.get("preset") == "afrisenti":
+    if ds.preset == "afrisenti":
         languages = [AFRISENTI_ISO[lang] for lang in src.get("languages", [])]
-    elif not ds.get("preset"):
+    elif not ds.preset:
         languages = None
-    privacy = run.get("privacy", {})
     tags = ["federated-learning", "flower", "lora", "peft", "text-classification"]
-    if privacy.get("mode", "none") != "none":
+    if run.dp:
         tags.append("differential-privacy")
-    if privacy.get("clients"):
+    if run.privacy is not None and run.privacy.clients:
         tags.append("opacus")
-    final = run["final"]
+    final = run.final
     eval_name = display_name(run)
     results = [
         EvalResult(
@@ -464,9 +457,9 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
             dataset_revision=src.get("revision"),
             metric_type=metric,
             metric_name=name,
-            metric_value=float(final[key]),
+            metric_value=float(value),
         )
-        for metric, name, key in (("accuracy", "Accuracy", "eval_accuracy"), ("f1", "Macro F1", "eval_f1"))
+        for metric, name, value in (("accuracy", "Accuracy", final.eval_accuracy), ("f1", "Macro F1", final.eval_f1))
     ]
     data = ModelCardData(
         base_model=published_base_model(run),
@@ -478,7 +471,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
         license_name="research-and-non-commercial-only" if license_id == "other" else None,
         tags=tags,
         metrics=["accuracy", "f1"],
-        model_name=f"fedhf-{run['run_id']}",
+        model_name=f"fedhf-{run.run_id}",
         eval_results=results,
     )
     n_clients = len(client_ids(run))
@@ -494,17 +487,16 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
         "natural": f"one client per value of '{natural_column}'",
         "iid": "equal random shares",
     }[part]
-    label_names = ds["label_names"]
-    plots = sorted(p.name for p in (Path(run.get("_dir", ".")) / "plots").glob("*.png")) if run.get("_dir") else []
-    stopped = run.get("stopped_early")
-    pooling = cfg.get("model.pooling", "cls")  # runs from before model.pooling existed are cls
+    label_names = ds.label_names
+    stopped = run.stopped_early
+    pooling = cfg["model.pooling"]
     base_text = (
         f"[`{base_model}`](https://huggingface.co/{base_model})"
         if base_model
         else "a base model loaded from a local folder (its Hub id was not given: set model.hub-id when training, "
         "or name it in adapter_config.json's base_model_name_or_path)"
     )
-    stopped_text = f" (stopped early: {stopped['reason']})" if stopped else ""
+    stopped_text = f" (stopped early: {stopped.reason})" if stopped else ""
     local_training = (
         f"{cfg['train.local-epochs']} epoch(s) per round, batch {cfg['train.batch-size']}, {_optimizer_text(cfg)}"
     )
@@ -514,7 +506,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
     )
     privacy_note = (
         "The adapter was trained without differential privacy and may reveal training examples."
-        if privacy.get("mode", "none") == "none"
+        if not run.dp
         else "Privacy guarantees hold only as stated above."
     )
     hub_link = f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""
@@ -525,7 +517,7 @@ def model_card(run: dict[str, Any], model_license: str) -> ModelCard:
 A LoRA adapter for {base_text} fine-tuned for
 {task.describe(label_names)} by **federated learning** with
 fedhf {__version__} on [Flower](https://flower.ai): {n_clients} clients trained
-on their own data, which never left them; only adapter updates ({run["model"]["adapter_bytes"]:,} bytes each) were
+on their own data, which never left them; only adapter updates ({run.model.adapter_bytes:,} bytes each) were
 exchanged.
 
 ## Federation
@@ -533,14 +525,14 @@ exchanged.
 | | |
 |---|---|
 | clients | {n_clients} |
-| rounds | {len(run["rounds"]) - 1} of {cfg["num-server-rounds"]}{stopped_text} |
+| rounds | {len(run.trained_rounds)} of {cfg["num-server-rounds"]}{stopped_text} |
 | strategy | {cfg["strategy.name"]} |
 | fraction of clients per round | {cfg["strategy.fraction-train"]} |
 | partitioner | {part} ({part_params}) |
 | local training | {local_training} |
 | LoRA | {lora_text} |
 | head reads | {_POOLING_TEXT[pooling]} |
-| updates on the wire | {_TRANSPORT_TEXT[cfg.get("transport.dtype", "fp32")]} |
+| updates on the wire | {_TRANSPORT_TEXT[cfg["transport.dtype"]]} |
 | failures | {_reliability_text(run)} |
 | training rows per client | {_rows_text(run)} |
 | seed | {cfg["seed"]} |
@@ -556,7 +548,7 @@ exchanged.
 {_secure_aggregation_section(run)}
 ## Results
 
-Central evaluation of the global adapter by the server on {ds["central_eval_rows"]} rows of the evaluation split,
+Central evaluation of the global adapter by the server on {ds.central_eval_rows} rows of the evaluation split,
 before training (round 0) and after every round:
 
 {_rounds_table(run)}
@@ -574,14 +566,14 @@ Or `fedhf predict --model REPO_ID --text "an example sentence"`.
 Research on federated and private fine-tuning; {len(label_names)}-class classification of text like the training data
 ({eval_name}). Not evaluated for any other domain or language, for fairness across groups, or for deployment decisions.
 {privacy_note}
-Accuracy is measured on {ds["central_eval_rows"]} rows and carries sampling error.
+Accuracy is measured on {ds.central_eval_rows} rows and carries sampling error.
 
 ## Data, licences and citations
 
 - Data: {eval_name}{hub_link}, licence: {data_license}.
 - Base model licence: {model_license}. This adapter: **{adapter_license}**.
 {f"- {license_note}" if license_note else ""}
-{f"- Cite the data: {ds['citation']}" if ds.get("citation") else ""}
+{f"- Cite the data: {ds.citation}" if ds.citation else ""}
 - Provenance (data fingerprints, partition statistics, seeds, config hash, versions): `provenance.json`.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -590,7 +582,7 @@ Accuracy is measured on {ds["central_eval_rows"]} rows and carries sampling erro
 HUB_NAMES = frozenset(ADAPTER_FILES) | {"README.md", "provenance.json", "metrics.csv", "plots"}
 
 
-def build_hub_folder(run_dir: str | Path, run: dict[str, Any], model_license: str) -> Path:
+def build_hub_folder(run_dir: str | Path, run: RunRecord, model_license: str) -> Path:
     """Write run_dir/hub/ (adapter, tokenizer, README.md card, provenance.json): built aside, then swapped in.
 
     Only a folder fedhf created as a run folder is written to, and the old hub/ is removed only when it
@@ -621,11 +613,12 @@ def build_hub_folder(run_dir: str | Path, run: dict[str, Any], model_license: st
             shutil.copy2(adapter / name, tmp / name)
     _publishable_base(tmp, published_base_model(run))
     plots = run_dir / "plots"
+    pngs = sorted(plots.glob("*.png")) if plots.is_dir() else []
     if plots.is_dir():
         (tmp / "plots").mkdir()
-        for png in sorted(plots.glob("*.png")):
+        for png in pngs:
             shutil.copy2(png, tmp / "plots" / png.name)
-    card = model_card({**run, "_dir": str(run_dir)}, model_license)
+    card = model_card(run, model_license, [png.name for png in pngs])
     card.save(tmp / "README.md")
     (tmp / "provenance.json").write_text(json.dumps(provenance(run), indent=2) + "\n")
     if (run_dir / "metrics.csv").is_file():

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fedhf.errors import FedHFHubError, FedHFRunError
-from fedhf.run.store import RunStore
+from fedhf.run.store import RunRecord, RunStore
 
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "README.md", "fedhf.json")
 
@@ -36,7 +35,7 @@ class PushResult:
     dry_run: bool = False
 
 
-def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+def hub_folder(run_dir: str | Path) -> tuple[Path, RunRecord]:
     """The hub/ folder of a finished run, checked."""
     run_dir = Path(run_dir)
     store = RunStore(run_dir)
@@ -46,10 +45,8 @@ def hub_folder(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         run = store.read()
     except FedHFRunError as exc:
         raise FedHFHubError(f"{exc} There is nothing trustworthy to publish.") from None
-    if run.get("status") != "complete":
-        raise FedHFHubError(
-            f"'{run_dir}' is not a finished run (status '{run.get('status')}'); push only complete runs."
-        )
+    if run.status != "complete":
+        raise FedHFHubError(f"'{run_dir}' is not a finished run (status '{run.status}'); push only complete runs.")
     hub = run_dir / "hub"
     missing = [name for name in REQUIRED if not (hub / name).is_file()]
     if missing:
@@ -103,7 +100,7 @@ def push(
             folder_path=hub,
             revision=revision,
             create_pr=create_pr,
-            commit_message=f"fedhf run {run['run_id']}",
+            commit_message=f"fedhf run {run.run_id}",
             repo_type="model",
         )
     except HfHubHTTPError as exc:

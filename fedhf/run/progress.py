@@ -8,25 +8,23 @@ from typing import Any, TextIO
 from tqdm.auto import tqdm
 
 from fedhf.privacy.ledger import privacy_line
+from fedhf.run.store import Round
 
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def round_line(row: dict[str, Any], total: int) -> str:
-    if row["round"] == 0:
-        return (
-            f"[fedhf] round 0/{total}  central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  "
-            f"loss {row['eval_loss']:.4f} (initial adapter)"
-        )
-    loss = "train loss not shared" if row["train_loss"] is None else f"train loss {row['train_loss']:.4f}"
-    refused = f" ({len(row['refused'])} refused)" if row.get("refused") else ""
+def round_line(row: Round, total: int) -> str:
+    central = f"central acc {row.eval_accuracy:.4f}  f1 {row.eval_f1:.4f}  loss {row.eval_loss:.4f}"
+    if row.round == 0:
+        return f"[fedhf] round 0/{total}  {central} (initial adapter)"
+    loss = "train loss not shared" if row.train_loss is None else f"train loss {row.train_loss:.4f}"
+    refused = f" ({len(row.refused)} refused)" if row.refused else ""
     return (
-        f"[fedhf] round {row['round']}/{total}  {loss}  "
-        f"central acc {row['eval_accuracy']:.4f}  f1 {row['eval_f1']:.4f}  loss {row['eval_loss']:.4f}  "
-        f"clients {sum(c['status'] == 'trained' for c in row['clients'])}/{row['clients_sampled']}{refused}  "
-        f"up {_fmt(row['bytes_up'], ',d')} B/client  {row['wall_seconds']:.1f}s"
+        f"[fedhf] round {row.round}/{total}  {loss}  {central}  "
+        f"clients {len(row.trained)}/{row.clients_sampled}{refused}  "
+        f"up {_fmt(row.bytes_up, ',d')} B/client  {row.wall_seconds:.1f}s"
     )
 
 
@@ -55,13 +53,13 @@ class RoundProgress:
             leave=False,
         )
 
-    def round_done(self, row: dict[str, Any]) -> None:
+    def round_done(self, row: Round) -> None:
         self.write(round_line(row, self.total))
-        line = privacy_line(row)
+        line = privacy_line(row.round, row.privacy)
         if line:
             self.write(line)
-        if row["round"] > 0:
-            self.bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}")
+        if row.round > 0:
+            self.bar.set_postfix(acc=f"{row.eval_accuracy:.3f}")
             self.bar.update(1)
 
     def close(self) -> None:

@@ -32,7 +32,24 @@ from fedhf.privacy.ledger import (
     round_summary,
     with_saved_spend,
 )
-from fedhf.run.store import SCHEMA_VERSION, RunStore, snake_keys, upgrade
+from fedhf.run.store import (
+    Dataset,
+    Federation,
+    Final,
+    HubPush,
+    Model,
+    Partition,
+    Privacy,
+    Refusal,
+    Resume,
+    Round,
+    RoundPrivacy,
+    RunRecord,
+    RunStore,
+    Seeds,
+    StoppedEarly,
+    snake_keys,
+)
 
 log = logging.getLogger("fedhf")
 
@@ -108,13 +125,13 @@ def check_run_folder(run_dir: Path, what: str) -> dict[str, Any]:
 
 
 class RunRecorder:
-    """Collects what a run did, round by round, and writes it to the run folder."""
+    """Builds the run's :class:`RunRecord` round by round and writes it (and metrics.csv) to the run folder."""
 
     def __init__(
         self, cfg: FedHFConfig, run_dir: Path | None = None, *, resume_from: dict[str, Any] | None = None
     ) -> None:
         self.cfg = cfg
-        self._round: dict[str, Any] | None = None
+        self._round: Round | None = None
         self._round_start = 0.0
         if resume_from is not None:  # a resumed run: the record as its last checkpoint saw it
             if run_dir is None:
@@ -122,24 +139,19 @@ class RunRecorder:
             self.dir = run_dir
             try:  # how the interrupted attempt ended, as its run.json says ("running": it was killed)
                 before = RunStore(run_dir).read()
-                ended = {
-                    "status": before.get("status"),
-                    "error": before.get("error"),
-                    "last_round_recorded": max((r["round"] for r in before.get("rounds", [])), default=0),
+                ended: dict[str, Any] = {
+                    "status": before.status,
+                    "error": before.error,
+                    "last_round_recorded": max((r.round for r in before.rounds), default=0),
                 }
-            except (FedHFRunError, TypeError, KeyError):
+            except FedHFRunError:
                 ended = {"status": "unreadable run.json"}
-            self.data = upgrade(resume_from, "the checkpoint's run record")
-            self.run_id = str(self.data["run_id"])
-            last = self.data["rounds"][-1]["round"] if self.data["rounds"] else 0
-            self.data.update(status="running", finished=None)
-            self.data.pop("error", None)
-            self.data.setdefault("resumes", []).append(
-                {
-                    "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    "from_round": last,
-                    "interrupted_attempt": ended,
-                }
+            self.record = RunRecord.from_dict(resume_from, "the checkpoint's run record")
+            self.run_id = self.record.run_id
+            last = self.record.rounds[-1].round if self.record.rounds else 0
+            self.record.status, self.record.finished, self.record.error = "running", None, None
+            self.record.resumes.append(
+                Resume(at=_now(), from_round=last, interrupted_attempt=ended),
             )
             self.write()
             self.write_csv()
@@ -159,70 +171,46 @@ class RunRecorder:
         run_uid = secrets.token_hex(8)  # identifies this run to its checkpoints and clients' saved state
         atomic_write_json(self.dir / MARKER, {"run_uid": run_uid, "created_by": "fedhf"})
         flat = cfg.to_flat()
-        self.data: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "run_id": self.run_id,
-            "run_uid": run_uid,
-            "status": "running",
-            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "finished": None,
-            "config": flat,
-            "config_sha256": config_hash(flat),
-            "seeds": {
-                "seed": cfg.seed,
-                "partition": cfg.seed,
-                "model_init": cfg.seed,
-                "client_shuffle_and_dropout": "seed * 100003 + round * 1009 + partition-id",
-            },
-            "versions": package_versions(),
-            "git_commit": git_commit(),
-            "python": platform.python_version(),
-            "dataset": {},
-            "model": {},
-            "partitions": [],
-            "rounds": [],
-        }
+        self.record = RunRecord(
+            run_id=self.run_id,
+            run_uid=run_uid,
+            status="running",
+            started=_now(),
+            config=flat,
+            config_sha256=config_hash(flat),
+            seeds=Seeds(
+                seed=cfg.seed,
+                partition=cfg.seed,
+                model_init=cfg.seed,
+                client_shuffle_and_dropout="seed * 100003 + round * 1009 + partition-id",
+            ),
+            versions=package_versions(),
+            git_commit=git_commit(),
+            python=platform.python_version(),
+        )
         self.write()
 
     # ------------------------------------------------------------------ facts set at start
-    def set_dataset(self, info: dict[str, Any]) -> None:
-        self.data["dataset"] = info
+    def set_dataset(self, dataset: Dataset) -> None:
+        self.record.dataset = dataset
         self.write()
 
-    def set_model(self, info: dict[str, Any]) -> None:
-        self.data["model"] = info
+    def set_model(self, model: Model) -> None:
+        self.record.model = model
         self.write()
 
     def set_partitions(self, stats: list[dict[str, Any]]) -> None:
-        self.data["partitions"] = snake_keys(stats)
+        self.record.partitions = [Partition(**s) for s in snake_keys(stats)]
+        self.write()
+
+    def set_federation(self, federation: Federation) -> None:
+        self.record.federation = federation
         self.write()
 
     # ------------------------------------------------------------------ per round
     def start_round(self, server_round: int, bytes_down: int, num_sampled: int) -> None:
         self._round_start = time.perf_counter()
-        self._round = {
-            "round": server_round,
-            "train_loss": None,
-            "eval_loss": None,
-            "eval_accuracy": None,
-            "eval_f1": None,
-            "local_eval_loss": None,
-            "local_eval_accuracy": None,
-            "bytes_up": None,
-            "bytes_down": bytes_down,
-            "wall_seconds": None,
-            "central_eval_seconds": None,
-            "clients_sampled": num_sampled,
-            "client_train_seconds": {},
-            "client_handler_seconds": {},
-            "client_eval_seconds": [],
-            "clients": [],
-            "failures": [],
-        }
-
-    def set_federation(self, info: dict[str, Any]) -> None:
-        self.data["federation"] = info
-        self.write()
+        self._round = Round(round=server_round, bytes_down=bytes_down, clients_sampled=num_sampled)
 
     def train_replies(
         self,
@@ -235,141 +223,144 @@ class RunRecorder:
     ) -> None:
         """Record a round's screened replies (only fields each client's policy shared are present)."""
         r = self._require_round()
-        clients, failures = snake_keys(clients), snake_keys(failures)
-        rejected, refused = snake_keys(rejected or []), snake_keys(refused or [])
-        trained = [c for c in clients if c["status"] == "trained"]
-        r["clients"] = clients
-        r["failures"] = failures
-        r["rejected"] = rejected
-        r["refused"] = refused
-        r["weighting"] = weighting
-        r["client_train_seconds"] = {
+        r.clients, r.failures = snake_keys(clients), snake_keys(failures)
+        r.rejected, r.refused = snake_keys(rejected or []), snake_keys(refused or [])
+        r.weighting = weighting
+        trained = r.trained
+        r.client_train_seconds = {
             str(c["partition_id"]): round(c["train_seconds"], 3) for c in trained if "train_seconds" in c
         }
-        r["client_handler_seconds"] = {
+        r.client_handler_seconds = {
             str(c["partition_id"]): round(c["handler_seconds"], 3) for c in trained if "handler_seconds" in c
         }
         # The round's train loss only when every client that trained shared its loss and its count.
         if trained and all("train_loss" in c and "num_examples" in c for c in trained):
             n = sum(c["num_examples"] for c in trained)
             if n:
-                r["train_loss"] = sum(c["train_loss"] * c["num_examples"] for c in trained) / n
-        r["bytes_up"] = max((c["bytes_up"] for c in trained if "bytes_up" in c), default=None)
-        shared = self.data.setdefault("shared", {})
-        for c in clients:
+                r.train_loss = sum(c["train_loss"] * c["num_examples"] for c in trained) / n
+        r.bytes_up = max((c["bytes_up"] for c in trained if "bytes_up" in c), default=None)
+        for c in r.clients:
             if "shared" in c:
-                shared[str(c["partition_id"])] = c["shared"]
-        known = {s["partition_id"] for s in self.data["partitions"]}
+                self.record.shared[str(c["partition_id"])] = c["shared"]
+        # Clients report what they hold when their policy shares it; keep it when the server could not compute it.
+        known = {p.partition_id for p in self.record.partitions}
         new = [
-            {
-                "partition_id": c["partition_id"],
-                "train_examples": sum(c["label_histogram"]),
-                "label_histogram": c["label_histogram"],
-                "source": "client",
-            }
-            for c in clients
+            Partition(
+                partition_id=c["partition_id"],
+                train_examples=sum(c["label_histogram"]),
+                label_histogram=c["label_histogram"],
+                source="client",
+            )
+            for c in r.clients
             if c["partition_id"] not in known and "label_histogram" in c
         ]
-        if (
-            new
-        ):  # clients report what they hold when their policy shares it; keep it when the server could not compute it
-            self.data["partitions"] = sorted(self.data["partitions"] + new, key=lambda s: s["partition_id"])
-        if "privacy" in self.data:
-            self._privacy_round(r, clients)
-        if refused:  # kept at the run level too: a round that ends the run is not recorded as a round
-            self.data.setdefault("refusals", []).extend({"round": r["round"], **c} for c in refused)
+        if new:
+            self.record.partitions = sorted(self.record.partitions + new, key=lambda p: p.partition_id)
+        privacy = self.record.privacy
+        if privacy is not None:
+            self._privacy_round(r, privacy)
+        if r.refused:  # kept at the run level too: a round that ends the run is not recorded as a round
+            self.record.refusals.extend(Refusal(round=r.round, **c) for c in r.refused)
             self.write()
-        for c in refused:
-            if c["rule"] in ("max-epsilon", "privacy.max-epsilon") and "privacy" in self.data:
-                entry = self.data["privacy"]["clients"].get(str(c["partition_id"]))
-                if entry is not None and "stopped" not in entry:
-                    entry["stopped"] = {"round": r["round"], "reason": c["rule"], "text": c["reason"]}
-        if "privacy" in self.data and self.data["privacy"].get("clients"):
-            r.setdefault("privacy", {})["exhausted"] = sorted(
-                int(pid) for pid, e in self.data["privacy"]["clients"].items() if "stopped" in e
-            )
+        if privacy is not None:
+            for c in r.refused:
+                if c["rule"] in ("max-epsilon", "privacy.max-epsilon"):
+                    entry = privacy.clients.get(str(c["partition_id"]))
+                    if entry is not None and "stopped" not in entry:
+                        entry["stopped"] = {"round": r.round, "reason": c["rule"], "text": c["reason"]}
+            if privacy.clients:
+                self._round_privacy(r).exhausted = sorted(
+                    int(pid) for pid, e in privacy.clients.items() if "stopped" in e
+                )
 
     # ------------------------------------------------------------------ privacy ledger
     # The set_* methods below keep what earlier rounds recorded: a resumed run calls them again.
     def set_secure_aggregation(self, info: dict[str, Any]) -> None:
-        self.data["secure_aggregation"] = {
-            **snake_keys(info),
-            "rounds": self.data.get("secure_aggregation", {}).get("rounds", []),
-        }
+        before = self.record.secure_aggregation or {}
+        self.record.secure_aggregation = {**snake_keys(info), "rounds": before.get("rounds", [])}
         self.write()
 
     def secure_aggregation_round(self, info: dict[str, Any]) -> None:
-        self.data["secure_aggregation"]["rounds"].append(snake_keys(info))
+        if self.record.secure_aggregation is None:
+            raise RuntimeError("secure aggregation was not set up")  # a bug in the call order, not user input
+        self.record.secure_aggregation["rounds"].append(snake_keys(info))
         self.write()
 
     def set_privacy(self, info: dict[str, Any]) -> None:
-        self.data["privacy"] = {"clients": {}, **self.data.get("privacy", {}), **info}
+        """The run's privacy as stated at its start (``fedhf.privacy.dp.run_privacy_info``); a resumed run's ledgers
+        are kept."""
+        before = self.record.privacy
+        self.record.privacy = Privacy(
+            **info,
+            clients=before.clients if before else {},
+            client_level=before.client_level if before else None,
+        )
         self.write()
 
     def set_client_level(self, info: dict[str, Any]) -> None:
-        self.data["privacy"]["client_level"] = {**self.data["privacy"].get("client_level", {"rounds": []}), **info}
+        privacy = self._require_privacy()
+        privacy.client_level = {**(privacy.client_level or {"rounds": []}), **info}
         self.write()
 
     def client_level_round(self, info: dict[str, Any]) -> None:
         r = self._require_round()
-        cl = self.data["privacy"]["client_level"]
-        cl["rounds"].append({"round": r["round"], **info})
+        cl = self._require_privacy().client_level
+        if cl is None:
+            raise RuntimeError("client-level DP was not set up")  # a bug in the call order, not user input
+        cl["rounds"].append({"round": r.round, **info})
         cl["epsilon"] = info["epsilon"]
         cl["epsilon_no_amplification"] = info["epsilon_no_amplification"]
-        r.setdefault("privacy", {})
-        r["privacy"]["client_level_epsilon"] = info["epsilon"]
-        r["privacy"]["client_level_epsilon_no_amplification"] = info["epsilon_no_amplification"]
+        p = self._round_privacy(r)
+        p.client_level_epsilon = info["epsilon"]
+        p.client_level_epsilon_no_amplification = info["epsilon_no_amplification"]
 
-    def _privacy_round(self, r: dict[str, Any], clients: list[dict[str, Any]]) -> None:
-        ledger = self.data["privacy"]["clients"]
-        for c in clients:
+    @staticmethod
+    def _round_privacy(r: Round) -> RoundPrivacy:
+        if r.privacy is None:
+            r.privacy = RoundPrivacy()
+        return r.privacy
+
+    def _privacy_round(self, r: Round, privacy: Privacy) -> None:
+        ledger = privacy.clients
+        for c in r.clients:
             if c.get("privacy") is None:
                 continue
             pid = str(c["partition_id"])
-            entry, warnings = ledger_entry(ledger.get(pid), c["privacy"], r["round"], c["status"])
+            entry, warnings = ledger_entry(ledger.get(pid), c["privacy"], r.round, c["status"])
             ledger[pid] = entry
             for w in warnings:
                 log.warning("client %s: %s", pid, w)
         if ledger:  # sample-level DP in this run
-            r.setdefault("privacy", {}).update(round_summary(ledger))
+            for key, value in round_summary(ledger).items():
+                setattr(self._round_privacy(r), key, value)
 
     def saved_spend(self, pid: str, spend: dict[str, Any]) -> None:
         """A client's own saved accountant shows more steps than it reported (it trained in a round whose reply the
         server never used: a round cut off by a restart, or a reply that came too late). The ledger takes the
         client's figure: a spend is counted once it may have been released, never dropped."""
-        ledger = self.data["privacy"]["clients"]
+        ledger = self._require_privacy().clients
         ledger[pid] = with_saved_spend(ledger.get(pid), spend)
         self.write()
 
     def over_budget(self) -> set[int]:
         """Clients whose recorded epsilon reached their budget (only possible after an accountant restart)."""
-        return over_budget(self.data.get("privacy", {}).get("clients", {}))
+        return over_budget(self.record.privacy.clients) if self.record.privacy else set()
 
     def local_eval(self, loss: float | None, accuracy: float | None, client_seconds: list[float]) -> None:
         r = self._require_round()
-        r["local_eval_loss"], r["local_eval_accuracy"] = loss, accuracy
-        r["client_eval_seconds"] = [round(s, 3) for s in client_seconds]
+        r.local_eval_loss, r.local_eval_accuracy = loss, accuracy
+        r.client_eval_seconds = [round(s, 3) for s in client_seconds]
 
-    def end_round(self, server_round: int, central: dict[str, float], eval_seconds: float) -> dict[str, Any]:
+    def end_round(self, server_round: int, central: dict[str, float], eval_seconds: float) -> Round:
         if server_round == 0:
-            row = {
-                "round": 0,
-                "eval_loss": central["loss"],
-                "eval_accuracy": central["accuracy"],
-                "eval_f1": central["f1"],
-                "central_eval_seconds": round(eval_seconds, 3),
-            }
+            row = Round(round=0)
         else:
             row = self._require_round()
-            row.update(
-                eval_loss=central["loss"],
-                eval_accuracy=central["accuracy"],
-                eval_f1=central["f1"],
-                central_eval_seconds=round(eval_seconds, 3),
-                wall_seconds=round(time.perf_counter() - self._round_start, 3),
-            )
+            row.wall_seconds = round(time.perf_counter() - self._round_start, 3)
             self._round = None
-        self.data["rounds"].append(row)
+        row.eval_loss, row.eval_accuracy, row.eval_f1 = central["loss"], central["accuracy"], central["f1"]
+        row.central_eval_seconds = round(eval_seconds, 3)
+        self.record.rounds.append(row)
         self.write()
         self.write_csv()
         return row
@@ -378,44 +369,66 @@ class RunRecorder:
         """Drop a round that was configured but will not be completed (the run is ending early)."""
         self._round = None
 
-    def _require_round(self) -> dict[str, Any]:
+    def _require_round(self) -> Round:
         if self._round is None:
             raise RuntimeError("no round in progress")  # a bug in the call order, not user input
         return self._round
 
+    def _require_privacy(self) -> Privacy:
+        if self.record.privacy is None:
+            raise RuntimeError("the run's privacy was not set")  # a bug in the call order, not user input
+        return self.record.privacy
+
     # ------------------------------------------------------------------ end
-    def finish(self, extra: dict[str, Any] | None = None) -> None:
-        if extra:
-            self.data.update(extra)
-        self.data["status"] = "complete"
-        self.data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    def set_final(self, stopped: str | None) -> None:
+        """The run's results are its last round's; ``stopped``: why it ended before its last round, if it did."""
+        last = self.record.rounds[-1]
+        self.record.final = Final(eval_loss=last.eval_loss, eval_accuracy=last.eval_accuracy, eval_f1=last.eval_f1)
+        if stopped:
+            self.record.stopped_early = StoppedEarly(after_round=last.round, reason=stopped)
+        self.write()
+
+    def finish(self, hub_folder: str | None = None) -> None:
+        """The run is complete (its adapter and Hub folder are written)."""
+        self.record.hub_folder = hub_folder
+        self.record.status = "complete"
+        self.record.finished = _now()
         self.write()
 
     def stop(self, reason: str) -> None:
         """The run ended cleanly before any round was trained (every node refused, or none could train)."""
-        self.data["status"] = "stopped"
-        self.data["stopped_early"] = {"after_round": 0, "reason": reason}
-        self.data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.record.status = "stopped"
+        self.record.stopped_early = StoppedEarly(after_round=0, reason=reason)
+        self.record.finished = _now()
         self.write()
 
     def fail(self, reason: str) -> None:
-        self.data["status"] = "failed"
-        self.data["error"] = reason
-        self.data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.record.status = "failed"
+        self.record.error = reason
+        self.record.finished = _now()
+        self.write()
+
+    def pushed(self, push: HubPush) -> None:
+        self.record.hub_push = push
         self.write()
 
     def write(self) -> None:
-        RunStore(self.dir).write(self.data)
+        RunStore(self.dir).write(self.record)
 
     def write_csv(self) -> None:
         buf = io.StringIO(newline="")
         w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
         w.writeheader()
-        for r in self.data["rounds"]:
-            row = {k: r.get(k) for k in CSV_FIELDS}
-            row["clients_trained"] = sum(c["status"] == "trained" for c in r.get("clients", [])) if r["round"] else None
-            row["clients_failed"] = len(r.get("failures", [])) if r["round"] else None
-            row["clients_rejected"] = len(r.get("rejected", [])) if r["round"] else None
-            row["clients_refused"] = len(r.get("refused", [])) if r["round"] else None
+        for r in self.record.rounds:
+            row = {k: getattr(r, k) for k in CSV_FIELDS if hasattr(r, k)}
+            trained = r.round > 0
+            row["clients_trained"] = len(r.trained) if trained else None
+            row["clients_failed"] = len(r.failures) if trained else None
+            row["clients_rejected"] = len(r.rejected) if trained else None
+            row["clients_refused"] = len(r.refused) if trained else None
             w.writerow(row)
         atomic_write(self.dir / "metrics.csv", buf.getvalue().encode())
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -17,7 +17,7 @@ from typing import Any
 from fedhf.config.schema import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFError
 from fedhf.run.checkpoint import Checkpoint, load_checkpoint
-from fedhf.run.record import check_run_folder, config_hash
+from fedhf.run.record import check_run_folder
 from fedhf.run.store import RunStore
 
 RESUME_KEY = "resume"
@@ -45,26 +45,25 @@ def resume_target(run_dir: Path, what: str = "--resume") -> ResumeTarget:
         raise FedHFConfigError(f"{what} '{run_dir}': no run.json; give a fedhf run folder (outputs/<run-id>).")
     try:
         run = store.read(what)
-        flat, status, uid = run["config"], run["status"], run.get("run_uid")
-    except (FedHFError, KeyError, TypeError) as exc:
+    except FedHFError as exc:
         raise FedHFConfigError(f"{what} '{run_dir}': run.json is damaged ({type(exc).__name__}: {exc}).") from None
-    if status == "complete":
+    if run.status == "complete":
         raise FedHFConfigError(f"{what} '{run_dir}': the run is already complete; nothing to resume.")
-    if not uid:
-        raise FedHFConfigError(
-            f"{what} '{run_dir}': run.json has no run_uid (written by a fedhf without checkpoints); "
-            "start the run again."
-        )
-    cfg = parse_config(flat)
-    checkpoint = load_checkpoint(run_dir, run_uid=uid, config_sha256=config_hash(flat))
+    cfg = parse_config(run.config)
+    # The hash recorded when the run started: a config key fedhf added since reads at the value the run used.
+    checkpoint = load_checkpoint(run_dir, run_uid=run.run_uid, config_sha256=run.config_sha256)
     if checkpoint.round > cfg.num_server_rounds:
         raise FedHFConfigError(
             f"{what} '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "
             f"run's num-server-rounds={cfg.num_server_rounds}."
         )
-    federation = run.get("federation", {})
+    federation = run.federation
     return ResumeTarget(
-        run_dir, cfg, int(federation.get("num_clients", 0)), checkpoint, str(federation.get("engine", "flower"))
+        run_dir,
+        cfg,
+        (federation.num_clients or 0) if federation else 0,
+        checkpoint,
+        federation.engine if federation else "flower",
     )
 
 

@@ -81,7 +81,7 @@ def test_fedhf_noises_with_the_norm_that_clipped_the_round(tmp_path, monkeypatch
     )
     assert seen == [before]  # noise calibrated to the C that clipped these updates
     assert s.clipping_norm != before  # ... while C itself did adapt for the next round
-    assert rec.data["privacy"]["client_level"]["rounds"][0]["clipping_norm"] == before
+    assert rec.record.privacy.client_level["rounds"][0]["clipping_norm"] == before
 
 
 def test_the_dp_wrappers_hold_the_inner_strategy_as_strategy():
