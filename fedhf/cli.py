@@ -681,7 +681,6 @@ def predict(
 ) -> None:
     """Load base model + adapter with PEFT and print label, probability and text for each input."""
     from fedhf.tasks.adapters import load_adapter_model, resolve_adapter
-    from fedhf.tasks.adapters import predict as do_predict
 
     try:
         texts = list(text or [])
@@ -692,10 +691,10 @@ def predict(
         if not texts:
             raise FedHFConfigError("nothing to classify: give --text or --file.")
         folder = resolve_adapter(model)
-        m, tok, labels, max_length = load_adapter_model(folder, base_model)
+        adapter = load_adapter_model(folder, base_model)
     except FedHFError as exc:
         _fail(str(exc))
-    for t, (label, prob) in zip(texts, do_predict(m, tok, labels, texts, max_length), strict=True):
+    for t, (label, prob) in zip(texts, adapter.predict(texts), strict=True):
         typer.echo(f"{label}\t{prob:.4f}\t{t}")
 
 

@@ -310,3 +310,16 @@ def test_integer_label_ids_map_onto_names_by_id_and_names_by_name(tmp_path, shar
         load_data(parse_config({"data.dataset": str(names)}).data), ["negative", "neutral", "positive"], "x"
     )
     assert sorted(set(by_name.train["label"])) == [0, 2]
+
+
+def test_one_rule_maps_label_values_onto_the_label_names():
+    """The silo loader and `fedhf evaluate` map labels by the same rule: names by name, integer ids by id."""
+    from fedhf.data.load import label_ids_onto
+
+    names = ["negative", "positive"]
+    assert label_ids_onto(["positive", "negative", "positive"], names) == ({"positive": 1, "negative": 0}, [])
+    assert label_ids_onto([1, 0], names) == ({1: 1, 0: 0}, [])
+    assert label_ids_onto([0, 2], names) == ({0: 0}, [2])  # an id beyond the names does not map
+    assert label_ids_onto(["neutral", "positive"], names) == ({"positive": 1}, ["neutral"])
+    assert label_ids_onto([True, False], names)[1] == [False, True]  # booleans are not ids
+    assert set(label_ids_onto([0, "positive"], names)[1]) == {0, "positive"}  # mixed values map by neither rule

@@ -237,7 +237,9 @@ def test_mean_pooled_adapter_loads_with_its_pooling_and_the_card_snippet_works(t
     x = tok(["an example sentence"], return_tensors="pt")
     with torch.no_grad():
         want = model(**x).logits.softmax(-1)
-    loaded, _, labels, _ = load_adapter_model(run_dir / "adapter")
+    adapter = load_adapter_model(run_dir / "adapter")
+    loaded = adapter.model
+    assert adapter.task.name == cfg.model.task
     with torch.no_grad():
         assert torch.allclose(loaded(**x).logits.softmax(-1), want, atol=1e-6)
     # loading it as a plain CLS classifier gives other outputs: the pooling must travel with the adapter

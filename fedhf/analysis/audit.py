@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.stats import beta
 
-from fedhf.analysis.evaluation import released_model, run_config, task_of
+from fedhf.analysis.evaluation import released_model, run_config
 from fedhf.errors import FedHFRunError
 from fedhf.run.record import check_run_folder
 from fedhf.run.store import RunRecord, RunStore, load_finished_run
@@ -257,12 +257,12 @@ def audit_run(
             f"--non-members FILE with more rows (at least {MIN_EXAMPLES} per side are needed)."
         )
     cfg = run_config(run)
-    model, tokenizer, labels, max_length = released_model(run_dir, run)
-    reference = build_model(cfg, labels)  # the round-0 adapter: same seed, same initialisation
+    released = released_model(run_dir, run)
+    model, tokenizer, max_length, task = released.model, released.tokenizer, released.max_length, released.task
+    reference = build_model(cfg, released.labels)  # the round-0 adapter: same seed, same initialisation
     ref_tok = load_tokenizer(cfg.model.name)
     texts_m, texts_n = list(members["text"]), list(non["text"])
     y_m, y_n = list(members["label"]), list(non["label"])
-    task = task_of(run)
     loss_m, pred_m = task.per_example_loss(model, tokenizer, texts_m, y_m, max_length)
     loss_n, pred_n = task.per_example_loss(model, tokenizer, texts_n, y_n, max_length)
     ref_m, _ = task.per_example_loss(reference, ref_tok, texts_m, y_m, max_length)

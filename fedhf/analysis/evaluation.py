@@ -8,13 +8,15 @@ keys changed, e.g. another AfriSenti language, and records the result in ``run.j
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedhf.config.schema import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFRunError
 from fedhf.run.record import check_run_folder
 from fedhf.run.store import RunRecord, RunStore, load_finished_run
-from fedhf.tasks.base import Task, get_task
+
+if TYPE_CHECKING:
+    from fedhf.tasks.adapters import LoadedAdapter
 
 
 def run_config(run: RunRecord, overrides: dict[str, Any] | None = None) -> FedHFConfig:
@@ -22,7 +24,7 @@ def run_config(run: RunRecord, overrides: dict[str, Any] | None = None) -> FedHF
     return parse_config({**run.config, **(overrides or {})})
 
 
-def released_model(run_dir: str | Path, run: RunRecord) -> tuple[Any, Any, list[str], int]:
+def released_model(run_dir: str | Path, run: RunRecord) -> LoadedAdapter:
     """The adapter as released (the run's hub/ folder, else adapter/), loaded with PEFT on its base model."""
     from fedhf.tasks.adapters import load_adapter_model
 
@@ -30,11 +32,6 @@ def released_model(run_dir: str | Path, run: RunRecord) -> tuple[Any, Any, list[
     folder = d / "hub" if (d / "hub" / "adapter_config.json").is_file() else d / "adapter"
     # The base as the run configured it on this machine (the published copy names only a Hub id).
     return load_adapter_model(folder, base_model=run.config["model.name"])
-
-
-def task_of(run: RunRecord) -> Task:
-    """The task the run trained."""
-    return get_task(run.config["model.task"])
 
 
 EVAL_KEYS = (
@@ -63,11 +60,11 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
     cfg = run_config(run, overrides)
     data = onto_label_names(load_data(cfg.data), run.dataset.label_names, "evaluate")
     ds = central_eval_set(data, cfg.data, cfg.seed)
-    model, tokenizer, _labels, _max_len = released_model(run_dir, run)
-    task = task_of(run)
+    released = released_model(run_dir, run)
+    task = released.task
     res = task.evaluate(
-        model,
-        task.make_loader(ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True),
+        released.model,
+        task.make_loader(ds, released.tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True),
         len(data.label_names),
     )
     result = {

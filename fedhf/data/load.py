@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,19 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
     return LoadedData(train, eval_ds, label_names, source, preset, part_col, label_ids)
 
 
+def label_ids_onto(values: Iterable[Any], names: Sequence[str]) -> tuple[dict[Any, int], list[Any]]:
+    """How label values map onto the label ids of ``names``: by name when they are strings, by id when they are
+    integer ids 0..K-1 (as in GLUE's SST-2 files). Returns (value -> id for the values that map, those that do not)."""
+    values = list(dict.fromkeys(values))
+    if all(isinstance(v, str) for v in values):
+        to_id: dict[Any, int] = {n: i for i, n in enumerate(names)}
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        to_id = {i: i for i in range(len(names))}
+    else:
+        to_id = {}
+    return {v: to_id[v] for v in values if v in to_id}, sorted((v for v in values if v not in to_id), key=repr)
+
+
 def onto_label_names(data: LoadedData, names: list[str] | tuple[str, ...], what: str) -> LoadedData:
     """``data`` with its label ids mapped onto ``names`` (an adapter's label names): by name, or by id when the
     data's labels are bare integer ids 0..K-1 (as in GLUE's SST-2 files). Raises naming both label sets otherwise."""
@@ -168,10 +182,12 @@ def onto_label_names(data: LoadedData, names: list[str] | tuple[str, ...], what:
     mine = list(data.label_names)
     if mine == names:
         return data
-    if set(mine) <= set(names):
-        new_id = [names.index(n) for n in mine]
-    elif data.label_ids and all(0 <= v < len(names) for v in data.label_ids):
-        new_id = list(data.label_ids)
+    by_name, unknown = label_ids_onto(mine, names)
+    by_id, unknown_ids = label_ids_onto(data.label_ids, names)
+    if not unknown:
+        new_id = [by_name[n] for n in mine]
+    elif data.label_ids and not unknown_ids:
+        new_id = [by_id[i] for i in data.label_ids]
     else:
         ids = f" or integer ids 0..{len(names) - 1}" if names else ""
         raise FedHFDataError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
 
 import datasets
 
@@ -15,6 +14,7 @@ from fedhf.data.load import (
     LABEL_CANDIDATES,
     TEXT_CANDIDATES,
     detect,
+    label_ids_onto,
     load_local,
     normalise,
 )
@@ -80,13 +80,7 @@ def _silo_cached(
         set(raw_eval.unique(label_col)) if raw_eval is not None and label_col in raw_eval.column_names else set()
     )
     names = list(label_names)
-    if all(isinstance(v, str) for v in values):
-        to_id: dict[Any, int] = {n: i for i, n in enumerate(names)}
-    elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        to_id = {i: i for i in range(len(names))}
-    else:
-        to_id = {}
-    unknown = sorted((v for v in values if v not in to_id), key=repr)
+    to_id, unknown = label_ids_onto(values, names)
     if unknown:
         raise FedHFDataError(
             f"{where}: labels {unknown[:5]} in column '{label_col}' are not among the federation's labels "

@@ -4,11 +4,15 @@ repo) and predict with it."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFHubError
+
+if TYPE_CHECKING:
+    from fedhf.tasks.base import Task
 
 
 def resolve_adapter(model: str) -> Path:
@@ -38,8 +42,23 @@ def resolve_adapter(model: str) -> Path:
     return local
 
 
-def load_adapter_model(folder: Path, base_model: str | None = None) -> tuple[Any, Any, list[str], int]:
-    """(model, tokenizer, label names, max length) from a fedhf adapter folder; ``base_model`` overrides its base."""
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A fedhf adapter on its base model, with what fedhf.json says of it: its labels, max length and task."""
+
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    max_length: int
+    task: Task
+
+    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
+        """What ``fedhf predict`` prints for each text (the adapter's task's own prediction)."""
+        return self.task.predict(self.model, self.tokenizer, self.labels, texts, self.max_length)
+
+
+def load_adapter_model(folder: Path, base_model: str | None = None) -> LoadedAdapter:
+    """A fedhf adapter folder loaded with PEFT on its base model; ``base_model`` overrides the base it names."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -60,16 +79,7 @@ def load_adapter_model(folder: Path, base_model: str | None = None) -> tuple[Any
     task = get_task(meta.get("task", "text-classification"))  # adapters from before model.task classify
     base = task.load_base(resolve_model(base_name), labels, meta.get("pooling", "cls"))  # before model.pooling: cls
     model = PeftModel.from_pretrained(base, folder).eval()
-    return model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128))
-
-
-def predict(
-    model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int, task: str = "text-classification"
-) -> list[tuple[str, float]]:
-    """What ``fedhf predict`` prints for each text (the task's own prediction)."""
-    from fedhf.tasks.base import get_task
-
-    return get_task(task).predict(model, tokenizer, labels, texts, max_length)
+    return LoadedAdapter(model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128)), task)
 
 
 def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path) -> None:
