@@ -136,25 +136,7 @@ class RunRecorder:
         if resume_from is not None:  # a resumed run: the record as its last checkpoint saw it
             if run_dir is None:
                 raise ValueError("resume_from needs the run folder")  # a bug in the caller, not user input
-            self.dir = run_dir
-            try:  # how the interrupted attempt ended, as its run.json says ("running": it was killed)
-                before = RunStore(run_dir).read()
-                ended: dict[str, Any] = {
-                    "status": before.status,
-                    "error": before.error,
-                    "last_round_recorded": max((r.round for r in before.rounds), default=0),
-                }
-            except FedHFRunError:
-                ended = {"status": "unreadable run.json"}
-            self.record = RunRecord.from_dict(resume_from, "the checkpoint's run record")
-            self.run_id = self.record.run_id
-            last = self.record.rounds[-1].round if self.record.rounds else 0
-            self.record.status, self.record.finished, self.record.error = "running", None, None
-            self.record.resumes.append(
-                Resume(at=_now(), from_round=last, interrupted_attempt=ended),
-            )
-            self.write()
-            self.write_csv()
+            self._resume(run_dir, resume_from)
             return
         self.run_id = new_run_id(cfg)
         self.dir = run_dir or Path(cfg.output_dir).expanduser() / self.run_id
@@ -189,6 +171,26 @@ class RunRecorder:
             python=platform.python_version(),
         )
         self.write()
+
+    def _resume(self, run_dir: Path, snapshot: dict[str, Any]) -> None:
+        """Continue the record of ``snapshot`` (a checkpoint's), noting how the interrupted attempt ended."""
+        self.dir = run_dir
+        try:  # how the interrupted attempt ended, as its run.json says ("running": it was killed)
+            before = RunStore(run_dir).read()
+            ended: dict[str, Any] = {
+                "status": before.status,
+                "error": before.error,
+                "last_round_recorded": max((r.round for r in before.rounds), default=0),
+            }
+        except FedHFRunError:
+            ended = {"status": "unreadable run.json"}
+        self.record = RunRecord.from_dict(snapshot, "the checkpoint's run record")
+        self.run_id = self.record.run_id
+        last = self.record.rounds[-1].round if self.record.rounds else 0
+        self.record.status, self.record.finished, self.record.error = "running", None, None
+        self.record.resumes.append(Resume(at=_now(), from_round=last, interrupted_attempt=ended))
+        self.write()
+        self.write_csv()
 
     # ------------------------------------------------------------------ facts set at start
     def set_dataset(self, dataset: Dataset) -> None:
