@@ -485,7 +485,7 @@ def run_json_page() -> str:
             "",
             f"This is schema version {version}. Records written by fedhf 0.1 (no `schema_version`) are read and "
             "upgraded in memory (their per-client entries used Flower's kebab-case reply fields; config keys "
-            "added since read at the values those runs used); a record from a "
+            "added since read, through `RunRecord.settings`, at the values those runs used); a record from a "
             "newer fedhf, or one with a key this schema does not have, is refused with a message saying so. The "
             "tests validate real runs against this schema.",
             "",

@@ -230,7 +230,9 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "run.json").write_text(json.dumps(old))
-    config = RunStore(folder).read().config
+    record = RunStore(folder).read()
+    assert record.config == old["config"]  # as recorded: what config_sha256 hashes
+    config = record.settings
     assert {k: config[k] for k in CONFIG_BEFORE_KEY} == {
         "model.task": "text-classification",
         "model.pooling": "cls",

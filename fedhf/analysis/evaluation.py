@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def run_config(run: RunRecord, overrides: dict[str, Any] | None = None) -> FedHFConfig:
     """The run's own config (as recorded), with ``overrides`` applied."""
-    return parse_config({**run.config, **(overrides or {})})
+    return parse_config({**run.settings, **(overrides or {})})
 
 
 def released_model(run_dir: str | Path, run: RunRecord) -> LoadedAdapter:
@@ -31,7 +31,7 @@ def released_model(run_dir: str | Path, run: RunRecord) -> LoadedAdapter:
     d = Path(run_dir)
     folder = d / "hub" if (d / "hub" / "adapter_config.json").is_file() else d / "adapter"
     # The base as the run configured it on this machine (the published copy names only a Hub id).
-    return load_adapter_model(folder, base_model=run.config["model.name"])
+    return load_adapter_model(folder, base_model=run.settings["model.name"])
 
 
 EVAL_KEYS = (

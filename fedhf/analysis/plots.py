@@ -105,7 +105,7 @@ def plot_label_heatmap(run: RunRecord, path: Path) -> Path | None:
                     j, i, str(c), ha="center", va="center", fontsize=6, color="white" if shares[i][j] < 0.6 else "black"
                 )
     fig.colorbar(im, ax=ax, label="share of the client's rows")
-    ax.set_title(f"Label distribution ({run.config['data.partitioner']})", fontsize=9)
+    ax.set_title(f"Label distribution ({run.settings['data.partitioner']})", fontsize=9)
     return _save(fig, path)
 
 

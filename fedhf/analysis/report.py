@@ -26,7 +26,7 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 def summary_row(run: RunRecord) -> dict[str, Any]:
     """The facts of a run that a results table compares."""
-    cfg = run.config
+    cfg = run.settings
     eps_s, eps_c = final_epsilon(run)
     rounds = run.trained_rounds
     ups = [r.bytes_up for r in rounds if r.bytes_up]

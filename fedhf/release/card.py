@@ -106,7 +106,7 @@ def _reliability_text(run: RunRecord) -> str:
     parts = [
         f"{failed} client failure(s) (error or timeout)",
         f"{rejected} update(s) rejected by the server's checks "
-        f"(names, shapes, dtypes, finite values, update norm <= {run.config['strategy.max-update-norm']})",
+        f"(names, shapes, dtypes, finite values, {_norm_bound(run)})",
     ]
     if resumes:
         parts.append(f"resumed {resumes} time(s) from a checkpoint")
@@ -115,6 +115,11 @@ def _reliability_text(run: RunRecord) -> str:
         rules = sorted({r.rule for r in refusals})
         parts.append(f"{len(refusals)} round(s) refused by a node's own policy ({', '.join(rules)})")
     return "; ".join(parts)
+
+
+def _norm_bound(run: RunRecord) -> str:
+    bound = run.config.get("strategy.max-update-norm")  # absent: a run from before fedhf bounded update norms
+    return "no update-norm bound" if bound is None else f"update norm <= {bound}"
 
 
 def _optimizer_text(cfg: dict[str, Any]) -> str:
@@ -178,7 +183,7 @@ def provenance(run: RunRecord) -> dict[str, Any]:
 
 def published_base_model(run: RunRecord) -> str | None:
     """The base model's Hub id as it may be published; None for a local folder whose Hub id was not given."""
-    cfg = run.config
+    cfg = run.settings
     name = str(cfg["model.name"])
     local = run.model.base_is_local_folder
     if local is None:  # runs from before this was recorded: a path-like name is a local folder
@@ -429,7 +434,7 @@ def _rounds_table(run: RunRecord) -> str:
 
 def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str, ...] = ()) -> ModelCard:
     """The card of a finished run; ``plots``: the names of the PNGs in the Hub folder's plots/ to show."""
-    cfg = run.config
+    cfg = run.settings
     task = get_task(cfg["model.task"])
     ds = run.dataset
     data_license = _data_license(run)

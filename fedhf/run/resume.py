@@ -17,7 +17,7 @@ from typing import Any
 from fedhf.config.schema import FedHFConfig, parse_config
 from fedhf.errors import FedHFConfigError, FedHFError
 from fedhf.run.checkpoint import Checkpoint, load_checkpoint
-from fedhf.run.record import check_run_folder
+from fedhf.run.record import check_run_folder, config_hash
 from fedhf.run.store import RunStore
 
 RESUME_KEY = "resume"
@@ -50,8 +50,7 @@ def resume_target(run_dir: Path, what: str = "--resume") -> ResumeTarget:
     if run.status == "complete":
         raise FedHFConfigError(f"{what} '{run_dir}': the run is already complete; nothing to resume.")
     cfg = parse_config(run.config)
-    # The hash recorded when the run started: a config key fedhf added since reads at the value the run used.
-    checkpoint = load_checkpoint(run_dir, run_uid=run.run_uid, config_sha256=run.config_sha256)
+    checkpoint = load_checkpoint(run_dir, run_uid=run.run_uid, config_sha256=config_hash(run.config))
     if checkpoint.round > cfg.num_server_rounds:
         raise FedHFConfigError(
             f"{what} '{run_dir}': the checkpoint is at round {checkpoint.round}, beyond the "

@@ -40,8 +40,9 @@ SCHEMA_FILE = Path(__file__).with_name("run.schema.json")
 # Lists of per-client entries whose keys came from the wire (Flower's kebab-case words) in schema 1.
 _ROUND_ENTRIES = ("clients", "failures", "rejected", "refused")
 
-# Config keys added after the first runs, with the value the runs without them used: an old record reads as if
-# it named them (so its card states what it trained with).
+# Config keys added after the first runs, with the value the runs without them used: ``RunRecord.settings`` reads an
+# old record's config as if it named them (so its card states what it trained with). ``config`` itself stays as
+# recorded: it is what config_sha256 hashes and what a resume checks.
 CONFIG_BEFORE_KEY = {
     "model.task": "text-classification",
     "model.pooling": "cls",
@@ -236,6 +237,11 @@ class RunRecord:
     audit: dict[str, Any] | None = _optional()  # fedhf audit's figures (fedhf.analysis.audit)
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The run's config as it ran: ``config``, with the keys fedhf added since read at the values the run used."""
+        return {**CONFIG_BEFORE_KEY, **self.config}
+
+    @property
     def trained_rounds(self) -> list[Round]:
         return [r for r in self.rounds if r.round > 0]
 
@@ -325,8 +331,7 @@ def snake_keys(obj: Any) -> Any:
 
 
 def upgrade(record: dict[str, Any], where: str = "run.json") -> dict[str, Any]:
-    """The record in the current layout: schema 1 is upgraded, a newer schema refused; config keys added since the
-    first runs are filled in with the values those runs used (``CONFIG_BEFORE_KEY``)."""
+    """The record in the current layout: schema 1 is upgraded, a newer schema refused."""
     version = record.get("schema_version", 1)
     if not isinstance(version, int) or version < 1:
         raise FedHFRunError(f"'{where}' has schema_version {version!r}; it was not written by fedhf.")
@@ -351,8 +356,6 @@ def upgrade(record: dict[str, Any], where: str = "run.json") -> dict[str, Any]:
     for key in ("dataset", "model"):  # fedhf 0.1 wrote {} until they were known
         if record.get(key) == {}:
             del record[key]
-    if isinstance(record.get("config"), dict):
-        record["config"] = {**CONFIG_BEFORE_KEY, **record["config"]}
     return record
 
 
