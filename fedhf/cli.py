@@ -287,6 +287,16 @@ def _largest_epsilon(run: Any) -> str | None:  # a fedhf.run.store.RunRecord (im
     return "; ".join(parts) or None
 
 
+def _adapter_text(cfg: FedHFConfig) -> str:
+    """What trains and travels, in the plan's words."""
+    lora = f"r={cfg.model.lora.r} on {cfg.model.lora.target_modules}"
+    return {
+        "lora": f"LoRA {lora}",
+        "ffa-lora": f"FFA-LoRA {lora} (A frozen at the seed; B and the head train and travel)",
+        "head": "the classification head alone (LoRA off)",
+    }[cfg.model.adapter]
+
+
 def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resolved: str) -> list[str]:
     """What the run will do, in a few lines: data, clients, model, privacy, output folder."""
     from fedhf.tasks.model import is_bundled
@@ -322,7 +332,7 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"  data     {d.dataset}: {train_rows + local_eval:,} rows over {num_clients} clients ({d.partitioner}; "
         f"{train_rows:,} train, {local_eval:,} local eval), {eval_rows:,} central eval rows; "
         f"labels {', '.join(data.label_names)}",
-        f"  model    {cfg.model.name} ({where}), LoRA r={cfg.model.lora.r} on {cfg.model.lora.target_modules}",
+        f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}",
         f"  privacy  {privacy}",
         f"  output   {Path(cfg.output_dir).expanduser()}/",
     ]

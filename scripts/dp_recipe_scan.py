@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="train.optimizer")
     ap.add_argument("--momentum", type=float, default=0.0, help="train.momentum (sgd)")
     ap.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="model.pooling")
+    ap.add_argument("--adapter", default="lora", choices=["lora", "ffa-lora", "head"], help="model.adapter")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--max-eval", type=int, default=872)
     ap.add_argument("--threads", type=int, default=2)
@@ -79,6 +80,7 @@ def main() -> None:
             "model.lora.target-modules": a.target_modules,
             "model.lora.alpha": 2 * a.lora_r,
             "model.pooling": a.pooling,
+            "model.adapter": a.adapter,
             "privacy.max-grad-norm": a.clip,
             "privacy.accountant": a.accountant,
         }
@@ -104,7 +106,7 @@ def main() -> None:
     print(
         f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, "
         f"{a.rounds} rounds, "
-        f"lr {a.lr}, C {a.clip}, r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, "
+        f"lr {a.lr}, C {a.clip}, {a.adapter} r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, "
         f"{a.optimizer} (momentum {a.momentum}), "
         + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
         flush=True,
@@ -145,7 +147,7 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} r={a.lora_r} "
+        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} adapter={a.adapter} r={a.lora_r} "
         f"targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} "
         f"momentum={a.momentum} rounds={a.rounds} "
         f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}",

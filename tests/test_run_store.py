@@ -236,6 +236,7 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
     assert {k: config[k] for k in CONFIG_BEFORE_KEY} == {
         "model.task": "text-classification",
         "model.pooling": "cls",
+        "model.adapter": "lora",
         "model.hub-id": "",
         "train.optimizer": "adamw",
         "train.momentum": 0.0,

@@ -33,6 +33,7 @@ CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 POOLINGS = ("cls", "mean")
+ADAPTERS = ("lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
 TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -137,6 +138,14 @@ class ModelConfig:
         "RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers "
         "models such as all-MiniLM-L6-v2 were trained for; far better under DP).",
         choices=POOLINGS,
+    )
+    adapter: str = _opt(
+        "lora",
+        "What trains and travels: lora (LoRA's A and B and the head), ffa-lora (FFA-LoRA: A frozen where the shared "
+        "seed put it on every node, B and the head train; averaging B is then exactly averaging the updates B·A, and "
+        "half the LoRA bytes travel) or head (the head alone; LoRA stays at zero). Tensors that do not travel are "
+        "rebuilt from the seed wherever the model is built.",
+        choices=ADAPTERS,
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
 

@@ -128,6 +128,15 @@ def _optimizer_text(cfg: dict[str, Any]) -> str:
     return f"AdamW lr {cfg['train.lr']}"
 
 
+_ADAPTER_TEXT = {
+    "lora": "LoRA's A and B and the head trained and were averaged (model.adapter = lora)",
+    "ffa-lora": (
+        "FFA-LoRA: A stayed where the shared seed put it, B and the head trained and were averaged, so the average "
+        "is exactly that of the clients' updates (model.adapter = ffa-lora)"
+    ),
+    "head": "only the head trained and was averaged; LoRA stayed at zero (model.adapter = head)",
+}
+
 _POOLING_TEXT = {
     "cls": "the model's own classification head (model.pooling = cls)",
     "mean": "the attention-mask-weighted mean of the last hidden states (model.pooling = mean)",
@@ -507,7 +516,7 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
     )
     lora_text = (
         f"r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, "
-        f"modules {cfg['model.lora.target-modules']}"
+        f"modules {cfg['model.lora.target-modules']}; {_ADAPTER_TEXT[cfg['model.adapter']]}"
     )
     privacy_note = (
         "The adapter was trained without differential privacy and may reveal training examples."

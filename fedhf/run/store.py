@@ -46,6 +46,7 @@ _ROUND_ENTRIES = ("clients", "failures", "rejected", "refused")
 CONFIG_BEFORE_KEY = {
     "model.task": "text-classification",
     "model.pooling": "cls",
+    "model.adapter": "lora",
     "model.hub-id": "",
     "train.optimizer": "adamw",
     "train.momentum": 0.0,

@@ -3,7 +3,9 @@
 Where a model comes from (a local folder, the Hub or its cache, a bundled copy) is decided here;
 what the base model is (its class, its head) is the task's (``fedhf.tasks.base``). Only the PEFT
 adapter state (LoRA matrices and, for classification, the head PEFT keeps in ``modules_to_save``) is
-ever sent; the frozen base weights stay where they are.
+ever sent, and of it only what ``model.adapter`` trains (``travels``); the frozen base weights, and
+adapter tensors frozen at the seed's values (FFA-LoRA's A), stay where they are: every node builds
+them alike.
 """
 
 from __future__ import annotations
@@ -138,7 +140,21 @@ def build_model(cfg: FedHFConfig, label_names: list[str], device: str | torch.de
                 f"the model ({str(exc).splitlines()[0][:200]}); "
                 f"name linear layers of the model, e.g. 'query,value' for BERT."
             ) from None
+    for name, param in model.named_parameters():
+        if param.requires_grad and not travels(name, cfg.model.adapter):
+            param.requires_grad_(False)  # frozen where the seed put it, on every node alike
+    model._fedhf_adapter = cfg.model.adapter
     return model
+
+
+def travels(key: str, adapter: str) -> bool:
+    """Whether a tensor of the adapter (a parameter or state-dict name) trains and is exchanged, by model.adapter:
+    lora: everything PEFT trains; ffa-lora: all but LoRA's A; head: all but LoRA's A and B."""
+    if adapter == "ffa-lora":
+        return ".lora_A." not in key
+    if adapter == "head":
+        return ".lora_A." not in key and ".lora_B." not in key
+    return True
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -146,15 +162,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_module", model)
 
 
+def _travelling_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    inner = _unwrap(model)
+    adapter = getattr(inner, "_fedhf_adapter", "lora")
+    return {k: v for k, v in get_peft_model_state_dict(inner).items() if travels(k, adapter)}
+
+
 def get_adapter_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The adapter's tensors (LoRA + classifier head), detached CPU copies."""
-    state = get_peft_model_state_dict(_unwrap(model))
-    return OrderedDict((k, v.detach().to("cpu").clone().contiguous()) for k, v in state.items())
+    """The adapter tensors that train and travel (model.adapter: LoRA and the head, B and the head, or the head),
+    detached CPU copies."""
+    return OrderedDict((k, v.detach().to("cpu").clone().contiguous()) for k, v in _travelling_state(model).items())
 
 
 def set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load an adapter state; any missing, unexpected or mis-shaped tensor raises."""
-    expected = get_peft_model_state_dict(_unwrap(model))
+    """Load the travelling adapter tensors; any missing, unexpected or mis-shaped tensor raises."""
+    expected = _travelling_state(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
