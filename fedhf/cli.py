@@ -18,6 +18,7 @@ import typer
 from fedhf.config.schema import (
     FedHFConfig,
     describe,
+    dp_defaults_in_force,
     load_config_file,
     parse_config,
     parse_set_args,
@@ -334,7 +335,19 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"labels {', '.join(data.label_names)}",
         f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}",
         f"  privacy  {privacy}",
+        *_dp_defaults_line(cfg),
         f"  output   {Path(cfg.output_dir).expanduser()}/",
+    ]
+
+
+def _dp_defaults_line(cfg: FedHFConfig) -> list[str]:
+    """Under sample-level DP: which training keys hold fedhf's DP defaults (a key set explicitly wins)."""
+    chosen = dp_defaults_in_force(cfg.to_flat())
+    if not chosen:
+        return []
+    return [
+        "  training " + ", ".join(f"{k}={v}" for k, v in chosen.items()) + " (fedhf's defaults under sample-level DP; "
+        "set a key to choose otherwise)"
     ]
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fedhf.config.schema import FedHFConfig, parse_config
+from fedhf.config.schema import parse_config
 from fedhf.errors import FedHFConfigError
 from fedhf.run.checkpoint import save_checkpoint
 from fedhf.run.record import RunRecorder
@@ -40,7 +40,7 @@ def test_a_run_folder_resumes_with_its_own_config(tmp_path):
     assert target.checkpoint.round == 1 and target.num_clients == 3 and target.cfg.train.lr == 0.01
     assert target.cfg.resume == ""  # the run's own config: the resume request is not part of it
     # flwr run hands the app its whole run config: defaults plus the user's overrides
-    asked = {**FedHFConfig().to_flat(), "resume": str(run_dir)}
+    asked = {**parse_config({}).to_flat(), "resume": str(run_dir)}
     assert changed_keys(asked, target) == []
     assert changed_keys({**asked, "train.lr": 0.01}, target) == []  # the run's own value: not a change
     assert changed_keys({**asked, "train.lr": 0.5, "seed": 7}, target) == ["seed", "train.lr"]
@@ -62,8 +62,8 @@ def test_the_server_app_refuses_a_changed_configuration(tmp_path):
 
     simulated = interrupted(tmp_path / "sim")
     with pytest.raises(FedHFConfigError, match="was started with fedhf run.*fedhf run --resume"):
-        _main(None, {**FedHFConfig().to_flat(), "resume": str(simulated)})
+        _main(None, {**parse_config({}).to_flat(), "resume": str(simulated)})
     run_dir = interrupted(tmp_path, engine="flower")
-    asked = {**FedHFConfig().to_flat(), "resume": str(run_dir), "num-server-rounds": 9}
+    asked = {**parse_config({}).to_flat(), "resume": str(run_dir), "num-server-rounds": 9}
     with pytest.raises(FedHFConfigError, match="config key 'resume': .* changes num-server-rounds"):
         _main(None, asked)

@@ -32,10 +32,22 @@ PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIENT_CLIPPING = ("server-fixed", "server-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
-POOLINGS = ("cls", "mean")
-ADAPTERS = ("lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
+POOLINGS = ("auto", "cls", "mean")
+ADAPTERS = ("auto", "lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
 TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("auto", "adamw", "sgd")
+# Keys left at "auto" (or unset) take the first value without sample-level DP and the second with it. Under DP:
+# train fewer values (FFA-LoRA: B and the head) on the representation the model was trained for (mean pooling),
+# with SGD, whose step follows the noisy gradient (AdamW moves every value by about lr per step, signal or not), at
+# a learning rate and batch that carry the signal through the noise; docs/experiments.md ("Private defaults that
+# learn") has the measurements. Any value given explicitly is kept.
+AUTO: dict[str, tuple[Any, Any]] = {
+    "model.adapter": ("lora", "ffa-lora"),
+    "model.pooling": ("cls", "mean"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.lr": (0.001, 1.0),
+    "train.batch-size": (16, 64),
+}
 
 
 def _opt(
@@ -133,15 +145,17 @@ class ModelConfig:
         "adapter_config.json name it. A local path is never published; left empty, the card says the base was local.",
     )
     pooling: str = _opt(
-        "cls",
-        "What the classifier head reads: cls (the model's own head: BERT's pooler on [CLS], first token for "
+        "auto",
+        "What the classifier head reads (auto: cls, or mean under sample-level DP): cls (the model's own head: "
+        "BERT's pooler on [CLS], first token for "
         "RoBERTa/DistilBERT) or mean (the mask-weighted mean of the last hidden states, what sentence-transformers "
         "models such as all-MiniLM-L6-v2 were trained for; far better under DP).",
         choices=POOLINGS,
     )
     adapter: str = _opt(
-        "lora",
-        "What trains and travels: lora (LoRA's A and B and the head), ffa-lora (FFA-LoRA: A frozen where the shared "
+        "auto",
+        "What trains and travels (auto: lora, or ffa-lora under sample-level DP): lora (LoRA's A and B and the "
+        "head), ffa-lora (FFA-LoRA: A frozen where the shared "
         "seed put it on every node, B and the head train; averaging B is then exactly averaging the updates B·A, and "
         "half the LoRA bytes travel) or head (the head alone; LoRA stays at zero). Tensors that do not travel are "
         "rebuilt from the seed wherever the model is built.",
@@ -153,14 +167,17 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = _opt(2, "Local epochs per round.", min=1)
-    batch_size: int = _opt(16, "Local batch size.", min=1)
+    batch_size: int | None = _opt(None, "Local batch size (unset: 16, or 64 under sample-level DP).", min=1)
     optimizer: str = _opt(
-        "adamw",
-        "Client optimizer: adamw, or sgd (with train.momentum). Under DP noise AdamW moves every trainable weight by "
+        "auto",
+        "Client optimizer (auto: adamw, or sgd under sample-level DP): adamw, or sgd (with train.momentum). Under "
+        "DP noise AdamW moves every trainable weight by "
         "about lr per step, signal or not; SGD moves each in proportion to its noisy gradient.",
         choices=OPTIMIZERS,
     )
-    lr: float = _opt(0.001, "Client learning rate.", min=0.0, min_exclusive=True)
+    lr: float | None = _opt(
+        None, "Client learning rate (unset: 0.001, or 1.0 under sample-level DP).", min=0.0, min_exclusive=True
+    )
     momentum: float = _opt(
         0.0, "SGD momentum (train.optimizer = sgd; ignored by adamw).", min=0.0, max=1.0, max_exclusive=True
     )
@@ -545,9 +562,22 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
         value = _coerce(spec, raw)
         _check_range(spec, value)
         values[spec.path] = value
+    private = values[("privacy", "mode")] in ("sample", "both")
+    for key, choice in AUTO.items():
+        path = SPEC_BY_KEY[key].path
+        if values[path] in (None, "auto"):
+            values[path] = choice[private]
     cfg = _build(FedHFConfig, (), values)
     _check_cross_field(cfg)
     return cfg
+
+
+def dp_defaults_in_force(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Of a run's flat config under sample-level DP, the keys that hold fedhf's DP defaults (``AUTO``), what the plan
+    and the card state; empty without sample-level DP."""
+    if flat.get("privacy.mode") not in ("sample", "both"):
+        return {}
+    return {k: private for k, (_plain, private) in AUTO.items() if flat.get(k) == private}
 
 
 def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:

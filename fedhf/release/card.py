@@ -117,6 +117,16 @@ def _reliability_text(run: RunRecord) -> str:
     return "; ".join(parts)
 
 
+def _dp_defaults_text(cfg: dict[str, Any]) -> str:
+    """Which training keys held fedhf's defaults under sample-level DP (the rest were as configured)."""
+    from fedhf.config.schema import dp_defaults_in_force
+
+    chosen = dp_defaults_in_force(cfg)
+    if not chosen:
+        return "as configured"
+    return ", ".join(f"{k} = {v}" for k, v in chosen.items()) + " (fedhf's defaults under sample-level DP)"
+
+
 def _norm_bound(run: RunRecord) -> str:
     bound = run.config.get("strategy.max-update-norm")  # absent: a run from before fedhf bounded update norms
     return "no update-norm bound" if bound is None else f"update norm <= {bound}"
@@ -545,6 +555,7 @@ exchanged.
 | partitioner | {part} ({part_params}) |
 | local training | {local_training} |
 | LoRA | {lora_text} |
+| training defaults | {_dp_defaults_text(cfg)} |
 | head reads | {_POOLING_TEXT[pooling]} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg["transport.dtype"]]} |
 | failures | {_reliability_text(run)} |

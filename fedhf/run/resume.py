@@ -68,7 +68,7 @@ def resume_target(run_dir: Path, what: str = "--resume") -> ResumeTarget:
 
 def changed_keys(run_config: Mapping[str, Any], target: ResumeTarget) -> list[str]:
     """Keys of a ``flwr run`` run config that ask for something other than the resumed run's own config."""
-    defaults = FedHFConfig().to_flat()
+    defaults = parse_config({}).to_flat()  # the auto keys as they resolve without DP
     own = target.cfg.to_flat()
     asked = parse_config({k: v for k, v in run_config.items() if k in defaults}).to_flat()
     return sorted(k for k, v in asked.items() if k != RESUME_KEY and v != defaults[k] and v != own[k])
