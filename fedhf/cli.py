@@ -345,10 +345,7 @@ def _dp_defaults_line(cfg: FedHFConfig) -> list[str]:
     chosen = dp_defaults_in_force(cfg.to_flat())
     if not chosen:
         return []
-    return [
-        "  training " + ", ".join(f"{k}={v}" for k, v in chosen.items()) + " (fedhf's defaults under sample-level DP; "
-        "set a key to choose otherwise)"
-    ]
+    return ["  training " + ", ".join(f"{k}={v}" for k, v in chosen.items()) + " (DP defaults; a key you set wins)"]
 
 
 def _preflight(

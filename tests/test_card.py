@@ -285,3 +285,18 @@ def test_a_local_base_model_path_is_never_published(tmp_path):
     hub = build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0")
     assert json.loads((hub / "fedhf.json").read_text())["base_model"] == "my-org/secret-base"
     assert ModelCard.load(hub / "README.md").data.to_dict()["base_model"] == "my-org/secret-base"
+
+
+def test_card_names_the_training_keys_that_held_the_dp_defaults(tmp_path):
+    run_dir, run = fake_run(tmp_path / "dp")
+    run["config"] = parse_config({"privacy.mode": "sample", "train.lr": 0.5}).to_flat()
+    text = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").text
+    row = next(line for line in text.splitlines() if line.startswith("| training defaults |"))
+    assert "model.adapter = ffa-lora" in row and "model.pooling = mean" in row and "train.batch-size = 32" in row
+    assert "train.lr" not in row and "train.optimizer" not in row  # set by hand (and AdamW stays with its lr)
+    assert "FFA-LoRA: A stayed where the shared seed put it" in text
+    plain_dir, plain = fake_run(tmp_path / "plain")
+    plain_text = ModelCard.load(
+        build_hub_folder(plain_dir, RunRecord.from_dict(plain), "apache-2.0") / "README.md"
+    ).text
+    assert "| training defaults | as configured |" in plain_text and "(model.adapter = lora)" in plain_text

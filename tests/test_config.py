@@ -148,3 +148,34 @@ def test_config_file_with_tables_and_dotted_keys(tmp_path):
 def test_experiment_files_parse():
     for f in sorted((REPO / "experiments").glob("*.toml")):
         assert isinstance(parse_config(load_config_file(f)), FedHFConfig), f.name
+
+
+def test_training_keys_left_to_auto_take_dp_defaults_only_under_sample_level_dp():
+    """Private defaults that learn: FFA-LoRA, mean pooling, SGD lr 1.0, batch 32 under sample-level DP; today's
+    defaults otherwise; a key set explicitly keeps its value (and a learning rate keeps AdamW)."""
+    from fedhf.config.schema import dp_defaults_in_force
+
+    def training(cfg):
+        m, t = cfg.model, cfg.train
+        return (m.adapter, m.pooling, t.optimizer, t.lr, t.batch_size)
+
+    assert training(parse_config({})) == ("lora", "cls", "adamw", 0.001, 16)
+    assert training(parse_config({"privacy.mode": "client"})) == ("lora", "cls", "adamw", 0.001, 16)
+    for mode in ("sample", "both"):
+        cfg = parse_config({"privacy.mode": mode})
+        assert training(cfg) == ("ffa-lora", "mean", "sgd", 1.0, 32)
+        assert parse_config(cfg.to_flat()) == cfg  # resolved once: the clients parse the same config
+        assert list(dp_defaults_in_force(cfg.to_flat())) == [
+            "model.adapter",
+            "model.pooling",
+            "train.optimizer",
+            "train.lr",
+            "train.batch-size",
+        ]
+    mine = parse_config({"privacy.mode": "sample", "model.adapter": "lora", "train.batch-size": 16})
+    assert training(mine) == ("lora", "mean", "sgd", 1.0, 16)
+    assert list(dp_defaults_in_force(mine.to_flat())) == ["model.pooling", "train.optimizer", "train.lr"]
+    own_lr = parse_config({"privacy.mode": "sample", "train.lr": 0.003})
+    assert training(own_lr) == ("ffa-lora", "mean", "adamw", 0.003, 32)
+    assert parse_config({"privacy.mode": "sample", "train.lr": "", "model.pooling": "auto"}).train.lr == 1.0
+    assert dp_defaults_in_force(parse_config({}).to_flat()) == {}

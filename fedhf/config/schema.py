@@ -39,14 +39,14 @@ OPTIMIZERS = ("auto", "adamw", "sgd")
 # Keys left at "auto" (or unset) take the first value without sample-level DP and the second with it. Under DP:
 # train fewer values (FFA-LoRA: B and the head) on the representation the model was trained for (mean pooling),
 # with SGD, whose step follows the noisy gradient (AdamW moves every value by about lr per step, signal or not), at
-# a learning rate and batch that carry the signal through the noise; docs/experiments.md ("Private defaults that
+# a learning rate and batch that carry the signal through the noise; docs/privacy.md ("Private defaults that
 # learn") has the measurements. Any value given explicitly is kept.
 AUTO: dict[str, tuple[Any, Any]] = {
     "model.adapter": ("lora", "ffa-lora"),
     "model.pooling": ("cls", "mean"),
     "train.optimizer": ("adamw", "sgd"),
     "train.lr": (0.001, 1.0),
-    "train.batch-size": (16, 64),
+    "train.batch-size": (16, 32),
 }
 
 
@@ -167,10 +167,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = _opt(2, "Local epochs per round.", min=1)
-    batch_size: int | None = _opt(None, "Local batch size (unset: 16, or 64 under sample-level DP).", min=1)
+    batch_size: int | None = _opt(None, "Local batch size (unset: 16, or 32 under sample-level DP).", min=1)
     optimizer: str = _opt(
         "auto",
-        "Client optimizer (auto: adamw, or sgd under sample-level DP): adamw, or sgd (with train.momentum). Under "
+        "Client optimizer (auto: adamw, or sgd under sample-level DP when train.lr is unset): adamw, or sgd "
+        "(with train.momentum). Under "
         "DP noise AdamW moves every trainable weight by "
         "about lr per step, signal or not; SGD moves each in proportion to its noisy gradient.",
         choices=OPTIMIZERS,
@@ -563,10 +564,12 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
         _check_range(spec, value)
         values[spec.path] = value
     private = values[("privacy", "mode")] in ("sample", "both")
+    lr_given = values[SPEC_BY_KEY["train.lr"].path] is not None
     for key, choice in AUTO.items():
         path = SPEC_BY_KEY[key].path
         if values[path] in (None, "auto"):
-            values[path] = choice[private]
+            # a learning rate given for the default optimizer stays with it: SGD at AdamW's lr would not move
+            values[path] = choice[private and not (key == "train.optimizer" and lr_given)]
     cfg = _build(FedHFConfig, (), values)
     _check_cross_field(cfg)
     return cfg

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +252,9 @@ class PrivateResult:
     empty_batches: int
 
 
+_HOOK_ON_OUTPUTS = "Full backward hook is firing when gradients are computed with respect to module outputs"
+
+
 def private_train(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -307,18 +311,22 @@ def private_train(
     else:
         (dp_model, dp_optimizer, dp_loader), criterion = made, task.criterion()
     guard = _Guard(trainable, grad_sample_mode)
-    result = train_local(
-        dp_model,
-        dp_loader,
-        task=task,
-        epochs=epochs,
-        lr=lr,
-        optimizer=dp_optimizer,
-        criterion=criterion,
-        before_step=guard.before_step,
-        after_step=guard.after_step,
-        empty_batch=guard.empty_batch,
-    )
+    with warnings.catch_warnings():
+        # A trainable layer whose input needs no gradient (FFA-LoRA's B after the frozen A, a head on a frozen
+        # encoder): torch says its full backward hook sees only the output's gradient, which is all Opacus reads.
+        warnings.filterwarnings("ignore", message=_HOOK_ON_OUTPUTS, category=UserWarning, module=r"fedhf\.train\.loop")
+        result = train_local(
+            dp_model,
+            dp_loader,
+            task=task,
+            epochs=epochs,
+            lr=lr,
+            optimizer=dp_optimizer,
+            criterion=criterion,
+            before_step=guard.before_step,
+            after_step=guard.after_step,
+            empty_batch=guard.empty_batch,
+        )
     if guard.steps == 0:
         raise FedHFPrivacyError("no DP-SGD step was taken; check the partition size and train.batch-size.")
     history = [tuple(h) for h in engine.accountant.history]
