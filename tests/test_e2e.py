@@ -298,6 +298,8 @@ def test_dp_run_composes_epsilon_across_rounds_and_enforces_budgets(shared_data_
         "--set",
         "train.local-epochs=1",
         "--set",
+        "train.batch-size=16",  # the budgets below are sized for its sampling rate
+        "--set",
         "privacy.mode=sample",
         "--node-config",
         str(nodes),
@@ -412,6 +414,8 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tiny_model_dir, 
         "data.max-train-examples=120",
         "--set",
         "train.local-epochs=1",
+        "--set",
+        "train.batch-size=16",  # the budget above is computed for it
         "--set",
         "privacy.mode=sample",
         "--set",
