@@ -295,6 +295,10 @@ def test_card_names_the_training_keys_that_held_the_dp_defaults(tmp_path):
     assert "model.adapter = ffa-lora" in row and "model.pooling = mean" in row and "train.batch-size = 32" in row
     assert "train.lr" not in row and "train.optimizer" not in row  # set by hand (and AdamW stays with its lr)
     assert "FFA-LoRA: A stayed where the shared seed put it" in text
+    assert "the mean of B is exactly the mean of the clients' updates" in text
+    run["config"] = parse_config({"privacy.mode": "sample", "strategy.name": "fedmedian"}).to_flat()
+    median = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").text
+    assert "aggregated by fedmedian (a coordinate-wise rule on B: not the mean" in median and "exactly" not in median
     plain_dir, plain = fake_run(tmp_path / "plain")
     plain_text = ModelCard.load(
         build_hub_folder(plain_dir, RunRecord.from_dict(plain), "apache-2.0") / "README.md"

@@ -138,14 +138,25 @@ def _optimizer_text(cfg: dict[str, Any]) -> str:
     return f"AdamW lr {cfg['train.lr']}"
 
 
-_ADAPTER_TEXT = {
-    "lora": "LoRA's A and B and the head trained and were averaged (model.adapter = lora)",
-    "ffa-lora": (
-        "FFA-LoRA: A stayed where the shared seed put it, B and the head trained and were averaged, so the average "
-        "is exactly that of the clients' updates (model.adapter = ffa-lora)"
-    ),
-    "head": "only the head trained and was averaged; LoRA stayed at zero (model.adapter = head)",
-}
+LINEAR_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # aggregate by a weighted mean of the updates
+
+
+def _adapter_text(cfg: dict[str, Any]) -> str:
+    """What trained and travelled, and what the server's aggregate of it is (exact only for a mean of B)."""
+    strategy = cfg["strategy.name"]
+    how = "averaged" if strategy in LINEAR_STRATEGIES else f"aggregated by {strategy}"
+    adapter = cfg["model.adapter"]
+    if adapter == "ffa-lora":
+        exact = (
+            ", so the mean of B is exactly the mean of the clients' updates B·A"
+            if strategy in LINEAR_STRATEGIES
+            else " (a coordinate-wise rule on B: not the mean of the updates B·A)"
+        )
+        return f"FFA-LoRA: A stayed where the shared seed put it, B and the head trained and were {how}{exact}"
+    if adapter == "head":
+        return f"only the head trained and was {how}; LoRA stayed at zero"
+    return f"LoRA's A and B and the head trained and were {how} (model.adapter = lora)"
+
 
 _POOLING_TEXT = {
     "cls": "the model's own classification head (model.pooling = cls)",
@@ -526,7 +537,7 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
     )
     lora_text = (
         f"r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, "
-        f"modules {cfg['model.lora.target-modules']}; {_ADAPTER_TEXT[cfg['model.adapter']]}"
+        f"modules {cfg['model.lora.target-modules']}; {_adapter_text(cfg)}"
     )
     privacy_note = (
         "The adapter was trained without differential privacy and may reveal training examples."
