@@ -35,7 +35,7 @@ from fedhf.errors import FedHFConfigError, FedHFError, FedHFHubError
 from fedhf.federation.node_state import RUN_UID_KEY, STATE_DIR_KEY, stores_in
 from fedhf.flower.client_app import make_client_app
 from fedhf.flower.secagg import SecAggSettings, SecureAggregationGrid
-from fedhf.flower.server_app import latest_adapter, server_app_for, start
+from fedhf.flower.server_app import latest_adapter, personalize, server_app_for, start
 from fedhf.flower.simulation import simulate as simulate_apps
 from fedhf.flower.strategy import (
     RunStopped,
@@ -52,7 +52,7 @@ from fedhf.run.console import RunConsole, attach_log_file
 from fedhf.run.progress import RoundProgress
 from fedhf.run.record import RunRecorder
 from fedhf.run.resume import changed_keys, resume_target
-from fedhf.run.store import Dataset, Federation, HubPush, Model
+from fedhf.run.store import Dataset, Federation, HubPush, Model, Personalization
 from fedhf.tasks.adapters import save_adapter
 from fedhf.tasks.base import get_task
 from fedhf.tasks.model import (
@@ -290,6 +290,10 @@ def _run(
         log.warning("Ending the run early: %s. The last global adapter is kept.", stopped)
         recorder.abandon_round()
         final_arrays = latest_adapter(strategy, initial)
+    if cfg.personalization.on and stopped is None:
+        _personalize(grid, cfg, recorder, progress, final_arrays, client_config)
+    elif cfg.personalization.on:
+        log.warning("No personalization: the run ended early (%s)", stopped)
     if cfg.privacy.sample_level:
         for root in state_roots:
             _count_saved_spend(recorder, root)
@@ -301,6 +305,108 @@ def _run(
     # 5. artifacts
     set_adapter_state(model, final_arrays)
     _release(cfg, recorder, model, tokenizer, data.label_names, resolved, stopped, state_roots)
+
+
+STAGE_NAMES = {"federated": "federated", "personalized": "personalized", "local-only": "local_only"}
+
+
+def _personalize(
+    grid: Any,
+    cfg: FedHFConfig,
+    recorder: RunRecorder,
+    progress: RoundProgress,
+    final_arrays: dict[str, torch.Tensor],
+    client_config: dict[str, Any],
+) -> None:
+    """After the last round: every node measures the global adapter, its personalized one and (personalization.
+    local-only) one trained on its rows alone, on its held-out rows; the personal adapters stay on the nodes."""
+    from fedhf.errors import Malformed
+    from fedhf.federation.replies import screen_personalize
+    from fedhf.run.store import snake_keys
+
+    pers = cfg.personalization
+    config = {**client_config, "server-round": cfg.num_server_rounds + 1}
+    replies = personalize(grid, final_arrays, config, timeout=cfg.strategy.round_timeout)
+    rows, privacy = [], {}
+    for node, metrics, info, error in replies:
+        if error is not None:
+            rows.append({"node_id": node, "status": "failed", "reason": error.strip().splitlines()[-1][:300]})
+            continue
+        try:
+            screened = screen_personalize(metrics, info, node_id=node, sample_level=cfg.privacy.sample_level)
+        except Malformed as exc:
+            rows.append({"node_id": node, "status": "failed", "reason": f"malformed reply: {exc}"})
+            continue
+        rows.append(snake_keys([screened.record])[0])
+        if screened.privacy is not None:
+            privacy[str(screened.record["partition-id"])] = snake_keys([screened.privacy])[0]
+    rows.sort(key=lambda r: (r.get("partition_id", -1), r["node_id"]))
+    summary = personalization_summary(rows)
+    record = Personalization(
+        mode=pers.mode,
+        epochs=pers.epochs,
+        keep_local=pers.keep_local if pers.mode == "fedrep" else None,
+        ditto_lambda=pers.ditto_lambda if pers.mode == "ditto" else None,
+        local_only=pers.local_only,
+        released="metrics only: each node's personal adapter "
+        + ("and local-only adapter " if pers.local_only else "")
+        + "stays on the node (its state folder); the server received the held-out metrics of the nodes whose "
+        "owners share 'local-eval'",
+        clients=rows,
+        summary=summary,
+    )
+    recorder.personalized(record, privacy, after=cfg.num_server_rounds)
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    progress.write(personalization_line(pers.mode, summary, statuses))
+
+
+def personalization_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean macro-F1 and accuracy per stage over the clients that reported every stage the run measured, and on how
+    many of them the personalized (and the federated) adapter beats local-only training."""
+    done = [r for r in rows if r["status"] == "personalized"]
+    stages = [s for s in ("federated", "personalized", "local_only") if done and all(f"{s}_f1" in r for r in done)]
+    out: dict[str, Any] = {"clients": len(done)}
+    for s in stages:
+        out[f"{s}_f1_mean"] = sum(r[f"{s}_f1"] for r in done) / len(done)
+        out[f"{s}_accuracy_mean"] = sum(r[f"{s}_accuracy"] for r in done) / len(done)
+    if "local_only" in stages:
+        for s in ("personalized", "federated"):
+            if s in stages:
+                out[f"{s}_beats_local_only"] = sum(r[f"{s}_f1"] > r["local_only_f1"] for r in done)
+    return out
+
+
+STATUS_TEXT = {
+    "not-shared": "do not share local-eval",
+    "refused": "refused",
+    "failed": "failed",
+    "no-personal-state": "never trained",
+}
+
+
+def personalization_line(mode: str, summary: dict[str, Any], statuses: dict[str, int]) -> str:
+    """The console's line for the personalization stage."""
+    n, asked = summary["clients"], sum(statuses.values())
+    parts = [
+        f"{name} {summary[key]:.3f}"
+        for name, key in (
+            ("local-only", "local_only_f1_mean"),
+            ("federated", "federated_f1_mean"),
+            ("personalized", "personalized_f1_mean"),
+        )
+        if key in summary
+    ]
+    text = f"[fedhf] personalization ({mode}): {n}/{asked} clients reported their held-out metrics"
+    others = {k: v for k, v in statuses.items() if k != "personalized"}
+    if others:
+        text += " (" + ", ".join(f"{v} {STATUS_TEXT.get(k, k)}" for k, v in sorted(others.items())) + ")"
+    if parts:
+        text += "; mean macro-F1 " + ", ".join(parts)
+    if "personalized_beats_local_only" in summary:
+        text += f"; personalized beats local-only on {summary['personalized_beats_local_only']}/{n}"
+    return text
 
 
 def _record_data(

@@ -336,8 +336,24 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}",
         f"  privacy  {privacy}",
         *_dp_defaults_line(cfg),
+        *_personal_line(cfg),
         f"  output   {Path(cfg.output_dir).expanduser()}/",
     ]
+
+
+def _personal_line(cfg: FedHFConfig) -> list[str]:
+    """With a personalization mode: what each client keeps, and the stage after the last round."""
+    pers = cfg.personalization
+    if not pers.on:
+        return []
+    what = {
+        "finetune": f"each client fine-tunes the final adapter for {pers.epochs} epoch(s)",
+        "fedrep": f"the {pers.keep_local} stays on each client ({pers.epochs} epoch(s) of it per round)",
+        "ditto": f"each client keeps a Ditto adapter ({pers.epochs} epoch(s) per round, lambda {pers.ditto_lambda:g})",
+    }[pers.mode]
+    alone = "; local-only baseline too" if pers.local_only else ""
+    dp = "; every personal step is DP-SGD, planned and accounted" if cfg.privacy.sample_level else ""
+    return [f"  personal {pers.mode}: {what}{alone}; personal adapters stay on the nodes{dp}"]
 
 
 def _dp_defaults_line(cfg: FedHFConfig) -> list[str]:

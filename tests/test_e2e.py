@@ -492,3 +492,93 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter_within_tolerance(shar
     assert all(c["bytes_up"] > 0 for c in clients)
     card = (out / "secure" / "hub" / "README.md").read_text()
     assert "**On: SecAgg+" in card and "| quantization | 22 bits" in card
+
+
+def test_personalization_stage_under_dp_is_accounted_and_reported(shared_data_dir, tiny_model_dir, tmp_path):
+    """Ditto under sample-level DP, 3 clients whose owners share their held-out metrics: the stage after the last
+    round is in the ledger, within the target, and in the record, the card and its plot; personal adapters stay."""
+    out = tmp_path / "outputs"
+    nodes = tmp_path / "nodes.toml"
+    nodes.write_text('[default]\nshare = "local-eval"\n')
+    run = fedhf_run(
+        shared_data_dir,
+        out,
+        "ditto",
+        *tiny_args(tiny_model_dir, tmp_path),
+        "--num-clients",
+        "3",
+        "--set",
+        "data.max-train-examples=300",
+        "--set",
+        "train.local-epochs=1",
+        "--set",
+        "privacy.mode=sample",
+        "--set",
+        "num-server-rounds=2",
+        "--set",
+        "privacy.target-epsilon=8",
+        "--set",
+        "personalization.mode=ditto",
+        "--node-config",
+        str(nodes),
+    )
+    assert run["status"] == "complete"
+    pers = run["personalization"]
+    assert pers["mode"] == "ditto" and pers["local_only"] and pers["summary"]["clients"] == 3
+    rows = pers["clients"]
+    assert [r["partition_id"] for r in rows] == [0, 1, 2] and all(r["status"] == "personalized" for r in rows)
+    for key in ("federated", "personalized", "local_only"):
+        mean = sum(r[f"{key}_f1"] for r in rows) / 3
+        assert pers["summary"][f"{key}_f1_mean"] == pytest.approx(mean)
+    for pid, e in run["privacy"]["clients"].items():
+        assert [r["round"] for r in e["rounds"]] == [1, 2, 3] and e["rounds"][-1]["status"] == "personalized"
+        assert e["rounds"][1]["epsilon"] < e["epsilon"] <= 8.0 * 1.01, pid
+        # every DP-SGD step: (1 local + 1 Ditto epoch) x 2 rounds, then 2 local-only epochs
+        assert e["steps"] == 6 * round(1 / e["sample_rate"])
+    assert "[fedhf] personalization (ditto): 3/3 clients reported" in run["_stdout"]
+    assert "eps pers" in ledger_text(shared_data_dir, out / "ditto")
+    card = (out / "ditto" / "hub" / "README.md").read_text()
+    assert "## Personalization" in card and "| client | held-out rows | local-only macro-F1 |" in card
+    assert "the ledger's 'pers' column" in card and "plots/personalization.png" in card
+    hub_files = {p.name for p in (out / "ditto" / "hub").rglob("*")}
+    assert not any("ditto" in name or "personal" in name and name.endswith(".safetensors") for name in hub_files)
+    personal = sorted((out / "ditto" / "client-state").glob("data-*/personal/*.ditto.safetensors"))
+    assert len(personal) == 3
+
+
+def test_fedrep_releases_the_federated_body_and_never_a_head(shared_data_dir, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedhf.config.schema import parse_config
+    from fedhf.tasks.model import build_model, get_adapter_state
+
+    out = tmp_path / "outputs"
+    args = [
+        *tiny_args(tiny_model_dir, tmp_path),
+        "--set",
+        "data.max-train-examples=200",
+        "--set",
+        "train.local-epochs=1",
+    ]
+    run = fedhf_run(
+        shared_data_dir,
+        out,
+        "fedrep",
+        *args,
+        "--num-clients",
+        "2",
+        "--set",
+        "personalization.mode=fedrep",
+        "--set",
+        "personalization.local-only=false",
+    )
+    assert run["status"] == "complete" and run["personalization"]["keep_local"] == "head"
+    rows = run["personalization"]["clients"]
+    assert all("personalized_f1" in r and "federated_f1" not in r and "local_only_f1" not in r for r in rows)
+    assert run["model"]["adapter_tensors"] == 2 * 2 * 2  # LoRA's A and B on query and value of 2 layers: no head
+    released = load_file(out / "fedrep" / "adapter" / "adapter_model.safetensors")
+    cfg = parse_config({"model.name": str(tiny_model_dir), "personalization.mode": "fedrep"})
+    seed_head = get_adapter_state(build_model(cfg, ["negative", "positive"]), "local")
+    heads = {k: v for k, v in released.items() if "classifier" in k}
+    assert heads and all(torch.equal(v, seed_head[k]) for k, v in heads.items())  # the seed's head, untrained
+    assert "its head is the seed's initial head" in (out / "fedrep" / "hub" / "README.md").read_text()

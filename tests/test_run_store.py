@@ -241,6 +241,11 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
         "train.optimizer": "adamw",
         "train.momentum": 0.0,
         "transport.dtype": "fp32",
+        "personalization.mode": "none",
+        "personalization.epochs": 1,
+        "personalization.keep-local": "head",
+        "personalization.ditto-lambda": 0.1,
+        "personalization.local-only": True,
     }
     assert {k: v for k, v in config.items() if k not in CONFIG_BEFORE_KEY} == {
         k: v for k, v in run["config"].items() if k not in CONFIG_BEFORE_KEY

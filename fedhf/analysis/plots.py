@@ -162,12 +162,47 @@ def plot_privacy_utility(runs: list[RunRecord], path: Path) -> Path:
     return _save(fig, path)
 
 
+PERSONAL_SERIES = (("local_only", "local-only"), ("federated", "federated"), ("personalized", "personalized"))
+
+
+def personal_rows(run: RunRecord) -> list[dict]:
+    """The clients that reported their held-out metrics in the personalization stage."""
+    pers = run.personalization
+    return [r for r in pers.clients if r["status"] == "personalized"] if pers is not None else []
+
+
+def plot_personalization(run: RunRecord, path: Path) -> Path | None:
+    """Per client: macro-F1 on its own held-out rows of the local-only, federated and personalized adapters."""
+    rows = personal_rows(run)
+    if not rows:
+        return None
+    series = [(k, name) for k, name in PERSONAL_SERIES if f"{k}_f1" in rows[0]]
+    fig = Figure(figsize=(max(5.0, 0.6 * len(rows) * len(series) / 2 + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for k, (key, name) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r[f"{key}_f1"] for r in rows], width=width, label=name)
+    ax.set_xticks(range(len(rows)), [str(r["partition_id"]) for r in rows])
+    ax.set(
+        xlabel="client",
+        ylabel="macro-F1 (its held-out rows)",
+        ylim=(0, 1),
+        title=f"Personalization ({run.personalization.mode}) per client",
+    )
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def run_plots(run: RunRecord, folder: Path) -> list[Path]:
-    """The per-run plots (metrics, epsilon, label distribution) in ``folder``; returns those written."""
+    """The per-run plots (metrics, epsilon, label distribution, personalization) in ``folder``; returns those
+    written."""
     out = [
         plot_metrics(run, folder / "metrics.png"),
         plot_epsilon(run, folder / "epsilon.png"),
         plot_label_heatmap(run, folder / "label_distribution.png"),
+        plot_personalization(run, folder / "personalization.png"),
     ]
     return [p for p in out if p is not None]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedhf.analysis.plots import final_epsilon, plot_privacy_utility, run_plots
+from fedhf.analysis.plots import PERSONAL_SERIES, final_epsilon, personal_rows, plot_privacy_utility, run_plots
 from fedhf.errors import FedHFRunError
 from fedhf.release.card import client_ids
 from fedhf.run.store import RunRecord, load_finished_run
@@ -105,6 +105,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
         lines += [f"![{p.stem}]({sub}/{p.name})" for p in plots]
         if run.audit:
             lines += ["", audit_summary(run.audit)]
+        lines += personalization_table(run)
         lines.append("")
     md = out / "report.md"
     md.write_text("\n".join(lines))
@@ -124,3 +125,22 @@ def audit_summary(audit: dict[str, Any]) -> str:
         f"Membership-inference audit ({audit['members']} members, {audit['non_members']} non-members, "
         f"{audit['confidence']:.0%} confidence): " + "; ".join(parts) + "."
     )
+
+
+def personalization_table(run: RunRecord) -> list[str]:
+    """Markdown lines: per client, macro-F1 (accuracy) on its held-out rows of each adapter the stage measured."""
+    rows = personal_rows(run)
+    if not rows:
+        return []
+    series = [(k, name) for k, name in PERSONAL_SERIES if f"{k}_f1" in rows[0]]
+    lines = [
+        "",
+        f"Personalization ({run.personalization.mode}), per client on its own held-out rows: macro-F1 (accuracy).",
+        "",
+        "| client | rows | " + " | ".join(name for _, name in series) + " |",
+        "|---|---|" + "---|" * len(series),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[f'{k}_f1']:.3f} ({r[f'{k}_accuracy']:.3f})" for k, _ in series)
+        lines.append(f"| {r['partition_id']} | {r['num_examples']} | {cells} |")
+    return lines

@@ -36,6 +36,8 @@ POOLINGS = ("auto", "cls", "mean")
 ADAPTERS = ("auto", "lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
 TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
 OPTIMIZERS = ("auto", "adamw", "sgd")
+PERSONALIZATION = ("none", "finetune", "fedrep", "ditto")  # fedhf.federation.personal
+KEEP_LOCAL = ("head", "head+lora-b")  # what stays on the node under personalization.mode = fedrep
 # Keys left at "auto" (or unset) take the first value without sample-level DP and the second with it. Under DP:
 # train fewer values (FFA-LoRA: B and the head) on the representation the model was trained for (mean pooling),
 # with SGD, whose step follows the noisy gradient (AdamW moves every value by about lr per step, signal or not), at
@@ -372,6 +374,49 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class PersonalizationConfig:
+    mode: str = _opt(
+        "none",
+        "What each client keeps for itself (docs/personalization.md): none; finetune (after the last round each client "
+        "fine-tunes the final global adapter on its own rows for personalization.epochs); fedrep (the parts named by "
+        "personalization.keep-local never leave the client: each round it trains them for personalization.epochs with "
+        "the rest frozen, then the rest for train.local-epochs with them frozen, and sends the rest); ditto (each "
+        "client also keeps a personal adapter, trained each round for personalization.epochs and pulled toward the "
+        "global one with strength personalization.ditto-lambda). Personal adapters stay on their node, under its "
+        "state folder; under sample-level DP every personal step spends from the client's accountant.",
+        choices=PERSONALIZATION,
+    )
+    epochs: int = _opt(
+        1,
+        "Personal epochs: finetune, after the last round; fedrep, of the local parts each round; ditto, of the "
+        "personal adapter each round.",
+        min=1,
+    )
+    keep_local: str = _opt(
+        "head",
+        "fedrep: what stays on the client: head (the classifier head) or head+lora-b (the head and LoRA's B; A is "
+        "federated).",
+        choices=KEEP_LOCAL,
+    )
+    ditto_lambda: float = _opt(
+        0.1,
+        "ditto: after every personal step the personal adapter v moves toward the global w by lr * lambda * (v - w) "
+        "(a decoupled proximal step: data-independent, so it costs no privacy).",
+        min=0.0,
+    )
+    local_only: bool = _opt(
+        True,
+        "With a personalization mode: after the last round each client also trains an adapter on its own rows alone "
+        "(num-server-rounds x train.local-epochs epochs from the seed's initial adapter), the baseline that "
+        "federation must beat. Under sample-level DP it spends too (and the planned sigma covers it).",
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
 class HubConfig:
     push: bool = _opt(
         False,
@@ -399,6 +444,7 @@ class FedHFConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     hub: HubConfig = field(default_factory=HubConfig)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
@@ -618,6 +664,7 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
         )
     if s.secure_aggregation:
         _check_secagg(cfg)
+    _check_personalization(cfg)
     if cfg.hub.push:
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id
@@ -644,6 +691,19 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
             ) from None
     if cfg.run_name and ("/" in cfg.run_name or cfg.run_name in (".", "..")):
         raise FedHFConfigError(f"config key 'run-name': got {cfg.run_name!r}; use a plain folder name without '/'.")
+
+
+def _check_personalization(cfg: FedHFConfig) -> None:
+    pers = cfg.personalization
+    if pers.mode != "fedrep":
+        return
+    adapter, keep = cfg.model.adapter, pers.keep_local
+    if adapter == "head" or (adapter == "ffa-lora" and keep == "head+lora-b"):
+        raise FedHFConfigError(
+            f"config key 'personalization.keep-local': got '{keep}' with model.adapter='{adapter}', which leaves "
+            "nothing to federate (every trained tensor would stay on the clients); keep only the head local, or "
+            "train LoRA (model.adapter='lora' or 'ffa-lora')."
+        )
 
 
 def _check_secagg(cfg: FedHFConfig) -> None:

@@ -34,6 +34,7 @@ from fedhf.privacy.dp import (
     SampleAccount,
     _merge,
     default_delta,
+    dp_epochs,
     epsilon_of,
     plan_for,
     private_train,
@@ -52,8 +53,9 @@ from fedhf.tasks.model import (
     get_adapter_state,
     load_tokenizer,
     set_adapter_state,
+    train_only,
 )
-from fedhf.train.loop import train_local
+from fedhf.train.loop import Pull, TrainResult, train_local
 
 log = logging.getLogger("fedhf")
 
@@ -131,10 +133,12 @@ class Projection:
     lifetime: dict[str, Any]
 
 
-def _project(req: RoundRequest, spend: Any, pid: int, n: int, delta: float) -> Projection:
+def _project(req: RoundRequest, spend: Any, pid: int, n: int, delta: float, epochs: int | None = None) -> Projection:
+    """``epochs``: what this request trains (default: a round's, personal epochs included)."""
     cfg = req.cfg
     account, accountant_id = _run_account(cfg, spend.run_account(req.run_uid), n, delta)
-    q, steps = sampling(n, cfg.train.batch_size, cfg.train.local_epochs)
+    q, _ = sampling(n, cfg.train.batch_size, 1)
+    steps = sampling(n, cfg.train.batch_size, epochs if epochs is not None else dp_epochs(cfg)[0])[1]
     entry = {
         "run_uid": req.run_uid,
         "round": req.server_round,
@@ -235,48 +239,35 @@ def train_round(
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_model(cfg, names)
     set_adapter_state(model, global_state)
-    task = get_task(cfg.model.task)
-    loader = task.make_loader(
-        train_ds,
-        tokenizer,
-        cfg.data.max_length,
-        cfg.train.batch_size,
-        shuffle=True,
-        seed=round_seed(cfg, server_round, pid),
-    )
-    if account is not None:
-        # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
-        private = private_train(
-            model,
-            loader,
-            account,
-            task=task,
-            epochs=cfg.train.local_epochs,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            grad_sample_mode=p.grad_sample_mode,
-            optimizer_name=cfg.train.optimizer,
-            momentum=cfg.train.momentum,
-        )
-        result = private.train
-        account = private.account
-        log.info("round %d: %d empty Poisson batches (noise only)", server_round, private.empty_batches)
+    fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid))
+    pers = cfg.personalization
+    personal = SpendStore(state_root, data_key(cfg, node)) if pers.mode in ("fedrep", "ditto") else None
+    if personal is not None and pers.mode == "fedrep":
+        # FedRep: the local parts (the head, and B when asked) train first with the rest frozen, then the rest with
+        # them frozen; only the rest is sent. The local parts never leave this node.
+        saved = personal.load_personal(req.run_uid, "local")
+        if saved is not None:
+            set_adapter_state(model, _tensors(saved), part="local")
+        train_only(model, "local")
+        fit(pers.epochs)
+        train_only(model, "travels")
+        result = fit(cfg.train.local_epochs, proximal_mu=req.proximal_mu)
+        train_only(model, "trained")
+        personal.save_personal(req.run_uid, "local", _arrays(get_adapter_state(model, "local")))
     else:
-        # Dropout draws from torch's RNG: seed it per (run seed, round, partition) for reproducible
-        # non-private training, inside a forked RNG so the process's own stream is left alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(round_seed(cfg, server_round, pid))
-            result = train_local(
-                model,
-                loader,
-                task=task,
-                epochs=cfg.train.local_epochs,
-                lr=cfg.train.lr,
-                weight_decay=cfg.train.weight_decay,
-                proximal_mu=req.proximal_mu,
-                optimizer_name=cfg.train.optimizer,
-                momentum=cfg.train.momentum,
-            )
+        anchors = _trainable_copy(model) if pers.mode == "ditto" else None
+        result = fit(cfg.train.local_epochs, proximal_mu=req.proximal_mu)
+        if personal is not None and anchors is not None:
+            # Ditto: the update to send is taken; then this node's personal adapter trains, pulled toward the
+            # global adapter of this round, and stays here.
+            update = get_adapter_state(model)
+            saved = personal.load_personal(req.run_uid, "ditto")
+            set_adapter_state(model, _tensors(saved) if saved is not None else global_state)
+            fit(pers.epochs, pull=ditto_pull(cfg, model, anchors))
+            personal.save_personal(req.run_uid, "ditto", _arrays(get_adapter_state(model)))
+            set_adapter_state(model, update)
+    result = fit.total(result)
+    account = fit.account
     trained = faults.poison_values(fault, {k: v.numpy() for k, v in get_adapter_state(model).items()})
     encoded = encode(trained, {k: v.numpy() for k, v in global_state.items()}, cfg.transport.dtype)
     state = faults.poison_structure(fault, encoded.arrays)
@@ -304,6 +295,98 @@ def train_round(
             state,
         )
     return outcome
+
+
+class Fit:
+    """Local training of one model on this node's rows, DP-SGD when an account is given; calls add up (their steps,
+    tokens, time) and the account carries every call's spend."""
+
+    def __init__(
+        self,
+        cfg: FedHFConfig,
+        model: torch.nn.Module,
+        train_ds: Any,
+        tokenizer: Any,
+        account: SampleAccount | None,
+        seed: int,
+    ) -> None:
+        self.cfg, self.model, self.train_ds, self.tokenizer = cfg, model, train_ds, tokenizer
+        self.account, self.seed = account, seed
+        self.task = get_task(cfg.model.task)
+        self.results: list[TrainResult] = []
+
+    def __call__(self, epochs: int, *, proximal_mu: float = 0.0, pull: Pull | None = None) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        seed = self.seed + 7_919 * len(self.results)  # each call of a round shuffles differently, reproducibly
+        loader = self.task.make_loader(
+            self.train_ds, self.tokenizer, cfg.data.max_length, t.batch_size, shuffle=True, seed=seed
+        )
+        if self.account is not None:
+            # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.
+            private = private_train(
+                self.model,
+                loader,
+                self.account,
+                task=self.task,
+                epochs=epochs,
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                grad_sample_mode=cfg.privacy.grad_sample_mode,
+                optimizer_name=t.optimizer,
+                momentum=t.momentum,
+                pull=pull,
+            )
+            self.account = private.account
+            log.info("%d empty Poisson batches (noise only)", private.empty_batches)
+            result = private.train
+        else:
+            # Dropout draws from torch's RNG: seed it per (run seed, round, partition) for reproducible
+            # non-private training, inside a forked RNG so the process's own stream is left alone.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                result = train_local(
+                    self.model,
+                    loader,
+                    task=self.task,
+                    epochs=epochs,
+                    lr=t.lr,
+                    weight_decay=t.weight_decay,
+                    proximal_mu=proximal_mu,
+                    optimizer_name=t.optimizer,
+                    momentum=t.momentum,
+                    pull=pull,
+                )
+        self.results.append(result)
+        return result
+
+    def total(self, main: TrainResult) -> TrainResult:
+        """The reply's figures: ``main``'s loss (the training whose update is sent), every call's steps and time."""
+        return TrainResult(
+            loss=main.loss,
+            num_examples=main.num_examples,
+            steps=sum(r.steps for r in self.results),
+            tokens=sum(r.tokens for r in self.results),
+            seconds=sum(r.seconds for r in self.results),
+        )
+
+
+def _trainable_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ditto_pull(cfg: FedHFConfig, model: torch.nn.Module, anchors: dict[str, torch.Tensor]) -> Pull:
+    """Ditto's pull of the personal adapter toward the round's global adapter (``anchors``, by parameter name)."""
+    rate = min(1.0, cfg.train.lr * cfg.personalization.ditto_lambda)
+    pairs = [(p, anchors[n]) for n, p in model.named_parameters() if p.requires_grad]
+    return Pull(pairs, rate)
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+def _arrays(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in state.items()}
 
 
 def _run_account(cfg: FedHFConfig, saved: Any, n: int, delta: float) -> tuple[SampleAccount, str]:

@@ -299,6 +299,42 @@ class SpendStore:
                 "give a writable node config 'state-dir'."
             ) from None
 
+    # ------------------------------------------------------------------ personal adapters (personalization)
+    def personal_path(self, run_uid: str, kind: str) -> Path:
+        """Where this node keeps a personal adapter of a run: ``personal/<run-uid>.<kind>.safetensors``."""
+        meta, _ = self._reply_paths(run_uid)  # checks the run uid
+        return self.dir / "personal" / f"{meta.stem}.{kind}.safetensors"
+
+    def save_personal(self, run_uid: str, kind: str, arrays: Mapping[str, np.ndarray]) -> Path:
+        from safetensors.numpy import save
+
+        path = self.personal_path(run_uid, kind)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+        except OSError as exc:
+            raise FedHFNodeStateError(
+                f"cannot save this node's personal adapter under '{path.parent}' ({exc.strerror or exc}); "
+                "give a writable node config 'state-dir'."
+            ) from None
+        return path
+
+    def load_personal(self, run_uid: str, kind: str) -> dict[str, np.ndarray] | None:
+        """The personal adapter saved in an earlier round, or None (the first round); unreadable state raises."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        path = self.personal_path(run_uid, kind)
+        if not path.is_file():
+            return None
+        try:
+            return load(path.read_bytes())
+        except (OSError, SafetensorError) as exc:
+            raise FedHFNodeStateError(
+                f"this node's personal adapter '{path}' cannot be read ({exc}); remove it to start the personal "
+                "part over."
+            ) from None
+
     def drop_replies(self, run_uid: str) -> None:
         for f in self._reply_paths(run_uid):
             with contextlib.suppress(FileNotFoundError):

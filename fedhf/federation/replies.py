@@ -305,6 +305,57 @@ def screen_evaluate(metrics: Mapping[str, Any], info: Mapping[str, Any], *, node
     return Screened(status, rec, m["weight"])
 
 
+PERSONAL_STATUSES = ("personalized", "not-shared", "refused", "no-personal-state")
+PERSONAL_METRIC_FIELDS = {
+    "num-examples": "count",
+    **{
+        f"{stage}-{name}": kind
+        for stage in ("federated", "personalized", "local-only")
+        for name, kind in (("accuracy", "unit"), ("f1", "unit"), ("loss", "nonneg"))
+    },
+}
+PERSONAL_INFO_FIELDS = {
+    "partition-id": "id",
+    "status": "text",
+    "rule": "text",
+    "reason": "text",
+    "handler-seconds": "nonneg",
+    "train-steps": "count",
+    **{k: kind for k, (_, kind) in PRIVACY_FIELDS.items()},
+}
+
+
+def screen_personalize(
+    metrics: Mapping[str, Any], info: Mapping[str, Any], *, node_id: int, sample_level: bool
+) -> Screened:
+    """Check a personalization reply (``fedhf.federation.personal``); Malformed with the reason when it breaks the
+    schema. Metrics come only with status 'personalized', and a DP node that trained reports its accounting."""
+    m, i, rec = _head(metrics, info, PERSONAL_METRIC_FIELDS, PERSONAL_INFO_FIELDS, PERSONAL_STATUSES, node_id, None)
+    status = rec["status"]
+    if status == "refused":
+        if "rule" not in i or "reason" not in i:
+            raise Malformed("a refusal must name its 'rule' and 'reason'")
+        rec.update(rule=i["rule"], reason=i["reason"])
+    if status != "personalized" and m:
+        raise Malformed(f"status '{status}' must not carry metrics")
+    if status == "personalized" and "num-examples" not in m:
+        raise Malformed("field 'num-examples' is missing from metrics")
+    rec.update(m)
+    for name in ("handler-seconds", "train-steps"):
+        if name in i:
+            rec[name] = i[name]
+    privacy = None
+    present = [k for k in PRIVACY_FIELDS if k in i]
+    if present:
+        missing = [k for k, (required, _) in PRIVACY_FIELDS.items() if required and k not in i]
+        if missing:
+            raise Malformed(f"privacy accounting without '{missing[0]}'")
+        privacy = {k: i[k] for k in present}
+    elif sample_level and i.get("train-steps", 0) > 0:
+        raise Malformed("a sample-level DP client that trained must report its privacy accounting")
+    return Screened(status, rec, 0.0, privacy)
+
+
 # ----------------------------------------------------------------------------- what a DP client discloses
 # The model card, the README and docs/threat-model.md describe a sample-level DP client's reply with these
 # lists; a test checks them against what a DP client really sends, field by field.

@@ -52,6 +52,7 @@ from fedhf.flower.secagg import (
 log = logging.getLogger("fedhf")
 
 ERROR_CODE = 1  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+PERSONALIZE_ACTION = "personalize"  # message type evaluate.personalize: fedhf.federation.personal
 
 
 class PolicyRefusal(FedHFError):
@@ -172,6 +173,21 @@ def make_client_app(node_configs: Mapping[int, Mapping[str, Any]] | None = None)
             msg.content["arrays"].to_torch_state_dict(),
             _label_names(config),
             context.node_config,
+        )
+        return Message(RecordDict({"metrics": MetricRecord(metrics), "client-info": ConfigRecord(info)}), reply_to=msg)
+
+    @client_app.evaluate(PERSONALIZE_ACTION)
+    def personalize(msg: Message, context: Context) -> Message:
+        from fedhf.federation import client, personal
+
+        config = msg.content["config"]
+        node = client.node_of(context.node_config, context.node_id)
+        metrics, info = personal.final_round(
+            _request(config, digest="", secure=False),
+            node,
+            msg.content["arrays"].to_torch_state_dict(),
+            node_config=context.node_config,
+            state_root=_state_root(context, config),
         )
         return Message(RecordDict({"metrics": MetricRecord(metrics), "client-info": ConfigRecord(info)}), reply_to=msg)
 

@@ -12,9 +12,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid, ServerApp
 
+from fedhf.flower.client_app import PERSONALIZE_ACTION
 from fedhf.flower.strategy import ClientLevel, Resumed, Screened, screened_of
 
 ServerMain = Callable[[Grid, Mapping[str, Any]], None]
@@ -72,3 +74,29 @@ def latest_adapter(strategy: Screened | ClientLevel, default: dict[str, torch.Te
     """The global adapter the strategy last sent (what a run that stops early keeps)."""
     latest = screened_of(strategy).latest_arrays
     return latest.to_torch_state_dict() if latest is not None else default
+
+
+def personalize(
+    grid: Grid, arrays: dict[str, torch.Tensor], client_config: dict[str, Any], *, timeout: float
+) -> list[tuple[int, dict[str, Any], dict[str, Any], str | None]]:
+    """After the last round: the final global adapter to every connected node, as ``evaluate.personalize``.
+    Per node: (node id, metrics, client info, error text or None); no reply within ``timeout`` is an error."""
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(client_config)})
+    messages = [
+        Message(content=content, dst_node_id=node, message_type=f"{MessageType.EVALUATE}.{PERSONALIZE_ACTION}")
+        for node in nodes
+    ]
+    out: list[tuple[int, dict[str, Any], dict[str, Any], str | None]] = []
+    seen: set[int] = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        seen.add(node)
+        if reply.has_error():
+            out.append((node, {}, {}, reply.error.reason or "no reason given"))
+            continue
+        metrics = reply.content.metric_records.get("metrics")
+        info = reply.content.config_records.get("client-info")
+        out.append((node, dict(metrics or {}), dict(info or {}), None))
+    out += [(n, {}, {}, f"no reply within strategy.round-timeout={timeout:g} s") for n in nodes if n not in seen]
+    return sorted(out)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from fedhf.config.schema import FedHFConfig, PrivacyConfig
 from fedhf.errors import FedHFPrivacyError
 from fedhf.tasks.base import Task
-from fedhf.train.loop import TrainResult, make_optimizer, train_local
+from fedhf.train.loop import Pull, TrainResult, make_optimizer, train_local
 
 RNG_NOTE = (
     "DP noise and Poisson sampling draw from torch generators seeded from OS randomness (secrets), never "
@@ -120,23 +120,40 @@ def plan_sample_level(
     target_epsilon: float | None,
     noise_multiplier: float,
     delta: float | None,
+    final_epochs: int = 0,
 ) -> SamplePlan:
-    """The one place sigma is planned: for ``target_epsilon`` over every step of the run, else the given sigma."""
+    """The one place sigma is planned: for ``target_epsilon`` over every step of the run, else the given sigma.
+    ``local_epochs``: a client's epochs per round; ``final_epochs``: its epochs after the last round
+    (personalization)."""
     d = delta if delta is not None else default_delta(num_examples)
     q, steps = sampling(num_examples, batch_size, local_epochs)
+    total = steps * rounds + sampling(num_examples, batch_size, final_epochs)[1]
     sigma = noise_multiplier
     if target_epsilon is not None:
-        sigma = plan_noise_multiplier(target_epsilon, d, q, steps * rounds, accountant)
-    return SamplePlan(q, steps, steps * rounds, d, sigma)
+        sigma = plan_noise_multiplier(target_epsilon, d, q, total, accountant)
+    return SamplePlan(q, steps, total, d, sigma)
+
+
+def dp_epochs(cfg: FedHFConfig) -> tuple[int, int]:
+    """(epochs a client trains in a round, epochs it trains after the last round), personal epochs included: every
+    one of them is a DP-SGD epoch under sample-level DP, planned and accounted."""
+    pers = cfg.personalization
+    per_round = cfg.train.local_epochs + (pers.epochs if pers.mode in ("fedrep", "ditto") else 0)
+    final = pers.epochs if pers.mode == "finetune" else 0
+    if pers.on and pers.local_only:
+        final += cfg.num_server_rounds * cfg.train.local_epochs
+    return per_round, final
 
 
 def plan_for(cfg: FedHFConfig, num_examples: int, delta: float | None = None) -> SamplePlan:
     """A client's plan under the run config (``delta``: the one the node settled on, else the config's)."""
     p = cfg.privacy
+    per_round, final = dp_epochs(cfg)
     return plan_sample_level(
         num_examples,
         batch_size=cfg.train.batch_size,
-        local_epochs=cfg.train.local_epochs,
+        local_epochs=per_round,
+        final_epochs=final,
         rounds=cfg.num_server_rounds,
         accountant=p.accountant,
         target_epsilon=p.target_epsilon,
@@ -267,6 +284,7 @@ def private_train(
     grad_sample_mode: str = "hooks",
     optimizer_name: str = "adamw",
     momentum: float = 0.0,
+    pull: Pull | None = None,
 ) -> PrivateResult:
     """DP-SGD (Poisson sampling, per-example clipping at C, Gaussian noise sigma*C) for ``epochs`` epochs.
 
@@ -326,6 +344,7 @@ def private_train(
             before_step=guard.before_step,
             after_step=guard.after_step,
             empty_batch=guard.empty_batch,
+            pull=pull,
         )
     if guard.steps == 0:
         raise FedHFPrivacyError("no DP-SGD step was taken; check the partition size and train.batch-size.")

@@ -90,9 +90,10 @@ def _sample_table(privacy: Privacy) -> list[str]:
     rounds = sorted({r["round"] for e in clients.values() for r in e["rounds"]})
     planned = f", sigma planned for target epsilon {privacy.target_epsilon:g}" if privacy.target_epsilon else ""
     lines = [f"privacy ledger: {privacy.label}, accountant {privacy.accountant}{planned}"]
+    personal = {r["round"] for e in clients.values() for r in e["rounds"] if r["status"] == "personalized"}
     head = (
         f"{'client':>6}  "
-        + "  ".join(f"{'eps r' + str(r):>8}" for r in rounds)
+        + "  ".join(f"{'eps pers' if r in personal else 'eps r' + str(r):>8}" for r in rounds)
         + f"  {'delta':>9} {'sigma':>7} {'C':>6} {'q':>7} {'steps':>6} {'budget':>7}  status"
     )
     lines.append(head)
@@ -103,7 +104,9 @@ def _sample_table(privacy: Privacy) -> list[str]:
         for r in rounds:
             rr = by_round.get(r)
             cells.append(
-                f"{'-':>8}" if rr is None else f"{rr['epsilon']:>8.3f}" + ("" if rr["status"] == "trained" else "*")
+                f"{'-':>8}"
+                if rr is None
+                else f"{rr['epsilon']:>8.3f}" + ("" if rr["status"] in ("trained", "personalized") else "*")
             )
         status = (
             "trained" if "stopped" not in e else f"stopped in round {e['stopped']['round']}: {e['stopped']['reason']}"
@@ -119,6 +122,7 @@ def _sample_table(privacy: Privacy) -> list[str]:
     lines.append(
         f"{SAMPLE:s}: epsilon max {max(eps):.3f}, mean {sum(eps) / len(eps):.3f} over {len(eps)} clients "
         f"(each at its own delta); * = did not train that round"
+        + ("; pers = the personalization stage after the last round" if personal else "")
     )
     return lines
 

@@ -450,6 +450,94 @@ def _audit_section(run: RunRecord) -> str:
     )
 
 
+_PERSONAL_TEXT = {
+    "finetune": "after the last round each client fine-tuned the final global adapter on its own rows for {e} epoch(s)",
+    "fedrep": "FedRep: {keep} never left the clients; each round a client trained its local part for {e} epoch(s) with "
+    "the rest frozen, then the rest with its local part frozen, and sent the rest",
+    "ditto": "Ditto: each client also kept a personal adapter, trained for {e} epoch(s) per round and pulled toward "
+    "the round's global adapter (λ = {lam}, a decoupled proximal step)",
+}
+_KEEP_TEXT = {"head": "the classifier heads", "head+lora-b": "the classifier heads and LoRA's B"}
+
+
+def _personalization_section(run: RunRecord) -> str:
+    """Per client: local-only, federated and personalized macro-F1 on its own held-out rows; what was released."""
+    pers = run.personalization
+    if pers is None:
+        return (
+            "None: every client used the global adapter (personalization.mode = none).\n"
+            if run.settings["personalization.mode"] == "none"
+            else "Not measured: the run ended before its personalization stage.\n"
+        )
+    how = _PERSONAL_TEXT[pers.mode].format(
+        e=pers.epochs, keep=_KEEP_TEXT.get(pers.keep_local or "", ""), lam=pers.ditto_lambda
+    )
+    out = [f"Mode **{pers.mode}**: {how}. Released: {pers.released}."]
+    if pers.mode == "fedrep":
+        out.append(
+            "The adapter in this repository is the federated part; its head is the seed's initial head (no head was "
+            "federated), so the central evaluation above measures an untrained head: fit a head on your own data."
+        )
+    else:
+        out.append("The adapter in this repository is the global one; no personal adapter is in it.")
+    if pers.local_only:
+        out.append(
+            "Local-only: each client also trained an adapter on its own rows alone, from the seed's initial adapter, "
+            "for as many epochs as it trained in the federation's rounds."
+        )
+    if run.privacy is not None and run.privacy.clients:
+        out.append(
+            "Under sample-level DP every personal step (the per-round personal epochs of fedrep and Ditto, the "
+            "fine-tuning and the local-only training after the last round) was DP-SGD from the client's own "
+            "accountant: all are in ε above, and the stage after the last round is the ledger's 'pers' column."
+        )
+    rows = [r for r in pers.clients if r["status"] == "personalized"]
+    if not rows:
+        out.append(
+            "No client reported held-out metrics (a node shares them only when its owner's policy shares "
+            "'local-eval'; under DP none does by default)."
+        )
+        return "\n\n".join(out) + "\n"
+    stages = [
+        (k, name)
+        for k, name in (("local_only", "local-only"), ("federated", "federated"), ("personalized", "personalized"))
+        if f"{k}_f1" in rows[0]
+    ]
+    table = [
+        "| client | held-out rows | " + " | ".join(f"{name} macro-F1" for _, name in stages) + " |",
+        "|---|---|" + "---|" * len(stages),
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['partition_id']} | {r['num_examples']} | "
+            + " | ".join(f"{r[f'{k}_f1']:.3f}" for k, _ in stages)
+            + " |"
+        )
+    sm = pers.summary
+    table.append(
+        "| mean | | "
+        + " | ".join(f"{sm[f'{k}_f1_mean']:.3f}" if f"{k}_f1_mean" in sm else "" for k, _ in stages)
+        + " |"
+    )
+    out.append("\n".join(table))
+    wins = [
+        f"the {s} adapter beats local-only training on {sm[f'{s}_beats_local_only']} of {sm['clients']} clients"
+        for s in ("personalized", "federated")
+        if f"{s}_beats_local_only" in sm
+    ]
+    if wins:
+        sizes = [r["num_examples"] for r in rows]
+        out.append(
+            "In macro-F1, " + "; ".join(wins) + f" (held-out rows per client: {_span(sizes)}; small "
+            "samples, wide error bars)."
+        )
+    return "\n\n".join(out) + "\n"
+
+
+def _span(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)} to {max(values)}"
+
+
 def _rounds_table(run: RunRecord) -> str:
     rows = [
         "| round | train loss | eval loss | eval accuracy | eval macro-F1 | clients trained |",
@@ -582,6 +670,9 @@ exchanged.
 ## Secure aggregation
 
 {_secure_aggregation_section(run)}
+## Personalization
+
+{_personalization_section(run)}
 ## Results
 
 Central evaluation of the global adapter by the server on {ds.central_eval_rows} rows of the evaluation split,

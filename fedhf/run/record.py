@@ -39,6 +39,7 @@ from fedhf.run.store import (
     HubPush,
     Model,
     Partition,
+    Personalization,
     Privacy,
     Refusal,
     Resume,
@@ -342,6 +343,20 @@ class RunRecorder:
         client's figure: a spend is counted once it may have been released, never dropped."""
         ledger = self._require_privacy().clients
         ledger[pid] = with_saved_spend(ledger.get(pid), spend)
+        self.write()
+
+    def personalized(self, personalization: Personalization, privacy: dict[str, dict[str, Any]], after: int) -> None:
+        """The personalization stage's results; ``privacy``: each DP client's accounting after it (by partition id),
+        entered into the ledger as a stage after round ``after`` (its spend counts like a round's)."""
+        self.record.personalization = personalization
+        ledger = self.record.privacy.clients if self.record.privacy is not None else None
+        for pid, report in privacy.items():
+            if ledger is None:
+                raise RuntimeError("a personalization reply carries DP accounting in a run without DP")  # a bug
+            entry, warnings = ledger_entry(ledger.get(pid), report, after + 1, "personalized")
+            ledger[pid] = entry
+            for w in warnings:
+                log.warning("client %s: %s", pid, w)
         self.write()
 
     def over_budget(self) -> set[int]:

@@ -51,6 +51,11 @@ CONFIG_BEFORE_KEY = {
     "train.optimizer": "adamw",
     "train.momentum": 0.0,
     "transport.dtype": "fp32",
+    "personalization.mode": "none",
+    "personalization.epochs": 1,
+    "personalization.keep-local": "head",
+    "personalization.ditto-lambda": 0.1,
+    "personalization.local-only": True,
 }
 
 
@@ -193,6 +198,21 @@ class StoppedEarly:
 
 
 @dataclass
+class Personalization:
+    """What the federation gave each client, measured on its own held-out rows after the last round
+    (``fedhf.federation.personal``): the global adapter, the personalized one and the local-only baseline."""
+
+    mode: str  # personalization.mode
+    epochs: int
+    released: str  # what of the personal adapters left the nodes, and to whom
+    keep_local: str | None = _optional()  # fedrep: what stayed on the clients
+    ditto_lambda: float | None = _optional()
+    local_only: bool = False  # whether the local-only baseline was trained
+    clients: list[dict[str, Any]] = field(default_factory=list)  # per client: its screened reply (what it shares)
+    summary: dict[str, Any] = _optional(factory=dict)  # per stage: mean macro-F1 and accuracy; clients where it wins
+
+
+@dataclass
 class HubPush:
     """The outcome of pushing the Hub folder at the end of the run (``hub.push``)."""
 
@@ -229,6 +249,7 @@ class RunRecord:
     refusals: list[Refusal] = _optional(factory=list)
     resumes: list[Resume] = _optional(factory=list)
     final: Final | None = _optional()
+    personalization: Personalization | None = _optional()
     stopped_early: StoppedEarly | None = _optional()
     hub_folder: str | None = _optional()
     hub_push: HubPush | None = _optional()

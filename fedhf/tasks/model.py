@@ -3,9 +3,9 @@
 Where a model comes from (a local folder, the Hub or its cache, a bundled copy) is decided here;
 what the base model is (its class, its head) is the task's (``fedhf.tasks.base``). Only the PEFT
 adapter state (LoRA matrices and, for classification, the head PEFT keeps in ``modules_to_save``) is
-ever sent, and of it only what ``model.adapter`` trains (``travels``); the frozen base weights, and
-adapter tensors frozen at the seed's values (FFA-LoRA's A), stay where they are: every node builds
-them alike.
+ever sent, and of it only what ``model.adapter`` trains and personalization does not keep on the client
+(``travels``); the frozen base weights, and adapter tensors frozen at the seed's values (FFA-LoRA's A),
+stay where they are: every node builds them alike.
 """
 
 from __future__ import annotations
@@ -141,20 +141,43 @@ def build_model(cfg: FedHFConfig, label_names: list[str], device: str | torch.de
                 f"name linear layers of the model, e.g. 'query,value' for BERT."
             ) from None
     for name, param in model.named_parameters():
-        if param.requires_grad and not travels(name, cfg.model.adapter):
+        if param.requires_grad and not trains(name, cfg.model.adapter):
             param.requires_grad_(False)  # frozen where the seed put it, on every node alike
     model._fedhf_adapter = cfg.model.adapter
+    model._fedhf_local = cfg.personalization.keep_local if cfg.personalization.mode == "fedrep" else None
     return model
 
 
-def travels(key: str, adapter: str) -> bool:
-    """Whether a tensor of the adapter (a parameter or state-dict name) trains and is exchanged, by model.adapter:
+def _is_lora(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def trains(key: str, adapter: str) -> bool:
+    """Whether a tensor of the adapter (a parameter or state-dict name) trains, by model.adapter:
     lora: everything PEFT trains; ffa-lora: all but LoRA's A; head: all but LoRA's A and B."""
     if adapter == "ffa-lora":
         return ".lora_A." not in key
     if adapter == "head":
-        return ".lora_A." not in key and ".lora_B." not in key
+        return not _is_lora(key)
     return True
+
+
+def stays_local(key: str, keep_local: str | None) -> bool:
+    """Whether a trained tensor stays on its client (personalization.mode = fedrep, by personalization.keep-local):
+    head: the head (every adapter tensor that is not LoRA's); head+lora-b: the head and LoRA's B."""
+    if keep_local == "head":
+        return not _is_lora(key)
+    if keep_local == "head+lora-b":
+        return not _is_lora(key) or ".lora_B." in key
+    return False
+
+
+def travels(key: str, adapter: str, keep_local: str | None = None) -> bool:
+    """Whether a tensor trains and is exchanged: it trains (model.adapter) and does not stay on the client."""
+    return trains(key, adapter) and not stays_local(key, keep_local)
+
+
+PARTS = ("travels", "local", "trained")  # what get_adapter_state / set_adapter_state read and write
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,28 +185,38 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_module", model)
 
 
-def _travelling_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _part_state(model: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
     inner = _unwrap(model)
     adapter = getattr(inner, "_fedhf_adapter", "lora")
-    return {k: v for k, v in get_peft_model_state_dict(inner).items() if travels(k, adapter)}
+    local = getattr(inner, "_fedhf_local", None)
+    state = get_peft_model_state_dict(inner)
+    if part == "travels":
+        return {k: v for k, v in state.items() if travels(k, adapter, local)}
+    if part == "local":
+        return {k: v for k, v in state.items() if trains(k, adapter) and stays_local(k, local)}
+    if part == "trained":
+        return {k: v for k, v in state.items() if trains(k, adapter)}
+    raise ValueError(f"unknown adapter part {part!r}; one of {PARTS}")  # a bug in fedhf, not user input
 
 
-def get_adapter_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The adapter tensors that train and travel (model.adapter: LoRA and the head, B and the head, or the head),
-    detached CPU copies."""
-    return OrderedDict((k, v.detach().to("cpu").clone().contiguous()) for k, v in _travelling_state(model).items())
+def get_adapter_state(model: torch.nn.Module, part: str = "travels") -> OrderedDict[str, torch.Tensor]:
+    """Adapter tensors as detached CPU copies. ``part``: travels (what is exchanged: by model.adapter, LoRA and the
+    head, B and the head, or the head; less what fedrep keeps local), local (what fedrep keeps on the client) or
+    trained (both: a client's whole personal adapter)."""
+    return OrderedDict((k, v.detach().to("cpu").clone().contiguous()) for k, v in _part_state(model, part).items())
 
 
-def set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load the travelling adapter tensors; any missing, unexpected or mis-shaped tensor raises."""
-    expected = _travelling_state(model)
+def set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor], part: str = "travels") -> None:
+    """Load adapter tensors of ``part`` (see :func:`get_adapter_state`); any missing, unexpected or mis-shaped tensor
+    raises."""
+    expected = _part_state(model, part)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise FedHFModelError(
             f"adapter state does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
             f"({len(missing)}), unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''} ({len(unexpected)}); "
-            f"was it made with the same model.name and model.lora settings?"
+            f"was it made with the same model.name, model.lora and personalization settings?"
         )
     for key, ref in expected.items():
         got = state[key]
@@ -193,11 +226,30 @@ def set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
             )
         if not torch.is_floating_point(got):
             raise FedHFModelError(f"adapter tensor '{key}' has dtype {got.dtype}; expected a floating-point tensor.")
-    result = set_peft_model_state_dict(_unwrap(model), {k: v.to(ref.dtype) for k, v in state.items()})
+    # PEFT looks up every module it saves (the head), so the rest of the adapter goes in at its current values.
+    full = get_peft_model_state_dict(_unwrap(model))
+    full.update({k: v.to(expected[k].dtype) for k, v in state.items()})
+    result = set_peft_model_state_dict(_unwrap(model), full)
     if getattr(result, "unexpected_keys", None):
         raise FedHFModelError(
             f"PEFT did not use adapter tensors {result.unexpected_keys[:3]}; the state does not fit this model."
         )
+
+
+def train_only(model: torch.nn.Module, part: str) -> None:
+    """Set which tensors train: ``part`` (travels, local or trained); the rest are frozen. fedrep's two phases."""
+    inner = _unwrap(model)
+    adapter = getattr(inner, "_fedhf_adapter", "lora")
+    local = getattr(inner, "_fedhf_local", None)
+    for name, param in inner.named_parameters():
+        if not trains(name, adapter) or not any(t in name for t in ("lora_", "modules_to_save")):
+            continue
+        if part == "trained":
+            param.requires_grad_(True)
+        elif part == "local":
+            param.requires_grad_(stays_local(name, local))
+        else:
+            param.requires_grad_(not stays_local(name, local))
 
 
 def adapter_nbytes(state: dict[str, torch.Tensor]) -> int:

@@ -26,6 +26,22 @@ class TrainResult:
     seconds: float
 
 
+@dataclass
+class Pull:
+    """Ditto's regulariser as a decoupled proximal step: after each optimizer step, p <- p - rate * (p - anchor).
+
+    It reads no data (only the weights and the anchor), so under DP-SGD it is post-processing and costs no privacy.
+    """
+
+    pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]
+    rate: float
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            for p, anchor in self.pairs:
+                p.sub_(self.rate * (p - anchor))
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
 ) -> torch.optim.Optimizer:
@@ -53,12 +69,13 @@ def train_local(
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
     empty_batch: Callable[[], None] | None = None,
+    pull: Pull | None = None,
 ) -> TrainResult:
     """Train the trainable parameters (``optimizer_name`` unless an optimizer is given); optional FedProx term.
 
     The hooks let a privacy engine check each step (``before_step``/``after_step``) and handle
     a batch with no example (``empty_batch``: the step still happens, e.g. noise only). Without
-    ``empty_batch`` an empty batch is skipped.
+    ``empty_batch`` an empty batch is skipped. ``pull``: Ditto's step toward the global adapter, after each step.
     """
     criterion = criterion or task.criterion()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -92,6 +109,8 @@ def train_local(
             optimizer.step()
             if after_step:
                 after_step()
+            if pull is not None:
+                pull()
             steps += 1
     return TrainResult(
         loss=total_loss / max(seen, 1),
