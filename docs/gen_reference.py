@@ -97,6 +97,9 @@ _NODE_KEY_MEANINGS = {
     "num-partitions": "with `partition-id`: how many partitions the dataset is split into.",
     "state-dir": "where this node keeps its privacy spend, per dataset, over every run "
     "(see [Reliability](../reliability.md)).",
+    "lora-rank": "the LoRA rank this node trains (at most the run's `model.lora.r`), for its own compute; it needs "
+    "`strategy.lora-aggregation = svd` (otherwise the node refuses, rule `lora-rank`). The node starts each round "
+    "from the truncation of the global product to its rank and sends its rank (see [Model](../model.md)).",
     "fail-at-round": "fault injection, for tests only: the round in which this node fails when asked to train.",
     "fail-mode": "fault injection, for tests only: how it fails (`raise`, `exit`, `hang`, or a malformed "
     "reply: `nan`, `inf`, `shape`, `extra`, `missing`, `norm`, `dtype`).",

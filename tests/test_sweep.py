@@ -54,10 +54,13 @@ def test_groups_compare_like_with_like():
     langs = load_group("languages", REPO / "experiments")
     assert len([r for r in langs.runs if r.name.startswith("local-")]) == 12
     lang_flats = {r.name: parse_config(langs.flat_config(r, False)) for r in langs.runs}
+    personalized = lang_flats.pop("personalized")
     for name, f in lang_flats.items():
         assert f.data.max_examples_per_group == 400 and f.num_server_rounds * f.train.local_epochs == 8, name
     # federated and local-only (the comparison the target is about) take the same steps at the same lr
     assert {f.train.lr for name, f in lang_flats.items() if name != "centralized"} == {lang_flats["federated"].train.lr}
+    # the personalized run compares against its own local-only baseline (the same rows, steps and lr, in the run)
+    assert personalized.data.max_examples_per_group == 400 and personalized.personalization.local_only
     # privacy: the same rows, rounds, epochs, batch, model and head in every run; the DP runs differ only in epsilon
     priv = load_group("privacy", REPO / "experiments")
     pf = {r.name: parse_config(priv.flat_config(r, False)) for r in priv.runs}

@@ -36,6 +36,7 @@ POOLINGS = ("auto", "cls", "mean")
 ADAPTERS = ("auto", "lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
 TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
 OPTIMIZERS = ("auto", "adamw", "sgd")
+LORA_AGGREGATIONS = ("mean", "svd")  # fedhf.federation.lora_ranks
 PERSONALIZATION = ("none", "finetune", "fedrep", "ditto")  # fedhf.federation.personal
 KEEP_LOCAL = ("head", "head+lora-b")  # what stays on the node under personalization.mode = fedrep
 # Keys left at "auto" (or unset) take the first value without sample-level DP and the second with it. Under DP:
@@ -236,6 +237,15 @@ class StrategyConfig:
         "DP-SGD noise adds about lr * sigma * C * sqrt(steps * trainable params) / batch (about 14 at lr 1, sigma 1, "
         "batch 64, 10 steps): set the bound from your recipe.",
         min=0.0,
+    )
+    lora_aggregation: str = _opt(
+        "mean",
+        "How the server combines the clients' LoRA: mean (the strategy averages A and B separately; every node at "
+        "model.lora.r) or svd (the weighted mean of each layer's product B·A, kept as its rank-model.lora.r SVD "
+        "truncation; a node may train a smaller rank, node config lora-rank, and starts from the truncation of the "
+        "global product to its rank). svd works with fedavg and fedprox, model.adapter lora, sample-level DP; not "
+        "with client-level DP or secure aggregation (both need the plain sum of the updates).",
+        choices=LORA_AGGREGATIONS,
     )
     secure_aggregation: bool = _opt(
         False,
@@ -611,11 +621,14 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
         values[spec.path] = value
     private = values[("privacy", "mode")] in ("sample", "both")
     lr_given = values[SPEC_BY_KEY["train.lr"].path] is not None
+    svd = values[SPEC_BY_KEY["strategy.lora-aggregation"].path] == "svd"
     for key, choice in AUTO.items():
         path = SPEC_BY_KEY[key].path
         if values[path] in (None, "auto"):
-            # a learning rate given for the default optimizer stays with it: SGD at AdamW's lr would not move
-            values[path] = choice[private and not (key == "train.optimizer" and lr_given)]
+            # a learning rate given for the default optimizer stays with it: SGD at AdamW's lr would not move;
+            # products of A and B are what svd aggregation averages, so it keeps LoRA's A training
+            keep_plain = (key == "train.optimizer" and lr_given) or (key == "model.adapter" and svd)
+            values[path] = choice[private and not keep_plain]
     cfg = _build(FedHFConfig, (), values)
     _check_cross_field(cfg)
     return cfg
@@ -665,6 +678,8 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
     if s.secure_aggregation:
         _check_secagg(cfg)
     _check_personalization(cfg)
+    if s.lora_aggregation == "svd":
+        _check_svd(cfg)
     if cfg.hub.push:
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id
@@ -704,6 +719,36 @@ def _check_personalization(cfg: FedHFConfig) -> None:
             "nothing to federate (every trained tensor would stay on the clients); keep only the head local, or "
             "train LoRA (model.adapter='lora' or 'ffa-lora')."
         )
+
+
+def _check_svd(cfg: FedHFConfig) -> None:
+    """strategy.lora-aggregation = svd composes with what averages the products; the rest is refused."""
+    s, why = cfg.strategy, None
+    if s.name not in ("fedavg", "fedprox"):
+        why = (
+            f"strategy.name='{s.name}' aggregates A and B coordinate by coordinate (or with a server optimizer), not "
+            "their products; use fedavg or fedprox"
+        )
+    elif cfg.model.adapter != "lora":
+        why = (
+            f"model.adapter='{cfg.model.adapter}' does not train both A and B (FFA-LoRA keeps A at the seed, which "
+            "already makes the mean of B exact); use model.adapter='lora', or strategy.lora-aggregation='mean'"
+        )
+    elif cfg.privacy.client_level:
+        why = (
+            f"privacy.mode='{cfg.privacy.mode}' adds client-level noise to the mean of the clipped updates, and the "
+            "SVD of averaged products is not that mean; use privacy.mode='sample' or 'none'"
+        )
+    elif s.secure_aggregation:
+        why = (
+            "strategy.secure-aggregation=true lets the server see only the sum of the adapters, and the sum of the "
+            "products B·A cannot be computed from it; use strategy.lora-aggregation='mean' (or FFA-LoRA, whose mean "
+            "of B is exact) with secure aggregation"
+        )
+    elif cfg.personalization.mode == "fedrep" and cfg.personalization.keep_local == "head+lora-b":
+        why = "personalization.keep-local='head+lora-b' keeps B on the clients, so no product can be averaged"
+    if why:
+        raise FedHFConfigError(f"config key 'strategy.lora-aggregation': 'svd' cannot be used here: {why}.")
 
 
 def _check_secagg(cfg: FedHFConfig) -> None:

@@ -27,7 +27,8 @@ from fedhf.config.schema import FedHFConfig, check_secagg_weight
 from fedhf.data.fingerprint import partition_fingerprint, silo_fingerprint
 from fedhf.data.partitions import label_histogram
 from fedhf.federation import faults
-from fedhf.federation.node import Node, node_of  # noqa: F401  (node_of: the ClientApp's entry to node configs)
+from fedhf.federation.lora_ranks import truncate
+from fedhf.federation.node import Node, node_lora_rank, node_of  # noqa: F401  (node_of: the ClientApp's entry)
 from fedhf.federation.node_state import SpendStore, legacy_key, new_accountant_id
 from fedhf.federation.updates import encode
 from fedhf.privacy.dp import (
@@ -168,7 +169,7 @@ def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], 
     """Every rule of the owner's policy, checked without spending: SecAgg+'s set-up stage asks before any key is sent.
     The binding check is the one :func:`train_round` makes when it reserves the spend."""
     policy = parse_policy(node_config)
-    refusal = _request_refusal(policy, req)
+    refusal = _request_refusal(policy, req) or rank_refusal(req.cfg, node_config)
     if refusal is not None or not req.cfg.privacy.sample_level:
         return refusal
     train_ds, _, _ = node.data(req.cfg, req.label_names)
@@ -200,7 +201,7 @@ def train_round(
     torch.set_num_threads(cfg.train.num_threads)
     policy = parse_policy(node_config)
     p = cfg.privacy
-    refusal = _request_refusal(policy, req)
+    refusal = _request_refusal(policy, req) or rank_refusal(cfg, node_config)
     if refusal is not None:
         return refusal_outcome(pid, refusal)
     fault = faults.planned(node_config, pid, server_round)
@@ -237,7 +238,9 @@ def train_round(
             account, accountant_id, lifetime = proj.account, proj.accountant_id, proj.lifetime
 
     tokenizer = load_tokenizer(cfg.model.name)
-    model = build_model(cfg, names)
+    rank = node_rank(cfg, node_config)
+    model = build_model(cfg, names, rank=rank)
+    global_state = start_state(global_state, rank)  # at this node's rank: the truncation of the global product
     set_adapter_state(model, global_state)
     fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid))
     pers = cfg.personalization
@@ -283,6 +286,8 @@ def train_round(
         handler_seconds=time.perf_counter() - t0,
     )
     info.update({"status": "trained", "transport": encoded.dtype, "train-steps": result.steps})
+    if cfg.strategy.lora_aggregation == "svd":
+        info["lora-rank"] = rank or cfg.model.lora.r
     if encoded.scales:
         info["int8-scales"] = encoded.scales
     if account is not None:
@@ -295,6 +300,41 @@ def train_round(
             state,
         )
     return outcome
+
+
+def node_rank(cfg: FedHFConfig, node_config: Mapping[str, Any]) -> int | None:
+    """The LoRA rank this node trains when it is not the run's (node config lora-rank), else None."""
+    rank = node_lora_rank(node_config)
+    return rank if rank is not None and rank != cfg.model.lora.r else None
+
+
+def rank_refusal(cfg: FedHFConfig, node_config: Mapping[str, Any]) -> Refusal | None:
+    """A node whose owner set a LoRA rank the run cannot take says so before it trains (or spends)."""
+    rank, r = node_lora_rank(node_config), cfg.model.lora.r
+    if rank is None or rank == r:
+        return None
+    if cfg.strategy.lora_aggregation != "svd":
+        return Refusal(
+            "lora-rank",
+            f"this node trains LoRA rank {rank} (its node config lora-rank) and the run averages A and B "
+            f"separately (strategy.lora-aggregation=mean), which needs every node at model.lora.r={r}; run with "
+            "strategy.lora-aggregation=svd, or drop lora-rank on this node.",
+        )
+    if rank > r:
+        return Refusal(
+            "lora-rank",
+            f"this node's lora-rank {rank} is above the run's global rank model.lora.r={r}, which the server keeps; "
+            f"set lora-rank to at most {r}, or run with model.lora.r >= {rank}.",
+        )
+    return None
+
+
+def start_state(global_state: dict[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
+    """The adapter a node at ``rank`` starts from (``fedhf.federation.lora_ranks.truncate``); the global one when
+    the node trains at the run's rank."""
+    if rank is None:
+        return global_state
+    return _tensors(truncate(_arrays(global_state), rank))
 
 
 class Fit:

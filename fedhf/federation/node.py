@@ -24,6 +24,7 @@ NODE_CONFIG_KEYS = (
     "num-partitions",
     *POLICY_KEYS,
     "state-dir",
+    "lora-rank",
     "fail-at-round",
     "fail-mode",
     "fail-seconds",
@@ -73,6 +74,23 @@ def node_of(node_config: Mapping[str, Any], node_id: int) -> Node:
             public="node config needs 'data-path' or integer 'partition-id' and 'num-partitions'.",
         ) from None
     return Node(pid, n, None)
+
+
+def node_lora_rank(node_config: Mapping[str, Any]) -> int | None:
+    """The LoRA rank this node trains (node config ``lora-rank``: its owner's word, for its compute), or None."""
+    raw = node_config.get("lora-rank")
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    try:
+        rank = int(raw)
+    except (TypeError, ValueError):
+        rank = 0
+    if isinstance(raw, bool) or rank < 1 or str(rank) != str(raw).strip():
+        raise FedHFConfigError(
+            f"node config 'lora-rank': got {raw!r}; give a whole number >= 1 (at most the run's model.lora.r), "
+            "or leave it out to train at the run's rank."
+        )
+    return rank
 
 
 SIMULATED_KEYS = tuple(k for k in NODE_CONFIG_KEYS if k not in ("data-path", "partition-id", "num-partitions"))
@@ -131,5 +149,6 @@ def load_node_config_file(path: str | Path, num_clients: int) -> dict[int, dict[
                 f"a simulated node takes; allowed: {', '.join(SIMULATED_KEYS)}."
             )
         parse_policy(entries)
+        node_lora_rank(entries)
         faults.planned(entries, pid, 1)
     return merged

@@ -33,8 +33,11 @@ from fedhf.federation.client import (
     _project,
     _tensors,
     data_key,
+    node_rank,
     privacy_info,
+    rank_refusal,
     round_seed,
+    start_state,
 )
 from fedhf.federation.node import Node
 from fedhf.federation.node_state import SpendStore, legacy_key
@@ -66,7 +69,7 @@ def final_round(
     # Nothing is aggregated here: the secure-aggregation rule does not apply, the privacy level does.
     refusal = check_request(
         policy, mode=p.mode, secure=True, noise_multiplier=None if p.target_epsilon is not None else p.noise_multiplier
-    )
+    ) or rank_refusal(cfg, node_config)
     if refusal is not None:
         return {}, {**info, "status": REFUSED, "rule": refusal.rule, "reason": refusal.reason}
     torch.set_num_threads(cfg.train.num_threads)
@@ -108,7 +111,11 @@ def final_round(
         results.update({f"{stage}-accuracy": res.accuracy, f"{stage}-f1": res.macro_f1, f"{stage}-loss": res.loss})
 
     if pers.mode != "fedrep":
-        evaluate("federated")
+        evaluate("federated")  # the global adapter as released, at the run's rank
+    rank = node_rank(cfg, node_config)
+    if rank is not None:
+        model = build_model(cfg, names, rank=rank)
+        set_adapter_state(model, start_state(global_state, rank))
     steps = 0
     if pers.mode == "finetune":
         fit = Fit(cfg, model, train_ds, tokenizer, account, seed)
@@ -119,7 +126,7 @@ def final_round(
         set_adapter_state(model, _tensors(saved), part="local" if kind == "local" else "travels")
     evaluate("personalized")
     if pers.local_only:
-        alone = build_model(cfg, names)  # the seed's initial adapter, as round 1 starts from
+        alone = build_model(cfg, names, rank=rank)  # the seed's initial adapter, as round 1 starts from
         fit = Fit(cfg, alone, train_ds, tokenizer, account, seed + 1)
         fit(cfg.num_server_rounds * cfg.train.local_epochs)
         account, steps = fit.account, steps + sum(r.steps for r in fit.results)

@@ -12,8 +12,8 @@ Schema of a train reply (what ``fedhf.federation.client`` sends):
   ``num-examples`` (equal to the weight) and ``train-loss``.
 - client info: ``partition-id``, ``status`` (``trained``, ``refused`` with ``rule`` and ``reason``,
   or ``not-aggregated`` from secure aggregation), ``shared`` (the optional fields the node's policy
-  lets out), ``transport`` and ``int8-scales``, ``train-steps``; under sample-level DP the
-  accounting (:data:`PRIVACY_FIELDS`); when shared, ``label-histogram``, ``train-tokens``,
+  lets out), ``transport`` and ``int8-scales``, ``train-steps``, ``lora-rank`` (under svd aggregation);
+  under sample-level DP the accounting (:data:`PRIVACY_FIELDS`); when shared, ``label-histogram``, ``train-tokens``,
   ``train-seconds``, ``handler-seconds``.
 """
 
@@ -62,6 +62,7 @@ INFO_FIELDS = {
     "handler-seconds": "nonneg",
     "label-histogram": "histogram",
     "replayed": "bool",
+    "lora-rank": "count",
     "secagg-bytes-up": "count",
     "secagg-clipped-values": "count",
     "secagg-withheld": "text",
@@ -265,6 +266,7 @@ def screen_train(
         "secagg-bytes-up",
         "secagg-clipped-values",
         "secagg-withheld",
+        "lora-rank",
     ):
         if name in i:
             rec[name] = i[name]

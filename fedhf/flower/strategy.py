@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import (
 from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFConfigError, FedHFRunError, RunStopped
 from fedhf.federation.events import RoundObserver
+from fedhf.federation.lora_ranks import aggregate_products, pad, truncate
 from fedhf.federation.replies import Malformed, screen_evaluate, screen_train
 from fedhf.federation.updates import DecodeError, check_update, decode
 from fedhf.privacy.dp import ClientLevelAccount, effective_client_sigma
@@ -135,6 +136,7 @@ class Screened(Strategy):
         self.uniform_weights = cfg.privacy.client_level  # client-level DP: the server imposes equal weights
         self.sample_level = cfg.privacy.sample_level
         self.num_labels = num_labels
+        self.svd_rank = cfg.model.lora.r if cfg.strategy.lora_aggregation == "svd" else None
 
     @property
     def min_train_nodes(self) -> int:
@@ -322,6 +324,12 @@ class Screened(Strategy):
         self, arrays: ArrayRecord, rec: dict[str, Any], reference: dict[str, np.ndarray]
     ) -> tuple[str | None, ArrayRecord | None]:
         """Decode the update (transport.dtype) and check it: (reason to drop it or None, the decoded adapter)."""
+        rank = rec.get("lora-rank")
+        if self.svd_rank is not None and rank is not None:
+            # A node at its own rank started from the truncation of the global product to that rank.
+            if not 1 <= rank <= self.svd_rank:
+                return f"lora-rank {rank} is outside 1..model.lora.r={self.svd_rank}", None
+            reference = truncate(reference, rank)
         try:
             payload = {k: a.numpy() for k, a in arrays.items()}
             trained = decode(payload, reference, str(rec.get("transport", "fp32")), rec.get("int8-scales"))
@@ -332,6 +340,8 @@ class Screened(Strategy):
             rec["update-norm"] = norm
         if reason is not None:
             return reason, None
+        if self.svd_rank is not None:
+            trained = pad(trained, self.svd_rank)  # the same products, at the global rank
         return None, ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in trained.items()})
 
     def configure_evaluate(
@@ -506,6 +516,26 @@ def default_client_delta(population: int) -> float:
     return min(1e-5, 0.1 / max(population, 1))
 
 
+def _product_averaging(base: type[FedAvg], rank: int) -> type[FedAvg]:
+    """``base`` (FedAvg or FedProx) aggregating LoRA by the products B·A (``fedhf.federation.lora_ranks``)."""
+
+    class ProductAveraging(base):  # type: ignore[misc, valid-type]
+        def aggregate_train(
+            self, server_round: int, replies: Iterable[Message]
+        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            replies = [m for m in replies if not m.has_error()]
+            if not replies:
+                return None, None
+            states = [{k: a.numpy() for k, a in m.content["arrays"].items()} for m in replies]
+            weights = [float(m.content["metrics"][self.weighted_by_key]) for m in replies]
+            merged = aggregate_products(states, weights, rank)
+            metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
+            return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in merged.items()}), metrics
+
+    ProductAveraging.__name__ = f"{base.__name__}OfProducts"
+    return ProductAveraging
+
+
 def build_strategy(
     cfg: FedHFConfig, recorder: RoundObserver, population: int | None = None, num_labels: int | None = None
 ) -> Screened | ClientLevel:
@@ -527,7 +557,10 @@ def build_strategy(
     elif s.name in ("fedadam", "fedyogi"):
         common.update(eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
     p = cfg.privacy
-    strategy = Screened(BASES[s.name](**common), cfg, recorder, num_labels)
+    base = BASES[s.name]
+    if s.lora_aggregation == "svd":
+        base = _product_averaging(base, cfg.model.lora.r)
+    strategy = Screened(base(**common), cfg, recorder, num_labels)
     if not p.client_level:
         return strategy
     m = max(1, min_sampled(cfg, population))

@@ -155,7 +155,28 @@ def _adapter_text(cfg: dict[str, Any]) -> str:
         return f"FFA-LoRA: A stayed where the shared seed put it, B and the head trained and were {how}{exact}"
     if adapter == "head":
         return f"only the head trained and was {how}; LoRA stayed at zero"
+    if cfg["strategy.lora-aggregation"] == "svd":
+        return (
+            "LoRA's A and B and the head trained; the server took the weighted mean of each layer's product B·A and "
+            f"kept its rank-{cfg['model.lora.r']} SVD truncation (strategy.lora-aggregation = svd), the head was "
+            "averaged, and a client at a smaller rank started each round from the truncation of the global product "
+            "to its rank"
+        )
     return f"LoRA's A and B and the head trained and were {how} (model.adapter = lora)"
+
+
+def _ranks_text(run: RunRecord) -> str | None:
+    """Under svd aggregation: the LoRA rank each client trained at (as its replies said)."""
+    if run.settings["strategy.lora-aggregation"] != "svd":
+        return None
+    ranks: dict[int, int] = {}
+    for r in run.rounds:
+        for c in r.clients:
+            if "lora_rank" in c:
+                ranks[int(c["partition_id"])] = int(c["lora_rank"])
+    if not ranks:
+        return "none reported"
+    return ", ".join(f"client {pid}: r {rank}" for pid, rank in sorted(ranks.items()))
 
 
 _POOLING_TEXT = {
@@ -633,6 +654,8 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
         else "Privacy guarantees hold only as stated above."
     )
     hub_link = f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""
+    ranks = _ranks_text(run)
+    ranks_row = f"| client LoRA ranks | {ranks} |\n" if ranks else ""
     adapter_license = license_id if license_id != "other" else "research and non-commercial use only"
     body = f"""
 # {data.model_name}
@@ -654,7 +677,7 @@ exchanged.
 | partitioner | {part} ({part_params}) |
 | local training | {local_training} |
 | LoRA | {lora_text} |
-| training defaults | {_dp_defaults_text(cfg)} |
+{ranks_row}| training defaults | {_dp_defaults_text(cfg)} |
 | head reads | {_POOLING_TEXT[pooling]} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg["transport.dtype"]]} |
 | failures | {_reliability_text(run)} |

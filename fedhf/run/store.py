@@ -51,6 +51,7 @@ CONFIG_BEFORE_KEY = {
     "train.optimizer": "adamw",
     "train.momentum": 0.0,
     "transport.dtype": "fp32",
+    "strategy.lora-aggregation": "mean",
     "personalization.mode": "none",
     "personalization.epochs": 1,
     "personalization.keep-local": "head",

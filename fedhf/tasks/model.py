@@ -117,18 +117,25 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model(name))
 
 
-def build_model(cfg: FedHFConfig, label_names: list[str], device: str | torch.device = "cpu") -> PeftModel:
-    """The base classifier with LoRA adapters; initialised from ``cfg.seed`` (head and LoRA A)."""
+def build_model(
+    cfg: FedHFConfig, label_names: list[str], device: str | torch.device = "cpu", rank: int | None = None
+) -> PeftModel:
+    """The base classifier with LoRA adapters; initialised from ``cfg.seed`` (head and LoRA A).
+
+    ``rank``: a node's own LoRA rank (node config ``lora-rank``, under ``strategy.lora-aggregation = svd``), with
+    the global scaling alpha / model.lora.r kept (its lora_alpha is alpha * rank / model.lora.r)."""
     path = resolve_model(cfg.model.name)
     task = get_task(cfg.model.task)
     with torch.random.fork_rng(devices=[]):  # seed the init without changing the caller's RNG
         torch.manual_seed(cfg.seed)
         base = task.load_base(path, label_names, cfg.model.pooling)
         base.to(device)  # before LoRA wrapping (Opacus + PEFT: wrap on the final device)
+        r = rank or cfg.model.lora.r
+        alpha = cfg.model.lora.alpha * r / cfg.model.lora.r
         lora = LoraConfig(
             task_type=task.peft_task_type,
-            r=cfg.model.lora.r,
-            lora_alpha=cfg.model.lora.alpha,
+            r=r,
+            lora_alpha=int(alpha) if alpha.is_integer() else alpha,
             lora_dropout=cfg.model.lora.dropout,
             target_modules=cfg.target_modules,
         )
