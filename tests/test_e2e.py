@@ -626,3 +626,45 @@ def test_heterogeneous_lora_ranks_federate_through_products(shared_data_dir, tin
     card = (out / "ranks" / "hub" / "README.md").read_text()
     assert "| client LoRA ranks | client 0: r 4, client 1: r 8, client 2: r 16 |" in card
     assert "kept its rank-16 SVD truncation" in card
+
+
+def test_ffa_lora_runs_under_sample_level_dp_and_secure_aggregation(shared_data_dir, tiny_model_dir, tmp_path):
+    """FFA-LoRA (the DP default) through SecAgg+ with DP-SGD clients: A never moves from the seed, B trains, and the
+    masked vector carries only B and the head."""
+    from peft import get_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    from fedhf.config.schema import parse_config
+    from fedhf.tasks.model import build_model
+
+    out = tmp_path / "outputs"
+    run = fedhf_run(
+        shared_data_dir,
+        out,
+        "ffa-secure",
+        *tiny_args(tiny_model_dir, tmp_path),
+        "--num-clients",
+        "3",
+        "--set",
+        "num-server-rounds=2",
+        "--set",
+        "data.max-train-examples=240",
+        "--set",
+        "train.local-epochs=1",
+        "--set",
+        "privacy.mode=sample",
+        "--set",
+        "privacy.target-epsilon=8",
+        "--set",
+        "strategy.secure-aggregation=true",
+    )
+    assert run["status"] == "complete" and run["config"]["model.adapter"] == "ffa-lora"
+    assert all(r["completed"] for r in run["secure_aggregation"]["rounds"])
+    assert all(e["epsilon"] <= 8.0 * 1.01 for e in run["privacy"]["clients"].values())
+    released = load_file(out / "ffa-secure" / "adapter" / "adapter_model.safetensors")
+    cfg = parse_config({"model.name": str(tiny_model_dir), "privacy.mode": "sample"})
+    seed = {k: v.numpy() for k, v in get_peft_model_state_dict(build_model(cfg, ["negative", "positive"])).items()}
+    a_keys = [k for k in released if ".lora_A." in k]
+    assert a_keys and all(np.array_equal(released[k], seed[k]) for k in a_keys)  # A stayed at the seed
+    assert all(np.any(released[k]) for k in released if ".lora_B." in k)  # B trained (DP noise at least)
+    assert run["model"]["adapter_tensors"] == len(a_keys) + 2  # what travels: each B and the head (weight, bias)

@@ -17,6 +17,7 @@ set = { "data.languages" = "hau" }    # optional extra keys (one setting, severa
 audit = true                  # optional: fedhf audit after the run
 evaluate-languages = ["hau"]  # optional: fedhf evaluate --set data.languages=X after the run
 smoke = false                 # optional: leave this run out of the smoke variant
+node-config = "nodes.toml"    # optional: the simulated nodes' configs (fedhf run --node-config)
 [[targets]]                   # figures the group must reach, checked on the results
 kind = "within"               # within | auc-closer | beats
 ...
@@ -47,7 +48,17 @@ from fedhf.errors import FedHFConfigError, FedHFError, FedHFRunError
 from fedhf.run.store import RunRecord, RunStore
 
 TARGET_KINDS = ("within", "auc-closer", "beats")
-RUN_KEYS = {"name", "config", "num-clients", "cpus-per-client", "set", "audit", "evaluate-languages", "smoke"}
+RUN_KEYS = {
+    "name",
+    "config",
+    "num-clients",
+    "cpus-per-client",
+    "set",
+    "audit",
+    "evaluate-languages",
+    "smoke",
+    "node-config",
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class ExperimentRun:
     audit: bool = False
     evaluate_languages: tuple[str, ...] = ()
     smoke: bool = True
+    node_config: Path | None = None  # the simulated nodes' configs (fedhf run --node-config), e.g. their LoRA ranks
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,13 @@ def load_group(name_or_path: str | Path, experiments_dir: str | Path = "experime
                 audit=bool(r.get("audit", False)),
                 evaluate_languages=tuple(r.get("evaluate-languages", ())),
                 smoke=bool(r.get("smoke", True)),
+                node_config=folder / r["node-config"] if "node-config" in r else None,
             )
         )
+        if runs[-1].node_config is not None and not runs[-1].node_config.is_file():
+            raise FedHFConfigError(
+                _where(folder, f"runs[{i}] ({r['name']}): no node-config file {runs[-1].node_config}.")
+            )
     if not runs:
         raise FedHFConfigError(_where(folder, "no [[runs]]."))
     names = [r.name for r in runs]
@@ -284,6 +301,8 @@ def _execute(group: Group, run: ExperimentRun, out: Path, smoke: bool, log: Any)
         "--cpus-per-client",
         str(run.cpus_per_client),
     ]
+    if run.node_config is not None:
+        args += ["--node-config", str(run.node_config)]
     for key, value in sets.items():
         args += ["--set", f"{key}={_toml_value(value)}"]
     log(f"[{group.name}] {run.name}: running ({clients} clients) ...")

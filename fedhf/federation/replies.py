@@ -385,6 +385,7 @@ BOOKKEEPING = {
     "shared": "which optional fields the owner's policy lets out",
     "transport": "fp32 / fp16 / int8",
     "weight": "the averaging weight: 1, or num-examples when shared",
+    "lora-rank": "the LoRA rank the node trains (its owner's node config), under strategy.lora-aggregation = svd",
 }
 SHARED_FIELDS = {
     "num-examples": ("num-examples",),
