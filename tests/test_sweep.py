@@ -173,6 +173,11 @@ def test_targets_are_checked_on_the_numbers():
     assert check_targets(langs, rows)[0] == (
         "federated beats local-<lang> macro-F1 on 7 of 12 languages (target ≥ 8): MISSED"
     )
+    assert check_targets(langs, rows)[1] == "personalized: personalized vs local-only: not measured yet (target ≥ 10)"
+    rows.append({"name": "personalized", "personalized_beats_local_only": 10, "personalized_clients": 12})
+    assert check_targets(langs, rows)[1].endswith("on 10 of 12 clients (their own held-out rows; target ≥ 10): met")
+    rows[-1]["personalized_beats_local_only"] = 9
+    assert check_targets(langs, rows)[1].endswith("target ≥ 10): MISSED")
 
 
 @pytest.mark.slow

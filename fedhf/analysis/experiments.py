@@ -47,7 +47,7 @@ from fedhf.config.schema import flatten, load_config_file, parse_config
 from fedhf.errors import FedHFConfigError, FedHFError, FedHFRunError
 from fedhf.run.store import RunRecord, RunStore
 
-TARGET_KINDS = ("within", "auc-closer", "beats")
+TARGET_KINDS = ("within", "auc-closer", "beats", "personalized-beats")
 RUN_KEYS = {
     "name",
     "config",
@@ -360,6 +360,12 @@ COLUMNS = (
     "audit_auc_loss",
     "audit_auc_calibrated",
     "audit_epsilon_lower_bound",
+    "local_only_f1_mean",
+    "federated_f1_mean",
+    "personalized_f1_mean",
+    "personalized_beats_local_only",
+    "federated_beats_local_only",
+    "personalized_clients",
     "status",
 )
 
@@ -388,6 +394,9 @@ def _row(name: str, run: RunRecord | None) -> dict[str, Any]:
     for e in run.evaluations:
         if list(e["data"]) == ["data.languages"]:
             row[f"f1_{e['data']['data.languages']}"] = e["macro_f1"]
+    if run.personalization is not None:  # the clients' own held-out rows (fedhf.federation.personal)
+        row.update({k: v for k, v in run.personalization.summary.items() if k in COLUMNS})
+        row["personalized_clients"] = run.personalization.summary.get("clients")
     return row
 
 
@@ -436,6 +445,14 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
         for r in rows:
             if any(lang in r for lang in langs):
                 md.append(f"| {r['name']} | " + " | ".join(_f(r.get(lang)) for lang in langs) + " |")
+    for name, run in runs.items():
+        if run.status == "complete" and run.personalization is not None:
+            from fedhf.analysis.report import personalization_table
+
+            md += ["", f"### {name}"] + personalization_table(run)
+            if run.dataset is not None and run.dataset.preset == "afrisenti":
+                md.append("")
+                md.append("(AfriSenti clients in language order: " + ", ".join(_client_languages(run)) + ".)")
     plots = group_plots(group, runs, rows, langs, out / "plots")
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
@@ -482,6 +499,11 @@ def group_plots(
     return out
 
 
+def _client_languages(run: RunRecord) -> list[str]:
+    """The language each client of a natural AfriSenti partition holds (its partition's natural id)."""
+    return [f"{p.partition_id} = {p.natural_id}" for p in run.partitions if p.natural_id]
+
+
 def _f(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -520,6 +542,16 @@ def check_targets(group: Group, rows: list[dict[str, Any]]) -> list[str]:
                 f"audit ({t.get('attack', 'loss')} attack): {t['run']} AUC {a:.3f} vs {t['baseline']} AUC {b:.3f} "
                 f"(|AUC − 0.5|: {abs(a - 0.5):.3f} vs {abs(b - 0.5):.3f}): {verdict}"
             )
+        elif kind == "personalized-beats":  # in the run's own personalization stage, on the clients' held-out rows
+            row, need = by.get(t["run"], {}), int(t["at-least"])
+            wins, n = row.get("personalized_beats_local_only"), row.get("personalized_clients")
+            if wins is None:
+                out.append(f"{t['run']}: personalized vs local-only: not measured yet (target ≥ {need})")
+            else:
+                out.append(
+                    f"{t['run']}: the personalized adapter beats local-only training in macro-F1 on {wins} of {n} "
+                    f"clients (their own held-out rows; target ≥ {need}): {'met' if wins >= need else 'MISSED'}"
+                )
         elif kind == "beats":  # run beats the per-language baselines on at least `at-least` languages
             wins, total, missing = 0, 0, []
             for lang in t["languages"]:
