@@ -239,6 +239,7 @@ def _run(
     model = build_model(cfg, data.label_names)
     resolved = _record_model(cfg, recorder, model)
     initial = get_adapter_state(model)
+    _check_rank(cfg, initial)
     # 4. federated rounds
     info = run_privacy_info(cfg.privacy)
     if info is not None:
@@ -407,6 +408,24 @@ def personalization_line(mode: str, summary: dict[str, Any], statuses: dict[str,
     if "personalized_beats_local_only" in summary:
         text += f"; personalized beats local-only on {summary['personalized_beats_local_only']}/{n}"
     return text
+
+
+def _check_rank(cfg: FedHFConfig, initial: dict[str, torch.Tensor]) -> None:
+    """Under svd aggregation the global rank must fit every LoRA layer's product (a matrix of out x in)."""
+    from fedhf.federation.lora_ranks import lora_pairs, max_rank
+
+    if cfg.strategy.lora_aggregation != "svd":
+        return
+    arrays = {k: v.numpy() for k, v in initial.items()}
+    if not lora_pairs(arrays):
+        return
+    most = max_rank(arrays)
+    if cfg.model.lora.r > most:
+        raise FedHFConfigError(
+            f"config key 'model.lora.r': got {cfg.model.lora.r}, above {most}, the largest rank a product B·A of "
+            f"this model's LoRA layers can have (min of their output and input sizes); strategy.lora-aggregation="
+            f"svd keeps the SVD truncation of that product: set model.lora.r to at most {most}."
+        )
 
 
 def _record_data(

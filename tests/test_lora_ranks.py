@@ -182,3 +182,13 @@ def test_svd_aggregation_keeps_lora_under_sample_level_dp():
     cfg = parse_config({"strategy.lora-aggregation": "svd", "privacy.mode": "sample"})
     assert cfg.model.adapter == "lora" and cfg.train.optimizer == "sgd"
     assert parse_config({"privacy.mode": "sample"}).model.adapter == "ffa-lora"
+
+
+def test_a_global_rank_the_layers_cannot_hold_is_refused_before_training(tiny_model_dir):
+    from fedhf.apps import _check_rank
+
+    ok = parse_config({"model.name": str(tiny_model_dir), "model.lora.r": 32, "strategy.lora-aggregation": "svd"})
+    _check_rank(ok, get_adapter_state(build_model(ok, LABELS)))  # 32 x 32 query/value layers hold rank 32
+    big = parse_config({"model.name": str(tiny_model_dir), "model.lora.r": 64, "strategy.lora-aggregation": "svd"})
+    with pytest.raises(FedHFConfigError, match=r"'model.lora.r': got 64, above 32.*at most 32"):
+        _check_rank(big, get_adapter_state(build_model(big, LABELS)))
