@@ -450,9 +450,6 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
             from fedhf.analysis.report import personalization_table
 
             md += ["", f"### {name}"] + personalization_table(run)
-            if run.dataset is not None and run.dataset.preset == "afrisenti":
-                md.append("")
-                md.append("(AfriSenti clients in language order: " + ", ".join(_client_languages(run)) + ".)")
     plots = group_plots(group, runs, rows, langs, out / "plots")
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
@@ -497,11 +494,6 @@ def group_plots(
                     series.setdefault(label, {})[lang[3:]] = r[lang]
         out.append(plot_language_scores(series, codes, folder / "per_language_f1.png"))
     return out
-
-
-def _client_languages(run: RunRecord) -> list[str]:
-    """The language each client of a natural AfriSenti partition holds (its partition's natural id)."""
-    return [f"{p.partition_id} = {p.natural_id}" for p in run.partitions if p.natural_id]
 
 
 def _f(value: Any, digits: int = 4) -> str:

@@ -171,6 +171,12 @@ def personal_rows(run: RunRecord) -> list[dict]:
     return [r for r in pers.clients if r["status"] == "personalized"] if pers is not None else []
 
 
+def client_label(run: RunRecord, pid: int) -> str:
+    """A client's id, with its natural partition's value (e.g. its AfriSenti language) when known."""
+    natural = {p.partition_id: p.natural_id for p in run.partitions if p.natural_id is not None}
+    return f"{pid} ({natural[pid]})" if pid in natural else str(pid)
+
+
 def plot_personalization(run: RunRecord, path: Path) -> Path | None:
     """Per client: macro-F1 on its own held-out rows of the local-only, federated and personalized adapters."""
     rows = personal_rows(run)
@@ -183,7 +189,9 @@ def plot_personalization(run: RunRecord, path: Path) -> Path | None:
     for k, (key, name) in enumerate(series):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(rows))]
         ax.bar(xs, [r[f"{key}_f1"] for r in rows], width=width, label=name)
-    ax.set_xticks(range(len(rows)), [str(r["partition_id"]) for r in rows])
+    ax.set_xticks(
+        range(len(rows)), [client_label(run, r["partition_id"]) for r in rows], rotation=30 if len(rows) > 6 else 0
+    )
     ax.set(
         xlabel="client",
         ylabel="macro-F1 (its held-out rows)",

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedhf.analysis.plots import PERSONAL_SERIES, final_epsilon, personal_rows, plot_privacy_utility, run_plots
+from fedhf.analysis.plots import (
+    PERSONAL_SERIES,
+    client_label,
+    final_epsilon,
+    personal_rows,
+    plot_privacy_utility,
+    run_plots,
+)
 from fedhf.errors import FedHFRunError
 from fedhf.release.card import client_ids
 from fedhf.run.store import RunRecord, load_finished_run
@@ -142,5 +149,5 @@ def personalization_table(run: RunRecord) -> list[str]:
     ]
     for r in rows:
         cells = " | ".join(f"{r[f'{k}_f1']:.3f} ({r[f'{k}_accuracy']:.3f})" for k, _ in series)
-        lines.append(f"| {r['partition_id']} | {r['num_examples']} | {cells} |")
+        lines.append(f"| {client_label(run, r['partition_id'])} | {r['num_examples']} | {cells} |")
     return lines

@@ -528,9 +528,11 @@ def _personalization_section(run: RunRecord) -> str:
         "| client | held-out rows | " + " | ".join(f"{name} macro-F1" for _, name in stages) + " |",
         "|---|---|" + "---|" * len(stages),
     ]
+    natural = {p.partition_id: p.natural_id for p in run.partitions if p.natural_id is not None}
     for r in rows:
+        pid = r["partition_id"]
         table.append(
-            f"| {r['partition_id']} | {r['num_examples']} | "
+            f"| {pid}{f' ({natural[pid]})' if pid in natural else ''} | {r['num_examples']} | "
             + " | ".join(f"{r[f'{k}_f1']:.3f}" for k, _ in stages)
             + " |"
         )
