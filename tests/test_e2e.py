@@ -547,44 +547,6 @@ def test_personalization_stage_under_dp_is_accounted_and_reported(shared_data_di
     assert len(personal) == 3
 
 
-def test_fedrep_releases_the_federated_body_and_never_a_head(shared_data_dir, tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    from fedhf.config.schema import parse_config
-    from fedhf.tasks.model import build_model, get_adapter_state
-
-    out = tmp_path / "outputs"
-    args = [
-        *tiny_args(tiny_model_dir, tmp_path),
-        "--set",
-        "data.max-train-examples=200",
-        "--set",
-        "train.local-epochs=1",
-    ]
-    run = fedhf_run(
-        shared_data_dir,
-        out,
-        "fedrep",
-        *args,
-        "--num-clients",
-        "2",
-        "--set",
-        "personalization.mode=fedrep",
-        "--set",
-        "personalization.local-only=false",
-    )
-    assert run["status"] == "complete" and run["personalization"]["keep_local"] == "head"
-    rows = run["personalization"]["clients"]
-    assert all("personalized_f1" in r and "federated_f1" not in r and "local_only_f1" not in r for r in rows)
-    assert run["model"]["adapter_tensors"] == 2 * 2 * 2  # LoRA's A and B on query and value of 2 layers: no head
-    released = load_file(out / "fedrep" / "adapter" / "adapter_model.safetensors")
-    cfg = parse_config({"model.name": str(tiny_model_dir), "personalization.mode": "fedrep"})
-    seed_head = get_adapter_state(build_model(cfg, ["negative", "positive"]), "local")
-    heads = {k: v for k, v in released.items() if "classifier" in k}
-    assert heads and all(torch.equal(v, seed_head[k]) for k, v in heads.items())  # the seed's head, untrained
-    assert "its head is the seed's initial head" in (out / "fedrep" / "hub" / "README.md").read_text()
-
-
 def test_heterogeneous_lora_ranks_federate_through_products(shared_data_dir, tiny_model_dir, tmp_path):
     """Three nodes at ranks 4, 8 and 16 (their node configs) under strategy.lora-aggregation = svd: each trains and
     sends its own rank, and the global adapter stays at rank 16."""

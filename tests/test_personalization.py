@@ -248,3 +248,24 @@ def test_bad_personalization_settings_get_one_clear_error(tiny_model_dir, data):
         )
     with pytest.raises(FedHFConfigError, match=r"personalization.epochs.*>= 1"):
         config(tiny_model_dir, data, **{"personalization.epochs": 0})
+
+
+def test_fedrep_measures_the_clients_own_heads_and_releases_no_trained_head(tiny_model_dir, data, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from fedhf.tasks.model import set_adapter_state
+
+    cfg = config(tiny_model_dir, data, **{"personalization.mode": "fedrep", "personalization.local-only": False})
+    server = build_model(cfg, LABELS)
+    seed_head = get_adapter_state(server, "local")
+    out = one_round(cfg, tmp_path, get_adapter_state(server))
+    global_state = as_tensors(out.state)
+    set_adapter_state(server, global_state)  # what the server does with the aggregate: the head is not in it
+    released = get_peft_model_state_dict(server)
+    assert all(torch.equal(released[k], v) for k, v in seed_head.items())  # the seed's head, never trained
+    metrics, info = final_round(request(cfg, 3), Node(0, 2, None), global_state, node_config={}, state_root=tmp_path)
+    assert info["status"] == "personalized" and info["train-steps"] == 0  # nothing trained after the rounds
+    assert "personalized-f1" in metrics and not any(k.startswith(("federated-", "local-only-")) for k in metrics)
+    # a node that never trained in the run has no head of its own to measure
+    metrics, info = final_round(request(cfg, 3), Node(1, 2, None), global_state, node_config={}, state_root=tmp_path)
+    assert metrics == {} and info["status"] == "no-personal-state"
