@@ -269,3 +269,18 @@ def test_fedrep_measures_the_clients_own_heads_and_releases_no_trained_head(tiny
     # a node that never trained in the run has no head of its own to measure
     metrics, info = final_round(request(cfg, 3), Node(1, 2, None), global_state, node_config={}, state_root=tmp_path)
     assert metrics == {} and info["status"] == "no-personal-state"
+
+
+def test_fedreps_local_evaluation_reads_the_nodes_own_head(tiny_model_dir, data, tmp_path):
+    from fedhf.federation.client import evaluate_round
+
+    cfg = config(tiny_model_dir, data, **{"personalization.mode": "fedrep", "train.lr": 0.05})
+    global_state = get_adapter_state(build_model(cfg, LABELS))
+    node = Node(0, 2, None)
+    before, _ = evaluate_round(cfg, node, global_state, None, {}, state_root=tmp_path, run_uid=UID)
+    out = one_round(cfg, tmp_path, global_state)
+    after, _ = evaluate_round(cfg, node, as_tensors(out.state), None, {}, state_root=tmp_path, run_uid=UID)
+    seed_head, _ = evaluate_round(cfg, node, as_tensors(out.state), None, {}, state_root=tmp_path / "none", run_uid=UID)
+    assert after["eval-loss"] != seed_head["eval-loss"] and before["eval-loss"] == pytest.approx(
+        evaluate_round(cfg, node, global_state, None, {})[0]["eval-loss"]
+    )

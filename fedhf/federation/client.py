@@ -516,8 +516,11 @@ def evaluate_round(
     global_state: dict[str, torch.Tensor],
     label_names: list[str] | None,
     node_config: Mapping[str, Any],
+    state_root: Any = None,
+    run_uid: str = "",
 ) -> tuple[dict[str, float | int], dict[str, Any]]:
-    """Local evaluation on the node's held-out rows; under DP only when its owner shares 'local-eval'."""
+    """Local evaluation on the node's held-out rows; under DP only when its owner shares 'local-eval'.
+    Under fedrep the node evaluates with its own local part (``state_root``: where it keeps it), once it has one."""
     t0 = time.perf_counter()
     policy = parse_policy(node_config)
     p = cfg.privacy
@@ -536,6 +539,10 @@ def evaluate_round(
         tokenizer = load_tokenizer(cfg.model.name)
         model = build_model(cfg, names)
         set_adapter_state(model, global_state)
+        if cfg.personalization.mode == "fedrep" and state_root is not None and run_uid:
+            local = SpendStore(state_root, data_key(cfg, node)).load_personal(run_uid, "local")
+            if local is not None:  # FedRep's global adapter has no trained head: the node's own head reads it
+                set_adapter_state(model, _tensors(local), part="local")
         task = get_task(cfg.model.task)
         loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
         res = task.evaluate(model, loader, len(names))

@@ -167,12 +167,16 @@ def make_client_app(node_configs: Mapping[int, Mapping[str, Any]] | None = None)
 
         config = msg.content["config"]
         node = client.node_of(context.node_config, context.node_id)
+        from fedhf.federation.node_state import RUN_UID_KEY
+
         metrics, info = client.evaluate_round(
             _config(config),
             node,
             msg.content["arrays"].to_torch_state_dict(),
             _label_names(config),
             context.node_config,
+            state_root=_state_root(context, config),
+            run_uid=str(config.get(RUN_UID_KEY, "") or ""),
         )
         return Message(RecordDict({"metrics": MetricRecord(metrics), "client-info": ConfigRecord(info)}), reply_to=msg)
 
