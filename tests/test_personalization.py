@@ -284,3 +284,18 @@ def test_fedreps_local_evaluation_reads_the_nodes_own_head(tiny_model_dir, data,
     assert after["eval-loss"] != seed_head["eval-loss"] and before["eval-loss"] == pytest.approx(
         evaluate_round(cfg, node, global_state, None, {})[0]["eval-loss"]
     )
+
+
+def test_personalization_lr_sets_the_personal_steps_and_leaves_the_local_only_baseline(tiny_model_dir, data, tmp_path):
+    flat = {"personalization.mode": "finetune"}
+    state = get_adapter_state(build_model(config(tiny_model_dir, data, **flat), LABELS))
+    runs = {}
+    for name, lr in (("default", {}), ("tiny", {"personalization.lr": 1e-12})):
+        cfg = config(tiny_model_dir, data, **flat, **lr)
+        runs[name], _ = final_round(
+            request(cfg, 3), Node(0, 2, None), state, node_config={}, state_root=tmp_path / name
+        )
+    tiny, default = runs["tiny"], runs["default"]
+    assert tiny["personalized-loss"] == pytest.approx(tiny["federated-loss"], abs=1e-6)  # a step of 1e-12 moves nothing
+    assert default["personalized-loss"] != pytest.approx(default["federated-loss"], abs=1e-6)
+    assert tiny["local-only-loss"] == default["local-only-loss"]  # the baseline trains at train.lr either way

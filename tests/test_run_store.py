@@ -244,6 +244,7 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
         "strategy.lora-aggregation": "mean",
         "personalization.mode": "none",
         "personalization.epochs": 1,
+        "personalization.lr": "",
         "personalization.keep-local": "head",
         "personalization.ditto-lambda": 0.1,
         "personalization.local-only": True,

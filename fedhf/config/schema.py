@@ -402,6 +402,13 @@ class PersonalizationConfig:
         "personal adapter each round.",
         min=1,
     )
+    lr: float | None = _opt(
+        None,
+        "Learning rate of the personal epochs (finetune's, FedRep's local part, Ditto's adapter); unset = train.lr. "
+        "The local-only baseline trains at train.lr, as the federation's clients do.",
+        min=0.0,
+        min_exclusive=True,
+    )
     keep_local: str = _opt(
         "head",
         "fedrep: what stays on the client: head (the classifier head) or head+lora-b (the head and LoRA's B; A is "

@@ -252,7 +252,7 @@ def train_round(
         if saved is not None:
             set_adapter_state(model, _tensors(saved), part="local")
         train_only(model, "local")
-        fit(pers.epochs)
+        fit(pers.epochs, lr=pers.lr)
         train_only(model, "travels")
         result = fit(cfg.train.local_epochs, proximal_mu=req.proximal_mu)
         train_only(model, "trained")
@@ -266,7 +266,7 @@ def train_round(
             update = get_adapter_state(model)
             saved = personal.load_personal(req.run_uid, "ditto")
             set_adapter_state(model, _tensors(saved) if saved is not None else global_state)
-            fit(pers.epochs, pull=ditto_pull(cfg, model, anchors))
+            fit(pers.epochs, pull=ditto_pull(cfg, model, anchors), lr=pers.lr)
             personal.save_personal(req.run_uid, "ditto", _arrays(get_adapter_state(model)))
             set_adapter_state(model, update)
     result = fit.total(result)
@@ -355,8 +355,12 @@ class Fit:
         self.task = get_task(cfg.model.task)
         self.results: list[TrainResult] = []
 
-    def __call__(self, epochs: int, *, proximal_mu: float = 0.0, pull: Pull | None = None) -> TrainResult:
+    def __call__(
+        self, epochs: int, *, proximal_mu: float = 0.0, pull: Pull | None = None, lr: float | None = None
+    ) -> TrainResult:
+        """``lr``: this call's learning rate (personal epochs: personalization.lr), else train.lr."""
         cfg, t = self.cfg, self.cfg.train
+        lr = lr if lr is not None else t.lr
         seed = self.seed + 7_919 * len(self.results)  # each call of a round shuffles differently, reproducibly
         loader = self.task.make_loader(
             self.train_ds, self.tokenizer, cfg.data.max_length, t.batch_size, shuffle=True, seed=seed
@@ -369,7 +373,7 @@ class Fit:
                 self.account,
                 task=self.task,
                 epochs=epochs,
-                lr=t.lr,
+                lr=lr,
                 weight_decay=t.weight_decay,
                 grad_sample_mode=cfg.privacy.grad_sample_mode,
                 optimizer_name=t.optimizer,
@@ -389,7 +393,7 @@ class Fit:
                     loader,
                     task=self.task,
                     epochs=epochs,
-                    lr=t.lr,
+                    lr=lr,
                     weight_decay=t.weight_decay,
                     proximal_mu=proximal_mu,
                     optimizer_name=t.optimizer,
@@ -416,7 +420,8 @@ def _trainable_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def ditto_pull(cfg: FedHFConfig, model: torch.nn.Module, anchors: dict[str, torch.Tensor]) -> Pull:
     """Ditto's pull of the personal adapter toward the round's global adapter (``anchors``, by parameter name)."""
-    rate = min(1.0, cfg.train.lr * cfg.personalization.ditto_lambda)
+    lr = cfg.personalization.lr if cfg.personalization.lr is not None else cfg.train.lr
+    rate = min(1.0, lr * cfg.personalization.ditto_lambda)
     pairs = [(p, anchors[n]) for n, p in model.named_parameters() if p.requires_grad]
     return Pull(pairs, rate)
 

@@ -119,7 +119,7 @@ def final_round(
     steps = 0
     if pers.mode == "finetune":
         fit = Fit(cfg, model, train_ds, tokenizer, account, seed)
-        fit(pers.epochs)
+        fit(pers.epochs, lr=pers.lr)
         account, steps = fit.account, steps + sum(r.steps for r in fit.results)
         store.save_personal(req.run_uid, "finetune", _arrays(get_adapter_state(model, "trained")))
     elif saved is not None:

@@ -54,6 +54,7 @@ CONFIG_BEFORE_KEY = {
     "strategy.lora-aggregation": "mean",
     "personalization.mode": "none",
     "personalization.epochs": 1,
+    "personalization.lr": "",
     "personalization.keep-local": "head",
     "personalization.ditto-lambda": 0.1,
     "personalization.local-only": True,
