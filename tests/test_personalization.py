@@ -199,6 +199,8 @@ def test_dp_accounting_covers_every_personal_step(tiny_model_dir, data, tmp_path
     assert screened.privacy["steps"] == plan.total_steps
     with pytest.raises(Malformed, match="privacy accounting"):
         screen_personalize(metrics, {k: v for k, v in info.items() if k != "epsilon"}, node_id=1, sample_level=True)
+    with pytest.raises(Malformed, match="above the node's own budget"):
+        screen_personalize(metrics, {**info, "max-epsilon": info["epsilon"] / 2}, node_id=1, sample_level=True)
 
 
 def test_a_personalization_stage_past_the_run_budget_is_refused_before_it_spends(tiny_model_dir, data, tmp_path):

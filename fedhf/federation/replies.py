@@ -193,6 +193,20 @@ def _head(
     return m, i, {"node-id": node_id, "partition-id": i["partition-id"], "status": status}
 
 
+def _privacy_report(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The sample-level accounting of a reply (all required fields, within the node's own budget), or None."""
+    present = [k for k in PRIVACY_FIELDS if k in info]
+    if not present:
+        return None
+    missing = [k for k, (required, _) in PRIVACY_FIELDS.items() if required and k not in info]
+    if missing:
+        raise Malformed(f"privacy accounting without '{missing[0]}'")
+    privacy = {k: info[k] for k in present}
+    if privacy["max-epsilon"] and privacy["epsilon"] > privacy["max-epsilon"] * (1 + 1e-9):
+        raise Malformed(f"epsilon {privacy['epsilon']:.4g} is above the node's own budget {privacy['max-epsilon']:g}")
+    return privacy
+
+
 @dataclass
 class Screened:
     """A reply that passed the schema: what the server records, and what aggregation may use."""
@@ -272,18 +286,8 @@ def screen_train(
             rec[name] = i[name]
     if "int8-scales" in i:
         rec["int8-scales"] = i["int8-scales"]
-    privacy = None
-    present = [k for k in PRIVACY_FIELDS if k in i]
-    if present:
-        missing = [k for k, (required, _) in PRIVACY_FIELDS.items() if required and k not in i]
-        if missing:
-            raise Malformed(f"privacy accounting without '{missing[0]}'")
-        privacy = {k: i[k] for k in present}
-        if privacy["max-epsilon"] and privacy["epsilon"] > privacy["max-epsilon"] * (1 + 1e-9):
-            raise Malformed(
-                f"epsilon {privacy['epsilon']:.4g} is above the node's own budget {privacy['max-epsilon']:g}"
-            )
-    elif sample_level and status == "trained":
+    privacy = _privacy_report(i)
+    if privacy is None and sample_level and status == "trained":
         raise Malformed("a sample-level DP run needs the client's privacy accounting (epsilon, delta, sigma, ...)")
     return Screened(status, rec, weight, privacy, shared)
 
@@ -346,14 +350,8 @@ def screen_personalize(
     for name in ("handler-seconds", "train-steps"):
         if name in i:
             rec[name] = i[name]
-    privacy = None
-    present = [k for k in PRIVACY_FIELDS if k in i]
-    if present:
-        missing = [k for k, (required, _) in PRIVACY_FIELDS.items() if required and k not in i]
-        if missing:
-            raise Malformed(f"privacy accounting without '{missing[0]}'")
-        privacy = {k: i[k] for k in present}
-    elif sample_level and i.get("train-steps", 0) > 0:
+    privacy = _privacy_report(i)
+    if privacy is None and sample_level and i.get("train-steps", 0) > 0:
         raise Malformed("a sample-level DP client that trained must report its privacy accounting")
     return Screened(status, rec, 0.0, privacy)
 
