@@ -281,7 +281,9 @@ def _changed_keys(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> l
         had = parse_config(made.config).to_flat()
     except (FedHFError, KeyError, TypeError):
         return ["(a config this fedhf cannot read)"]
-    changed = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
+    # Where the run folder lives is not part of the experiment: a group's folder moved or copied is the same run.
+    place = {"output-dir", "run-name"}
+    changed = sorted(k for k in set(want) | set(had) if k not in place and want.get(k) != had.get(k))
     if len(made.partitions) != clients:
         changed.append("num-clients")
     return changed
