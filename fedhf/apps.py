@@ -308,9 +308,6 @@ def _run(
     _release(cfg, recorder, model, tokenizer, data.label_names, resolved, stopped, state_roots)
 
 
-STAGE_NAMES = {"federated": "federated", "personalized": "personalized", "local-only": "local_only"}
-
-
 def _personalize(
     grid: Any,
     cfg: FedHFConfig,

@@ -48,8 +48,6 @@ from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, se
 
 log = logging.getLogger("fedhf")
 
-STAGES = ("federated", "personalized", "local-only")  # what the reply reports, each as <stage>-<metric>
-
 
 def final_round(
     req: RoundRequest,
