@@ -157,25 +157,29 @@ def test_training_keys_left_to_auto_take_dp_defaults_only_under_sample_level_dp(
 
     def training(cfg):
         m, t = cfg.model, cfg.train
-        return (m.adapter, m.pooling, t.optimizer, t.lr, t.batch_size)
+        return (m.adapter, m.pooling, m.lora.r, m.lora.alpha, t.optimizer, t.lr, t.batch_size)
 
-    assert training(parse_config({})) == ("lora", "cls", "adamw", 0.001, 16)
-    assert training(parse_config({"privacy.mode": "client"})) == ("lora", "cls", "adamw", 0.001, 16)
+    assert training(parse_config({})) == ("lora", "cls", 8, 16, "adamw", 0.001, 16)
+    assert training(parse_config({"privacy.mode": "client"})) == ("lora", "cls", 8, 16, "adamw", 0.001, 16)
     for mode in ("sample", "both"):
         cfg = parse_config({"privacy.mode": mode})
-        assert training(cfg) == ("ffa-lora", "mean", "sgd", 1.0, 32)
+        assert training(cfg) == ("ffa-lora", "mean", 2, 4, "sgd", 1.0, 32)
         assert parse_config(cfg.to_flat()) == cfg  # resolved once: the clients parse the same config
         assert list(dp_defaults_in_force(cfg.to_flat())) == [
             "model.adapter",
             "model.pooling",
+            "model.lora.r",
             "train.optimizer",
             "train.lr",
             "train.batch-size",
         ]
-    mine = parse_config({"privacy.mode": "sample", "model.adapter": "lora", "train.batch-size": 16})
-    assert training(mine) == ("lora", "mean", "sgd", 1.0, 16)
+    mine = parse_config({"privacy.mode": "sample", "model.adapter": "lora", "train.batch-size": 16, "model.lora.r": 8})
+    assert training(mine) == ("lora", "mean", 8, 16, "sgd", 1.0, 16)
     assert list(dp_defaults_in_force(mine.to_flat())) == ["model.pooling", "train.optimizer", "train.lr"]
-    own_lr = parse_config({"privacy.mode": "sample", "train.lr": 0.003})
-    assert training(own_lr) == ("ffa-lora", "mean", "adamw", 0.003, 32)
+    own_lr = parse_config({"privacy.mode": "sample", "train.lr": 0.003, "model.lora.alpha": 32})
+    assert training(own_lr) == ("ffa-lora", "mean", 2, 32, "adamw", 0.003, 32)
+    # svd aggregation keeps LoRA and its rank (the nodes' ranks are measured against it)
+    svd = parse_config({"privacy.mode": "sample", "strategy.lora-aggregation": "svd"})
+    assert training(svd)[:4] == ("lora", "mean", 8, 16)
     assert parse_config({"privacy.mode": "sample", "train.lr": "", "model.pooling": "auto"}).train.lr == 1.0
     assert dp_defaults_in_force(parse_config({}).to_flat()) == {}

@@ -40,13 +40,15 @@ LORA_AGGREGATIONS = ("mean", "svd")  # fedhf.federation.lora_ranks
 PERSONALIZATION = ("none", "finetune", "fedrep", "ditto")  # fedhf.federation.personal
 KEEP_LOCAL = ("head", "head+lora-b")  # what stays on the node under personalization.mode = fedrep
 # Keys left at "auto" (or unset) take the first value without sample-level DP and the second with it. Under DP:
-# train fewer values (FFA-LoRA: B and the head) on the representation the model was trained for (mean pooling),
+# train fewer values (FFA-LoRA at rank 2: B and the head; noise grows with what trains, the signal does not) on the
+# representation the model was trained for (mean pooling),
 # with SGD, whose step follows the noisy gradient (AdamW moves every value by about lr per step, signal or not), at
 # a learning rate and batch that carry the signal through the noise; docs/privacy.md ("Private defaults that
 # learn") has the measurements. Any value given explicitly is kept.
 AUTO: dict[str, tuple[Any, Any]] = {
     "model.adapter": ("lora", "ffa-lora"),
     "model.pooling": ("cls", "mean"),
+    "model.lora.r": (8, 2),
     "train.optimizer": ("adamw", "sgd"),
     "train.lr": (0.001, 1.0),
     "train.batch-size": (16, 32),
@@ -123,8 +125,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    r: int = _opt(8, "LoRA rank.", min=1, max=1024)
-    alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r).", min=1)
+    r: int | None = _opt(None, "LoRA rank (unset: 8, or 2 under sample-level DP).", min=1, max=1024)
+    alpha: int | None = _opt(None, "LoRA alpha, scaling = alpha / r (unset: 2 * r, a scaling of 2 at any rank).", min=1)
     dropout: float = _opt(0.1, "Dropout on the LoRA branch.", min=0.0, max=1.0, max_exclusive=True)
     target_modules: str = _opt("query,value", "Comma list of module names that get LoRA adapters.")
 
@@ -633,9 +635,13 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
         path = SPEC_BY_KEY[key].path
         if values[path] in (None, "auto"):
             # a learning rate given for the default optimizer stays with it: SGD at AdamW's lr would not move;
-            # products of A and B are what svd aggregation averages, so it keeps LoRA's A training
-            keep_plain = (key == "train.optimizer" and lr_given) or (key == "model.adapter" and svd)
+            # products of A and B are what svd aggregation averages, so it keeps LoRA's A training (and the rank that
+            # the nodes' own ranks are measured against)
+            keep_plain = (key == "train.optimizer" and lr_given) or (key in ("model.adapter", "model.lora.r") and svd)
             values[path] = choice[private and not keep_plain]
+    alpha = SPEC_BY_KEY["model.lora.alpha"].path
+    if values[alpha] is None:
+        values[alpha] = 2 * values[SPEC_BY_KEY["model.lora.r"].path]
     cfg = _build(FedHFConfig, (), values)
     _check_cross_field(cfg)
     return cfg
