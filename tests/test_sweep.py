@@ -58,7 +58,12 @@ def test_groups_compare_like_with_like():
     for name, f in lang_flats.items():
         assert f.data.max_examples_per_group == 400 and f.num_server_rounds * f.train.local_epochs == 8, name
     # federated and local-only (the comparison the target is about) take the same steps at the same lr
-    assert {f.train.lr for name, f in lang_flats.items() if name != "centralized"} == {lang_flats["federated"].train.lr}
+    pooled = {name: lang_flats.pop(name) for name in ("centralized", "centralized-mean")}
+    assert {f.train.lr for f in lang_flats.values()} == {lang_flats["federated"].train.lr}
+    # the pooled baselines differ from each other only in the pooling (the personalized run's is mean)
+    assert pooled["centralized"].train == pooled["centralized-mean"].train
+    assert (pooled["centralized"].model.pooling, pooled["centralized-mean"].model.pooling) == ("cls", "mean")
+    assert personalized.model.pooling == "mean"
     # the personalized run compares against its own local-only baseline (the same rows, steps and lr, in the run)
     assert personalized.data.max_examples_per_group == 400 and personalized.personalization.local_only
     # privacy: the same rows, rounds, epochs, batch, model and head in every run; the DP runs differ only in epsilon
