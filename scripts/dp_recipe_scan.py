@@ -26,7 +26,7 @@ from fedhf.federation.client import round_seed
 from fedhf.privacy.dp import SampleAccount, default_delta, plan_noise_multiplier, private_train, sampling
 from fedhf.tasks.model import build_model, get_adapter_state, load_tokenizer, set_adapter_state
 from fedhf.tasks.text_classification import TextClassification, evaluate, make_loader
-from fedhf.train.loop import train_local
+from fedhf.train.loop import LR_SCHEDULES, round_lr, train_local
 
 TASK = TextClassification()
 
@@ -47,6 +47,9 @@ def main() -> None:
         help="expected batch size (Poisson sampling q = 1 / ceil(rows / batch), as fedhf run sets it)",
     )
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument(
+        "--lr-schedule", default="constant", choices=LR_SCHEDULES, help="train.lr-schedule (decay across rounds)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     ap.add_argument("--clip", type=float, default=1.0, help="per-example clipping norm C")
@@ -106,7 +109,8 @@ def main() -> None:
     print(
         f"clients {a.clients} x {n} training rows, batch {a.batch} (q {q:.4f}), {steps} steps/round, "
         f"{a.rounds} rounds, "
-        f"lr {a.lr}, C {a.clip}, {a.adapter} r {a.lora_r} on {a.target_modules}, pooling {a.pooling}, "
+        f"lr {a.lr} ({a.lr_schedule}), C {a.clip}, {a.adapter} r {a.lora_r} on {a.target_modules}, "
+        f"pooling {a.pooling}, "
         f"{a.optimizer} (momentum {a.momentum}), "
         + ("no DP" if a.no_dp else f"sigma {sigma:.3f} for eps {a.target_epsilon}"),
         flush=True,
@@ -115,6 +119,7 @@ def main() -> None:
     res = None
     for rnd in range(1, a.rounds + 1):
         states = []
+        lr = round_lr(a.lr, a.lr_schedule, rnd, a.rounds)
         for pid, (train_ds, _) in enumerate(parts.parts):
             set_adapter_state(model, global_state)
             loader = make_loader(
@@ -122,7 +127,7 @@ def main() -> None:
             )
             if a.no_dp:
                 train_local(
-                    model, loader, task=TASK, epochs=a.epochs, lr=a.lr, optimizer_name=a.optimizer, momentum=a.momentum
+                    model, loader, task=TASK, epochs=a.epochs, lr=lr, optimizer_name=a.optimizer, momentum=a.momentum
                 )
             else:
                 out = private_train(
@@ -131,7 +136,7 @@ def main() -> None:
                     accounts[pid],
                     task=TASK,
                     epochs=a.epochs,
-                    lr=a.lr,
+                    lr=lr,
                     optimizer_name=a.optimizer,
                     momentum=a.momentum,
                 )
@@ -147,7 +152,8 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} clip={a.clip} adapter={a.adapter} r={a.lora_r} "
+        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} "
+        f"schedule={a.lr_schedule} clip={a.clip} adapter={a.adapter} r={a.lora_r} "
         f"targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} "
         f"momentum={a.momentum} rounds={a.rounds} "
         f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}",

@@ -304,3 +304,14 @@ def test_card_names_the_training_keys_that_held_the_dp_defaults(tmp_path):
         build_hub_folder(plain_dir, RunRecord.from_dict(plain), "apache-2.0") / "README.md"
     ).text
     assert "| training defaults | as configured |" in plain_text and "(model.adapter = lora)" in plain_text
+
+
+def test_card_names_a_learning_rate_schedule_that_is_not_constant(tmp_path):
+    run_dir, run = fake_run(tmp_path / "lr")
+    for schedule, expected in (("linear", "SGD lr 0.1 (linear decay across rounds)"), ("constant", "SGD lr 0.1,")):
+        run["config"] = parse_config(
+            {"train.optimizer": "sgd", "train.lr": 0.1, "train.lr-schedule": schedule}
+        ).to_flat()
+        text = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").text
+        assert expected in text, schedule
+        assert ("decay across rounds" in text) == (schedule != "constant")

@@ -240,6 +240,7 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
         "model.hub-id": "",
         "train.optimizer": "adamw",
         "train.momentum": 0.0,
+        "train.lr-schedule": "constant",
         "transport.dtype": "fp32",
         "strategy.lora-aggregation": "mean",
         "personalization.mode": "none",

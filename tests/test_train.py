@@ -95,3 +95,56 @@ def test_train_optimizer_takes_the_step_it_names(tiny_model_dir, name):
         else:
             live = g.abs() > 1e-6  # Adam's first step is lr * g / (|g| + eps): about lr where the gradient is not tiny
             assert torch.allclose(moved[live].abs(), torch.full_like(moved[live], lr), rtol=0.02)
+
+
+def test_round_lr_decays_across_rounds_and_holds_within_one():
+    from fedhf.train.loop import round_lr
+
+    assert [round_lr(1.0, "constant", r, 3) for r in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert [round_lr(0.9, "linear", r, 3) for r in (1, 2, 3)] == pytest.approx([0.9, 0.6, 0.3])
+    assert [round_lr(1.0, "cosine", r, 4) for r in (1, 2, 3, 4)] == pytest.approx(
+        [1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.5 - 0.5 * 2**-0.5]
+    )
+    assert round_lr(1.0, "linear", 1, 1) == 1.0  # one round: nothing to decay
+    assert round_lr(1.0, "linear", 9, 3) == pytest.approx(1 / 3)  # past the planned rounds (a resumed run): the last
+
+
+def test_bad_lr_schedule_is_refused_naming_the_key():
+    from fedhf.errors import FedHFConfigError
+
+    with pytest.raises(FedHFConfigError, match="train.lr-schedule"):
+        parse_config({"train.lr-schedule": "step"})
+
+
+def test_a_rounds_training_steps_at_the_scheduled_lr(tiny_model_dir):
+    """Fit in round r of 3 with train.lr-schedule = linear takes SGD's step at lr * (4 - r) / 3; outside the rounds
+    (the personalization stage) at train.lr."""
+    from fedhf.federation.client import Fit
+
+    cfg = parse_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.lora.dropout": 0.0,
+            "train.optimizer": "sgd",
+            "train.lr": 0.03,
+            "train.lr-schedule": "linear",
+            "train.batch-size": 8,
+            "num-server-rounds": 3,
+        }
+    )
+    tok = load_tokenizer(cfg.model.name)
+    rows = separable(8, 2)
+    moves = {}
+    for server_round in (1, 2, 3, None):
+        torch.manual_seed(0)
+        model = build_model(cfg, ["negative", "positive"])
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        params = [p for p in model.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in params]
+        Fit(cfg, model, rows, tok, None, seed=5, server_round=server_round)(1)  # one batch: one step
+        moves[server_round] = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, start, strict=True)])
+    assert moves[None].abs().max() > 0
+    for server_round, factor in ((1, 1.0), (2, 2 / 3), (3, 1 / 3)):
+        assert torch.allclose(moves[server_round], factor * moves[None], atol=1e-7), server_round

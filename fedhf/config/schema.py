@@ -36,6 +36,7 @@ POOLINGS = ("auto", "cls", "mean")
 ADAPTERS = ("auto", "lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
 TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
 OPTIMIZERS = ("auto", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "linear", "cosine")  # fedhf.train.loop.round_lr
 LORA_AGGREGATIONS = ("mean", "svd")  # fedhf.federation.lora_ranks
 PERSONALIZATION = ("none", "finetune", "fedrep", "ditto")  # fedhf.federation.personal
 KEEP_LOCAL = ("head", "head+lora-b")  # what stays on the node under personalization.mode = fedrep
@@ -183,6 +184,14 @@ class TrainConfig:
     )
     lr: float | None = _opt(
         None, "Client learning rate (unset: 0.001, or 1.0 under sample-level DP).", min=0.0, min_exclusive=True
+    )
+    lr_schedule: str = _opt(
+        "constant",
+        "How train.lr changes across rounds (held for a whole round): constant; linear (round r of R trains "
+        "at lr * (R - r + 1) / R, down to lr / R); cosine (lr * (1 + cos(pi (r - 1) / R)) / 2). Personal epochs "
+        "in a round train at personalization.lr when set, else at the round's lr; the stage after the last round "
+        "(finetune, local-only) at train.lr.",
+        choices=LR_SCHEDULES,
     )
     momentum: float = _opt(
         0.0, "SGD momentum (train.optimizer = sgd; ignored by adamw).", min=0.0, max=1.0, max_exclusive=True

@@ -56,7 +56,7 @@ from fedhf.tasks.model import (
     set_adapter_state,
     train_only,
 )
-from fedhf.train.loop import Pull, TrainResult, train_local
+from fedhf.train.loop import Pull, TrainResult, round_lr, train_local
 
 log = logging.getLogger("fedhf")
 
@@ -242,7 +242,7 @@ def train_round(
     model = build_model(cfg, names, rank=rank)
     global_state = start_state(global_state, rank)  # at this node's rank: the truncation of the global product
     set_adapter_state(model, global_state)
-    fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid))
+    fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid), server_round)
     pers = cfg.personalization
     personal = SpendStore(state_root, data_key(cfg, node)) if pers.mode in ("fedrep", "ditto") else None
     if personal is not None and pers.mode == "fedrep":
@@ -349,18 +349,26 @@ class Fit:
         tokenizer: Any,
         account: SampleAccount | None,
         seed: int,
+        server_round: int | None = None,
     ) -> None:
+        """``server_round``: the federated round this training is part of (train.lr-schedule decays train.lr by it);
+        None for training outside the rounds (the personalization stage), which runs at train.lr."""
         self.cfg, self.model, self.train_ds, self.tokenizer = cfg, model, train_ds, tokenizer
-        self.account, self.seed = account, seed
+        self.account, self.seed, self.server_round = account, seed, server_round
         self.task = get_task(cfg.model.task)
         self.results: list[TrainResult] = []
 
     def __call__(
         self, epochs: int, *, proximal_mu: float = 0.0, pull: Pull | None = None, lr: float | None = None
     ) -> TrainResult:
-        """``lr``: this call's learning rate (personal epochs: personalization.lr), else train.lr."""
+        """``lr``: this call's learning rate (personal epochs: personalization.lr), else the round's train.lr."""
         cfg, t = self.cfg, self.cfg.train
-        lr = lr if lr is not None else t.lr
+        if lr is None:
+            lr = (
+                t.lr
+                if self.server_round is None
+                else round_lr(t.lr, t.lr_schedule, self.server_round, cfg.num_server_rounds)
+            )
         seed = self.seed + 7_919 * len(self.results)  # each call of a round shuffles differently, reproducibly
         loader = self.task.make_loader(
             self.train_ds, self.tokenizer, cfg.data.max_length, t.batch_size, shuffle=True, seed=seed

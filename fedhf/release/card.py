@@ -133,9 +133,11 @@ def _norm_bound(run: RunRecord) -> str:
 
 
 def _optimizer_text(cfg: dict[str, Any]) -> str:
+    schedule = cfg.get("train.lr-schedule", "constant")
+    decay = "" if schedule == "constant" else f" ({schedule} decay across rounds)"
     if cfg["train.optimizer"] == "sgd":
-        return f"SGD lr {cfg['train.lr']}, momentum {cfg['train.momentum']}"
-    return f"AdamW lr {cfg['train.lr']}"
+        return f"SGD lr {cfg['train.lr']}{decay}, momentum {cfg['train.momentum']}"
+    return f"AdamW lr {cfg['train.lr']}{decay}"
 
 
 LINEAR_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # aggregate by a weighted mean of the updates

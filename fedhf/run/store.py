@@ -50,6 +50,7 @@ CONFIG_BEFORE_KEY = {
     "model.hub-id": "",
     "train.optimizer": "adamw",
     "train.momentum": 0.0,
+    "train.lr-schedule": "constant",
     "transport.dtype": "fp32",
     "strategy.lora-aggregation": "mean",
     "personalization.mode": "none",

@@ -7,6 +7,7 @@ own. Evaluation is the task's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from fedhf.config.schema import LR_SCHEDULES
 from fedhf.tasks.base import Task
 
 
@@ -40,6 +42,24 @@ class Pull:
         with torch.no_grad():
             for p, anchor in self.pairs:
                 p.sub_(self.rate * (p - anchor))
+
+
+def round_lr(lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """Round ``server_round``'s (1-based) learning rate of ``num_rounds``: held within a round, decayed across them.
+
+    constant: lr every round; linear: lr * (R - r + 1) / R (lr, ..., lr / R);
+    cosine: lr * (1 + cos(pi (r - 1) / R)) / 2
+    (still above 0 in the last round). Under DP the step size is post-processing of the
+    noisy gradients: the schedule changes no privacy figure.
+    """
+    if schedule == "constant" or num_rounds <= 1:
+        return lr
+    r = min(max(server_round, 1), num_rounds)
+    if schedule == "linear":
+        return lr * (num_rounds - r + 1) / num_rounds
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (r - 1) / num_rounds))
+    raise ValueError(f"config key 'train.lr-schedule': got '{schedule}'; use one of {', '.join(LR_SCHEDULES)}.")
 
 
 def make_optimizer(
