@@ -8,8 +8,13 @@ Flower transport, so a recipe found here can then be written as an experiment fi
 
     python scripts/dp_recipe_scan.py --clients 10 --rows 2000 --batch 256 --lr 0.01 --rounds 3 --target-epsilon 8
     python scripts/dp_recipe_scan.py ... --no-dp          # the same recipe without DP
+    python scripts/dp_recipe_scan.py ... --seeds 0,1,42 --repeats 2   # judge a recipe by its mean over runs
 
-Prints one line per round and a final ``RESULT`` line (for grep).
+DP noise is fresh randomness in every run (never seeded), so one run of a recipe is one draw: at the
+quickstart's size two runs of the same recipe and seed differ by up to 3 points. Compare recipes by the
+SUMMARY line's mean over seeds and repeats.
+
+Prints one line per round and a ``RESULT`` line per run (for grep), then a ``SUMMARY`` line over the runs.
 """
 
 from __future__ import annotations
@@ -66,12 +71,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-dp", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="", help="comma list of seeds (overrides --seed); a summary line at the end")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="runs per seed (DP noise is fresh each run, so repeats differ)"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
+    finals = [run(a, seed) for seed in seeds for _ in range(a.repeats)]
+    if len(finals) > 1:
+        mean = sum(finals) / len(finals)
+        sd = (sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) ** 0.5
+        print(
+            f"SUMMARY seeds={','.join(map(str, seeds))} repeats={a.repeats} runs={len(finals)} "
+            f"mean={mean:.4f} sd={sd:.4f} min={min(finals):.4f} max={max(finals):.4f} "
+            f"finals={','.join(f'{f:.4f}' for f in finals)}",
+            flush=True,
+        )
+
+
+def run(a: argparse.Namespace, seed: int) -> float:
+    """One federated run of the recipe at ``seed``; its final central accuracy."""
 
     cfg = parse_config(
         {
-            "seed": a.seed,
+            "seed": seed,
             "num-server-rounds": a.rounds,
             "data.max-train-examples": a.clients * a.rows,
             "data.max-length": a.max_length,
@@ -152,13 +176,14 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"RESULT clients={a.clients} rows={n} batch={a.batch} lr={a.lr} "
+        f"RESULT seed={seed} clients={a.clients} rows={n} batch={a.batch} lr={a.lr} "
         f"schedule={a.lr_schedule} clip={a.clip} adapter={a.adapter} r={a.lora_r} "
         f"targets={a.target_modules} pooling={a.pooling} optimizer={a.optimizer} "
         f"momentum={a.momentum} rounds={a.rounds} "
         f"epochs={a.epochs} dp={not a.no_dp} sigma={sigma:.3f} accuracy={res.accuracy:.4f}",
         flush=True,
     )
+    return res.accuracy
 
 
 if __name__ == "__main__":
