@@ -292,8 +292,10 @@ def test_card_names_the_training_keys_that_held_the_dp_defaults(tmp_path):
     run["config"] = parse_config({"privacy.mode": "sample", "train.lr": 0.5}).to_flat()
     text = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").text
     row = next(line for line in text.splitlines() if line.startswith("| training defaults |"))
-    assert "model.adapter = ffa-lora" in row and "model.pooling = mean" in row and "train.batch-size = 32" in row
-    assert "train.lr" not in row and "train.optimizer" not in row  # set by hand (and AdamW stays with its lr)
+    assert "model.adapter = ffa-lora" in row and "model.pooling = mean" in row and "train.batch-size = 64" in row
+    assert "train.local-epochs = 4" in row
+    # set by hand: AdamW stays with its lr, and the rate stays constant
+    assert "train.lr" not in row and "train.optimizer" not in row and "train.lr-schedule" not in row
     assert "FFA-LoRA: A stayed where the shared seed put it" in text
     assert "the mean of B is exactly the mean of the clients' updates" in text
     run["config"] = parse_config({"privacy.mode": "sample", "strategy.name": "fedmedian"}).to_flat()

@@ -151,19 +151,31 @@ def test_experiment_files_parse():
 
 
 def test_training_keys_left_to_auto_take_dp_defaults_only_under_sample_level_dp():
-    """Private defaults that learn: FFA-LoRA, mean pooling, SGD lr 1.0, batch 32 under sample-level DP; today's
-    defaults otherwise; a key set explicitly keeps its value (and a learning rate keeps AdamW)."""
+    """Private defaults that learn: FFA-LoRA r 2, mean pooling, SGD lr 2.0 decaying linearly over the rounds, batch
+    64, 4 local epochs under sample-level DP; today's defaults otherwise; a key set explicitly keeps its value (and a
+    learning rate keeps AdamW and a constant rate)."""
     from fedhf.config.schema import dp_defaults_in_force
 
     def training(cfg):
         m, t = cfg.model, cfg.train
-        return (m.adapter, m.pooling, m.lora.r, m.lora.alpha, t.optimizer, t.lr, t.batch_size)
+        return (
+            m.adapter,
+            m.pooling,
+            m.lora.r,
+            m.lora.alpha,
+            t.optimizer,
+            t.lr,
+            t.batch_size,
+            t.local_epochs,
+            t.lr_schedule,
+        )
 
-    assert training(parse_config({})) == ("lora", "cls", 8, 16, "adamw", 0.001, 16)
-    assert training(parse_config({"privacy.mode": "client"})) == ("lora", "cls", 8, 16, "adamw", 0.001, 16)
+    plain = ("lora", "cls", 8, 16, "adamw", 0.001, 16, 2, "constant")
+    assert training(parse_config({})) == plain
+    assert training(parse_config({"privacy.mode": "client"})) == plain
     for mode in ("sample", "both"):
         cfg = parse_config({"privacy.mode": mode})
-        assert training(cfg) == ("ffa-lora", "mean", 2, 4, "sgd", 1.0, 32)
+        assert training(cfg) == ("ffa-lora", "mean", 2, 4, "sgd", 2.0, 64, 4, "linear")
         assert parse_config(cfg.to_flat()) == cfg  # resolved once: the clients parse the same config
         assert list(dp_defaults_in_force(cfg.to_flat())) == [
             "model.adapter",
@@ -172,14 +184,26 @@ def test_training_keys_left_to_auto_take_dp_defaults_only_under_sample_level_dp(
             "train.optimizer",
             "train.lr",
             "train.batch-size",
+            "train.local-epochs",
+            "train.lr-schedule",
         ]
-    mine = parse_config({"privacy.mode": "sample", "model.adapter": "lora", "train.batch-size": 16, "model.lora.r": 8})
-    assert training(mine) == ("lora", "mean", 8, 16, "sgd", 1.0, 16)
+    mine = parse_config(
+        {
+            "privacy.mode": "sample",
+            "model.adapter": "lora",
+            "train.batch-size": 16,
+            "model.lora.r": 8,
+            "train.local-epochs": 1,
+            "train.lr-schedule": "cosine",
+        }
+    )
+    assert training(mine) == ("lora", "mean", 8, 16, "sgd", 2.0, 16, 1, "cosine")
     assert list(dp_defaults_in_force(mine.to_flat())) == ["model.pooling", "train.optimizer", "train.lr"]
     own_lr = parse_config({"privacy.mode": "sample", "train.lr": 0.003, "model.lora.alpha": 32})
-    assert training(own_lr) == ("ffa-lora", "mean", 2, 32, "adamw", 0.003, 32)
+    assert training(own_lr) == ("ffa-lora", "mean", 2, 32, "adamw", 0.003, 64, 4, "constant")
     # svd aggregation keeps LoRA and its rank (the nodes' ranks are measured against it)
     svd = parse_config({"privacy.mode": "sample", "strategy.lora-aggregation": "svd"})
     assert training(svd)[:4] == ("lora", "mean", 8, 16)
-    assert parse_config({"privacy.mode": "sample", "train.lr": "", "model.pooling": "auto"}).train.lr == 1.0
+    assert parse_config({"privacy.mode": "sample", "train.lr": "", "model.pooling": "auto"}).train.lr == 2.0
+    assert parse_config({"privacy.mode": "sample", "train.lr-schedule": "auto"}).train.lr_schedule == "linear"
     assert dp_defaults_in_force(parse_config({}).to_flat()) == {}

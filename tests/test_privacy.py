@@ -287,7 +287,13 @@ def test_one_plan_for_the_cli_the_preflight_and_the_client():
     from fedhf.privacy.dp import plan_for, plan_sample_level
 
     cfg = parse_config(
-        {"privacy.mode": "sample", "privacy.target-epsilon": 4.0, "num-server-rounds": 3, "train.batch-size": 16}
+        {
+            "privacy.mode": "sample",
+            "privacy.target-epsilon": 4.0,
+            "num-server-rounds": 3,
+            "train.batch-size": 16,
+            "train.local-epochs": 2,
+        }
     )
     plan = plan_for(cfg, 360)
     assert (plan.sample_rate, plan.steps_per_round, plan.total_steps) == (1 / 23, 46, 138)

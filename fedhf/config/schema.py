@@ -44,15 +44,19 @@ KEEP_LOCAL = ("head", "head+lora-b")  # what stays on the node under personaliza
 # train fewer values (FFA-LoRA at rank 2: B and the head; noise grows with what trains, the signal does not) on the
 # representation the model was trained for (mean pooling),
 # with SGD, whose step follows the noisy gradient (AdamW moves every value by about lr per step, signal or not), at
-# a learning rate and batch that carry the signal through the noise; docs/privacy.md ("Private defaults that
-# learn") has the measurements. Any value given explicitly is kept.
+# a learning rate and batch that carry the signal through the noise: a larger batch over more epochs keeps the
+# steps per round and halves the noise per averaged gradient, and a rate decaying over the rounds stops the last
+# round undoing the earlier ones; docs/privacy.md ("Private defaults that learn") has the measurements. Any value
+# given explicitly is kept.
 AUTO: dict[str, tuple[Any, Any]] = {
     "model.adapter": ("lora", "ffa-lora"),
     "model.pooling": ("cls", "mean"),
     "model.lora.r": (8, 2),
     "train.optimizer": ("adamw", "sgd"),
-    "train.lr": (0.001, 1.0),
-    "train.batch-size": (16, 32),
+    "train.lr": (0.001, 2.0),
+    "train.batch-size": (16, 64),
+    "train.local-epochs": (2, 4),
+    "train.lr-schedule": ("constant", "linear"),
 }
 
 
@@ -172,8 +176,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_epochs: int = _opt(2, "Local epochs per round.", min=1)
-    batch_size: int | None = _opt(None, "Local batch size (unset: 16, or 32 under sample-level DP).", min=1)
+    local_epochs: int | None = _opt(None, "Local epochs per round (unset: 2, or 4 under sample-level DP).", min=1)
+    batch_size: int | None = _opt(None, "Local batch size (unset: 16, or 64 under sample-level DP).", min=1)
     optimizer: str = _opt(
         "auto",
         "Client optimizer (auto: adamw, or sgd under sample-level DP when train.lr is unset): adamw, or sgd "
@@ -183,15 +187,16 @@ class TrainConfig:
         choices=OPTIMIZERS,
     )
     lr: float | None = _opt(
-        None, "Client learning rate (unset: 0.001, or 1.0 under sample-level DP).", min=0.0, min_exclusive=True
+        None, "Client learning rate (unset: 0.001, or 2.0 under sample-level DP).", min=0.0, min_exclusive=True
     )
     lr_schedule: str = _opt(
-        "constant",
-        "How train.lr changes across rounds (held for a whole round): constant; linear (round r of R trains "
+        "auto",
+        "How train.lr changes across rounds (held for a whole round; auto: constant, or linear under sample-level "
+        "DP when train.lr is unset): constant; linear (round r of R trains "
         "at lr * (R - r + 1) / R, down to lr / R); cosine (lr * (1 + cos(pi (r - 1) / R)) / 2). Personal epochs "
         "in a round train at personalization.lr when set, else at the round's lr; the stage after the last round "
         "(finetune, local-only) at train.lr.",
-        choices=LR_SCHEDULES,
+        choices=("auto", *LR_SCHEDULES),
     )
     momentum: float = _opt(
         0.0, "SGD momentum (train.optimizer = sgd; ignored by adamw).", min=0.0, max=1.0, max_exclusive=True
@@ -646,7 +651,10 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
             # a learning rate given for the default optimizer stays with it: SGD at AdamW's lr would not move;
             # products of A and B are what svd aggregation averages, so it keeps LoRA's A training (and the rank that
             # the nodes' own ranks are measured against)
-            keep_plain = (key == "train.optimizer" and lr_given) or (key in ("model.adapter", "model.lora.r") and svd)
+            # (and a learning rate given keeps it constant: the decay belongs to the DP default rate)
+            keep_plain = (key in ("train.optimizer", "train.lr-schedule") and lr_given) or (
+                key in ("model.adapter", "model.lora.r") and svd
+            )
             values[path] = choice[private and not keep_plain]
     alpha = SPEC_BY_KEY["model.lora.alpha"].path
     if values[alpha] is None:
