@@ -183,6 +183,17 @@ def test_targets_are_checked_on_the_numbers():
     assert check_targets(langs, rows)[1].endswith("on 10 of 12 clients (their own held-out rows; target ≥ 10): met")
     rows[-1]["personalized_beats_local_only"] = 9
     assert check_targets(langs, rows)[1].endswith("target ≥ 10): MISSED")
+    assert check_targets(langs, rows)[2].startswith("personalized vs centralized-mean: mean macro-F1 not measured yet")
+    rows[-1].update({f"f1_{c}": 0.40 for c in codes})  # the global adapter of the personalized run, per language
+    rows.append({"name": "centralized-mean", **{f"f1_{c}": 0.43 for c in codes[:6]}})
+    assert "missing: pcm, por, swa, tso, twi, yor" in check_targets(langs, rows)[2]
+    rows[-1].update({f"f1_{c}": 0.42 for c in codes[6:]})  # mean 0.425: 0.025 behind
+    assert check_targets(langs, rows)[2] == (
+        "personalized: mean macro-F1 over 12 languages 0.400 vs centralized-mean 0.425: +0.025 behind "
+        "(target ≤ 0.03): met"
+    )
+    rows[-1]["f1_amh"] = 0.60  # mean 0.439: 0.039 behind
+    assert check_targets(langs, rows)[2].endswith("+0.039 behind (target ≤ 0.03): MISSED")
 
 
 @pytest.mark.slow

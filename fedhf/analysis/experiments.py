@@ -19,7 +19,7 @@ evaluate-languages = ["hau"]  # optional: fedhf evaluate --set data.languages=X 
 smoke = false                 # optional: leave this run out of the smoke variant
 node-config = "nodes.toml"    # optional: the simulated nodes' configs (fedhf run --node-config)
 [[targets]]                   # figures the group must reach, checked on the results
-kind = "within"               # within | auc-closer | beats
+kind = "within"               # within | auc-closer | beats | personalized-beats | mean-within
 ...
 ```
 
@@ -47,7 +47,7 @@ from fedhf.config.schema import flatten, load_config_file, parse_config
 from fedhf.errors import FedHFConfigError, FedHFError, FedHFRunError
 from fedhf.run.store import RunRecord, RunStore
 
-TARGET_KINDS = ("within", "auc-closer", "beats", "personalized-beats")
+TARGET_KINDS = ("within", "auc-closer", "beats", "personalized-beats", "mean-within")
 RUN_KEYS = {
     "name",
     "config",
@@ -545,6 +545,22 @@ def check_targets(group: Group, rows: list[dict[str, Any]]) -> list[str]:
                 out.append(
                     f"{t['run']}: the personalized adapter beats local-only training in macro-F1 on {wins} of {n} "
                     f"clients (their own held-out rows; target ≥ {need}): {'met' if wins >= need else 'MISSED'}"
+                )
+        elif kind == "mean-within":  # run's mean macro-F1 over `languages` within `f1` of the baseline's mean
+            need, langs = float(t["f1"]), list(t["languages"])
+            a = [by.get(t["run"], {}).get(f"f1_{lang}") for lang in langs]
+            b = [by.get(t["baseline"], {}).get(f"f1_{lang}") for lang in langs]
+            missing = [lang for lang, x, y in zip(langs, a, b, strict=True) if x is None or y is None]
+            if missing:
+                out.append(
+                    f"{t['run']} vs {t['baseline']}: mean macro-F1 not measured yet (missing: {', '.join(missing)}; "
+                    f"target within {need:g})"
+                )
+            else:
+                ma, mb = sum(a) / len(a), sum(b) / len(b)
+                out.append(
+                    f"{t['run']}: mean macro-F1 over {len(langs)} languages {ma:.3f} vs {t['baseline']} {mb:.3f}: "
+                    f"{mb - ma:+.3f} behind (target ≤ {need:g}): {'met' if mb - ma <= need else 'MISSED'}"
                 )
         elif kind == "beats":  # run beats the per-language baselines on at least `at-least` languages
             wins, total, missing = 0, 0, []
