@@ -59,6 +59,28 @@ def test_history_epsilon_equals_opacus_in_one_go(kind):
     assert SampleAccount.from_state(acc.to_state()) == acc
 
 
+def test_planning_a_small_epsilon_is_quiet_and_plans_what_opacus_plans():
+    """Opacus warns "Optimal order is the largest alpha" for the search's large-sigma probes (sigma 20, 100): noise on
+    every client's console at small targets. The planner keeps it out, and plans exactly Opacus' sigma."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    q, steps, delta = sampling(960, 64, 4)[0], 180, 0.1 / 960
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma = plan_noise_multiplier(1.0, delta, q, steps, "rdp")
+    ref = get_noise_multiplier(
+        target_epsilon=1.0, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp", epsilon_tolerance=0.01
+    )
+    assert sigma == ref and 3.0 < sigma < 3.6
+    assert 0.99 <= epsilon_of("rdp", [(sigma, q, steps)], delta) <= 1.0
+    with warnings.catch_warnings(record=True) as seen:  # outside the planner, Opacus' warning is left alone
+        warnings.simplefilter("always")
+        epsilon_of("rdp", [(100.0, q, steps)], delta)
+    assert any("Optimal order is the largest alpha" in str(w.message) for w in seen)
+
+
 def test_epsilon_after_projects_one_more_round():
     acc = SampleAccount("rdp", 1e-5, 1.0, 1.0, [(1.0, 0.04, 25)])
     assert acc.epsilon_after(0.04, 25) == pytest.approx(epsilon_of("rdp", [(1.0, 0.04, 50)], 1e-5), rel=1e-9)
