@@ -1,0 +1,471 @@
+"""Causal language modelling (generative fine-tuning): instruction tuning of a decoder (Llama, Qwen, SmolLM, GPT-2).
+
+A record is one of three shapes (``data.format``): an instruction record (``instruction``, optional ``input``,
+``output``), a chat (``messages``: a list of ``{"role", "content"}`` whose last turn is the assistant's answer), or
+plain text. Each becomes (prompt, response): the tokenizer's chat template writes instruction records and chats
+when the tokenizer has one, else a fixed Alpaca-style template; plain text has no prompt. The loss is token
+cross-entropy over the response tokens only (``response_only``; else over every token), averaged per example and
+then over the batch, so that each example weighs the same (and per-example clipping clips what one example adds).
+
+Bad input fails before training with the key, the count and the fix, never a row's text (errors may leave a data
+owner's node): a record without the named fields, a template that leaves no response tokens, a prompt that fills
+``data.max-length``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import TaskType
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from fedhf.errors import FedHFDataError, FedHFModelError
+
+IGNORE = -100  # the label of a token the loss does not read (PyTorch's and transformers' convention)
+FORMATS = ("auto", "instruction", "messages", "text")
+
+# Families in transformers' causal-LM mapping that are encoders: their "LM head" needs is_decoder and was never
+# trained to generate. Refused under this task.
+ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "rembert", "roc_bert")
+
+# LoRA targets per family: attention (and the MLP with mlp=True). GPT-2 packs q, k, v into one Conv1D (c_attn).
+LORA_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "mistral": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "qwen2": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "qwen3": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "gemma": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "phi3": (("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj")),
+    "gpt2": (("c_attn",), ("c_fc", "mlp.c_proj")),
+    "gpt_neox": (("query_key_value", "dense"), ("dense_h_to_4h", "dense_4h_to_h")),
+}
+
+# Without a chat template (base models, GPT-2): the Alpaca layout.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def lora_targets(model_type: str, mlp: bool = False) -> list[str]:
+    """The module names that get LoRA in a ``model_type`` decoder: attention, plus the MLP with ``mlp``."""
+    if model_type not in LORA_TARGETS:
+        raise FedHFModelError(
+            f"config key 'model.lora.target-modules': fedhf has no default LoRA targets for '{model_type}' models "
+            f"(it knows {', '.join(sorted(LORA_TARGETS))}); name the model's linear layers, e.g. 'q_proj,v_proj'."
+        )
+    attention, feed_forward = LORA_TARGETS[model_type]
+    return [*attention, *(feed_forward if mlp else ())]
+
+
+def lora_options(model_type: str) -> dict[str, Any]:
+    """LoraConfig options a family needs: GPT-2's Conv1D layers store their weight transposed (fan_in_fan_out)."""
+    return {"fan_in_fan_out": True} if model_type == "gpt2" else {}
+
+
+def check_causal_lm(path: str) -> Any:
+    """The model's config when ``path`` (a folder or Hub id) is a decoder with a causal-LM head; else one error."""
+    config = AutoConfig.from_pretrained(path)
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise FedHFModelError(
+            f"model.name '{path}' is an encoder-decoder ('{model_type}'); model.task 'causal-lm' takes a decoder "
+            f"(Llama, Qwen, SmolLM, GPT-2 families)."
+        )
+    if model_type in ENCODER_FAMILIES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FedHFModelError(
+            f"model.name '{path}' is a '{model_type}' model without a causal-LM head; model.task 'causal-lm' takes a "
+            f"decoder (Llama, Qwen, SmolLM, GPT-2 families), or use model.task 'text-classification' for this model."
+        )
+    return config
+
+
+# --------------------------------------------------------------------------- records -> (prompt, response)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example as text: the prompt (no loss) and the response (the loss), already templated."""
+
+    prompt: str
+    response: str
+
+
+def detect_format(columns: Sequence[str]) -> str:
+    """The record format of a dataset with these columns (``data.format = auto``)."""
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if {"instruction", "output"} <= cols:
+        return "instruction"
+    if "text" in cols:
+        return "text"
+    raise FedHFDataError(
+        f"data.format 'auto': the dataset's columns ({', '.join(sorted(cols)) or 'none'}) are none of the record "
+        f"formats of model.task 'causal-lm': 'messages' (chats), 'instruction' + 'output' (+ optional 'input'), or "
+        f"'text'; rename the columns or set data.format."
+    )
+
+
+REQUIRED = {"instruction": ("instruction", "output"), "messages": ("messages",), "text": ("text",)}
+
+
+def check_columns(columns: Sequence[str], fmt: str) -> str:
+    """The record format (``fmt``, or detected for ``auto``) after checking the dataset has its fields."""
+    if fmt not in FORMATS:
+        raise FedHFDataError(f"config key 'data.format': got '{fmt}'; one of {', '.join(FORMATS)}.")
+    if fmt == "auto":
+        return detect_format(columns)
+    missing = [c for c in REQUIRED[fmt] if c not in columns]
+    if missing:
+        raise FedHFDataError(
+            f"data.format '{fmt}' needs the column(s) {', '.join(missing)}, which the dataset lacks (it has "
+            f"{', '.join(sorted(columns)) or 'none'}); rename its columns or set data.format to the records' shape."
+        )
+    return fmt
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _as_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    user = str(record["instruction"])
+    extra = record.get("input")
+    if extra:
+        user = f"{user}\n\n{extra}"
+    messages = [{"role": "user", "content": user}]
+    if "output" in record:  # a prompt to answer has none
+        messages.append({"role": "assistant", "content": str(record["output"])})
+    return messages
+
+
+def prompt_of(record: Mapping[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text a model is given to answer ``record`` (what generation starts from; no response)."""
+    if fmt == "text":
+        return ""
+    if fmt == "instruction":
+        if has_chat_template(tokenizer):
+            return tokenizer.apply_chat_template(_as_messages(record)[:1], tokenize=False, add_generation_prompt=True)
+        template = ALPACA_PROMPT_INPUT if record.get("input") else ALPACA_PROMPT
+        return template.format(instruction=record["instruction"], input=record.get("input") or "")
+    messages = list(record["messages"])
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
+
+
+def to_example(record: Mapping[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase) -> Example:
+    """(prompt, response) text of one record; the response ends the way the model should stop (EOS or end of turn)."""
+    eos = tokenizer.eos_token or ""
+    if fmt == "text":
+        return Example("", str(record["text"]) + eos)
+    if fmt == "instruction":
+        messages = _as_messages(record)
+    else:
+        messages = list(record["messages"])
+        if not messages or messages[-1].get("role") != "assistant":
+            raise FedHFDataError(
+                "data.format 'messages': a chat must end with the assistant's turn (the response the model learns); "
+                "a record ends with another role."
+            )
+    prompt = prompt_of(record, fmt, tokenizer)
+    if has_chat_template(tokenizer):
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise FedHFDataError(
+                "the tokenizer's chat template does not write a chat as its prompt followed by the answer, so the "
+                "response tokens cannot be told apart; use a tokenizer whose template does (or one without a template)."
+            )
+        return Example(prompt, full[len(prompt) :])
+    return Example(prompt, str(messages[-1]["content"]) + eos)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def tokenize(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, response_only: bool = True
+) -> list[dict[str, list[int]]]:
+    """``input_ids`` and ``labels`` (IGNORE over the prompt when ``response_only``) of each example, at most
+    ``max_length`` tokens (the response is cut at the end). Raises when a prompt leaves no room for its response
+    or an example has no response token to learn."""
+    bos = _bos(tokenizer)
+    templated = has_chat_template(tokenizer)
+    rows, too_long, longest, empty = [], 0, 0, 0
+    for ex in examples:
+        # A chat template writes its own BOS (as text); otherwise BOS when the tokenizer adds one, and never an EOS
+        # before the response.
+        prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
+        if not (templated and ex.prompt):
+            prompt_ids = bos + prompt_ids
+        response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) >= max_length and response_ids:
+            too_long += 1
+            longest = max(longest, len(prompt_ids))
+            continue
+        ids = (prompt_ids + response_ids)[:max_length]
+        labels = (([IGNORE] * len(prompt_ids)) if response_only else list(prompt_ids)) + response_ids
+        labels = labels[: len(ids)]
+        if all(t == IGNORE for t in labels[1:]) or not response_ids:  # position 0 is never predicted
+            empty += 1
+            continue
+        rows.append({"input_ids": ids, "labels": labels})
+    if too_long:
+        raise FedHFDataError(
+            f"config key 'data.max-length': {max_length} tokens leave no room for the response of {too_long} of "
+            f"{len(examples)} examples (the longest prompt is {longest} tokens); set data.max-length above {longest} "
+            f"or shorten the prompts."
+        )
+    if empty:
+        raise FedHFDataError(
+            f"{empty} of {len(examples)} examples have no response token to learn after the template (an empty "
+            f"output or text, or a one-token text with no BOS before it); drop them or fill their responses."
+        )
+    return rows
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """[BOS] when the tokenizer puts one before a text by itself (Llama's), else nothing (GPT-2's)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if bos in tokenizer("a", add_special_tokens=True)["input_ids"][:1] else []
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise FedHFModelError("the tokenizer has neither a pad nor an EOS token; give one a pad_token.")
+
+
+def collate(rows: Sequence[Mapping[str, list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE on the padding)."""
+    width = max((len(r["input_ids"]) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def make_loader(
+    rows: Sequence[Mapping[str, list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    sort_by_length: bool = False,
+) -> DataLoader:
+    """Batches of tokenized rows (``tokenize``), padded per batch; ``sort_by_length`` for evaluation only."""
+    rows = sorted(rows, key=lambda r: len(r["input_ids"])) if sort_by_length else list(rows)
+    p = pad_id(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=lambda b: collate(b, p), generator=generator
+    )
+
+
+# --------------------------------------------------------------------------- loss and evaluation
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, counted tokens) of each example: position t predicts label t + 1."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counted = (shift_labels != IGNORE).sum(dim=1)
+    return nll.sum(dim=1), counted
+
+
+def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each example's mean response-token loss (each example weighs the same)."""
+    summed, counted = token_losses(logits, labels)
+    return (summed / counted.clamp(min=1)).mean()
+
+
+@dataclass
+class LMEvalResult:
+    """Held-out figures of a causal LM: mean loss per response token and its perplexity."""
+
+    loss: float
+    perplexity: float
+    token_accuracy: float  # next-token argmax matches, over the response tokens
+    num_examples: int
+    num_tokens: int
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader) -> LMEvalResult:
+    """Token-weighted mean loss over the response tokens of every row, perplexity exp(loss), next-token accuracy."""
+    model.eval()
+    total, tokens, correct, n = 0.0, 0, 0, 0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        summed, counted = token_losses(logits, batch["labels"])
+        total += float(summed.sum())
+        tokens += int(counted.sum())
+        shift = batch["labels"][:, 1:]
+        hit = (logits[:, :-1].argmax(-1) == shift) & (shift != IGNORE)
+        correct += int(hit.sum())
+        n += int(batch["input_ids"].shape[0])
+    if tokens == 0:
+        return LMEvalResult(0.0, 1.0, 0.0, n, 0)
+    loss = total / tokens
+    return LMEvalResult(loss, math.exp(min(loss, 700.0)), correct / tokens, n, tokens)
+
+
+@torch.no_grad()
+def per_example_loss(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
+    """Each row's mean response-token loss, in the loader's order (what a loss-based membership attack reads)."""
+    model.eval()
+    out = []
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        summed, counted = token_losses(logits, batch["labels"])
+        out.append(summed / counted.clamp(min=1))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """``fedhf predict`` and the per-round prompts: greedy unless ``do_sample``."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    settings: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen)
+    batch_size: int = 8,
+) -> list[str]:
+    """The continuation of each prompt (already templated: ``prompt_of``), without the prompt, special tokens cut."""
+    model.eval()
+    templated = has_chat_template(tokenizer)
+    bos = _bos(tokenizer)
+    pad = pad_id(tokenizer)
+    outputs: list[str] = []
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "pad_token_id": pad,
+        "do_sample": settings.do_sample,
+    }
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    if tokenizer.eos_token_id is not None:
+        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            encoded = [
+                (([] if templated else bos) + tokenizer(p, add_special_tokens=False)["input_ids"]) for p in chunk
+            ]
+            width = max(len(e) for e in encoded)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, e in enumerate(encoded):  # left padding: generation continues every row from its last token
+                ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+                mask[i, width - len(e) :] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            outputs.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
+    return outputs
+
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: the first line, lower-cased, without punctuation or surrounding space."""
+    first = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return re.sub(r"\s+", " ", first.lower().translate(_PUNCT)).strip()
+
+
+def exact_match(generations: Sequence[str], answers: Sequence[str]) -> float:
+    """Share of generations whose normalized first line equals the normalized gold answer."""
+    if not answers:
+        return 0.0
+    hits = sum(normalize_answer(g) == normalize_answer(a) for g, a in zip(generations, answers, strict=True))
+    return hits / len(answers)
+
+
+# --------------------------------------------------------------------------- the task
+
+
+class CausalLM:
+    """Causal language modelling over instruction records, chats or text (``AutoModelForCausalLM``)."""
+
+    name = "causal-lm"
+    pipeline_tag = "text-generation"
+    peft_task_type = TaskType.CAUSAL_LM
+
+    def load_base(self, path: str, label_names: list[str] | None = None, pooling: str = "cls") -> torch.nn.Module:
+        check_causal_lm(path)
+        if pooling != "cls":
+            raise FedHFModelError(
+                f"config key 'model.pooling': got '{pooling}'; pooling belongs to classification heads and "
+                f"model.task 'causal-lm' has none; leave it at 'cls'."
+            )
+        return AutoModelForCausalLM.from_pretrained(path)
+
+    def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+
+    def criterion(self):  # noqa: ANN201
+        return causal_loss
+
+    def output(self, model_output: Any) -> torch.Tensor:
+        return model_output.logits
+
+    def tokens(self, inputs: dict[str, torch.Tensor]) -> int:
+        return int(inputs["attention_mask"].sum())
+
+    def describe(self, label_names: list[str] | None = None) -> str:
+        return "text generation (causal language modelling, instruction tuning)"
+
+    def usage_code(self, base_model: str | None, pooling: str = "cls") -> str:
+        return f"""from huggingface_hub import snapshot_download
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
+base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")
+model = PeftModel.from_pretrained(base, path).eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+question = "Write one sentence about federated learning."
+if tokenizer.chat_template:
+    messages = [{{"role": "user", "content": question}}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+else:
+    prompt = f"### Instruction:\\n{{question}}\\n\\n### Response:\\n"
+inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""

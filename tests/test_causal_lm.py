@@ -1,0 +1,211 @@
+"""The causal-LM task (issue 18, first part): records to (prompt, response), response-only labels, the loss, held-out
+perplexity, generation, exact match, and DP-SGD on LoRA of tiny Llama and GPT-2 models built from a config with a
+tokenizer trained here (no download)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoTokenizer
+
+from fedhf.errors import FedHFDataError, FedHFModelError
+from fedhf.privacy.dp import SampleAccount, private_train
+from fedhf.tasks import causal_lm as C
+from fedhf.tasks.model import _bundled_path
+from fedhf.tasks.tiny_lm import write_tiny_causal_lm
+
+ANSWERS = {"good": "positive", "great": "positive", "fine": "positive", "bad": "negative", "awful": "negative"}
+CORPUS = [f"the film was {w} and the cast was {c}" for w in ANSWERS for c in ("loud", "calm", "funny", "slow")]
+TASK = C.CausalLM()
+
+
+def records() -> list[dict]:
+    return [{"instruction": "Label the sentiment.", "input": t, "output": ANSWERS[t.split()[3]]} for t in CORPUS]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request, tmp_path_factory) -> tuple[str, Path]:
+    """(family, folder) of a tiny model with its own tokenizer: Llama with a chat template, GPT-2 without."""
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    texts = CORPUS + [C.ALPACA_PROMPT_INPUT.format(instruction="Label the sentiment.", input=t) for t in CORPUS]
+    texts += [f"it was {a}" for a in ANSWERS.values()]
+    write_tiny_causal_lm(folder, texts * 3, family=request.param, vocab_size=400, hidden=64)
+    return request.param, folder
+
+
+def lora_model(family: str, folder: Path, seed: int = 0):  # noqa: ANN201
+    torch.manual_seed(seed)
+    base = TASK.load_base(str(folder))
+    cfg = LoraConfig(
+        task_type=TASK.peft_task_type,
+        r=4,
+        lora_alpha=8,
+        target_modules=C.lora_targets(family, mlp=True),
+        **C.lora_options(family),
+    )
+    return get_peft_model(base, cfg)
+
+
+def test_the_record_format_is_detected_and_unknown_columns_get_one_error() -> None:
+    assert C.detect_format(["messages", "id"]) == "messages"
+    assert C.detect_format(["instruction", "input", "output"]) == "instruction"
+    assert C.detect_format(["text", "label"]) == "text"
+    with pytest.raises(FedHFDataError, match=r"data.format 'auto'.*prompt, reply.*'messages'"):
+        C.detect_format(["prompt", "reply"])
+    assert C.check_columns(["instruction", "output"], "auto") == "instruction"
+    with pytest.raises(FedHFDataError, match=r"data.format 'instruction' needs the column\(s\) output.*it has input"):
+        C.check_columns(["instruction", "input"], "instruction")
+    with pytest.raises(FedHFDataError, match="config key 'data.format': got 'alpaca'"):
+        C.check_columns(["text"], "alpaca")
+
+
+def test_response_only_labels_mask_exactly_the_prompt(tiny) -> None:
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert C.has_chat_template(tok) == (family == "llama")
+    rec = records()[0]
+    ex = C.to_example(rec, "instruction", tok)
+    assert ex.prompt == C.prompt_of(rec, "instruction", tok)  # what generation starts from is what training masks
+    assert ex.response.startswith("positive") and tok.eos_token in ex.response
+    (row,) = C.tokenize([ex], tok, max_length=200)
+    prompt_len = row["labels"].index(next(t for t in row["labels"] if t != C.IGNORE))
+    assert prompt_len > 5 and all(t == C.IGNORE for t in row["labels"][:prompt_len])
+    assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+    assert tok.decode(row["input_ids"][prompt_len:], skip_special_tokens=True).strip() == "positive"
+    (full,) = C.tokenize([ex], tok, max_length=200, response_only=False)
+    assert full["labels"] == full["input_ids"] == row["input_ids"]
+
+
+def test_chats_train_on_the_last_assistant_turn_only(tiny) -> None:
+    _, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    chat = {
+        "messages": [
+            {"role": "user", "content": "the film was good"},
+            {"role": "assistant", "content": "noted"},
+            {"role": "user", "content": "and its sentiment?"},
+            {"role": "assistant", "content": "positive"},
+        ]
+    }
+    ex = C.to_example(chat, "messages", tok)
+    assert "noted" in ex.prompt and "positive" not in ex.prompt and ex.response.startswith("positive")
+    with pytest.raises(FedHFDataError, match="must end with the assistant's turn"):
+        C.to_example({"messages": chat["messages"][:3]}, "messages", tok)
+
+
+def test_bad_examples_get_one_error_that_names_the_key_and_carries_no_row_text(tiny) -> None:
+    _, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    exs = [C.to_example(r, "instruction", tok) for r in records()]
+    longest = max(len(C.tokenize([e], tok, 500)[0]["input_ids"]) for e in exs)
+    with pytest.raises(FedHFDataError, match=r"data.max-length': 8 tokens leave no room .* 20 of 20") as err:
+        C.tokenize(exs, tok, max_length=8)
+    assert "film" not in str(err.value)
+    assert len(C.tokenize(exs, tok, max_length=longest)) == 20
+    empty = C.Example(exs[0].prompt, "")
+    with pytest.raises(FedHFDataError, match="1 of 2 examples have no response token"):
+        C.tokenize([exs[0], empty], tok, max_length=200)
+
+
+def test_an_encoder_is_refused_under_the_causal_lm_task() -> None:
+    minilm = _bundled_path("sentence-transformers/all-MiniLM-L6-v2")
+    assert minilm is not None
+    with pytest.raises(FedHFModelError, match="'bert' model without a causal-LM head.*text-classification"):
+        TASK.load_base(minilm)
+    with pytest.raises(FedHFModelError, match="no default LoRA targets for 'bert'"):
+        C.lora_targets("bert")
+
+
+def test_the_loss_weighs_each_example_alike_and_ignores_padding(tiny) -> None:
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = lora_model(family, folder).eval()
+    exs = [C.to_example(r, "instruction", tok) for r in records()[:3]]
+    exs[1] = C.Example(exs[1].prompt, exs[1].response * 3)  # a longer response must not weigh more
+    rows = C.tokenize(exs, tok, 300)
+    with torch.no_grad():
+        alone = []
+        for r in rows:
+            b = C.collate([r], C.pad_id(tok))
+            s, n = C.token_losses(model(**TASK.split(b)[0]).logits, b["labels"])
+            alone.append(float(s / n))
+        batch = C.collate(rows, C.pad_id(tok))  # padded to the longest
+        together = float(C.causal_loss(model(**TASK.split(batch)[0]).logits, batch["labels"]))
+    assert together == pytest.approx(sum(alone) / 3, rel=1e-4)
+    res = C.evaluate(model, C.make_loader(rows, tok, 2, shuffle=False))
+    counted = sum(sum(t != C.IGNORE for t in r["labels"][1:]) for r in rows)
+    assert res.num_examples == 3 and res.num_tokens == counted
+    assert res.perplexity == pytest.approx(math.exp(res.loss))
+
+
+def test_lora_training_lowers_the_held_out_loss_and_greedy_generation_learns_the_answers(tiny) -> None:
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = lora_model(family, folder)
+    recs = records()
+    rows = C.tokenize([C.to_example(r, "instruction", tok) for r in recs], tok, 300)
+    loader = C.make_loader(rows, tok, 4, shuffle=True, seed=1)
+    before = C.evaluate(model, C.make_loader(rows, tok, 8, shuffle=False))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(25):
+        for batch in loader:
+            inputs, target = TASK.split(batch)
+            loss = TASK.criterion()(TASK.output(model(**inputs)), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = C.evaluate(model, C.make_loader(rows, tok, 8, shuffle=False))
+    assert after.loss < 0.5 * before.loss and after.token_accuracy > 0.8 > before.token_accuracy
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)  # the base is frozen
+    prompts = [C.prompt_of(r, "instruction", tok) for r in recs]
+    settings = C.GenerationSettings(max_new_tokens=12)
+    batched = C.generate(model, tok, prompts, settings, batch_size=8)
+    one_by_one = [C.generate(model, tok, [p], settings)[0] for p in prompts[:4]]
+    assert batched[:4] == one_by_one  # left padding changes nothing
+    assert C.exact_match(batched, [r["output"] for r in recs]) >= 0.8
+
+
+def test_exact_match_compares_the_normalized_first_line() -> None:
+    assert C.normalize_answer("  Positive.\nbecause the film") == "positive"
+    assert C.exact_match(["Positive!", "neg ative", "negative\n"], ["positive", "negative", "Negative"]) == 2 / 3
+    assert C.exact_match([], []) == 0.0
+
+
+def test_dp_sgd_trains_the_lora_of_a_causal_lm_and_books_every_step(tiny) -> None:
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = lora_model(family, folder)
+    rows = C.tokenize([C.to_example(r, "instruction", tok) for r in records()], tok, 300)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert lora_before and all("lora_" in n for n in lora_before)  # embeddings and the (tied) LM head stay frozen
+    account = SampleAccount("rdp", 1e-3, 1.0, 1.0)
+    out = private_train(
+        model, C.make_loader(rows, tok, 5, shuffle=False), account, task=TASK, epochs=2, lr=0.5, optimizer_name="sgd"
+    )
+    assert out.account.steps == 8  # 20 rows at batch 5: q = 1/4, 4 steps an epoch
+    assert out.account.history == [(1.0, 0.25, 8)]
+    assert 0 < out.account.epsilon < math.inf
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    assert any(".lora_A." in n for n in moved) and any(".lora_B." in n for n in moved)
+
+
+def test_the_cards_generate_snippet_runs_against_a_saved_adapter(tiny, tmp_path, capsys) -> None:
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    adapter = tmp_path / "hub"
+    lora_model(family, folder).save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    code = TASK.usage_code(str(folder))
+    assert 'snapshot_download("REPO_ID")' in code and "AutoModelForCausalLM" in code
+    exec(compile(code.replace('snapshot_download("REPO_ID")', repr(str(adapter))), "card", "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out
+    prompt = C.prompt_of({"instruction": "Write one sentence about federated learning."}, "instruction", tok)
+    model = PeftModel.from_pretrained(TASK.load_base(str(folder)), adapter)
+    (ours,) = C.generate(model, tok, [prompt], C.GenerationSettings(max_new_tokens=64))
+    assert printed == ours + "\n"  # the card's code prompts and decodes as fedhf does
