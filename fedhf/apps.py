@@ -62,6 +62,7 @@ from fedhf.tasks.model import (
     get_adapter_state,
     is_bundled,
     load_tokenizer,
+    lora_modules,
     model_nbytes,
     resolve_model,
     set_adapter_state,
@@ -472,6 +473,7 @@ def _record_model(cfg: FedHFConfig, recorder: RunRecorder, model: Any) -> str:
             adapter_bytes=adapter_nbytes(initial),
             model_bytes=model_nbytes(model),
             adapter_tensors=len(initial),
+            lora_target_modules=lora_modules(model),
         )
     )
     return resolved
@@ -490,7 +492,7 @@ def _central_evaluation(
     resumed: bool,
 ) -> Callable[[int, dict[str, torch.Tensor]], dict[str, float] | None]:
     """After every round: evaluate the global adapter on the central rows, record the round, checkpoint it."""
-    task = get_task(cfg.model.task)
+    task = get_task(cfg.model.task, label_names)
     loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
 
     def central_evaluate(server_round: int, arrays: dict[str, torch.Tensor]) -> dict[str, float] | None:

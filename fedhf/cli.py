@@ -290,10 +290,12 @@ def _largest_epsilon(run: Any) -> str | None:  # a fedhf.run.store.RunRecord (im
 
 def _adapter_text(cfg: FedHFConfig) -> str:
     """What trains and travels, in the plan's words."""
-    lora = f"r={cfg.model.lora.r} on {cfg.model.lora.target_modules}"
+    targets = cfg.model.lora.target_modules
+    lora = f"r={cfg.model.lora.r} on {'the family default' if targets == 'auto' else targets}"
+    causal = cfg.model.task == "causal-lm"
     return {
         "lora": f"LoRA {lora}",
-        "ffa-lora": f"FFA-LoRA {lora} (A frozen at the seed; B and the head train and travel)",
+        "ffa-lora": f"FFA-LoRA {lora} (A frozen at the seed; B{'' if causal else ' and the head'} train and travel)",
         "head": "the classification head alone (LoRA off)",
     }[cfg.model.adapter]
 
@@ -389,6 +391,10 @@ def _preflight(
     )
 
     resolved = resolve_model(cfg.model.name)
+    if cfg.model.task == "causal-lm":  # before the run folder: a model that cannot generate is refused now
+        from fedhf.tasks.causal_lm import check_causal_lm
+
+        check_causal_lm(resolved, cfg.model.name)
     if not resumed:
         for line in _plan_lines(cfg, num_clients, data, parts, resolved):
             say(line)

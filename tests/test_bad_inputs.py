@@ -146,6 +146,14 @@ CASES = {
         ["run", "--set", "privacy.mode=client", "--set", "strategy.name=fedmedian"],
         "needs fedavg",
     ),
+    "config-causal-lm-encoder": (
+        ["run", "--set", "model.task=causal-lm", "--set", "data.dataset={good}"],
+        "without a causal-LM head",
+    ),
+    "config-causal-lm-pooling": (
+        ["run", "--set", "model.task=causal-lm", "--set", "model.pooling=mean"],
+        "config key 'model.pooling'",
+    ),
     # command-line arguments
     "cli-too-few-clients": (["run", "-n", "1"], "strategy.min-available-nodes"),
     "cli-cpus": (["run", "--cpus-per-client", "0"], "--cpus-per-client"),

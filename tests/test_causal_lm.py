@@ -4,6 +4,7 @@ tokenizer trained here (no download)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,12 +20,14 @@ from fedhf.tasks.model import _bundled_path
 from fedhf.tasks.tiny_lm import write_tiny_causal_lm
 
 ANSWERS = {"good": "positive", "great": "positive", "fine": "positive", "bad": "negative", "awful": "negative"}
-CORPUS = [f"the film was {w} and the cast was {c}" for w in ANSWERS for c in ("loud", "calm", "funny", "slow")]
+# The sentiment word ends each text, next to the answer: a 2-layer model with random frozen weights learns that
+# reliably through LoRA (a word far back in a long prompt it does not).
+CORPUS = [f"the {c} film was {w}" for w in ANSWERS for c in ("loud", "calm", "funny", "slow")]
 TASK = C.CausalLM()
 
 
 def records() -> list[dict]:
-    return [{"instruction": "Label the sentiment.", "input": t, "output": ANSWERS[t.split()[3]]} for t in CORPUS]
+    return [{"instruction": "Label the sentiment.", "input": t, "output": ANSWERS[t.split()[-1]]} for t in CORPUS]
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -32,7 +35,7 @@ def tiny(request, tmp_path_factory) -> tuple[str, Path]:
     """(family, folder) of a tiny model with its own tokenizer: Llama with a chat template, GPT-2 without."""
     folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
     texts = CORPUS + [C.ALPACA_PROMPT_INPUT.format(instruction="Label the sentiment.", input=t) for t in CORPUS]
-    texts += [f"it was {a}" for a in ANSWERS.values()]
+    texts += [f"it was {a}" for a in ANSWERS.values()] + [C.instruction_for(["negative", "positive"])]
     write_tiny_causal_lm(folder, texts * 3, family=request.param, vocab_size=400, hidden=64)
     return request.param, folder
 
@@ -201,11 +204,44 @@ def test_the_cards_generate_snippet_runs_against_a_saved_adapter(tiny, tmp_path,
     adapter = tmp_path / "hub"
     lora_model(family, folder).save_pretrained(adapter)
     tok.save_pretrained(adapter)
-    code = TASK.usage_code(str(folder))
+    (adapter / "fedhf.json").write_text(json.dumps({"label_names": ["negative", "positive"]}))
+    code = C.CausalLM(["negative", "positive"]).usage_code(str(folder))
     assert 'snapshot_download("REPO_ID")' in code and "AutoModelForCausalLM" in code
     exec(compile(code.replace('snapshot_download("REPO_ID")', repr(str(adapter))), "card", "exec"), {})  # noqa: S102
     printed = capsys.readouterr().out
-    prompt = C.prompt_of({"instruction": "Write one sentence about federated learning."}, "instruction", tok)
+    record = {"instruction": C.instruction_for(["negative", "positive"]), "input": "an example sentence"}
     model = PeftModel.from_pretrained(TASK.load_base(str(folder)), adapter)
-    (ours,) = C.generate(model, tok, [prompt], C.GenerationSettings(max_new_tokens=64))
-    assert printed == ours + "\n"  # the card's code prompts and decodes as fedhf does
+    (ours,) = C.generate(model, tok, [C.prompt_of(record, "instruction", tok)], C.GenerationSettings(max_new_tokens=8))
+    assert printed == ours + "\n"  # the card's code prompts and decodes as fedhf trains and generates
+
+
+def test_the_task_phrases_labelled_rows_as_instructions_and_scores_greedy_answers(tiny) -> None:
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    names = ["negative", "positive"]
+    task = C.CausalLM(names)
+    texts = [t for t in CORPUS]
+    labels = [names.index(ANSWERS[t.split()[-1]]) for t in texts]
+    ds = {"text": texts, "label": labels}
+    model = lora_model(family, folder)
+    before = task.evaluate(model, task.make_loader(ds, tok, 300, 8, shuffle=False), 2)
+    loader = task.make_loader(ds, tok, 300, 4, shuffle=True, seed=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(25):
+        model.train()
+        for batch in loader:
+            inputs, target = task.split(batch)
+            loss = task.criterion()(task.output(model(**inputs)), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = task.evaluate(model, task.make_loader(ds, tok, 300, 8, shuffle=False), 2)
+    assert before.num_examples == after.num_examples == 20
+    # majority class: 0.6; an answer naming no label (before training: every one) is wrong
+    assert before.accuracy < 0.6 and after.accuracy >= 0.75 and after.macro_f1 >= 0.7 and after.loss < before.loss
+    losses, preds = task.per_example_loss(model, tok, texts, labels, 300)
+    assert losses.shape == (20,) and float((preds == torch.tensor(labels)).float().mean()) == after.accuracy
+    (answer, prob), *_ = task.predict(model, tok, names, texts[:1], 300)
+    assert answer == names[labels[0]] and 0.5 < prob <= 1.0
+    with pytest.raises(FedHFModelError, match="label names"):
+        C.CausalLM().make_loader(ds, tok, 300, 8, shuffle=False)

@@ -34,7 +34,7 @@ ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 POOLINGS = ("auto", "cls", "mean")
 ADAPTERS = ("auto", "lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
-TASKS = ("text-classification",)  # fedhf.tasks.base.get_task builds each
+TASKS = ("text-classification", "causal-lm")  # fedhf.tasks.base.get_task builds each
 OPTIMIZERS = ("auto", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # fedhf.train.loop.round_lr
 LORA_AGGREGATIONS = ("mean", "svd")  # fedhf.federation.lora_ranks
@@ -133,7 +133,12 @@ class LoraSettings:
     r: int | None = _opt(None, "LoRA rank (unset: 8, or 2 under sample-level DP).", min=1, max=1024)
     alpha: int | None = _opt(None, "LoRA alpha, scaling = alpha / r (unset: 2 * r, a scaling of 2 at any rank).", min=1)
     dropout: float = _opt(0.1, "Dropout on the LoRA branch.", min=0.0, max=1.0, max_exclusive=True)
-    target_modules: str = _opt("query,value", "Comma list of module names that get LoRA adapters.")
+    target_modules: str = _opt(
+        "auto",
+        "Comma list of module names that get LoRA adapters (auto: query,value for text-classification, BERT's "
+        "attention; the family's attention projections for causal-lm, e.g. q_proj,k_proj,v_proj,o_proj for "
+        "Llama/Qwen/SmolLM and c_attn for GPT-2).",
+    )
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,8 @@ class ModelConfig:
     task: str = _opt(
         "text-classification",
         "What the model learns (fedhf.tasks): text-classification (a sequence-classification head over the dataset's "
-        "labels).",
+        "labels) or causal-lm (a decoder's LM head generates the label's name after an instruction that lists the "
+        "labels: loss on the answer tokens, accuracy by exact match of the greedy generation).",
         choices=TASKS,
     )
     hub_id: str = _opt(
@@ -645,6 +651,8 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
     private = values[("privacy", "mode")] in ("sample", "both")
     lr_given = values[SPEC_BY_KEY["train.lr"].path] is not None
     svd = values[SPEC_BY_KEY["strategy.lora-aggregation"].path] == "svd"
+    pooling = SPEC_BY_KEY["model.pooling"].path
+    pooling_given = values[pooling] not in (None, "auto")
     for key, choice in AUTO.items():
         path = SPEC_BY_KEY[key].path
         if values[path] in (None, "auto"):
@@ -656,12 +664,38 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
                 key in ("model.adapter", "model.lora.r") and svd
             )
             values[path] = choice[private and not keep_plain]
+    causal = values[SPEC_BY_KEY["model.task"].path] == "causal-lm"
+    targets = SPEC_BY_KEY["model.lora.target-modules"].path
+    if values[targets] == "auto" and not causal:
+        values[targets] = "query,value"  # causal-lm resolves auto from the model's family when it is built
+    if causal and not pooling_given:
+        values[pooling] = "cls"  # a decoder has no pooling to choose; the DP default (mean) is a classifier's
     alpha = SPEC_BY_KEY["model.lora.alpha"].path
     if values[alpha] is None:
         values[alpha] = 2 * values[SPEC_BY_KEY["model.lora.r"].path]
     cfg = _build(FedHFConfig, (), values)
     _check_cross_field(cfg)
     return cfg
+
+
+def _check_causal_lm(cfg: FedHFConfig) -> None:
+    """What a decoder without a classification head cannot take."""
+    m = cfg.model
+    if m.pooling != "cls":
+        raise FedHFConfigError(
+            f"config key 'model.pooling': got '{m.pooling}'; pooling is what a classifier head reads, and model.task "
+            f"'causal-lm' has none; leave it unset."
+        )
+    if m.adapter == "head":
+        raise FedHFConfigError(
+            "config key 'model.adapter': got 'head'; model.task 'causal-lm' trains no head (the LM head is tied to the "
+            "embeddings and stays frozen); use 'lora' or 'ffa-lora'."
+        )
+    if cfg.personalization.mode == "fedrep":
+        raise FedHFConfigError(
+            "config key 'personalization.mode': got 'fedrep', which keeps a classifier head on each client, and "
+            "model.task 'causal-lm' has none; use 'finetune' or 'ditto'."
+        )
 
 
 def dp_defaults_in_force(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -682,6 +716,8 @@ def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any
 
 
 def _check_cross_field(cfg: FedHFConfig) -> None:
+    if cfg.model.task == "causal-lm":
+        _check_causal_lm(cfg)
     if not cfg.target_modules:
         raise FedHFConfigError(
             "config key 'model.lora.target-modules': got an empty list; name at least one module, e.g. 'query,value'."

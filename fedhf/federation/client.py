@@ -242,7 +242,7 @@ def train_round(
     model = build_model(cfg, names, rank=rank)
     global_state = start_state(global_state, rank)  # at this node's rank: the truncation of the global product
     set_adapter_state(model, global_state)
-    fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid), server_round)
+    fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid), server_round, names)
     pers = cfg.personalization
     personal = SpendStore(state_root, data_key(cfg, node)) if pers.mode in ("fedrep", "ditto") else None
     if personal is not None and pers.mode == "fedrep":
@@ -350,12 +350,14 @@ class Fit:
         account: SampleAccount | None,
         seed: int,
         server_round: int | None = None,
+        label_names: list[str] | None = None,
     ) -> None:
         """``server_round``: the federated round this training is part of (train.lr-schedule decays train.lr by it);
-        None for training outside the rounds (the personalization stage), which runs at train.lr."""
+        None for training outside the rounds (the personalization stage), which runs at train.lr. ``label_names``: the
+        run's labels (the causal-LM task phrases each example with them)."""
         self.cfg, self.model, self.train_ds, self.tokenizer = cfg, model, train_ds, tokenizer
         self.account, self.seed, self.server_round = account, seed, server_round
-        self.task = get_task(cfg.model.task)
+        self.task = get_task(cfg.model.task, label_names)
         self.results: list[TrainResult] = []
 
     def __call__(
@@ -556,7 +558,7 @@ def evaluate_round(
             local = SpendStore(state_root, data_key(cfg, node)).load_personal(run_uid, "local")
             if local is not None:  # FedRep's global adapter has no trained head: the node's own head reads it
                 set_adapter_state(model, _tensors(local), part="local")
-        task = get_task(cfg.model.task)
+        task = get_task(cfg.model.task, names)
         loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
         res = task.evaluate(model, loader, len(names))
         metrics = {

@@ -95,7 +95,7 @@ def final_round(
             account, accountant_id, lifetime = proj.account, proj.accountant_id, proj.lifetime
 
     tokenizer = load_tokenizer(cfg.model.name)
-    task = get_task(cfg.model.task)
+    task = get_task(cfg.model.task, names)
     model = build_model(cfg, names)
     set_adapter_state(model, global_state)
     seed = round_seed(cfg, cfg.num_server_rounds + 1, node.pid)
@@ -116,7 +116,7 @@ def final_round(
         set_adapter_state(model, start_state(global_state, rank))
     steps = 0
     if pers.mode == "finetune":
-        fit = Fit(cfg, model, train_ds, tokenizer, account, seed)
+        fit = Fit(cfg, model, train_ds, tokenizer, account, seed, label_names=names)
         fit(pers.epochs, lr=pers.lr)
         account, steps = fit.account, steps + sum(r.steps for r in fit.results)
         store.save_personal(req.run_uid, "finetune", _arrays(get_adapter_state(model, "trained")))
@@ -125,7 +125,7 @@ def final_round(
     evaluate("personalized")
     if pers.local_only:
         alone = build_model(cfg, names, rank=rank)  # the seed's initial adapter, as round 1 starts from
-        fit = Fit(cfg, alone, train_ds, tokenizer, account, seed + 1)
+        fit = Fit(cfg, alone, train_ds, tokenizer, account, seed + 1, label_names=names)
         fit(cfg.num_server_rounds * cfg.train.local_epochs)
         account, steps = fit.account, steps + sum(r.steps for r in fit.results)
         model = alone

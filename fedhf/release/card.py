@@ -148,23 +148,25 @@ def _adapter_text(cfg: dict[str, Any]) -> str:
     strategy = cfg["strategy.name"]
     how = "averaged" if strategy in LINEAR_STRATEGIES else f"aggregated by {strategy}"
     adapter = cfg["model.adapter"]
+    head = cfg.get("model.task", "text-classification") != "causal-lm"  # a causal LM's head stays frozen
+    and_head = " and the head" if head else ""
     if adapter == "ffa-lora":
         exact = (
             ", so the mean of B is exactly the mean of the clients' updates B·A"
             if strategy in LINEAR_STRATEGIES
             else " (a coordinate-wise rule on B: not the mean of the updates B·A)"
         )
-        return f"FFA-LoRA: A stayed where the shared seed put it, B and the head trained and were {how}{exact}"
+        return f"FFA-LoRA: A stayed where the shared seed put it, B{and_head} trained and were {how}{exact}"
     if adapter == "head":
         return f"only the head trained and was {how}; LoRA stayed at zero"
     if cfg["strategy.lora-aggregation"] == "svd":
         return (
-            "LoRA's A and B and the head trained; the server took the weighted mean of each layer's product B·A and "
-            f"kept its rank-{cfg['model.lora.r']} SVD truncation (strategy.lora-aggregation = svd), the head was "
-            "averaged, and a client at a smaller rank started each round from the truncation of the global product "
-            "to its rank"
+            f"LoRA's A and B{and_head} trained; the server took the weighted mean of each layer's product B·A and "
+            f"kept its rank-{cfg['model.lora.r']} SVD truncation (strategy.lora-aggregation = svd), "
+            f"{'the head was averaged, ' if head else ''}and a client at a smaller rank started each round from the "
+            "truncation of the global product to its rank"
         )
-    return f"LoRA's A and B and the head trained and were {how} (model.adapter = lora)"
+    return f"LoRA's A and B{and_head} trained and were {how} (model.adapter = lora)"
 
 
 def _ranks_text(run: RunRecord) -> str | None:
@@ -179,6 +181,12 @@ def _ranks_text(run: RunRecord) -> str | None:
     if not ranks:
         return "none reported"
     return ", ".join(f"client {pid}: r {rank}" for pid, rank in sorted(ranks.items()))
+
+
+def _head_text(cfg: dict[str, Any], pooling: str) -> str:
+    if cfg.get("model.task") == "causal-lm":
+        return "no classification head: the model's own LM head (frozen) generates the label's name"
+    return _POOLING_TEXT[pooling]
 
 
 _POOLING_TEXT = {
@@ -589,7 +597,7 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
         languages = [AFRISENTI_ISO[lang] for lang in src.get("languages", [])]
     elif not ds.preset:
         languages = None
-    tags = ["federated-learning", "flower", "lora", "peft", "text-classification"]
+    tags = ["federated-learning", "flower", "lora", "peft", task.pipeline_tag]
     if run.dp:
         tags.append("differential-privacy")
     if run.privacy is not None and run.privacy.clients:
@@ -650,7 +658,8 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
     )
     lora_text = (
         f"r {cfg['model.lora.r']}, alpha {cfg['model.lora.alpha']}, dropout {cfg['model.lora.dropout']}, "
-        f"modules {cfg['model.lora.target-modules']}; {_adapter_text(cfg)}"
+        f"modules {','.join(run.model.lora_target_modules or []) or cfg['model.lora.target-modules']}; "
+        f"{_adapter_text(cfg)}"
     )
     privacy_note = (
         "The adapter was trained without differential privacy and may reveal training examples."
@@ -682,7 +691,7 @@ exchanged.
 | local training | {local_training} |
 | LoRA | {lora_text} |
 {ranks_row}| training defaults | {_dp_defaults_text(cfg)} |
-| head reads | {_POOLING_TEXT[pooling]} |
+| head reads | {_head_text(cfg, pooling)} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg["transport.dtype"]]} |
 | failures | {_reliability_text(run)} |
 | training rows per client | {_rows_text(run)} |

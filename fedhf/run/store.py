@@ -107,6 +107,7 @@ class Model:
     resolved_from: str | None = _optional()
     base_is_local_folder: bool | None = _optional()
     adapter_tensors: int | None = _optional()
+    lora_target_modules: list[str] | None = _optional()  # as resolved (model.lora.target-modules = auto)
 
 
 @dataclass

@@ -76,7 +76,7 @@ def load_adapter_model(folder: Path, base_model: str | None = None) -> LoadedAda
             f"'{folder}' does not name its base model (it was trained from a local folder whose Hub id "
             "was not given); give --base-model with the Hub id or a local folder of that base."
         )
-    task = get_task(meta.get("task", "text-classification"))  # adapters from before model.task classify
+    task = get_task(meta.get("task", "text-classification"), labels)  # adapters from before model.task classify
     base = task.load_base(resolve_model(base_name), labels, meta.get("pooling", "cls"))  # before model.pooling: cls
     model = PeftModel.from_pretrained(base, folder).eval()
     return LoadedAdapter(model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128)), task)

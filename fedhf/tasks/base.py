@@ -1,10 +1,10 @@
 """The task seam: what one kind of fine-tuning owns, and the registry that names the kinds.
 
-A task (today: text classification) owns the model class, tokenization and collation, the loss,
-metrics, prediction, the model card's ``pipeline_tag`` and usage code, and the per-example loss the
-audit uses. Everything else (data loading and partitions, LoRA, local training, DP-SGD, federation,
-the run record, the Hub) is shared. A second task is one new module with a class that has these
-members, plus one line in :data:`TASKS` (``model.task`` in the config names it).
+A task (text classification; causal LM, which answers with the label's name) owns the model class,
+tokenization and collation, the loss, metrics, prediction, the model card's ``pipeline_tag`` and usage code,
+and the per-example loss the audit uses. Everything else (data loading and partitions, LoRA, local training,
+DP-SGD, federation, the run record, the Hub) is shared. Another task is one new module with a class that has
+these members, plus a line in :func:`get_task` and in ``fedhf.config.schema.TASKS``.
 """
 
 from __future__ import annotations
@@ -84,11 +84,16 @@ class Task(Protocol):
         """The card's 'How to use' Python code for an adapter of this task."""
 
 
-def get_task(name: str) -> Task:
-    """The task named by ``model.task`` (the config's choices are ``fedhf.config.schema.TASKS``)."""
+def get_task(name: str, label_names: list[str] | None = None) -> Task:
+    """The task named by ``model.task`` (the config's choices are ``fedhf.config.schema.TASKS``), for a run over
+    ``label_names`` (the causal-LM task phrases each example as an instruction that lists them)."""
+    from fedhf.tasks.causal_lm import CausalLM
     from fedhf.tasks.text_classification import TextClassification
 
-    tasks: dict[str, Task] = {TextClassification.name: TextClassification()}
-    if name not in tasks:
-        raise FedHFConfigError(f"config key 'model.task': got {name!r}; allowed: {', '.join(tasks)}.")
-    return tasks[name]
+    if name == TextClassification.name:
+        return TextClassification()
+    if name == CausalLM.name:
+        return CausalLM(label_names)
+    raise FedHFConfigError(
+        f"config key 'model.task': got {name!r}; allowed: {TextClassification.name}, {CausalLM.name}."
+    )

@@ -14,6 +14,7 @@ owner's node): a record without the named fields, a template that leaves no resp
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -28,6 +29,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from fedhf.errors import FedHFDataError, FedHFModelError
+from fedhf.tasks.base import EvalResult
+from fedhf.tasks.text_classification import macro_f1
 
 IGNORE = -100  # the label of a token the loss does not read (PyTorch's and transformers' convention)
 FORMATS = ("auto", "instruction", "messages", "text")
@@ -69,18 +72,19 @@ def lora_options(model_type: str) -> dict[str, Any]:
     return {"fan_in_fan_out": True} if model_type == "gpt2" else {}
 
 
-def check_causal_lm(path: str) -> Any:
+def check_causal_lm(path: str, name: str | None = None) -> Any:
     """The model's config when ``path`` (a folder or Hub id) is a decoder with a causal-LM head; else one error."""
     config = AutoConfig.from_pretrained(path)
     model_type = getattr(config, "model_type", "?")
+    shown = name or path  # what the user named (model.name), not where it resolved to
     if getattr(config, "is_encoder_decoder", False):
         raise FedHFModelError(
-            f"model.name '{path}' is an encoder-decoder ('{model_type}'); model.task 'causal-lm' takes a decoder "
+            f"model.name '{shown}' is an encoder-decoder ('{model_type}'); model.task 'causal-lm' takes a decoder "
             f"(Llama, Qwen, SmolLM, GPT-2 families)."
         )
     if model_type in ENCODER_FAMILIES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise FedHFModelError(
-            f"model.name '{path}' is a '{model_type}' model without a causal-LM head; model.task 'causal-lm' takes a "
+            f"model.name '{shown}' is a '{model_type}' model without a causal-LM head; model.task 'causal-lm' takes a "
             f"decoder (Llama, Qwen, SmolLM, GPT-2 families), or use model.task 'text-classification' for this model."
         )
     return config
@@ -196,15 +200,11 @@ def tokenize(
     """``input_ids`` and ``labels`` (IGNORE over the prompt when ``response_only``) of each example, at most
     ``max_length`` tokens (the response is cut at the end). Raises when a prompt leaves no room for its response
     or an example has no response token to learn."""
-    bos = _bos(tokenizer)
-    templated = has_chat_template(tokenizer)
     rows, too_long, longest, empty = [], 0, 0, 0
     for ex in examples:
         # A chat template writes its own BOS (as text); otherwise BOS when the tokenizer adds one, and never an EOS
         # before the response.
-        prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
-        if not (templated and ex.prompt):
-            prompt_ids = bos + prompt_ids
+        prompt_ids = encode_prompt(tokenizer, ex.prompt)
         response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) >= max_length and response_ids:
             too_long += 1
@@ -216,7 +216,7 @@ def tokenize(
         if all(t == IGNORE for t in labels[1:]) or not response_ids:  # position 0 is never predicted
             empty += 1
             continue
-        rows.append({"input_ids": ids, "labels": labels})
+        rows.append({"input_ids": ids, "labels": labels, "prompt_len": len(prompt_ids)})
     if too_long:
         raise FedHFDataError(
             f"config key 'data.max-length': {max_length} tokens leave no room for the response of {too_long} of "
@@ -258,7 +258,11 @@ def collate(rows: Sequence[Mapping[str, list[int]]], pad: int) -> dict[str, torc
         ids[i, :n] = torch.tensor(r["input_ids"])
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(r["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for key in ("prompt_len", "class"):  # what evaluation reads (generation starts after the prompt)
+        if rows and key in rows[0]:
+            batch[key] = torch.tensor([int(r[key]) for r in rows], dtype=torch.long)
+    return batch
 
 
 def make_loader(
@@ -273,9 +277,11 @@ def make_loader(
     rows = sorted(rows, key=lambda r: len(r["input_ids"])) if sort_by_length else list(rows)
     p = pad_id(tokenizer)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=lambda b: collate(b, p), generator=generator
+    loader = DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=functools.partial(collate, pad=p), generator=generator
     )
+    loader.tokenizer = tokenizer  # evaluation generates, and decodes with it
+    return loader
 
 
 # --------------------------------------------------------------------------- loss and evaluation
@@ -358,20 +364,23 @@ class GenerationSettings:
     seed: int = 0
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """A prompt's token ids as ``tokenize`` puts them before a response (BOS unless a chat template wrote it)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return ids if (has_chat_template(tokenizer) and prompt) else _bos(tokenizer) + ids
+
+
 @torch.no_grad()
-def generate(
+def generate_ids(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[Sequence[int]],
     settings: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen)
     batch_size: int = 8,
-) -> list[str]:
-    """The continuation of each prompt (already templated: ``prompt_of``), without the prompt, special tokens cut."""
+) -> list[list[int]]:
+    """The new token ids generated after each prompt (token ids, as ``encode_prompt`` gives them)."""
     model.eval()
-    templated = has_chat_template(tokenizer)
-    bos = _bos(tokenizer)
     pad = pad_id(tokenizer)
-    outputs: list[str] = []
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens,
         "pad_token_id": pad,
@@ -382,22 +391,33 @@ def generate(
     if tokenizer.eos_token_id is not None:
         kwargs["eos_token_id"] = tokenizer.eos_token_id
     device = next(model.parameters()).device
+    outputs: list[list[int]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            encoded = [
-                (([] if templated else bos) + tokenizer(p, add_special_tokens=False)["input_ids"]) for p in chunk
-            ]
-            width = max(len(e) for e in encoded)
+            width = max(len(e) for e in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, e in enumerate(encoded):  # left padding: generation continues every row from its last token
-                ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            for i, e in enumerate(chunk):  # left padding: generation continues every row from its last token
+                ids[i, width - len(e) :] = torch.tensor(list(e), dtype=torch.long)
                 mask[i, width - len(e) :] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            outputs.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
+            outputs.extend(row[width:].tolist() for row in out)
     return outputs
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    settings: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen)
+    batch_size: int = 8,
+) -> list[str]:
+    """The continuation of each prompt (already templated: ``prompt_of``), without the prompt, special tokens cut."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    new = generate_ids(model, tokenizer, encoded, settings, batch_size)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -420,21 +440,75 @@ def exact_match(generations: Sequence[str], answers: Sequence[str]) -> float:
 # --------------------------------------------------------------------------- the task
 
 
+def instruction_for(label_names: Sequence[str]) -> str:
+    """The instruction that phrases classification as generation: the answer is one of the label names."""
+    return f"Answer with one label ({', '.join(label_names)}) for this text."
+
+
+def classification_records(texts: Sequence[str], labels: Sequence[int], label_names: Sequence[str]) -> list[dict]:
+    """Labelled texts as instruction records whose output is the label's name."""
+    instruction = instruction_for(label_names)
+    return [
+        {"instruction": instruction, "input": t, "output": label_names[y]} for t, y in zip(texts, labels, strict=True)
+    ]
+
+
+def answer_ids(generations: Sequence[str], label_names: Sequence[str]) -> torch.Tensor:
+    """The label id each generation names by exact match (normalized first line), -1 where it names none."""
+    index = {normalize_answer(n): i for i, n in enumerate(label_names)}
+    return torch.tensor([index.get(normalize_answer(g), -1) for g in generations], dtype=torch.long)
+
+
 class CausalLM:
-    """Causal language modelling over instruction records, chats or text (``AutoModelForCausalLM``)."""
+    """A decoder (``AutoModelForCausalLM``) that answers an instruction listing the labels with the label's name.
+
+    fedhf's data stage gives every task labelled texts; this task phrases each as an instruction record
+    (``classification_records``), trains on the answer tokens (loss over the response only) and evaluates by greedy
+    generation: accuracy and macro-F1 of the exact matches (a generation naming no label is wrong), with the loss
+    per answer token (perplexity = exp(loss)).
+    """
 
     name = "causal-lm"
     pipeline_tag = "text-generation"
     peft_task_type = TaskType.CAUSAL_LM
+
+    def __init__(self, label_names: Sequence[str] | None = None) -> None:
+        self.label_names = list(label_names or [])
 
     def load_base(self, path: str, label_names: list[str] | None = None, pooling: str = "cls") -> torch.nn.Module:
         check_causal_lm(path)
         if pooling != "cls":
             raise FedHFModelError(
                 f"config key 'model.pooling': got '{pooling}'; pooling belongs to classification heads and "
-                f"model.task 'causal-lm' has none; leave it at 'cls'."
+                f"model.task 'causal-lm' has none; leave it unset."
             )
         return AutoModelForCausalLM.from_pretrained(path)
+
+    def _names(self, num_labels: int | None = None) -> list[str]:
+        if not self.label_names or (num_labels is not None and num_labels != len(self.label_names)):
+            raise FedHFModelError(  # a bug in fedhf (the task was built without the run's labels), not user input
+                f"the causal-lm task needs the run's {num_labels or ''} label names; it has {self.label_names}."
+            )
+        return self.label_names
+
+    def make_loader(
+        self,
+        ds: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        sort_by_length: bool = False,
+    ) -> DataLoader:
+        """Batches of the rows of ``ds`` (``text``, ``label``) phrased as instructions, tokenized once."""
+        names = self._names()
+        records = classification_records(list(ds["text"]), list(ds["label"]), names)
+        examples = [to_example(r, "instruction", tokenizer) for r in records]
+        rows = tokenize(examples, tokenizer, max_length) if examples else []
+        for row, y in zip(rows, ds["label"], strict=True):
+            row["class"] = int(y)
+        return make_loader(rows, tokenizer, batch_size, shuffle, seed=seed, sort_by_length=sort_by_length)
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
@@ -448,24 +522,105 @@ class CausalLM:
     def tokens(self, inputs: dict[str, torch.Tensor]) -> int:
         return int(inputs["attention_mask"].sum())
 
+    def max_new_tokens(self, tokenizer: PreTrainedTokenizerBase) -> int:
+        """Enough new tokens for the longest label name and the end of the answer."""
+        longest = max(len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in self._names())
+        return longest + 2
+
+    @torch.no_grad()
+    def answers(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, loader: DataLoader) -> tuple:
+        """(loss per answer token summed, answer tokens, predicted label ids, true label ids) over the loader."""
+        model.eval()
+        total, tokens, preds, truth = 0.0, 0, [], []
+        settings = GenerationSettings(max_new_tokens=self.max_new_tokens(tokenizer))
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            summed, counted = token_losses(logits, batch["labels"])
+            total += float(summed.sum())
+            tokens += int(counted.sum())
+            prompts = [row[: int(n)].tolist() for row, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
+            new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
+            preds.append(answer_ids([tokenizer.decode(r, skip_special_tokens=True) for r in new], self._names()))
+            truth.append(batch["class"])
+        cat = lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.long)  # noqa: E731
+        return total, tokens, cat(preds), cat(truth)
+
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
+        """Loss per answer token; accuracy and macro-F1 of the greedy answers (exact match with a label's name)."""
+        self._names(num_labels)
+        tokenizer = loader.tokenizer  # set by make_loader
+        total, tokens, pred, truth = self.answers(model, tokenizer, loader)
+        n = int(truth.shape[0])
+        if n == 0:
+            return EvalResult(0.0, 0.0, 0.0, 0)
+        return EvalResult(
+            total / max(tokens, 1), float((pred == truth).float().mean()), macro_f1(pred, truth, num_labels), n
+        )
+
+    def per_example_loss(
+        self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's mean answer-token loss and its greedy answer's label id (-1: none), in input order."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        ds = {"text": [texts[i] for i in order], "label": [labels[i] for i in order]}
+        loader = self.make_loader(ds, tokenizer, max_length, 32, shuffle=False)
+        losses, preds = [], []
+        settings = GenerationSettings(max_new_tokens=self.max_new_tokens(tokenizer))
+        model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                summed, counted = token_losses(logits, batch["labels"])
+                losses.append(summed / counted.clamp(min=1))
+                prompts = [r[: int(n)].tolist() for r, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
+                new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
+                preds.append(answer_ids([tokenizer.decode(r, skip_special_tokens=True) for r in new], self._names()))
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return torch.cat(losses)[back], torch.cat(preds)[back]
+
+    def predict(
+        self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str], max_length: int
+    ) -> list[tuple[str, float]]:
+        """Each text's greedy answer (the label it names, else the generated text) and its probability."""
+        prompts = [
+            prompt_of(r, "instruction", tokenizer) for r in classification_records(texts, [0] * len(texts), labels)
+        ]
+        settings = GenerationSettings(max_new_tokens=self.max_new_tokens(tokenizer))
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        new = generate_ids(model, tokenizer, encoded, settings)
+        out = []
+        with torch.no_grad():
+            for ids, gen in zip(encoded, new, strict=True):
+                full = torch.tensor([ids + gen])
+                logp = torch.log_softmax(model(input_ids=full).logits[0, len(ids) - 1 : -1].float(), -1)
+                score = float(logp.gather(1, torch.tensor(gen).unsqueeze(1)).sum().exp()) if gen else 0.0
+                out.append((tokenizer.decode(gen, skip_special_tokens=True).strip(), score))
+        return out
+
     def describe(self, label_names: list[str] | None = None) -> str:
-        return "text generation (causal language modelling, instruction tuning)"
+        names = label_names or self.label_names
+        return f"text generation: a causal LM that answers with one of {len(names)} labels ({', '.join(names)})"
 
     def usage_code(self, base_model: str | None, pooling: str = "cls") -> str:
-        return f"""from huggingface_hub import snapshot_download
+        return f"""import json
+
+from huggingface_hub import snapshot_download
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
+labels = json.load(open(f"{{path}}/fedhf.json"))["label_names"]
 base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")
 model = PeftModel.from_pretrained(base, path).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
-question = "Write one sentence about federated learning."
-if tokenizer.chat_template:
-    messages = [{{"role": "user", "content": question}}]
+instruction = f"Answer with one label ({{', '.join(labels)}}) for this text."
+text = "an example sentence"
+if tokenizer.chat_template:  # the prompt the adapter was trained on
+    messages = [{{"role": "user", "content": f"{{instruction}}\\n\\n{{text}}"}}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 else:
-    prompt = f"### Instruction:\\n{{question}}\\n\\n### Response:\\n"
+    prompt = f"### Instruction:\\n{{instruction}}\\n\\n### Input:\\n{{text}}\\n\\n### Response:\\n"
 inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
-out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""

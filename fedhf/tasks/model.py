@@ -15,6 +15,7 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import HfApi, try_to_load_from_cache
@@ -32,6 +33,7 @@ from fedhf.config.env import hub_offline
 from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFModelError
 from fedhf.tasks.base import get_task
+from fedhf.tasks.causal_lm import lora_options, lora_targets
 
 log = logging.getLogger("fedhf")
 
@@ -125,19 +127,21 @@ def build_model(
     ``rank``: a node's own LoRA rank (node config ``lora-rank``, under ``strategy.lora-aggregation = svd``), with
     the global scaling alpha / model.lora.r kept (its lora_alpha is alpha * rank / model.lora.r)."""
     path = resolve_model(cfg.model.name)
-    task = get_task(cfg.model.task)
+    task = get_task(cfg.model.task, label_names)
     with torch.random.fork_rng(devices=[]):  # seed the init without changing the caller's RNG
         torch.manual_seed(cfg.seed)
         base = task.load_base(path, label_names, cfg.model.pooling)
         base.to(device)  # before LoRA wrapping (Opacus + PEFT: wrap on the final device)
         r = rank or cfg.model.lora.r
         alpha = cfg.model.lora.alpha * r / cfg.model.lora.r
+        targets, options = lora_targets_of(cfg, getattr(base.config, "model_type", ""))
         lora = LoraConfig(
             task_type=task.peft_task_type,
             r=r,
             lora_alpha=int(alpha) if alpha.is_integer() else alpha,
             lora_dropout=cfg.model.lora.dropout,
-            target_modules=cfg.target_modules,
+            target_modules=targets,
+            **options,
         )
         try:
             model = get_peft_model(base, lora)
@@ -153,6 +157,21 @@ def build_model(
     model._fedhf_adapter = cfg.model.adapter
     model._fedhf_local = cfg.personalization.keep_local if cfg.personalization.mode == "fedrep" else None
     return model
+
+
+def lora_targets_of(cfg: FedHFConfig, model_type: str) -> tuple[list[str], dict[str, Any]]:
+    """(module names that get LoRA, LoraConfig options) for a model of ``model_type``: model.lora.target-modules,
+    whose ``auto`` a causal LM resolves by its family (``fedhf.tasks.causal_lm.lora_targets``)."""
+    if cfg.model.task != "causal-lm":
+        return cfg.target_modules, {}
+    targets = lora_targets(model_type) if cfg.target_modules == ["auto"] else cfg.target_modules
+    return targets, lora_options(model_type)
+
+
+def lora_modules(model: torch.nn.Module) -> list[str]:
+    """The module names LoRA was put on, as PEFT resolved them (sorted)."""
+    config = _unwrap(model).peft_config["default"]
+    return sorted(config.target_modules)
 
 
 def _is_lora(key: str) -> bool:

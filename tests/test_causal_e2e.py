@@ -1,0 +1,94 @@
+"""model.task = causal-lm end to end (issue 18): a federated run of a tiny Llama built here (tokenizer trained here,
+no download) on labelled rows of our own, phrased as instructions; without DP it learns to answer with the right
+label, under sample-level DP every step is booked, and the card and `fedhf predict` are the generative ones."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedhf.tasks import causal_lm as C
+from fedhf.tasks.tiny_lm import write_tiny_causal_lm
+
+from .conftest import REPO, write_tsv
+from .test_e2e import _env, fedhf_run
+
+pytestmark = pytest.mark.slow
+
+POS, NEG = ["good", "great", "lovely", "superb"], ["bad", "awful", "poor", "weak"]
+NOUNS = ["film", "movie", "story", "plot", "cast"]
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    """Sentences whose last word carries the sentiment (what a 2-layer random decoder learns through LoRA)."""
+    rng = random.Random(seed)
+    return [
+        {
+            "text": f"the {rng.choice(NOUNS)} number {i} was {rng.choice(POS if i % 2 else NEG)}",
+            "label": "positive" if i % 2 else "negative",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("causal-e2e")
+    data = root / "data"
+    write_tsv(data / "train.tsv", rows(300, 1), ["text", "label"])
+    write_tsv(data / "test.tsv", rows(60, 2), ["text", "label"])
+    texts = [r["text"] for r in rows(300, 1)] + [C.instruction_for(["negative", "positive"]), "positive negative"]
+    model = write_tiny_causal_lm(root / "tiny-llama", texts, family="llama", vocab_size=400)
+    return model, data
+
+
+def args(model: Path, data: Path) -> list[str]:
+    return [
+        "--num-clients", "2",
+        "--set", "model.task=causal-lm",
+        "--set", f"model.name={model}",
+        "--set", f"data.dataset={data}",
+        "--set", "num-server-rounds=2",
+        "--set", "data.max-length=64",
+    ]  # fmt: skip
+
+
+def test_a_federated_causal_lm_learns_to_answer_and_publishes_a_generative_card(setup, tmp_path) -> None:
+    model, data = setup
+    out = tmp_path / "out"
+    run = fedhf_run(data, out, "clm", *args(model, data), "--set", "train.local-epochs=3", "--set", "train.lr=0.01")
+    assert run["status"] == "complete" and run["model"]["task"] == "causal-lm"
+    assert run["model"]["lora_target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]  # Llama's attention
+    first, last = run["rounds"][0], run["rounds"][-1]
+    assert first["eval_accuracy"] < 0.5  # the random model names no label
+    assert last["eval_accuracy"] >= 0.75 and last["eval_loss"] < first["eval_loss"] / 5
+    card = (out / "clm" / "hub" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card and "model.generate" in card
+    assert "the head trained" not in card and "B and the head" not in card
+    assert json.loads((out / "clm" / "hub" / "fedhf.json").read_text())["task"] == "causal-lm"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "predict", "--model", str(out / "clm"),
+         "--text", "the plot number 7 was superb", "--text", "the cast number 8 was awful"],
+        capture_output=True, text=True, env=_env(data), timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [line.split("\t")[0] for line in proc.stdout.strip().splitlines()]
+    assert answers == ["positive", "negative"]
+
+
+def test_sample_level_dp_books_every_step_of_a_causal_lm(setup, tmp_path) -> None:
+    model, data = setup
+    out = tmp_path / "out"
+    run = fedhf_run(
+        data, out, "dp", *args(model, data), "--set", "privacy.mode=sample", "--set", "privacy.target-epsilon=8"
+    )
+    assert run["status"] == "complete"
+    assert run["config"]["model.adapter"] == "ffa-lora" and run["config"]["model.pooling"] == "cls"
+    for e in run["privacy"]["clients"].values():
+        assert len(e["rounds"]) == 2 and e["epsilon"] <= 8.0 and e["steps"] == 2 * 4 * round(1 / e["sample_rate"])
+    assert run["rounds"][-1]["eval_loss"] < run["rounds"][0]["eval_loss"]  # the answers' loss fell under DP noise
