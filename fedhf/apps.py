@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from fedhf.config.schema import LABEL_NAMES_KEY, FedHFConfig, parse_config
+from fedhf.data.canaries import canary_info
 from fedhf.data.load import load_data
 from fedhf.data.partitions import central_eval_set, format_stats, make_partitions
 from fedhf.errors import FedHFConfigError, FedHFError, FedHFHubError
@@ -245,6 +246,9 @@ def _run(
     info = run_privacy_info(cfg.privacy)
     if info is not None:
         recorder.set_privacy(info)
+    if cfg.audit.canaries:
+        a = cfg.audit
+        recorder.set_canaries(canary_info(a.canaries, a.canary_repeats, a.canary_client, cfg.seed))
     strategy = build_strategy(cfg, recorder, num_partitions, num_labels=len(data.label_names))
     if resume is not None:
         restore_strategy_state(strategy, resume.strategy_arrays, resume.strategy)

@@ -300,6 +300,34 @@ def _adapter_text(cfg: FedHFConfig) -> str:
     }[cfg.model.adapter]
 
 
+def _check_canaries(cfg: FedHFConfig, num_clients: int, stats: list[dict[str, Any]], resolved: str) -> dict[int, int]:
+    """audit.canaries checked before the run: a client that exists and has the rows, and a tokenizer that writes
+    every digit (else each secret is the same unknown token and no exposure can be measured). Returns the canary
+    rows each client trains on, {partition id: rows}."""
+    a = cfg.audit
+    if not a.canaries:
+        return {}
+    if a.canary_client >= num_clients:
+        raise FedHFConfigError(
+            f"config key 'audit.canary-client': got {a.canary_client}, but the run has {num_clients} clients "
+            f"(partition ids 0..{num_clients - 1}); name one of them."
+        )
+    rows = next(r["train_examples"] for r in stats if r["partition_id"] == a.canary_client)
+    from fedhf.data.canaries import canary_rows, run_canaries
+    from fedhf.tasks.model import load_tokenizer
+
+    canary_rows(run_canaries(a.canaries, "instruction", cfg.seed), a.canary_repeats, rows)  # at most `rows` canaries
+    tok = load_tokenizer(resolved)
+    probe = "0123456789"
+    if tok.decode(tok(probe, add_special_tokens=False)["input_ids"]).replace(" ", "") != probe:
+        raise FedHFConfigError(
+            f"config key 'audit.canaries': the tokenizer of model.name '{cfg.model.name}' does not write the digits "
+            f"0-9 back as they were ({probe!r} -> {tok.decode(tok(probe, add_special_tokens=False)['input_ids'])!r}), "
+            "so the canaries' secrets cannot be told apart; use a model whose tokenizer has the digits."
+        )
+    return {a.canary_client: a.canaries * a.canary_repeats}
+
+
 def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resolved: str) -> list[str]:
     """What the run will do, in a few lines: data, clients, model, privacy, output folder."""
     from fedhf.tasks.model import is_bundled
@@ -339,7 +367,18 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"  privacy  {privacy}",
         *_dp_defaults_line(cfg),
         *_personal_line(cfg),
+        *_audit_line(cfg),
         f"  output   {Path(cfg.output_dir).expanduser()}/",
+    ]
+
+
+def _audit_line(cfg: FedHFConfig) -> list[str]:
+    a = cfg.audit
+    if not a.canaries:
+        return []
+    return [
+        f"  audit    {a.canaries} canary secret(s) x {a.canary_repeats} in client {a.canary_client}'s training rows "
+        f"(listed in run.json; `fedhf audit RUN_DIR` measures their exposure)"
     ]
 
 
@@ -395,6 +434,11 @@ def _preflight(
         from fedhf.tasks.causal_lm import check_causal_lm
 
         check_causal_lm(resolved, cfg.model.name)
+        from fedhf.tasks.causal_lm import fit_texts
+        from fedhf.tasks.model import load_tokenizer
+
+        fit_texts(["x"], data.label_names, load_tokenizer(resolved), cfg.data.max_length)  # the template fits
+    canary_rows = _check_canaries(cfg, num_clients, parts.stats(), resolved)
     if not resumed:
         for line in _plan_lines(cfg, num_clients, data, parts, resolved):
             say(line)
@@ -415,7 +459,7 @@ def _preflight(
         from fedhf.privacy.dp import plan_for
 
         for row in parts.stats():
-            plan = plan_for(cfg, row["train_examples"])
+            plan = plan_for(cfg, row["train_examples"] + canary_rows.get(row["partition_id"], 0))
             say(
                 f"privacy plan: client {row['partition_id']}: sigma {plan.noise_multiplier:.4f} for target epsilon "
                 f"{p.target_epsilon:g} at delta {plan.delta:.3g} (q {plan.sample_rate:.4f}, {plan.total_steps} steps)"
@@ -783,8 +827,13 @@ def audit(
         float, typer.Option("--confidence", help="Confidence level of the epsilon lower bound.")
     ] = 0.95,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling the examples and splitting them.")] = 0,
+    candidates: Annotated[
+        int,
+        typer.Option("--candidates", help="Random secrets each canary is ranked among (runs with audit.canaries)."),
+    ] = 1000,
 ) -> None:
-    """Membership-inference audit of the released adapter: ROC AUC, TPR at 1% FPR, empirical epsilon lower bound.
+    """Membership-inference audit of the released adapter: ROC AUC, TPR at 1% FPR, empirical epsilon lower bound;
+    for a generative run with audit.canaries, each canary's exposure too.
 
     The results go into run.json ('audit') and the model card in hub/.
     """
@@ -794,7 +843,12 @@ def audit(
 
     try:
         result = audit_run(
-            run_dir, non_members_file=non_members, max_examples=max_examples, confidence=confidence, seed=seed
+            run_dir,
+            non_members_file=non_members,
+            max_examples=max_examples,
+            confidence=confidence,
+            seed=seed,
+            candidates=candidates,
         )
     except FedHFError as exc:
         _fail(str(exc))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fedhf.tasks.tiny_lm import write_tiny_causal_lm
+
 from .conftest import cli_env, synthetic_rows, write_tsv
 
 pytestmark = pytest.mark.slow  # about 40 fedhf processes and one short federation
@@ -54,6 +56,8 @@ def corpus(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     write_tsv(good / "train.tsv", synthetic_rows(80, seed=1), ["text", "label"])
     write_tsv(good / "test.tsv", synthetic_rows(20, seed=2), ["text", "label"])
     files = {"root": root, "good": good, "model": tiny_model_dir}
+    texts = [r["text"] for r in synthetic_rows(80, seed=1)] + ["Answer with one label 0123456789"]
+    files["llama"] = write_tiny_causal_lm(root / "tiny-llama", texts, family="llama", vocab_size=300)
     (root / "bad.toml").write_text("num-server-rounds = [\n")
     write_tsv(root / "nolabel" / "train.tsv", [{"a": "x", "b": "y"}] * 10, ["a", "b"])
     (root / "empty").mkdir()
@@ -126,6 +130,7 @@ def test_updates_every_reply_poisoned_fails_the_run_with_the_reasons(corpus):
     assert json.loads((corpus["poisoned"] / "checkpoint.json").read_text())["round"] == 0
 
 
+CAUSAL = ["run", "--set", "model.task=causal-lm", "--set", "model.name={llama}", "--set", "data.dataset={good}"]
 CASES = {
     # config keys and files
     "config-unknown-choice": (["run", "--set", "strategy.name=fedavgg"], "Did you mean 'fedavg'"),
@@ -154,6 +159,19 @@ CASES = {
         ["run", "--set", "model.task=causal-lm", "--set", "model.pooling=mean"],
         "config key 'model.pooling'",
     ),
+    "config-canaries-classification": (
+        ["run", "--set", "audit.canaries=2", "--set", "data.dataset={good}"],
+        "config key 'audit.canaries'",
+    ),
+    "causal-canaries-more-than-rows": (
+        [*CAUSAL, "--set", "data.max-length=160", "--set", "audit.canaries=500"],
+        "500 canaries for a client with",
+    ),
+    "causal-canary-client": (
+        [*CAUSAL, "--set", "data.max-length=160", "--set", "audit.canaries=2", "--set", "audit.canary-client=7"],
+        "config key 'audit.canary-client'",
+    ),
+    "causal-max-length-below-prompt": ([*CAUSAL, "--set", "data.max-length=16"], "config key 'data.max-length'"),
     # command-line arguments
     "cli-too-few-clients": (["run", "-n", "1"], "strategy.min-available-nodes"),
     "cli-cpus": (["run", "--cpus-per-client", "0"], "--cpus-per-client"),

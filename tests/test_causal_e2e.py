@@ -5,6 +5,7 @@ label, under sample-level DP every step is booked, and the card and `fedhf predi
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_a_federated_causal_lm_learns_to_answer_and_publishes_a_generative_card(
     assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card and "model.generate" in card
     assert "the head trained" not in card and "B and the head" not in card
     assert json.loads((out / "clm" / "hub" / "fedhf.json").read_text())["task"] == "causal-lm"
+    assert (out / "clm" / "hub" / "chat_template.jinja").is_file()  # the prompt format the adapter was trained with
     proc = subprocess.run(
         [sys.executable, "-m", "fedhf.cli", "predict", "--model", str(out / "clm"),
          "--text", "the plot number 7 was superb", "--text", "the cast number 8 was awful"],
@@ -81,14 +83,56 @@ def test_a_federated_causal_lm_learns_to_answer_and_publishes_a_generative_card(
     assert answers == ["positive", "negative"]
 
 
-def test_sample_level_dp_books_every_step_of_a_causal_lm(setup, tmp_path) -> None:
+def test_sample_level_dp_books_every_step_of_a_causal_lm_canaries_included(setup, tmp_path) -> None:
+    model, data = setup
+    out = tmp_path / "out"
+    canaries = ["--set", "audit.canaries=4", "--set", "audit.canary-repeats=15", "--set", "audit.canary-client=1"]
+    run = fedhf_run(
+        data, out, "dp", *args(model, data), "--set", "privacy.mode=sample", "--set", "privacy.target-epsilon=8",
+        *canaries,
+    )  # fmt: skip
+    assert run["status"] == "complete"
+    assert run["config"]["model.adapter"] == "ffa-lora" and run["config"]["model.pooling"] == "cls"
+    rows = {p["partition_id"]: p["train_examples"] for p in run["partitions"]}
+    batch = run["config"]["train.batch-size"]
+    for pid, e in run["privacy"]["clients"].items():
+        # client 1 samples from its rows and the 60 canary rows: q and the steps count them (never under-counted)
+        n = rows[int(pid)] + (60 if int(pid) == 1 else 0)
+        assert round(1 / e["sample_rate"]) == math.ceil(n / batch)
+        assert len(e["rounds"]) == 2 and e["epsilon"] <= 8.0 and e["steps"] == 2 * 4 * round(1 / e["sample_rate"])
+    assert math.ceil((rows[1] + 60) / batch) > math.ceil(rows[1] / batch)  # the case tells the two apart
+    assert run["rounds"][-1]["eval_loss"] < run["rounds"][0]["eval_loss"]  # the answers' loss fell under DP noise
+    assert run["canaries"]["client"] == 1 and len(run["canaries"]["secrets"]) == 4
+
+
+def test_canaries_one_client_trained_on_are_exposed_by_fedhf_audit(setup, tmp_path) -> None:
     model, data = setup
     out = tmp_path / "out"
     run = fedhf_run(
-        data, out, "dp", *args(model, data), "--set", "privacy.mode=sample", "--set", "privacy.target-epsilon=8"
-    )
-    assert run["status"] == "complete"
-    assert run["config"]["model.adapter"] == "ffa-lora" and run["config"]["model.pooling"] == "cls"
-    for e in run["privacy"]["clients"].values():
-        assert len(e["rounds"]) == 2 and e["epsilon"] <= 8.0 and e["steps"] == 2 * 4 * round(1 / e["sample_rate"])
-    assert run["rounds"][-1]["eval_loss"] < run["rounds"][0]["eval_loss"]  # the answers' loss fell under DP noise
+        data, out, "canary", *args(model, data), "--set", "train.local-epochs=3", "--set", "train.lr=0.01",
+        "--set", "audit.canaries=3", "--set", "audit.canary-repeats=10",
+    )  # fmt: skip
+    c = run["canaries"]
+    assert c["client"] == 0 and c["count"] == 3 and c["repeats"] == 10 and c["format"] == "instruction"
+    assert len(set(c["secrets"])) == 3 and all(len(x) == 9 and x.isdigit() for x in c["secrets"])
+    assert "3 canary secret(s) x 10 in client 0's training rows" in run["_stderr"] + run["_stdout"]
+    held_out = tmp_path / "held-out.tsv"
+    write_tsv(held_out, [dict(r, text=r["text"].replace("number", "item")) for r in rows(120, 9)], ["text", "label"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "audit", str(out / "canary"), "--candidates", "200",
+         "--max-examples", "100", "--non-members", str(held_out)],
+        capture_output=True, text=True, env=_env(data), timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    audit = json.loads((out / "canary" / "run.json").read_text())["audit"]
+    assert audit["members"] == 100 and 0.0 <= audit["loss"]["auc"] <= 1.0  # membership inference on a generative run
+    result = audit["canaries"]
+    top = math.log2(201)
+    assert result["max_exposure"] == pytest.approx(top) and len(result["inserted"]) == 3
+    assert [r["secret"] for r in result["inserted"]] == c["secrets"]
+    assert result["mean_exposure"] > 0.7 * top  # ten copies in one client's rows: the adapter repeats them
+    assert result["control_mean_exposure"] < result["mean_exposure"] - 3  # secrets never trained on: near chance
+    assert "canary exposure" in proc.stdout
+    card = (out / "canary" / "hub" / "README.md").read_text()
+    assert "Canary audit: client 0 trained on 3 random 9-digit secret(s)" in card
+    assert f"**{result['mean_exposure']:.2f} bits**" in card

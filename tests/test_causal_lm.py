@@ -245,3 +245,19 @@ def test_the_task_phrases_labelled_rows_as_instructions_and_scores_greedy_answer
     assert answer == names[labels[0]] and 0.5 < prob <= 1.0
     with pytest.raises(FedHFModelError, match="label names"):
         C.CausalLM().make_loader(ds, tok, 300, 8, shuffle=False)
+
+
+def test_long_texts_are_cut_to_fit_the_answer_and_a_too_short_max_length_gets_one_error(tiny) -> None:
+    _, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    names = ["negative", "positive"]
+    long_text = " ".join(CORPUS)  # far longer than 48 tokens with the instruction
+    task = C.CausalLM(names)
+    loader = task.make_loader({"text": [long_text, "the calm film was good"], "label": [0, 1]}, tok, 48, 2, False)
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape[1] <= 48
+    answers = [tok.decode([t for t in row.tolist() if t != -100]) for row in batch["labels"]]
+    assert answers[0].startswith("negative") and answers[1].startswith("positive")  # the whole answer kept
+    assert tok.decode(batch["input_ids"][1]).count("the calm film was good") == 1  # a short text is left whole
+    with pytest.raises(FedHFDataError, match=r"config key 'data.max-length': 12 tokens hold the instruction"):
+        task.make_loader({"text": ["x"], "label": [0]}, tok, 12, 2, False)

@@ -249,6 +249,9 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
         "personalization.keep-local": "head",
         "personalization.ditto-lambda": 0.1,
         "personalization.local-only": True,
+        "audit.canaries": 0,
+        "audit.canary-repeats": 10,
+        "audit.canary-client": 0,
     }
     assert {k: v for k, v in config.items() if k not in CONFIG_BEFORE_KEY} == {
         k: v for k, v in run["config"].items() if k not in CONFIG_BEFORE_KEY

@@ -238,13 +238,18 @@ def audit_run(
     confidence: float = 0.95,
     seed: int = 0,
     record: bool = True,
+    candidates: int = 1000,
 ) -> dict[str, Any]:
+    """Membership inference on the released adapter, and for a run with canaries (run.json 'canaries') their
+    exposure against ``candidates`` random secrets."""
     from fedhf.tasks.model import build_model, load_tokenizer
 
     if max_examples < MIN_EXAMPLES:
         raise FedHFRunError(f"audit: --max-examples {max_examples} is too few; use at least {MIN_EXAMPLES}.")
     if not 0.5 <= confidence < 1:
         raise FedHFRunError(f"audit: --confidence {confidence} must be in [0.5, 1).")
+    if not 10 <= candidates <= 100_000:
+        raise FedHFRunError(f"audit: --candidates {candidates} must be in 10..100000 (1000 measures up to 9.97 bits).")
     run = load_finished_run(run_dir, "audit")
     if record:  # the audit is written into run.json and hub/: only into a run folder fedhf made
         check_run_folder(Path(run_dir), "audit")
@@ -287,6 +292,10 @@ def audit_run(
         "non_member_loss": float(loss_n.mean()),
         **{name: asdict(r) for name, r in results.items()},
     }
+    if run.canaries:
+        from fedhf.analysis.canary import canary_audit
+
+        out["canaries"] = canary_audit(model, tokenizer, run.canaries, max_length, candidates, seed)
     best = max(r.epsilon_lower_bound for r in results.values())
     out["epsilon_lower_bound"] = best
     if claimed is not None and best > claimed:
@@ -333,6 +342,10 @@ def audit_lines(audit: dict[str, Any]) -> list[str]:
             else "the run claims no sample-level DP"
         )
     )
+    if audit.get("canaries"):
+        from fedhf.analysis.canary import canary_lines
+
+        lines.extend(canary_lines(audit["canaries"]))
     if audit.get("violation"):
         lines.append(f"VIOLATION: {audit['violation']}")
     return lines

@@ -94,3 +94,54 @@ def exposure(
         exposure=math.log2((num_candidates + 1) / rank),
         max_exposure=math.log2(num_candidates + 1),
     )
+
+
+CONTROL_SEED = 7_777_777  # the unseen control secrets: never the run's own canary stream
+
+
+def canary_audit(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    canaries: dict[str, Any],
+    max_length: int,
+    num_candidates: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The exposure of each canary a run trained on (run.json 'canaries'), and of as many control secrets of the
+    same shape that it never saw (what chance gives, about 1.4 bits), against ``num_candidates`` random ones."""
+    from fedhf.data.canaries import Canary, make_canaries
+
+    fmt = canaries["format"]
+    inserted = [Canary(s, canary_record(s, fmt)) for s in canaries["secrets"]]
+    taken = set(canaries["secrets"])
+    controls = [c for c in make_canaries(len(inserted) + len(taken), fmt, CONTROL_SEED) if c.secret not in taken]
+    controls = controls[: len(inserted)]
+
+    def measure(which: list[Canary]) -> list[dict[str, Any]]:
+        return [exposure(model, tokenizer, c, fmt, max_length, num_candidates, seed=seed + i).to_record()
+                for i, c in enumerate(which)]  # fmt: skip
+
+    seen, unseen = measure(inserted), measure(controls)
+    mean = lambda rows: sum(r["exposure"] for r in rows) / max(len(rows), 1)  # noqa: E731
+    return {
+        "client": canaries["client"],
+        "repeats": canaries["repeats"],
+        "num_candidates": num_candidates,
+        "max_exposure": math.log2(num_candidates + 1),
+        "mean_exposure": mean(seen),
+        "control_mean_exposure": mean(unseen),
+        "inserted": seen,
+        "controls": unseen,
+    }
+
+
+def canary_lines(result: dict[str, Any]) -> list[str]:
+    top = result["max_exposure"]
+    lines = [
+        f"canary exposure ({len(result['inserted'])} secrets x {result['repeats']} in client {result['client']}'s "
+        f"rows; rank among {result['num_candidates']} random secrets, at most {top:.2f} bits):",
+        f"  inserted  mean {result['mean_exposure']:.2f} bits  "
+        + " ".join(f"{r['exposure']:.2f}" for r in result["inserted"]),
+        f"  controls  mean {result['control_mean_exposure']:.2f} bits  (never trained on; chance is about 1.4)",
+    ]
+    return lines

@@ -467,6 +467,18 @@ class HubConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    canaries: int = _opt(
+        0,
+        "Canary audit (model.task causal-lm, simulations): random secrets inserted into one client's training rows, "
+        "whose exposure `fedhf audit` measures after the run; 0 = off.",
+        min=0,
+    )
+    canary_repeats: int = _opt(10, "How many times each canary is inserted.", min=1)
+    canary_client: int = _opt(0, "The partition id of the client whose rows get the canaries.", min=0)
+
+
+@dataclass(frozen=True)
 class FedHFConfig:
     num_server_rounds: int = _opt(3, "Federated rounds.", min=1)
     seed: int = _opt(42, "Seed for sampling, partitions and model initialisation.", min=0)
@@ -485,6 +497,7 @@ class FedHFConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """The flat kebab-case mapping (the inverse of ``parse_config``); unset optional values are ""."""
@@ -718,6 +731,18 @@ def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any
 def _check_cross_field(cfg: FedHFConfig) -> None:
     if cfg.model.task == "causal-lm":
         _check_causal_lm(cfg)
+    elif cfg.audit.canaries:
+        raise FedHFConfigError(
+            f"config key 'audit.canaries': got {cfg.audit.canaries} under model.task '{cfg.model.task}'; canaries are "
+            "secrets a generative model can learn to repeat: use model.task 'causal-lm', or leave audit.canaries 0 "
+            "(`fedhf audit` measures membership inference for every task)."
+        )
+    if cfg.audit.canaries and cfg.personalization.mode != "none":
+        raise FedHFConfigError(
+            f"config key 'audit.canaries': got {cfg.audit.canaries} with personalization.mode "
+            f"'{cfg.personalization.mode}'; the audit measures the global adapter, which the personal stage does not "
+            "train on the canaries: run the audit without personalization."
+        )
     if not cfg.target_modules:
         raise FedHFConfigError(
             "config key 'model.lora.target-modules': got an empty list; name at least one module, e.g. 'query,value'."

@@ -71,3 +71,38 @@ def insert_canaries(
     out = list(rows) + [dict(c.record) for c in canaries for _ in range(repeats)]
     random.Random(seed).shuffle(out)
     return out
+
+
+CANARY_SEED_OFFSET = 1_000_003  # the run's canaries are drawn from seed + this (never the partition's stream)
+
+
+def run_canaries(count: int, fmt: str, run_seed: int) -> list[Canary]:
+    """The canaries of a run with ``audit.canaries = count`` and ``seed = run_seed`` (the client inserts them; the
+    run record lists them; ``fedhf audit`` ranks them)."""
+    return make_canaries(count, fmt, run_seed + CANARY_SEED_OFFSET)
+
+
+def canary_rows(canaries: Sequence[Canary], repeats: int, client_rows: int) -> list[dict[str, Any]]:
+    """Each canary's record ``repeats`` times, for a client with ``client_rows`` rows of its own (training shuffles
+    or Poisson-samples them with the rest)."""
+    if repeats < 1:
+        raise FedHFDataError(f"config key 'audit.canary-repeats': got {repeats}; give at least 1.")
+    if len(canaries) > client_rows:
+        raise FedHFDataError(
+            f"config key 'audit.canaries': {len(canaries)} canaries for a client with {client_rows} training rows; "
+            f"give at most {client_rows} (canaries are a small share of a client's data), or a client with more rows."
+        )
+    return [dict(c.record) for c in canaries for _ in range(repeats)]
+
+
+def canary_info(count: int, repeats: int, client: int, run_seed: int, fmt: str = "instruction") -> dict[str, Any]:
+    """What the run record states of its canaries (run.json 'canaries')."""
+    canaries = run_canaries(count, fmt, run_seed)
+    return {
+        "client": client,
+        "count": count,
+        "repeats": repeats,
+        "format": fmt,
+        "digits": len(canaries[0].secret),
+        "secrets": [c.secret for c in canaries],
+    }

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedhf.config.schema import FedHFConfig, check_secagg_weight
+from fedhf.data.canaries import canary_rows, run_canaries
 from fedhf.data.fingerprint import partition_fingerprint, silo_fingerprint
 from fedhf.data.partitions import label_histogram
 from fedhf.federation import faults
@@ -165,6 +166,21 @@ def _project(req: RoundRequest, spend: Any, pid: int, n: int, delta: float, epoc
     return Projection(account, accountant_id, entry, run_eps, lifetime)
 
 
+def canary_records(cfg: FedHFConfig, node: Node, client_rows: int) -> list[dict[str, Any]] | Refusal:
+    """The audit's canary records this node trains on (``audit.canaries``): all of them on the canary client of a
+    simulation, none elsewhere. A silo refuses them: its owner's data is not edited by the run config."""
+    a = cfg.audit
+    if not a.canaries or node.pid != a.canary_client:
+        return []
+    if node.num_partitions is None:
+        return Refusal(
+            "audit.canaries",
+            "the run asks this node to train on canary records; a node with its own data (data-path) does not take "
+            "training records from the run config (canary audits run in simulations).",
+        )
+    return canary_rows(run_canaries(a.canaries, "instruction", cfg.seed), a.canary_repeats, client_rows)
+
+
 def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], state_root: Any) -> Refusal | None:
     """Every rule of the owner's policy, checked without spending: SecAgg+'s set-up stage asks before any key is sent.
     The binding check is the one :func:`train_round` makes when it reserves the spend."""
@@ -173,7 +189,10 @@ def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], 
     if refusal is not None or not req.cfg.privacy.sample_level:
         return refusal
     train_ds, _, _ = node.data(req.cfg, req.label_names)
-    n = len(train_ds)
+    extra = canary_records(req.cfg, node, len(train_ds))
+    if isinstance(extra, Refusal):
+        return extra
+    n = len(train_ds) + len(extra)
     p = req.cfg.privacy
     delta = p.delta if p.delta is not None else default_delta(n)
     refusal = check_delta(policy, delta, n)
@@ -207,7 +226,10 @@ def train_round(
     fault = faults.planned(node_config, pid, server_round)
     faults.before_training(fault, node_config)
     train_ds, _, names = node.data(cfg, req.label_names)
-    n = len(train_ds)
+    extra = canary_records(cfg, node, len(train_ds))
+    if isinstance(extra, Refusal):
+        return refusal_outcome(pid, extra)
+    n = len(train_ds) + len(extra)  # the rows trained on (and sampled from, under DP): canaries included
     dp = p.mode != "none"
     shared = policy.shared(dp)
     weight = n if "num-examples" in shared and not p.client_level else 1
@@ -242,7 +264,7 @@ def train_round(
     model = build_model(cfg, names, rank=rank)
     global_state = start_state(global_state, rank)  # at this node's rank: the truncation of the global product
     set_adapter_state(model, global_state)
-    fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid), server_round, names)
+    fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid), server_round, names, extra)
     pers = cfg.personalization
     personal = SpendStore(state_root, data_key(cfg, node)) if pers.mode in ("fedrep", "ditto") else None
     if personal is not None and pers.mode == "fedrep":
@@ -351,11 +373,14 @@ class Fit:
         seed: int,
         server_round: int | None = None,
         label_names: list[str] | None = None,
+        extra_records: list[dict[str, Any]] | None = None,
     ) -> None:
         """``server_round``: the federated round this training is part of (train.lr-schedule decays train.lr by it);
         None for training outside the rounds (the personalization stage), which runs at train.lr. ``label_names``: the
-        run's labels (the causal-LM task phrases each example with them)."""
+        run's labels (the causal-LM task phrases each example with them). ``extra_records``: records trained on with
+        the rows (the audit's canaries; causal-LM only)."""
         self.cfg, self.model, self.train_ds, self.tokenizer = cfg, model, train_ds, tokenizer
+        self.extra = list(extra_records or [])
         self.account, self.seed, self.server_round = account, seed, server_round
         self.task = get_task(cfg.model.task, label_names)
         self.results: list[TrainResult] = []
@@ -372,8 +397,9 @@ class Fit:
                 else round_lr(t.lr, t.lr_schedule, self.server_round, cfg.num_server_rounds)
             )
         seed = self.seed + 7_919 * len(self.results)  # each call of a round shuffles differently, reproducibly
+        extra = {"extra_records": self.extra} if self.extra else {}
         loader = self.task.make_loader(
-            self.train_ds, self.tokenizer, cfg.data.max_length, t.batch_size, shuffle=True, seed=seed
+            self.train_ds, self.tokenizer, cfg.data.max_length, t.batch_size, shuffle=True, seed=seed, **extra
         )
         if self.account is not None:
             # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.

@@ -48,6 +48,9 @@ ADAPTER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",  # a chat model's prompt format: without it a loader prompts the adapter differently
     "fedhf.json",
 )
 
@@ -451,12 +454,33 @@ privacy: the average itself can still reveal information unless DP is on (see Pr
 """
 
 
+def _canary_text(run: RunRecord) -> str:
+    """What the card says of a run trained with the audit's canaries (audit.canaries)."""
+    c = run.canaries
+    if not c:
+        return ""
+    text = (
+        f"\n\nCanary audit: client {c['client']} trained on {c['count']} random {c['digits']}-digit secret(s), each "
+        f"inserted {c['repeats']} times as an instruction record (run.json lists them); they are test data, not "
+        "anyone's secret, and this adapter may repeat them. "
+    )
+    result = (run.audit or {}).get("canaries")
+    if not result:
+        return text + "`fedhf audit RUN_DIR` measures their exposure.\n"
+    return text + (
+        f"Exposure (Carlini et al. 2019: the rank of a secret's log-perplexity among {result['num_candidates']} random "
+        f"secrets of its shape, at most {result['max_exposure']:.2f} bits): **{result['mean_exposure']:.2f} bits** on "
+        f"average for the inserted secrets, {result['control_mean_exposure']:.2f} bits for as many secrets never "
+        "trained on (chance is about 1.4).\n"
+    )
+
+
 def _audit_section(run: RunRecord) -> str:
     audit = run.audit
     if not audit:
         return (
             "Not audited. `fedhf audit RUN_DIR` runs a membership-inference attack on this adapter and adds its "
-            "results here.\n"
+            "results here." + _canary_text(run) + "\n"
         )
     rows = ["| attack | ROC AUC | TPR at 1% FPR | empirical ε lower bound |", "|---|---|---|---|"]
     for name, what in (("loss", "loss threshold"), ("calibrated", "loss calibrated by the untrained model")):
@@ -477,7 +501,7 @@ def _audit_section(run: RunRecord) -> str:
         + "\n\n"
         + verdict
         + " An attack on natural examples gives a loose bound: it can show "
-        "leakage, it cannot prove its absence.\n"
+        "leakage, it cannot prove its absence." + _canary_text(run) + "\n"
     )
 
 

@@ -289,6 +289,11 @@ class RunRecorder:
         self.record.secure_aggregation["rounds"].append(snake_keys(info))
         self.write()
 
+    def set_canaries(self, info: dict[str, Any]) -> None:
+        """The audit's canaries (``audit.canaries``): which client trains on them, how often, and their secrets."""
+        self.record.canaries = info
+        self.write()
+
     def set_privacy(self, info: dict[str, Any]) -> None:
         """The run's privacy as stated at its start (``fedhf.privacy.dp.run_privacy_info``); a resumed run's ledgers
         are kept."""

@@ -59,6 +59,9 @@ CONFIG_BEFORE_KEY = {
     "personalization.keep-local": "head",
     "personalization.ditto-lambda": 0.1,
     "personalization.local-only": True,
+    "audit.canaries": 0,
+    "audit.canary-repeats": 10,
+    "audit.canary-client": 0,
 }
 
 
@@ -261,6 +264,7 @@ class RunRecord:
     error: str | None = _optional()
     evaluations: list[dict[str, Any]] = _optional(factory=list)  # fedhf evaluate: the data and the task's metrics
     audit: dict[str, Any] | None = _optional()  # fedhf audit's figures (fedhf.analysis.audit)
+    canaries: dict[str, Any] | None = _optional()  # audit.canaries: where they went and their secrets
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -453,6 +453,33 @@ def classification_records(texts: Sequence[str], labels: Sequence[int], label_na
     ]
 
 
+def fit_texts(
+    texts: Sequence[str], label_names: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[str]:
+    """``texts`` cut (at a token boundary) so that the instruction, each text and the longest answer fit in
+    ``max_length`` tokens, as a classifier truncates its input; one error when not even the template fits."""
+    instruction = instruction_for(label_names)
+    shell = to_example({"instruction": instruction, "input": "x", "output": ""}, "instruction", tokenizer)
+    overhead = len(encode_prompt(tokenizer, shell.prompt)) - 1
+    longest = max(
+        len(tokenizer(to_example({"instruction": instruction, "input": "x", "output": n}, "instruction", tokenizer)
+                      .response, add_special_tokens=False)["input_ids"])
+        for n in label_names
+    )  # fmt: skip
+    budget = max_length - overhead - longest - 2  # 2: merges where the text meets the template
+    if budget < 4:
+        raise FedHFDataError(
+            f"config key 'data.max-length': {max_length} tokens hold the instruction template ({overhead} tokens) and "
+            f"the longest answer ({longest}) but leave {max(budget, 0)} for the text; set data.max-length to at least "
+            f"{overhead + longest + 2 + 16}."
+        )
+    out = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        out.append(t if len(ids) <= budget else tokenizer.decode(ids[:budget]))
+    return out
+
+
 def answer_ids(generations: Sequence[str], label_names: Sequence[str]) -> torch.Tensor:
     """The label id each generation names by exact match (normalized first line), -1 where it names none."""
     index = {normalize_answer(n): i for i, n in enumerate(label_names)}
@@ -500,14 +527,18 @@ class CausalLM:
         shuffle: bool,
         seed: int = 0,
         sort_by_length: bool = False,
+        extra_records: Sequence[Mapping[str, Any]] = (),
     ) -> DataLoader:
-        """Batches of the rows of ``ds`` (``text``, ``label``) phrased as instructions, tokenized once."""
+        """Batches of the rows of ``ds`` (``text``, ``label``) phrased as instructions, tokenized once;
+        ``extra_records`` (instruction records, e.g. the audit's canaries) train with them and have class -1."""
         names = self._names()
-        records = classification_records(list(ds["text"]), list(ds["label"]), names)
+        texts = fit_texts(list(ds["text"]), names, tokenizer, max_length)
+        records = classification_records(texts, list(ds["label"]), names) + list(extra_records)
         examples = [to_example(r, "instruction", tokenizer) for r in records]
         rows = tokenize(examples, tokenizer, max_length) if examples else []
-        for row, y in zip(rows, ds["label"], strict=True):
-            row["class"] = int(y)
+        classes = [int(y) for y in ds["label"]] + [-1] * len(extra_records)
+        for row, y in zip(rows, classes, strict=True):
+            row["class"] = y
         return make_loader(rows, tokenizer, batch_size, shuffle, seed=seed, sort_by_length=sort_by_length)
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -583,8 +614,9 @@ class CausalLM:
         self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str], max_length: int
     ) -> list[tuple[str, float]]:
         """Each text's greedy answer (the label it names, else the generated text) and its probability."""
+        fitted = fit_texts(texts, labels, tokenizer, max_length)
         prompts = [
-            prompt_of(r, "instruction", tokenizer) for r in classification_records(texts, [0] * len(texts), labels)
+            prompt_of(r, "instruction", tokenizer) for r in classification_records(fitted, [0] * len(texts), labels)
         ]
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens(tokenizer))
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
