@@ -100,6 +100,9 @@ _NODE_KEY_MEANINGS = {
     "lora-rank": "the LoRA rank this node trains (at most the run's `model.lora.r`), for its own compute; it needs "
     "`strategy.lora-aggregation = svd` (otherwise the node refuses, rule `lora-rank`). The node starts each round "
     "from the truncation of the global product to its rank and sends its rank (see [Model](../model.md)).",
+    "allow-canaries": "`true` lets a run's canary audit (`audit.canaries`) add its canary records to this node's "
+    "training rows (default `false`: the node refuses, rule `allow-canaries`); a silo (`data-path`) never takes them. "
+    "`fedhf run` sets it for its own simulated canary client.",
     "fail-at-round": "fault injection, for tests only: the round in which this node fails when asked to train.",
     "fail-mode": "fault injection, for tests only: how it fails (`raise`, `exit`, `hang`, or a malformed "
     "reply: `nan`, `inf`, `shape`, `extra`, `missing`, `norm`, `dtype`).",

@@ -178,6 +178,7 @@ def run(
             from fedhf.federation.node import load_node_config_file
 
             node_configs = load_node_config_file(node_config, num_clients)
+        node_configs = _canary_consent(cfg, num_clients, node_configs)
     except FedHFError as exc:
         _fail(str(exc))
     console = RunConsole(verbose)
@@ -223,6 +224,28 @@ def run(
     spent = _largest_epsilon(summary)
     if spent:
         typer.echo(f"privacy: {spent}; the ledger: fedhf privacy ledger {run_dir}")
+
+
+def _canary_consent(
+    cfg: FedHFConfig, num_clients: int, node_configs: dict[int, dict[str, Any]] | None
+) -> dict[int, dict[str, Any]] | None:
+    """The simulated node configs with ``allow-canaries = true`` on the canary client: in a simulation the one who
+    asks for canaries (``audit.canaries``) owns every node. A ``--node-config`` file that says false is refused."""
+    a = cfg.audit
+    if not a.canaries or not 0 <= a.canary_client < num_clients:
+        return node_configs  # no canaries; or a client that does not exist, which the preflight names
+    from fedhf.federation.node import node_allows_canaries
+
+    configs = {pid: dict(nc) for pid, nc in (node_configs or {}).items()}
+    own = configs.setdefault(a.canary_client, {})
+    if "allow-canaries" in own and not node_allows_canaries(own):
+        raise FedHFConfigError(
+            f"config key 'audit.canaries': client {a.canary_client}'s node config says allow-canaries=false, so it "
+            "would refuse the canaries every round; set audit.canaries=0, pick another audit.canary-client, or drop "
+            "allow-canaries from that node's table."
+        )
+    own["allow-canaries"] = True
+    return configs
 
 
 def _simulate(
@@ -548,7 +571,7 @@ def node_check(
     from fedhf.data.partitions import load_partition
     from fedhf.data.silos import load_silo
     from fedhf.federation import faults
-    from fedhf.federation.node import NODE_CONFIG_KEYS, node_of
+    from fedhf.federation.node import NODE_CONFIG_KEYS, node_allows_canaries, node_of
     from fedhf.federation.node_state import state_dir
     from fedhf.privacy.policy import parse_policy
 
@@ -573,6 +596,7 @@ def node_check(
             train, local_eval, names = load_partition(cfg.data, cfg.seed, node.pid, node.num_partitions)
         policy = parse_policy(nc)
         faults.planned(nc, node.pid, 1)
+        canaries = node_allows_canaries(nc) and node.data_path is None  # a silo never takes them
         where = state_dir(nc, {})
         try:
             where.mkdir(parents=True, exist_ok=True)
@@ -593,6 +617,8 @@ def node_check(
         f"local eval rows, labels {names}; state dir {where}"
     )
     typer.echo(f"policy: {policy.describe()}")
+    if canaries:
+        typer.echo("allow-canaries: a run may add the audit's canary records to this node's training rows")
     budget = f" of the budget {policy.max_epsilon:g}" if policy.max_epsilon is not None else " (no budget set)"
     if spent is None:
         typer.echo(f"lifetime privacy spend on this data: none yet{budget}")

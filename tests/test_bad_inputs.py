@@ -77,6 +77,7 @@ def corpus(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     (root / "nodes-key.toml").write_text('[nodes.0]\ndata-path = "/somewhere"\n')
     (root / "nodes-id.toml").write_text("[nodes.7]\nmax-epsilon = 2.0\n")
     (root / "nodes-value.toml").write_text('[default]\nmin-privacy = "strong"\n')
+    (root / "nodes-no-canaries.toml").write_text("[nodes.0]\nallow-canaries = false\n")
     (root / "occupied" / "someone-elses").mkdir(parents=True)
     (root / "occupied" / "someone-elses" / "notes.txt").write_text("not a run")
 
@@ -171,6 +172,18 @@ CASES = {
         [*CAUSAL, "--set", "data.max-length=160", "--set", "audit.canaries=2", "--set", "audit.canary-client=7"],
         "config key 'audit.canary-client'",
     ),
+    "causal-canaries-node-says-no": (
+        [
+            *CAUSAL,
+            "--set",
+            "data.max-length=160",
+            "--set",
+            "audit.canaries=2",
+            "--node-config",
+            "{root}/nodes-no-canaries.toml",
+        ],
+        "says allow-canaries=false",
+    ),  # fmt: skip
     "causal-max-length-below-prompt": ([*CAUSAL, "--set", "data.max-length=16"], "config key 'data.max-length'"),
     # command-line arguments
     "cli-too-few-clients": (["run", "-n", "1"], "strategy.min-available-nodes"),
@@ -227,6 +240,16 @@ CASES = {
             "data.dataset={good}",
         ],
         "fail-mode",
+    ),
+    "node-allow-canaries": (
+        [
+            "node-check",
+            "--node-config",
+            "partition-id=0 num-partitions=2 allow-canaries=maybe",
+            "--set",
+            "data.dataset={good}",
+        ],
+        "node config 'allow-canaries'",
     ),
     "node-no-ids": (
         ["node-check", "--node-config", "max-epsilon=4", "--set", "data.dataset={good}"],

@@ -141,3 +141,22 @@ def test_simulated_nodes_take_their_policy_from_the_owners_file(tmp_path):
     }
     for shipped in (REPO / "experiments" / "node-configs").glob("*.toml"):
         assert load_node_config_file(shipped, 3), shipped.name
+
+
+def test_canary_records_join_a_node_only_with_its_owners_word():
+    """A run config that names canaries cannot edit a node's training rows: a partition node takes them only with
+    allow-canaries=true, a silo never; only the canary client gets any."""
+    from fedhf.federation.client import canary_records
+    from fedhf.privacy.policy import Refusal
+
+    cfg = parse_config({"model.task": "causal-lm", "audit.canaries": 3, "audit.canary-repeats": 4})
+    partition, silo = _node({"partition-id": 0, "num-partitions": 2}), _node({"data-path": "/silo"}, node_id=0)
+    refused = canary_records(cfg, partition, 100, {"partition-id": 0, "num-partitions": 2})
+    assert isinstance(refused, Refusal) and refused.rule == "allow-canaries"
+    records = canary_records(cfg, partition, 100, {"allow-canaries": True})
+    assert isinstance(records, list) and len(records) == 12 and len({str(r) for r in records}) == 3
+    assert canary_records(cfg, _node({"partition-id": 1, "num-partitions": 2}), 100, {"allow-canaries": True}) == []
+    refused = canary_records(cfg, silo, 100, {"allow-canaries": "true"})
+    assert isinstance(refused, Refusal) and refused.rule == "audit.canaries"
+    with pytest.raises(FedHFConfigError, match="node config 'allow-canaries'"):
+        canary_records(cfg, partition, 100, {"allow-canaries": "yes"})

@@ -29,7 +29,7 @@ from fedhf.data.fingerprint import partition_fingerprint, silo_fingerprint
 from fedhf.data.partitions import label_histogram
 from fedhf.federation import faults
 from fedhf.federation.lora_ranks import truncate
-from fedhf.federation.node import Node, node_lora_rank, node_of  # noqa: F401  (node_of: the ClientApp's entry)
+from fedhf.federation.node import Node, node_allows_canaries, node_lora_rank, node_of  # noqa: F401  (node_of: the ClientApp's entry)
 from fedhf.federation.node_state import SpendStore, legacy_key, new_accountant_id
 from fedhf.federation.updates import encode
 from fedhf.privacy.dp import (
@@ -166,9 +166,12 @@ def _project(req: RoundRequest, spend: Any, pid: int, n: int, delta: float, epoc
     return Projection(account, accountant_id, entry, run_eps, lifetime)
 
 
-def canary_records(cfg: FedHFConfig, node: Node, client_rows: int) -> list[dict[str, Any]] | Refusal:
-    """The audit's canary records this node trains on (``audit.canaries``): all of them on the canary client of a
-    simulation, none elsewhere. A silo refuses them: its owner's data is not edited by the run config."""
+def canary_records(
+    cfg: FedHFConfig, node: Node, client_rows: int, node_config: Mapping[str, Any]
+) -> list[dict[str, Any]] | Refusal:
+    """The audit's canary records this node trains on (``audit.canaries``): all of them on the canary client, none
+    elsewhere. Records the run config wrote join a node's training rows only when its owner says so
+    (``allow-canaries = true``; ``fedhf run`` says so for its own simulated canary client), and never a silo's."""
     a = cfg.audit
     if not a.canaries or node.pid != a.canary_client:
         return []
@@ -177,6 +180,12 @@ def canary_records(cfg: FedHFConfig, node: Node, client_rows: int) -> list[dict[
             "audit.canaries",
             "the run asks this node to train on canary records; a node with its own data (data-path) does not take "
             "training records from the run config (canary audits run in simulations).",
+        )
+    if not node_allows_canaries(node_config):
+        return Refusal(
+            "allow-canaries",
+            "the run asks this node to train on canary records it did not write; its owner allows that only with "
+            "node config allow-canaries=true.",
         )
     return canary_rows(run_canaries(a.canaries, "instruction", cfg.seed), a.canary_repeats, client_rows)
 
@@ -189,7 +198,7 @@ def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], 
     if refusal is not None or not req.cfg.privacy.sample_level:
         return refusal
     train_ds, _, _ = node.data(req.cfg, req.label_names)
-    extra = canary_records(req.cfg, node, len(train_ds))
+    extra = canary_records(req.cfg, node, len(train_ds), node_config)
     if isinstance(extra, Refusal):
         return extra
     n = len(train_ds) + len(extra)
@@ -226,7 +235,7 @@ def train_round(
     fault = faults.planned(node_config, pid, server_round)
     faults.before_training(fault, node_config)
     train_ds, _, names = node.data(cfg, req.label_names)
-    extra = canary_records(cfg, node, len(train_ds))
+    extra = canary_records(cfg, node, len(train_ds), node_config)
     if isinstance(extra, Refusal):
         return refusal_outcome(pid, extra)
     n = len(train_ds) + len(extra)  # the rows trained on (and sampled from, under DP): canaries included

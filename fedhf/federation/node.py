@@ -25,6 +25,7 @@ NODE_CONFIG_KEYS = (
     *POLICY_KEYS,
     "state-dir",
     "lora-rank",
+    "allow-canaries",
     "fail-at-round",
     "fail-mode",
     "fail-seconds",
@@ -93,6 +94,17 @@ def node_lora_rank(node_config: Mapping[str, Any]) -> int | None:
     return rank
 
 
+def node_allows_canaries(node_config: Mapping[str, Any]) -> bool:
+    """Whether this node's owner lets a run add the audit's canary records to its training rows (node config
+    ``allow-canaries``, default false): records that the run config, not the owner, wrote."""
+    raw = node_config.get("allow-canaries", False)
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false", ""):
+        return raw.strip().lower() == "true"
+    raise FedHFConfigError(f"node config 'allow-canaries': got {raw!r}; give true or false.")
+
+
 SIMULATED_KEYS = tuple(k for k in NODE_CONFIG_KEYS if k not in ("data-path", "partition-id", "num-partitions"))
 
 
@@ -150,5 +162,6 @@ def load_node_config_file(path: str | Path, num_clients: int) -> dict[int, dict[
             )
         parse_policy(entries)
         node_lora_rank(entries)
+        node_allows_canaries(entries)
         faults.planned(entries, pid, 1)
     return merged
