@@ -454,11 +454,12 @@ def _preflight(
 
     resolved = resolve_model(cfg.model.name)
     if cfg.model.task == "causal-lm":  # before the run folder: a model that cannot generate is refused now
-        from fedhf.tasks.causal_lm import check_causal_lm
-
-        check_causal_lm(resolved, cfg.model.name)
-        from fedhf.tasks.causal_lm import fit_texts
+        from fedhf.tasks.causal_lm import check_causal_lm, check_lora_targets, fit_texts
         from fedhf.tasks.model import load_tokenizer
+
+        model_config = check_causal_lm(resolved, cfg.model.name)
+        if cfg.target_modules != ["auto"]:  # auto: the family's attention projections
+            check_lora_targets(model_config, cfg.target_modules)
 
         fit_texts(["x"], data.label_names, load_tokenizer(resolved), cfg.data.max_length)  # the template fits
     canary_rows = _check_canaries(cfg, num_clients, parts.stats(), resolved)

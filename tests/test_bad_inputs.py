@@ -184,6 +184,16 @@ CASES = {
         ],
         "says allow-canaries=false",
     ),  # fmt: skip
+    "causal-default-model-offline": (
+        ["run", "--set", "model.task=causal-lm", "--set", "data.dataset={good}"],
+        "cannot load 'HuggingFaceTB/SmolLM2-135M-Instruct': the Hub is unreachable (HF_HUB_OFFLINE is set) and there "
+        "is no local copy; connect to the Hub, or download it where the Hub is reachable (hf download "
+        "HuggingFaceTB/SmolLM2-135M-Instruct --local-dir DIR) and pass the folder: --set model.name=DIR.",
+    ),
+    "causal-lora-on-lm-head": (
+        [*CAUSAL, "--set", "data.max-length=160", "--set", "model.lora.target-modules=q_proj,lm_head"],
+        "'lm_head' is the LM head, tied to the input embeddings",
+    ),
     "causal-max-length-below-prompt": ([*CAUSAL, "--set", "data.max-length=16"], "config key 'data.max-length'"),
     # command-line arguments
     "cli-too-few-clients": (["run", "-n", "1"], "strategy.min-available-nodes"),

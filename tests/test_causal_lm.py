@@ -123,6 +123,30 @@ def test_an_encoder_is_refused_under_the_causal_lm_task() -> None:
         C.lora_targets("bert")
 
 
+def test_lora_on_the_embeddings_or_the_lm_head_is_refused_and_auto_targets_leave_both_frozen(tiny) -> None:
+    from transformers import AutoConfig
+
+    from fedhf.config.schema import parse_config
+    from fedhf.tasks.model import build_model
+
+    family, folder = tiny
+    config = AutoConfig.from_pretrained(folder)
+    modules = C.embedding_modules(config)
+    head = "lm_head"
+    embed = "model.embed_tokens" if family == "llama" else "transformer.wte"
+    # the tiny Llama ties its head to the input embeddings (as SmolLM2 does); GPT-2 ties too
+    assert modules == {embed: "the input embeddings", head: "the LM head, tied to the input embeddings"}
+    for target, what in ((head, "the LM head, tied"), (embed.split(".")[-1], "the input embeddings")):
+        with pytest.raises(FedHFModelError, match=f"'{target}' is {what}.*frozen"):
+            C.check_lora_targets(config, ["q_proj" if family == "llama" else "c_attn", target])
+    cfg = parse_config({"model.task": "causal-lm", "model.name": str(folder)})
+    model = build_model(cfg, ["negative", "positive"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with pytest.raises(FedHFModelError, match="'lm_head' is the LM head"):
+        build_model(parse_config({**cfg.to_flat(), "model.lora.target-modules": "lm_head"}), ["negative", "positive"])
+
+
 def test_the_loss_weighs_each_example_alike_and_ignores_padding(tiny) -> None:
     family, folder = tiny
     tok = AutoTokenizer.from_pretrained(folder)

