@@ -791,11 +791,26 @@ def predict(
             "another copy.",
         ),
     ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            help="Generative adapters: tokens to generate at most (default: enough for the longest label name).",
+        ),
+    ] = None,
+    sample: Annotated[
+        bool, typer.Option("--sample", help="Generative adapters: sample (with --temperature, --top-p) not greedy.")
+    ] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="With --sample: softmax temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="With --sample: nucleus sampling mass (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="With --sample: the sampling seed.")] = 0,
 ) -> None:
-    """Load base model + adapter with PEFT and print label, probability and text for each input."""
+    """Load base model + adapter with PEFT and print, for each input, the label (a generative adapter: its answer),
+    its probability and the text."""
     from fedhf.tasks.adapters import load_adapter_model, resolve_adapter
 
     try:
+        generation = _generation_options(max_new_tokens, sample, temperature, top_p, seed)
         texts = list(text or [])
         if file is not None:
             if not file.is_file():
@@ -805,10 +820,35 @@ def predict(
             raise FedHFConfigError("nothing to classify: give --text or --file.")
         folder = resolve_adapter(model)
         adapter = load_adapter_model(folder, base_model)
+        if generation is not None and adapter.task.name != "causal-lm":
+            raise FedHFConfigError(
+                f"--max-new-tokens, --sample, --temperature, --top-p and --seed are for generative adapters; '{model}' "
+                f"is a {adapter.task.name} adapter, which prints a label; drop them."
+            )
     except FedHFError as exc:
         _fail(str(exc))
-    for t, (label, prob) in zip(texts, adapter.predict(texts), strict=True):
-        typer.echo(f"{label}\t{prob:.4f}\t{t}")
+    for t, (label, prob) in zip(texts, adapter.predict(texts, generation), strict=True):
+        answer = label.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")  # one line per input
+        typer.echo(f"{answer}\t{prob:.4f}\t{t}")
+
+
+def _generation_options(max_new_tokens: int | None, sample: bool, temperature: float, top_p: float, seed: int) -> Any:
+    """``fedhf predict``'s generation settings (None: the task's default, greedy), each one checked."""
+    if max_new_tokens is None and not sample and (temperature, top_p, seed) == (1.0, 1.0, 0):
+        return None
+    if max_new_tokens is not None and not 1 <= max_new_tokens <= 4096:
+        raise FedHFConfigError(f"--max-new-tokens: got {max_new_tokens}; give a whole number from 1 to 4096.")
+    if not sample and (temperature, top_p, seed) != (1.0, 1.0, 0):
+        raise FedHFConfigError("--temperature, --top-p and --seed shape sampling; add --sample (greedy ignores them).")
+    if not temperature > 0:
+        raise FedHFConfigError(f"--temperature: got {temperature}; give a number above 0 (1.0: the model's own).")
+    if not 0 < top_p <= 1:
+        raise FedHFConfigError(f"--top-p: got {top_p}; give a share in (0, 1] (1.0: no nucleus cut).")
+    from fedhf.tasks.causal_lm import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens or 0, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed
+    )
 
 
 @app.command()

@@ -197,6 +197,11 @@ CASES = {
     "causal-max-length-below-prompt": ([*CAUSAL, "--set", "data.max-length=16"], "config key 'data.max-length'"),
     # command-line arguments
     "cli-too-few-clients": (["run", "-n", "1"], "strategy.min-available-nodes"),
+    "cli-predict-temperature-without-sample": (
+        ["predict", "--model", "{root}", "--text", "x", "--temperature", "0.5"],
+        "add --sample",
+    ),
+    "cli-predict-max-new-tokens": (["predict", "--model", "{root}", "--text", "x", "--max-new-tokens", "0"], "from 1"),
     "cli-cpus": (["run", "--cpus-per-client", "0"], "--cpus-per-client"),
     "cli-missing-config-file": (["run", "--config", "{root}/missing.toml"], "no such file"),
     "cli-resume-with-set": (["run", "--resume", "{poisoned}", "--set", "num-server-rounds=5"], "--resume takes"),

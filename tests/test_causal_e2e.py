@@ -81,6 +81,28 @@ def test_a_federated_causal_lm_learns_to_answer_and_publishes_a_generative_card(
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = [line.split("\t")[0] for line in proc.stdout.strip().splitlines()]
     assert answers == ["positive", "negative"]
+    # model.sample-prompts (3): fixed central eval rows, answered after every round, in run.json and the card
+    prompts = run["sample_prompts"]
+    test_rows = {r["text"]: r["label"] for r in rows(60, 2)}
+    assert len(prompts) == 3 and all(test_rows[p["text"]] == p["answer"] for p in prompts)
+    assert [len(r["generations"]) for r in run["rounds"]] == [3, 3, 3]
+    again = predict(data, out / "clm", *[a for p in prompts for a in ("--text", p["text"])])
+    assert [line.split("\t")[0] for line in again] == [C.normalize_answer(g) for g in run["rounds"][-1]["generations"]]
+    assert "### Generations" in card and prompts[0]["text"] in card
+    # sampling: seeded (the same seed, the same answers), up to --max-new-tokens tokens
+    sampled = [predict(data, out / "clm", "--text", "the plot number 7 was", "--sample", "--temperature", "1.5",
+                       "--max-new-tokens", "3", "--seed", str(seed)) for seed in (1, 1, 2)]  # fmt: skip
+    assert sampled[0] == sampled[1], sampled
+    assert all(len(line.split("\t")) == 3 and 0 <= float(line.split("\t")[1]) <= 1 for s in sampled for line in s)
+
+
+def predict(data: Path, model: Path, *options: str) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "predict", "--model", str(model), *options],
+        capture_output=True, text=True, env=_env(data), timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()
 
 
 def test_sample_level_dp_books_every_step_of_a_causal_lm_canaries_included(setup, tmp_path) -> None:

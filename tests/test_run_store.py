@@ -238,6 +238,7 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
         "model.pooling": "cls",
         "model.adapter": "lora",
         "model.hub-id": "",
+        "model.sample-prompts": 0,
         "train.optimizer": "adamw",
         "train.momentum": 0.0,
         "train.lr-schedule": "constant",

@@ -18,6 +18,9 @@ audit = true                  # optional: fedhf audit after the run
 evaluate-languages = ["hau"]  # optional: fedhf evaluate --set data.languages=X after the run
 smoke = false                 # optional: leave this run out of the smoke variant
 node-config = "nodes.toml"    # optional: the simulated nodes' configs (fedhf run --node-config)
+[tiny-model]                  # optional: a tiny causal LM built for the group (no pretrained one is reachable offline)
+family = "llama"              # its tokenizer is trained on the dataset's texts; every run gets model.name = its folder
+dataset = "ag_news"
 [[targets]]                   # figures the group must reach, checked on the results
 kind = "within"               # within | auc-closer | beats | personalized-beats | mean-within
 ...
@@ -74,6 +77,65 @@ class ExperimentRun:
     node_config: Path | None = None  # the simulated nodes' configs (fedhf run --node-config), e.g. their LoRA ranks
 
 
+TINY_MODEL_KEYS = {"family": "llama", "dataset": "", "hidden": 64, "layers": 2, "vocab-size": 1024, "seed": 0}
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny random-weight causal LM that a group builds once into its output folder (``fedhf.tasks.tiny_lm``),
+    its byte-level BPE tokenizer trained on the training texts of ``dataset``, phrased as the task's instructions."""
+
+    family: str
+    dataset: str
+    hidden: int
+    layers: int
+    vocab_size: int
+    seed: int
+
+    def spec(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def folder(self, out: Path) -> Path:
+        return out / "tiny-model"
+
+    def ensure(self, out: Path, log: Any = print) -> Path:
+        """The model's folder under the group's output folder, written unless it holds this very model."""
+        from fedhf.data.load import load_data
+        from fedhf.tasks.causal_lm import instruction_for
+        from fedhf.tasks.tiny_lm import write_tiny_causal_lm
+
+        folder = self.folder(out)
+        spec_file = folder / "fedhf-tiny-model.json"
+        if spec_file.is_file() and json.loads(spec_file.read_text()) == self.spec():
+            return folder
+        data = load_data(parse_config({"data.dataset": self.dataset, "data.max-train-examples": 0}).data)
+        texts = list(data.train["text"][:20000])
+        texts += [instruction_for(data.label_names), " ".join(data.label_names)] * 50
+        write_tiny_causal_lm(
+            folder, texts, family=self.family, vocab_size=self.vocab_size, hidden=self.hidden, layers=self.layers,
+            seed=self.seed,
+        )  # fmt: skip
+        spec_file.write_text(json.dumps(self.spec(), indent=2) + "\n")
+        log(f"tiny model: a random-weight {self.family} ({self.hidden} wide, {self.layers} layers) in {folder}")
+        return folder
+
+
+def _tiny_model(folder: Path, raw: Any) -> TinyModel | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or sorted(set(raw) - set(TINY_MODEL_KEYS)):
+        raise FedHFConfigError(
+            _where(folder, f"[tiny-model] takes the keys {', '.join(TINY_MODEL_KEYS)} (got {raw!r}).")
+        )
+    spec = {**TINY_MODEL_KEYS, **raw}
+    if not spec["dataset"]:
+        raise FedHFConfigError(_where(folder, "[tiny-model] needs 'dataset' (its tokenizer is trained on it)."))
+    return TinyModel(
+        str(spec["family"]), str(spec["dataset"]), int(spec["hidden"]), int(spec["layers"]), int(spec["vocab-size"]),
+        int(spec["seed"]),
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Group:
     name: str
@@ -84,6 +146,7 @@ class Group:
     smoke_clients: int | None
     smoke_languages: tuple[str, ...] | None
     targets: tuple[dict[str, Any], ...]
+    tiny_model: TinyModel | None = None
 
     def selected(self, smoke: bool, only: list[str] | None = None) -> list[ExperimentRun]:
         runs = [r for r in self.runs if r.smoke or not smoke]
@@ -129,15 +192,10 @@ def load_group(name_or_path: str | Path, experiments_dir: str | Path = "experime
         spec = tomllib.loads(manifest.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise FedHFConfigError(f"{manifest}: not valid TOML ({exc}).") from None
-    unknown = sorted(set(spec) - {"description", "smoke", "smoke-num-clients", "smoke-languages", "runs", "targets"})
+    allowed = ("description", "smoke", "smoke-num-clients", "smoke-languages", "runs", "targets", "tiny-model")
+    unknown = sorted(set(spec) - set(allowed))
     if unknown:
-        raise FedHFConfigError(
-            _where(
-                folder,
-                f"unknown key(s) {', '.join(unknown)}; allowed: description, smoke, "
-                "smoke-num-clients, smoke-languages, runs, targets.",
-            )
-        )
+        raise FedHFConfigError(_where(folder, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}."))
     runs = []
     for i, r in enumerate(spec.get("runs", [])):
         bad = sorted(set(r) - RUN_KEYS)
@@ -191,6 +249,7 @@ def load_group(name_or_path: str | Path, experiments_dir: str | Path = "experime
         spec.get("smoke-num-clients"),
         tuple(spec["smoke-languages"]) if "smoke-languages" in spec else None,
         tuple(spec.get("targets", [])),
+        _tiny_model(folder, spec.get("tiny-model")),
     )
     for run in runs:  # every file parses, with and without the smoke keys
         for smoke in (False, True):
@@ -220,6 +279,8 @@ def run_group(
     """Run (or skip) every selected run, then its audit and evaluations; write the results table. Returns its folder."""
     out = Path(out_root) / (group.name + ("-smoke" if smoke else ""))
     out.mkdir(parents=True, exist_ok=True)
+    if group.tiny_model is not None:
+        group.tiny_model.ensure(out, log)
     failed: list[str] = []
     for run in group.selected(smoke, only):
         run_dir = out / run.name
@@ -259,6 +320,8 @@ def _run_settings(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> t
         else run.num_clients
     )
     sets = {**(group.smoke if smoke else {}), **run.overrides, "output-dir": str(out), "run-name": run.name}
+    if group.tiny_model is not None:
+        sets["model.name"] = str(group.tiny_model.folder(out).resolve())
     if smoke and clients != run.num_clients:
         sets.update(
             {
@@ -282,7 +345,7 @@ def _changed_keys(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> l
     except (FedHFError, KeyError, TypeError):
         return ["(a config this fedhf cannot read)"]
     # Where the run folder lives is not part of the experiment: a group's folder moved or copied is the same run.
-    place = {"output-dir", "run-name"}
+    place = {"output-dir", "run-name"} | ({"model.name"} if group.tiny_model is not None else set())
     changed = sorted(k for k in set(want) | set(had) if k not in place and want.get(k) != had.get(k))
     if len(made.partitions) != clients:
         changed.append("num-clients")
@@ -341,9 +404,15 @@ def _post(group: Group, run: ExperimentRun, run_dir: Path, smoke: bool, log: Any
         log(f"[{group.name}] {run.name}: {lang} macro-F1 {res['macro_f1']:.4f} ({res['rows']} rows)")
     if run.audit and data.audit is None:
         res = audit_run(run_dir)
+        canaries = res.get("canaries")
+        exposed = (
+            f"; canary exposure {canaries['mean_exposure']:.2f} bits (controls {canaries['control_mean_exposure']:.2f})"
+            if canaries
+            else ""
+        )
         log(
             f"[{group.name}] {run.name}: audit AUC {res['loss']['auc']:.3f} (loss), "
-            f"{res['calibrated']['auc']:.3f} (calibrated)"
+            f"{res['calibrated']['auc']:.3f} (calibrated){exposed}"
         )
 
 
@@ -362,6 +431,9 @@ COLUMNS = (
     "audit_auc_loss",
     "audit_auc_calibrated",
     "audit_epsilon_lower_bound",
+    "canary_exposure_mean",
+    "canary_control_exposure_mean",
+    "eval_loss",
     "local_only_f1_mean",
     "federated_f1_mean",
     "personalized_f1_mean",
@@ -391,6 +463,9 @@ def _row(name: str, run: RunRecord | None) -> dict[str, Any]:
         "audit_auc_loss": (audit.get("loss") or {}).get("auc"),
         "audit_auc_calibrated": (audit.get("calibrated") or {}).get("auc"),
         "audit_epsilon_lower_bound": audit.get("epsilon_lower_bound"),
+        "canary_exposure_mean": (audit.get("canaries") or {}).get("mean_exposure"),
+        "canary_control_exposure_mean": (audit.get("canaries") or {}).get("control_mean_exposure"),
+        "eval_loss": run.final.eval_loss if run.final else None,
         "status": "complete",
     }
     for e in run.evaluations:
@@ -436,6 +511,21 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
             f"| {r.get('wall_seconds', '–')} "
             f"| {_f(r.get('audit_auc_loss'), 3)} / {_f(r.get('audit_auc_calibrated'), 3)} | {r['status']} |"
         )
+    if any(r.get("canary_exposure_mean") is not None for r in rows):
+        md += [
+            "",
+            "Canary exposure (bits; fedhf audit: each secret's rank among random candidates, Carlini et al.) and the "
+            "held-out loss per answer token:",
+            "",
+            "| run | canaries trained on | controls never seen | eval loss |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| {r['name']} | {_f(r.get('canary_exposure_mean'), 2)} | {_f(r.get('canary_control_exposure_mean'), 2)} "
+            f"| {_f(r.get('eval_loss'))} |"
+            for r in rows
+            if r.get("status") == "complete"
+        ]
     if langs:
         md += [
             "",

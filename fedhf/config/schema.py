@@ -182,6 +182,14 @@ class ModelConfig:
         "rebuilt from the seed wherever the model is built.",
         choices=ADAPTERS,
     )
+    sample_prompts: int = _opt(
+        3,
+        "model.task causal-lm: how many rows of the central eval set the global adapter answers (greedily) after "
+        "every round; their texts, answers and each round's generations go in run.json and the model card (the "
+        "server's eval rows, never a client's); 0 = none. text-classification has no generations and ignores it.",
+        min=0,
+        max=20,
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

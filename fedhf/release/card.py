@@ -454,6 +454,37 @@ privacy: the average itself can still reveal information unless DP is on (see Pr
 """
 
 
+def _cell(text: str, limit: int = 80) -> str:
+    """Text in a Markdown table cell: one line, pipes escaped, cut at ``limit`` characters."""
+    one = " ".join(str(text).split()).replace("|", "\\|")
+    return one if len(one) <= limit else one[: limit - 1] + "…"
+
+
+def _generations_section(run: RunRecord) -> str:
+    """The fixed prompts (model.sample-prompts: central eval rows) and the global adapter's answer after each
+    round: at most the first two and the last two rounds, as columns."""
+    prompts = run.sample_prompts
+    rounds = [r for r in run.rounds if r.generations]
+    if not prompts or not rounds:
+        return ""
+    shown = rounds if len(rounds) <= 5 else [*rounds[:2], *rounds[-2:]]
+    head = "| text | answer | " + " | ".join(f"round {r.round}" for r in shown) + " |\n"
+    head += "|---|---|" + "---|" * len(shown) + "\n"
+    rows = "".join(
+        f"| {_cell(p['text'])} | {_cell(p['answer'])} | "
+        + " | ".join(_cell(r.generations[i]) if i < len(r.generations) else "" for r in shown)
+        + " |\n"
+        for i, p in enumerate(prompts)
+    )
+    skipped = " (the middle rounds are in run.json)" if len(shown) < len(rounds) else ""
+    return (
+        f"\n### Generations\n\nThe global adapter's greedy answer to {len(prompts)} fixed rows of the central "
+        f"evaluation set after each round{skipped}; round 0 is the base model with the untrained adapter.\n\n"
+        + head
+        + rows
+    )
+
+
 def _canary_text(run: RunRecord) -> str:
     """What the card says of a run trained with the audit's canaries (audit.canaries)."""
     c = run.canaries
@@ -739,7 +770,7 @@ Central evaluation of the global adapter by the server on {ds.central_eval_rows}
 before training (round 0) and after every round:
 
 {_rounds_table(run)}
-{"".join(f"![{p}](plots/{p})" + chr(10) for p in plots)}
+{"".join(f"![{p}](plots/{p})" + chr(10) for p in plots)}{_generations_section(run)}
 ## How to use
 
 ```python

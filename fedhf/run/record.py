@@ -289,6 +289,11 @@ class RunRecorder:
         self.record.secure_aggregation["rounds"].append(snake_keys(info))
         self.write()
 
+    def set_sample_prompts(self, prompts: list[dict[str, Any]]) -> None:
+        """The central eval rows whose generations each round records (``model.sample-prompts``)."""
+        self.record.sample_prompts = prompts
+        self.write()
+
     def set_canaries(self, info: dict[str, Any]) -> None:
         """The audit's canaries (``audit.canaries``): which client trains on them, how often, and their secrets."""
         self.record.canaries = info
@@ -373,7 +378,9 @@ class RunRecorder:
         r.local_eval_loss, r.local_eval_accuracy = loss, accuracy
         r.client_eval_seconds = [round(s, 3) for s in client_seconds]
 
-    def end_round(self, server_round: int, central: dict[str, float], eval_seconds: float) -> Round:
+    def end_round(
+        self, server_round: int, central: dict[str, float], eval_seconds: float, generations: list[str] | None = None
+    ) -> Round:
         if server_round == 0:
             row = Round(round=0)
         else:
@@ -382,6 +389,7 @@ class RunRecorder:
             self._round = None
         row.eval_loss, row.eval_accuracy, row.eval_f1 = central["loss"], central["accuracy"], central["f1"]
         row.central_eval_seconds = round(eval_seconds, 3)
+        row.generations = list(generations or [])
         self.record.rounds.append(row)
         self.write()
         self.write_csv()

@@ -48,6 +48,7 @@ CONFIG_BEFORE_KEY = {
     "model.pooling": "cls",
     "model.adapter": "lora",
     "model.hub-id": "",
+    "model.sample-prompts": 0,
     "train.optimizer": "adamw",
     "train.momentum": 0.0,
     "train.lr-schedule": "constant",
@@ -153,6 +154,7 @@ class Round:
     refused: list[dict[str, Any]] = field(default_factory=list)
     weighting: str | None = _optional()
     privacy: RoundPrivacy | None = _optional()
+    generations: list[str] = _optional(factory=list)  # the global adapter's answer to each of RunRecord.sample_prompts
 
     @property
     def trained(self) -> list[dict[str, Any]]:
@@ -265,6 +267,7 @@ class RunRecord:
     evaluations: list[dict[str, Any]] = _optional(factory=list)  # fedhf evaluate: the data and the task's metrics
     audit: dict[str, Any] | None = _optional()  # fedhf audit's figures (fedhf.analysis.audit)
     canaries: dict[str, Any] | None = _optional()  # audit.canaries: where they went and their secrets
+    sample_prompts: list[dict[str, Any]] = _optional(factory=list)  # model.sample-prompts: eval rows (text, answer)
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -52,9 +52,12 @@ class LoadedAdapter:
     max_length: int
     task: Task
 
-    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
-        """What ``fedhf predict`` prints for each text (the adapter's task's own prediction)."""
-        return self.task.predict(self.model, self.tokenizer, self.labels, texts, self.max_length)
+    def predict(self, texts: list[str], generation: Any = None) -> list[tuple[str, float]]:
+        """What ``fedhf predict`` prints for each text (the adapter's task's own prediction); ``generation``: a
+        generative task's settings (``fedhf.tasks.causal_lm.GenerationSettings``), None for its default."""
+        if generation is None:
+            return self.task.predict(self.model, self.tokenizer, self.labels, texts, self.max_length)
+        return self.task.predict(self.model, self.tokenizer, self.labels, texts, self.max_length, generation)
 
 
 def load_adapter_model(folder: Path, base_model: str | None = None) -> LoadedAdapter:

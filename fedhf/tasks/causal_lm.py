@@ -14,6 +14,7 @@ owner's node): a record without the named fields, a template that leaves no resp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -451,6 +452,12 @@ def generate(
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
+def until_eos(ids: Sequence[int], eos: int | None) -> list[int]:
+    """Generated ids up to and including the first EOS (what follows it is the batch's padding)."""
+    ids = list(ids)
+    return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
+
+
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -641,20 +648,41 @@ class CausalLM:
         back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return torch.cat(losses)[back], torch.cat(preds)[back]
 
+    def sample_prompts(self, ds: Any, k: int) -> list[dict[str, str]]:
+        """The first ``k`` rows of ``ds`` (``text``, ``label``) as (text, answer): the fixed prompts whose
+        generations a run records after every round (``model.sample-prompts``)."""
+        names = self._names()
+        n = min(k, len(ds))
+        return [{"text": str(t), "answer": names[int(y)]} for t, y in zip(ds["text"][:n], ds["label"][:n], strict=True)]
+
+    def generations(self, model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int) -> list[str]:
+        """The greedy answer generated for each text (its instruction prompt), as generated (special tokens cut)."""
+        return [answer for answer, _ in self.predict(model, tokenizer, self._names(), texts, max_length)]
+
     def predict(
-        self, model: torch.nn.Module, tokenizer: Any, labels: list[str], texts: list[str], max_length: int
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        labels: list[str],
+        texts: list[str],
+        max_length: int,
+        settings: GenerationSettings | None = None,
     ) -> list[tuple[str, float]]:
-        """Each text's greedy answer (the label it names, else the generated text) and its probability."""
+        """Each text's answer (greedy, enough tokens for a label's name, unless ``settings`` say otherwise) and the
+        probability the model gives the generated tokens."""
         fitted = fit_texts(texts, labels, tokenizer, max_length)
         prompts = [
             prompt_of(r, "instruction", tokenizer) for r in classification_records(fitted, [0] * len(texts), labels)
         ]
-        settings = GenerationSettings(max_new_tokens=self.max_new_tokens(tokenizer))
+        settings = settings or GenerationSettings()
+        if not settings.max_new_tokens:  # 0: enough for the longest label name
+            settings = dataclasses.replace(settings, max_new_tokens=self.max_new_tokens(tokenizer))
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         new = generate_ids(model, tokenizer, encoded, settings)
         out = []
         with torch.no_grad():
             for ids, gen in zip(encoded, new, strict=True):
+                gen = until_eos(gen, tokenizer.eos_token_id)  # a batch pads the rows that ended first
                 full = torch.tensor([ids + gen])
                 logp = torch.log_softmax(model(input_ids=full).logits[0, len(ids) - 1 : -1].float(), -1)
                 score = float(logp.gather(1, torch.tensor(gen).unsqueeze(1)).sum().exp()) if gen else 0.0
