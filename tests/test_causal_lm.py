@@ -285,3 +285,25 @@ def test_long_texts_are_cut_to_fit_the_answer_and_a_too_short_max_length_gets_on
     assert tok.decode(batch["input_ids"][1]).count("the calm film was good") == 1  # a short text is left whole
     with pytest.raises(FedHFDataError, match=r"config key 'data.max-length': 12 tokens hold the instruction"):
         task.make_loader({"text": ["x"], "label": [0]}, tok, 12, 2, False)
+
+
+def test_train_loss_on_all_labels_the_prompt_too_and_is_refused_for_classifiers(tiny) -> None:
+    from fedhf.config.schema import parse_config
+    from fedhf.errors import FedHFConfigError
+
+    _, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    task = C.CausalLM(["negative", "positive"])
+    ds = {"text": CORPUS[:6], "label": [0, 1, 0, 1, 0, 1]}
+    for response_only in (True, False):
+        batch = next(iter(task.make_loader(ds, tok, 300, 6, shuffle=False, response_only=response_only)))
+        real = batch["attention_mask"].bool()
+        counted = (batch["labels"] != C.IGNORE) & real
+        prompt = torch.arange(batch["labels"].shape[1]) < batch["prompt_len"].unsqueeze(1)
+        if response_only:  # the answer's tokens only
+            assert not (counted & prompt).any() and (counted == (real & ~prompt)).all()
+        else:  # every real token, the prompt's included, with its own id as the label
+            assert counted.equal(real) and batch["labels"][real].equal(batch["input_ids"][real])
+    assert parse_config({"model.task": "causal-lm", "train.loss-on": "all"}).train.loss_on == "all"
+    with pytest.raises(FedHFConfigError, match="config key 'train.loss-on': got 'all' under model.task"):
+        parse_config({"train.loss-on": "all"})

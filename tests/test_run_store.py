@@ -242,6 +242,7 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
         "train.optimizer": "adamw",
         "train.momentum": 0.0,
         "train.lr-schedule": "constant",
+        "train.loss-on": "response",
         "transport.dtype": "fp32",
         "strategy.lora-aggregation": "mean",
         "personalization.mode": "none",

@@ -222,6 +222,13 @@ class TrainConfig:
     )
     weight_decay: float = _opt(0.0, "Client weight decay (decoupled for adamw, L2 for sgd).", min=0.0)
     num_threads: int = _opt(1, "Torch CPU threads per client (and for the server's evaluation).", min=1)
+    loss_on: str = _opt(
+        "response",
+        "model.task causal-lm: which tokens the training loss reads: response (the answer only, the usual choice for "
+        "instruction tuning) or all (the prompt as well). The held-out loss and perplexity read the response either "
+        "way.",
+        choices=("response", "all"),
+    )
 
 
 @dataclass(frozen=True)
@@ -748,6 +755,11 @@ def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any
 def _check_cross_field(cfg: FedHFConfig) -> None:
     if cfg.model.task == "causal-lm":
         _check_causal_lm(cfg)
+    elif cfg.train.loss_on != "response":
+        raise FedHFConfigError(
+            f"config key 'train.loss-on': got '{cfg.train.loss_on}' under model.task '{cfg.model.task}', whose "
+            "examples have no prompt and response; it is for model.task 'causal-lm'; leave it at 'response'."
+        )
     elif cfg.audit.canaries:
         raise FedHFConfigError(
             f"config key 'audit.canaries': got {cfg.audit.canaries} under model.task '{cfg.model.task}'; canaries are "

@@ -406,7 +406,9 @@ class Fit:
                 else round_lr(t.lr, t.lr_schedule, self.server_round, cfg.num_server_rounds)
             )
         seed = self.seed + 7_919 * len(self.results)  # each call of a round shuffles differently, reproducibly
-        extra = {"extra_records": self.extra} if self.extra else {}
+        extra: dict[str, Any] = {"extra_records": self.extra} if self.extra else {}
+        if cfg.model.task == "causal-lm":
+            extra["response_only"] = cfg.train.loss_on == "response"
         loader = self.task.make_loader(
             self.train_ds, self.tokenizer, cfg.data.max_length, t.batch_size, shuffle=True, seed=seed, **extra
         )

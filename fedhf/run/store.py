@@ -52,6 +52,7 @@ CONFIG_BEFORE_KEY = {
     "train.optimizer": "adamw",
     "train.momentum": 0.0,
     "train.lr-schedule": "constant",
+    "train.loss-on": "response",
     "transport.dtype": "fp32",
     "strategy.lora-aggregation": "mean",
     "personalization.mode": "none",

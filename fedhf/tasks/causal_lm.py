@@ -566,14 +566,16 @@ class CausalLM:
         seed: int = 0,
         sort_by_length: bool = False,
         extra_records: Sequence[Mapping[str, Any]] = (),
+        response_only: bool = True,
     ) -> DataLoader:
         """Batches of the rows of ``ds`` (``text``, ``label``) phrased as instructions, tokenized once;
-        ``extra_records`` (instruction records, e.g. the audit's canaries) train with them and have class -1."""
+        ``extra_records`` (instruction records, e.g. the audit's canaries) train with them and have class -1;
+        ``response_only``: labels on the answer tokens only (else on the prompt's as well: train.loss-on = all)."""
         names = self._names()
         texts = fit_texts(list(ds["text"]), names, tokenizer, max_length)
         records = classification_records(texts, list(ds["label"]), names) + list(extra_records)
         examples = [to_example(r, "instruction", tokenizer) for r in records]
-        rows = tokenize(examples, tokenizer, max_length) if examples else []
+        rows = tokenize(examples, tokenizer, max_length, response_only=response_only) if examples else []
         classes = [int(y) for y in ds["label"]] + [-1] * len(extra_records)
         for row, y in zip(rows, classes, strict=True):
             row["class"] = y
