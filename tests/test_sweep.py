@@ -18,7 +18,7 @@ from fedhf.errors import FedHFConfigError
 
 from .conftest import REPO, synthetic_rows, write_tsv
 
-GROUPS = ("noniid", "privacy", "languages", "communication", "audit")
+GROUPS = ("noniid", "privacy", "languages", "communication", "audit", "generative")
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -103,6 +103,27 @@ def test_groups_compare_like_with_like():
     assert af["dp"].privacy.target_epsilon <= 8 and af["overfit"].privacy.mode == "none"
 
 
+def test_the_generative_group_compares_like_with_like_on_its_own_tiny_model(tmp_path):
+    gen = load_group("generative", REPO / "experiments")
+    assert gen.tiny_model is not None and gen.tiny_model.dataset == "ag_news"
+    f = {r.name: parse_config(gen.flat_config(r, False)) for r in gen.runs}
+    clients = {r.name: r.num_clients for r in gen.runs}
+    assert {c.model.task for c in f.values()} == {"causal-lm"}
+    # federated and dp: the same rows, rounds and canaries; they differ in the privacy (and its DP defaults)
+    fed, dp, local = f["federated"], f["dp"], f["local-only"]
+    assert (fed.data, fed.num_server_rounds, fed.audit) == (dp.data, dp.num_server_rounds, dp.audit)
+    assert fed.privacy.mode == "none" and dp.privacy.sample_level and dp.privacy.target_epsilon == 8.0
+    assert fed.audit.canaries > 0 and local.audit.canaries == 0
+    # local-only: one client's rows (the federated clients' share), the same rounds, epochs and lr
+    assert local.data.max_train_examples * clients["federated"] == fed.data.max_train_examples
+    assert (local.num_server_rounds, local.train) == (fed.num_server_rounds, fed.train)
+    # every run trains the group's tiny model: the sweep sets model.name to it
+    from fedhf.analysis.experiments import _run_settings
+
+    _, sets = _run_settings(gen, gen.runs[0], tmp_path, False)
+    assert sets["model.name"] == str((tmp_path / "tiny-model").resolve())
+
+
 def test_unknown_key_in_an_experiment_file_is_refused_before_any_run(tmp_path):
     g = tmp_path / "bad"
     g.mkdir()
@@ -129,6 +150,14 @@ def test_unknown_key_in_an_experiment_file_is_refused_before_any_run(tmp_path):
         (
             '[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n[[targets]]\nkind = "better"\n',
             "target kind 'better'",
+        ),
+        (
+            '[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n[tiny-model]\nfamily = "llama"\n',
+            "[tiny-model] needs 'dataset'",
+        ),
+        (
+            '[[runs]]\nname = "a"\nconfig = "a.toml"\nnum-clients = 2\n[tiny-model]\ndataset = "x"\nwidth = 3\n',
+            "[tiny-model] takes the keys",
         ),
     ],
 )
