@@ -447,6 +447,7 @@ def _record_data(
             preset=preset.name if preset else None,
             license=preset.license if preset else None,
             citation=preset.citation if preset else None,
+            format=data.format,
         )
     )
     if num_partitions and resume is None:
@@ -498,12 +499,11 @@ def _central_evaluation(
     """After every round: evaluate the global adapter on the central rows, record the round, checkpoint it."""
     task = get_task(cfg.model.task, label_names)
     loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
-    samples: list[str] = []  # the fixed prompts each round answers (a generative task, model.sample-prompts)
-    if cfg.model.task == "causal-lm" and cfg.model.sample_prompts:
-        prompts = task.sample_prompts(eval_ds, cfg.model.sample_prompts)
-        samples = [p["text"] for p in prompts]
+    samples = None  # the fixed central rows each round answers (a generative task, model.sample-prompts)
+    if cfg.model.task == "causal-lm" and cfg.model.sample_prompts and len(eval_ds):
+        samples = eval_ds.select(range(min(cfg.model.sample_prompts, len(eval_ds))))
         if not resumed:
-            recorder.set_sample_prompts(prompts)
+            recorder.set_sample_prompts(task.sample_prompts(samples, len(samples)))
 
     def central_evaluate(server_round: int, arrays: dict[str, torch.Tensor]) -> dict[str, float] | None:
         server_round += done_before
@@ -512,7 +512,7 @@ def _central_evaluation(
         t0 = time.perf_counter()
         set_adapter_state(model, arrays)
         res = task.evaluate(model, loader, len(label_names))
-        generations = task.generations(model, tokenizer, samples, cfg.data.max_length) if samples else None
+        generations = task.generations(model, tokenizer, samples, cfg.data.max_length) if samples is not None else None
         row = recorder.end_round(
             server_round,
             {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1},

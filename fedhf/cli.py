@@ -323,6 +323,32 @@ def _adapter_text(cfg: FedHFConfig) -> str:
     }[cfg.model.adapter]
 
 
+def _check_records(cfg: FedHFConfig, data: Any, parts: Any, tokenizer: Any) -> None:
+    """Every client's rows and the central rows tokenize into (prompt, response) with a response to learn, within
+    data.max-length: the errors a client would hit in round 1, said before the run (tokenizing is quick)."""
+    from fedhf.data.partitions import central_eval_set
+    from fedhf.tasks.base import get_task
+
+    if cfg.audit.canaries:
+        raise FedHFConfigError(
+            f"config key 'audit.canaries': data.format '{data.format}' runs cannot be audited for canaries yet (fedhf "
+            "audit measures them on labelled runs); set audit.canaries=0."
+        )
+    task = get_task(cfg.model.task, [])
+    for pid, (train, local_eval) in enumerate(parts.parts):
+        for what, ds in (("training", train), ("local eval", local_eval)):
+            if ds is None or not len(ds):
+                continue
+            try:
+                task.make_loader(ds, tokenizer, cfg.data.max_length, 64, shuffle=False)
+            except FedHFError as exc:
+                raise type(exc)(f"client {pid}'s {what} rows: {exc}") from None
+    try:
+        task.make_loader(central_eval_set(data, cfg.data, cfg.seed), tokenizer, cfg.data.max_length, 64, shuffle=False)
+    except FedHFError as exc:
+        raise type(exc)(f"the central eval rows: {exc}") from None
+
+
 def _check_canaries(cfg: FedHFConfig, num_clients: int, stats: list[dict[str, Any]], resolved: str) -> dict[int, int]:
     """audit.canaries checked before the run: a client that exists and has the rows, and a tokenizer that writes
     every digit (else each secret is the same unknown token and no exposure can be measured). Returns the canary
@@ -385,7 +411,9 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"{cfg.train.local_epochs} local epoch(s) each",
         f"  data     {d.dataset}: {train_rows + local_eval:,} rows over {num_clients} clients ({d.partitioner}; "
         f"{train_rows:,} train, {local_eval:,} local eval), {eval_rows:,} central eval rows; "
-        f"labels {', '.join(data.label_names)}",
+        f"labels {', '.join(data.label_names)}"
+        if data.format == "labels"
+        else f"{data.format} records",
         f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}",
         f"  privacy  {privacy}",
         *_dp_defaults_line(cfg),
@@ -461,7 +489,11 @@ def _preflight(
         if cfg.target_modules != ["auto"]:  # auto: the family's attention projections
             check_lora_targets(model_config, cfg.target_modules)
 
-        fit_texts(["x"], data.label_names, load_tokenizer(resolved), cfg.data.max_length)  # the template fits
+        tokenizer = load_tokenizer(resolved)
+        if data.format == "labels":
+            fit_texts(["x"], data.label_names, tokenizer, cfg.data.max_length)  # the template fits
+        else:
+            _check_records(cfg, data, parts, tokenizer)
     canary_rows = _check_canaries(cfg, num_clients, parts.stats(), resolved)
     if not resumed:
         for line in _plan_lines(cfg, num_clients, data, parts, resolved):
@@ -524,7 +556,8 @@ def partitions(
     except FedHFError as exc:
         _fail(str(exc))
     typer.echo(
-        f"dataset {cfg.data.dataset}: {len(data.train)} training rows, labels {data.label_names}; "
+        f"dataset {cfg.data.dataset}: {len(data.train)} training rows, "
+        f"{f'labels {data.label_names}' if data.format == 'labels' else f'{data.format} records'}; "
         f"partitioner {cfg.data.partitioner}, {num_clients} clients, seed {cfg.seed}"
     )
     typer.echo(format_stats(parts.stats(), data.label_names))
@@ -587,7 +620,7 @@ def node_check(
         node = node_of(nc, 0)
         if node.data_path is not None:
             names = split_list(labels)
-            if len(names) < 2:
+            if len(names) < 2 and not (cfg.model.task == "causal-lm" and not names):  # none: a records silo
                 raise FedHFConfigError(
                     "--labels: a silo is checked against the federation's label names; give at "
                     "least two, e.g. --labels negative,positive."
@@ -827,9 +860,12 @@ def predict(
             )
     except FedHFError as exc:
         _fail(str(exc))
+
+    def one_line(text: str) -> str:  # one line per input: newlines and tabs escaped
+        return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
     for t, (label, prob) in zip(texts, adapter.predict(texts, generation), strict=True):
-        answer = label.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")  # one line per input
-        typer.echo(f"{answer}\t{prob:.4f}\t{t}")
+        typer.echo(f"{one_line(label)}\t{prob:.4f}\t{one_line(t)}")
 
 
 def _generation_options(max_new_tokens: int | None, sample: bool, temperature: float, top_p: float, seed: int) -> Any:

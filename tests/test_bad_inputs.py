@@ -17,7 +17,7 @@ import pytest
 
 from fedhf.tasks.tiny_lm import write_tiny_causal_lm
 
-from .conftest import cli_env, synthetic_rows, write_tsv
+from .conftest import cli_env, synthetic_rows, write_jsonl, write_tsv
 
 pytestmark = pytest.mark.slow  # about 40 fedhf processes and one short federation
 
@@ -78,6 +78,13 @@ def corpus(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     (root / "nodes-id.toml").write_text("[nodes.7]\nmax-epsilon = 2.0\n")
     (root / "nodes-value.toml").write_text('[default]\nmin-privacy = "strong"\n')
     (root / "nodes-no-canaries.toml").write_text("[nodes.0]\nallow-canaries = false\n")
+    instructions = [
+        {"instruction": "Label the sentiment.", "input": r["text"], "output": r["label"]} for r in synthetic_rows(40)
+    ]
+    write_jsonl(root / "inst" / "train.jsonl", instructions)
+    write_jsonl(root / "inst" / "test.jsonl", instructions[:10])
+    write_jsonl(root / "inst-empty" / "train.jsonl", [{**r, "output": "" if i == 5 else r["output"]}
+                                                       for i, r in enumerate(instructions)])  # fmt: skip
     (root / "occupied" / "someone-elses").mkdir(parents=True)
     (root / "occupied" / "someone-elses" / "notes.txt").write_text("not a run")
 
@@ -193,6 +200,26 @@ CASES = {
     "causal-lora-on-lm-head": (
         [*CAUSAL, "--set", "data.max-length=160", "--set", "model.lora.target-modules=q_proj,lm_head"],
         "'lm_head' is the LM head, tied to the input embeddings",
+    ),
+    "causal-records-without-the-fields": (
+        [*CAUSAL, "--set", "data.format=instruction"],
+        "data.format 'instruction' needs the column(s) instruction, output",
+    ),
+    "causal-records-no-response": (
+        [*CAUSAL[:-2], "--set", "data.dataset={root}/inst-empty"],
+        "leaves no prompt or no response to learn",
+    ),
+    "causal-records-by-label": (
+        [*CAUSAL[:-2], "--set", "data.dataset={root}/inst", "--set", "data.partitioner=pathological"],
+        "'pathological' splits the rows by label",
+    ),
+    "causal-records-max-length-below-prompt": (
+        [*CAUSAL[:-2], "--set", "data.dataset={root}/inst", "--set", "data.max-length=8"],
+        "client 0's training rows: config key 'data.max-length'",
+    ),
+    "causal-records-canaries": (
+        [*CAUSAL[:-2], "--set", "data.dataset={root}/inst", "--set", "audit.canaries=2"],
+        "config key 'audit.canaries': data.format 'instruction'",
     ),
     "causal-max-length-below-prompt": ([*CAUSAL, "--set", "data.max-length=16"], "config key 'data.max-length'"),
     # command-line arguments

@@ -16,7 +16,7 @@ import pytest
 from fedhf.tasks import causal_lm as C
 from fedhf.tasks.tiny_lm import write_tiny_causal_lm
 
-from .conftest import REPO, write_tsv
+from .conftest import REPO, write_jsonl, write_tsv
 from .test_e2e import _env, fedhf_run
 
 pytestmark = pytest.mark.slow
@@ -158,3 +158,48 @@ def test_canaries_one_client_trained_on_are_exposed_by_fedhf_audit(setup, tmp_pa
     card = (out / "canary" / "hub" / "README.md").read_text()
     assert "Canary audit: client 0 trained on 3 random 9-digit secret(s)" in card
     assert f"**{result['mean_exposure']:.2f} bits**" in card
+
+
+def test_instruction_records_one_client_per_task_type_learn_and_are_scored_by_exact_match(setup, tmp_path) -> None:
+    """data.format instruction (auto-detected from JSONL columns), natural partitioning by a category column."""
+    model, _ = setup
+
+    def records(n: int, seed: int) -> list[dict]:
+        out = []
+        for i, r in enumerate(rows(n, seed)):
+            if i % 3:
+                out.append({"instruction": C.instruction_for(["negative", "positive"]), "input": r["text"],
+                            "output": r["label"], "category": "sentiment"})  # fmt: skip
+            else:
+                out.append({"instruction": "Say the last word.", "input": r["text"], "output": r["text"].split()[-1],
+                            "category": "echo"})  # fmt: skip
+        return out
+
+    data = tmp_path / "instructions"
+    write_jsonl(data / "train.jsonl", records(300, 1))
+    write_jsonl(data / "test.jsonl", records(60, 2))
+    out = tmp_path / "out"
+    run = fedhf_run(
+        data, out, "inst", *args(model, data), "--set", "data.partitioner=natural",
+        "--set", "data.partition-column=category", "--set", "train.local-epochs=3", "--set", "train.lr=0.01",
+    )  # fmt: skip
+    assert run["dataset"]["format"] == "instruction" and run["dataset"]["label_names"] == []
+    assert sorted(p["natural_id"] for p in run["partitions"]) == ["echo", "sentiment"]
+    assert "instruction records" in run["_stderr"] + run["_stdout"]
+    first, last = run["rounds"][0], run["rounds"][-1]
+    assert first["eval_accuracy"] == 0.0 and last["eval_accuracy"] >= 0.4 and last["eval_loss"] < first["eval_loss"] / 3
+    assert last["eval_f1"] >= last["eval_accuracy"]  # token F1 credits an exact match fully, and partial ones too
+    test_rows = {(r["instruction"] + "\n\n" + r["input"]): r["output"] for r in records(60, 2)}
+    assert all(test_rows[p["text"]] == p["answer"] for p in run["sample_prompts"])
+    card = (out / "inst" / "hub" / "README.md").read_text()
+    assert "| eval exact match | eval token F1 |" in card and "answering instructions like the training data" in card
+    assert "label_names" not in card.split("## How to use")[1].split("## Intended")[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "audit", str(out / "inst")],
+        capture_output=True, text=True, env=_env(data), timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "labelled runs only" in proc.stderr
+    said = predict(
+        data, out / "inst", "--text", C.instruction_for(["negative", "positive"]) + "\n\nthe plot was superb"
+    )
+    assert len(said) == 1 and said[0].split("\t")[2].endswith("\\n\\nthe plot was superb")

@@ -234,6 +234,7 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
     assert record.config == old["config"]  # as recorded: what config_sha256 hashes
     config = record.settings
     assert {k: config[k] for k in CONFIG_BEFORE_KEY} == {
+        "data.format": "labels",
         "model.task": "text-classification",
         "model.pooling": "cls",
         "model.adapter": "lora",

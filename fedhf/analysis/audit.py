@@ -251,6 +251,12 @@ def audit_run(
     if not 10 <= candidates <= 100_000:
         raise FedHFRunError(f"audit: --candidates {candidates} must be in 10..100000 (1000 measures up to 9.97 bits).")
     run = load_finished_run(run_dir, "audit")
+    fmt = run.dataset.format if run.dataset else None
+    if fmt not in (None, "labels"):
+        raise FedHFRunError(
+            f"audit: '{run_dir}' was trained on data.format '{fmt}' records; fedhf audit measures labelled runs only "
+            "so far (its membership inference matches members and non-members by label)."
+        )
     if record:  # the audit is written into run.json and hub/: only into a run folder fedhf made
         check_run_folder(Path(run_dir), "audit")
     members, non, where = audit_sets(run, non_members_file)

@@ -96,6 +96,14 @@ class DataConfig:
     )
     text_column: str = _opt("", "Text column; empty = auto-detect (sentence, text, tweet, content, review, ...).")
     label_column: str = _opt("", "Label column; empty = auto-detect (label, labels, sentiment, category, ...).")
+    format: str = _opt(
+        "auto",
+        "What a row is (model.task causal-lm; text-classification always reads labels): labels (a text and a label, "
+        "phrased as an instruction that lists the labels), instruction (columns instruction, optional input, "
+        "output), messages (a chat column whose last turn is the assistant's answer); auto: messages, then "
+        "instruction + output, else labels, by the dataset's columns. Plain text is not supported yet.",
+        choices=("auto", "labels", "instruction", "messages"),
+    )
     partitioner: str = _opt("iid", "How the training rows are split over clients.", choices=PARTITIONERS)
     dirichlet_alpha: float = _opt(
         0.5,
@@ -699,6 +707,9 @@ def parse_config(flat: Mapping[str, Any] | None = None, *, ignore_unknown: bool 
             values[path] = choice[private and not keep_plain]
     task = values[SPEC_BY_KEY["model.task"].path]
     causal = task == "causal-lm"
+    fmt = SPEC_BY_KEY["data.format"].path
+    if not causal and values[fmt] == "auto":
+        values[fmt] = "labels"  # a classifier reads labels; causal-lm resolves auto from the dataset's columns
     name = SPEC_BY_KEY["model.name"].path
     if str(values[name]).strip() in ("", "auto"):
         values[name] = DEFAULT_MODELS[task]
@@ -755,6 +766,11 @@ def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any
 def _check_cross_field(cfg: FedHFConfig) -> None:
     if cfg.model.task == "causal-lm":
         _check_causal_lm(cfg)
+    elif cfg.data.format != "labels":
+        raise FedHFConfigError(
+            f"config key 'data.format': got '{cfg.data.format}' under model.task '{cfg.model.task}', which learns from "
+            "labelled texts; records of that shape are for model.task 'causal-lm'; leave data.format unset."
+        )
     elif cfg.train.loss_on != "response":
         raise FedHFConfigError(
             f"config key 'train.loss-on': got '{cfg.train.loss_on}' under model.task '{cfg.model.task}', whose "

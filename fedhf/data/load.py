@@ -22,6 +22,7 @@ import datasets
 from fedhf._io import sha256_file
 from fedhf.config.env import hub_offline
 from fedhf.config.schema import DataConfig, split_list
+from fedhf.data.records import check_columns, normalise_records
 from fedhf.errors import FedHFDataError
 
 log = logging.getLogger("fedhf")
@@ -104,6 +105,7 @@ class LoadedData:
     preset: Preset | None = None
     partition_column: str = ""
     label_ids: tuple[int, ...] = ()  # the file's integer label of each id, when the labels were bare ids (GLUE's files)
+    format: str = "labels"  # data.format as resolved: labels (text, label) or a record format (fedhf.data.records)
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,6 +133,13 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
         raw_train, raw_eval, source = load_local(name)
     else:
         raw_train, raw_eval, source = _load_hub(name, None)
+    fmt = resolve_format(cfg, raw_train.column_names, preset)
+    if fmt != "labels":
+        part_col = cfg.partition_column
+        train = normalise_records(raw_train, fmt, part_col, "train")
+        eval_ds = normalise_records(raw_eval, fmt, part_col, "eval") if raw_eval is not None else None
+        source["format"] = fmt
+        return LoadedData(train, eval_ds, [], source, preset, part_col, (), fmt)
     text_col = (
         cfg.text_column
         or (preset.text_column if preset else "")
@@ -160,6 +169,30 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
     eval_ds = normalise(raw_eval, text_col, label_col, to_id, part_col, "eval") if raw_eval is not None else None
     source.update({"text_column": text_col, "label_column": label_col})
     return LoadedData(train, eval_ds, label_names, source, preset, part_col, label_ids)
+
+
+def resolve_format(cfg: DataConfig, columns: list[str], preset: Preset | None) -> str:
+    """``data.format``, with ``auto`` read from the training split's columns: messages, then instruction + output,
+    else labels (a preset, or a label column). A classifier's config always says labels (fedhf.config.schema)."""
+    fmt = cfg.format
+    if fmt != "auto":
+        if fmt != "labels":
+            check_columns(columns, fmt)
+        return fmt
+    if preset is not None:
+        return "labels"
+    if "messages" in columns:
+        return "messages"
+    if {"instruction", "output"} <= set(columns):
+        return "instruction"
+    lower = {c.lower() for c in columns}
+    if cfg.label_column or any(c in lower for c in LABEL_CANDIDATES):
+        return "labels"
+    raise FedHFDataError(
+        f"data.format 'auto': the dataset's columns ({', '.join(sorted(columns)) or 'none'}) are none of model.task "
+        "causal-lm's formats: 'messages' (chats), 'instruction' + 'output' (+ optional 'input'), or a text and a "
+        "label column; rename the columns, or set data.format (and data.text-column, data.label-column)."
+    )
 
 
 def label_ids_onto(values: Iterable[Any], names: Sequence[str]) -> tuple[dict[Any, int], list[Any]]:

@@ -45,7 +45,9 @@ class Partitions:
                 "partition_id": pid,
                 "train_examples": len(train),
                 "eval_examples": len(local_eval) if local_eval is not None else 0,
-                "label_histogram": label_histogram(train["label"], len(self.label_names)),
+                "label_histogram": (
+                    label_histogram(train["label"], len(self.label_names)) if "label" in train.column_names else []
+                ),
             }
             if self.natural_ids:
                 row["natural_id"] = self.natural_ids[pid]
@@ -112,6 +114,12 @@ def make_partitions(data: LoadedData, cfg: DataConfig, seed: int, num_partitions
         )
     natural_ids = None
     kind = cfg.partitioner
+    if kind in ("dirichlet", "inner-dirichlet", "pathological") and data.format != "labels":
+        raise FedHFDataError(
+            f"config key 'data.partitioner': '{kind}' splits the rows by label, and records of data.format "
+            f"'{data.format}' have none; use 'iid', or 'natural' with data.partition-column (e.g. one client per "
+            "task type)."
+        )
     try:
         if kind == "iid":
             part = IidPartitioner(num_partitions=num_partitions)

@@ -17,8 +17,10 @@ from fedhf.data.load import (
     label_ids_onto,
     load_local,
     normalise,
+    resolve_format,
 )
 from fedhf.data.partitions import split_local
+from fedhf.data.records import normalise_records
 from fedhf.errors import FedHFDataError
 
 
@@ -74,6 +76,8 @@ def _silo_cached(
             "check the file's format and permissions.",
             public=f"node config 'data-path' could not be read ({type(exc).__name__}).",
         ) from None
+    if not label_names:  # a federation of instruction or chat records (model.task causal-lm): no labels to map
+        return _records_silo(cfg, raw_train, raw_eval, seed, where)
     text_col = cfg.text_column or detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
     label_col = cfg.label_column or detect(raw_train, LABEL_CANDIDATES, "label", "data.label-column")
     values = set(raw_train.unique(label_col)) | (
@@ -97,3 +101,32 @@ def _silo_cached(
         return train, normalise(raw_eval, text_col, label_col, to_id, "", "eval"), names
     local_train, local_eval = split_local(train.shuffle(seed=seed).flatten_indices(), cfg.local_eval_fraction, seed)
     return local_train, local_eval, names
+
+
+def _records_silo(
+    cfg: DataConfig, raw_train: datasets.Dataset, raw_eval: datasets.Dataset | None, seed: int, where: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+    """A silo's instruction or chat records (``fedhf.data.records``), their format read from its own columns."""
+    try:
+        fmt = resolve_format(cfg, raw_train.column_names, None)
+    except FedHFDataError as exc:
+        raise FedHFDataError(f"{where}: {exc}", public=f"node config 'data-path': {exc}") from None
+    if fmt == "labels":
+        msg = (
+            "node config 'data-path': the federation trains on instruction or chat records, and this silo holds "
+            "labelled texts; give the silo 'instruction' + 'output' columns or a 'messages' column."
+        )
+        raise FedHFDataError(msg, public=msg)
+    try:
+        train = normalise_records(raw_train, fmt, "", "train")
+        local_eval = normalise_records(raw_eval, fmt, "", "eval") if raw_eval is not None else None
+    except FedHFDataError as exc:  # counts and column names only, no row text
+        raise FedHFDataError(f"{where}: {exc}", public=f"node config 'data-path': {exc}") from None
+    if len(train) == 0:
+        raise FedHFDataError(
+            f"{where} holds no training rows.", public="node config 'data-path' holds no training rows."
+        )
+    if local_eval is not None:
+        return train, local_eval, []
+    local_train, local_eval = split_local(train.shuffle(seed=seed).flatten_indices(), cfg.local_eval_fraction, seed)
+    return local_train, local_eval, []

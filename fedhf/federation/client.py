@@ -311,7 +311,7 @@ def train_round(
         weight=weight,
         num_examples=n,
         loss=result.loss,
-        histogram=label_histogram(train_ds["label"], len(names)),
+        histogram=label_histogram(train_ds["label"], len(names)) if "label" in train_ds.column_names else [],
         tokens=result.tokens,
         train_seconds=result.seconds,
         handler_seconds=time.perf_counter() - t0,

@@ -186,9 +186,10 @@ def _ranks_text(run: RunRecord) -> str | None:
     return ", ".join(f"client {pid}: r {rank}" for pid, rank in sorted(ranks.items()))
 
 
-def _head_text(cfg: dict[str, Any], pooling: str) -> str:
+def _head_text(cfg: dict[str, Any], pooling: str, records: bool = False) -> str:
     if cfg.get("model.task") == "causal-lm":
-        return "no classification head: the model's own LM head (frozen) generates the label's name"
+        what = "the answer" if records else "the label's name"
+        return f"no classification head: the model's own LM head (frozen) generates {what}"
     return _POOLING_TEXT[pooling]
 
 
@@ -626,9 +627,11 @@ def _span(values: list[int]) -> str:
     return f"{min(values)}" if min(values) == max(values) else f"{min(values)} to {max(values)}"
 
 
-def _rounds_table(run: RunRecord) -> str:
+def _rounds_table(run: RunRecord, records: bool = False) -> str:
+    """Per round: losses and the central metrics (records: exact match and token F1 of the greedy answers)."""
+    metrics = "eval exact match | eval token F1" if records else "eval accuracy | eval macro-F1"
     rows = [
-        "| round | train loss | eval loss | eval accuracy | eval macro-F1 | clients trained |",
+        f"| round | train loss | eval loss | {metrics} | clients trained |",
         "|---|---|---|---|---|---|",
     ]
     for r in run.rounds:
@@ -659,6 +662,7 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
         tags.append("opacus")
     final = run.final
     eval_name = display_name(run)
+    records = (ds.format or "labels") != "labels"  # instruction or chat records (data.format)
     results = [
         EvalResult(
             task_type=task.pipeline_tag,
@@ -670,7 +674,11 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
             metric_name=name,
             metric_value=float(value),
         )
-        for metric, name, value in (("accuracy", "Accuracy", final.eval_accuracy), ("f1", "Macro F1", final.eval_f1))
+        for metric, name, value in (
+            (("exact_match", "Exact match", final.eval_accuracy), ("f1", "Token F1", final.eval_f1))
+            if records
+            else (("accuracy", "Accuracy", final.eval_accuracy), ("f1", "Macro F1", final.eval_f1))
+        )
     ]
     data = ModelCardData(
         base_model=published_base_model(run),
@@ -681,7 +689,7 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
         license=license_id,
         license_name="research-and-non-commercial-only" if license_id == "other" else None,
         tags=tags,
-        metrics=["accuracy", "f1"],
+        metrics=["exact_match", "f1"] if records else ["accuracy", "f1"],
         model_name=f"fedhf-{run.run_id}",
         eval_results=results,
     )
@@ -746,7 +754,7 @@ exchanged.
 | local training | {local_training} |
 | LoRA | {lora_text} |
 {ranks_row}| training defaults | {_dp_defaults_text(cfg)} |
-| head reads | {_head_text(cfg, pooling)} |
+| head reads | {_head_text(cfg, pooling, records)} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg["transport.dtype"]]} |
 | failures | {_reliability_text(run)} |
 | training rows per client | {_rows_text(run)} |
@@ -769,22 +777,29 @@ exchanged.
 Central evaluation of the global adapter by the server on {ds.central_eval_rows} rows of the evaluation split,
 before training (round 0) and after every round:
 
-{_rounds_table(run)}
+{_rounds_table(run, records)}
 {"".join(f"![{p}](plots/{p})" + chr(10) for p in plots)}{_generations_section(run)}
 ## How to use
 
 ```python
-{task.usage_code(base_model, pooling)}
+{task.usage_code(base_model, pooling, records=True) if records else task.usage_code(base_model, pooling)}
 ```
 
 Or `fedhf predict --model REPO_ID --text "an example sentence"`.
 
 ## Intended use and limitations
 
-Research on federated and private fine-tuning; {len(label_names)}-class classification of text like the training data
-({eval_name}). Not evaluated for any other domain or language, for fairness across groups, or for deployment decisions.
+Research on federated and private fine-tuning; {
+        "answering instructions like the training data"
+        if records
+        else f"{len(label_names)}-class classification of text like the training data"
+    } ({
+        eval_name
+    }). Not evaluated for any other domain or language, for fairness across groups, or for deployment decisions.
 {privacy_note}
-Accuracy is measured on {ds.central_eval_rows} rows and carries sampling error.
+{"Exact match and token F1 are" if records else "Accuracy is"} measured on {
+        ds.central_eval_rows
+    } rows and carries sampling error.
 
 ## Data, licences and citations
 

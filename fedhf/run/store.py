@@ -44,6 +44,7 @@ _ROUND_ENTRIES = ("clients", "failures", "rejected", "refused")
 # old record's config as if it named them (so its card states what it trained with). ``config`` itself stays as
 # recorded: it is what config_sha256 hashes and what a resume checks.
 CONFIG_BEFORE_KEY = {
+    "data.format": "labels",
     "model.task": "text-classification",
     "model.pooling": "cls",
     "model.adapter": "lora",
@@ -97,6 +98,7 @@ class Dataset:
     preset: str | None = _optional()
     license: str | None = _optional()
     citation: str | None = _optional()
+    format: str | None = _optional()  # data.format as resolved from the columns (labels, instruction, messages)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from fedhf.data.records import record_format
 from fedhf.errors import FedHFDataError, FedHFModelError
 from fedhf.tasks.base import EvalResult
 from fedhf.tasks.text_classification import macro_f1
@@ -291,7 +292,7 @@ def collate(rows: Sequence[Mapping[str, list[int]]], pad: int) -> dict[str, torc
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(r["labels"])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    for key in ("prompt_len", "class"):  # what evaluation reads (generation starts after the prompt)
+    for key in ("prompt_len", "class", "row"):  # what evaluation reads (generation starts after the prompt)
         if rows and key in rows[0]:
             batch[key] = torch.tensor([int(r[key]) for r in rows], dtype=torch.long)
     return batch
@@ -518,6 +519,63 @@ def fit_texts(
     return out
 
 
+RECORD_MAX_NEW_TOKENS = 64  # the most tokens evaluation and fedhf predict generate for an instruction record
+
+
+def _columns(ds: Any) -> list[str]:
+    return list(ds.column_names) if hasattr(ds, "column_names") else list(ds)
+
+
+def _rows(ds: Any, fmt: str) -> list[dict[str, Any]]:
+    """The records of a normalised dataset (``fedhf.data.records``) as dicts."""
+    if fmt == "messages":
+        return [{"messages": list(m)} for m in ds["messages"]]
+    extra = ds["input"] if "input" in _columns(ds) else [""] * len(ds["instruction"])
+    return [
+        {"instruction": i, "input": x or "", "output": o}
+        for i, x, o in zip(ds["instruction"], extra, ds["output"], strict=True)
+    ]
+
+
+def _format_of(record: Mapping[str, Any]) -> str:
+    return "messages" if "messages" in record else "text" if "text" in record else "instruction"
+
+
+def answer_of(record: Mapping[str, Any], fmt: str) -> str:
+    """The gold answer of a record: its output, or the chat's last (assistant) turn."""
+    if fmt == "messages":
+        return str(record["messages"][-1]["content"])
+    if fmt == "text":
+        return str(record["text"])
+    return str(record["output"])
+
+
+def question_of(record: Mapping[str, Any], fmt: str) -> str:
+    """What the user asks in a record: instruction and input, or the chat's last user turn."""
+    if fmt == "messages":
+        users = [t["content"] for t in record["messages"][:-1] if t["role"] == "user"]
+        return str(users[-1]) if users else ""
+    extra = record.get("input")
+    return f"{record['instruction']}\n\n{extra}" if extra else str(record["instruction"])
+
+
+def normalize_text(text: str) -> str:
+    """What exact match of a record's answer compares: lower-cased, without punctuation, spacing collapsed."""
+    return re.sub(r"\s+", " ", text.lower().translate(_PUNCT)).strip()
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD's token F1: the harmonic mean of the shared normalized words' precision and recall."""
+    said, want = normalize_text(prediction).split(), normalize_text(gold).split()
+    if not said or not want:
+        return float(said == want)
+    common = sum(min(said.count(w), want.count(w)) for w in set(said))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(said), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
 def answer_ids(generations: Sequence[str], label_names: Sequence[str]) -> torch.Tensor:
     """The label id each generation names by exact match (normalized first line), -1 where it names none."""
     index = {normalize_answer(n): i for i, n in enumerate(label_names)}
@@ -571,6 +629,11 @@ class CausalLM:
         """Batches of the rows of ``ds`` (``text``, ``label``) phrased as instructions, tokenized once;
         ``extra_records`` (instruction records, e.g. the audit's canaries) train with them and have class -1;
         ``response_only``: labels on the answer tokens only (else on the prompt's as well: train.loss-on = all)."""
+        fmt = record_format(_columns(ds))
+        if fmt != "labels":
+            return self._records_loader(
+                ds, fmt, tokenizer, max_length, batch_size, shuffle, seed, sort_by_length, extra_records, response_only
+            )
         names = self._names()
         texts = fit_texts(list(ds["text"]), names, tokenizer, max_length)
         records = classification_records(texts, list(ds["label"]), names) + list(extra_records)
@@ -580,6 +643,32 @@ class CausalLM:
         for row, y in zip(rows, classes, strict=True):
             row["class"] = y
         return make_loader(rows, tokenizer, batch_size, shuffle, seed=seed, sort_by_length=sort_by_length)
+
+    def _records_loader(
+        self,
+        ds: Any,
+        fmt: str,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        sort_by_length: bool,
+        extra_records: Sequence[Mapping[str, Any]],
+        response_only: bool,
+    ) -> DataLoader:
+        """Instruction or chat records (``fedhf.data.records``), each row remembering its gold answer (what exact
+        match and token F1 compare the greedy generation with)."""
+        records = [*_rows(ds, fmt), *extra_records]
+        formats = [fmt] * (len(records) - len(extra_records)) + [_format_of(r) for r in extra_records]
+        examples = [to_example(r, f, tokenizer) for r, f in zip(records, formats, strict=True)]
+        rows = tokenize(examples, tokenizer, max_length, response_only=response_only) if examples else []
+        answers = [answer_of(r, f) for r, f in zip(records, formats, strict=True)]
+        for i, row in enumerate(rows):
+            row["class"], row["row"] = -1, i
+        loader = make_loader(rows, tokenizer, batch_size, shuffle, seed=seed, sort_by_length=sort_by_length)
+        loader.answers = answers
+        return loader
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
@@ -618,6 +707,8 @@ class CausalLM:
 
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
         """Loss per answer token; accuracy and macro-F1 of the greedy answers (exact match with a label's name)."""
+        if hasattr(loader, "answers"):  # records: exact match and token F1 of the greedy answers
+            return self._evaluate_records(model, loader)
         self._names(num_labels)
         tokenizer = loader.tokenizer  # set by make_loader
         total, tokens, pred, truth = self.answers(model, tokenizer, loader)
@@ -627,6 +718,32 @@ class CausalLM:
         return EvalResult(
             total / max(tokens, 1), float((pred == truth).float().mean()), macro_f1(pred, truth, num_labels), n
         )
+
+    @torch.no_grad()
+    def _evaluate_records(self, model: torch.nn.Module, loader: DataLoader) -> EvalResult:
+        """Loss per answer token; accuracy: exact match of the greedy answer with the gold answer (normalized:
+        case, punctuation and spacing); macro_f1: the mean token F1 between them (SQuAD's). Generation stops at
+        the longest gold answer's length plus one token, at most RECORD_MAX_NEW_TOKENS."""
+        model.eval()
+        tokenizer = loader.tokenizer
+        longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in loader.answers), default=1)
+        settings = GenerationSettings(max_new_tokens=min(longest + 1, RECORD_MAX_NEW_TOKENS))
+        total, tokens, hits, f1s, n = 0.0, 0, 0.0, 0.0, 0
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            summed, counted = token_losses(logits, batch["labels"])
+            total += float(summed.sum())
+            tokens += int(counted.sum())
+            prompts = [row[: int(k)].tolist() for row, k in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
+            new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
+            for ids, i in zip(new, batch["row"].tolist(), strict=True):
+                said, gold = tokenizer.decode(ids, skip_special_tokens=True), loader.answers[i]
+                hits += float(normalize_text(said) == normalize_text(gold))
+                f1s += token_f1(said, gold)
+                n += 1
+        if n == 0:
+            return EvalResult(0.0, 0.0, 0.0, 0)
+        return EvalResult(total / max(tokens, 1), hits / n, f1s / n, n)
 
     def per_example_loss(
         self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int
@@ -651,15 +768,28 @@ class CausalLM:
         return torch.cat(losses)[back], torch.cat(preds)[back]
 
     def sample_prompts(self, ds: Any, k: int) -> list[dict[str, str]]:
-        """The first ``k`` rows of ``ds`` (``text``, ``label``) as (text, answer): the fixed prompts whose
-        generations a run records after every round (``model.sample-prompts``)."""
-        names = self._names()
+        """The first ``k`` rows of ``ds`` as (text, answer): the fixed prompts whose generations a run records after
+        every round (``model.sample-prompts``). A record's text is what its user asks (instruction and input, or
+        the last user turn)."""
         n = min(k, len(ds))
+        fmt = record_format(_columns(ds))
+        if fmt != "labels":
+            return [{"text": question_of(r, fmt), "answer": answer_of(r, fmt)} for r in _rows(ds, fmt)[:n]]
+        names = self._names()
         return [{"text": str(t), "answer": names[int(y)]} for t, y in zip(ds["text"][:n], ds["label"][:n], strict=True)]
 
-    def generations(self, model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int) -> list[str]:
-        """The greedy answer generated for each text (its instruction prompt), as generated (special tokens cut)."""
-        return [answer for answer, _ in self.predict(model, tokenizer, self._names(), texts, max_length)]
+    def generations(self, model: torch.nn.Module, tokenizer: Any, ds: Any, max_length: int) -> list[str]:
+        """The greedy answer generated for each row of ``ds`` (prompted as in training), special tokens cut."""
+        fmt = record_format(_columns(ds))
+        if fmt == "labels":
+            texts = list(ds["text"])
+            return [answer for answer, _ in self.predict(model, tokenizer, self._names(), texts, max_length)]
+        records = _rows(ds, fmt)
+        longest = max(len(tokenizer(answer_of(r, fmt), add_special_tokens=False)["input_ids"]) for r in records)
+        settings = GenerationSettings(max_new_tokens=min(longest + 1, RECORD_MAX_NEW_TOKENS))
+        encoded = [encode_prompt(tokenizer, prompt_of(r, fmt, tokenizer))[-max_length:] for r in records]
+        new = generate_ids(model, tokenizer, encoded, settings)
+        return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
     def predict(
         self,
@@ -672,13 +802,16 @@ class CausalLM:
     ) -> list[tuple[str, float]]:
         """Each text's answer (greedy, enough tokens for a label's name, unless ``settings`` say otherwise) and the
         probability the model gives the generated tokens."""
-        fitted = fit_texts(texts, labels, tokenizer, max_length)
-        prompts = [
-            prompt_of(r, "instruction", tokenizer) for r in classification_records(fitted, [0] * len(texts), labels)
-        ]
-        settings = settings or GenerationSettings()
-        if not settings.max_new_tokens:  # 0: enough for the longest label name
-            settings = dataclasses.replace(settings, max_new_tokens=self.max_new_tokens(tokenizer))
+        if labels:
+            fitted = fit_texts(texts, labels, tokenizer, max_length)
+            records = classification_records(fitted, [0] * len(texts), labels)
+        else:  # an adapter tuned on instruction or chat records: each text is what the user asks
+            records = [{"instruction": t} for t in texts]
+        prompts = [prompt_of(r, "instruction", tokenizer) for r in records]
+        settings = settings or GenerationSettings(max_new_tokens=0)
+        if not settings.max_new_tokens:  # 0: enough for the longest label name (records: RECORD_MAX_NEW_TOKENS)
+            default = self.max_new_tokens(tokenizer) if labels else RECORD_MAX_NEW_TOKENS
+            settings = dataclasses.replace(settings, max_new_tokens=default)
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         new = generate_ids(model, tokenizer, encoded, settings)
         out = []
@@ -693,9 +826,29 @@ class CausalLM:
 
     def describe(self, label_names: list[str] | None = None) -> str:
         names = label_names or self.label_names
+        if not names:
+            return "text generation: a causal LM tuned to answer instructions (instruction or chat records)"
         return f"text generation: a causal LM that answers with one of {len(names)} labels ({', '.join(names)})"
 
-    def usage_code(self, base_model: str | None, pooling: str = "cls") -> str:
+    def usage_code(self, base_model: str | None, pooling: str = "cls", records: bool = False) -> str:
+        if records:  # tuned on instruction or chat records: the user's text is the instruction
+            return f"""from huggingface_hub import snapshot_download
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
+base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")
+model = PeftModel.from_pretrained(base, path).eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+instruction = "an example instruction"
+if tokenizer.chat_template:  # the prompt the adapter was trained on
+    messages = [{{"role": "user", "content": instruction}}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+else:
+    prompt = f"### Instruction:\\n{{instruction}}\\n\\n### Response:\\n"
+inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
         return f"""import json
 
 from huggingface_hub import snapshot_download

@@ -1,0 +1,94 @@
+"""Instruction and chat records (``data.format`` instruction or messages, model.task causal-lm): their columns
+checked and normalised once, as the data stage loads them. No torch.
+
+After loading, an instruction dataset has the string columns ``instruction``, ``input`` ("" where the file has
+none) and ``output``; a chat dataset has ``messages``, a list of ``{"role", "content"}`` whose last turn is the
+assistant's. The natural partition column is kept when there is one. Errors name the column, the count and the fix,
+never a row's text (they may leave a data owner's node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+
+from fedhf.errors import FedHFDataError
+
+RECORD_FORMATS = ("instruction", "messages")
+REQUIRED = {"instruction": ("instruction", "output"), "messages": ("messages",)}
+ROLES = ("system", "user", "assistant")
+
+
+def check_columns(columns: Sequence[str], fmt: str, split: str = "train") -> None:
+    """Raise unless a ``split`` with ``columns`` has the fields of record format ``fmt``."""
+    missing = [c for c in REQUIRED[fmt] if c not in columns]
+    if missing:
+        raise FedHFDataError(
+            f"data.format '{fmt}' needs the column(s) {', '.join(missing)}, which the {split} split lacks (it has "
+            f"{', '.join(sorted(columns)) or 'none'}); rename its columns or set data.format to the records' shape."
+        )
+
+
+def _chat_problem(messages: Any) -> str | None:
+    """What is wrong with one chat (no text of it), or None."""
+    if not isinstance(messages, list) or not messages:
+        return "not a non-empty list of turns"
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            return "a turn without a string 'content'"
+        if turn.get("role") not in ROLES:
+            return f"a turn whose role is not one of {', '.join(ROLES)}"
+    if messages[-1]["role"] != "assistant":
+        return "a last turn that is not the assistant's (the answer the model learns)"
+    if not messages[-1]["content"].strip():
+        return "an empty answer"
+    if len(messages) < 2:
+        return "no turn before the answer"
+    return None
+
+
+def normalise_records(ds: datasets.Dataset, fmt: str, part_col: str, split: str) -> datasets.Dataset:
+    """``ds`` as records of ``fmt`` in the canonical columns (module docstring), checked row by row."""
+    check_columns(ds.column_names, fmt, split)
+    columns: dict[str, list[Any]] = {}
+    if fmt == "instruction":
+        instruction, output = ds["instruction"], ds["output"]
+        extra = ds["input"] if "input" in ds.column_names else [""] * len(ds)
+        bad = sum(1 for i, o in zip(instruction, output, strict=True) if not (i and str(i).strip()) or o is None)
+        empty = sum(1 for o in output if o is not None and not str(o).strip())
+        if bad or empty:
+            raise FedHFDataError(
+                f"data.format 'instruction': {bad + empty} of {len(ds)} rows of the {split} split have an empty "
+                f"'instruction' or 'output', which leaves no prompt or no response to learn; drop or fill them."
+            )
+        columns = {
+            "instruction": [str(i) for i in instruction],
+            "input": ["" if x is None else str(x) for x in extra],
+            "output": [str(o) for o in output],
+        }
+    elif fmt == "messages":
+        chats = ds["messages"]
+        problems = [p for p in (_chat_problem(m) for m in chats) if p]
+        if problems:
+            raise FedHFDataError(
+                f"data.format 'messages': {len(problems)} of {len(chats)} chats of the {split} split are malformed "
+                f"(the first has {problems[0]}); each must be a list of {{'role', 'content'}} turns ending with the "
+                f"assistant's answer."
+            )
+        columns = {"messages": [[{"role": t["role"], "content": t["content"]} for t in m] for m in chats]}
+    else:  # a bug in the caller: resolve_format returns labels or a record format
+        raise FedHFDataError(f"data.format: '{fmt}' is not a record format ({', '.join(RECORD_FORMATS)}).")
+    if part_col and part_col in ds.column_names:
+        columns[part_col] = [str(v) for v in ds[part_col]]
+    return datasets.Dataset.from_dict(columns)
+
+
+def record_format(columns: Sequence[str]) -> str:
+    """The format of a normalised dataset, by its columns: labels, instruction or messages."""
+    if "messages" in columns:
+        return "messages"
+    if "instruction" in columns:
+        return "instruction"
+    return "labels"
