@@ -329,11 +329,6 @@ def _check_records(cfg: FedHFConfig, data: Any, parts: Any, tokenizer: Any) -> N
     from fedhf.data.partitions import central_eval_set
     from fedhf.tasks.base import get_task
 
-    if cfg.audit.canaries:
-        raise FedHFConfigError(
-            f"config key 'audit.canaries': data.format '{data.format}' runs cannot be audited for canaries yet (fedhf "
-            "audit measures them on labelled runs); set audit.canaries=0."
-        )
     task = get_task(cfg.model.task, [])
     for pid, (train, local_eval) in enumerate(parts.parts):
         for what, ds in (("training", train), ("local eval", local_eval)):

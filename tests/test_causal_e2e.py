@@ -182,6 +182,7 @@ def test_instruction_records_one_client_per_task_type_learn_and_are_scored_by_ex
     run = fedhf_run(
         data, out, "inst", *args(model, data), "--set", "data.partitioner=natural",
         "--set", "data.partition-column=category", "--set", "train.local-epochs=3", "--set", "train.lr=0.01",
+        "--set", "audit.canaries=2", "--set", "audit.canary-repeats=5",
     )  # fmt: skip
     assert run["dataset"]["format"] == "instruction" and run["dataset"]["label_names"] == []
     assert sorted(p["natural_id"] for p in run["partitions"]) == ["echo", "sentiment"]
@@ -194,11 +195,19 @@ def test_instruction_records_one_client_per_task_type_learn_and_are_scored_by_ex
     card = (out / "inst" / "hub" / "README.md").read_text()
     assert "| eval exact match | eval token F1 |" in card and "answering instructions like the training data" in card
     assert "label_names" not in card.split("## How to use")[1].split("## Intended")[0]
+    # the audit: members are the clients' records, non-members records no client saw (no labels to match)
+    write_jsonl(tmp_path / "unseen.jsonl", records(400, 3)[300:])
     proc = subprocess.run(
-        [sys.executable, "-m", "fedhf.cli", "audit", str(out / "inst")],
-        capture_output=True, text=True, env=_env(data), timeout=300, cwd=REPO,
+        [sys.executable, "-m", "fedhf.cli", "audit", str(out / "inst"), "--non-members", str(tmp_path / "unseen.jsonl"),
+         "--max-examples", "80", "--candidates", "100"],
+        capture_output=True, text=True, env=_env(data), timeout=600, cwd=REPO,
     )  # fmt: skip
-    assert proc.returncode != 0 and "labelled runs only" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    audit = json.loads((out / "inst" / "run.json").read_text())["audit"]
+    assert audit["label_matched"] is False and audit["members"] == audit["non_members"] >= 50
+    assert 0 <= audit["loss"]["auc"] <= 1 and audit["member_loss"] < audit["non_member_loss"]
+    assert len(audit["canaries"]["inserted"]) == 2 and audit["canaries"]["num_candidates"] == 100
+    assert "equal-size seeded samples" in (out / "inst" / "hub" / "README.md").read_text()
     said = predict(
         data, out / "inst", "--text", C.instruction_for(["negative", "positive"]) + "\n\nthe plot was superb"
     )

@@ -20,6 +20,7 @@ On natural examples this bound is loose by design; it tests, it does not certify
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -148,14 +149,15 @@ def audit_sets(run: RunRecord, non_members_file: str | Path | None) -> tuple[Any
     parts = make_partitions(data, cfg.data, cfg.seed, max(len(recorded), 1))
     rebuilt = parts.stats()
     if [(p["train_examples"], p["label_histogram"]) for p in rebuilt] != [
-        (p.train_examples, p.label_histogram) for p in recorded
+        (p.train_examples, p.label_histogram or []) for p in recorded
     ]:
         raise FedHFRunError(
             "audit: the clients' training rows cannot be rebuilt from the run's config (partition sizes or labels "
             "differ "
             "from run.json: the clients used their own silos, or the data changed); the audit needs the members."
         )
-    members = datasets.concatenate_datasets([train.select_columns(["text", "label"]) for train, _ in parts.parts])
+    cols = _audit_columns(data)
+    members = datasets.concatenate_datasets([train.select_columns(cols) for train, _ in parts.parts])
     if non_members_file is not None:
         p = Path(non_members_file)
         if not p.exists():
@@ -165,19 +167,20 @@ def audit_sets(run: RunRecord, non_members_file: str | Path | None) -> tuple[Any
         where = f"file {p.name}"
     else:
         _, unused = split_train_rows(data, cfg.data, cfg.seed)
-        held = [ev.select_columns(["text", "label"]) for _, ev in parts.parts if ev is not None]
-        pool = [unused.select_columns(["text", "label"])] + held
+        held = [ev.select_columns(cols) for _, ev in parts.parts if ev is not None]
+        pool = [unused.select_columns(cols)] + held
         where = "rows of the training split no client trained on (left out by the run's sampling" + (
             ", and the clients' local-evaluation hold-outs)" if held else ")"
         )
     non = (
-        datasets.concatenate_datasets([d.select_columns(["text", "label"]) for d in pool if len(d)])
+        datasets.concatenate_datasets([d.select_columns(cols) for d in pool if len(d)])
         if any(len(d) for d in pool)
         else None
     )
     if non is not None:
-        seen = set(members["text"])
-        non = non.filter(lambda row: row["text"] not in seen)
+        seen = set(_row_keys(members))
+        keep = [i for i, key in enumerate(_row_keys(non)) if key not in seen]
+        non = non.select(keep)
     if non is None or len(non) < MIN_EXAMPLES:
         have = 0 if non is None else len(non)
         raise FedHFRunError(
@@ -186,6 +189,21 @@ def audit_sets(run: RunRecord, non_members_file: str | Path | None) -> tuple[Any
             f"{MIN_EXAMPLES} rows of the same distribution that no client saw."
         )
     return members, non, where
+
+
+def _audit_columns(data: Any) -> list[str]:
+    """What a member is: its text and label, or its record's columns (instruction or chat records)."""
+    if data.format == "labels":
+        return ["text", "label"]
+    return ["messages"] if data.format == "messages" else ["instruction", "input", "output"]
+
+
+def _row_keys(ds: Any) -> list[str]:
+    """Each row's identity (a non-member equal to a member is no non-member): its text, or its whole record."""
+    if "text" in ds.column_names:
+        return [str(t) for t in ds["text"]]
+    cols = [c for c in ds.column_names if c != "label"]
+    return [json.dumps([row[c] for c in cols], sort_keys=True) for row in ds]
 
 
 def _check_same_files(run: RunRecord, source: dict[str, Any]) -> None:
@@ -207,6 +225,9 @@ def label_matched(members: Any, non: Any, max_examples: int, rng: np.random.Gene
     "leakage" that is only sampling noise in the labels.
     """
     m_idx = rng.permutation(len(members))[:max_examples]
+    if "label" not in members.column_names:  # records: no labels to match, equal-size seeded samples
+        k = min(len(m_idx), len(non))
+        return members.select(sorted(m_idx[:k].tolist())), non.select(sorted(rng.permutation(len(non))[:k].tolist()))
     m_labels = np.asarray(members["label"])[m_idx]
     n_labels = np.asarray(non["label"])
     keep_m, keep_n = [], []
@@ -251,12 +272,6 @@ def audit_run(
     if not 10 <= candidates <= 100_000:
         raise FedHFRunError(f"audit: --candidates {candidates} must be in 10..100000 (1000 measures up to 9.97 bits).")
     run = load_finished_run(run_dir, "audit")
-    fmt = run.dataset.format if run.dataset else None
-    if fmt not in (None, "labels"):
-        raise FedHFRunError(
-            f"audit: '{run_dir}' was trained on data.format '{fmt}' records; fedhf audit measures labelled runs only "
-            "so far (its membership inference matches members and non-members by label)."
-        )
     if record:  # the audit is written into run.json and hub/: only into a run folder fedhf made
         check_run_folder(Path(run_dir), "audit")
     members, non, where = audit_sets(run, non_members_file)
@@ -272,12 +287,22 @@ def audit_run(
     model, tokenizer, max_length, task = released.model, released.tokenizer, released.max_length, released.task
     reference = build_model(cfg, released.labels)  # the round-0 adapter: same seed, same initialisation
     ref_tok = load_tokenizer(cfg.model.name)
-    texts_m, texts_n = list(members["text"]), list(non["text"])
-    y_m, y_n = list(members["label"]), list(non["label"])
-    loss_m, pred_m = task.per_example_loss(model, tokenizer, texts_m, y_m, max_length)
-    loss_n, pred_n = task.per_example_loss(model, tokenizer, texts_n, y_n, max_length)
-    ref_m, _ = task.per_example_loss(reference, ref_tok, texts_m, y_m, max_length)
-    ref_n, _ = task.per_example_loss(reference, ref_tok, texts_n, y_n, max_length)
+    labelled = "label" in members.column_names
+    if labelled:
+        texts_m, texts_n = list(members["text"]), list(non["text"])
+        y_m, y_n = list(members["label"]), list(non["label"])
+        loss_m, pred_m = task.per_example_loss(model, tokenizer, texts_m, y_m, max_length)
+        loss_n, pred_n = task.per_example_loss(model, tokenizer, texts_n, y_n, max_length)
+        ref_m, _ = task.per_example_loss(reference, ref_tok, texts_m, y_m, max_length)
+        ref_n, _ = task.per_example_loss(reference, ref_tok, texts_n, y_n, max_length)
+        acc_m = float((pred_m == torch.tensor(y_m)).float().mean())
+        acc_n = float((pred_n == torch.tensor(y_n)).float().mean())
+    else:  # instruction or chat records: each record's answer loss, and its exact match
+        loss_m, hit_m = task.record_losses(model, tokenizer, members, max_length)
+        loss_n, hit_n = task.record_losses(model, tokenizer, non, max_length)
+        ref_m, _ = task.record_losses(reference, ref_tok, members, max_length, generate=False)
+        ref_n, _ = task.record_losses(reference, ref_tok, non, max_length, generate=False)
+        acc_m, acc_n = float(hit_m.float().mean()), float(hit_n.float().mean())
     claimed, delta = claimed_privacy(run)
     results = {
         "loss": attack(-loss_m.numpy(), -loss_n.numpy(), delta, confidence, seed),
@@ -287,13 +312,13 @@ def audit_run(
         "members": n,
         "non_members": n,
         "non_member_source": where,
-        "label_matched": True,
+        "label_matched": labelled,
         "confidence": confidence,
         "delta": delta,
         "seed": seed,
         "claimed_epsilon": claimed,
-        "member_accuracy": float((pred_m == torch.tensor(y_m)).float().mean()),
-        "non_member_accuracy": float((pred_n == torch.tensor(y_n)).float().mean()),
+        "member_accuracy": acc_m,
+        "non_member_accuracy": acc_n,
         "member_loss": float(loss_m.mean()),
         "non_member_loss": float(loss_n.mean()),
         **{name: asdict(r) for name, r in results.items()},
@@ -331,8 +356,9 @@ def _record(run_dir: Path, audit: dict[str, Any]) -> None:
 def audit_lines(audit: dict[str, Any]) -> list[str]:
     lines = [
         f"membership inference on {audit['members']} members and {audit['non_members']} non-members "
-        f"({audit['non_member_source']}; label-matched)",
-        f"accuracy members {audit['member_accuracy']:.4f} / non-members {audit['non_member_accuracy']:.4f}; "
+        f"({audit['non_member_source']}; {'label-matched' if audit.get('label_matched', True) else 'records'})",
+        f"{'accuracy' if audit.get('label_matched', True) else 'exact match'} members "
+        f"{audit['member_accuracy']:.4f} / non-members {audit['non_member_accuracy']:.4f}; "
         f"mean loss {audit['member_loss']:.4f} / {audit['non_member_loss']:.4f}",
         f"{'attack':<11} {'AUC':>6} {'TPR@1%FPR':>10} {'eps lower bound':>16}",
     ]

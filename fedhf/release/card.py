@@ -519,6 +519,11 @@ def _audit_section(run: RunRecord) -> str:
         a = audit[name]
         rows.append(f"| {what} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | {a['epsilon_lower_bound']:.3f} |")
     claimed = audit.get("claimed_epsilon")
+    matched = (
+        "the same number of each label on both sides."
+        if audit.get("label_matched", True)
+        else "equal-size seeded samples (instruction or chat records have no labels to match)."
+    )
     verdict = f"The lower bounds hold with {audit['confidence']:.0%} confidence (δ = {audit['delta']:.3g}) and are " + (
         f"{'**above**' if audit.get('violation') else 'below'} the claimed sample-level ε = {claimed:.3f}."
         if claimed is not None
@@ -527,7 +532,7 @@ def _audit_section(run: RunRecord) -> str:
     return (
         f"A membership-inference attack on this adapter (fedhf audit): {audit['members']} training rows of the "
         f"clients (members) against {audit['non_members']} rows of the same distribution that no client saw "
-        f"(non-members: {audit['non_member_source']}), the same number of each label on both sides. AUC 0.5 means "
+        f"(non-members: {audit['non_member_source']}), {matched} AUC 0.5 means "
         "the attack cannot tell them apart.\n\n"
         + "\n".join(rows)
         + "\n\n"

@@ -745,6 +745,31 @@ class CausalLM:
             return EvalResult(0.0, 0.0, 0.0, 0)
         return EvalResult(total / max(tokens, 1), hits / n, f1s / n, n)
 
+    @torch.no_grad()
+    def record_losses(
+        self, model: torch.nn.Module, tokenizer: Any, ds: Any, max_length: int, generate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each record's mean answer-token loss and (with ``generate``) whether its greedy answer matches the gold
+        one exactly, in the order of ``ds`` (instruction or chat records): what the membership audit reads."""
+        loader = self.make_loader(ds, tokenizer, max_length, 32, shuffle=False)
+        longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in loader.answers), default=1)
+        settings = GenerationSettings(max_new_tokens=min(longest + 1, RECORD_MAX_NEW_TOKENS))
+        model.eval()
+        losses, hits = [], []
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            summed, counted = token_losses(logits, batch["labels"])
+            losses.append(summed / counted.clamp(min=1))
+            if generate:
+                prompts = [r[: int(k)].tolist() for r, k in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
+                new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
+                hits += [
+                    normalize_text(tokenizer.decode(ids, skip_special_tokens=True)) == normalize_text(loader.answers[i])
+                    for ids, i in zip(new, batch["row"].tolist(), strict=True)
+                ]
+        empty = torch.empty(0)
+        return (torch.cat(losses) if losses else empty), torch.tensor(hits, dtype=torch.bool)
+
     def per_example_loss(
         self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
