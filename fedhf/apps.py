@@ -548,7 +548,8 @@ def _release(
     state_roots: tuple[Path, ...],
 ) -> None:
     """The run's folder, complete: the adapter, plots, the Hub-ready folder; then the run is marked complete."""
-    save_adapter(model, tokenizer, cfg, label_names, recorder.dir / "adapter")
+    data_format = recorder.record.dataset.format if recorder.record.dataset else None
+    save_adapter(model, tokenizer, cfg, label_names, recorder.dir / "adapter", data_format or "labels")
     recorder.set_final(stopped)
     _plots(recorder)
     hub = build_hub_folder(recorder.dir, recorder.record, base_model_license(cfg.model.name, resolved))

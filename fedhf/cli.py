@@ -406,9 +406,7 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"{cfg.train.local_epochs} local epoch(s) each",
         f"  data     {d.dataset}: {train_rows + local_eval:,} rows over {num_clients} clients ({d.partitioner}; "
         f"{train_rows:,} train, {local_eval:,} local eval), {eval_rows:,} central eval rows; "
-        f"labels {', '.join(data.label_names)}"
-        if data.format == "labels"
-        else f"{data.format} records",
+        + (f"labels {', '.join(data.label_names)}" if data.format == "labels" else f"{data.format} records"),
         f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}",
         f"  privacy  {privacy}",
         *_dp_defaults_line(cfg),

@@ -317,3 +317,19 @@ def test_card_names_a_learning_rate_schedule_that_is_not_constant(tmp_path):
         text = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").text
         assert expected in text, schedule
         assert ("decay across rounds" in text) == (schedule != "constant")
+
+
+def test_a_generative_card_shows_sample_generations_of_a_published_dataset_only(tmp_path):
+    """model.sample-prompts: the table of each round's answers for a preset or Hub dataset; for the server's own
+    local files only a pointer to run.json (their rows are not published)."""
+    for source, shown in ((None, True), ({"kind": "local", "files": {}}, False)):
+        run_dir, run = fake_run(tmp_path / str(shown), source=source, preset="sst2" if shown else None)
+        run["config"] = parse_config({"model.task": "causal-lm", "model.name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+                                     ).to_flat()  # fmt: skip
+        run["sample_prompts"] = [{"text": "a | gripping film", "answer": "positive"}]
+        run["rounds"][0]["generations"] = ["neutral"]
+        run["rounds"][1]["generations"] = ["positive"]
+        text = ModelCard.load(build_hub_folder(run_dir, RunRecord.from_dict(run), "apache-2.0") / "README.md").text
+        assert "### Generations" in text
+        assert ("| a \\| gripping film | positive | neutral | positive |" in text) is shown
+        assert ("gripping" in text) is shown and ("left out of this card" in text) is not shown

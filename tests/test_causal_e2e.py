@@ -88,7 +88,7 @@ def test_a_federated_causal_lm_learns_to_answer_and_publishes_a_generative_card(
     assert [len(r["generations"]) for r in run["rounds"]] == [3, 3, 3]
     again = predict(data, out / "clm", *[a for p in prompts for a in ("--text", p["text"])])
     assert [line.split("\t")[0] for line in again] == [C.normalize_answer(g) for g in run["rounds"][-1]["generations"]]
-    assert "### Generations" in card and prompts[0]["text"] in card
+    assert "### Generations" in card and "left out of this card" in card and prompts[0]["text"] not in card
     # sampling: seeded (the same seed, the same answers), up to --max-new-tokens tokens
     sampled = [predict(data, out / "clm", "--text", "the plot number 7 was", "--sample", "--temperature", "1.5",
                        "--max-new-tokens", "3", "--seed", str(seed)) for seed in (1, 1, 2)]  # fmt: skip

@@ -307,3 +307,25 @@ def test_train_loss_on_all_labels_the_prompt_too_and_is_refused_for_classifiers(
     assert parse_config({"model.task": "causal-lm", "train.loss-on": "all"}).train.loss_on == "all"
     with pytest.raises(FedHFConfigError, match="config key 'train.loss-on': got 'all' under model.task"):
         parse_config({"train.loss-on": "all"})
+
+
+def test_predict_prompts_a_records_adapter_the_way_it_was_tuned(tiny, monkeypatch) -> None:
+    """fedhf.json's data_format: a chat-tuned adapter gets the text as a user turn, an instruction-tuned one as the
+    instruction (they differ without a chat template: GPT-2's 'user: ...' against Alpaca's layout)."""
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    seen: list[list[int]] = []
+
+    def fake_generate(model, tokenizer, prompts, settings, batch_size=8):  # noqa: ANN001, ANN202
+        seen.extend(list(p) for p in prompts)
+        return [[tokenizer.eos_token_id] for _ in prompts]
+
+    monkeypatch.setattr(C, "generate_ids", fake_generate)
+    model = lora_model(family, folder)
+    chat = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": ""}]}
+    for fmt, record in (("messages", chat), ("instruction", {"instruction": "hi there"})):
+        seen.clear()
+        C.CausalLM([], fmt).predict(model, tok, [], ["hi there"], 64)
+        assert seen == [C.encode_prompt(tok, C.prompt_of(record, fmt, tok))]
+    if family == "gpt2":  # no chat template: the two layouts really differ
+        assert C.prompt_of(chat, "messages", tok) == "user: hi there\nassistant: "

@@ -121,7 +121,8 @@ def test_the_generative_group_compares_like_with_like_on_its_own_tiny_model(tmp_
     from fedhf.analysis.experiments import _run_settings
 
     _, sets = _run_settings(gen, gen.runs[0], tmp_path, False)
-    assert sets["model.name"] == str((tmp_path / "tiny-model").resolve())
+    assert sets["model.name"] == str(gen.tiny_model.folder(tmp_path).resolve())
+    assert gen.tiny_model.folder(tmp_path).name.startswith("tiny-model-")
 
 
 def test_unknown_key_in_an_experiment_file_is_refused_before_any_run(tmp_path):

@@ -163,6 +163,11 @@ def audit_sets(run: RunRecord, non_members_file: str | Path | None) -> tuple[Any
         if not p.exists():
             raise FedHFRunError(f"audit: --non-members '{non_members_file}': no such file or folder.")
         train, extra, _ = load_silo(cfg.data, str(p), tuple(data.label_names), cfg.seed)
+        if set(cols) - set(train.column_names):
+            raise FedHFRunError(
+                f"audit: --non-members '{non_members_file}' holds rows of another shape (columns "
+                f"{', '.join(train.column_names)}) than the run's members ({', '.join(cols)}); give rows like theirs."
+            )
         pool = [train] + ([extra] if extra is not None else [])
         where = f"file {p.name}"
     else:
@@ -275,6 +280,12 @@ def audit_run(
     if record:  # the audit is written into run.json and hub/: only into a run folder fedhf made
         check_run_folder(Path(run_dir), "audit")
     members, non, where = audit_sets(run, non_members_file)
+    if "label" not in non.column_names:  # records: only those the run's template and max length can score
+        from fedhf.tasks.causal_lm import scoreable
+
+        rc = run_config(run)
+        fits = scoreable(non, load_tokenizer(rc.model.name), rc.data.max_length)
+        non = non.select([i for i, ok in enumerate(fits) if ok])
     members, non = label_matched(members, non, max_examples, np.random.default_rng(seed))
     n = len(members)
     if n < MIN_EXAMPLES:

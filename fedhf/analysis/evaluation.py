@@ -58,7 +58,14 @@ def evaluate_run(run_dir: str | Path, overrides: dict[str, Any], record: bool = 
             f"evaluate: cannot change {', '.join(bad)} after training; allowed: {', '.join(EVAL_KEYS)}."
         )
     cfg = run_config(run, overrides)
-    data = onto_label_names(load_data(cfg.data), run.dataset.label_names, "evaluate")
+    loaded = load_data(cfg.data)
+    trained_on = (run.dataset.format if run.dataset else None) or "labels"
+    if loaded.format != trained_on:
+        raise FedHFConfigError(
+            f"evaluate: the data is of data.format '{loaded.format}', and the adapter was trained on '{trained_on}' "
+            "rows; evaluate it on data of the same shape."
+        )
+    data = onto_label_names(loaded, run.dataset.label_names, "evaluate")
     ds = central_eval_set(data, cfg.data, cfg.seed)
     released = released_model(run_dir, run)
     task = released.task

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import subprocess
@@ -83,7 +84,8 @@ TINY_MODEL_KEYS = {"family": "llama", "dataset": "", "hidden": 64, "layers": 2, 
 @dataclass(frozen=True)
 class TinyModel:
     """A tiny random-weight causal LM that a group builds once into its output folder (``fedhf.tasks.tiny_lm``),
-    its byte-level BPE tokenizer trained on the training texts of ``dataset``, phrased as the task's instructions."""
+    its byte-level BPE tokenizer trained on the training texts of ``dataset`` (a labelled dataset), with the
+    instruction that lists its labels."""
 
     family: str
     dataset: str
@@ -96,7 +98,9 @@ class TinyModel:
         return dataclasses.asdict(self)
 
     def folder(self, out: Path) -> Path:
-        return out / "tiny-model"
+        """Its own folder per spec: a changed spec is another model, and runs made on the old one keep theirs."""
+        digest = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:8]
+        return out / f"tiny-model-{digest}"
 
     def ensure(self, out: Path, log: Any = print) -> Path:
         """The model's folder under the group's output folder, written unless it holds this very model."""
@@ -347,6 +351,8 @@ def _changed_keys(group: Group, run: ExperimentRun, out: Path, smoke: bool) -> l
     # Where the run folder lives is not part of the experiment: a group's folder moved or copied is the same run.
     place = {"output-dir", "run-name"} | ({"model.name"} if group.tiny_model is not None else set())
     changed = sorted(k for k in set(want) | set(had) if k not in place and want.get(k) != had.get(k))
+    if group.tiny_model is not None and Path(str(want["model.name"])).name != Path(str(had["model.name"])).name:
+        changed.append("model.name")  # the group's tiny model changed (its folder names its spec)
     if len(made.partitions) != clients:
         changed.append("num-clients")
     return changed

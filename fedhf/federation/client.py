@@ -195,8 +195,14 @@ def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], 
     The binding check is the one :func:`train_round` makes when it reserves the spend."""
     policy = parse_policy(node_config)
     refusal = _request_refusal(policy, req) or rank_refusal(req.cfg, node_config)
-    if refusal is not None or not req.cfg.privacy.sample_level:
+    if refusal is not None:
         return refusal
+    if req.cfg.audit.canaries and node.pid == req.cfg.audit.canary_client:  # the owner's word on canaries first
+        consent = canary_records(req.cfg, node, req.cfg.audit.canaries, node_config)
+        if isinstance(consent, Refusal):
+            return consent
+    if not req.cfg.privacy.sample_level:
+        return None
     train_ds, _, _ = node.data(req.cfg, req.label_names)
     extra = canary_records(req.cfg, node, len(train_ds), node_config)
     if isinstance(extra, Refusal):
@@ -311,7 +317,7 @@ def train_round(
         weight=weight,
         num_examples=n,
         loss=result.loss,
-        histogram=label_histogram(train_ds["label"], len(names)) if "label" in train_ds.column_names else [],
+        histogram=label_histogram(train_ds["label"], len(names)) if "label" in train_ds.column_names else None,
         tokens=result.tokens,
         train_seconds=result.seconds,
         handler_seconds=time.perf_counter() - t0,
@@ -519,7 +525,7 @@ def reply_fields(
     weight: float,
     num_examples: int,
     loss: float,
-    histogram: list[int],
+    histogram: list[int] | None,
     tokens: int,
     train_seconds: float,
     handler_seconds: float,
@@ -531,7 +537,7 @@ def reply_fields(
         metrics["num-examples"] = int(num_examples)
     if "train-loss" in shared:
         metrics["train-loss"] = float(loss)
-    if "label-histogram" in shared:
+    if "label-histogram" in shared and histogram is not None:  # records have no labels to count
         info["label-histogram"] = list(histogram)
     if "train-tokens" in shared:
         info["train-tokens"] = int(tokens)

@@ -43,7 +43,7 @@ class Node:
     def data(self, cfg: FedHFConfig, label_names: list[str] | None) -> tuple[Any, Any, list[str]]:
         """(train rows, local eval rows or None, label names)."""
         if self.data_path is not None:
-            if not label_names and cfg.model.task != "causal-lm":  # causal-lm without labels: records
+            if label_names is None or (not label_names and cfg.model.task != "causal-lm"):  # []: records
                 raise FedHFConfigError(
                     "node config 'data-path' needs the federation's label names from the server; "
                     "run the same fedhf version on the server and the nodes."

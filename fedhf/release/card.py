@@ -468,6 +468,13 @@ def _generations_section(run: RunRecord) -> str:
     rounds = [r for r in run.rounds if r.generations]
     if not prompts or not rounds:
         return ""
+    ds = run.dataset
+    if ds is None or not (ds.preset or ds.source.get("kind") == "hub"):  # the server's own files stay off the Hub
+        return (
+            f"\n### Generations\n\nThe global adapter's answers to {len(prompts)} fixed rows of the central evaluation "
+            "set after each round are in run.json (`sample_prompts`, `rounds[].generations`); they are left out of "
+            "this card because the evaluation data is a local file, not a published dataset.\n"
+        )
     shown = rounds if len(rounds) <= 5 else [*rounds[:2], *rounds[-2:]]
     head = "| text | answer | " + " | ".join(f"round {r.round}" for r in shown) + " |\n"
     head += "|---|---|" + "---|" * len(shown) + "\n"

@@ -255,7 +255,7 @@ class RunRecorder:
                 source="client",
             )
             for c in r.clients
-            if c["partition_id"] not in known and "label_histogram" in c
+            if c["partition_id"] not in known and c.get("label_histogram")  # records have none to count
         ]
         if new:
             self.record.partitions = sorted(self.record.partitions + new, key=lambda p: p.partition_id)

@@ -79,13 +79,15 @@ def load_adapter_model(folder: Path, base_model: str | None = None) -> LoadedAda
             f"'{folder}' does not name its base model (it was trained from a local folder whose Hub id "
             "was not given); give --base-model with the Hub id or a local folder of that base."
         )
-    task = get_task(meta.get("task", "text-classification"), labels)  # adapters from before model.task classify
+    task = get_task(meta.get("task", "text-classification"), labels, meta.get("data_format", "labels"))
     base = task.load_base(resolve_model(base_name), labels, meta.get("pooling", "cls"))  # before model.pooling: cls
     model = PeftModel.from_pretrained(base, folder).eval()
     return LoadedAdapter(model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128)), task)
 
 
-def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path) -> None:
+def save_adapter(
+    model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list[str], path: Path, data_format: str = "labels"
+) -> None:
     """PEFT ``save_pretrained`` format + tokenizer, the base named as configured (model.name: a Hub id, or a folder on
     this machine, which ``fedhf predict RUN_DIR`` loads); the published copy in hub/ names only a Hub id."""
     peft_config = model.peft_config["default"]
@@ -105,6 +107,7 @@ def save_adapter(model: Any, tokenizer: Any, cfg: FedHFConfig, label_names: list
                 "num_labels": len(label_names),
                 "pooling": cfg.model.pooling,
                 "task": cfg.model.task,
+                "data_format": data_format,  # how a prompt is written (labels, instruction or messages records)
             },
             indent=2,
         )

@@ -84,7 +84,7 @@ class Task(Protocol):
         """The card's 'How to use' Python code for an adapter of this task."""
 
 
-def get_task(name: str, label_names: list[str] | None = None) -> Task:
+def get_task(name: str, label_names: list[str] | None = None, data_format: str = "labels") -> Task:
     """The task named by ``model.task`` (the config's choices are ``fedhf.config.schema.TASKS``), for a run over
     ``label_names`` (the causal-LM task phrases each example as an instruction that lists them)."""
     from fedhf.tasks.causal_lm import CausalLM
@@ -93,7 +93,7 @@ def get_task(name: str, label_names: list[str] | None = None) -> Task:
     if name == TextClassification.name:
         return TextClassification()
     if name == CausalLM.name:
-        return CausalLM(label_names)
+        return CausalLM(label_names, data_format)
     raise FedHFConfigError(
         f"config key 'model.task': got {name!r}; allowed: {TextClassification.name}, {CausalLM.name}."
     )

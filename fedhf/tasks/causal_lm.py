@@ -93,10 +93,13 @@ def check_causal_lm(path: str, name: str | None = None) -> Any:
 
 
 def embedding_modules(config: Any) -> dict[str, str]:
-    """The module names of a decoder's input embeddings and LM head (built on the meta device: no weights),
-    each with what it is; a head tied to the input embeddings says so."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    """The module names of a decoder's input embeddings and LM head, each with what it is; a head tied to the input
+    embeddings says so. ``config``: a built model, or its config (then built on the meta device: no weights)."""
+    if isinstance(config, torch.nn.Module):
+        model = config
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, str] = {}
     inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -108,7 +111,7 @@ def embedding_modules(config: Any) -> dict[str, str]:
     return out
 
 
-def check_lora_targets(config: Any, targets: Sequence[str]) -> None:
+def check_lora_targets(config: Any, targets: Sequence[str]) -> None:  # config: a model or its config
     """Refuse LoRA on the embeddings or the LM head: fedhf keeps both frozen under causal-lm (a LoRA on a tied head
     would change the input embeddings too, and Opacus' per-sample gradients of a vocabulary-sized layer cost more
     memory than the rest of the adapter)."""
@@ -250,17 +253,19 @@ def tokenize(
             empty += 1
             continue
         rows.append({"input_ids": ids, "labels": labels, "prompt_len": len(prompt_ids)})
-    if too_long:
-        raise FedHFDataError(
+    if too_long:  # counts only: the text may leave a data owner's node as it is (public)
+        msg = (
             f"config key 'data.max-length': {max_length} tokens leave no room for the response of {too_long} of "
             f"{len(examples)} examples (the longest prompt is {longest} tokens); set data.max-length above {longest} "
             f"or shorten the prompts."
         )
+        raise FedHFDataError(msg, public=msg)
     if empty:
-        raise FedHFDataError(
+        msg = (
             f"{empty} of {len(examples)} examples have no response token to learn after the template (an empty "
             f"output or text, or a one-token text with no BOS before it); drop them or fill their responses."
         )
+        raise FedHFDataError(msg, public=msg)
     return rows
 
 
@@ -576,6 +581,20 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def scoreable(ds: Any, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[bool]:
+    """Whether each record of ``ds`` tokenizes into a prompt and a response within ``max_length`` (what the
+    audit can score; training refuses the others before the run)."""
+    fmt = record_format(_columns(ds))
+    out = []
+    for record in _rows(ds, fmt):
+        try:
+            tokenize([to_example(record, fmt, tokenizer)], tokenizer, max_length)
+            out.append(True)
+        except FedHFDataError:
+            out.append(False)
+    return out
+
+
 def answer_ids(generations: Sequence[str], label_names: Sequence[str]) -> torch.Tensor:
     """The label id each generation names by exact match (normalized first line), -1 where it names none."""
     index = {normalize_answer(n): i for i, n in enumerate(label_names)}
@@ -595,8 +614,9 @@ class CausalLM:
     pipeline_tag = "text-generation"
     peft_task_type = TaskType.CAUSAL_LM
 
-    def __init__(self, label_names: Sequence[str] | None = None) -> None:
+    def __init__(self, label_names: Sequence[str] | None = None, data_format: str = "labels") -> None:
         self.label_names = list(label_names or [])
+        self.data_format = data_format  # what a released adapter was tuned on: how fedhf predict prompts it
 
     def load_base(self, path: str, label_names: list[str] | None = None, pooling: str = "cls") -> torch.nn.Module:
         check_causal_lm(path)
@@ -830,9 +850,14 @@ class CausalLM:
         if labels:
             fitted = fit_texts(texts, labels, tokenizer, max_length)
             records = classification_records(fitted, [0] * len(texts), labels)
-        else:  # an adapter tuned on instruction or chat records: each text is what the user asks
+        elif self.data_format == "messages":  # tuned on chats: each text is the user's turn
+            records = [
+                {"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": ""}]} for t in texts
+            ]
+        else:  # tuned on instruction records: each text is the instruction
             records = [{"instruction": t} for t in texts]
-        prompts = [prompt_of(r, "instruction", tokenizer) for r in records]
+        fmt = "messages" if records and "messages" in records[0] else "instruction"
+        prompts = [prompt_of(r, fmt, tokenizer) for r in records]
         settings = settings or GenerationSettings(max_new_tokens=0)
         if not settings.max_new_tokens:  # 0: enough for the longest label name (records: RECORD_MAX_NEW_TOKENS)
             default = self.max_new_tokens(tokenizer) if labels else RECORD_MAX_NEW_TOKENS
@@ -857,7 +882,9 @@ class CausalLM:
 
     def usage_code(self, base_model: str | None, pooling: str = "cls", records: bool = False) -> str:
         if records:  # tuned on instruction or chat records: the user's text is the instruction
-            return f"""from huggingface_hub import snapshot_download
+            return f"""import json
+
+from huggingface_hub import snapshot_download
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -866,9 +893,12 @@ base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")
 model = PeftModel.from_pretrained(base, path).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
 instruction = "an example instruction"
+tuned_on = json.load(open(f"{{path}}/fedhf.json"))["data_format"]  # instruction or messages records
 if tokenizer.chat_template:  # the prompt the adapter was trained on
     messages = [{{"role": "user", "content": instruction}}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+elif tuned_on == "messages":
+    prompt = f"user: {{instruction}}\\nassistant: "
 else:
     prompt = f"### Instruction:\\n{{instruction}}\\n\\n### Response:\\n"
 inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)

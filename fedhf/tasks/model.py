@@ -137,7 +137,7 @@ def build_model(
         alpha = cfg.model.lora.alpha * r / cfg.model.lora.r
         targets, options = lora_targets_of(cfg, getattr(base.config, "model_type", ""))
         if cfg.model.task == "causal-lm":
-            check_lora_targets(base.config, targets)
+            check_lora_targets(base, targets)
         lora = LoraConfig(
             task_type=task.peft_task_type,
             r=r,
