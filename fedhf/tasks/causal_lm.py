@@ -740,55 +740,51 @@ class CausalLM:
         )
 
     @torch.no_grad()
-    def _evaluate_records(self, model: torch.nn.Module, loader: DataLoader) -> EvalResult:
-        """Loss per answer token; accuracy: exact match of the greedy answer with the gold answer (normalized:
-        case, punctuation and spacing); macro_f1: the mean token F1 between them (SQuAD's). Generation stops at
-        the longest gold answer's length plus one token, at most RECORD_MAX_NEW_TOKENS."""
+    def _record_batches(self, model: torch.nn.Module, loader: DataLoader, generate: bool = True) -> Any:
+        """Per batch of a records loader: (summed answer-token loss, answer tokens, [(greedy answer, gold answer)]
+        when ``generate``). Generation stops one token past the longest gold answer, at most RECORD_MAX_NEW_TOKENS."""
         model.eval()
         tokenizer = loader.tokenizer
         longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in loader.answers), default=1)
         settings = GenerationSettings(max_new_tokens=min(longest + 1, RECORD_MAX_NEW_TOKENS))
-        total, tokens, hits, f1s, n = 0.0, 0, 0.0, 0.0, 0
         for batch in loader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             summed, counted = token_losses(logits, batch["labels"])
+            pairs: list[tuple[str, str]] = []
+            if generate:
+                prompts = [r[: int(k)].tolist() for r, k in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
+                new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
+                pairs = [
+                    (tokenizer.decode(ids, skip_special_tokens=True), loader.answers[i])
+                    for ids, i in zip(new, batch["row"].tolist(), strict=True)
+                ]
+            yield summed, counted, pairs
+
+    def _evaluate_records(self, model: torch.nn.Module, loader: DataLoader) -> EvalResult:
+        """Loss per answer token; accuracy: exact match of the greedy answer with the gold answer (normalized:
+        case, punctuation and spacing); macro_f1: the mean token F1 between them (SQuAD's)."""
+        total, tokens, hits, f1s, n = 0.0, 0, 0.0, 0.0, 0
+        for summed, counted, pairs in self._record_batches(model, loader):
             total += float(summed.sum())
             tokens += int(counted.sum())
-            prompts = [row[: int(k)].tolist() for row, k in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
-            new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
-            for ids, i in zip(new, batch["row"].tolist(), strict=True):
-                said, gold = tokenizer.decode(ids, skip_special_tokens=True), loader.answers[i]
-                hits += float(normalize_text(said) == normalize_text(gold))
-                f1s += token_f1(said, gold)
-                n += 1
+            hits += sum(float(normalize_text(said) == normalize_text(gold)) for said, gold in pairs)
+            f1s += sum(token_f1(said, gold) for said, gold in pairs)
+            n += len(pairs)
         if n == 0:
             return EvalResult(0.0, 0.0, 0.0, 0)
         return EvalResult(total / max(tokens, 1), hits / n, f1s / n, n)
 
-    @torch.no_grad()
     def record_losses(
         self, model: torch.nn.Module, tokenizer: Any, ds: Any, max_length: int, generate: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each record's mean answer-token loss and (with ``generate``) whether its greedy answer matches the gold
         one exactly, in the order of ``ds`` (instruction or chat records): what the membership audit reads."""
         loader = self.make_loader(ds, tokenizer, max_length, 32, shuffle=False)
-        longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in loader.answers), default=1)
-        settings = GenerationSettings(max_new_tokens=min(longest + 1, RECORD_MAX_NEW_TOKENS))
-        model.eval()
         losses, hits = [], []
-        for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            summed, counted = token_losses(logits, batch["labels"])
+        for summed, counted, pairs in self._record_batches(model, loader, generate):
             losses.append(summed / counted.clamp(min=1))
-            if generate:
-                prompts = [r[: int(k)].tolist() for r, k in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
-                new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
-                hits += [
-                    normalize_text(tokenizer.decode(ids, skip_special_tokens=True)) == normalize_text(loader.answers[i])
-                    for ids, i in zip(new, batch["row"].tolist(), strict=True)
-                ]
-        empty = torch.empty(0)
-        return (torch.cat(losses) if losses else empty), torch.tensor(hits, dtype=torch.bool)
+            hits += [normalize_text(said) == normalize_text(gold) for said, gold in pairs]
+        return (torch.cat(losses) if losses else torch.empty(0)), torch.tensor(hits, dtype=torch.bool)
 
     def per_example_loss(
         self, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], max_length: int
