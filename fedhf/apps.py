@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from fedhf.config.schema import LABEL_NAMES_KEY, FedHFConfig, parse_config
-from fedhf.data.canaries import canary_info
+from fedhf.data.canaries import canary_format, canary_info
 from fedhf.data.load import load_data
 from fedhf.data.partitions import central_eval_set, format_stats, make_partitions
+from fedhf.data.records import metric_names
 from fedhf.errors import FedHFConfigError, FedHFError, FedHFHubError
 from fedhf.federation.node_state import RUN_UID_KEY, STATE_DIR_KEY, stores_in
 from fedhf.flower.client_app import make_client_app
@@ -236,6 +237,7 @@ def _run(
 ) -> None:
     # 2. data
     data, eval_ds = _record_data(cfg, recorder, num_partitions, resume)
+    progress.metrics = metric_names(data.format)
     # 3. model and initial adapter
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_model(cfg, data.label_names)
@@ -248,7 +250,8 @@ def _run(
         recorder.set_privacy(info)
     if cfg.audit.canaries:
         a = cfg.audit
-        recorder.set_canaries(canary_info(a.canaries, a.canary_repeats, a.canary_client, cfg.seed))
+        fmt = canary_format(data.format)
+        recorder.set_canaries(canary_info(a.canaries, a.canary_repeats, a.canary_client, cfg.seed, fmt))
     strategy = build_strategy(cfg, recorder, num_partitions, num_labels=len(data.label_names))
     if resume is not None:
         restore_strategy_state(strategy, resume.strategy_arrays, resume.strategy)
@@ -561,10 +564,13 @@ def _release(
             store.drop_replies(recorder.record.run_uid)
     if cfg.privacy.mode != "none":
         log.info("\n%s", ledger_table(recorder.record.privacy))
+    names = metric_names(recorder.record.dataset.format if recorder.record.dataset else None)
     log.info(
-        "Run complete: %s (central accuracy %.4f, macro-F1 %.4f)",
+        "Run complete: %s (central %s %.4f, %s %.4f)",
         recorder.dir,
+        names.accuracy,
         recorder.record.final.eval_accuracy,
+        names.f1,
         recorder.record.final.eval_f1,
     )
 

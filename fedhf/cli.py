@@ -212,7 +212,12 @@ def run(
     final = summary.final
     if final is None:
         _fail(f"run failed: {summary.error or summary.status} ({run_dir})", code=1)
-    typer.echo(f"run complete: {run_dir}  central accuracy {final.eval_accuracy:.4f}  macro-F1 {final.eval_f1:.4f}")
+    from fedhf.data.records import metric_names
+
+    names = metric_names(summary.dataset.format if summary.dataset else None)
+    typer.echo(
+        f"run complete: {run_dir}  central {names.accuracy} {final.eval_accuracy:.4f}  {names.f1} {final.eval_f1:.4f}"
+    )
     push = summary.hub_push
     if push:
         typer.echo(
@@ -323,6 +328,11 @@ def _adapter_text(cfg: FedHFConfig) -> str:
     }[cfg.model.adapter]
 
 
+def _records_text(fmt: str) -> str:
+    """What a run's rows are, in the plan's words: instruction records, messages records, or plain text."""
+    return "plain text (loss on every token)" if fmt == "text" else f"{fmt} records"
+
+
 def _check_records(cfg: FedHFConfig, data: Any, parts: Any, tokenizer: Any) -> None:
     """Every client's rows and the central rows tokenize into (prompt, response) with a response to learn, within
     data.max-length: the errors a client would hit in round 1, said before the run (tokenizing is quick)."""
@@ -406,7 +416,7 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"{cfg.train.local_epochs} local epoch(s) each",
         f"  data     {d.dataset}: {train_rows + local_eval:,} rows over {num_clients} clients ({d.partitioner}; "
         f"{train_rows:,} train, {local_eval:,} local eval), {eval_rows:,} central eval rows; "
-        + (f"labels {', '.join(data.label_names)}" if data.format == "labels" else f"{data.format} records"),
+        + (f"labels {', '.join(data.label_names)}" if data.format == "labels" else _records_text(data.format)),
         f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}",
         f"  privacy  {privacy}",
         *_dp_defaults_line(cfg),
@@ -550,7 +560,7 @@ def partitions(
         _fail(str(exc))
     typer.echo(
         f"dataset {cfg.data.dataset}: {len(data.train)} training rows, "
-        f"{f'labels {data.label_names}' if data.format == 'labels' else f'{data.format} records'}; "
+        f"{f'labels {data.label_names}' if data.format == 'labels' else _records_text(data.format)}; "
         f"partitioner {cfg.data.partitioner}, {num_clients} clients, seed {cfg.seed}"
     )
     typer.echo(format_stats(parts.stats(), data.label_names))
@@ -972,10 +982,15 @@ def evaluate_cmd(
         result = evaluate_run(run_dir, parse_overrides(set_ or []), record=not no_record)
     except FedHFError as exc:
         _fail(str(exc))
+    from fedhf.data.records import metric_names
+    from fedhf.run.store import load_run
+
+    run = load_run(run_dir)
+    names = metric_names(run.dataset.format if run.dataset else None)
     where = ", ".join(f"{k}={v}" for k, v in result["data"].items()) or "the run's own eval split"
     typer.echo(
-        f"{where}: {result['rows']} rows  accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
-        f"loss {result['loss']:.4f}"
+        f"{where}: {result['rows']} rows  {names.accuracy} {result['accuracy']:.4f}  {names.f1} "
+        f"{result['macro_f1']:.4f}  loss {result['loss']:.4f}"
     )
 
 

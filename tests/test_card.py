@@ -333,3 +333,34 @@ def test_a_generative_card_shows_sample_generations_of_a_published_dataset_only(
         assert "### Generations" in text
         assert ("| a \\| gripping film | positive | neutral | positive |" in text) is shown
         assert ("gripping" in text) is shown and ("left out of this card" in text) is not shown
+
+
+def test_a_plain_text_card_names_its_metrics_and_continues_a_text(tmp_path):
+    """data.format text: the card's round table, model-index and limitations speak of next-token accuracy and of
+    continuing text (not of labels or exact match), and the generations table of continuations; the round line and
+    the plot's legend use the same names (fedhf.data.records.METRICS)."""
+    from fedhf.analysis.plots import plot_metrics
+    from fedhf.data.records import metric_names
+    from fedhf.run.progress import round_line
+
+    run_dir, run = fake_run(tmp_path)
+    run["config"] = parse_config({"model.task": "causal-lm", "model.name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+                                 ).to_flat()  # fmt: skip
+    run["dataset"] = {**run["dataset"], "label_names": [], "format": "text"}
+    run["sample_prompts"] = [{"text": "the film", "answer": "was good"}]
+    for r, said in zip(run["rounds"], ("xx", "was fine"), strict=True):
+        r["generations"] = [said]
+    record = RunRecord.from_dict(run)
+    card = ModelCard.load(build_hub_folder(run_dir, record, "apache-2.0") / "README.md")
+    text = card.text
+    assert "| eval next-token accuracy | eval top-5 next-token accuracy |" in text
+    assert "continuing text like the training data" in text and "exact match" not in text.lower()
+    assert "| text (first half) | the text goes on | round 0 | round 1 |" in text
+    assert "| the film | was good | xx | was fine |" in text
+    assert "the model's own LM head (frozen) generates the text's next token" in text
+    metrics = card.data.eval_results
+    assert [(m.metric_type, m.metric_value) for m in metrics] == [("accuracy", 0.8), ("top_5_accuracy", 0.79)]
+    assert metrics[0].metric_name == "Next-token accuracy"
+    assert "central next-token acc 0.4700  top-5 0.4600" in round_line(record.rounds[0], 1, metric_names("text"))
+    assert "central acc 0.4700  f1 0.4600" in round_line(record.rounds[0], 1)
+    assert plot_metrics(record, tmp_path / "m.png").is_file()

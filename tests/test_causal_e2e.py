@@ -212,3 +212,47 @@ def test_instruction_records_one_client_per_task_type_learn_and_are_scored_by_ex
         data, out / "inst", "--text", C.instruction_for(["negative", "positive"]) + "\n\nthe plot was superb"
     )
     assert len(said) == 1 and said[0].split("\t")[2].endswith("\\n\\nthe plot was superb")
+
+
+def test_plain_text_is_learned_token_by_token_its_canaries_are_texts_and_the_audit_scores_it(setup, tmp_path) -> None:
+    """data.format text (auto-detected: a text column alone), one client per topic: the loss on every token falls,
+    next-token accuracy rises, the canaries are plain texts (the secret sharer's own setting), and fedhf audit,
+    the card and fedhf predict speak of continuing text."""
+    model, _ = setup
+    data = tmp_path / "plain"
+    for name, n, seed in (("train", 300, 1), ("test", 60, 2)):
+        write_jsonl(data / f"{name}.jsonl", [{"text": r["text"], "topic": r["label"]} for r in rows(n, seed)])
+    out = tmp_path / "out"
+    run = fedhf_run(
+        data, out, "plain", *args(model, data), "--set", "data.partitioner=natural",
+        "--set", "data.partition-column=topic", "--set", "train.local-epochs=3", "--set", "train.lr=0.01",
+        "--set", "audit.canaries=2", "--set", "audit.canary-repeats=10",
+    )  # fmt: skip
+    said = run["_stderr"] + run["_stdout"]
+    assert run["dataset"]["format"] == "text" and run["dataset"]["label_names"] == []
+    assert "plain text (loss on every token)" in said and "central next-token acc" in said
+    first, last = run["rounds"][0], run["rounds"][-1]
+    assert first["eval_accuracy"] < 0.05 and last["eval_accuracy"] > 0.3 and last["eval_loss"] < first["eval_loss"] / 2
+    assert last["eval_accuracy"] <= last["eval_f1"] <= 1  # top-5 counts every top-1 hit
+    assert run["canaries"]["format"] == "text"
+    test_texts = [r["text"] for r in rows(60, 2)]
+    assert [p["text"] + " " + p["answer"] for p in run["sample_prompts"]] == test_texts[:3]
+    held_out = tmp_path / "unseen.jsonl"
+    write_jsonl(held_out, [{"text": r["text"].replace("number", "item")} for r in rows(120, 9)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhf.cli", "audit", str(out / "plain"), "--non-members", str(held_out),
+         "--max-examples", "100", "--candidates", "200"],
+        capture_output=True, text=True, env=_env(data), timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    audit = json.loads((out / "plain" / "run.json").read_text())["audit"]
+    assert audit["score"] == "next-token accuracy" and audit["label_matched"] is False
+    assert audit["member_accuracy"] > audit["non_member_accuracy"] and audit["member_loss"] < audit["non_member_loss"]
+    assert "next-token accuracy members" in proc.stdout
+    exposure = audit["canaries"]
+    assert exposure["mean_exposure"] > exposure["control_mean_exposure"] + 3  # ten copies of a text: memorised
+    card = (out / "plain" / "hub" / "README.md").read_text()
+    assert "| eval next-token accuracy | eval top-5 next-token accuracy |" in card
+    assert "continuing text like the training data" in card and "apply_chat_template" not in card
+    (line,) = predict(data, out / "plain", "--text", "the film number")
+    assert line.endswith("\tthe film number") and line.split("\t")[0].strip()  # a continuation, then the text

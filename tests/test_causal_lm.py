@@ -329,3 +329,68 @@ def test_predict_prompts_a_records_adapter_the_way_it_was_tuned(tiny, monkeypatc
         assert seen == [C.encode_prompt(tok, C.prompt_of(record, fmt, tok))]
     if family == "gpt2":  # no chat template: the two layouts really differ
         assert C.prompt_of(chat, "messages", tok) == "user: hi there\nassistant: "
+
+
+def test_next_token_hits_count_the_top_1_and_top_k_tokens_the_loss_reads() -> None:
+    # vocab 4; example 0 learns tokens at positions 1 and 2, example 1 only position 2 (position 1 is its prompt)
+    logits = torch.tensor(
+        [
+            [[0.0, 3.0, 2.0, 1.0], [1.0, 0.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0]],
+            [[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]],
+        ]
+    )
+    labels = torch.tensor([[C.IGNORE, 1, 3], [C.IGNORE, C.IGNORE, 1]])
+    top1, top2 = C.next_token_hits(logits, labels, k=2)
+    # example 0: position 0 predicts 1 (argmax 1: hit), position 1 predicts 3 (2nd most likely: top-2 only)
+    # example 1: position 1 predicts 1 (its least likely but one: neither)
+    assert top1.tolist() == [1, 0] and top2.tolist() == [2, 0]
+    assert C.next_token_hits(logits, labels, k=4)[1].tolist() == [2, 1]  # top-vocab: every counted token
+
+
+def test_plain_text_trains_on_every_token_and_is_scored_by_next_token_accuracy(tiny) -> None:
+    """data.format text: no prompt (BOS aside), the loss on the whole text, evaluation by the share of tokens that
+    are the model's most likely (and top-5) next token, the same figure the LM evaluation counts; the run's fixed
+    prompts are the texts' first halves and fedhf predict continues a text as training read it."""
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    ds = {"text": CORPUS[:8]}
+    assert C.record_format(list(ds)) == "text"
+    loader = TASK.make_loader(ds, tok, 32, 4, shuffle=False)
+    batch = next(iter(loader))
+    bos = C._bos(tok)
+    for i in range(4):
+        body = tok(CORPUS[i] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        n = len(bos) + len(body)
+        assert batch["input_ids"][i, :n].tolist() == bos + body
+        # every token of the text and its EOS is learned; BOS (never predicted) and the padding are not
+        assert batch["labels"][i, :n].tolist() == [C.IGNORE] * len(bos) + body
+        assert (batch["labels"][i, n:] == C.IGNORE).all()
+    model = lora_model(family, folder)
+    res = TASK.evaluate(model, loader, 0)
+    lm = C.evaluate(model, loader)
+    assert res.num_examples == 8 and res.loss == pytest.approx(lm.loss, rel=1e-5)
+    assert res.accuracy == pytest.approx(lm.token_accuracy) and res.accuracy <= res.macro_f1 <= 1.0
+    losses, shares = TASK.record_losses(model, tok, ds, 32)
+    assert losses.shape == shares.shape == (8,) and 0 <= float(shares.min()) <= float(shares.max()) <= 1
+    prompts = TASK.sample_prompts(ds, 2)
+    assert prompts[0] == {"text": "the loud", "answer": "film was good"}
+    assert C.split_text("one") == ("one", "")
+    gens = TASK.generations(model, tok, ds, 32)
+    assert len(gens) == 8 and all(isinstance(g, str) for g in gens)
+    seen: list[list[int]] = []
+
+    def fake_generate(model, tokenizer, prompts, settings, batch_size=8):  # noqa: ANN001, ANN202
+        seen.extend(list(p) for p in prompts)
+        return [[tokenizer.eos_token_id] for _ in prompts]
+
+    import fedhf.tasks.causal_lm as module
+
+    orig = module.generate_ids
+    module.generate_ids = fake_generate
+    try:
+        C.CausalLM([], "text").predict(model, tok, [], ["the loud film"], 64)
+    finally:
+        module.generate_ids = orig
+    # as training tokenizes a text: BOS when the tokenizer adds one, never the chat template (Llama's has one)
+    assert seen == [C._bos(tok) + tok("the loud film", add_special_tokens=False)["input_ids"]]
+    assert "chat_template" not in C.CausalLM([], "text").usage_code("base", records=True)

@@ -1,5 +1,6 @@
-"""Instruction and chat records (data.format, model.task causal-lm): detected from the columns, checked row by row
-with errors that carry no row text, partitioned without labels, and scored by exact match and token F1."""
+"""Instruction, chat and plain-text records (data.format, model.task causal-lm): detected from the columns, checked
+row by row with errors that carry no row text, partitioned without labels, and scored by exact match and token F1
+(plain text: next-token accuracy)."""
 
 from __future__ import annotations
 
@@ -129,3 +130,43 @@ def test_a_silo_of_records_reads_its_own_format_and_refuses_labelled_rows(tmp_pa
     with pytest.raises(FedHFDataError) as err:
         load_silo(cfg.data, str(tmp_path / "bad"), (), cfg.seed)
     assert "empty 'instruction' or 'output'" in err.value.public and SECRET not in str(err.value)
+
+
+def test_plain_text_is_detected_read_from_its_column_checked_and_partitioned_without_labels(tmp_path) -> None:
+    from fedhf.data.records import metric_names, record_texts
+
+    texts = [{"text": f"document {i} says {'yes' if i % 2 else 'no'}", "site": f"s{i % 3}"} for i in range(30)]
+    write_jsonl(tmp_path / "txt" / "train.jsonl", texts)
+    data = data_of(tmp_path / "txt", **{"data.partition-column": "site"})
+    assert data.format == "text" and data.label_names == [] and data.train.column_names == ["text", "site"]
+    assert data.source["text_column"] == "text" and record_texts(data.train)[1] == "document 1 says yes"
+    # labelled rows read as plain text by name: the text column only, the labels dropped
+    write_jsonl(tmp_path / "lab" / "train.jsonl", [{"review": f"r {i}", "label": i % 2} for i in range(20)])
+    plain = data_of(tmp_path / "lab", **{"data.format": "text"})
+    assert plain.format == "text" and plain.train.column_names == ["text"] and plain.train["text"][3] == "r 3"
+    assert data_of(tmp_path / "lab").format == "labels"  # auto: a label column makes labelled rows
+    with pytest.raises(FedHFDataError, match="data.format 'text' reads column 'body'"):
+        data_of(tmp_path / "lab", **{"data.format": "text", "data.text-column": "body"})
+    write_jsonl(tmp_path / "empty" / "train.jsonl", [{"text": SECRET}] * 5 + [{"text": "  "}, {"text": None}])
+    with pytest.raises(FedHFDataError) as err:
+        data_of(tmp_path / "empty")
+    assert "2 of 7 rows of the train split have an empty text" in str(err.value) and SECRET not in str(err.value)
+    cfg = parse_config({"model.task": "causal-lm", "data.dataset": str(tmp_path / "txt"), "data.partitioner": "natural",
+                        "data.partition-column": "site", "data.local-eval-fraction": 0.0})  # fmt: skip
+    parts = make_partitions(load_data(cfg.data), cfg.data, cfg.seed, 3)
+    assert [s["train_examples"] for s in parts.stats()] == [10, 10, 10]
+    assert all(s["label_histogram"] == [] for s in parts.stats())
+    bad = parse_config({**cfg.to_flat(), "data.partitioner": "pathological"})
+    with pytest.raises(FedHFDataError, match="records of data.format 'text' have none"):
+        make_partitions(load_data(bad.data), bad.data, bad.seed, 3)
+    assert metric_names("text").accuracy == "next-token accuracy" and metric_names(None).f1 == "macro-F1"
+
+
+def test_a_silo_of_plain_text_reads_its_own_text_column(tmp_path) -> None:
+    from fedhf.data.silos import load_silo
+
+    cfg = parse_config({"model.task": "causal-lm", "data.local-eval-fraction": 0.25, "data.text-column": "body"})
+    write_jsonl(tmp_path / "silo" / "train.jsonl", [{"body": f"note {i}", "id": i} for i in range(20)])
+    train, local_eval, names = load_silo(cfg.data, str(tmp_path / "silo"), (), cfg.seed)
+    assert names == [] and (len(train), len(local_eval)) == (15, 5) and train.column_names == ["text"]
+    assert sorted(list(train["text"]) + list(local_eval["text"])) == sorted(f"note {i}" for i in range(20))

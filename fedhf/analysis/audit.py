@@ -32,6 +32,7 @@ import torch
 from scipy.stats import beta
 
 from fedhf.analysis.evaluation import released_model, run_config
+from fedhf.data.records import metric_names
 from fedhf.errors import FedHFRunError
 from fedhf.run.record import check_run_folder
 from fedhf.run.store import RunRecord, RunStore, load_finished_run
@@ -200,6 +201,8 @@ def _audit_columns(data: Any) -> list[str]:
     """What a member is: its text and label, or its record's columns (instruction or chat records)."""
     if data.format == "labels":
         return ["text", "label"]
+    if data.format == "text":
+        return ["text"]
     return ["messages"] if data.format == "messages" else ["instruction", "input", "output"]
 
 
@@ -308,7 +311,7 @@ def audit_run(
         ref_n, _ = task.per_example_loss(reference, ref_tok, texts_n, y_n, max_length)
         acc_m = float((pred_m == torch.tensor(y_m)).float().mean())
         acc_n = float((pred_n == torch.tensor(y_n)).float().mean())
-    else:  # instruction or chat records: each record's answer loss, and its exact match
+    else:  # records: each record's answer loss and its exact match (plain text: token loss, next-token accuracy)
         loss_m, hit_m = task.record_losses(model, tokenizer, members, max_length)
         loss_n, hit_n = task.record_losses(model, tokenizer, non, max_length)
         ref_m, _ = task.record_losses(reference, ref_tok, members, max_length, generate=False)
@@ -324,6 +327,7 @@ def audit_run(
         "non_members": n,
         "non_member_source": where,
         "label_matched": labelled,
+        "score": metric_names(run.dataset.format if run.dataset else None).accuracy,  # what member_accuracy is
         "confidence": confidence,
         "delta": delta,
         "seed": seed,
@@ -368,7 +372,7 @@ def audit_lines(audit: dict[str, Any]) -> list[str]:
     lines = [
         f"membership inference on {audit['members']} members and {audit['non_members']} non-members "
         f"({audit['non_member_source']}; {'label-matched' if audit.get('label_matched', True) else 'records'})",
-        f"{'accuracy' if audit.get('label_matched', True) else 'exact match'} members "
+        f"{audit.get('score') or ('accuracy' if audit.get('label_matched', True) else 'exact match')} members "
         f"{audit['member_accuracy']:.4f} / non-members {audit['non_member_accuracy']:.4f}; "
         f"mean loss {audit['member_loss']:.4f} / {audit['non_member_loss']:.4f}",
         f"{'attack':<11} {'AUC':>6} {'TPR@1%FPR':>10} {'eps lower bound':>16}",

@@ -84,8 +84,8 @@ TINY_MODEL_KEYS = {"family": "llama", "dataset": "", "hidden": 64, "layers": 2, 
 @dataclass(frozen=True)
 class TinyModel:
     """A tiny random-weight causal LM that a group builds once into its output folder (``fedhf.tasks.tiny_lm``),
-    its byte-level BPE tokenizer trained on the training texts of ``dataset`` (a labelled dataset), with the
-    instruction that lists its labels."""
+    its byte-level BPE tokenizer trained on the training rows of ``dataset`` (labelled texts, with the instruction
+    that lists its labels; or instruction, chat or plain-text records, as model.task causal-lm reads them)."""
 
     family: str
     dataset: str
@@ -105,6 +105,7 @@ class TinyModel:
     def ensure(self, out: Path, log: Any = print) -> Path:
         """The model's folder under the group's output folder, written unless it holds this very model."""
         from fedhf.data.load import load_data
+        from fedhf.data.records import record_texts
         from fedhf.tasks.causal_lm import instruction_for
         from fedhf.tasks.tiny_lm import write_tiny_causal_lm
 
@@ -112,9 +113,11 @@ class TinyModel:
         spec_file = folder / "fedhf-tiny-model.json"
         if spec_file.is_file() and json.loads(spec_file.read_text()) == self.spec():
             return folder
-        data = load_data(parse_config({"data.dataset": self.dataset, "data.max-train-examples": 0}).data)
-        texts = list(data.train["text"][:20000])
-        texts += [instruction_for(data.label_names), " ".join(data.label_names)] * 50
+        keys = {"model.task": "causal-lm", "data.dataset": self.dataset, "data.max-train-examples": 0}
+        data = load_data(parse_config(keys).data)
+        texts = record_texts(data.train.select(range(min(len(data.train), 20000))))
+        if data.label_names:
+            texts += [instruction_for(data.label_names), " ".join(data.label_names)] * 50
         write_tiny_causal_lm(
             folder, texts, family=self.family, vocab_size=self.vocab_size, hidden=self.hidden, layers=self.layers,
             seed=self.seed,

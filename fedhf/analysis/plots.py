@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from fedhf.data.records import metric_names
 from fedhf.run.store import RunRecord
 
 DPI = 110
@@ -29,13 +30,15 @@ def run_label(run: RunRecord) -> str:
 
 
 def plot_metrics(run: RunRecord, path: Path) -> Path:
-    """Central accuracy and macro-F1 (left) and losses (right) per round; round 0 is the untrained adapter."""
+    """Central accuracy and macro-F1 (left; a records run's own metrics) and losses (right) per round; round 0 is
+    the untrained adapter."""
     rounds = [r for r in run.rounds if r.eval_accuracy is not None]
     x = [r.round for r in rounds]
     fig = Figure(figsize=(9, 3.4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(x, [r.eval_accuracy for r in rounds], marker="o", label="accuracy")
-    ax1.plot(x, [r.eval_f1 for r in rounds], marker="s", linestyle="--", label="macro-F1")
+    names = metric_names(run.dataset.format if run.dataset else None)
+    ax1.plot(x, [r.eval_accuracy for r in rounds], marker="o", label=names.accuracy)
+    ax1.plot(x, [r.eval_f1 for r in rounds], marker="s", linestyle="--", label=names.f1)
     local = [(r.round, r.local_eval_accuracy) for r in rounds if r.local_eval_accuracy is not None]
     if local:
         ax1.plot(*zip(*local, strict=True), marker=".", linestyle=":", label="clients' local accuracy")

@@ -17,6 +17,7 @@ from fedhf.analysis.plots import (
     plot_privacy_utility,
     run_plots,
 )
+from fedhf.data.records import metric_names
 from fedhf.errors import FedHFRunError
 from fedhf.release.card import client_ids
 from fedhf.run.store import RunRecord, load_finished_run
@@ -72,9 +73,11 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# fedhf report", ""]
     rows = [summary_row(r) for r in runs]
+    formats = sorted({(r.dataset.format if r.dataset else None) or "labels" for r in runs})
+    names = metric_names(formats[0] if len(formats) == 1 else "labels")
     lines += [
         "| run | dataset | clients | partitioner | rounds | privacy | ε sample (max) | ε client "
-        "| accuracy | macro-F1 | bytes up / client / round | MIA AUC |",
+        f"| {names.accuracy} | {names.f1} | bytes up / client / round | MIA AUC |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -85,6 +88,13 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
             f"| {row['accuracy']:.4f} "
             f"| {row['macro_f1']:.4f} | {row['bytes_up_per_client_round'] or '–'} | {_fmt(row['audit_auc'], '.3f')} |"
         )
+    if len(formats) > 1:  # one table, several kinds of score: say which each run's columns are
+        lines += [
+            "",
+            "The runs read data of several formats; their two metric columns are each run's own: "
+            + "; ".join(f"{f}: {metric_names(f).accuracy} and {metric_names(f).f1}" for f in formats)
+            + ".",
+        ]
     lines.append("")
     if privacy_utility and len(runs) > 1:
         plot_privacy_utility(runs, out / "privacy_utility.png")

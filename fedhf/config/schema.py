@@ -100,9 +100,11 @@ class DataConfig:
         "auto",
         "What a row is (model.task causal-lm; text-classification always reads labels): labels (a text and a label, "
         "phrased as an instruction that lists the labels), instruction (columns instruction, optional input, "
-        "output), messages (a chat column whose last turn is the assistant's answer); auto: messages, then "
-        "instruction + output, else labels, by the dataset's columns. Plain text is not supported yet.",
-        choices=("auto", "labels", "instruction", "messages"),
+        "output), messages (a chat column whose last turn is the assistant's answer), text (plain text from "
+        "data.text-column: the loss on every token, scored by next-token accuracy; a text longer than "
+        "data.max-length is cut); auto: messages, then instruction + output, then labels (a preset or a label "
+        "column), else text, by the dataset's columns.",
+        choices=("auto", "labels", "instruction", "messages", "text"),
     )
     partitioner: str = _opt("iid", "How the training rows are split over clients.", choices=PARTITIONERS)
     dirichlet_alpha: float = _opt(

@@ -95,6 +95,13 @@ def canary_rows(canaries: Sequence[Canary], repeats: int, client_rows: int) -> l
     return [dict(c.record) for c in canaries for _ in range(repeats)]
 
 
+def canary_format(data_format: str | None) -> str:
+    """The record format a run's canaries take: plain text in a plain-text run (the secret sharer's own setting),
+    else instruction records (a question whose answer is the secret), which an instruction or chat run trains on
+    alongside its own records."""
+    return "text" if data_format == "text" else "instruction"
+
+
 def canary_info(count: int, repeats: int, client: int, run_seed: int, fmt: str = "instruction") -> dict[str, Any]:
     """What the run record states of its canaries (run.json 'canaries')."""
     canaries = run_canaries(count, fmt, run_seed)

@@ -105,7 +105,8 @@ class LoadedData:
     preset: Preset | None = None
     partition_column: str = ""
     label_ids: tuple[int, ...] = ()  # the file's integer label of each id, when the labels were bare ids (GLUE's files)
-    format: str = "labels"  # data.format as resolved: labels (text, label) or a record format (fedhf.data.records)
+    format: str = "labels"  # data.format as resolved: labels (text, label) or a record format (fedhf.data.records):
+    # instruction, messages or text
 
 
 # --------------------------------------------------------------------------- loading
@@ -134,17 +135,23 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
     else:
         raw_train, raw_eval, source = _load_hub(name, None)
     fmt = resolve_format(cfg, raw_train.column_names, preset)
-    if fmt != "labels":
-        part_col = cfg.partition_column
-        train = normalise_records(raw_train, fmt, part_col, "train")
-        eval_ds = normalise_records(raw_eval, fmt, part_col, "eval") if raw_eval is not None else None
-        source["format"] = fmt
-        return LoadedData(train, eval_ds, [], source, preset, part_col, (), fmt)
     text_col = (
         cfg.text_column
         or (preset.text_column if preset else "")
         or detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")
+        if fmt in ("labels", "text")
+        else ""
     )
+    if fmt != "labels":
+        part_col = cfg.partition_column or (preset.partition_column if preset and fmt == "text" else "")
+        train = normalise_records(raw_train, fmt, part_col, "train", text_col or "text")
+        eval_ds = (
+            normalise_records(raw_eval, fmt, part_col, "eval", text_col or "text") if raw_eval is not None else None
+        )
+        source["format"] = fmt
+        if fmt == "text":
+            source["text_column"] = text_col
+        return LoadedData(train, eval_ds, [], source, preset, part_col, (), fmt)
     label_col = (
         cfg.label_column
         or (preset.label_column if preset else "")
@@ -173,10 +180,11 @@ def _load_data_cached(cfg: DataConfig, data_dir: str | None) -> LoadedData:
 
 def resolve_format(cfg: DataConfig, columns: list[str], preset: Preset | None) -> str:
     """``data.format``, with ``auto`` read from the training split's columns: messages, then instruction + output,
-    else labels (a preset, or a label column). A classifier's config always says labels (fedhf.config.schema)."""
+    then labels (a preset, or a label column), else text (a text column alone). A classifier's config always says
+    labels (fedhf.config.schema)."""
     fmt = cfg.format
     if fmt != "auto":
-        if fmt != "labels":
+        if fmt not in ("labels", "text"):  # text: its column is data.text-column or detected (load_data)
             check_columns(columns, fmt)
         return fmt
     if preset is not None:
@@ -188,10 +196,13 @@ def resolve_format(cfg: DataConfig, columns: list[str], preset: Preset | None) -
     lower = {c.lower() for c in columns}
     if cfg.label_column or any(c in lower for c in LABEL_CANDIDATES):
         return "labels"
+    if cfg.text_column or any(c in lower for c in TEXT_CANDIDATES):
+        return "text"
     raise FedHFDataError(
         f"data.format 'auto': the dataset's columns ({', '.join(sorted(columns)) or 'none'}) are none of model.task "
-        "causal-lm's formats: 'messages' (chats), 'instruction' + 'output' (+ optional 'input'), or a text and a "
-        "label column; rename the columns, or set data.format (and data.text-column, data.label-column)."
+        "causal-lm's formats: 'messages' (chats), 'instruction' + 'output' (+ optional 'input'), a text and a "
+        "label column, or a text column alone (plain text); rename the columns, or set data.format (and "
+        "data.text-column, data.label-column)."
     )
 
 

@@ -1,23 +1,57 @@
-"""Instruction and chat records (``data.format`` instruction or messages, model.task causal-lm): their columns
-checked and normalised once, as the data stage loads them. No torch.
+"""Instruction, chat and plain-text records (``data.format`` instruction, messages or text, model.task causal-lm):
+their columns checked and normalised once, as the data stage loads them, and the names of the metrics each format
+is scored by. No torch.
 
 After loading, an instruction dataset has the string columns ``instruction``, ``input`` ("" where the file has
 none) and ``output``; a chat dataset has ``messages``, a list of ``{"role", "content"}`` whose last turn is the
-assistant's. The natural partition column is kept when there is one. Errors name the column, the count and the fix,
-never a row's text (they may leave a data owner's node).
+assistant's; a plain-text dataset has ``text`` (and no ``label``). The natural partition column is kept when there
+is one. Errors name the column, the count and the fix, never a row's text (they may leave a data owner's node).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
 
 from fedhf.errors import FedHFDataError
 
-RECORD_FORMATS = ("instruction", "messages")
-REQUIRED = {"instruction": ("instruction", "output"), "messages": ("messages",)}
+RECORD_FORMATS = ("instruction", "messages", "text")
+REQUIRED = {"instruction": ("instruction", "output"), "messages": ("messages",), "text": ("text",)}
+
+
+@dataclass(frozen=True)
+class MetricNames:
+    """What a run's two central metrics (``EvalResult.accuracy`` and ``.macro_f1``) are, per data format: the words
+    the console, report, plots and card print, and the ids of the card's model-index."""
+
+    accuracy: str
+    f1: str
+    accuracy_id: str
+    f1_id: str
+    short_accuracy: str  # the round line's
+    short_f1: str
+
+
+METRICS = {
+    "labels": MetricNames("accuracy", "macro-F1", "accuracy", "f1", "acc", "f1"),
+    # the greedy answer against the gold one: exact match (normalised) and SQuAD's token F1
+    "instruction": MetricNames("exact match", "token F1", "exact_match", "f1", "EM", "token-F1"),
+    "messages": MetricNames("exact match", "token F1", "exact_match", "f1", "EM", "token-F1"),
+    # no answer to match: how often the model's most likely next token is the text's (top 1 and top 5)
+    "text": MetricNames(
+        "next-token accuracy", "top-5 next-token accuracy", "accuracy", "top_5_accuracy", "next-token acc", "top-5"
+    ),
+}
+
+
+def metric_names(fmt: str | None) -> MetricNames:
+    """The metric names of a run over data of format ``fmt`` (None, as in an older run record: labels)."""
+    return METRICS.get(fmt or "labels", METRICS["labels"])
+
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -49,8 +83,19 @@ def _chat_problem(messages: Any) -> str | None:
     return None
 
 
-def normalise_records(ds: datasets.Dataset, fmt: str, part_col: str, split: str) -> datasets.Dataset:
-    """``ds`` as records of ``fmt`` in the canonical columns (module docstring), checked row by row."""
+def normalise_records(
+    ds: datasets.Dataset, fmt: str, part_col: str, split: str, text_col: str = "text"
+) -> datasets.Dataset:
+    """``ds`` as records of ``fmt`` in the canonical columns (module docstring), checked row by row; plain text is
+    read from ``text_col``."""
+    if fmt == "text" and text_col != "text":
+        if text_col not in ds.column_names:
+            raise FedHFDataError(
+                f"data.format 'text' reads column '{text_col}', which the {split} split lacks (it has "
+                f"{', '.join(sorted(ds.column_names)) or 'none'}); set data.text-column to one of them."
+            )
+        ds = ds.select_columns([c for c in ds.column_names if c in (text_col, part_col)])
+        ds = ds.rename_column(text_col, "text") if "text" not in ds.column_names else ds
     check_columns(ds.column_names, fmt, split)
     columns: dict[str, list[Any]] = {}
     if fmt == "instruction":
@@ -78,6 +123,15 @@ def normalise_records(ds: datasets.Dataset, fmt: str, part_col: str, split: str)
                 f"assistant's answer."
             )
         columns = {"messages": [[{"role": t["role"], "content": t["content"]} for t in m] for m in chats]}
+    elif fmt == "text":
+        texts = ds["text"]
+        empty = sum(1 for t in texts if t is None or not str(t).strip())
+        if empty:
+            raise FedHFDataError(
+                f"data.format 'text': {empty} of {len(ds)} rows of the {split} split have an empty text, which leaves "
+                f"nothing to learn; drop or fill them."
+            )
+        columns = {"text": [str(t) for t in texts]}
     else:  # a bug in the caller: resolve_format returns labels or a record format
         raise FedHFDataError(f"data.format: '{fmt}' is not a record format ({', '.join(RECORD_FORMATS)}).")
     if part_col and part_col in ds.column_names:
@@ -85,10 +139,24 @@ def normalise_records(ds: datasets.Dataset, fmt: str, part_col: str, split: str)
     return datasets.Dataset.from_dict(columns)
 
 
+def record_texts(ds: datasets.Dataset) -> list[str]:
+    """Every string a normalised dataset's rows hold, one per row (labels: the text; instruction: instruction,
+    input and output; chat: its turns; plain text: the text): what a tokenizer built for the data is trained on."""
+    fmt = record_format(ds.column_names)
+    if fmt == "messages":
+        return ["\n".join(t["content"] for t in m) for m in ds["messages"]]
+    if fmt == "instruction":
+        cols = zip(ds["instruction"], ds["input"], ds["output"], strict=True)
+        return ["\n".join(p for p in parts if p) for parts in cols]
+    return [str(t) for t in ds["text"]]
+
+
 def record_format(columns: Sequence[str]) -> str:
-    """The format of a normalised dataset, by its columns: labels, instruction or messages."""
+    """The format of a normalised dataset, by its columns: labels, instruction, messages or text."""
     if "messages" in columns:
         return "messages"
     if "instruction" in columns:
         return "instruction"
+    if "text" in columns and "label" not in columns:
+        return "text"
     return "labels"

@@ -106,20 +106,23 @@ def _silo_cached(
 def _records_silo(
     cfg: DataConfig, raw_train: datasets.Dataset, raw_eval: datasets.Dataset | None, seed: int, where: str
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
-    """A silo's instruction or chat records (``fedhf.data.records``), their format read from its own columns."""
+    """A silo's instruction, chat or plain-text records (``fedhf.data.records``), their format read from its own
+    columns."""
     try:
         fmt = resolve_format(cfg, raw_train.column_names, None)
     except FedHFDataError as exc:
         raise FedHFDataError(f"{where}: {exc}", public=f"node config 'data-path': {exc}") from None
     if fmt == "labels":
         msg = (
-            "node config 'data-path': the federation trains on instruction or chat records, and this silo holds "
-            "labelled texts; give the silo 'instruction' + 'output' columns or a 'messages' column."
+            "node config 'data-path': the federation trains on records (instruction, chat or plain text), and this "
+            "silo holds labelled texts; give the silo 'instruction' + 'output' columns, a 'messages' column, or "
+            "only a text column."
         )
         raise FedHFDataError(msg, public=msg)
     try:
-        train = normalise_records(raw_train, fmt, "", "train")
-        local_eval = normalise_records(raw_eval, fmt, "", "eval") if raw_eval is not None else None
+        text_col = cfg.text_column or "text"
+        train = normalise_records(raw_train, fmt, "", "train", text_col)
+        local_eval = normalise_records(raw_eval, fmt, "", "eval", text_col) if raw_eval is not None else None
     except FedHFDataError as exc:  # counts and column names only, no row text
         raise FedHFDataError(f"{where}: {exc}", public=f"node config 'data-path': {exc}") from None
     if len(train) == 0:

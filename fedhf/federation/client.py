@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from fedhf.config.schema import FedHFConfig, check_secagg_weight
-from fedhf.data.canaries import canary_rows, run_canaries
+from fedhf.data.canaries import canary_format, canary_rows, run_canaries
 from fedhf.data.fingerprint import partition_fingerprint, silo_fingerprint
 from fedhf.data.partitions import label_histogram
+from fedhf.data.records import record_format
 from fedhf.federation import faults
 from fedhf.federation.lora_ranks import truncate
 from fedhf.federation.node import Node, node_allows_canaries, node_lora_rank, node_of  # noqa: F401  (node_of: the ClientApp's entry)
@@ -167,7 +168,7 @@ def _project(req: RoundRequest, spend: Any, pid: int, n: int, delta: float, epoc
 
 
 def canary_records(
-    cfg: FedHFConfig, node: Node, client_rows: int, node_config: Mapping[str, Any]
+    cfg: FedHFConfig, node: Node, client_rows: int, node_config: Mapping[str, Any], data_format: str = "instruction"
 ) -> list[dict[str, Any]] | Refusal:
     """The audit's canary records this node trains on (``audit.canaries``): all of them on the canary client, none
     elsewhere. Records the run config wrote join a node's training rows only when its owner says so
@@ -187,7 +188,7 @@ def canary_records(
             "the run asks this node to train on canary records it did not write; its owner allows that only with "
             "node config allow-canaries=true.",
         )
-    return canary_rows(run_canaries(a.canaries, "instruction", cfg.seed), a.canary_repeats, client_rows)
+    return canary_rows(run_canaries(a.canaries, canary_format(data_format), cfg.seed), a.canary_repeats, client_rows)
 
 
 def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], state_root: Any) -> Refusal | None:
@@ -204,7 +205,7 @@ def preflight(req: RoundRequest, node: Node, *, node_config: Mapping[str, Any], 
     if not req.cfg.privacy.sample_level:
         return None
     train_ds, _, _ = node.data(req.cfg, req.label_names)
-    extra = canary_records(req.cfg, node, len(train_ds), node_config)
+    extra = canary_records(req.cfg, node, len(train_ds), node_config, record_format(train_ds.column_names))
     if isinstance(extra, Refusal):
         return extra
     n = len(train_ds) + len(extra)
@@ -241,7 +242,7 @@ def train_round(
     fault = faults.planned(node_config, pid, server_round)
     faults.before_training(fault, node_config)
     train_ds, _, names = node.data(cfg, req.label_names)
-    extra = canary_records(cfg, node, len(train_ds), node_config)
+    extra = canary_records(cfg, node, len(train_ds), node_config, record_format(train_ds.column_names))
     if isinstance(extra, Refusal):
         return refusal_outcome(pid, extra)
     n = len(train_ds) + len(extra)  # the rows trained on (and sampled from, under DP): canaries included

@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from fedhf import __version__
+from fedhf.data.records import metric_names
 from fedhf.federation.replies import ACCOUNTING, BOOKKEEPING, COVERED, SHARED_FIELDS
 from fedhf.privacy.policy import SHAREABLE
 from fedhf.run.store import Partition, RunRecord, as_json
@@ -186,9 +187,9 @@ def _ranks_text(run: RunRecord) -> str | None:
     return ", ".join(f"client {pid}: r {rank}" for pid, rank in sorted(ranks.items()))
 
 
-def _head_text(cfg: dict[str, Any], pooling: str, records: bool = False) -> str:
+def _head_text(cfg: dict[str, Any], pooling: str, fmt: str = "labels") -> str:
     if cfg.get("model.task") == "causal-lm":
-        what = "the answer" if records else "the label's name"
+        what = {"labels": "the label's name", "text": "the text's next token"}.get(fmt, "the answer")
         return f"no classification head: the model's own LM head (frozen) generates {what}"
     return _POOLING_TEXT[pooling]
 
@@ -476,7 +477,9 @@ def _generations_section(run: RunRecord) -> str:
             "this card because the evaluation data is a local file, not a published dataset.\n"
         )
     shown = rounds if len(rounds) <= 5 else [*rounds[:2], *rounds[-2:]]
-    head = "| text | answer | " + " | ".join(f"round {r.round}" for r in shown) + " |\n"
+    plain = ds.format == "text"  # plain text: the adapter continues each text's first half
+    columns = "| text (first half) | the text goes on | " if plain else "| text | answer | "
+    head = columns + " | ".join(f"round {r.round}" for r in shown) + " |\n"
     head += "|---|---|" + "---|" * len(shown) + "\n"
     rows = "".join(
         f"| {_cell(p['text'])} | {_cell(p['answer'])} | "
@@ -486,10 +489,9 @@ def _generations_section(run: RunRecord) -> str:
     )
     skipped = " (the middle rounds are in run.json)" if len(shown) < len(rounds) else ""
     return (
-        f"\n### Generations\n\nThe global adapter's greedy answer to {len(prompts)} fixed rows of the central "
-        f"evaluation set after each round{skipped}; round 0 is the base model with the untrained adapter.\n\n"
-        + head
-        + rows
+        f"\n### Generations\n\nThe global adapter's greedy {'continuation of' if plain else 'answer to'} "
+        f"{len(prompts)} fixed rows of the central evaluation set after each round{skipped}; round 0 is the base "
+        "model with the untrained adapter.\n\n" + head + rows
     )
 
 
@@ -529,7 +531,7 @@ def _audit_section(run: RunRecord) -> str:
     matched = (
         "the same number of each label on both sides."
         if audit.get("label_matched", True)
-        else "equal-size seeded samples (instruction or chat records have no labels to match)."
+        else "equal-size seeded samples (instruction, chat or plain-text records have no labels to match)."
     )
     verdict = f"The lower bounds hold with {audit['confidence']:.0%} confidence (δ = {audit['delta']:.3g}) and are " + (
         f"{'**above**' if audit.get('violation') else 'below'} the claimed sample-level ε = {claimed:.3f}."
@@ -639,9 +641,10 @@ def _span(values: list[int]) -> str:
     return f"{min(values)}" if min(values) == max(values) else f"{min(values)} to {max(values)}"
 
 
-def _rounds_table(run: RunRecord, records: bool = False) -> str:
-    """Per round: losses and the central metrics (records: exact match and token F1 of the greedy answers)."""
-    metrics = "eval exact match | eval token F1" if records else "eval accuracy | eval macro-F1"
+def _rounds_table(run: RunRecord, fmt: str = "labels") -> str:
+    """Per round: losses and the central metrics, named for the run's data format (fedhf.data.records.METRICS)."""
+    names = metric_names(fmt)
+    metrics = f"eval {names.accuracy} | eval {names.f1}"
     rows = [
         f"| round | train loss | eval loss | {metrics} | clients trained |",
         "|---|---|---|---|---|---|",
@@ -656,8 +659,10 @@ def _rounds_table(run: RunRecord, records: bool = False) -> str:
 def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str, ...] = ()) -> ModelCard:
     """The card of a finished run; ``plots``: the names of the PNGs in the Hub folder's plots/ to show."""
     cfg = run.settings
-    task = get_task(cfg["model.task"])
     ds = run.dataset
+    fmt = ds.format or "labels"  # labels, or instruction, chat or plain-text records (data.format)
+    task = get_task(cfg["model.task"], None, fmt)
+    names = metric_names(fmt)
     data_license = _data_license(run)
     license_id, license_note = combined_license(model_license, data_license)
     src = ds.source
@@ -674,7 +679,7 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
         tags.append("opacus")
     final = run.final
     eval_name = display_name(run)
-    records = (ds.format or "labels") != "labels"  # instruction or chat records (data.format)
+    records = fmt != "labels"
     results = [
         EvalResult(
             task_type=task.pipeline_tag,
@@ -687,9 +692,8 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
             metric_value=float(value),
         )
         for metric, name, value in (
-            (("exact_match", "Exact match", final.eval_accuracy), ("f1", "Token F1", final.eval_f1))
-            if records
-            else (("accuracy", "Accuracy", final.eval_accuracy), ("f1", "Macro F1", final.eval_f1))
+            (names.accuracy_id, names.accuracy[:1].upper() + names.accuracy[1:], final.eval_accuracy),
+            (names.f1_id, names.f1[:1].upper() + names.f1[1:], final.eval_f1),
         )
     ]
     data = ModelCardData(
@@ -701,7 +705,7 @@ def model_card(run: RunRecord, model_license: str, plots: list[str] | tuple[str,
         license=license_id,
         license_name="research-and-non-commercial-only" if license_id == "other" else None,
         tags=tags,
-        metrics=["exact_match", "f1"] if records else ["accuracy", "f1"],
+        metrics=[names.accuracy_id, names.f1_id],
         model_name=f"fedhf-{run.run_id}",
         eval_results=results,
     )
@@ -766,7 +770,7 @@ exchanged.
 | local training | {local_training} |
 | LoRA | {lora_text} |
 {ranks_row}| training defaults | {_dp_defaults_text(cfg)} |
-| head reads | {_head_text(cfg, pooling, records)} |
+| head reads | {_head_text(cfg, pooling, fmt)} |
 | updates on the wire | {_TRANSPORT_TEXT[cfg["transport.dtype"]]} |
 | failures | {_reliability_text(run)} |
 | training rows per client | {_rows_text(run)} |
@@ -789,7 +793,7 @@ exchanged.
 Central evaluation of the global adapter by the server on {ds.central_eval_rows} rows of the evaluation split,
 before training (round 0) and after every round:
 
-{_rounds_table(run, records)}
+{_rounds_table(run, fmt)}
 {"".join(f"![{p}](plots/{p})" + chr(10) for p in plots)}{_generations_section(run)}
 ## How to use
 
@@ -802,14 +806,15 @@ Or `fedhf predict --model REPO_ID --text "an example sentence"`.
 ## Intended use and limitations
 
 Research on federated and private fine-tuning; {
-        "answering instructions like the training data"
-        if records
-        else f"{len(label_names)}-class classification of text like the training data"
+        {
+            "labels": f"{len(label_names)}-class classification of text like the training data",
+            "text": "continuing text like the training data",
+        }.get(fmt, "answering instructions like the training data")
     } ({
         eval_name
     }). Not evaluated for any other domain or language, for fairness across groups, or for deployment decisions.
 {privacy_note}
-{"Exact match and token F1 are" if records else "Accuracy is"} measured on {
+{f"{names.accuracy[:1].upper() + names.accuracy[1:]} and {names.f1} are" if records else "Accuracy is"} measured on {
         ds.central_eval_rows
     } rows and carries sampling error.
 

@@ -7,6 +7,7 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
+from fedhf.data.records import METRICS, MetricNames
 from fedhf.privacy.ledger import privacy_line
 from fedhf.run.store import Round
 
@@ -15,8 +16,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def round_line(row: Round, total: int) -> str:
-    central = f"central acc {row.eval_accuracy:.4f}  f1 {row.eval_f1:.4f}  loss {row.eval_loss:.4f}"
+def round_line(row: Round, total: int, names: MetricNames = METRICS["labels"]) -> str:  # noqa: B008 (frozen)
+    central = (
+        f"central {names.short_accuracy} {row.eval_accuracy:.4f}  {names.short_f1} {row.eval_f1:.4f}  "
+        f"loss {row.eval_loss:.4f}"
+    )
     if row.round == 0:
         return f"[fedhf] round 0/{total}  {central} (initial adapter)"
     loss = "train loss not shared" if row.train_loss is None else f"train loss {row.train_loss:.4f}"
@@ -41,6 +45,7 @@ class RoundProgress:
         bar_file: TextIO | None = None,
     ) -> None:
         self.total = total
+        self.metrics = METRICS["labels"]  # what the run's two central metrics are (set once its data is known)
         self.write = write or (lambda text: tqdm.write(text))
         self.bar = tqdm(
             total=total,
@@ -54,12 +59,12 @@ class RoundProgress:
         )
 
     def round_done(self, row: Round) -> None:
-        self.write(round_line(row, self.total))
+        self.write(round_line(row, self.total, self.metrics))
         line = privacy_line(row.round, row.privacy)
         if line:
             self.write(line)
         if row.round > 0:
-            self.bar.set_postfix(acc=f"{row.eval_accuracy:.3f}")
+            self.bar.set_postfix({self.metrics.short_accuracy: f"{row.eval_accuracy:.3f}"})
             self.bar.update(1)
 
     def close(self) -> None:

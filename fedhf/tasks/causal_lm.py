@@ -339,6 +339,16 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll.sum(dim=1), counted
 
 
+def next_token_hits(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: (learned tokens the model's most likely next token gets right, those in its ``k`` most likely),
+    over the positions ``token_losses`` counts."""
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    read = shift_labels != IGNORE
+    top = shift_logits.topk(min(k, shift_logits.shape[-1]), dim=-1).indices
+    in_top = (top == shift_labels.unsqueeze(-1)) & read.unsqueeze(-1)
+    return in_top[..., 0].sum(dim=1), in_top.any(dim=-1).sum(dim=1)
+
+
 def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each example's mean response-token loss (each example weighs the same)."""
     summed, counted = token_losses(logits, labels)
@@ -406,6 +416,12 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """A prompt's token ids as ``tokenize`` puts them before a response (BOS unless a chat template wrote it)."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     return ids if (has_chat_template(tokenizer) and prompt) else _bos(tokenizer) + ids
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A plain text's token ids as training reads them (``data.format = text``: BOS when the tokenizer adds one,
+    never a chat template): what a continuation of it starts from."""
+    return _bos(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -535,6 +551,8 @@ def _rows(ds: Any, fmt: str) -> list[dict[str, Any]]:
     """The records of a normalised dataset (``fedhf.data.records``) as dicts."""
     if fmt == "messages":
         return [{"messages": list(m)} for m in ds["messages"]]
+    if fmt == "text":
+        return [{"text": t} for t in ds["text"]]
     extra = ds["input"] if "input" in _columns(ds) else [""] * len(ds["instruction"])
     return [
         {"instruction": i, "input": x or "", "output": o}
@@ -555,8 +573,19 @@ def answer_of(record: Mapping[str, Any], fmt: str) -> str:
     return str(record["output"])
 
 
+def split_text(text: str) -> tuple[str, str]:
+    """A plain text's first half of words (the prompt a run's sample generation continues) and the rest (what the
+    text goes on to say)."""
+    words = str(text).split()
+    cut = max(1, len(words) // 2)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
 def question_of(record: Mapping[str, Any], fmt: str) -> str:
-    """What the user asks in a record: instruction and input, or the chat's last user turn."""
+    """What the user asks in a record: instruction and input, or the chat's last user turn (plain text: its first
+    half)."""
+    if fmt == "text":
+        return split_text(record["text"])[0]
     if fmt == "messages":
         users = [t["content"] for t in record["messages"][:-1] if t["role"] == "user"]
         return str(users[-1]) if users else ""
@@ -688,6 +717,7 @@ class CausalLM:
             row["class"], row["row"] = -1, i
         loader = make_loader(rows, tokenizer, batch_size, shuffle, seed=seed, sort_by_length=sort_by_length)
         loader.answers = answers
+        loader.data_format = fmt  # plain text has no answer to generate: next-token accuracy scores it
         return loader
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -727,6 +757,8 @@ class CausalLM:
 
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
         """Loss per answer token; accuracy and macro-F1 of the greedy answers (exact match with a label's name)."""
+        if getattr(loader, "data_format", "") == "text":  # plain text: next-token accuracy (top 1, top 5)
+            return self._evaluate_text(model, loader)
         if hasattr(loader, "answers"):  # records: exact match and token F1 of the greedy answers
             return self._evaluate_records(model, loader)
         self._names(num_labels)
@@ -760,6 +792,27 @@ class CausalLM:
                 ]
             yield summed, counted, pairs
 
+    @torch.no_grad()
+    def _text_batches(self, model: torch.nn.Module, loader: DataLoader) -> Any:
+        """Per batch of a plain-text loader: (summed token loss, tokens, top-1 hits, top-5 hits), per example."""
+        model.eval()
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            summed, counted = token_losses(logits, batch["labels"])
+            top1, top5 = next_token_hits(logits, batch["labels"])
+            yield summed, counted, top1, top5
+
+    def _evaluate_text(self, model: torch.nn.Module, loader: DataLoader) -> EvalResult:
+        """Loss per token; accuracy: the share of tokens that are the model's most likely next token; macro_f1: the
+        share in its five most likely (fedhf.data.records.METRICS names them). Token-weighted over the loader."""
+        total, tokens, hits1, hits5, n = 0.0, 0, 0, 0, 0
+        for summed, counted, top1, top5 in self._text_batches(model, loader):
+            total, tokens = total + float(summed.sum()), tokens + int(counted.sum())
+            hits1, hits5, n = hits1 + int(top1.sum()), hits5 + int(top5.sum()), n + int(counted.shape[0])
+        if tokens == 0:
+            return EvalResult(0.0, 0.0, 0.0, n)
+        return EvalResult(total / tokens, hits1 / tokens, hits5 / tokens, n)
+
     def _evaluate_records(self, model: torch.nn.Module, loader: DataLoader) -> EvalResult:
         """Loss per answer token; accuracy: exact match of the greedy answer with the gold answer (normalized:
         case, punctuation and spacing); macro_f1: the mean token F1 between them (SQuAD's)."""
@@ -778,8 +831,16 @@ class CausalLM:
         self, model: torch.nn.Module, tokenizer: Any, ds: Any, max_length: int, generate: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each record's mean answer-token loss and (with ``generate``) whether its greedy answer matches the gold
-        one exactly, in the order of ``ds`` (instruction or chat records): what the membership audit reads."""
+        one exactly, in the order of ``ds`` (instruction or chat records): what the membership audit reads. Plain
+        text: each text's mean token loss and its share of tokens predicted right (top 1), as floats."""
         loader = self.make_loader(ds, tokenizer, max_length, 32, shuffle=False)
+        if getattr(loader, "data_format", "") == "text":
+            losses, shares = [], []
+            for summed, counted, top1, _ in self._text_batches(model, loader):
+                losses.append(summed / counted.clamp(min=1))
+                shares.append(top1 / counted.clamp(min=1))
+            cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731
+            return cat(losses), (cat(shares) if generate else torch.empty(0))
         losses, hits = [], []
         for summed, counted, pairs in self._record_batches(model, loader, generate):
             losses.append(summed / counted.clamp(min=1))
@@ -811,10 +872,12 @@ class CausalLM:
     def sample_prompts(self, ds: Any, k: int) -> list[dict[str, str]]:
         """The first ``k`` rows of ``ds`` as (text, answer): the fixed prompts whose generations a run records after
         every round (``model.sample-prompts``). A record's text is what its user asks (instruction and input, or
-        the last user turn)."""
+        the last user turn; a plain text's first half of words, whose answer is the rest)."""
         n = min(k, len(ds))
         fmt = record_format(_columns(ds))
         if fmt != "labels":
+            if fmt == "text":
+                return [dict(zip(("text", "answer"), split_text(r["text"]), strict=True)) for r in _rows(ds, fmt)[:n]]
             return [{"text": question_of(r, fmt), "answer": answer_of(r, fmt)} for r in _rows(ds, fmt)[:n]]
         names = self._names()
         return [{"text": str(t), "answer": names[int(y)]} for t, y in zip(ds["text"][:n], ds["label"][:n], strict=True)]
@@ -826,9 +889,16 @@ class CausalLM:
             texts = list(ds["text"])
             return [answer for answer, _ in self.predict(model, tokenizer, self._names(), texts, max_length)]
         records = _rows(ds, fmt)
-        longest = max(len(tokenizer(answer_of(r, fmt), add_special_tokens=False)["input_ids"]) for r in records)
-        settings = GenerationSettings(max_new_tokens=min(longest + 1, RECORD_MAX_NEW_TOKENS))
-        encoded = [encode_prompt(tokenizer, prompt_of(r, fmt, tokenizer))[-max_length:] for r in records]
+        if fmt == "text":  # continue each text's first half (sample_prompts); its answer is the rest
+            halves = [split_text(r["text"]) for r in records]
+            prompts, answers = [h[0] for h in halves], [h[1] for h in halves]
+        else:
+            prompts = [prompt_of(r, fmt, tokenizer) for r in records]
+            answers = [answer_of(r, fmt) for r in records]
+        longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        settings = GenerationSettings(max_new_tokens=min(max(longest, 1) + 1, RECORD_MAX_NEW_TOKENS))
+        encode = encode_text if fmt == "text" else encode_prompt
+        encoded = [encode(tokenizer, p)[-max_length:] for p in prompts]
         new = generate_ids(model, tokenizer, encoded, settings)
         return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
@@ -846,19 +916,21 @@ class CausalLM:
         if labels:
             fitted = fit_texts(texts, labels, tokenizer, max_length)
             records = classification_records(fitted, [0] * len(texts), labels)
+        elif self.data_format == "text":  # tuned on plain text: each text is continued as it is
+            records = [{"text": t} for t in texts]
         elif self.data_format == "messages":  # tuned on chats: each text is the user's turn
             records = [
                 {"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": ""}]} for t in texts
             ]
         else:  # tuned on instruction records: each text is the instruction
             records = [{"instruction": t} for t in texts]
-        fmt = "messages" if records and "messages" in records[0] else "instruction"
-        prompts = [prompt_of(r, fmt, tokenizer) for r in records]
+        fmt = _format_of(records[0]) if records else "instruction"
+        prompts = [r["text"] if fmt == "text" else prompt_of(r, fmt, tokenizer) for r in records]
         settings = settings or GenerationSettings(max_new_tokens=0)
         if not settings.max_new_tokens:  # 0: enough for the longest label name (records: RECORD_MAX_NEW_TOKENS)
             default = self.max_new_tokens(tokenizer) if labels else RECORD_MAX_NEW_TOKENS
             settings = dataclasses.replace(settings, max_new_tokens=default)
-        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        encoded = [(encode_text if fmt == "text" else encode_prompt)(tokenizer, p) for p in prompts]
         new = generate_ids(model, tokenizer, encoded, settings)
         out = []
         with torch.no_grad():
@@ -872,11 +944,25 @@ class CausalLM:
 
     def describe(self, label_names: list[str] | None = None) -> str:
         names = label_names or self.label_names
+        if not names and self.data_format == "text":
+            return "text generation: a causal LM tuned on plain text (it continues a text)"
         if not names:
             return "text generation: a causal LM tuned to answer instructions (instruction or chat records)"
         return f"text generation: a causal LM that answers with one of {len(names)} labels ({', '.join(names)})"
 
     def usage_code(self, base_model: str | None, pooling: str = "cls", records: bool = False) -> str:
+        if records and self.data_format == "text":  # tuned on plain text: it continues what it is given
+            return f"""from huggingface_hub import snapshot_download
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = snapshot_download("REPO_ID")  # or the local hub/ folder of the run
+base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")
+model = PeftModel.from_pretrained(base, path).eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+inputs = tokenizer("The beginning of a text", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
         if records:  # tuned on instruction or chat records: the user's text is the instruction
             return f"""import json
 
