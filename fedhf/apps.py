@@ -238,6 +238,7 @@ def _run(
     # 2. data
     data, eval_ds = _record_data(cfg, recorder, num_partitions, resume)
     progress.metrics = metric_names(data.format)
+    progress.perplexity = cfg.model.task == "causal-lm"
     # 3. model and initial adapter
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_model(cfg, data.label_names)

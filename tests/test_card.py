@@ -353,7 +353,8 @@ def test_a_plain_text_card_names_its_metrics_and_continues_a_text(tmp_path):
     record = RunRecord.from_dict(run)
     card = ModelCard.load(build_hub_folder(run_dir, record, "apache-2.0") / "README.md")
     text = card.text
-    assert "| eval next-token accuracy | eval top-5 next-token accuracy |" in text
+    assert "| eval loss | eval perplexity | eval next-token accuracy | eval top-5 next-token accuracy |" in text
+    assert "| 0 | - | 0.6900 | 1.99 | 0.4700 | 0.4600 | - |" in text  # perplexity = exp(loss per token)
     assert "continuing text like the training data" in text and "exact match" not in text.lower()
     assert "| text (first half) | the text goes on | round 0 | round 1 |" in text
     assert "| the film | was good | xx | was fine |" in text
@@ -361,6 +362,7 @@ def test_a_plain_text_card_names_its_metrics_and_continues_a_text(tmp_path):
     metrics = card.data.eval_results
     assert [(m.metric_type, m.metric_value) for m in metrics] == [("accuracy", 0.8), ("top_5_accuracy", 0.79)]
     assert metrics[0].metric_name == "Next-token accuracy"
-    assert "central next-token acc 0.4700  top-5 0.4600" in round_line(record.rounds[0], 1, metric_names("text"))
+    line = round_line(record.rounds[0], 1, metric_names("text"), perplexity=True)
+    assert "central next-token acc 0.4700  top-5 0.4600  loss 0.6900  ppl 1.99" in line
     assert "central acc 0.4700  f1 0.4600" in round_line(record.rounds[0], 1)
     assert plot_metrics(record, tmp_path / "m.png").is_file()

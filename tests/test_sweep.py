@@ -4,6 +4,7 @@ skips what is finished, reruns what failed, and tabulates what run.json says."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -117,6 +118,12 @@ def test_the_generative_group_compares_like_with_like_on_its_own_tiny_model(tmp_
     # local-only: one client's rows (the federated clients' share), the same rounds, epochs and lr
     assert local.data.max_train_examples * clients["federated"] == fed.data.max_train_examples
     assert (local.num_server_rounds, local.train) == (fed.num_server_rounds, fed.train)
+    # plain text: the federated run's rows, rounds, training and canaries, read as text (no instruction, no label)
+    text, text_dp = f["text"], f["text-dp"]
+    assert (text.data.format, text_dp.data.format, fed.data.format) == ("text", "text", "auto")
+    same = lambda d: dataclasses.replace(d, format="auto")  # noqa: E731
+    assert same(text.data) == fed.data and (text.train, text.audit) == (fed.train, fed.audit)
+    assert same(text_dp.data) == dp.data and (text_dp.train, text_dp.privacy) == (dp.train, dp.privacy)
     # every run trains the group's tiny model: the sweep sets model.name to it
     from fedhf.analysis.experiments import _run_settings
 
@@ -255,6 +262,7 @@ def test_sweep_runs_skips_reruns_and_tabulates(tmp_path, tiny_model_dir):
         run = json.loads((out / "tiny" / name / "run.json").read_text())
         assert rows[name]["status"] == "complete" and rows[name]["clients"] == clients
         assert float(rows[name]["accuracy"]) == pytest.approx(run["final"]["eval_accuracy"])
+        assert rows[name]["data_format"] == "labels"  # what its two scores are: accuracy and macro-F1
     fed = json.loads((out / "tiny" / "fed" / "run.json").read_text())
     assert float(rows["fed"]["audit_auc_loss"]) == pytest.approx(fed["audit"]["loss"]["auc"])
     # Members: the 180 rows trained on (10% of each client's 100 held out); non-members: the other rows of the
@@ -264,6 +272,7 @@ def test_sweep_runs_skips_reruns_and_tabulates(tmp_path, tiny_model_dir):
     assert fed["audit"]["members"] == fed["audit"]["non_members"] == sum(min(m, 200 - m) for m in per_label)
     md = (out / "tiny" / "results.md").read_text()
     assert "fed: accuracy" in md and "(target ≤ 100): met" in md
+    assert "| run | clients | accuracy | macro-F1 |" in md and "scored by" not in md  # one format: named once
 
     # Again: nothing runs; a run marked failed is moved aside and run again.
     proc = cli("sweep", str(g), "--out", str(out))

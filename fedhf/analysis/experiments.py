@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhf.config.schema import flatten, load_config_file, parse_config
+from fedhf.data.records import metric_names
 from fedhf.errors import FedHFConfigError, FedHFError, FedHFRunError
 from fedhf.run.store import RunRecord, RunStore
 
@@ -433,6 +434,7 @@ COLUMNS = (
     "clients",
     "accuracy",
     "macro_f1",
+    "data_format",
     "epsilon_sample_max",
     "epsilon_client",
     "bytes_up_per_client_round",
@@ -465,6 +467,7 @@ def _row(name: str, run: RunRecord | None) -> dict[str, Any]:
         "clients": s["clients"],
         "accuracy": s["accuracy"],
         "macro_f1": s["macro_f1"],
+        "data_format": (run.dataset.format if run.dataset else None) or "labels",  # what the two scores are
         "epsilon_sample_max": s["epsilon_sample_max"],
         "epsilon_client": s["epsilon_client"],
         "bytes_up_per_client_round": s["bytes_up_per_client_round"],
@@ -503,18 +506,26 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in fields})
+    formats = sorted({r["data_format"] for r in rows if r.get("data_format")})
+    mixed = len(formats) > 1  # one table, several kinds of score: a column says which each row's are
+    names = metric_names(formats[0] if formats else "labels")
+    scores = "score 1 | score 2 | scored by" if mixed else f"{names.accuracy} | {names.f1}"
     md = [
         f"# Experiment group `{group.name}`{' (smoke variant)' if smoke else ''}",
         "",
         group.description,
         "",
-        "| run | clients | accuracy | macro-F1 | ε sample (max) | ε client "
+        f"| run | clients | {scores} | ε sample (max) | ε client "
         "| bytes up / client / round | wall s | MIA AUC loss / calibrated | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * mixed,
     ]
     for r in rows:
+        by = ""
+        if mixed:
+            n = metric_names(r.get("data_format"))
+            by = f" | {n.accuracy}, {n.f1}" if r.get("data_format") else " | –"
         md.append(
-            f"| {r['name']} | {r.get('clients', '–')} | {_f(r.get('accuracy'))} | {_f(r.get('macro_f1'))} "
+            f"| {r['name']} | {r.get('clients', '–')} | {_f(r.get('accuracy'))} | {_f(r.get('macro_f1'))}{by} "
             f"| {_f(r.get('epsilon_sample_max'), 2)} | {_f(r.get('epsilon_client'), 2)} "
             f"| {r.get('bytes_up_per_client_round') or '–'} "
             f"| {r.get('wall_seconds', '–')} "
@@ -524,7 +535,7 @@ def collect(group: Group, out: Path, smoke: bool) -> Path:
         md += [
             "",
             "Canary exposure (bits; fedhf audit: each secret's rank among random candidates, Carlini et al.) and the "
-            "held-out loss per answer token:",
+            "held-out loss per answer token (plain text: per token):",
             "",
             "| run | canaries trained on | controls never seen | eval loss |",
             "|---|---|---|---|",

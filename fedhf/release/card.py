@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -642,17 +643,22 @@ def _span(values: list[int]) -> str:
 
 
 def _rounds_table(run: RunRecord, fmt: str = "labels") -> str:
-    """Per round: losses and the central metrics, named for the run's data format (fedhf.data.records.METRICS)."""
+    """Per round: losses (a causal LM's with the perplexity, exp of its loss per token) and the central metrics,
+    named for the run's data format (fedhf.data.records.METRICS)."""
     names = metric_names(fmt)
     metrics = f"eval {names.accuracy} | eval {names.f1}"
+    lm = run.settings.get("model.task") == "causal-lm"
     rows = [
-        f"| round | train loss | eval loss | {metrics} | clients trained |",
-        "|---|---|---|---|---|---|",
+        f"| round | train loss | eval loss | {'eval perplexity | ' * lm}{metrics} | clients trained |",
+        "|---|---|---|---|---|---|" + "---|" * lm,
     ]
     for r in run.rounds:
         tl = "-" if r.train_loss is None else f"{r.train_loss:.4f}"
         trained = "-" if r.round == 0 else str(len(r.trained))
-        rows.append(f"| {r.round} | {tl} | {r.eval_loss:.4f} | {r.eval_accuracy:.4f} | {r.eval_f1:.4f} | {trained} |")
+        ppl = f"{math.exp(min(r.eval_loss, 700.0)):.2f} | " if lm else ""
+        rows.append(
+            f"| {r.round} | {tl} | {r.eval_loss:.4f} | {ppl}{r.eval_accuracy:.4f} | {r.eval_f1:.4f} | {trained} |"
+        )
     return "\n".join(rows) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -16,10 +17,17 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def round_line(row: Round, total: int, names: MetricNames = METRICS["labels"]) -> str:  # noqa: B008 (frozen)
+def round_line(
+    row: Round,
+    total: int,
+    names: MetricNames = METRICS["labels"],  # noqa: B008 (frozen)
+    perplexity: bool = False,
+) -> str:
+    """The console's line for a round; ``perplexity``: a language model's, exp(loss per token), after the loss."""
+    ppl = f"  ppl {math.exp(min(row.eval_loss, 700.0)):.2f}" if perplexity else ""
     central = (
         f"central {names.short_accuracy} {row.eval_accuracy:.4f}  {names.short_f1} {row.eval_f1:.4f}  "
-        f"loss {row.eval_loss:.4f}"
+        f"loss {row.eval_loss:.4f}{ppl}"
     )
     if row.round == 0:
         return f"[fedhf] round 0/{total}  {central} (initial adapter)"
@@ -46,6 +54,7 @@ class RoundProgress:
     ) -> None:
         self.total = total
         self.metrics = METRICS["labels"]  # what the run's two central metrics are (set once its data is known)
+        self.perplexity = False  # a causal LM's line also shows exp(loss)
         self.write = write or (lambda text: tqdm.write(text))
         self.bar = tqdm(
             total=total,
@@ -59,7 +68,7 @@ class RoundProgress:
         )
 
     def round_done(self, row: Round) -> None:
-        self.write(round_line(row, self.total, self.metrics))
+        self.write(round_line(row, self.total, self.metrics, self.perplexity))
         line = privacy_line(row.round, row.privacy)
         if line:
             self.write(line)
