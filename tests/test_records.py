@@ -166,7 +166,23 @@ def test_a_silo_of_plain_text_reads_its_own_text_column(tmp_path) -> None:
     from fedhf.data.silos import load_silo
 
     cfg = parse_config({"model.task": "causal-lm", "data.local-eval-fraction": 0.25, "data.text-column": "body"})
-    write_jsonl(tmp_path / "silo" / "train.jsonl", [{"body": f"note {i}", "id": i} for i in range(20)])
+    write_jsonl(tmp_path / "silo" / "train.jsonl", [{"body": f"note {i}"} for i in range(20)])
     train, local_eval, names = load_silo(cfg.data, str(tmp_path / "silo"), (), cfg.seed)
     assert names == [] and (len(train), len(local_eval)) == (15, 5) and train.column_names == ["text"]
     assert sorted(list(train["text"]) + list(local_eval["text"])) == sorted(f"note {i}" for i in range(20))
+    # no data.text-column: the column is detected as centrally (here 'sentence')
+    plain = parse_config({"model.task": "causal-lm", "data.local-eval-fraction": 0.25})
+    write_jsonl(tmp_path / "sent" / "train.jsonl", [{"sentence": f"s {i}"} for i in range(8)])
+    train, _, _ = load_silo(plain.data, str(tmp_path / "sent"), (), plain.seed)
+    assert train.column_names == ["text"] and len(train) == 6
+
+
+def test_auto_reads_plain_text_only_from_a_text_column_alone(tmp_path) -> None:
+    """Other columns beside a text column are not dropped silently: auto refuses and data.format=text says so."""
+    write_jsonl(tmp_path / "qa" / "train.jsonl", [{"question": f"q {i}", "answer": f"a {i}"} for i in range(10)])
+    with pytest.raises(FedHFDataError, match="data.format 'auto': the dataset's columns \\(answer, question\\)"):
+        data_of(tmp_path / "qa")
+    assert data_of(tmp_path / "qa", **{"data.format": "text"}).train["text"][2] == "q 2"
+    write_jsonl(tmp_path / "lab" / "train.jsonl", [{"text": f"t {i}", "label": f"g{i % 2}"} for i in range(10)])
+    with pytest.raises(FedHFDataError, match="'data.partition-column': 'label' is a column name"):
+        data_of(tmp_path / "lab", **{"data.format": "text", "data.partition-column": "label"})

@@ -196,7 +196,9 @@ def resolve_format(cfg: DataConfig, columns: list[str], preset: Preset | None) -
     lower = {c.lower() for c in columns}
     if cfg.label_column or any(c in lower for c in LABEL_CANDIDATES):
         return "labels"
-    if cfg.text_column or any(c in lower for c in TEXT_CANDIDATES):
+    text = [c for c in columns if c == cfg.text_column or (not cfg.text_column and c.lower() in TEXT_CANDIDATES)]
+    others = set(columns) - set(text[:1]) - {cfg.partition_column}
+    if text and not others:  # a text column alone (and the partition column): plain text; else say which
         return "text"
     raise FedHFDataError(
         f"data.format 'auto': the dataset's columns ({', '.join(sorted(columns)) or 'none'}) are none of model.task "

@@ -88,6 +88,11 @@ def normalise_records(
 ) -> datasets.Dataset:
     """``ds`` as records of ``fmt`` in the canonical columns (module docstring), checked row by row; plain text is
     read from ``text_col``."""
+    if part_col in ("label", *(c for cols in REQUIRED.values() for c in cols), "input", "output"):
+        raise FedHFDataError(
+            f"config key 'data.partition-column': '{part_col}' is a column name fedhf's records use for their "
+            f"content; rename that column in the data (e.g. to 'group') and name it here."
+        )
     if fmt == "text" and text_col != "text":
         if text_col not in ds.column_names:
             raise FedHFDataError(

@@ -120,7 +120,9 @@ def _records_silo(
         )
         raise FedHFDataError(msg, public=msg)
     try:
-        text_col = cfg.text_column or "text"
+        text_col = (
+            (cfg.text_column or detect(raw_train, TEXT_CANDIDATES, "text", "data.text-column")) if fmt == "text" else ""
+        )
         train = normalise_records(raw_train, fmt, "", "train", text_col)
         local_eval = normalise_records(raw_eval, fmt, "", "eval", text_col) if raw_eval is not None else None
     except FedHFDataError as exc:  # counts and column names only, no row text
