@@ -246,9 +246,9 @@ def test_plain_text_is_learned_token_by_token_its_canaries_are_texts_and_the_aud
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     audit = json.loads((out / "plain" / "run.json").read_text())["audit"]
-    assert audit["score"] == "next-token accuracy" and audit["label_matched"] is False
+    assert audit["score"] == "mean per-text next-token accuracy" and audit["label_matched"] is False
     assert audit["member_accuracy"] > audit["non_member_accuracy"] and audit["member_loss"] < audit["non_member_loss"]
-    assert "next-token accuracy members" in proc.stdout
+    assert "mean per-text next-token accuracy members" in proc.stdout
     exposure = audit["canaries"]
     assert exposure["mean_exposure"] > exposure["control_mean_exposure"] + 3  # ten copies of a text: memorised
     card = (out / "plain" / "hub" / "README.md").read_text()

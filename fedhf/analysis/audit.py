@@ -327,7 +327,10 @@ def audit_run(
         "non_members": n,
         "non_member_source": where,
         "label_matched": labelled,
-        "score": metric_names(run.dataset.format if run.dataset else None).accuracy,  # what member_accuracy is
+        # what member_accuracy is (plain text: each text's share of tokens predicted right, averaged over texts)
+        "score": "mean per-text next-token accuracy"
+        if (run.dataset and run.dataset.format == "text")
+        else metric_names(run.dataset.format if run.dataset else None).accuracy,
         "confidence": confidence,
         "delta": delta,
         "seed": seed,

@@ -25,6 +25,13 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def score_label(runs: list[RunRecord]) -> str:
+    """The y-axis of a plot of runs' first central metric: its name when the runs share a data format (accuracy,
+    exact match, next-token accuracy), else a generic one."""
+    formats = {(r.dataset.format if r.dataset else None) or "labels" for r in runs}
+    return f"central {metric_names(formats.pop()).accuracy}" if len(formats) == 1 else "central score (first metric)"
+
+
 def run_label(run: RunRecord) -> str:
     return run.run_id
 
@@ -41,7 +48,7 @@ def plot_metrics(run: RunRecord, path: Path) -> Path:
     ax1.plot(x, [r.eval_f1 for r in rounds], marker="s", linestyle="--", label=names.f1)
     local = [(r.round, r.local_eval_accuracy) for r in rounds if r.local_eval_accuracy is not None]
     if local:
-        ax1.plot(*zip(*local, strict=True), marker=".", linestyle=":", label="clients' local accuracy")
+        ax1.plot(*zip(*local, strict=True), marker=".", linestyle=":", label=f"clients' local {names.accuracy}")
     ax1.set(xlabel="round", ylabel="score", title="Central evaluation", ylim=(0, 1))
     ax1.legend(loc="lower right", fontsize=8)
     ax2.plot(x, [r.eval_loss for r in rounds], marker="o", label="central eval loss")
@@ -156,7 +163,7 @@ def plot_privacy_utility(runs: list[RunRecord], path: Path) -> Path:
         ax.set_xscale("log")
     ax.set(
         xlabel="ε (lower = more private)" + (", log scale" if log_x else ""),
-        ylabel="central accuracy",
+        ylabel=score_label(runs),
         title=f"Privacy–utility ({runs[0].dataset.name})",
     )
     ax.grid(alpha=0.3)
@@ -225,7 +232,8 @@ def plot_runs_accuracy(runs: list[tuple[str, RunRecord]], path: Path) -> Path:
     for name, run in runs:
         pts = [(r.round, r.eval_accuracy) for r in run.rounds if r.eval_accuracy is not None]
         ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
-    ax.set(xlabel="round", ylabel="central accuracy", title="Central accuracy per round")
+    label = score_label([run for _, run in runs])
+    ax.set(xlabel="round", ylabel=label, title=f"{label[:1].upper() + label[1:]} per round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(runs) > 6 else 1)
@@ -242,7 +250,9 @@ def plot_bytes_accuracy(runs: list[tuple[str, RunRecord]], path: Path) -> Path:
             x, y = sum(ups) / len(ups) / 1e3, run.final.eval_accuracy
             ax.plot([x], [y], marker="o")
             ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="kB sent per client per round", ylabel="central accuracy", title="Communication vs accuracy")
+    ax.set(
+        xlabel="kB sent per client per round", ylabel=score_label([r for _, r in runs]), title="Communication vs score"
+    )
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

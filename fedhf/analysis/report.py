@@ -101,8 +101,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, privacy_uti
         lines += [
             "## Privacy–utility",
             "",
-            "Final central accuracy against each run's privacy guarantee (sample-level: the largest client ε; "
-            "client-level: the federation's ε). Runs without DP are the dotted lines.",
+            f"Final central {names.accuracy if len(formats) == 1 else 'score'} against each run's privacy guarantee "
+            "(sample-level: the largest client ε; client-level: the federation's ε). Runs without DP are the dotted "
+            "lines.",
             "",
             "![privacy-utility](privacy_utility.png)",
             "",
