@@ -366,11 +366,13 @@ def _personalize(
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    progress.write(personalization_line(pers.mode, summary, statuses))
+    names = metric_names(recorder.record.dataset.format if recorder.record.dataset else None)
+    progress.write(personalization_line(pers.mode, summary, statuses, names.f1))
 
 
 def personalization_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean macro-F1 and accuracy per stage over the clients that reported every stage the run measured, and on how
+    """Mean of the run's two metrics (``f1``: macro-F1 or a records run's second metric; ``accuracy``) per stage
+    over the clients that reported every stage the run measured, and on how
     many of them the personalized (and the federated) adapter beats local-only training."""
     done = [r for r in rows if r["status"] == "personalized"]
     stages = [s for s in ("federated", "personalized", "local_only") if done and all(f"{s}_f1" in r for r in done)]
@@ -393,8 +395,11 @@ STATUS_TEXT = {
 }
 
 
-def personalization_line(mode: str, summary: dict[str, Any], statuses: dict[str, int]) -> str:
-    """The console's line for the personalization stage."""
+def personalization_line(
+    mode: str, summary: dict[str, Any], statuses: dict[str, int], f1_name: str = "macro-F1"
+) -> str:
+    """The console's line for the personalization stage; ``f1_name`` names the run's second metric (macro-F1, token
+    F1 or top-5 next-token accuracy: fedhf.data.records.METRICS)."""
     n, asked = summary["clients"], sum(statuses.values())
     parts = [
         f"{name} {summary[key]:.3f}"
@@ -410,7 +415,7 @@ def personalization_line(mode: str, summary: dict[str, Any], statuses: dict[str,
     if others:
         text += " (" + ", ".join(f"{v} {STATUS_TEXT.get(k, k)}" for k, v in sorted(others.items())) + ")"
     if parts:
-        text += "; mean macro-F1 " + ", ".join(parts)
+        text += f"; mean {f1_name} " + ", ".join(parts)
     if "personalized_beats_local_only" in summary:
         text += f"; personalized beats local-only on {summary['personalized_beats_local_only']}/{n}"
     return text

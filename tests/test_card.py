@@ -366,3 +366,55 @@ def test_a_plain_text_card_names_its_metrics_and_continues_a_text(tmp_path):
     assert "central next-token acc 0.4700  top-5 0.4600  loss 0.6900  ppl 1.99" in line
     assert "central acc 0.4700  f1 0.4600" in round_line(record.rounds[0], 1)
     assert plot_metrics(record, tmp_path / "m.png").is_file()
+
+
+def test_a_generative_runs_personalization_is_named_by_its_own_metrics(tmp_path):
+    """personalization.mode under causal-lm: the card's per-client table, the report's table, the console line and
+    the policy's words for local-eval name the run's own metrics (token F1 for records, top-5 next-token accuracy
+    for plain text), never macro-F1."""
+    from fedhf.analysis.report import personalization_table
+    from fedhf.apps import personalization_line, personalization_summary
+    from fedhf.privacy.policy import SHAREABLE
+
+    rows = [
+        {"node_id": 7 + p, "partition_id": p, "status": "personalized", "num_examples": 20}
+        | {f"{s}_f1": f for s, f in (("federated", 0.4), ("personalized", 0.5 + p / 10), ("local_only", 0.45))}
+        | {f"{s}_accuracy": 0.3 for s in ("federated", "personalized", "local_only")}
+        for p in (0, 1)
+    ]
+    summary = personalization_summary(rows)
+    assert summary["personalized_f1_mean"] == pytest.approx(0.55) and summary["personalized_beats_local_only"] == 2
+    for fmt, f1_name, acc_name in (
+        ("instruction", "token F1", "exact match"),
+        ("text", "top-5 next-token accuracy", "next-token accuracy"),
+        (None, "macro-F1", "accuracy"),
+    ):
+        run_dir, run = fake_run(tmp_path / str(fmt))
+        if fmt:
+            flat = {"model.task": "causal-lm", "model.name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+            run["config"] = parse_config(flat).to_flat()
+            run["dataset"] = {**run["dataset"], "label_names": [], "format": fmt}
+        run["personalization"] = {
+            "mode": "finetune",
+            "epochs": 1,
+            "released": "metrics only",
+            "local_only": True,
+            "clients": rows,
+            "summary": summary,
+        }
+        record = RunRecord.from_dict(run)
+        text = ModelCard.load(build_hub_folder(run_dir, record, "apache-2.0") / "README.md").text
+        assert f"| client | held-out rows | local-only {f1_name} | federated {f1_name} | personalized {f1_name} |" in (
+            text
+        )
+        assert f"In {f1_name}, the personalized adapter beats local-only training on 2 of 2 clients" in text
+        assert ("macro-F1" in text) is (fmt is None)
+        table = "\n".join(personalization_table(record))
+        assert f"per client on its own held-out rows: {f1_name} ({acc_name})." in table
+        assert "| 1 | 20 | 0.450 (0.300) | 0.400 (0.300) | 0.600 (0.300) |" in table
+        line = personalization_line("finetune", summary, {"personalized": 2}, f1_name)
+        assert line.endswith(
+            f"2/2 clients reported their held-out metrics; mean {f1_name} local-only 0.450, federated 0.400, "
+            "personalized 0.550; personalized beats local-only on 2/2"
+        )
+    assert "token F1" in SHAREABLE["local-eval"] and "next-token accuracy" in SHAREABLE["local-eval"]

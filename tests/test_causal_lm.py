@@ -394,3 +394,34 @@ def test_plain_text_trains_on_every_token_and_is_scored_by_next_token_accuracy(t
     # as training tokenizes a text: BOS when the tokenizer adds one, never the chat template (Llama's has one)
     assert seen == [C._bos(tok) + tok("the loud film", add_special_tokens=False)["input_ids"]]
     assert "chat_template" not in C.CausalLM([], "text").usage_code("base", records=True)
+
+
+def test_long_prompts_are_cut_from_the_left_keeping_bos_and_an_empty_text_gets_one_error(tiny, monkeypatch) -> None:
+    """Generation (the run's sample prompts and fedhf predict) reads at most data.max-length prompt tokens, as
+    training does, and keeps BOS in front when it cuts; a text with nothing to continue from is refused."""
+    assert C.fit_prompt([1, 5, 6, 7, 8], 3, bos=1) == [1, 7, 8]
+    assert C.fit_prompt([5, 6, 7, 8], 3, bos=1) == [6, 7, 8]  # no BOS to keep
+    assert C.fit_prompt([1, 5], 3, bos=1) == [1, 5] and C.fit_prompt([5, 6, 7], 2, bos=None) == [6, 7]
+    family, folder = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    seen: list[list[int]] = []
+
+    def fake_generate(model, tokenizer, prompts, settings, batch_size=8):  # noqa: ANN001, ANN202
+        seen.extend(list(p) for p in prompts)
+        return [[tokenizer.eos_token_id] for _ in prompts]
+
+    monkeypatch.setattr(C, "generate_ids", fake_generate)
+    model = lora_model(family, folder)
+    long_text = " ".join(CORPUS)  # far more than 12 tokens
+    full = C.encode_text(tok, long_text)
+    assert len(full) > 12
+    C.CausalLM([], "text").predict(model, tok, [], [long_text], 12)
+    assert seen == [C._bos(tok) + full[len(full) - 12 + len(C._bos(tok)) :]] and len(seen[0]) == 12
+    seen.clear()
+    TASK.generations(model, tok, {"text": [long_text + " " + long_text]}, 12)
+    assert len(seen[0]) == 12 and seen[0][: len(C._bos(tok))] == C._bos(tok)
+    if not C._bos(tok):  # GPT-2's tokenizer puts no BOS before a text: an empty one leaves nothing to continue
+        with pytest.raises(FedHFDataError, match="text 2 of 2 is empty and this tokenizer puts no BOS token"):
+            C.CausalLM([], "text").predict(model, tok, [], ["the loud film", ""], 12)
+    else:  # Llama's does: the model continues from BOS
+        assert len(C.CausalLM([], "text").predict(model, tok, [], [""], 12)) == 1

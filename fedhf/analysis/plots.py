@@ -188,7 +188,8 @@ def client_label(run: RunRecord, pid: int) -> str:
 
 
 def plot_personalization(run: RunRecord, path: Path) -> Path | None:
-    """Per client: macro-F1 on its own held-out rows of the local-only, federated and personalized adapters."""
+    """Per client: macro-F1 (a records run's second metric) on its own held-out rows of the local-only, federated
+    and personalized adapters."""
     rows = personal_rows(run)
     if not rows:
         return None
@@ -204,7 +205,7 @@ def plot_personalization(run: RunRecord, path: Path) -> Path | None:
     )
     ax.set(
         xlabel="client",
-        ylabel="macro-F1 (its held-out rows)",
+        ylabel=f"{metric_names(run.dataset.format if run.dataset else None).f1} (its held-out rows)",
         ylim=(0, 1),
         title=f"Personalization ({run.personalization.mode}) per client",
     )

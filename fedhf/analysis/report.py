@@ -146,14 +146,17 @@ def audit_summary(audit: dict[str, Any]) -> str:
 
 
 def personalization_table(run: RunRecord) -> list[str]:
-    """Markdown lines: per client, macro-F1 (accuracy) on its held-out rows of each adapter the stage measured."""
+    """Markdown lines: per client, macro-F1 (accuracy) on its held-out rows of each adapter the stage measured (a
+    records run's own two metrics)."""
     rows = personal_rows(run)
     if not rows:
         return []
+    names = metric_names(run.dataset.format if run.dataset else None)
     series = [(k, name) for k, name in PERSONAL_SERIES if f"{k}_f1" in rows[0]]
     lines = [
         "",
-        f"Personalization ({run.personalization.mode}), per client on its own held-out rows: macro-F1 (accuracy).",
+        f"Personalization ({run.personalization.mode}), per client on its own held-out rows: "
+        f"{names.f1} ({names.accuracy}).",
         "",
         "| client | rows | " + " | ".join(name for _, name in series) + " |",
         "|---|---|" + "---|" * len(series),

@@ -41,7 +41,8 @@ SHAREABLE: dict[str, str] = {
     "train-loss": "the mean training loss (forward passes without DP noise)",
     "train-tokens": "the number of tokens trained on",
     "timings": "train-seconds and handler-seconds of the round",
-    "local-eval": "loss, accuracy, macro-F1 and row count of the node's held-out rows",
+    "local-eval": "loss, the run's two metrics (accuracy and macro-F1; for a causal LM exact match and token F1, or "
+    "next-token accuracy top 1 and top 5) and row count of the node's held-out rows",
 }
 
 POLICY_KEYS = ("min-privacy", "max-epsilon", "max-delta", "require-secure-aggregation", "share")

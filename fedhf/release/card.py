@@ -563,8 +563,10 @@ _KEEP_TEXT = {"head": "the classifier heads", "head+lora-b": "the classifier hea
 
 
 def _personalization_section(run: RunRecord) -> str:
-    """Per client: local-only, federated and personalized macro-F1 on its own held-out rows; what was released."""
+    """Per client: local-only, federated and personalized macro-F1 (a records run's second metric) on its own
+    held-out rows; what was released."""
     pers = run.personalization
+    f1_name = metric_names(run.dataset.format if run.dataset else None).f1
     if pers is None:
         return (
             "None: every client used the global adapter (personalization.mode = none).\n"
@@ -606,7 +608,7 @@ def _personalization_section(run: RunRecord) -> str:
         if f"{k}_f1" in rows[0]
     ]
     table = [
-        "| client | held-out rows | " + " | ".join(f"{name} macro-F1" for _, name in stages) + " |",
+        "| client | held-out rows | " + " | ".join(f"{name} {f1_name}" for _, name in stages) + " |",
         "|---|---|" + "---|" * len(stages),
     ]
     natural = {p.partition_id: p.natural_id for p in run.partitions if p.natural_id is not None}
@@ -632,7 +634,7 @@ def _personalization_section(run: RunRecord) -> str:
     if wins:
         sizes = [r["num_examples"] for r in rows]
         out.append(
-            "In macro-F1, " + "; ".join(wins) + f" (held-out rows per client: {_span(sizes)}; small "
+            f"In {f1_name}, " + "; ".join(wins) + f" (held-out rows per client: {_span(sizes)}; small "
             "samples, wide error bars)."
         )
     return "\n\n".join(out) + "\n"

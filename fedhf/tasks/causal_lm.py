@@ -424,6 +424,16 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return _bos(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def fit_prompt(ids: Sequence[int], max_length: int, bos: int | None) -> list[int]:
+    """A prompt's ids cut to ``max_length`` from the left, keeping its first token when that is BOS (a prompt that
+    lost its BOS is one the model never saw in training): what generation continues from."""
+    ids = list(ids)
+    if len(ids) <= max_length:
+        return ids
+    head = ids[:1] if bos is not None and ids[0] == bos else []
+    return head + ids[len(ids) - (max_length - len(head)) :]
+
+
 @torch.no_grad()
 def generate_ids(
     model: torch.nn.Module,
@@ -898,7 +908,7 @@ class CausalLM:
         longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
         settings = GenerationSettings(max_new_tokens=min(max(longest, 1) + 1, RECORD_MAX_NEW_TOKENS))
         encode = encode_text if fmt == "text" else encode_prompt
-        encoded = [encode(tokenizer, p)[-max_length:] for p in prompts]
+        encoded = [fit_prompt(encode(tokenizer, p), max_length, tokenizer.bos_token_id) for p in prompts]
         new = generate_ids(model, tokenizer, encoded, settings)
         return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
@@ -930,7 +940,14 @@ class CausalLM:
         if not settings.max_new_tokens:  # 0: enough for the longest label name (records: RECORD_MAX_NEW_TOKENS)
             default = self.max_new_tokens(tokenizer) if labels else RECORD_MAX_NEW_TOKENS
             settings = dataclasses.replace(settings, max_new_tokens=default)
-        encoded = [(encode_text if fmt == "text" else encode_prompt)(tokenizer, p) for p in prompts]
+        encode = encode_text if fmt == "text" else encode_prompt
+        encoded = [fit_prompt(encode(tokenizer, p), max_length, tokenizer.bos_token_id) for p in prompts]
+        empty = [i for i, ids in enumerate(encoded) if not ids]
+        if empty:  # nothing to continue from: a tokenizer without BOS and an empty text
+            raise FedHFDataError(
+                f"text {empty[0] + 1} of {len(encoded)} is empty and this tokenizer puts no BOS token before a text, "
+                "so there is nothing to continue from; give it some text."
+            )
         new = generate_ids(model, tokenizer, encoded, settings)
         out = []
         with torch.no_grad():
