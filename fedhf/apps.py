@@ -107,6 +107,7 @@ def simulate(
     num_clients: int,
     cpus_per_client: int = 1,
     *,
+    gpus_per_client: float = 0.0,
     resume: Checkpoint | None = None,
     resume_dir: Path | None = None,
     node_configs: dict[int, dict[str, Any]] | None = None,
@@ -118,6 +119,7 @@ def simulate(
     node's owner policy and state dir (``fedhf run --node-config FILE``). The clients keep their DP
     accountant state under RUN_DIR/client-state (and each node's own state dir, when it names one).
     ``console``: where the run's lines go (``fedhf run`` captures everything else into RUN_DIR/log.txt).
+    ``gpus_per_client``: the GPU share Ray reserves for each client (``fedhf.tasks.device.gpu_share``).
     """
     state_roots = tuple(
         sorted(
@@ -143,7 +145,7 @@ def simulate(
             console=console,
         )
 
-    simulate_apps(main, make_client_app(node_configs), num_clients, cpus_per_client)
+    simulate_apps(main, make_client_app(node_configs), num_clients, cpus_per_client, gpus_per_client)
     return Path(result["run_dir"])
 
 

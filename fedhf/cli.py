@@ -121,6 +121,13 @@ def run(
     cpus_per_client: Annotated[
         int, typer.Option(help="CPU cores Ray reserves per simulated client (whole number).")
     ] = 1,
+    gpus_per_client: Annotated[
+        float | None,
+        typer.Option(
+            help="GPU share Ray reserves per simulated client, from 0 to 1 (0.25: four clients per GPU at once). "
+            "Unset: none on a machine without a GPU or with train.device cpu; else an equal share for every client.",
+        ),
+    ] = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -174,6 +181,10 @@ def run(
         _check_clients(cfg, num_clients)
         if cpus_per_client < 1:
             raise FedHFConfigError(f"--cpus-per-client: got {cpus_per_client}; it must be a whole number >= 1.")
+        from fedhf.tasks.device import gpu_share, resolve_device
+
+        resolve_device(cfg.train.device)  # the simulated clients and the server run on this machine
+        gpus = gpu_share(gpus_per_client, cfg.train.device, num_clients)
         if node_config is not None:
             from fedhf.federation.node import load_node_config_file
 
@@ -195,7 +206,9 @@ def run(
             error = (str(exc), 2)
         if error is None:
             try:
-                run_dir = _simulate(cfg, num_clients, cpus_per_client, checkpoint, resume, node_configs, console)
+                run_dir = _simulate(
+                    cfg, num_clients, (cpus_per_client, gpus), checkpoint, resume, node_configs, console
+                )
             except Exception as exc:  # the server's exception, re-raised by the simulation runtime: exit 1
                 cause = exc.__cause__ or exc
                 error = (f"run failed: {type(cause).__name__}: {cause} (full log: {console.log_path})", 1)
@@ -256,7 +269,7 @@ def _canary_consent(
 def _simulate(
     cfg: FedHFConfig,
     num_clients: int,
-    cpus_per_client: int,
+    resources: tuple[int, float],
     checkpoint: Any,
     resume: Path | None,
     node_configs: dict[int, dict[str, Any]] | None,
@@ -267,7 +280,8 @@ def _simulate(
     return simulate(
         cfg,
         num_clients,
-        cpus_per_client,
+        resources[0],
+        gpus_per_client=resources[1],
         resume=checkpoint,
         resume_dir=resume,
         node_configs=node_configs,
@@ -417,13 +431,24 @@ def _plan_lines(cfg: FedHFConfig, num_clients: int, data: Any, parts: Any, resol
         f"  data     {d.dataset}: {train_rows + local_eval:,} rows over {num_clients} clients ({d.partitioner}; "
         f"{train_rows:,} train, {local_eval:,} local eval), {eval_rows:,} central eval rows; "
         + (f"labels {', '.join(data.label_names)}" if data.format == "labels" else _records_text(data.format)),
-        f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}",
+        f"  model    {cfg.model.name} ({where}), {_adapter_text(cfg)}{_device_text(cfg)}",
         f"  privacy  {privacy}",
         *_dp_defaults_line(cfg),
         *_personal_line(cfg),
         *_audit_line(cfg),
         f"  output   {Path(cfg.output_dir).expanduser()}/",
     ]
+
+
+def _device_text(cfg: FedHFConfig) -> str:
+    """Where the model runs, when that is not simply the CPU in fp32 (a GPU, MPS, or mixed precision)."""
+    from fedhf.tasks.device import resolve_device
+
+    device = resolve_device(cfg.train.device).type
+    if device == "cpu" and cfg.train.precision == "fp32":
+        return ""
+    precision = f", {cfg.train.precision} mixed precision" if cfg.train.precision != "fp32" else ""
+    return f"; on {device}{precision}"
 
 
 def _audit_line(cfg: FedHFConfig) -> list[str]:

@@ -234,6 +234,12 @@ CASES = {
     ),
     "cli-predict-max-new-tokens": (["predict", "--model", "{root}", "--text", "x", "--max-new-tokens", "0"], "from 1"),
     "cli-cpus": (["run", "--cpus-per-client", "0"], "--cpus-per-client"),
+    "cli-gpus-over-one": (["run", "--gpus-per-client", "1.5"], "--gpus-per-client: got 1.5; a client trains on one"),
+    "config-device-unknown": (["run", "--set", "train.device=gpu0"], "train.device"),
+    "config-mixed-precision-under-dp": (
+        ["run", "--set", "train.precision=bf16", "--set", "privacy.mode=sample"],
+        "config key 'train.precision': got 'bf16' with privacy.mode 'sample'",
+    ),
     "cli-missing-config-file": (["run", "--config", "{root}/missing.toml"], "no such file"),
     "cli-resume-with-set": (["run", "--resume", "{poisoned}", "--set", "num-server-rounds=5"], "--resume takes"),
     "cli-resume-not-a-folder": (["run", "--resume", "{root}/nowhere"], "not a folder"),

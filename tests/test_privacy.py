@@ -219,7 +219,7 @@ def test_first_batch_empty_is_still_a_step(tiny, monkeypatch):
     seed = next(
         s for s in range(1000) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 1 / 20).any()
     )
-    monkeypatch.setattr("fedhf.privacy.dp.fresh_generator", lambda: torch.Generator().manual_seed(seed))
+    monkeypatch.setattr("fedhf.privacy.dp.fresh_generator", lambda device="cpu": torch.Generator().manual_seed(seed))
     model = build_model(cfg, LABELS)
     res = private_train(
         model,

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedhf.data.canaries import Canary, canary_record, random_secret
 from fedhf.tasks import causal_lm as C
+from fedhf.tasks.device import model_device, to_device
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,10 @@ def log_perplexities(
     model.eval()
     out = []
     for batch in C.make_loader(rows, tokenizer, batch_size, shuffle=False):
+        batch = to_device(batch, model_device(model))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         summed, _ = C.token_losses(logits, batch["labels"])
-        out.append(summed)
+        out.append(summed.cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

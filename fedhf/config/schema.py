@@ -41,6 +41,8 @@ DEFAULT_MODELS = {  # model.name = auto, per task
 }
 OPTIMIZERS = ("auto", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # fedhf.train.loop.round_lr
+DEVICES = ("auto", "cpu", "cuda", "mps")  # train.device
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision
 LORA_AGGREGATIONS = ("mean", "svd")  # fedhf.federation.lora_ranks
 PERSONALIZATION = ("none", "finetune", "fedrep", "ditto")  # fedhf.federation.personal
 KEEP_LOCAL = ("head", "head+lora-b")  # what stays on the node under personalization.mode = fedrep
@@ -232,6 +234,20 @@ class TrainConfig:
     )
     weight_decay: float = _opt(0.0, "Client weight decay (decoupled for adamw, L2 for sgd).", min=0.0)
     num_threads: int = _opt(1, "Torch CPU threads per client (and for the server's evaluation).", min=1)
+    device: str = _opt(
+        "auto",
+        "Where each client trains and the server evaluates, on that machine: auto (CUDA when torch sees a GPU, else "
+        "Apple MPS, else the CPU), cpu, cuda or mps. A device that is named but not present is an error. In "
+        "fedhf run's simulation a client sees a GPU only with a share of one (--gpus-per-client).",
+        choices=DEVICES,
+    )
+    precision: str = _opt(
+        "fp32",
+        "Mixed precision of training's forward pass: fp32 (none), bf16 (CPU or a GPU with bf16) or fp16 (CUDA, with "
+        "loss scaling). The adapter's weights and the optimizer stay fp32. Not with sample-level DP: Opacus would "
+        "compute the per-example gradients and norms that clipping reads in 16 bits.",
+        choices=PRECISIONS,
+    )
     loss_on: str = _opt(
         "response",
         "model.task causal-lm: which tokens the training loss reads: response (the answer only, the usual choice for "
@@ -783,6 +799,18 @@ def _check_cross_field(cfg: FedHFConfig) -> None:
             f"config key 'audit.canaries': got {cfg.audit.canaries} under model.task '{cfg.model.task}'; canaries are "
             "secrets a generative model can learn to repeat: use model.task 'causal-lm', or leave audit.canaries 0 "
             "(`fedhf audit` measures membership inference for every task)."
+        )
+    if cfg.train.precision != "fp32" and cfg.privacy.sample_level:
+        raise FedHFConfigError(
+            f"config key 'train.precision': got '{cfg.train.precision}' with privacy.mode '{cfg.privacy.mode}'; under "
+            "sample-level DP Opacus would compute the per-example gradients, and the norms that clipping bounds, in "
+            "16 bits, so fedhf could not vouch that each example's contribution stays within privacy.max-grad-norm: "
+            "use train.precision=fp32 with sample-level DP."
+        )
+    if cfg.train.precision == "fp16" and cfg.train.device in ("cpu", "mps"):
+        raise FedHFConfigError(
+            f"config key 'train.precision': got 'fp16' with train.device '{cfg.train.device}'; fp16 mixed precision "
+            "(with loss scaling) runs on CUDA only: use bf16 or fp32."
         )
     if cfg.audit.canaries and cfg.personalization.mode != "none":
         raise FedHFConfigError(

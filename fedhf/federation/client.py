@@ -453,6 +453,7 @@ class Fit:
                     optimizer_name=t.optimizer,
                     momentum=t.momentum,
                     pull=pull,
+                    precision=t.precision,
                 )
         self.results.append(result)
         return result

@@ -20,10 +20,18 @@ from fedhf.flower.server_app import ServerMain, server_app_for
 log = logging.getLogger("fedhf")
 
 
-def simulate(server_main: ServerMain, client_app: ClientApp, num_supernodes: int, cpus_per_client: int = 1) -> None:
-    """Run ``server_main(grid, run_config)`` as the ServerApp against ``num_supernodes`` simulated SuperNodes."""
+def simulate(
+    server_main: ServerMain,
+    client_app: ClientApp,
+    num_supernodes: int,
+    cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
+) -> None:
+    """Run ``server_main(grid, run_config)`` as the ServerApp against ``num_supernodes`` simulated SuperNodes, each
+    client with ``cpus_per_client`` CPUs and a ``gpus_per_client`` share of a GPU (Ray hides the GPUs from a client
+    without a share)."""
     backend_config = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": float(gpus_per_client)},
         "init_args": {"num_cpus": max(os.cpu_count() or 1, cpus_per_client)},
     }
     server_done = threading.Event()

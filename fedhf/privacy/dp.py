@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from fedhf.config.schema import FedHFConfig, PrivacyConfig
 from fedhf.errors import FedHFPrivacyError
 from fedhf.tasks.base import Task
+from fedhf.tasks.device import model_device
 from fedhf.train.loop import Pull, TrainResult, make_optimizer, train_local
 
 RNG_NOTE = (
@@ -252,9 +253,10 @@ def _merge(history: list[tuple[float, float, int]], entry: tuple[float, float, i
     return out
 
 
-def fresh_generator() -> torch.Generator:
-    """A generator seeded from OS randomness: never from the run's seed."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` (where the noise is drawn: the model's) seeded from OS randomness: never from the
+    run's seed."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def check_opacus_compatible(model: torch.nn.Module) -> None:
@@ -320,7 +322,7 @@ def private_train(
             noise_multiplier=account.noise_multiplier,
             max_grad_norm=account.max_grad_norm,
             poisson_sampling=False,
-            noise_generator=fresh_generator(),
+            noise_generator=fresh_generator(model_device(model)),
             grad_sample_mode=grad_sample_mode,
         )
     except FedHFPrivacyError:

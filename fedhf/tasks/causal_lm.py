@@ -32,6 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from fedhf.data.records import record_format
 from fedhf.errors import FedHFDataError, FedHFModelError
 from fedhf.tasks.base import EvalResult
+from fedhf.tasks.device import model_device, to_device
 from fedhf.tasks.text_classification import macro_f1
 
 IGNORE = -100  # the label of a token the loss does not read (PyTorch's and transformers' convention)
@@ -372,6 +373,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader) -> LMEvalResult:
     model.eval()
     total, tokens, correct, n = 0.0, 0, 0, 0
     for batch in loader:
+        batch = to_device(batch, model_device(model))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         summed, counted = token_losses(logits, batch["labels"])
         total += float(summed.sum())
@@ -392,9 +394,10 @@ def per_example_loss(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor
     model.eval()
     out = []
     for batch in loader:
+        batch = to_device(batch, model_device(model))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         summed, counted = token_losses(logits, batch["labels"])
-        out.append(summed / counted.clamp(min=1))
+        out.append((summed / counted.clamp(min=1)).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -754,6 +757,7 @@ class CausalLM:
         total, tokens, preds, truth = 0.0, 0, [], []
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens(tokenizer))
         for batch in loader:
+            batch = to_device(batch, model_device(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             summed, counted = token_losses(logits, batch["labels"])
             total += float(summed.sum())
@@ -761,7 +765,7 @@ class CausalLM:
             prompts = [row[: int(n)].tolist() for row, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
             new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
             preds.append(answer_ids([tokenizer.decode(r, skip_special_tokens=True) for r in new], self._names()))
-            truth.append(batch["class"])
+            truth.append(batch["class"].cpu())
         cat = lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.long)  # noqa: E731
         return total, tokens, cat(preds), cat(truth)
 
@@ -790,6 +794,7 @@ class CausalLM:
         longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in loader.answers), default=1)
         settings = GenerationSettings(max_new_tokens=min(longest + 1, RECORD_MAX_NEW_TOKENS))
         for batch in loader:
+            batch = to_device(batch, model_device(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             summed, counted = token_losses(logits, batch["labels"])
             pairs: list[tuple[str, str]] = []
@@ -807,6 +812,7 @@ class CausalLM:
         """Per batch of a plain-text loader: (summed token loss, tokens, top-1 hits, top-5 hits), per example."""
         model.eval()
         for batch in loader:
+            batch = to_device(batch, model_device(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             summed, counted = token_losses(logits, batch["labels"])
             top1, top5 = next_token_hits(logits, batch["labels"])
@@ -847,13 +853,13 @@ class CausalLM:
         if getattr(loader, "data_format", "") == "text":
             losses, shares = [], []
             for summed, counted, top1, _ in self._text_batches(model, loader):
-                losses.append(summed / counted.clamp(min=1))
-                shares.append(top1 / counted.clamp(min=1))
+                losses.append((summed / counted.clamp(min=1)).cpu())
+                shares.append((top1 / counted.clamp(min=1)).cpu())
             cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731
             return cat(losses), (cat(shares) if generate else torch.empty(0))
         losses, hits = [], []
         for summed, counted, pairs in self._record_batches(model, loader, generate):
-            losses.append(summed / counted.clamp(min=1))
+            losses.append((summed / counted.clamp(min=1)).cpu())
             hits += [normalize_text(said) == normalize_text(gold) for said, gold in pairs]
         return (torch.cat(losses) if losses else torch.empty(0)), torch.tensor(hits, dtype=torch.bool)
 
@@ -869,9 +875,10 @@ class CausalLM:
         model.eval()
         with torch.no_grad():
             for batch in loader:
+                batch = to_device(batch, model_device(model))
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 summed, counted = token_losses(logits, batch["labels"])
-                losses.append(summed / counted.clamp(min=1))
+                losses.append((summed / counted.clamp(min=1)).cpu())
                 prompts = [r[: int(n)].tolist() for r, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)]
                 new = generate_ids(model, tokenizer, prompts, settings, batch_size=len(prompts))
                 preds.append(answer_ids([tokenizer.decode(r, skip_special_tokens=True) for r in new], self._names()))
@@ -953,8 +960,8 @@ class CausalLM:
         with torch.no_grad():
             for ids, gen in zip(encoded, new, strict=True):
                 gen = until_eos(gen, tokenizer.eos_token_id)  # a batch pads the rows that ended first
-                full = torch.tensor([ids + gen])
-                logp = torch.log_softmax(model(input_ids=full).logits[0, len(ids) - 1 : -1].float(), -1)
+                full = torch.tensor([ids + gen], device=model_device(model))
+                logp = torch.log_softmax(model(input_ids=full).logits[0, len(ids) - 1 : -1].float(), -1).cpu()
                 score = float(logp.gather(1, torch.tensor(gen).unsqueeze(1)).sum().exp()) if gen else 0.0
                 out.append((tokenizer.decode(gen, skip_special_tokens=True).strip(), score))
         return out

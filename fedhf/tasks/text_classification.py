@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from fedhf.errors import FedHFModelError
 from fedhf.tasks.base import EvalResult
+from fedhf.tasks.device import model_device, to_device
 
 # Model families whose sequence-classification head reads the backbone's pooler output or its first token,
 # so that mean pooling can be put in their place (decoder heads read the last token instead).
@@ -126,9 +127,10 @@ def logits_of(model: torch.nn.Module, loader: DataLoader) -> tuple[torch.Tensor,
     per-example loss and ``fedhf predict`` all run through it)."""
     model.eval()
     logits, labels = [], []
+    device = model_device(model)
     for batch in loader:
         inputs, target = split(batch)
-        logits.append(model(**inputs).logits)
+        logits.append(model(**to_device(inputs, device)).logits.float().cpu())
         labels.append(target)
     if not logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from fedhf.config.schema import LR_SCHEDULES
 from fedhf.tasks.base import Task
+from fedhf.tasks.device import autocast, model_device, to_device
 
 
 @dataclass
@@ -90,13 +91,18 @@ def train_local(
     after_step: Callable[[], None] | None = None,
     empty_batch: Callable[[], None] | None = None,
     pull: Pull | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train the trainable parameters (``optimizer_name`` unless an optimizer is given); optional FedProx term.
 
     The hooks let a privacy engine check each step (``before_step``/``after_step``) and handle
     a batch with no example (``empty_batch``: the step still happens, e.g. noise only). Without
     ``empty_batch`` an empty batch is skipped. ``pull``: Ditto's step toward the global adapter, after each step.
+    Batches go to the model's device; ``precision`` (train.precision) bf16 or fp16 runs the forward pass under
+    autocast, fp16 with loss scaling (never under DP: the config refuses it there).
     """
+    device = model_device(model)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     criterion = criterion or task.criterion()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -109,24 +115,29 @@ def train_local(
     for _ in range(epochs):
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            inputs, target = task.split(batch) if batch else ({}, None)
+            inputs, target = task.split(to_device(batch, device)) if batch else ({}, None)
             if target is None or target.shape[0] == 0:
                 if empty_batch is None:
                     continue
                 empty_batch()
             else:
-                loss = criterion(task.output(model(**inputs)), target)
+                with autocast(device, precision):
+                    loss = criterion(task.output(model(**inputs)), target)
                 n = target.shape[0]
                 total_loss += loss.item() * n  # the data loss (without the proximal term)
                 if anchors is not None:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
                     loss = loss + proximal_mu / 2 * prox
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 seen += n
                 tokens += task.tokens(inputs)
             if before_step:
                 before_step()
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skips a step whose scaled gradients overflowed, then adjusts the scale
+                scaler.update()
+            else:
+                optimizer.step()
             if after_step:
                 after_step()
             if pull is not None:
