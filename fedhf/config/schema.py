@@ -234,6 +234,13 @@ class TrainConfig:
     )
     weight_decay: float = _opt(0.0, "Client weight decay (decoupled for adamw, L2 for sgd).", min=0.0)
     num_threads: int = _opt(1, "Torch CPU threads per client (and for the server's evaluation).", min=1)
+    length_buckets: int = _opt(
+        8,
+        "Shuffled training batches of like length: each epoch's shuffled rows are cut into pools of this many "
+        "batches, each pool sorted by length, and the batches shuffled (less padding, the same rows and number of "
+        "batches per epoch); 1: plain shuffled batches. Not under sample-level DP, whose batches are Poisson samples.",
+        min=1,
+    )
     device: str = _opt(
         "auto",
         "Where each client trains and the server evaluates, on that machine: auto (CUDA when torch sees a GPU, else "

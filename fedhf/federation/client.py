@@ -416,8 +416,16 @@ class Fit:
         extra: dict[str, Any] = {"extra_records": self.extra} if self.extra else {}
         if cfg.model.task == "causal-lm":
             extra["response_only"] = cfg.train.loss_on == "response"
+        buckets = t.length_buckets if self.account is None else 1  # DP-SGD draws its own Poisson batches
         loader = self.task.make_loader(
-            self.train_ds, self.tokenizer, cfg.data.max_length, t.batch_size, shuffle=True, seed=seed, **extra
+            self.train_ds,
+            self.tokenizer,
+            cfg.data.max_length,
+            t.batch_size,
+            shuffle=True,
+            seed=seed,
+            length_buckets=buckets,
+            **extra,
         )
         if self.account is not None:
             # DP noise and Poisson sampling come from fresh randomness inside private_train, never from the seed.

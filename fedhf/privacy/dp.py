@@ -299,6 +299,11 @@ def private_train(
     The accountant starts from ``account.history`` (earlier rounds), so the epsilon it reports
     covers the whole run. Raises FedHFPrivacyError when DP cannot be applied.
     """
+    if loader.batch_size is None:  # a bug in the caller: DP-SGD's batches are Poisson samples of the rows
+        raise FedHFPrivacyError(
+            "DP-SGD needs a loader with a batch size (it draws its own Poisson batches of the rows), not one with a "
+            "batch sampler such as length buckets."
+        )
     model.train()
     check_opacus_compatible(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

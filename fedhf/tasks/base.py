@@ -9,13 +9,14 @@ these members, plus a line in :func:`get_task` and in ``fedhf.config.schema.TASK
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from fedhf.errors import FedHFConfigError
 
@@ -28,6 +29,39 @@ class EvalResult:
     accuracy: float
     macro_f1: float
     num_examples: int
+
+
+class LengthBuckets(Sampler[list[int]]):
+    """Shuffled batches of rows of like length (``train.length-buckets``): each pass draws a permutation, cuts it
+    into pools of ``pool`` batches' rows, sorts each pool by length, cuts it into batches and shuffles the batches'
+    order. Every row is seen once per pass and there are ceil(n / batch_size) batches, as with plain shuffled
+    batches, but a batch pads to a length near its rows' own. Not for DP-SGD, whose Poisson batches are drawn
+    afresh (``fedhf.privacy.dp.poisson_loader``)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, pool: int, generator: torch.Generator) -> None:
+        self.lengths, self.batch_size, self.pool, self.generator = list(lengths), batch_size, pool, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n, size = len(self.lengths), self.batch_size * self.pool
+        perm = torch.randperm(n, generator=self.generator).tolist()
+        batches = []
+        for start in range(0, n, size):
+            rows = sorted(perm[start : start + size], key=self.lengths.__getitem__)
+            batches += [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+
+def batching(lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int, buckets: int = 1) -> dict[str, Any]:
+    """DataLoader arguments for rows of ``lengths``: plain shuffled batches, or (``buckets`` > 1, shuffled only)
+    length-bucketed ones (:class:`LengthBuckets`), both drawn from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    if shuffle and buckets > 1 and len(lengths) > batch_size:
+        return {"batch_sampler": LengthBuckets(lengths, batch_size, buckets, generator)}
+    return {"batch_size": batch_size, "shuffle": shuffle, "generator": generator}
 
 
 class Task(Protocol):
@@ -49,8 +83,10 @@ class Task(Protocol):
         shuffle: bool,
         seed: int = 0,
         sort_by_length: bool = False,
+        length_buckets: int = 1,
     ) -> DataLoader:
-        """Tokenized, collated batches of the rows of ``ds`` (columns ``text`` and ``label``)."""
+        """Tokenized, collated batches of the rows of ``ds`` (columns ``text`` and ``label``); ``sort_by_length``
+        for evaluation, ``length_buckets`` for shuffled training batches (:func:`batching`)."""
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(what the model takes, the target) of a batch."""

@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from fedhf.data.records import record_format
 from fedhf.errors import FedHFDataError, FedHFModelError
-from fedhf.tasks.base import EvalResult
+from fedhf.tasks.base import EvalResult, batching
 from fedhf.tasks.device import model_device, to_device
 from fedhf.tasks.text_classification import macro_f1
 
@@ -311,13 +311,17 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     sort_by_length: bool = False,
+    length_buckets: int = 1,
 ) -> DataLoader:
-    """Batches of tokenized rows (``tokenize``), padded per batch; ``sort_by_length`` for evaluation only."""
+    """Batches of tokenized rows (``tokenize``), padded per batch; ``sort_by_length`` for evaluation only,
+    ``length_buckets`` for shuffled training batches of like length (``fedhf.tasks.base.batching``)."""
     rows = sorted(rows, key=lambda r: len(r["input_ids"])) if sort_by_length else list(rows)
     p = pad_id(tokenizer)
-    generator = torch.Generator().manual_seed(seed)
+    lengths = [len(r["input_ids"]) for r in rows]
     loader = DataLoader(
-        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=functools.partial(collate, pad=p), generator=generator
+        rows,
+        collate_fn=functools.partial(collate, pad=p),
+        **batching(lengths, batch_size, shuffle, seed, length_buckets),
     )
     loader.tokenizer = tokenizer  # evaluation generates, and decodes with it
     return loader
@@ -687,6 +691,7 @@ class CausalLM:
         sort_by_length: bool = False,
         extra_records: Sequence[Mapping[str, Any]] = (),
         response_only: bool = True,
+        length_buckets: int = 1,
     ) -> DataLoader:
         """Batches of the rows of ``ds`` (``text``, ``label``) phrased as instructions, tokenized once;
         ``extra_records`` (instruction records, e.g. the audit's canaries) train with them and have class -1;
@@ -694,8 +699,9 @@ class CausalLM:
         fmt = record_format(_columns(ds))
         if fmt != "labels":
             return self._records_loader(
-                ds, fmt, tokenizer, max_length, batch_size, shuffle, seed, sort_by_length, extra_records, response_only
-            )
+                ds, fmt, tokenizer, max_length, batch_size, shuffle, seed, sort_by_length, extra_records, response_only,
+                length_buckets,
+            )  # fmt: skip
         names = self._names()
         texts = fit_texts(list(ds["text"]), names, tokenizer, max_length)
         records = classification_records(texts, list(ds["label"]), names) + list(extra_records)
@@ -704,7 +710,15 @@ class CausalLM:
         classes = [int(y) for y in ds["label"]] + [-1] * len(extra_records)
         for row, y in zip(rows, classes, strict=True):
             row["class"] = y
-        return make_loader(rows, tokenizer, batch_size, shuffle, seed=seed, sort_by_length=sort_by_length)
+        return make_loader(
+            rows,
+            tokenizer,
+            batch_size,
+            shuffle,
+            seed=seed,
+            sort_by_length=sort_by_length,
+            length_buckets=length_buckets,
+        )
 
     def _records_loader(
         self,
@@ -718,6 +732,7 @@ class CausalLM:
         sort_by_length: bool,
         extra_records: Sequence[Mapping[str, Any]],
         response_only: bool,
+        length_buckets: int = 1,
     ) -> DataLoader:
         """Instruction or chat records (``fedhf.data.records``), each row remembering its gold answer (what exact
         match and token F1 compare the greedy generation with)."""
@@ -728,7 +743,15 @@ class CausalLM:
         answers = [answer_of(r, f) for r, f in zip(records, formats, strict=True)]
         for i, row in enumerate(rows):
             row["class"], row["row"] = -1, i
-        loader = make_loader(rows, tokenizer, batch_size, shuffle, seed=seed, sort_by_length=sort_by_length)
+        loader = make_loader(
+            rows,
+            tokenizer,
+            batch_size,
+            shuffle,
+            seed=seed,
+            sort_by_length=sort_by_length,
+            length_buckets=length_buckets,
+        )
         loader.answers = answers
         loader.data_format = fmt  # plain text has no answer to generate: next-token accuracy scores it
         return loader

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from fedhf.errors import FedHFModelError
-from fedhf.tasks.base import EvalResult
+from fedhf.tasks.base import EvalResult, batching
 from fedhf.tasks.device import model_device, to_device
 
 # Model families whose sequence-classification head reads the backbone's pooler output or its first token,
@@ -97,10 +97,12 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     sort_by_length: bool = False,
+    length_buckets: int = 1,
 ) -> DataLoader:
     """Tokenize once, pad per batch (dynamic padding).
 
-    ``sort_by_length`` (evaluation only) orders rows by length so batches carry little padding.
+    ``sort_by_length`` (evaluation only) orders rows by length so batches carry little padding; ``length_buckets``
+    (shuffled training) draws batches of like length (``fedhf.tasks.base.batching``).
     """
     enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
     rows = [
@@ -117,8 +119,8 @@ def make_loader(
         )
         return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], "labels": labels}
 
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+    lengths = [len(r["input_ids"]) for r in rows]
+    return DataLoader(rows, collate_fn=collate, **batching(lengths, batch_size, shuffle, seed, length_buckets))
 
 
 @torch.no_grad()
