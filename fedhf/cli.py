@@ -816,6 +816,10 @@ def push(
         bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; send nothing.")] = False,
+    export: Annotated[
+        list[str] | None,
+        typer.Option("--export", help="Also publish this `fedhf export` format under export/FORMAT/ (repeatable)."),
+    ] = None,
 ) -> None:
     """Upload a finished run's hub/ folder (adapter, model card, provenance) to the Hugging Face Hub.
 
@@ -824,7 +828,15 @@ def push(
     from fedhf.release.hub import push as do_push
 
     try:
-        result = do_push(run_dir, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run)
+        result = do_push(
+            run_dir,
+            repo_id,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            dry_run=dry_run,
+            exports=tuple(export or ()),
+        )
     except FedHFError as exc:
         _fail(str(exc))
     verb = "would upload" if result.dry_run else "uploaded"
@@ -837,6 +849,48 @@ def push(
         typer.echo(f"pull request: {result.pr_url}")
     elif result.commit_url:
         typer.echo(f"commit: {result.commit_url}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (outputs/<run-id>).")],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="int8 (PyTorch dynamic int8), onnx (ONNX Runtime, fp32) or onnx-int8 (ONNX Runtime dynamic int8).",
+        ),
+    ] = "int8",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for the latency figures (default: torch's, all cores).")
+    ] = None,
+) -> None:
+    """Merge the run's adapter into its base model and export it for CPU inference to RUN_DIR/export/FORMAT/.
+
+    The export is measured against the fp32 merged model on the run's central evaluation rows (accuracy, size,
+    latency per example at batch 1 and 32) and gets its own card section (README.md there); `fedhf push --export
+    FORMAT` publishes it with the run. Text-classification runs with model.pooling cls.
+    """
+    from fedhf.analysis.export import check_format, export_run
+
+    try:
+        check_format(format_)
+        if threads is not None and threads < 1:
+            raise FedHFConfigError(f"--threads: got {threads}; give a whole number >= 1.")
+        folder, f = export_run(run_dir, format_, threads=threads)
+    except FedHFError as exc:
+        _fail(str(exc))
+    typer.echo(f"export {f.format}: {folder}")
+    typer.echo(
+        f"  size {f.bytes:,} B ({f.bytes / f.fp32_bytes:.1%} of the fp32 merged model's {f.fp32_bytes:,} B); "
+        f"accuracy {f.accuracy:.4f} vs fp32 {f.fp32_accuracy:.4f} on {f.rows:,} rows"
+    )
+    typer.echo(
+        f"  latency per example: batch 1 {f.latency_ms_batch1:.2f} ms vs {f.fp32_latency_ms_batch1:.2f} ms "
+        f"({f.fp32_latency_ms_batch1 / f.latency_ms_batch1:.2f}x), batch 32 {f.latency_ms_batch32:.2f} ms vs "
+        f"{f.fp32_latency_ms_batch32:.2f} ms ({f.fp32_latency_ms_batch32 / f.latency_ms_batch32:.2f}x); "
+        f"{f.threads} thread(s)"
+    )
 
 
 @app.command()

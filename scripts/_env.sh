@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ "$FEDHF_ROOT/pyproject.toml" -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # Pin torch first: an unpinned torch pulls a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$VENV/bin/python" -m pip install --quiet -e "$FEDHF_ROOT[offline,test]"
+  "$VENV/bin/python" -m pip install --quiet -e "$FEDHF_ROOT[offline,test,export]"
   touch "$stamp"
 fi
 

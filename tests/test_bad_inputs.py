@@ -234,6 +234,8 @@ CASES = {
     ),
     "cli-predict-max-new-tokens": (["predict", "--model", "{root}", "--text", "x", "--max-new-tokens", "0"], "from 1"),
     "cli-cpus": (["run", "--cpus-per-client", "0"], "--cpus-per-client"),
+    "cli-export-format": (["export", "{poisoned}", "--format", "fp8"], "--format: got 'fp8'; use one of int8"),
+    "cli-export-unfinished-run": (["export", "{poisoned}", "--format", "int8"], "Export only a complete run"),
     "cli-gpus-over-one": (["run", "--gpus-per-client", "1.5"], "--gpus-per-client: got 1.5; a client trains on one"),
     "config-device-unknown": (["run", "--set", "train.device=gpu0"], "train.device"),
     "config-mixed-precision-under-dp": (

@@ -7,6 +7,10 @@ the run config, and never appears in output or errors.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from fedhf.errors import FedHFHubError, FedHFRunError
 from fedhf.run.store import RunRecord, RunStore
 
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "README.md", "fedhf.json")
+EXPORT_FORMATS = ("int8", "onnx", "onnx-int8")  # fedhf export's, each in RUN_DIR/export/FORMAT/
 
 
 def _endpoint() -> str:
@@ -62,11 +67,11 @@ def push(
     revision: str | None = None,
     create_pr: bool = False,
     dry_run: bool = False,
+    exports: tuple[str, ...] = (),
 ) -> PushResult:
-    """Create the repo (if needed) and upload the run's hub/ folder in one commit."""
-    import httpx
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    """Create the repo (if needed) and upload the run's hub/ folder in one commit; ``exports``: formats of
+    ``fedhf export`` to publish with it, under export/FORMAT/ with their sections added to the card."""
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     hub, run = hub_folder(run_dir)
@@ -84,9 +89,54 @@ def push(
             f"--repo-id '{repo_id}' is not a valid Hub repo id ({str(exc).splitlines()[0][:160]}); "
             f"use namespace/name, e.g. my-org/fedhf-sst2."
         ) from None
-    files = sorted((p.relative_to(hub).as_posix(), p.stat().st_size) for p in hub.rglob("*") if p.is_file())
-    if dry_run:
-        return PushResult(repo_id, files, dry_run=True)
+    with _staged(hub, Path(run_dir), exports) as folder:
+        files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+        if dry_run:
+            return PushResult(repo_id, files, dry_run=True)
+        return _upload(folder, run, repo_id, files, private=private, revision=revision, create_pr=create_pr)
+
+
+@contextlib.contextmanager
+def _staged(hub: Path, run_dir: Path, exports: tuple[str, ...]) -> Iterator[Path]:
+    """hub/ itself, or (with exports) a temporary copy of it with each export under export/FORMAT/ and its card
+    section (the export's own README.md, written by ``fedhf export``) appended to the model card."""
+    if not exports:
+        yield hub
+        return
+    for fmt in exports:
+        if fmt not in EXPORT_FORMATS:
+            raise FedHFHubError(f"--export: got {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}.")
+        if not (run_dir / "export" / fmt / "README.md").is_file():
+            raise FedHFHubError(
+                f"--export {fmt}: the run has no finished {fmt} export ({run_dir / 'export' / fmt}); run "
+                f"`fedhf export {run_dir} --format {fmt}` first."
+            )
+    with tempfile.TemporaryDirectory(prefix="fedhf-push-") as tmp:
+        folder = Path(tmp) / "hub"
+        shutil.copytree(hub, folder)
+        card = (folder / "README.md").read_text()
+        for fmt in dict.fromkeys(exports):
+            shutil.copytree(run_dir / "export" / fmt, folder / "export" / fmt)
+            (folder / "export" / fmt / "README.md").unlink()  # its text goes in the card
+            card = card.rstrip("\n") + "\n\n" + (run_dir / "export" / fmt / "README.md").read_text()
+        (folder / "README.md").write_text(card)
+        yield folder
+
+
+def _upload(
+    folder: Path,
+    run: RunRecord,
+    repo_id: str,
+    files: list[tuple[str, int]],
+    *,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+) -> PushResult:
+    import httpx
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
     token = get_token()
     if not token:
         raise FedHFHubError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
@@ -97,7 +147,7 @@ def push(
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(
             repo_id=repo_id,
-            folder_path=hub,
+            folder_path=folder,
             revision=revision,
             create_pr=create_pr,
             commit_message=f"fedhf run {run.run_id}",

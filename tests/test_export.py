@@ -1,0 +1,122 @@
+"""fedhf export (issue 19): the adapter merged into its base, then PyTorch dynamic int8, ONNX or ONNX int8; each
+written whole to RUN_DIR/export/FORMAT/, measured against the fp32 merged model, loaded back with its own runtime
+by the card's own code, and published by fedhf push --export. Bad input: one clear error, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fedhf.analysis import export as X
+from fedhf.errors import FedHFConfigError, FedHFHubError, FedHFModelError, FedHFRunError
+from fedhf.release.hub import push
+
+from .test_hub import finished_run  # noqa: F401,F811  (the fixture: a finished run of a tiny trained adapter, SST-2)
+
+TEXTS = ["a wonderful film", "dull and boring", "the plot was fine", "an utterly gripping, beautifully shot story"]
+
+
+def fp32_logits(run_dir, texts):
+    from fedhf.run.store import load_run
+
+    merged, tok, _ = X._merged(run_dir, load_run(run_dir))
+    with torch.no_grad():
+        return merged(**tok(texts, return_tensors="pt", padding=True)).logits
+
+
+def card_code(folder) -> str:
+    """The loading code of the export's card section, as a user would paste it."""
+    text = (folder / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+@pytest.mark.parametrize("fmt", X.FORMATS)
+def test_each_format_loads_with_its_runtime_by_the_cards_code_and_predicts_as_the_merged_model(
+    finished_run,  # noqa: F811
+    fmt,
+):
+    run_dir, _ = finished_run
+    folder, f = X.export_run(run_dir, fmt, threads=1, latency_repeats=2)
+    assert folder == run_dir / "export" / fmt and not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+    saved = json.loads((folder / "export.json").read_text())
+    assert saved["format"] == fmt and saved["rows"] == 872 and saved["bytes"] == (folder / f.file).stat().st_size
+    # (the tiny model is nearly all embedding table, which stays fp32: the size target is the real model's, in the
+    # benchmark; here the linear layers must really be int8)
+    assert 0.0 < saved["bytes"] / saved["fp32_bytes"] < 1.1
+    assert saved["fp32_accuracy"] == pytest.approx(f.fp32_accuracy) and f.agreement >= 0.9
+    # the card's own loading code, run with the ordinary tools, gives what the fp32 merged model gives
+    code = card_code(folder).replace('path = "export/', f'path = "{run_dir}/export/')
+    code = re.sub(r'\["a gripping, beautifully shot film"\]', repr(TEXTS), code)
+    code = code.replace("print(", "result = (")
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102
+    got = torch.as_tensor(np.asarray(scope["result"]))
+    want = fp32_logits(run_dir, TEXTS)
+    if fmt == "int8":
+        got = got.log() - got.log().logsumexp(-1, keepdim=True)  # the snippet prints probabilities
+        want = want.log_softmax(-1)
+    tol = 1e-3 if fmt == "onnx" else 0.15
+    assert got.shape == want.shape and float((got - want).abs().max()) < tol, (got, want)
+    if fmt == "int8":
+        from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+        model = scope["model"]
+        assert isinstance(model.bert.encoder.layer[0].attention.self.query, Int8Linear)  # the encoder's int8
+        assert type(model.classifier) is torch.nn.Linear  # the head fp32
+    elif fmt == "onnx-int8":
+        import onnx
+
+        graph = onnx.load(str(folder / f.file)).graph
+        assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    text = (folder / "README.md").read_text()
+    assert f"## Export: {fmt}" in text and "merge_and_unload" in text and "latency per example, batch 32" in text
+
+
+def test_push_publishes_an_export_with_its_card_section(finished_run):  # noqa: F811
+    run_dir, _ = finished_run
+    with pytest.raises(
+        FedHFHubError,
+        match=r"--export int8: the run has no finished int8 export .* run .fedhf export .* --format int8. first",
+    ):
+        push(run_dir, "someone/model", dry_run=True, exports=("int8",))
+    with pytest.raises(FedHFHubError, match=r"--export: got '\.\./x'"):
+        push(run_dir, "someone/model", dry_run=True, exports=("../x",))
+    X.export_run(run_dir, "int8", threads=1, latency_repeats=1)
+    files = dict(push(run_dir, "someone/model", dry_run=True, exports=("int8",)).files)
+    assert {"export/int8/model_int8.pt", "export/int8/export.json", "export/int8/config.json", "README.md"} <= set(
+        files
+    )
+    assert "export/int8/README.md" not in files  # its text is in the card
+    assert files["README.md"] > (run_dir / "hub" / "README.md").stat().st_size
+    assert not any(name.startswith("export/") for name in dict(push(run_dir, "someone/model", dry_run=True).files))
+
+
+def test_bad_exports_are_refused_and_nothing_is_half_written(finished_run, monkeypatch):  # noqa: F811
+    run_dir, run = finished_run
+    with pytest.raises(FedHFConfigError, match=r"--format: got 'fp8'; use one of int8, onnx, onnx-int8"):
+        X.check_format("fp8")
+    monkeypatch.setattr(X.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FedHFConfigError, match=r"--format onnx needs the package\(s\) onnx, onnxscript, onnxruntime"):
+        X.check_format("onnx")
+    X.check_format("int8")  # torch only
+    monkeypatch.undo()
+
+    def broken(*_a, **_k):
+        raise RuntimeError("the exporter fell over")
+
+    monkeypatch.setattr(X, "_write_onnx", broken)
+    with pytest.raises(RuntimeError, match="fell over"):
+        X.export_run(run_dir, "onnx", threads=1, latency_repeats=1)
+    assert not (run_dir / "export" / "onnx").exists() and list((run_dir / "export").iterdir()) == []
+    for status in ("running", "failed"):
+        (run_dir / "run.json").write_text(json.dumps({**run, "status": status}))
+        with pytest.raises(FedHFRunError, match="Export only a complete run"):
+            X.export_run(run_dir, "int8")
+    flat = {**run["config"], "model.pooling": "mean"}
+    (run_dir / "run.json").write_text(json.dumps({**run, "config": flat}))
+    with pytest.raises(FedHFModelError, match=r"model.pooling 'mean'.*export supports model.pooling 'cls'"):
+        X.export_run(run_dir, "int8")
