@@ -32,6 +32,7 @@ from fedhf.federation import faults
 from fedhf.federation.lora_ranks import truncate
 from fedhf.federation.node import Node, node_allows_canaries, node_lora_rank, node_of  # noqa: F401  (node_of: the ClientApp's entry)
 from fedhf.federation.node_state import SpendStore, legacy_key, new_accountant_id
+from fedhf.federation.reuse import SHELF
 from fedhf.federation.updates import encode
 from fedhf.privacy.dp import (
     SampleAccount,
@@ -52,7 +53,6 @@ from fedhf.privacy.policy import (
 )
 from fedhf.tasks.base import get_task
 from fedhf.tasks.model import (
-    build_model,
     get_adapter_state,
     load_tokenizer,
     set_adapter_state,
@@ -277,7 +277,7 @@ def train_round(
 
     tokenizer = load_tokenizer(cfg.model.name)
     rank = node_rank(cfg, node_config)
-    model = build_model(cfg, names, rank=rank)
+    model = SHELF.take(cfg, names, rank)  # built once per process and key, reset to its initial state
     global_state = start_state(global_state, rank)  # at this node's rank: the truncation of the global product
     set_adapter_state(model, global_state)
     fit = Fit(cfg, model, train_ds, tokenizer, account, round_seed(cfg, server_round, pid), server_round, names, extra)
@@ -331,6 +331,7 @@ def train_round(
     if account is not None:
         info.update(privacy_info(account, accountant_id, policy, lifetime))
     outcome = TrainOutcome(state, metrics, info)
+    SHELF.give_back(model)  # the round succeeded: the next one may reuse the model
     if store is not None and not req.secure:  # before the reply leaves: a resumed server gets the same reply
         store.save_reply(
             req.run_uid,
@@ -605,7 +606,7 @@ def evaluate_round(
         metrics = {"eval-loss": 0.0, "eval-accuracy": 0.0, "eval-f1": 0.0, "num-examples": 0, "weight": 0.0}
     else:
         tokenizer = load_tokenizer(cfg.model.name)
-        model = build_model(cfg, names)
+        model = SHELF.take(cfg, names)
         set_adapter_state(model, global_state)
         if cfg.personalization.mode == "fedrep" and state_root is not None and run_uid:
             local = SpendStore(state_root, data_key(cfg, node)).load_personal(run_uid, "local")
@@ -614,6 +615,7 @@ def evaluate_round(
         task = get_task(cfg.model.task, names)
         loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
         res = task.evaluate(model, loader, len(names))
+        SHELF.give_back(model)
         metrics = {
             "eval-loss": res.loss,
             "eval-accuracy": res.accuracy,

@@ -118,7 +118,14 @@ def is_bundled(resolved: str) -> bool:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model(name))
+    """The tokenizer of model ``name``, loaded once per process for each place it resolves to (fedhf never
+    changes a tokenizer after loading it)."""
+    return _tokenizer(resolve_model(name))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(resolved: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolved)
 
 
 def build_model(
