@@ -66,6 +66,34 @@ def matmul_flops(threads: int, n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
+def layer_matmul_flops(run: RunRecord, tokens_per_batch: int, threads: int, repeats: int = 20) -> float:
+    """torch's fp32 matmul rate at the run model's own linear-layer shapes with ``tokens_per_batch`` rows: per
+    layer of the encoder, the forward product x @ W^T and the input gradient dy @ W (what training a frozen base
+    under LoRA computes), timed together over every layer: the rate the training loop could reach at best."""
+    import torch
+
+    from fedhf.config.schema import parse_config
+    from fedhf.tasks.model import build_model
+
+    torch.set_num_threads(threads)
+    model = build_model(parse_config(run.config), run.dataset.label_names)
+    shapes = [
+        (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".embeddings." not in n and "lora_" not in n and m.in_features > 64
+    ]
+    pairs = [(torch.randn(tokens_per_batch, i), torch.randn(o, i), torch.randn(tokens_per_batch, o)) for i, o in shapes]
+    for x, w, dy in pairs:  # warm-up
+        x @ w.T, dy @ w
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for x, w, dy in pairs:
+            x @ w.T
+            dy @ w
+    seconds = time.perf_counter() - t0
+    return repeats * sum(4 * tokens_per_batch * i * o for i, o in shapes) / seconds
+
+
 def non_embedding_params(run: RunRecord) -> int:
     from fedhf.config.schema import parse_config
     from fedhf.tasks.model import build_model
