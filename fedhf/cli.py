@@ -181,10 +181,12 @@ def run(
         _check_clients(cfg, num_clients)
         if cpus_per_client < 1:
             raise FedHFConfigError(f"--cpus-per-client: got {cpus_per_client}; it must be a whole number >= 1.")
-        from fedhf.tasks.device import gpu_share, resolve_device
+        from fedhf.tasks.device import check_precision, gpu_share, resolve_device
 
         resolve_device(cfg.train.device)  # the simulated clients and the server run on this machine
         gpus = gpu_share(gpus_per_client, cfg.train.device, num_clients)
+        # a simulated client without a GPU share sees none (Ray hides them): it trains on the CPU
+        check_precision(cfg.train.precision, resolve_device("cpu" if gpus == 0 else cfg.train.device))
         if node_config is not None:
             from fedhf.federation.node import load_node_config_file
 
@@ -448,7 +450,8 @@ def _device_text(cfg: FedHFConfig) -> str:
     if device == "cpu" and cfg.train.precision == "fp32":
         return ""
     precision = f", {cfg.train.precision} mixed precision" if cfg.train.precision != "fp32" else ""
-    return f"; on {device}{precision}"
+    where = "cuda (the server; clients with a GPU share)" if device == "cuda" else device
+    return f"; on {where}{precision}"
 
 
 def _audit_line(cfg: FedHFConfig) -> list[str]:

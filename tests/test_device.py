@@ -38,7 +38,6 @@ def test_auto_is_the_cpu_here_and_an_absent_device_is_one_error_naming_the_key()
             D.resolve_device("mps")
     with pytest.raises(FedHFConfigError, match=r"train.device"):
         parse_config({"train.device": "gpu"})
-    # the model lands on the resolved device, and so does its evaluation's input
     cfg = parse_config({"train.device": "auto"})
     assert cfg.train.device == "auto" and cfg.train.precision == "fp32"
 
@@ -59,7 +58,7 @@ def test_the_gpu_share_of_a_simulated_client() -> None:
     assert D.gpu_share(None, "auto", 3, gpus=0) == 0.0
     assert D.gpu_share(None, "cpu", 3, gpus=2) == 0.0
     assert D.gpu_share(None, "auto", 3, gpus=1) == 0.3333
-    assert D.gpu_share(None, "cuda", 3, gpus=2) == 0.6666 and D.gpu_share(None, "auto", 1, gpus=4) == 1.0
+    assert D.gpu_share(None, "cuda", 3, gpus=2) == 0.5 and D.gpu_share(None, "auto", 1, gpus=4) == 1.0
     assert D.gpu_share(0.25, "auto", 8, gpus=1) == 0.25 and D.gpu_share(0, "auto", 3, gpus=1) == 0.0
     for share, words in (
         (1.5, "a client trains on one GPU at most"),

@@ -299,7 +299,7 @@ def audit_run(
     cfg = run_config(run)
     released = released_model(run_dir, run)
     model, tokenizer, max_length, task = released.model, released.tokenizer, released.max_length, released.task
-    reference = build_model(cfg, released.labels)  # the round-0 adapter: same seed, same initialisation
+    reference = build_model(cfg, released.labels, device="cpu")  # the round-0 adapter: same seed, same initialisation
     ref_tok = load_tokenizer(cfg.model.name)
     labelled = "label" in members.column_names
     if labelled:

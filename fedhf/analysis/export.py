@@ -163,7 +163,7 @@ def int8_spec(model: Any) -> dict[str, Any]:
 
 
 def _kept_fp32(model: Any) -> tuple[str, ...]:
-    return ("classifier", "score", f"{model.base_model_prefix}.pooler")
+    return ("classifier", "pre_classifier", "score", "pooler", f"{model.base_model_prefix}.pooler")
 
 
 def _write_int8(merged: Any, folder: Path) -> tuple[Any, str]:

@@ -244,7 +244,7 @@ class TrainConfig:
     device: str = _opt(
         "auto",
         "Where each client trains and the server evaluates, on that machine: auto (CUDA when torch sees a GPU, else "
-        "Apple MPS, else the CPU), cpu, cuda or mps. A device that is named but not present is an error. In "
+        "the CPU), cpu, cuda or mps (only when named). A device that is named but not present is an error. In "
         "fedhf run's simulation a client sees a GPU only with a share of one (--gpus-per-client).",
         choices=DEVICES,
     )

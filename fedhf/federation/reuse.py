@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from fedhf.config.schema import FedHFConfig
-from fedhf.tasks.device import check_precision, resolve_device
+from fedhf.tasks.device import resolve_device
 from fedhf.tasks.model import build_model, resolve_model
 
-_PER_SAMPLE = ("grad_sample", "summed_grad", "_forward_counter")
+_PER_SAMPLE = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample")
 
 
 def model_key(cfg: FedHFConfig, label_names: list[str], rank: int | None, device: torch.device) -> tuple:
@@ -52,7 +52,6 @@ class ModelShelf:
     def take(self, cfg: FedHFConfig, label_names: list[str], rank: int | None = None) -> Any:
         """A model as ``build_model(cfg, label_names, rank=rank)`` makes it: from the shelf (reset) or new."""
         device = resolve_device(cfg.train.device)
-        check_precision(cfg.train.precision, device)
         key = model_key(cfg, label_names, rank, device)
         entry = self._shelf.pop(key, None)
         if entry is None:

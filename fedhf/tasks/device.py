@@ -2,9 +2,10 @@
 
 ``resolve_device`` is called on the machine that trains or evaluates (a node, or the server for its
 central evaluation), since that machine's hardware is what counts: ``auto`` is CUDA when torch sees a
-GPU there, else Apple's MPS, else the CPU; a device that is named but not present is an error that says
-so. The model is put on its device before LoRA and Opacus wrap it (``fedhf.tasks.model.build_model``);
-batches follow the model (``to_device``); ``autocast`` is mixed precision for the forward pass.
+GPU there, else the CPU; a device that is named but not present is an error that says
+so (``mps`` is used only when named). The model is put on its device before LoRA and Opacus wrap it
+(``fedhf.tasks.model.build_model``); batches follow the model (``to_device``); ``autocast`` is mixed
+precision for the forward pass.
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ def _mps_available() -> bool:
 
 def resolve_device(name: str) -> torch.device:
     """The torch device ``train.device`` names on this machine; raises when it is not present."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if name == "auto":  # MPS only when named: fedhf has not been run on it
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda":
@@ -64,7 +63,7 @@ def check_precision(precision: str, device: torch.device) -> None:
             f"config key 'train.precision': got 'fp16' on device '{device.type}'; fp16 mixed precision (with loss "
             "scaling) runs on CUDA only: use bf16 on this device, or fp32."
         )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise FedHFConfigError(
             "config key 'train.precision': got 'bf16', but this GPU does not compute in bf16; use fp16 or fp32."
         )
@@ -95,14 +94,16 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
 
 def gpu_share(requested: float | None, device: str, num_clients: int, gpus: int | None = None) -> float:
     """The GPU share Ray reserves for each simulated client (``fedhf run --gpus-per-client``); in a simulation a
-    client sees a GPU only with a share. Unset: none without a GPU or with train.device cpu/mps; else every client
-    gets an equal share of the machine's GPUs (at most one), so that all of them can train at once. ``gpus``: the
-    GPUs torch sees (default: counted here)."""
+        client sees a GPU only with a share. Unset: none without a GPU or with train.device cpu/mps; else every client
+        gets an equal share of one GPU, as many clients per GPU as it takes to place them all (CPUs permitting, all
+    train at once; each holds its own model copies in GPU memory). ``gpus``: the
+        GPUs torch sees (default: counted here)."""
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if requested is None:
         if device in ("cpu", "mps") or gpus == 0:
             return 0.0
-        return max(math.floor(min(1.0, gpus / max(num_clients, 1)) * 10_000) / 10_000, 0.0001)
+        per_gpu = math.ceil(max(num_clients, 1) / gpus)  # Ray places a share on one GPU: clients per GPU, whole
+        return max(math.floor(10_000 / per_gpu) / 10_000, 0.0001)
     if not math.isfinite(requested) or requested < 0 or requested > 1:
         raise FedHFConfigError(
             f"--gpus-per-client: got {requested:g}; a client trains on one GPU at most: give a share from 0 to 1 "

@@ -34,7 +34,7 @@ from fedhf.config.schema import FedHFConfig
 from fedhf.errors import FedHFModelError
 from fedhf.tasks.base import get_task
 from fedhf.tasks.causal_lm import check_lora_targets, lora_options, lora_targets
-from fedhf.tasks.device import check_precision, resolve_device
+from fedhf.tasks.device import resolve_device
 
 log = logging.getLogger("fedhf")
 
@@ -133,15 +133,15 @@ def build_model(
 ) -> PeftModel:
     """The base classifier with LoRA adapters; initialised from ``cfg.seed`` (head and LoRA A).
 
-    ``device``: where it runs (default: ``train.device`` as this machine resolves it, with ``train.precision``
-    checked against it). The base model is moved there before LoRA wraps it (Opacus + PEFT); the head and LoRA's
-    A are drawn on the CPU first (PEFT inits LoRA on the CPU, then moves it), so every device starts alike.
+    ``device``: where it runs (default: ``train.device`` as this machine resolves it; ``train.precision`` is
+    checked where it trains, ``fedhf.train.loop.train_local``). The base model is moved there before LoRA wraps
+    it (Opacus + PEFT); the head and LoRA's A are drawn on the CPU first (PEFT inits LoRA on the CPU, then moves
+    it), so every device starts alike.
 
     ``rank``: a node's own LoRA rank (node config ``lora-rank``, under ``strategy.lora-aggregation = svd``), with
     the global scaling alpha / model.lora.r kept (its lora_alpha is alpha * rank / model.lora.r)."""
     if device is None:
         device = resolve_device(cfg.train.device)
-        check_precision(cfg.train.precision, device)
     path = resolve_model(cfg.model.name)
     task = get_task(cfg.model.task, label_names)
     with torch.random.fork_rng(devices=[]):  # seed the init without changing the caller's RNG

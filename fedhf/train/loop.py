@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from fedhf.config.schema import LR_SCHEDULES
 from fedhf.tasks.base import Task
-from fedhf.tasks.device import autocast, model_device, to_device
+from fedhf.tasks.device import autocast, check_precision, model_device, to_device
 
 
 @dataclass
@@ -102,6 +102,9 @@ def train_local(
     autocast, fp16 with loss scaling (never under DP: the config refuses it there).
     """
     device = model_device(model)
+    check_precision(precision, device)
+    if precision != "fp32" and (before_step or after_step or empty_batch):  # a bug: DP refuses mixed precision
+        raise RuntimeError("mixed precision with step hooks (DP-SGD) is not supported")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     criterion = criterion or task.criterion()
     params = [p for p in model.parameters() if p.requires_grad]
