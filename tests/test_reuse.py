@@ -76,3 +76,67 @@ def test_a_reused_model_sends_the_same_update_as_a_fresh_one(tiny_model_dir, dat
     for k in first.state:
         assert np.array_equal(np.asarray(first.state[k]), np.asarray(second.state[k])), k
     assert first.metrics == second.metrics
+
+
+def batches(loader) -> list[dict[str, list]]:
+    return [{k: v.tolist() for k, v in b.items()} for b in loader]
+
+
+def test_tokenized_rows_are_reused_only_for_the_same_data_tokenizer_and_options(tiny_model_dir, monkeypatch):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from fedhf.tasks import text_classification as tc
+    from fedhf.tasks.base import TokenizedRows
+
+    cache = TokenizedRows(size=3)
+    monkeypatch.setattr(tc, "TOKENIZED", cache)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [f"row {i} " + "word " * (i % 7) for i in range(20)]
+    ds = datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(20)]})
+
+    first = batches(tc.make_loader(ds, tok, 16, 4, shuffle=True, seed=3))
+    again = batches(tc.make_loader(ds, tok, 16, 4, shuffle=True, seed=3))
+    assert (cache.built, cache.reused) == (1, 1) and again == first
+    # what a fresh process would tokenize: the same batches
+    fresh = TokenizedRows()
+    monkeypatch.setattr(tc, "TOKENIZED", fresh)
+    assert batches(tc.make_loader(ds, tok, 16, 4, shuffle=True, seed=3)) == first and fresh.built == 1
+    monkeypatch.setattr(tc, "TOKENIZED", cache)
+
+    # a sorted (evaluation) loader does not reorder the shared rows
+    tc.make_loader(ds, tok, 16, 4, shuffle=False, sort_by_length=True)
+    assert batches(tc.make_loader(ds, tok, 16, 4, shuffle=False)) == batches(
+        tc.make_loader(ds, tok, 16, 4, shuffle=False)
+    )
+    assert batches(tc.make_loader(ds, tok, 16, 20, shuffle=False))[0]["labels"] == [i % 2 for i in range(20)]
+
+    built = cache.built
+    short = batches(tc.make_loader(ds, tok, 5, 4, shuffle=False))  # another max length: tokenized again
+    assert cache.built == built + 1 and max(len(b["input_ids"][0]) for b in short) == 5
+    part = ds.select(range(6))  # other rows: tokenized again; the same selection again: reused
+    tc.make_loader(part, tok, 16, 4, shuffle=False)
+    tc.make_loader(ds.select(range(6)), tok, 16, 4, shuffle=False)
+    assert cache.built == built + 2
+    other = AutoTokenizer.from_pretrained(tiny_model_dir, truncation_side="left")  # same name, other tokenizer
+    left = batches(tc.make_loader(ds, other, 5, 20, shuffle=False))
+    assert cache.built == built + 3 and left != short
+    assert len(cache._rows) == 3  # bounded
+    rows = [{"text": "not a datasets.Dataset", "label": 0}]
+    assert TokenizedRows().get(rows, tok, (), lambda: ["built"]) == ["built"]  # no fingerprint: never kept
+
+
+def test_a_tokenizer_with_added_tokens_or_another_template_gets_another_key(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from fedhf.tasks.base import tokenizer_key
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    key = tokenizer_key(tok)
+    tok("some text", truncation=True, max_length=3)  # leaves truncation set on the backend: not part of the key
+    assert tokenizer_key(tok) == key
+    tok.chat_template = "{{ messages }}"
+    templated = tokenizer_key(tok)
+    assert templated != key
+    tok.add_tokens(["zzqx"])
+    assert tokenizer_key(tok) not in (key, templated)

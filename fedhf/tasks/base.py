@@ -9,7 +9,10 @@ these members, plus a line in :func:`get_task` and in ``fedhf.config.schema.TASK
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,6 +65,78 @@ def batching(lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int, 
     if shuffle and buckets > 1 and len(lengths) > batch_size:
         return {"batch_sampler": LengthBuckets(lengths, batch_size, buckets, generator)}
     return {"batch_size": batch_size, "shuffle": shuffle, "generator": generator}
+
+
+class TokenizedRows:
+    """Tokenized rows a process reuses: a client's rows are tokenized in its first round and read again in every
+    later one (a simulated client's process serves many rounds and partitions). Keyed on everything the rows
+    depend on: the dataset's content fingerprint (``datasets``' own, which changes with every transform and
+    selection), the tokenizer's whole content (:func:`tokenizer_key`), the max length and the task's options;
+    holds at most ``size`` row lists (least recently used leave first). Rows are shared: readers never change
+    them (loaders sort and batch copies of the list)."""
+
+    def __init__(self, size: int = 6) -> None:
+        self.size = size
+        self._rows: OrderedDict[tuple, Any] = OrderedDict()
+        self.built = 0  # row lists tokenized (misses), for tests
+        self.reused = 0
+
+    def get(self, ds: Any, tokenizer: Any, options: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``'s rows, tokenized now or earlier for the same key; not kept for data without a fingerprint
+        (rows that are not a ``datasets.Dataset``) or a tokenizer without a serialisable backend."""
+        key = rows_key(ds, tokenizer, options)
+        if key is None:
+            self.built += 1
+            return build()
+        rows = self._rows.pop(key, None)
+        if rows is None:
+            rows = build()
+            self.built += 1
+        else:
+            self.reused += 1
+        self._rows[key] = rows
+        while len(self._rows) > self.size:
+            self._rows.popitem(last=False)
+        return rows
+
+
+def tokenizer_key(tokenizer: Any) -> str | None:
+    """A digest of everything in a fast tokenizer that tokenization reads: its vocabulary, merges, normalizer,
+    pre-tokenizer, post-processor and added tokens (``backend_tokenizer.to_str()``, computed once per tokenizer
+    object and size: adding tokens changes it), its special tokens, chat template and truncation side; None for a
+    tokenizer without a backend (never cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    size = len(tokenizer)
+    known = getattr(tokenizer, "_fedhf_backend_digest", None)
+    if known is None or known[0] != size:
+        content = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):  # what the last call left set, not what the tokenizer is
+            content.pop(state, None)
+        known = (size, hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest())
+        tokenizer._fedhf_backend_digest = known
+    h = hashlib.sha256(known[1].encode())
+    for extra in (
+        type(tokenizer).__name__,
+        str(tokenizer.special_tokens_map),
+        str(getattr(tokenizer, "chat_template", None)),
+        str(getattr(tokenizer, "truncation_side", None)),
+        str(getattr(tokenizer, "padding_side", None)),
+    ):
+        h.update(b"\0" + extra.encode())
+    return h.hexdigest()
+
+
+def rows_key(ds: Any, tokenizer: Any, options: tuple) -> tuple | None:
+    fingerprint = getattr(ds, "_fingerprint", None) if isinstance(ds, datasets.Dataset) else None
+    tok = tokenizer_key(tokenizer)
+    if fingerprint is None or tok is None:
+        return None
+    return (fingerprint, tok, *options)
+
+
+TOKENIZED = TokenizedRows()  # this process's: keyed on the data, the tokenizer and every option, bounded
 
 
 class Task(Protocol):

@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from fedhf.data.records import record_format
 from fedhf.errors import FedHFDataError, FedHFModelError
-from fedhf.tasks.base import EvalResult, batching
+from fedhf.tasks.base import TOKENIZED, EvalResult, batching
 from fedhf.tasks.device import model_device, to_device
 from fedhf.tasks.text_classification import macro_f1
 
@@ -703,13 +703,19 @@ class CausalLM:
                 length_buckets,
             )  # fmt: skip
         names = self._names()
-        texts = fit_texts(list(ds["text"]), names, tokenizer, max_length)
-        records = classification_records(texts, list(ds["label"]), names) + list(extra_records)
-        examples = [to_example(r, "instruction", tokenizer) for r in records]
-        rows = tokenize(examples, tokenizer, max_length, response_only=response_only) if examples else []
-        classes = [int(y) for y in ds["label"]] + [-1] * len(extra_records)
-        for row, y in zip(rows, classes, strict=True):
-            row["class"] = y
+
+        def rows_of() -> list[dict[str, Any]]:
+            texts = fit_texts(list(ds["text"]), names, tokenizer, max_length)
+            records = classification_records(texts, list(ds["label"]), names) + list(extra_records)
+            examples = [to_example(r, "instruction", tokenizer) for r in records]
+            rows = tokenize(examples, tokenizer, max_length, response_only=response_only) if examples else []
+            classes = [int(y) for y in ds["label"]] + [-1] * len(extra_records)
+            for row, y in zip(rows, classes, strict=True):
+                row["class"] = y
+            return rows
+
+        options = ("causal-lm", fmt, tuple(names), max_length, response_only, repr(list(extra_records)))
+        rows = TOKENIZED.get(ds, tokenizer, options, rows_of)  # tokenized once per process and key
         return make_loader(
             rows,
             tokenizer,
@@ -736,13 +742,18 @@ class CausalLM:
     ) -> DataLoader:
         """Instruction or chat records (``fedhf.data.records``), each row remembering its gold answer (what exact
         match and token F1 compare the greedy generation with)."""
-        records = [*_rows(ds, fmt), *extra_records]
-        formats = [fmt] * (len(records) - len(extra_records)) + [_format_of(r) for r in extra_records]
-        examples = [to_example(r, f, tokenizer) for r, f in zip(records, formats, strict=True)]
-        rows = tokenize(examples, tokenizer, max_length, response_only=response_only) if examples else []
-        answers = [answer_of(r, f) for r, f in zip(records, formats, strict=True)]
-        for i, row in enumerate(rows):
-            row["class"], row["row"] = -1, i
+
+        def rows_of() -> tuple[list[dict[str, Any]], list[str]]:
+            records = [*_rows(ds, fmt), *extra_records]
+            formats = [fmt] * (len(records) - len(extra_records)) + [_format_of(r) for r in extra_records]
+            examples = [to_example(r, f, tokenizer) for r, f in zip(records, formats, strict=True)]
+            rows = tokenize(examples, tokenizer, max_length, response_only=response_only) if examples else []
+            for i, row in enumerate(rows):
+                row["class"], row["row"] = -1, i
+            return rows, [answer_of(r, f) for r, f in zip(records, formats, strict=True)]
+
+        options = ("causal-lm", fmt, max_length, response_only, repr(list(extra_records)))
+        rows, answers = TOKENIZED.get(ds, tokenizer, options, rows_of)  # tokenized once per process and key
         loader = make_loader(
             rows,
             tokenizer,

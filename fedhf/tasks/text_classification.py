@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from fedhf.errors import FedHFModelError
-from fedhf.tasks.base import EvalResult, batching
+from fedhf.tasks.base import TOKENIZED, EvalResult, batching
 from fedhf.tasks.device import model_device, to_device
 
 # Model families whose sequence-classification head reads the backbone's pooler output or its first token,
@@ -99,18 +99,21 @@ def make_loader(
     sort_by_length: bool = False,
     length_buckets: int = 1,
 ) -> DataLoader:
-    """Tokenize once, pad per batch (dynamic padding).
+    """Tokenize once (per process: ``fedhf.tasks.base.TOKENIZED``), pad per batch (dynamic padding).
 
     ``sort_by_length`` (evaluation only) orders rows by length so batches carry little padding; ``length_buckets``
     (shuffled training) draws batches of like length (``fedhf.tasks.base.batching``).
     """
-    enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
-    rows = [
-        {"input_ids": ids, "attention_mask": mask, "labels": label}
-        for ids, mask, label in zip(enc["input_ids"], enc["attention_mask"], ds["label"], strict=True)
-    ]
-    if sort_by_length:
-        rows.sort(key=lambda r: len(r["input_ids"]))
+
+    def rows_of() -> list[dict[str, Any]]:
+        enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
+        return [
+            {"input_ids": ids, "attention_mask": mask, "labels": label}
+            for ids, mask, label in zip(enc["input_ids"], enc["attention_mask"], ds["label"], strict=True)
+        ]
+
+    rows = TOKENIZED.get(ds, tokenizer, ("text-classification", max_length), rows_of)  # once per process
+    rows = sorted(rows, key=lambda r: len(r["input_ids"])) if sort_by_length else list(rows)
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
         labels = torch.tensor([r["labels"] for r in batch], dtype=torch.long)
