@@ -5,7 +5,8 @@ classifier, fp32), then:
 
 - ``int8``: PyTorch dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations quantized on
   the fly), saved as the quantized ``state_dict`` next to the model's ``config.json``;
-- ``onnx``: ONNX export of the merged model (``torch.onnx``), run with ONNX Runtime;
+- ``onnx``: ONNX export of the merged model (``torch.onnx``'s TorchScript exporter, eager attention), run with ONNX
+  Runtime;
 - ``onnx-int8``: that ONNX graph with ONNX Runtime's dynamic int8 quantization of its weights.
 
 Each export is measured against the fp32 merged model on the run's central evaluation rows (accuracy, and CPU
@@ -24,6 +25,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -181,18 +183,28 @@ def _write_onnx(merged: Any, tokenizer: Any, folder: Path, max_length: int, fmt:
 
     sample = tokenizer(["an example", "a longer example sentence"], padding=True, return_tensors="pt")
     graph = folder / ("model_fp32.onnx" if fmt == "onnx-int8" else FILES["onnx"])
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
-    torch.onnx.export(
-        merged,
-        (),
-        str(graph),
-        kwargs={k: sample[k] for k in INPUTS},
-        input_names=list(INPUTS),
-        output_names=["logits"],
-        dynamic_shapes={k: {0: batch, 1: seq} for k in INPUTS},
-        dynamo=True,
-        external_data=False,
-    )
+    # The TorchScript exporter over eager attention: the graph ONNX Runtime runs fastest (measured on the quickstart
+    # model, 2 threads: 1.9 ms per example at batch 32 in int8 against 2.6 ms from torch.export over SDPA, whose
+    # decomposed attention is slower than torch's own fp32 at batch 32). torch 2.13 marks that exporter deprecated:
+    # only that warning is silenced, and only around this call.
+    previous = merged.config._attn_implementation
+    merged.set_attn_implementation("eager")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX", DeprecationWarning)
+            torch.onnx.export(
+                merged,
+                (),
+                str(graph),
+                kwargs={k: sample[k] for k in INPUTS},
+                input_names=list(INPUTS),
+                output_names=["logits"],
+                dynamic_axes={k: {0: "batch", 1: "sequence"} for k in INPUTS},
+                opset_version=17,
+                dynamo=False,
+            )
+    finally:
+        merged.set_attn_implementation(previous)
     if fmt == "onnx-int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
