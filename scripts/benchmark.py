@@ -7,8 +7,9 @@
    the clients one at a time (--cpus-per-client 2): round wall time minus the clients' train seconds
    (so local and central evaluation count as outside), against the train seconds; split into local
    evaluation, central evaluation and the rest. Ray's start-up is reported apart.
-3. Achieved training FLOP/s (4 x non-embedding params x non-padding tokens / train seconds)
-   against torch's 1024^3 fp32 matmul on the same thread count, same run.
+3. Achieved training FLOP/s (4 x non-embedding params x non-padding tokens / train seconds) against
+   torch's fp32 matmul at the model's own linear-layer shapes and the run's tokens per batch (forward and
+   input gradient), and beside it the 1024^3 peak; same thread count, same run.
 4. Bytes sent up per client per round with transport.dtype fp32, fp16 and int8, against the full
    model, and the final accuracy of each (the same run, seed and data).
 5. Peak memory (PSS of the whole process tree: the server, Ray and its actors, sampled every
