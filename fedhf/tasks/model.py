@@ -35,6 +35,7 @@ from fedhf.errors import FedHFModelError
 from fedhf.tasks.base import get_task
 from fedhf.tasks.causal_lm import check_lora_targets, lora_options, lora_targets
 from fedhf.tasks.device import resolve_device
+from fedhf.tasks.dropout import use_cpu_dropout
 
 log = logging.getLogger("fedhf")
 
@@ -169,6 +170,8 @@ def build_model(
                 f"the model ({str(exc).splitlines()[0][:200]}); "
                 f"name linear layers of the model, e.g. 'query,value' for BERT."
             ) from None
+    if torch.device(device).type == "cpu":
+        use_cpu_dropout(model)  # torch's CPU dropout mask costs a quarter of a step (fedhf.tasks.dropout)
     for name, param in model.named_parameters():
         if param.requires_grad and not trains(name, cfg.model.adapter):
             param.requires_grad_(False)  # frozen where the seed put it, on every node alike
