@@ -30,8 +30,7 @@ def cpu_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tenso
     seed = int(torch.randint(_SEED_HIGH, (), dtype=torch.int64))  # torch's RNG decides, as for its own dropout
     n = x.numel()
     raw = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    kept = torch.from_numpy(raw < threshold).view(x.shape)
-    noise = kept.to(x.dtype).mul_(1.0 / keep)
+    noise = torch.from_numpy((raw < threshold).astype(np.float32)).view(x.shape).to(x.dtype).div_(keep)
     return x.mul_(noise) if inplace else x * noise
 
 
