@@ -109,6 +109,71 @@ def layer_matmul_flops(run: RunRecord, tokens_per_batch: int, threads: int, repe
     return _best_rate(work, repeats * sum(4 * tokens_per_batch * i * o for i, o in shapes))
 
 
+def interleaved_train_rate(run: RunRecord, threads: int, blocks: int = 7) -> dict[str, float]:
+    """fedhf's training rate against torch's layer-shape matmul rate, measured alternately in one process so that
+    the machine's drift falls on both alike: ``blocks`` times, one local epoch of client 0 of ``run`` (its own rows,
+    model, batch size, length buckets and optimizer, through ``fedhf.train.loop.train_local``), then the layer-shape
+    matmul at that epoch's tokens per batch for about as long. The ratio of each pair; their median."""
+    import torch
+
+    from fedhf.config.schema import parse_config
+    from fedhf.data.partitions import load_partition
+    from fedhf.tasks.base import get_task
+    from fedhf.tasks.model import build_model, load_tokenizer
+    from fedhf.train.loop import train_local
+
+    torch.set_num_threads(threads)
+    cfg = parse_config(run.config)
+    train_ds, _, labels = load_partition(cfg.data, cfg.seed, 0, run.federation.num_clients)
+    model = build_model(cfg, labels)
+    n_ne = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
+    shapes = [
+        (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".embeddings." not in n and "lora_" not in n and m.in_features > 64
+    ]
+    task = get_task(cfg.model.task, labels)
+    tokenizer = load_tokenizer(cfg.model.name)
+    t = cfg.train
+
+    def epoch(i: int) -> tuple[float, int]:
+        loader = task.make_loader(
+            train_ds,
+            tokenizer,
+            cfg.data.max_length,
+            t.batch_size,
+            shuffle=True,
+            seed=cfg.seed + i,
+            length_buckets=t.length_buckets,
+        )
+        res = train_local(model, loader, task=task, epochs=1, lr=t.lr, optimizer_name=t.optimizer)
+        return 4 * n_ne * res.tokens / res.seconds, round(res.tokens / max(res.steps, 1))
+
+    epoch(-1)  # warm-up
+    pairs = []
+    for i in range(blocks):
+        train_rate, per_batch = epoch(i)
+        mats = [(torch.randn(per_batch, a), torch.randn(b, a), torch.randn(per_batch, b)) for a, b in shapes]
+        flops, seconds = 0.0, 0.0
+        while seconds < 1.5:
+            t0 = time.perf_counter()
+            for x, w, dy in mats:
+                x @ w.T
+                dy @ w
+            seconds += time.perf_counter() - t0
+            flops += sum(4 * per_batch * a * b for a, b in shapes)
+        pairs.append((train_rate, flops / seconds))
+    ratios = sorted(tr / mm for tr, mm in pairs)
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "train": statistics.median(tr for tr, _ in pairs),
+        "matmul": statistics.median(mm for _, mm in pairs),
+        "blocks": blocks,
+    }
+
+
 def non_embedding_params(run: RunRecord) -> int:
     from fedhf.config.schema import parse_config
     from fedhf.tasks.model import build_model
