@@ -120,3 +120,28 @@ def test_bad_exports_are_refused_and_nothing_is_half_written(finished_run, monke
     (run_dir / "run.json").write_text(json.dumps({**run, "config": flat}))
     with pytest.raises(FedHFModelError, match=r"model.pooling 'mean'.*export supports model.pooling 'cls'"):
         X.export_run(run_dir, "int8")
+
+
+def test_latency_is_timed_in_turns_over_the_same_batches():
+    """Both runtimes are timed on the same batches, taking turns block by block (who goes first alternates), each
+    block after an untimed warm-up batch, so drift in the machine's speed falls on both alike."""
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def encode(self, batch: list[str]) -> tuple[str, ...]:
+            return tuple(batch)
+
+        def logits(self, encoded: tuple[str, ...]) -> None:
+            calls.append((self.name, encoded))
+
+    texts = [f"t{i}" for i in range(7)]
+    a_ms, b_ms = X.paired_latency_ms(Fake("a"), Fake("b"), texts, batch_size=2, repeats=6, block=3)
+    assert a_ms > 0 and b_ms > 0
+    runs = [name for name, _ in calls]
+    assert runs == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4  # a first, then b first; 3 timed + 1 warm-up each
+    seen = {n: [enc for name, enc in calls if name == n] for n in ("a", "b")}
+    assert sorted(seen["a"]) == sorted(seen["b"])  # the same batches for both
+    assert all(len(enc) == 2 for _, enc in calls)  # every batch is full, wrapping around the texts

@@ -137,18 +137,29 @@ class _Runner:
             preds[idx] = self.logits(self.encode([texts[i] for i in idx])).argmax(-1)
         return preds
 
-    def latency_ms(self, texts: list[str], batch_size: int, repeats: int) -> float:
-        """Median wall time per example of ``repeats`` batches of ``batch_size`` texts (after one warm-up)."""
-        batches = [texts[(k * batch_size) % len(texts) :][:batch_size] for k in range(repeats + 1)]
-        batches = [b if len(b) == batch_size else (b + texts)[:batch_size] for b in batches]
-        times = []
-        for k, batch in enumerate(batches):
-            enc = self.encode(batch)
-            t0 = time.perf_counter()
-            self.logits(enc)
-            if k:  # the first is the warm-up
-                times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times) / batch_size
+
+def paired_latency_ms(
+    a: _Runner, b: _Runner, texts: list[str], batch_size: int, repeats: int, block: int = 5
+) -> tuple[float, float]:
+    """Median wall time per example of ``a`` and of ``b`` over the same ``repeats`` batches of ``batch_size`` texts.
+
+    The two take turns in blocks of ``block`` batches (a first in one block, b first in the next), each block
+    after an untimed warm-up batch: a machine whose speed drifts from second to second slows both alike, and
+    neither times a batch while the other's threads are still spinning down."""
+    batches = [texts[(k * batch_size) % len(texts) :][:batch_size] for k in range(repeats)]
+    batches = [x if len(x) == batch_size else (x + texts)[:batch_size] for x in batches]
+    times: tuple[list[float], list[float]] = ([], [])
+    for n, start in enumerate(range(0, repeats, block)):
+        chunk = batches[start : start + block]
+        for which in (0, 1) if n % 2 == 0 else (1, 0):
+            runner = (a, b)[which]
+            for k, batch in enumerate([chunk[0], *chunk]):
+                encoded = runner.encode(batch)
+                t0 = time.perf_counter()
+                runner.logits(encoded)
+                if k:
+                    times[which].append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[0]) / batch_size, 1000 * statistics.median(times[1]) / batch_size
 
 
 def int8_spec(model: Any) -> dict[str, Any]:
@@ -220,7 +231,7 @@ def _write_onnx(merged: Any, tokenizer: Any, folder: Path, max_length: int, fmt:
 
 
 def export_run(
-    run_dir: str | Path, fmt: str, *, threads: int | None = None, latency_repeats: int = 20
+    run_dir: str | Path, fmt: str, *, threads: int | None = None, latency_repeats: int = 30
 ) -> tuple[Path, ExportFigures]:
     """Export a finished run's adapter merged into its base as ``fmt``; returns (the export folder, its figures)."""
     from fedhf.run.store import load_finished_run
@@ -256,6 +267,8 @@ def export_run(
             runner = _Runner(tokenizer, max_length, session=session)
         pred = runner.predictions(texts)
         fp32_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+        batch1 = paired_latency_ms(runner, fp32, texts, 1, latency_repeats * 4)
+        batch32 = paired_latency_ms(runner, fp32, texts, 32, latency_repeats)
         figures = ExportFigures(
             format=fmt,
             file=FILES[fmt],
@@ -265,10 +278,10 @@ def export_run(
             accuracy=float((pred == truth).float().mean()),
             fp32_accuracy=float((fp32_pred == truth).float().mean()),
             agreement=float((pred == fp32_pred).float().mean()),
-            latency_ms_batch1=runner.latency_ms(texts, 1, latency_repeats * 4),
-            fp32_latency_ms_batch1=fp32.latency_ms(texts, 1, latency_repeats * 4),
-            latency_ms_batch32=runner.latency_ms(texts, 32, latency_repeats),
-            fp32_latency_ms_batch32=fp32.latency_ms(texts, 32, latency_repeats),
+            latency_ms_batch1=batch1[0],
+            fp32_latency_ms_batch1=batch1[1],
+            latency_ms_batch32=batch32[0],
+            fp32_latency_ms_batch32=batch32[1],
             threads=threads,
             runtime=runtime,
             max_length=max_length,
