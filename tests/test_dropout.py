@@ -56,21 +56,26 @@ def test_module_is_identity_in_eval_at_p_zero_and_all_zeros_at_p_one() -> None:
     assert torch.equal(m(x), x)
     assert torch.equal(CpuDropout(0.0)(x), x)
     assert torch.equal(CpuDropout(1.0)(x), torch.zeros_like(x))
+    assert torch.equal(cpu_dropout(x, 1.0), torch.zeros_like(x))
+    x = torch.rand(64, 64) + 0.5
     y = x.clone()
     out = CpuDropout(0.5, inplace=True)(y)
-    assert out.data_ptr() == y.data_ptr() and torch.equal((out == 0), (y == 0))
+    dropped = out == 0
+    assert out.data_ptr() == y.data_ptr() and 0.4 < float(dropped.float().mean()) < 0.6
+    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.5)
 
 
 def test_bf16_input_keeps_its_dtype() -> None:
-    x = torch.randn(32, 32).to(torch.bfloat16)
+    x = (torch.rand(32, 32) + 0.5).to(torch.bfloat16)
     out = cpu_dropout(x, 0.2)
     assert out.dtype == torch.bfloat16
+    assert 0.1 < float((out == 0).float().mean()) < 0.3
     assert torch.equal(out[out != 0], (x[out != 0].float() / 0.8).to(torch.bfloat16))
 
 
 def test_build_model_swaps_every_dropout_and_saves_the_same_state() -> None:
     cfg = parse_config({})
-    model = build_model(cfg, ["negative", "positive"])
+    model = build_model(cfg, ["negative", "positive"], device="cpu")
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(type(m) is CpuDropout for m in dropouts)
     lora = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]

@@ -24,9 +24,12 @@ _SEED_HIGH = 2**63 - 1
 
 
 def cpu_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
-    """``F.dropout(x, p, training=True)`` on a CPU float tensor, its mask from numpy (see the module's doc)."""
+    """``F.dropout(x, p, training=True, inplace=inplace)``, its mask from numpy for a CPU float tensor and
+    0 < p < 1 (see the module's doc); torch's own otherwise."""
     keep = 1.0 - p
     threshold = round(keep * _SPAN)
+    if not 0.0 < p < 1.0 or threshold >= _SPAN or x.device.type != "cpu" or not x.is_floating_point():
+        return torch.nn.functional.dropout(x, p, training=True, inplace=inplace)
     seed = int(torch.randint(_SEED_HIGH, (), dtype=torch.int64))  # torch's RNG decides, as for its own dropout
     n = x.numel()
     raw = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
@@ -38,15 +41,7 @@ class CpuDropout(torch.nn.Dropout):
     """``nn.Dropout`` with :func:`cpu_dropout` for CPU training; otherwise ``nn.Dropout`` itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            not self.training
-            or not 0.0 < self.p < 1.0
-            or x.device.type != "cpu"
-            or not x.is_floating_point()
-            or round((1.0 - self.p) * _SPAN) >= _SPAN
-        ):
-            return super().forward(x)
-        return cpu_dropout(x, self.p, self.inplace)
+        return cpu_dropout(x, self.p, self.inplace) if self.training else x
 
 
 def use_cpu_dropout(model: torch.nn.Module) -> int:
