@@ -122,26 +122,32 @@ def test_bad_exports_are_refused_and_nothing_is_half_written(finished_run, monke
         X.export_run(run_dir, "int8")
 
 
-def test_latency_is_timed_in_turns_over_the_same_batches():
-    """Both runtimes are timed on the same batches, taking turns block by block (who goes first alternates), each
-    block after an untimed warm-up batch, so drift in the machine's speed falls on both alike."""
+def test_latency_is_timed_in_turns_over_the_same_batches(monkeypatch):
+    """Both runtimes are timed on the same full batches, taking turns block by block (who goes first alternates),
+    each block after an untimed warm-up batch, so drift in the machine's speed falls on both alike. A fake clock
+    that each call advances by a known cost stands in for the wall clock."""
+    clock = [0.0]
     calls: list[tuple[str, tuple[str, ...]]] = []
 
     class Fake:
-        def __init__(self, name: str) -> None:
-            self.name = name
+        def __init__(self, name: str, costs: list[float]) -> None:
+            self.name, self.costs, self.n = name, costs, 0
 
         def encode(self, batch: list[str]) -> tuple[str, ...]:
             return tuple(batch)
 
         def logits(self, encoded: tuple[str, ...]) -> None:
             calls.append((self.name, encoded))
+            clock[0] += self.costs[self.n % len(self.costs)]  # per block: the warm-up, then 3 timed batches
+            self.n += 1
 
-    texts = [f"t{i}" for i in range(7)]
-    a_ms, b_ms = X.paired_latency_ms(Fake("a"), Fake("b"), texts, batch_size=2, repeats=6, block=3)
-    assert a_ms > 0 and b_ms > 0
-    runs = [name for name, _ in calls]
-    assert runs == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4  # a first, then b first; 3 timed + 1 warm-up each
+    monkeypatch.setattr(X, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    texts = [f"t{i}" for i in range(3)]  # fewer texts than a batch: batches cycle through them
+    a = Fake("a", [100.0, 1.0, 2.0, 3.0])
+    b = Fake("b", [100.0, 10.0, 20.0, 30.0])
+    a_ms, b_ms = X.paired_latency_ms(a, b, texts, batch_size=4, repeats=6, block=3)
+    assert (a_ms, b_ms) == (1000 * 2.0 / 4, 1000 * 20.0 / 4)  # the medians of the timed batches, per example
+    assert [name for name, _ in calls] == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4
     seen = {n: [enc for name, enc in calls if name == n] for n in ("a", "b")}
-    assert sorted(seen["a"]) == sorted(seen["b"])  # the same batches for both
-    assert all(len(enc) == 2 for _, enc in calls)  # every batch is full, wrapping around the texts
+    assert seen["a"] == seen["b"]  # the same batches, in the same order
+    assert all(len(enc) == 4 for _, enc in calls) and calls[0][1] == ("t0", "t1", "t2", "t0")
