@@ -874,6 +874,8 @@ def export(
     latency per example at batch 1 and 32) and gets its own card section (README.md there); `fedhf push --export
     FORMAT` publishes it with the run. Text-classification runs with model.pooling cls.
     """
+    _setup_logging()
+    _quiet_libraries()
     from fedhf.analysis.export import check_format, export_run
 
     try:
@@ -925,6 +927,8 @@ def predict(
 ) -> None:
     """Load base model + adapter with PEFT and print, for each input, the label (a generative adapter: its answer),
     its probability and the text."""
+    _setup_logging()
+    _quiet_libraries()
     from fedhf.tasks.adapters import load_adapter_model, resolve_adapter
 
     try:

@@ -66,7 +66,7 @@ def load_adapter_model(folder: Path, base_model: str | None = None) -> LoadedAda
     from transformers import AutoTokenizer
 
     from fedhf.tasks.base import get_task
-    from fedhf.tasks.model import resolve_model
+    from fedhf.tasks.model import peft_wrapping, resolve_model
 
     meta_path = folder / "fedhf.json"
     if not meta_path.is_file():
@@ -81,7 +81,8 @@ def load_adapter_model(folder: Path, base_model: str | None = None) -> LoadedAda
         )
     task = get_task(meta.get("task", "text-classification"), labels, meta.get("data_format", "labels"))
     base = task.load_base(resolve_model(base_name), labels, meta.get("pooling", "cls"))  # before model.pooling: cls
-    model = PeftModel.from_pretrained(base, folder).eval()
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(base, folder).eval()
     return LoadedAdapter(model, AutoTokenizer.from_pretrained(folder), labels, int(meta.get("max_length", 128)), task)
 
 

