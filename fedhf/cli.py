@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from fedhf.config.schema import (
+    AUTO,
     FedHFConfig,
     describe,
     dp_defaults_in_force,
@@ -748,9 +749,18 @@ app.add_typer(privacy_app, name="privacy")
 def privacy_plan(
     target_epsilon: Annotated[float, typer.Option(help="Target epsilon after the last round.")],
     num_examples: Annotated[int, typer.Option(help="The client's training rows.")],
-    rounds: Annotated[int, typer.Option(help="Rounds the client trains (num-server-rounds).")] = 3,
-    local_epochs: Annotated[int, typer.Option(help="train.local-epochs.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="train.batch-size (expected Poisson batch).")] = 16,
+    rounds: Annotated[
+        int, typer.Option(help="Rounds the client trains (num-server-rounds; default: the run's).")
+    ] = FedHFConfig().num_server_rounds,
+    local_epochs: Annotated[
+        int, typer.Option(help="train.local-epochs (default: a sample-level DP run's when the key is unset).")
+    ] = AUTO["train.local-epochs"][1],
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="train.batch-size, the expected Poisson batch (default: a sample-level DP run's, key unset)."
+        ),
+    ] = AUTO["train.batch-size"][1],
     delta: Annotated[float | None, typer.Option(help="Delta; default 0.1 / num-examples.")] = None,
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
 ) -> None:

@@ -222,5 +222,11 @@ def test_privacy_plan_command(runner):
     sigma = float(lines[0].split("sigma = ")[1].split()[0])
     eps = [float(line.split()[-1]) for line in lines[2:]]
     assert len(eps) == 3 and eps[0] < eps[1] < eps[2] <= 8.0 and eps[2] >= 7.2 and 0.3 < sigma < 3
+    # Its defaults are a sample-level DP run's (4 local epochs of Poisson batches of 64 when those keys are unset):
+    # a plan left at its defaults is the plan the run makes, not one for the non-DP batch of 16.
+    explicit = ["--local-epochs", "4", "--batch-size", "64"]
+    dp_run = runner.invoke(app, ["privacy", "plan", "--target-epsilon", "8", "--num-examples", "400", *explicit])
+    assert dp_run.exit_code == 0 and dp_run.stdout == result.stdout, (dp_run.stdout, result.stdout)
+    assert "q = 0.1429, 28 steps per round, 3 rounds" in result.stdout  # 400 rows in 7 batches of about 64, 4 epochs
     bad = runner.invoke(app, ["privacy", "plan", "--target-epsilon", "-1", "--num-examples", "400"])
     assert bad.exit_code == 2 and "--target-epsilon: got -1.0" in bad.stderr
