@@ -233,7 +233,11 @@ class TrainConfig:
         0.0, "SGD momentum (train.optimizer = sgd; ignored by adamw).", min=0.0, max=1.0, max_exclusive=True
     )
     weight_decay: float = _opt(0.0, "Client weight decay (decoupled for adamw, L2 for sgd).", min=0.0)
-    num_threads: int = _opt(1, "Torch CPU threads per client (and for the server's evaluation).", min=1)
+    num_threads: int = _opt(
+        1,
+        "Torch CPU threads per client (the server's central evaluation, run between rounds, uses torch's default).",
+        min=1,
+    )
     length_buckets: int = _opt(
         8,
         "Shuffled training batches of like length: each epoch's shuffled rows are cut into pools of this many "
