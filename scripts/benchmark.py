@@ -23,7 +23,7 @@
    time of each process and its final central accuracy, fedhf's time as a ratio to each.
 
 Usage: python scripts/benchmark.py [--out DIR] [--steps N] [--only 1,2,...]
-(inside the venv, FEDHF_DATA_DIR set; about 25 minutes on 2 cores). Runs that finished in
+(inside the venv, FEDHF_DATA_DIR set; 12 to 25 minutes on 2 cores). Runs that finished in
 --out earlier are reused.
 """
 
