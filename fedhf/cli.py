@@ -764,7 +764,11 @@ def privacy_plan(
     delta: Annotated[float | None, typer.Option(help="Delta; default 0.1 / num-examples.")] = None,
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
 ) -> None:
-    """Print the noise multiplier for a target epsilon and the projected epsilon after each round."""
+    """Print the noise multiplier for a target epsilon and the projected epsilon after each round.
+
+    For a run without personalization; a client of a personalized run also plans its personal epochs, and
+    `fedhf run` with privacy.target-epsilon prints each client's own plan before it starts.
+    """
     from fedhf.privacy.dp import FedHFPrivacyError, epsilon_of, plan_sample_level
 
     try:

@@ -223,10 +223,14 @@ def test_privacy_plan_command(runner):
     eps = [float(line.split()[-1]) for line in lines[2:]]
     assert len(eps) == 3 and eps[0] < eps[1] < eps[2] <= 8.0 and eps[2] >= 7.2 and 0.3 < sigma < 3
     # Its defaults are a sample-level DP run's (4 local epochs of Poisson batches of 64 when those keys are unset):
-    # a plan left at its defaults is the plan the run makes, not one for the non-DP batch of 16.
-    explicit = ["--local-epochs", "4", "--batch-size", "64"]
-    dp_run = runner.invoke(app, ["privacy", "plan", "--target-epsilon", "8", "--num-examples", "400", *explicit])
-    assert dp_run.exit_code == 0 and dp_run.stdout == result.stdout, (dp_run.stdout, result.stdout)
-    assert "q = 0.1429, 28 steps per round, 3 rounds" in result.stdout  # 400 rows in 7 batches of about 64, 4 epochs
+    # a plan left at its defaults is the plan such a run's client makes for the same rows, not one for the non-DP
+    # batch of 16.
+    from fedhf.config.schema import parse_config
+    from fedhf.privacy.dp import plan_for
+
+    run = plan_for(parse_config({"privacy.mode": "sample", "privacy.target-epsilon": 8.0}), 400)
+    assert lines[0].startswith(f"noise multiplier sigma = {run.noise_multiplier:.4f} ")
+    assert f"q = {run.sample_rate:.4f}, {run.steps_per_round} steps per round, 3 rounds" in lines[0]
+    assert run.steps_per_round == 28  # 400 rows in 7 batches of about 64, 4 epochs
     bad = runner.invoke(app, ["privacy", "plan", "--target-epsilon", "-1", "--num-examples", "400"])
     assert bad.exit_code == 2 and "--target-epsilon: got -1.0" in bad.stderr

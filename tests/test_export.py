@@ -48,12 +48,11 @@ def test_each_format_loads_with_its_runtime_by_the_cards_code_and_predicts_as_th
         warnings.simplefilter("always")
         folder, f = X.export_run(run_dir, fmt, threads=1, latency_repeats=2)
     # the notes of peft, the tracer, the ONNX exporter and ONNX Runtime that are not the user's to act on, silenced
-    # where they arise; torch's own deprecation of its quantized tensors (int8) is the user's to know, and stays
+    # where they arise (torch's own deprecation of its quantized tensors is not filtered; torch gives it once per
+    # process, so whether this test hears it depends on the order tests ran in)
     silenced = ("is_gradient_checkpointing", "Converting a tensor to a Python boolean", "aten::index", "TorchScript")
     heard = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [m for m in heard if any(s in m for s in silenced) or "pre-processing before quantization" in m], heard
-    if fmt == "int8":
-        assert any("quantize_per_channel" in m and "deprecated" in m for m in heard), heard
     assert folder == run_dir / "export" / fmt and not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
     saved = json.loads((folder / "export.json").read_text())
     assert saved["format"] == fmt and saved["rows"] == 872 and saved["bytes"] == (folder / f.file).stat().st_size
