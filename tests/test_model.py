@@ -195,6 +195,32 @@ def test_mean_pooling_for_a_first_token_head(tmp_path):
     assert torch.allclose(logits, by_hand, atol=1e-5)
 
 
+def test_a_base_missing_encoder_weights_is_refused_and_a_missing_head_is_not(tiny_model_dir, tmp_path):
+    """A checkpoint may lack the classification head (and pooler), never encoder weights: those would start random."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    key = next(k for k in weights if "layer.1.attention.self.key.weight" in k)
+    save_file({k: v for k, v in weights.items() if k != key}, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        FedHFModelError,
+        match=r"no weights for 1 of the BertForSequenceClassification's parameters "
+        r"outside the classification head \(e\.g\. bert\.encoder\.layer\.1\.attention\.self\.key\.weight\)",
+    ):
+        build_model(tiny_cfg(bad), LABELS)
+    no_pooler = tmp_path / "no-pooler"
+    shutil.copytree(tiny_model_dir, no_pooler)
+    weights = load_file(no_pooler / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "pooler" not in k}
+    assert len(kept) < len(weights)
+    save_file(kept, no_pooler / "model.safetensors", metadata={"format": "pt"})
+    build_model(tiny_cfg(no_pooler), LABELS)  # the head and the pooler are new on a base: accepted
+
+
 def test_mean_pooling_refuses_a_model_whose_head_reads_the_last_token(tmp_path):
     from transformers import GPT2Config, GPT2Model
 

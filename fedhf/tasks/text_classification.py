@@ -170,6 +170,23 @@ def _in_length_order(
     return logits[back], target[back]
 
 
+HEAD_MODULES = ("classifier", "pre_classifier", "score", "pooler")  # a classification head, new on a base model
+
+
+def check_encoder_weights(path: str, base: torch.nn.Module, missing: Any) -> None:
+    """Only the classification head may be missing from a base checkpoint: an encoder weight that is missing would
+    start from random values, frozen under LoRA, and train nothing useful (transformers only logs it, and fedhf's
+    commands quiet that log). A checkpoint of another architecture, or a wrong --base-model, is refused here."""
+    encoder = sorted(k for k in missing if not set(k.split(".")) & set(HEAD_MODULES))
+    if encoder:
+        raise FedHFModelError(
+            f"model '{path}': its checkpoint has no weights for {len(encoder)} of the "
+            f"{type(base).__name__}'s parameters outside the classification head (e.g. {', '.join(encoder[:3])}), "
+            "which would start from random values; name a checkpoint of this architecture (model.name, or "
+            "fedhf predict --base-model: the base the adapter was trained on)."
+        )
+
+
 class TextClassification:
     """Sequence classification over ``label_names`` (``AutoModelForSequenceClassification``)."""
 
@@ -178,12 +195,14 @@ class TextClassification:
     peft_task_type = TaskType.SEQ_CLS
 
     def load_base(self, path: str, label_names: list[str], pooling: str) -> torch.nn.Module:
-        base = AutoModelForSequenceClassification.from_pretrained(
+        base, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            output_loading_info=True,
         )
+        check_encoder_weights(path, base, info["missing_keys"])
         apply_pooling(base, pooling)
         return base
 
