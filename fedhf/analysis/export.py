@@ -180,7 +180,9 @@ def int8_spec(model: Any) -> dict[str, Any]:
 
 
 def _kept_fp32(model: Any) -> tuple[str, ...]:
-    return ("classifier", "pre_classifier", "score", "pooler", f"{model.base_model_prefix}.pooler")
+    from fedhf.tasks.text_classification import HEAD_MODULES
+
+    return (*HEAD_MODULES, f"{model.base_model_prefix}.pooler")
 
 
 def _write_int8(merged: Any, folder: Path) -> tuple[Any, str]:

@@ -8,6 +8,7 @@ states (a forward hook on the backbone: no new weights, the PEFT format is uncha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import datasets
@@ -170,10 +171,12 @@ def _in_length_order(
     return logits[back], target[back]
 
 
-HEAD_MODULES = ("classifier", "pre_classifier", "score", "pooler")  # a classification head, new on a base model
+# The modules of a classification head (and BERT's pooler): new on a base checkpoint (check_encoder_weights), kept
+# fp32 by the int8 export (fedhf.analysis.export).
+HEAD_MODULES = ("classifier", "pre_classifier", "score", "pooler")
 
 
-def check_encoder_weights(path: str, base: torch.nn.Module, missing: Any) -> None:
+def check_encoder_weights(path: str, base: torch.nn.Module, missing: Iterable[str]) -> None:
     """Only the classification head may be missing from a base checkpoint: an encoder weight that is missing would
     start from random values, frozen under LoRA, and train nothing useful (transformers only logs it, and fedhf's
     commands quiet that log). A checkpoint of another architecture, or a wrong --base-model, is refused here."""
