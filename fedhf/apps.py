@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +265,7 @@ def _run(
         recorder.set_secure_aggregation(settings.describe())
         grid = SecureAggregationGrid(grid, settings, recorder.secure_aggregation_round)
     done_before = resume.round if resume is not None else 0
-    evaluate = _central_evaluation(
+    evaluate = CentralEvaluation(
         cfg, recorder, progress, strategy, model, tokenizer, eval_ds, data.label_names, done_before, resume is not None
     )
     # The clients get the parsed config, the federation's label names (a silo maps its labels onto them)
@@ -302,6 +302,7 @@ def _run(
         log.warning("Ending the run early: %s. The last global adapter is kept.", stopped)
         recorder.abandon_round()
         final_arrays = latest_adapter(strategy, initial)
+        evaluate.evaluate_last(final_arrays)
     if cfg.personalization.on and stopped is None:
         _personalize(grid, cfg, recorder, progress, final_arrays, client_config)
     elif cfg.personalization.on:
@@ -495,57 +496,84 @@ def _record_model(cfg: FedHFConfig, recorder: RunRecorder, model: Any) -> str:
     return resolved
 
 
-def _central_evaluation(
-    cfg: FedHFConfig,
-    recorder: RunRecorder,
-    progress: RoundProgress,
-    strategy: Any,
-    model: Any,
-    tokenizer: Any,
-    eval_ds: Any,
-    label_names: list[str],
-    done_before: int,
-    resumed: bool,
-) -> Callable[[int, dict[str, torch.Tensor]], dict[str, float] | None]:
-    """After every round: evaluate the global adapter on the central rows, record the round, checkpoint it."""
-    task = get_task(cfg.model.task, label_names)
-    loader = task.make_loader(eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True)
-    samples = None  # the fixed central rows each round answers (a generative task, model.sample-prompts)
-    if cfg.model.task == "causal-lm" and cfg.model.sample_prompts and len(eval_ds):
-        samples = eval_ds.select(range(min(cfg.model.sample_prompts, len(eval_ds))))
-        if not resumed:
-            recorder.set_sample_prompts(task.sample_prompts(samples, len(samples)))
+class CentralEvaluation:
+    """Flower's evaluate_fn: after a round, evaluate the global adapter on the central rows (before the first round,
+    every strategy.central-eval-every rounds and after the last), record the round and checkpoint it."""
 
-    def central_evaluate(server_round: int, arrays: dict[str, torch.Tensor]) -> dict[str, float] | None:
-        server_round += done_before
-        if resumed and server_round == done_before:
-            return None  # evaluated (and checkpointed) before the interruption
-        t0 = time.perf_counter()
-        set_adapter_state(model, arrays)
-        res = task.evaluate(model, loader, len(label_names))
-        generations = task.generations(model, tokenizer, samples, cfg.data.max_length) if samples is not None else None
-        row = recorder.end_round(
-            server_round,
-            {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1},
-            time.perf_counter() - t0,
-            generations,
+    def __init__(
+        self,
+        cfg: FedHFConfig,
+        recorder: RunRecorder,
+        progress: RoundProgress,
+        strategy: Any,
+        model: Any,
+        tokenizer: Any,
+        eval_ds: Any,
+        label_names: list[str],
+        done_before: int,
+        resumed: bool,
+    ) -> None:
+        self.cfg, self.recorder, self.progress, self.strategy = cfg, recorder, progress, strategy
+        self.model, self.tokenizer, self.done_before, self.resumed = model, tokenizer, done_before, resumed
+        self.num_labels = len(label_names)
+        self.task = get_task(cfg.model.task, label_names)
+        self.loader = self.task.make_loader(
+            eval_ds, tokenizer, cfg.data.max_length, 64, shuffle=False, sort_by_length=True
         )
+        self.samples = None  # the fixed central rows each round answers (a generative task, model.sample-prompts)
+        if cfg.model.task == "causal-lm" and cfg.model.sample_prompts and len(eval_ds):
+            self.samples = eval_ds.select(range(min(cfg.model.sample_prompts, len(eval_ds))))
+            if not resumed:
+                recorder.set_sample_prompts(self.task.sample_prompts(self.samples, len(self.samples)))
+
+    def due(self, server_round: int) -> bool:
+        """Whether the central evaluation runs after ``server_round`` (the run's own round number)."""
+        every, last = self.cfg.strategy.central_eval_every, self.cfg.num_server_rounds
+        return server_round == 0 or server_round == last or server_round % every == 0
+
+    def _evaluate(self, arrays: dict[str, torch.Tensor]) -> tuple[dict[str, float], float, list[str] | None]:
+        t0 = time.perf_counter()
+        set_adapter_state(self.model, arrays)
+        res = self.task.evaluate(self.model, self.loader, self.num_labels)
+        generations = (
+            self.task.generations(self.model, self.tokenizer, self.samples, self.cfg.data.max_length)
+            if self.samples is not None
+            else None
+        )
+        central = {"loss": res.loss, "accuracy": res.accuracy, "f1": res.macro_f1}
+        return central, time.perf_counter() - t0, generations
+
+    def __call__(self, server_round: int, arrays: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        server_round += self.done_before
+        if self.resumed and server_round == self.done_before:
+            return None  # evaluated (and checkpointed) before the interruption
+        central, seconds, generations = self._evaluate(arrays) if self.due(server_round) else (None, None, None)
+        row = self.recorder.end_round(server_round, central, seconds, generations)
         # The round is complete: checkpoint it (global adapter, strategy state, the record so far).
-        strategy_arrays, strategy_scalars = strategy_state(strategy)
+        strategy_arrays, strategy_scalars = strategy_state(self.strategy)
         save_checkpoint(
-            recorder.dir,
+            self.recorder.dir,
             server_round,
-            run_uid=recorder.record.run_uid,
-            config_sha256=recorder.record.config_sha256,
+            run_uid=self.recorder.record.run_uid,
+            config_sha256=self.recorder.record.config_sha256,
             arrays={k: a.numpy() for k, a in arrays.items()},
             strategy_arrays=strategy_arrays,
             strategy_state=strategy_scalars,
-            run_record=recorder.record.to_dict(),
+            run_record=self.recorder.record.to_dict(),
         )
-        progress.round_done(row)
-        return {"eval-loss": res.loss, "eval-accuracy": res.accuracy, "eval-f1": res.macro_f1}
+        self.progress.round_done(row)
+        if central is None:
+            return None
+        return {"eval-loss": central["loss"], "eval-accuracy": central["accuracy"], "eval-f1": central["f1"]}
 
-    return central_evaluate
+    def evaluate_last(self, arrays: dict[str, torch.Tensor]) -> None:
+        """A run that ended early keeps ``arrays``, the adapter of its last recorded round: evaluate that round
+        now when strategy.central-eval-every skipped it (the run's results are its last round's)."""
+        rounds = self.recorder.record.rounds
+        if rounds and rounds[-1].eval_accuracy is None:
+            central, seconds, generations = self._evaluate(arrays)
+            row = self.recorder.evaluate_last(central, seconds, generations)
+            log.info("Evaluated round %d, where the run ended: %s", row.round, central)
 
 
 def _release(

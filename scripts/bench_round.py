@@ -185,6 +185,63 @@ def interleaved_train_rate(run: RunRecord, threads: int, blocks: int = 7) -> dic
     }
 
 
+def interleaved_eval_rate(run: RunRecord, threads: int, blocks: int = 3) -> dict[str, float]:
+    """The server's central evaluation against torch's layer-shape matmul (forward products only, what evaluation
+    computes), alternately in one process as in :func:`interleaved_train_rate`: ``blocks`` times, one pass of
+    ``task.evaluate`` over the run's central rows (the loader the server builds: batches of 64 sorted by length),
+    then the matmul at that pass's real tokens per batch for 1.5 s. Rate: 2 x non-embedding params x real tokens /
+    seconds. The median of the ratios."""
+    import torch
+
+    from fedhf.config.schema import parse_config
+    from fedhf.data.load import load_data
+    from fedhf.data.partitions import central_eval_set
+    from fedhf.tasks.base import get_task
+    from fedhf.tasks.model import build_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    cfg = parse_config(run.config)
+    labels = run.dataset.label_names
+    eval_ds = central_eval_set(load_data(cfg.data), cfg.data, cfg.seed)
+    model = build_model(cfg, labels, device="cpu").eval()
+    n_ne = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
+    shapes = [
+        (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".embeddings." not in n and "lora_" not in n and m.in_features > 64
+    ]
+    task = get_task(cfg.model.task, labels)
+    loader = task.make_loader(
+        eval_ds, load_tokenizer(cfg.model.name), cfg.data.max_length, 64, shuffle=False, sort_by_length=True
+    )
+    tokens = sum(int(b["attention_mask"].sum()) for b in loader)
+    per_batch = round(tokens / len(loader))
+    task.evaluate(model, loader, len(labels))  # warm-up
+    mats = [(torch.randn(per_batch, a), torch.randn(b, a)) for a, b in shapes]
+    pairs = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        task.evaluate(model, loader, len(labels))
+        eval_rate = 2 * n_ne * tokens / (time.perf_counter() - t0)
+        flops, seconds = 0.0, 0.0
+        while seconds < 1.5:
+            t0 = time.perf_counter()
+            for x, w in mats:
+                x @ w.T
+            seconds += time.perf_counter() - t0
+            flops += sum(2 * per_batch * a * b for a, b in shapes)
+        pairs.append((eval_rate, flops / seconds))
+    ratios = sorted(e / m for e, m in pairs)
+    return {
+        "ratio": statistics.median(ratios),
+        "achieved": statistics.median(e for e, _ in pairs),
+        "layer_matmul": statistics.median(m for _, m in pairs),
+        "tokens": tokens,
+        "tokens_per_batch": per_batch,
+        "blocks": blocks,
+    }
+
+
 def non_embedding_params(run: RunRecord) -> int:
     from fedhf.config.schema import parse_config
     from fedhf.tasks.model import build_model

@@ -89,6 +89,7 @@ def test_to_flat_round_trips():
         ({"strategy.fraction-train": 1.5}, "config key 'strategy.fraction-train': got 1.5; it must be <= 1"),
         ({"model.lora.target-modules": " , "}, "config key 'model.lora.target-modules'"),
         ({"strategy.min-train-nodes": 5}, "config key 'strategy.min-train-nodes': got 5"),
+        ({"strategy.central-eval-every": 0}, "config key 'strategy.central-eval-every': got 0; it must be >= 1"),
     ],
 )
 def test_bad_values_name_key_value_and_fix(flat, needle):

@@ -423,11 +423,16 @@ def test_run_ends_cleanly_when_budgets_run_out(shared_data_dir, tiny_model_dir, 
         f"privacy.max-epsilon={budget}",
         "--set",
         "strategy.fraction-evaluate=0",
+        "--set",
+        "strategy.central-eval-every=3",  # round 1 is not due: the run evaluates it when it ends there
     )
     assert run["status"] == "complete"
     assert run["stopped_early"]["after_round"] == 1 and "every sampled client refused" in run["stopped_early"]["reason"]
     assert "privacy.max-epsilon" in run["stopped_early"]["reason"]
     assert [r["round"] for r in run["rounds"]] == [0, 1]
+    last = run["rounds"][1]
+    assert last["central_eval_seconds"] > 0 and 0.0 <= last["eval_accuracy"] <= 1.0
+    assert run["final"] == {k: last[k] for k in ("eval_loss", "eval_accuracy", "eval_f1")}
     for e in run["privacy"]["clients"].values():
         assert e["epsilon"] == pytest.approx(one, rel=1e-6) and e["epsilon"] <= budget
         assert e["stopped"]["reason"] == "privacy.max-epsilon"

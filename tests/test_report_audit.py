@@ -50,7 +50,8 @@ def one_error_line(proc: Result) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """2 clients, 2 rounds, sample-level DP, on all 300 rows of our own synthetic dataset (tiny BERT)."""
+    """2 clients, 2 rounds, sample-level DP, on all 300 rows of our own synthetic dataset (tiny BERT); the server
+    evaluates before round 1 and after round 2 only (strategy.central-eval-every=2)."""
     root = tmp_path_factory.mktemp("tiny-run")
     data = root / "data"
     write_tsv(data / "train.tsv", synthetic_rows(300, seed=11), ["text", "label"])
@@ -65,6 +66,8 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
         f"model.name={tiny_model_dir}",
         "--set",
         "num-server-rounds=2",
+        "--set",
+        "strategy.central-eval-every=2",
         "--set",
         "data.max-train-examples=0",
         "--set",
@@ -115,6 +118,30 @@ def test_a_real_run_meets_the_run_json_schema(tiny_run):
     assert run["schema_version"] == SCHEMA_VERSION
     jsonschema.validate(run, schema())
     assert run["privacy"]["clients"] and all("partition_id" in c for r in run["rounds"][1:] for c in r["clients"])
+
+
+def test_a_round_the_schedule_skips_records_no_central_metrics(tiny_run):
+    """strategy.central-eval-every=2 over 2 rounds: round 0 and round 2 evaluated, round 1 not; the record, the CSV,
+    the console and the card say so and the run's results are round 2's."""
+    import csv
+
+    from fedhf.run.progress import round_line
+    from fedhf.run.store import load_run
+
+    run = run_json(tiny_run)
+    keys = ("eval_loss", "eval_accuracy", "eval_f1", "central_eval_seconds")
+    assert [[r.get(k) is None for k in keys] for r in run["rounds"]] == [[False] * 4, [True] * 4, [False] * 4]
+    assert run["final"] == {k: run["rounds"][2][k] for k in keys[:3]}
+    assert len(run["rounds"][1]["clients"]) == 2
+    with open(tiny_run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["round"], r["eval_accuracy"] == "") for r in rows] == [("0", False), ("1", True), ("2", False)]
+    line = round_line(load_run(tiny_run).rounds[1], 2)
+    assert "central eval skipped (strategy.central-eval-every)" in line and "clients 2/2" in line
+    card = (tiny_run / "hub" / "README.md").read_text()
+    assert "after every 2nd round and the last (strategy.central-eval-every = 2)" in card
+    assert "after every round" not in card
+    assert any(r.startswith("| 1 | ") and r.endswith(" | - | - | - | 2 |") for r in card.splitlines()), card
 
 
 def test_run_draws_its_plots_and_the_card_shows_them(tiny_run):

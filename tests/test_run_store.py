@@ -246,6 +246,7 @@ def test_an_old_record_reads_with_the_config_keys_added_since_at_the_values_it_u
         "train.loss-on": "response",
         "transport.dtype": "fp32",
         "strategy.lora-aggregation": "mean",
+        "strategy.central-eval-every": 1,
         "personalization.mode": "none",
         "personalization.epochs": 1,
         "personalization.lr": "",

@@ -46,13 +46,13 @@ def plot_metrics(run: RunRecord, path: Path) -> Path:
     names = metric_names(run.dataset.format if run.dataset else None)
     ax1.plot(x, [r.eval_accuracy for r in rounds], marker="o", label=names.accuracy)
     ax1.plot(x, [r.eval_f1 for r in rounds], marker="s", linestyle="--", label=names.f1)
-    local = [(r.round, r.local_eval_accuracy) for r in rounds if r.local_eval_accuracy is not None]
+    local = [(r.round, r.local_eval_accuracy) for r in run.rounds if r.local_eval_accuracy is not None]
     if local:
         ax1.plot(*zip(*local, strict=True), marker=".", linestyle=":", label=f"clients' local {names.accuracy}")
     ax1.set(xlabel="round", ylabel="score", title="Central evaluation", ylim=(0, 1))
     ax1.legend(loc="lower right", fontsize=8)
     ax2.plot(x, [r.eval_loss for r in rounds], marker="o", label="central eval loss")
-    train = [(r.round, r.train_loss) for r in rounds if r.train_loss is not None]
+    train = [(r.round, r.train_loss) for r in run.rounds if r.train_loss is not None]
     if train:
         ax2.plot(*zip(*train, strict=True), marker="s", linestyle="--", label="clients' train loss")
     ax2.set(xlabel="round", ylabel="cross-entropy", title="Loss")

@@ -277,6 +277,13 @@ class StrategyConfig:
     fraction_evaluate: float = _opt(
         1.0, "Fraction of nodes sampled for local evaluation each round (0 = none).", min=0.0, max=1.0
     )
+    central_eval_every: int = _opt(
+        1,
+        "The server evaluates the global adapter on the central eval rows before the first round, after every Nth "
+        "round and after the last one (1 = every round). Rounds in between record no central metrics; each "
+        "evaluation skipped saves a forward pass over the eval rows.",
+        min=1,
+    )
     min_train_nodes: int = _opt(2, "Minimum nodes sampled for training.", min=1)
     min_evaluate_nodes: int = _opt(2, "Minimum nodes sampled for evaluation.", min=0)
     min_available_nodes: int = _opt(2, "Nodes that must be connected before a round starts.", min=1)

@@ -644,6 +644,19 @@ def _span(values: list[int]) -> str:
     return f"{min(values)}" if min(values) == max(values) else f"{min(values)} to {max(values)}"
 
 
+def _evaluated_rounds(run: RunRecord) -> str:
+    """Which rounds the server evaluated after, as the card's results sentence says it."""
+    every = int(run.settings["strategy.central-eval-every"])
+    if every == 1:
+        return "after every round"
+    return f"after every {_ordinal(every)} round and the last (strategy.central-eval-every = {every})"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _rounds_table(run: RunRecord, fmt: str = "labels") -> str:
     """Per round: losses (a causal LM's with the perplexity, exp of its loss per token) and the central metrics,
     named for the run's data format (fedhf.data.records.METRICS)."""
@@ -657,10 +670,12 @@ def _rounds_table(run: RunRecord, fmt: str = "labels") -> str:
     for r in run.rounds:
         tl = "-" if r.train_loss is None else f"{r.train_loss:.4f}"
         trained = "-" if r.round == 0 else str(len(r.trained))
-        ppl = f"{math.exp(min(r.eval_loss, 700.0)):.2f} | " if lm else ""
-        rows.append(
-            f"| {r.round} | {tl} | {r.eval_loss:.4f} | {ppl}{r.eval_accuracy:.4f} | {r.eval_f1:.4f} | {trained} |"
-        )
+        if r.eval_loss is None:  # a round strategy.central-eval-every skipped
+            central = "- | " + "- | " * lm + "- | -"
+        else:
+            ppl = f"{math.exp(min(r.eval_loss, 700.0)):.2f} | " if lm else ""
+            central = f"{r.eval_loss:.4f} | {ppl}{r.eval_accuracy:.4f} | {r.eval_f1:.4f}"
+        rows.append(f"| {r.round} | {tl} | {central} | {trained} |")
     return "\n".join(rows) + "\n"
 
 
@@ -799,7 +814,7 @@ exchanged.
 ## Results
 
 Central evaluation of the global adapter by the server on {ds.central_eval_rows} rows of the evaluation split,
-before training (round 0) and after every round:
+before training (round 0) and {_evaluated_rounds(run)}:
 
 {_rounds_table(run, fmt)}
 {"".join(f"![{p}](plots/{p})" + chr(10) for p in plots)}{_generations_section(run)}

@@ -24,11 +24,14 @@ def round_line(
     perplexity: bool = False,
 ) -> str:
     """The console's line for a round; ``perplexity``: a language model's, exp(loss per token), after the loss."""
-    ppl = f"  ppl {math.exp(min(row.eval_loss, 700.0)):.2f}" if perplexity else ""
-    central = (
-        f"central {names.short_accuracy} {row.eval_accuracy:.4f}  {names.short_f1} {row.eval_f1:.4f}  "
-        f"loss {row.eval_loss:.4f}{ppl}"
-    )
+    if row.eval_loss is None:
+        central = "central eval skipped (strategy.central-eval-every)"
+    else:
+        ppl = f"  ppl {math.exp(min(row.eval_loss, 700.0)):.2f}" if perplexity else ""
+        central = (
+            f"central {names.short_accuracy} {row.eval_accuracy:.4f}  {names.short_f1} {row.eval_f1:.4f}  "
+            f"loss {row.eval_loss:.4f}{ppl}"
+        )
     if row.round == 0:
         return f"[fedhf] round 0/{total}  {central} (initial adapter)"
     loss = "train loss not shared" if row.train_loss is None else f"train loss {row.train_loss:.4f}"
@@ -73,7 +76,8 @@ class RoundProgress:
         if line:
             self.write(line)
         if row.round > 0:
-            self.bar.set_postfix({self.metrics.short_accuracy: f"{row.eval_accuracy:.3f}"})
+            if row.eval_accuracy is not None:
+                self.bar.set_postfix({self.metrics.short_accuracy: f"{row.eval_accuracy:.3f}"})
             self.bar.update(1)
 
     def close(self) -> None:

@@ -379,21 +379,43 @@ class RunRecorder:
         r.client_eval_seconds = [round(s, 3) for s in client_seconds]
 
     def end_round(
-        self, server_round: int, central: dict[str, float], eval_seconds: float, generations: list[str] | None = None
+        self,
+        server_round: int,
+        central: dict[str, float] | None,
+        eval_seconds: float | None,
+        generations: list[str] | None = None,
     ) -> Round:
+        """Close the round; ``central``: its central evaluation, or None in a round strategy.central-eval-every
+        skips."""
         if server_round == 0:
             row = Round(round=0)
         else:
             row = self._require_round()
             row.wall_seconds = round(time.perf_counter() - self._round_start, 3)
             self._round = None
-        row.eval_loss, row.eval_accuracy, row.eval_f1 = central["loss"], central["accuracy"], central["f1"]
-        row.central_eval_seconds = round(eval_seconds, 3)
-        row.generations = list(generations or [])
+        if central is not None:
+            self._set_central(row, central, eval_seconds, generations)
         self.record.rounds.append(row)
         self.write()
         self.write_csv()
         return row
+
+    def evaluate_last(self, central: dict[str, float], eval_seconds: float, generations: list[str] | None) -> Round:
+        """The central evaluation of the last recorded round, made after it ended (a run that stopped early after a
+        round strategy.central-eval-every skipped)."""
+        row = self.record.rounds[-1]
+        self._set_central(row, central, eval_seconds, generations)
+        self.write()
+        self.write_csv()
+        return row
+
+    @staticmethod
+    def _set_central(
+        row: Round, central: dict[str, float], eval_seconds: float | None, generations: list[str] | None
+    ) -> None:
+        row.eval_loss, row.eval_accuracy, row.eval_f1 = central["loss"], central["accuracy"], central["f1"]
+        row.central_eval_seconds = None if eval_seconds is None else round(eval_seconds, 3)
+        row.generations = list(generations or [])
 
     def abandon_round(self) -> None:
         """Drop a round that was configured but will not be completed (the run is ending early)."""
@@ -413,6 +435,8 @@ class RunRecorder:
     def set_final(self, stopped: str | None) -> None:
         """The run's results are its last round's; ``stopped``: why it ended before its last round, if it did."""
         last = self.record.rounds[-1]
+        if last.eval_accuracy is None:
+            raise RuntimeError(f"round {last.round} has no central evaluation")  # a bug in the call order
         self.record.final = Final(eval_loss=last.eval_loss, eval_accuracy=last.eval_accuracy, eval_f1=last.eval_f1)
         if stopped:
             self.record.stopped_early = StoppedEarly(after_round=last.round, reason=stopped)

@@ -56,6 +56,7 @@ CONFIG_BEFORE_KEY = {
     "train.loss-on": "response",
     "transport.dtype": "fp32",
     "strategy.lora-aggregation": "mean",
+    "strategy.central-eval-every": 1,
     "personalization.mode": "none",
     "personalization.epochs": 1,
     "personalization.lr": "",
@@ -137,7 +138,8 @@ class Round:
     """
 
     round: int
-    eval_loss: float | None = None  # set by the central evaluation that ends the round (never None in run.json)
+    eval_loss: float | None = None  # the central evaluation after the round; None where strategy.central-eval-every
+    # skipped it (round 0 and the last round always have one)
     eval_accuracy: float | None = None
     eval_f1: float | None = None
     train_loss: float | None = None
