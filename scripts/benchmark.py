@@ -148,6 +148,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only", default="1,2,3,4,5,6", help="comma list of the figures to measure")
     args = ap.parse_args()
+    import transformers
+
+    # The in-process measures build the model from the base checkpoint: no load report or progress bar.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     only = {int(x) for x in args.only.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     figures_path = args.out / "figures.json"
