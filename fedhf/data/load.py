@@ -525,11 +525,15 @@ def normalise(
             public=f"the {split} split has {len(unknown)} label value(s) in column '{label_col}' that the training "
             "split does not have.",
         )
-    texts = ["" if t is None else str(t) for t in ds[text_col]]
-    labels = [to_id[v] for v in ds[label_col]]
-    columns: dict[str, list[Any]] = {"text": texts, "label": labels}
-    if part_col and part_col in ds.column_names:
-        columns[part_col] = ds[part_col]
+    # Plain lists, read once: `ds[col]` is a lazy column, and `from_dict` would read it back one row at a time
+    # (15 s for AfriSenti's three largest languages).
+    raw = ds.to_dict()
+    columns: dict[str, list[Any]] = {
+        "text": ["" if t is None else str(t) for t in raw[text_col]],
+        "label": [to_id[v] for v in raw[label_col]],
+    }
+    if part_col and part_col in raw:
+        columns[part_col] = raw[part_col]
     return datasets.Dataset.from_dict(columns)
 
 
