@@ -60,9 +60,9 @@ def _script() -> str:
     for n, code, why in blocks():
         if why:
             continue
-        parts.append(f'echo "=== tutorial block at line {n}" >&2')
+        parts.append(f'echo "=== tutorial block at line {n} (${{SECONDS}} s in)" >&2')
         parts.append(code)
-    parts.append('echo "=== tutorial finished" >&2')
+    parts.append('echo "=== tutorial finished (${SECONDS} s)" >&2')
     return "\n".join(parts) + "\n"
 
 
