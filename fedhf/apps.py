@@ -51,7 +51,7 @@ from fedhf.release.card import base_model_license, build_hub_folder, published_v
 from fedhf.release.hub import push
 from fedhf.run.checkpoint import POINTER, Checkpoint, save_checkpoint
 from fedhf.run.console import RunConsole, attach_log_file
-from fedhf.run.progress import RoundProgress
+from fedhf.run.progress import RoundProgress, round_line
 from fedhf.run.record import RunRecorder
 from fedhf.run.resume import changed_keys, resume_target
 from fedhf.run.store import Dataset, Federation, HubPush, Model, Personalization
@@ -573,7 +573,8 @@ class CentralEvaluation:
         if rounds and rounds[-1].eval_accuracy is None:
             central, seconds, generations = self._evaluate(arrays)
             row = self.recorder.evaluate_last(central, seconds, generations)
-            log.info("Evaluated round %d, where the run ended: %s", row.round, central)
+            p = self.progress
+            p.write(round_line(row, p.total, p.metrics, p.perplexity) + "  (evaluated where the run stopped)")
 
 
 def _release(

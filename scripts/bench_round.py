@@ -326,11 +326,12 @@ def main() -> None:
         for r in seq.trained_rounds:
             compute = sum(r.client_train_seconds.values()) + sum(r.client_eval_seconds)
             handler = sum(r.client_handler_seconds.values()) + sum(r.client_eval_seconds)
-            fl = r.wall_seconds - r.central_eval_seconds
-            rows.append((r.round, r.wall_seconds, r.central_eval_seconds, compute, handler, fl))
+            central = r.central_eval_seconds or 0.0  # None: a round strategy.central-eval-every skipped
+            fl = r.wall_seconds - central
+            rows.append((r.round, r.wall_seconds, central, compute, handler, fl))
             print(
                 f"    round {r.round}: wall {r.wall_seconds:.1f} s, central eval "
-                f"{r.central_eval_seconds:.1f} s, "
+                f"{'skipped' if r.central_eval_seconds is None else f'{central:.1f} s'}, "
                 f"client train+eval {compute:.1f} s (handlers incl. data/model set-up {handler:.1f} s), "
                 f"overhead {100 * (fl - compute) / compute:.1f}% of client compute, "
                 f"{100 * (fl - handler) / handler:.1f}% of client handler time"

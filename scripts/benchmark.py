@@ -178,7 +178,7 @@ def main() -> None:
             for r in run.trained_rounds:
                 train = sum(r.client_train_seconds.values())
                 local = sum(r.client_eval_seconds)
-                rows.append((train, local, r.central_eval_seconds, r.wall_seconds))
+                rows.append((train, local, r.central_eval_seconds or 0.0, r.wall_seconds))  # None: not evaluated
             steady = rows[1:] or rows
             figures["round_overhead"] = {
                 "framework_ratio": statistics.mean((w - t - le - ce) / t for t, le, ce, w in steady),
@@ -284,7 +284,9 @@ def main() -> None:
             f"of the training ({rest:.2f} s per round against {o['train_seconds']:.1f} s; target <= 5%)"
         )
         lines.append(
-            f"[2] with the evaluation after every round: {100 * o['outside_training_ratio']:.1f}% "
+            f"[2] with the run's evaluation (local, and central after every round): "
+            f"{100 * o['outside_training_ratio']:.1f}% (with evaluation counted, the <= 5% target is "
+            f"{'met' if o['outside_training_ratio'] <= 0.05 else 'not met'}) "
             f"({o['outside_training_seconds']:.2f} s: local evaluation {o['local_eval_seconds']:.2f} s, central "
             f"evaluation {o['central_eval_seconds']:.2f} s, the rest {rest:.2f} s); one-time: ray.init "
             f"{o['ray_init_seconds']:.1f} s, round 1 {o['first_round_excess_seconds']:.1f} s outside training"

@@ -139,7 +139,7 @@ def test_a_round_the_schedule_skips_records_no_central_metrics(tiny_run):
     line = round_line(load_run(tiny_run).rounds[1], 2)
     assert "central eval skipped (strategy.central-eval-every)" in line and "clients 2/2" in line
     card = (tiny_run / "hub" / "README.md").read_text()
-    assert "after every 2nd round and the last (strategy.central-eval-every = 2)" in card
+    assert "before training (round 0) and after round 2 (strategy.central-eval-every = 2):" in card
     assert "after every round" not in card
     assert any(r.startswith("| 1 | ") and r.endswith(" | - | - | - | 2 |") for r in card.splitlines()), card
 

@@ -58,7 +58,7 @@ def plot_metrics(run: RunRecord, path: Path) -> Path:
     ax2.set(xlabel="round", ylabel="cross-entropy", title="Loss")
     ax2.legend(loc="upper right", fontsize=8)
     for ax in (ax1, ax2):
-        ax.set_xticks(x)
+        ax.set_xticks([r.round for r in run.rounds])
         ax.grid(alpha=0.3)
     name = run.dataset.name if run.dataset else ""
     fig.suptitle(f"{run_label(run)}: {name}, {len(run.partitions)} clients", fontsize=10)

@@ -474,8 +474,8 @@ def _generations_section(run: RunRecord) -> str:
     if ds is None or not (ds.preset or ds.source.get("kind") == "hub"):  # the server's own files stay off the Hub
         return (
             f"\n### Generations\n\nThe global adapter's answers to {len(prompts)} fixed rows of the central evaluation "
-            "set after each round are in run.json (`sample_prompts`, `rounds[].generations`); they are left out of "
-            "this card because the evaluation data is a local file, not a published dataset.\n"
+            f"set {_evaluated_rounds(run)} are in run.json (`sample_prompts`, `rounds[].generations`); they are left "
+            "out of this card because the evaluation data is a local file, not a published dataset.\n"
         )
     shown = rounds if len(rounds) <= 5 else [*rounds[:2], *rounds[-2:]]
     plain = ds.format == "text"  # plain text: the adapter continues each text's first half
@@ -491,8 +491,8 @@ def _generations_section(run: RunRecord) -> str:
     skipped = " (the middle rounds are in run.json)" if len(shown) < len(rounds) else ""
     return (
         f"\n### Generations\n\nThe global adapter's greedy {'continuation of' if plain else 'answer to'} "
-        f"{len(prompts)} fixed rows of the central evaluation set after each round{skipped}; round 0 is the base "
-        "model with the untrained adapter.\n\n" + head + rows
+        f"{len(prompts)} fixed rows of the central evaluation set {_evaluated_rounds(run)}{skipped}; round 0 is the "
+        "base model with the untrained adapter.\n\n" + head + rows
     )
 
 
@@ -645,16 +645,16 @@ def _span(values: list[int]) -> str:
 
 
 def _evaluated_rounds(run: RunRecord) -> str:
-    """Which rounds the server evaluated after, as the card's results sentence says it."""
-    every = int(run.settings["strategy.central-eval-every"])
-    if every == 1:
+    """After which rounds the server evaluated, read from the rounds themselves: "after every round", or the
+    rounds by number (strategy.central-eval-every, and a run that stopped early is evaluated where it stopped)."""
+    trained = [r for r in run.rounds if r.round > 0]
+    done = [r.round for r in trained if r.eval_loss is not None]
+    if len(done) == len(trained):
         return "after every round"
-    return f"after every {_ordinal(every)} round and the last (strategy.central-eval-every = {every})"
-
-
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
+    named = [str(n) for n in done] if len(done) <= 8 else [*map(str, done[:3]), "…", *map(str, done[-2:])]
+    listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    every = run.settings["strategy.central-eval-every"]
+    return f"after round{'s' * (len(done) > 1)} {listed} (strategy.central-eval-every = {every})"
 
 
 def _rounds_table(run: RunRecord, fmt: str = "labels") -> str:

@@ -76,8 +76,8 @@ class RoundProgress:
         if line:
             self.write(line)
         if row.round > 0:
-            if row.eval_accuracy is not None:
-                self.bar.set_postfix({self.metrics.short_accuracy: f"{row.eval_accuracy:.3f}"})
+            acc = "-" if row.eval_accuracy is None else f"{row.eval_accuracy:.3f}"  # "-": not evaluated this round
+            self.bar.set_postfix({self.metrics.short_accuracy: acc})
             self.bar.update(1)
 
     def close(self) -> None:

@@ -139,7 +139,7 @@ class Round:
 
     round: int
     eval_loss: float | None = None  # the central evaluation after the round; None where strategy.central-eval-every
-    # skipped it (round 0 and the last round always have one)
+    # skipped it (round 0 and the last round of a complete or stopped run always have one)
     eval_accuracy: float | None = None
     eval_f1: float | None = None
     train_loss: float | None = None
