@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedhf.run.store import RunRecord, load_run
 
@@ -81,6 +82,21 @@ def matmul_flops(threads: int, n: int = 1024, repeats: int = 5) -> float:
     return _best_rate(work, 2 * n**3 * repeats)
 
 
+def linear_shapes(model: Any) -> list[tuple[int, int]]:
+    """(in, out) of the encoder's linear layers: what a step multiplies by (no embeddings, no LoRA factors)."""
+    import torch
+
+    return [
+        (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".embeddings." not in n and "lora_" not in n and m.in_features > 64
+    ]
+
+
+def non_embedding_count(model: Any) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
+
+
 def layer_matmul_flops(run: RunRecord, tokens_per_batch: int, threads: int, repeats: int = 5) -> float:
     """torch's fp32 matmul rate at the run model's own linear-layer shapes with ``tokens_per_batch`` rows: per
     layer of the encoder, the forward product x @ W^T and the input gradient dy @ W (what training a frozen base
@@ -93,11 +109,7 @@ def layer_matmul_flops(run: RunRecord, tokens_per_batch: int, threads: int, repe
 
     torch.set_num_threads(threads)
     model = build_model(parse_config(run.config), run.dataset.label_names)
-    shapes = [
-        (m.in_features, m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".embeddings." not in n and "lora_" not in n and m.in_features > 64
-    ]
+    shapes = linear_shapes(model)
     pairs = [(torch.randn(tokens_per_batch, i), torch.randn(o, i), torch.randn(tokens_per_batch, o)) for i, o in shapes]
 
     def work() -> None:
@@ -107,6 +119,24 @@ def layer_matmul_flops(run: RunRecord, tokens_per_batch: int, threads: int, repe
                 dy @ w
 
     return _best_rate(work, repeats * sum(4 * tokens_per_batch * i * o for i, o in shapes))
+
+
+def timed_layer_matmul(shapes: list[tuple[int, int]], rows: int, input_grad: bool, seconds: float = 1.5) -> float:
+    """FLOP/s of torch's matmul over ``shapes`` with ``rows`` rows, for ``seconds``: the forward product x @ W^T, and
+    with ``input_grad`` the input gradient dy @ W as well."""
+    import torch
+
+    mats = [(torch.randn(rows, a), torch.randn(b, a), torch.randn(rows, b)) for a, b in shapes]
+    flops, spent = 0.0, 0.0
+    while spent < seconds:
+        t0 = time.perf_counter()
+        for x, w, dy in mats:
+            x @ w.T
+            if input_grad:
+                dy @ w
+        spent += time.perf_counter() - t0
+        flops += sum((4 if input_grad else 2) * rows * a * b for a, b in shapes)
+    return flops / spent
 
 
 def interleaved_train_rate(run: RunRecord, threads: int, blocks: int = 7) -> dict[str, float]:
@@ -127,12 +157,8 @@ def interleaved_train_rate(run: RunRecord, threads: int, blocks: int = 7) -> dic
     cfg = parse_config(run.config)
     train_ds, _, labels = load_partition(cfg.data, cfg.seed, 0, run.federation.num_clients)
     model = build_model(cfg, labels, device="cpu")
-    n_ne = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
-    shapes = [
-        (m.in_features, m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".embeddings." not in n and "lora_" not in n and m.in_features > 64
-    ]
+    n_ne = non_embedding_count(model)
+    shapes = linear_shapes(model)
     task = get_task(cfg.model.task, labels)
     tokenizer = load_tokenizer(cfg.model.name)
     t = cfg.train
@@ -164,16 +190,7 @@ def interleaved_train_rate(run: RunRecord, threads: int, blocks: int = 7) -> dic
     pairs = []
     for i in range(blocks):
         train_rate, per_batch = epoch(i)
-        mats = [(torch.randn(per_batch, a), torch.randn(b, a), torch.randn(per_batch, b)) for a, b in shapes]
-        flops, seconds = 0.0, 0.0
-        while seconds < 1.5:
-            t0 = time.perf_counter()
-            for x, w, dy in mats:
-                x @ w.T
-                dy @ w
-            seconds += time.perf_counter() - t0
-            flops += sum(4 * per_batch * a * b for a, b in shapes)
-        pairs.append((train_rate, flops / seconds))
+        pairs.append((train_rate, timed_layer_matmul(shapes, per_batch, input_grad=True)))
     ratios = sorted(tr / mm for tr, mm in pairs)
     return {
         "ratio": statistics.median(ratios),
@@ -204,12 +221,8 @@ def interleaved_eval_rate(run: RunRecord, threads: int, blocks: int = 3) -> dict
     labels = run.dataset.label_names
     eval_ds = central_eval_set(load_data(cfg.data), cfg.data, cfg.seed)
     model = build_model(cfg, labels, device="cpu").eval()
-    n_ne = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
-    shapes = [
-        (m.in_features, m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".embeddings." not in n and "lora_" not in n and m.in_features > 64
-    ]
+    n_ne = non_embedding_count(model)
+    shapes = linear_shapes(model)
     task = get_task(cfg.model.task, labels)
     loader = task.make_loader(
         eval_ds, load_tokenizer(cfg.model.name), cfg.data.max_length, 64, shuffle=False, sort_by_length=True
@@ -217,20 +230,12 @@ def interleaved_eval_rate(run: RunRecord, threads: int, blocks: int = 3) -> dict
     tokens = sum(int(b["attention_mask"].sum()) for b in loader)
     per_batch = round(tokens / len(loader))
     task.evaluate(model, loader, len(labels))  # warm-up
-    mats = [(torch.randn(per_batch, a), torch.randn(b, a)) for a, b in shapes]
     pairs = []
     for _ in range(blocks):
         t0 = time.perf_counter()
         task.evaluate(model, loader, len(labels))
         eval_rate = 2 * n_ne * tokens / (time.perf_counter() - t0)
-        flops, seconds = 0.0, 0.0
-        while seconds < 1.5:
-            t0 = time.perf_counter()
-            for x, w in mats:
-                x @ w.T
-            seconds += time.perf_counter() - t0
-            flops += sum(2 * per_batch * a * b for a, b in shapes)
-        pairs.append((eval_rate, flops / seconds))
+        pairs.append((eval_rate, timed_layer_matmul(shapes, per_batch, input_grad=False)))
     ratios = sorted(e / m for e, m in pairs)
     return {
         "ratio": statistics.median(ratios),
@@ -247,8 +252,7 @@ def non_embedding_params(run: RunRecord) -> int:
     from fedhf.tasks.model import build_model
 
     cfg = parse_config(run.config)
-    model = build_model(cfg, run.dataset.label_names)
-    return sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
+    return non_embedding_count(build_model(cfg, run.dataset.label_names))
 
 
 def ray_startup_seconds() -> float:
